@@ -1,0 +1,234 @@
+//! The committer: the only writer of the store. Group-commits what the inputs hand it, then
+//! acknowledges each message to its source, in arrival order, only after the commit.
+//!
+//! It runs on a blocking thread (redb and fsync are synchronous) and takes work from one bounded
+//! channel, so a slow disk slows the inputs down instead of growing memory.
+
+use crate::core::engine::{Engine, Outcome};
+use crate::core::event::{Event, Reject};
+use crate::stats::Stats;
+use crate::store::{OutboxKey, Retention, Store};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::Notify;
+
+/// Called once the message's outcome is committed (for MQTT: sends the PUBACK).
+pub struct Ack(Box<dyn FnOnce() + Send>);
+
+impl Ack {
+    pub fn new(f: impl FnOnce() + Send + 'static) -> Self {
+        Ack(Box::new(f))
+    }
+}
+
+/// One message from an input.
+pub enum Intake {
+    /// A valid event, to be deduplicated, stored and counted.
+    Event { event: Event, ack: Option<Ack> },
+    /// A message that broke a rule; counted and acknowledged, never stored.
+    Rejected {
+        reason: Reject,
+        topic: String,
+        ack: Option<Ack>,
+    },
+}
+
+impl Intake {
+    fn take_ack(&mut self) -> Option<Ack> {
+        match self {
+            Intake::Event { ack, .. } | Intake::Rejected { ack, .. } => ack.take(),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct CommitterCfg {
+    pub batch_max: usize,
+    pub linger: Duration,
+    /// How often idle maintenance (closing due windows, purges) is considered.
+    pub tick: Duration,
+    pub retention: Retention,
+}
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+pub struct Committer {
+    pub store: Arc<Store>,
+    pub engine: Engine,
+    pub cfg: CommitterCfg,
+    pub intake: flume::Receiver<Intake>,
+    /// Outbox keys the forwarder saw PUBACKed.
+    pub acked: flume::Receiver<OutboxKey>,
+    pub stats: Arc<Stats>,
+    /// Woken when new outbox entries were committed.
+    pub outbox_ready: Arc<Notify>,
+}
+
+impl Committer {
+    /// Run until every intake sender is gone and the channel is drained.
+    pub fn run(self) {
+        let mut next_tick = Instant::now();
+        let mut batch: Vec<Intake> = Vec::with_capacity(self.cfg.batch_max);
+        let mut acked: Vec<OutboxKey> = Vec::new();
+        let mut closing = false;
+        loop {
+            if batch.is_empty() && !closing {
+                let wait = next_tick.saturating_duration_since(Instant::now());
+                match self.intake.recv_timeout(wait) {
+                    Ok(first) => {
+                        batch.push(first);
+                        closing = self.fill(&mut batch);
+                    }
+                    Err(flume::RecvTimeoutError::Timeout) => {}
+                    Err(flume::RecvTimeoutError::Disconnected) => closing = true,
+                }
+            } else if closing {
+                // Drain whatever is left without waiting.
+                while batch.len() < self.cfg.batch_max {
+                    match self.intake.try_recv() {
+                        Ok(i) => batch.push(i),
+                        Err(_) => break,
+                    }
+                }
+            }
+            acked.extend(self.acked.try_iter());
+            let tick = Instant::now() >= next_tick;
+            if tick {
+                next_tick = Instant::now() + self.cfg.tick;
+            }
+            if !batch.is_empty() || !acked.is_empty() || tick {
+                self.commit(&mut batch, &mut acked, tick);
+            }
+            if closing && batch.is_empty() && self.intake.is_empty() {
+                acked.extend(self.acked.try_iter());
+                if !acked.is_empty() {
+                    self.commit(&mut batch, &mut acked, false);
+                }
+                tracing::debug!("committer: intake closed and drained");
+                return;
+            }
+        }
+    }
+
+    /// Take more messages for this batch: everything already queued, then (with a linger) what
+    /// arrives before the linger ends, up to `batch_max`. Returns true if the intake closed.
+    fn fill(&self, batch: &mut Vec<Intake>) -> bool {
+        let deadline = Instant::now() + self.cfg.linger;
+        while batch.len() < self.cfg.batch_max {
+            match self.intake.try_recv() {
+                Ok(i) => batch.push(i),
+                Err(flume::TryRecvError::Disconnected) => return true,
+                Err(flume::TryRecvError::Empty) => {
+                    if self.cfg.linger.is_zero() {
+                        return false;
+                    }
+                    match self.intake.recv_deadline(deadline) {
+                        Ok(i) => batch.push(i),
+                        Err(flume::RecvTimeoutError::Timeout) => return false,
+                        Err(flume::RecvTimeoutError::Disconnected) => return true,
+                    }
+                }
+            }
+        }
+        false
+    }
+
+    /// Commit one batch; on a store error keep everything and retry, acknowledging nothing.
+    fn commit(&self, batch: &mut Vec<Intake>, acked: &mut Vec<OutboxKey>, tick: bool) {
+        let events: Vec<&Event> = batch
+            .iter()
+            .filter_map(|i| match i {
+                Intake::Event { event, .. } => Some(event),
+                Intake::Rejected { .. } => None,
+            })
+            .collect();
+        let mut attempt = 0u32;
+        let report = loop {
+            let now = now_ms();
+            let maintain = tick
+                && match self.store.maintenance_due(&self.engine, &self.cfg.retention, now) {
+                    Ok(due) => due,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "committer: maintenance check failed");
+                        false
+                    }
+                };
+            if events.is_empty() && acked.is_empty() && !maintain {
+                // Only rejects (or nothing): nothing to write.
+                break None;
+            }
+            let started = Instant::now();
+            match self.store.commit(
+                &self.engine,
+                &events,
+                acked,
+                now,
+                maintain.then_some(&self.cfg.retention),
+            ) {
+                Ok(r) => {
+                    let micros = started.elapsed().as_micros() as u64;
+                    self.stats.commits.fetch_add(1, Relaxed);
+                    self.stats.commit_micros_total.fetch_add(micros, Relaxed);
+                    tracing::trace!(events = events.len(), acked = acked.len(), micros, "committed");
+                    break Some(r);
+                }
+                Err(e) => {
+                    attempt += 1;
+                    // Nothing was acknowledged: the devices' broker keeps the messages.
+                    tracing::error!(error = %e, attempt, events = events.len(), "committer: commit failed; retrying, nothing acknowledged");
+                    std::thread::sleep(Duration::from_millis(200 * u64::from(attempt.min(25))));
+                }
+            }
+        };
+        drop(events);
+        acked.clear();
+        let now = now_ms();
+        let mut outcomes = report.as_ref().map(|r| r.outcomes.iter());
+        for mut intake in batch.drain(..) {
+            let ack = intake.take_ack();
+            match &intake {
+                Intake::Event { event, .. } => {
+                    let outcome = outcomes
+                        .as_mut()
+                        .and_then(|o| o.next())
+                        .copied()
+                        .unwrap_or(Outcome::Duplicate);
+                    match outcome {
+                        Outcome::Accepted => self.stats.accepted(event.kind, &event.device, now),
+                        Outcome::Duplicate => self.stats.duplicate(event.kind),
+                        Outcome::Rejected(reason) => {
+                            let topic = format!("{}/{}", event.kind, event.device);
+                            self.stats.rejected(reason, &topic, now)
+                        }
+                    }
+                }
+                Intake::Rejected { reason, topic, .. } => self.stats.rejected(*reason, topic, now),
+            }
+            if let Some(ack) = ack {
+                (ack.0)();
+            }
+        }
+        if let Some(r) = report {
+            if r.emitted > 0 || r.deleted_outbox > 0 {
+                if let Ok(n) = self.store.outbox_len() {
+                    self.stats.outbox_pending.store(n, Relaxed);
+                }
+            }
+            if r.emitted > 0 {
+                self.outbox_ready.notify_one();
+            }
+            if r.purged_dedup + r.purged_events > 0 {
+                tracing::debug!(dedup = r.purged_dedup, events = r.purged_events, "purged expired rows");
+            }
+        }
+        if tick {
+            self.stats.store_bytes.store(self.store.file_bytes(), Relaxed);
+        }
+    }
+}

@@ -1,0 +1,774 @@
+//! Configuration: built-in defaults < TOML file < `ZHIAN_<SECTION>__<KEY>` environment.
+//!
+//! Loading never binds a port or opens the store. Every problem is reported as a
+//! [`Problem`] naming its key path (`upstream.url: ...`), so `check-config` and `run`
+//! can print one line per problem and exit 78 (EX_CONFIG) before anything starts.
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Exit code for configuration errors (sysexits.h EX_CONFIG).
+pub const EX_CONFIG: i32 = 78;
+
+/// Default config path used when `--config` is not given.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/zhian-gateway/gateway.toml";
+
+/// One configuration problem, tied to a key path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.key, self.message)
+    }
+}
+
+fn problem(key: impl Into<String>, message: impl Into<String>) -> Problem {
+    Problem {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+/// A duration written as a humantime string (`"500ms"`, `"60s"`, `"7d"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Dur(pub Duration);
+
+impl Dur {
+    pub const fn secs(s: u64) -> Self {
+        Dur(Duration::from_secs(s))
+    }
+    pub const fn millis(ms: u64) -> Self {
+        Dur(Duration::from_millis(ms))
+    }
+    pub fn as_millis_u64(self) -> u64 {
+        u64::try_from(self.0.as_millis()).unwrap_or(u64::MAX)
+    }
+}
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(s.trim())
+            .map(Dur)
+            .map_err(|e| serde::de::Error::custom(format!("invalid duration {s:?} ({e}); use e.g. \"500ms\", \"60s\", \"24h\", \"7d\"")))
+    }
+}
+
+impl Serialize for Dur {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(self.0).to_string())
+    }
+}
+
+/// A byte size written as `"512MiB"`, `"2GiB"`, `"64KiB"` or a plain number of bytes.
+///
+/// Hand-written: a dozen lines, versus a crate whose own unit rules we would have to document.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ByteSize(pub u64);
+
+impl ByteSize {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+        let (num, unit) = s.split_at(split);
+        let n: u64 = num
+            .parse()
+            .map_err(|_| format!("invalid size {s:?}; use e.g. \"512MiB\", \"2GiB\""))?;
+        let mult: u64 = match unit.trim() {
+            "" | "B" => 1,
+            "KiB" => 1 << 10,
+            "MiB" => 1 << 20,
+            "GiB" => 1 << 30,
+            "TiB" => 1 << 40,
+            "KB" | "kB" => 1_000,
+            "MB" => 1_000_000,
+            "GB" => 1_000_000_000,
+            other => return Err(format!("invalid size unit {other:?} in {s:?}; use B, KiB, MiB, GiB, KB, MB or GB")),
+        };
+        n.checked_mul(mult)
+            .map(ByteSize)
+            .ok_or_else(|| format!("size {s:?} is too large"))
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(u64),
+            S(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::N(n) => Ok(ByteSize(n)),
+            Raw::S(s) => ByteSize::parse(&s).map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+impl Serialize for ByteSize {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let n = self.0;
+        let text = if n > 0 && n % (1 << 30) == 0 {
+            format!("{}GiB", n >> 30)
+        } else if n > 0 && n % (1 << 20) == 0 {
+            format!("{}MiB", n >> 20)
+        } else if n > 0 && n % (1 << 10) == 0 {
+            format!("{}KiB", n >> 10)
+        } else {
+            format!("{n}B")
+        };
+        s.serialize_str(&text)
+    }
+}
+
+/// A secret: deserialized as a plain string, always serialized redacted.
+#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("\"<redacted>\"")
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str("<redacted>")
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub gateway: Gateway,
+    pub broker: Broker,
+    pub mqtt: Mqtt,
+    pub dedup: Dedup,
+    pub aggregate: Aggregate,
+    pub store: Store,
+    pub upstream: Upstream,
+    pub status: Status,
+    pub privacy: Privacy,
+    pub alerts: Alerts,
+    pub modbus: Modbus,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Gateway {
+    pub id: String,
+    pub district: Option<String>,
+    pub street: Option<String>,
+    pub community: Option<String>,
+    pub compound: Option<String>,
+    pub data_dir: PathBuf,
+}
+
+impl Default for Gateway {
+    fn default() -> Self {
+        Gateway {
+            id: String::new(),
+            district: None,
+            street: None,
+            community: None,
+            compound: None,
+            data_dir: PathBuf::from("/var/lib/zhian-gateway"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Broker {
+    pub enabled: bool,
+    pub listen: String,
+}
+
+impl Default for Broker {
+    fn default() -> Self {
+        Broker {
+            enabled: false,
+            listen: "127.0.0.1:1883".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Mqtt {
+    pub enabled: bool,
+    pub url: String,
+    pub topics: Vec<String>,
+    pub client_id: Option<String>,
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+    pub ca_file: Option<PathBuf>,
+    pub keep_alive: Dur,
+    pub reconnect_min: Dur,
+    pub reconnect_max: Dur,
+}
+
+impl Default for Mqtt {
+    fn default() -> Self {
+        Mqtt {
+            enabled: true,
+            url: "mqtt://127.0.0.1:1883".into(),
+            topics: vec!["zhian/+/+".into()],
+            client_id: None,
+            username: None,
+            password: None,
+            ca_file: None,
+            keep_alive: Dur::secs(30),
+            reconnect_min: Dur::millis(500),
+            reconnect_max: Dur::secs(30),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Dedup {
+    pub ttl: Dur,
+    /// Most expired dedup keys purged per maintenance tick (keeps each commit short).
+    pub purge_batch: u32,
+}
+
+impl Default for Dedup {
+    fn default() -> Self {
+        Dedup {
+            ttl: Dur::secs(24 * 3600),
+            purge_batch: 5000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Aggregate {
+    pub window: Dur,
+    pub grace: Dur,
+    pub max_lateness: Dur,
+    pub max_future_skew: Dur,
+}
+
+impl Default for Aggregate {
+    fn default() -> Self {
+        Aggregate {
+            window: Dur::secs(60),
+            grace: Dur::secs(10),
+            max_lateness: Dur::secs(24 * 3600),
+            max_future_skew: Dur::secs(300),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Store {
+    pub raw_retention: Dur,
+    pub max_size: ByteSize,
+    /// Group commit: most events in one write transaction.
+    pub batch_max: u32,
+    /// Group commit: how long the committer waits for more events after the first one.
+    pub batch_linger: Dur,
+}
+
+impl Default for Store {
+    fn default() -> Self {
+        Store {
+            raw_retention: Dur::secs(7 * 24 * 3600),
+            max_size: ByteSize(2 << 30),
+            batch_max: 2048,
+            batch_linger: Dur::millis(2),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Upstream {
+    pub enabled: bool,
+    pub url: String,
+    pub topic_prefix: String,
+    pub client_id: Option<String>,
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+    pub ca_file: Option<PathBuf>,
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
+    pub heartbeat: Dur,
+    pub max_inflight: u16,
+    pub keep_alive: Dur,
+    pub reconnect_min: Dur,
+    pub reconnect_max: Dur,
+}
+
+impl Default for Upstream {
+    fn default() -> Self {
+        Upstream {
+            enabled: true,
+            url: "mqtts://district.example:8883".into(),
+            topic_prefix: "zhian/district".into(),
+            client_id: None,
+            username: None,
+            password: None,
+            ca_file: None,
+            client_cert: None,
+            client_key: None,
+            heartbeat: Dur::secs(60),
+            max_inflight: 32,
+            keep_alive: Dur::secs(30),
+            reconnect_min: Dur::secs(1),
+            reconnect_max: Dur::secs(120),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Status {
+    pub enabled: bool,
+    pub listen: String,
+    pub username: Option<String>,
+    pub password_hash: Option<Secret>,
+}
+
+impl Default for Status {
+    fn default() -> Self {
+        Status {
+            enabled: true,
+            listen: "127.0.0.1:8080".into(),
+            username: None,
+            password_hash: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum SubjectMode {
+    /// Keyed hash (BLAKE3 with a per-box key kept in the store); never leaves the box.
+    #[default]
+    Hashed,
+    /// Not stored at all.
+    Drop,
+    /// Stored as received (still never sent upstream).
+    Plain,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Privacy {
+    pub subjects: SubjectMode,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Alerts {
+    pub actions: Vec<String>,
+}
+
+impl Default for Alerts {
+    fn default() -> Self {
+        Alerts {
+            actions: vec![
+                "high_altitude_throw".into(),
+                "fire_lane_blocked".into(),
+                "intrusion".into(),
+            ],
+        }
+    }
+}
+
+/// `[[modbus.devices]]`: reserved by the contract; the Modbus input is issue 3.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Modbus {
+    pub devices: Vec<toml::Table>,
+}
+
+/// Where an MQTT broker is, parsed from `mqtt://host:port` or `mqtts://host:port`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerUrl {
+    pub tls: bool,
+    pub host: String,
+    pub port: u16,
+}
+
+impl BrokerUrl {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let (tls, rest) = if let Some(r) = s.strip_prefix("mqtt://") {
+            (false, r)
+        } else if let Some(r) = s.strip_prefix("mqtts://") {
+            (true, r)
+        } else {
+            return Err(format!("{s:?} must start with mqtt:// or mqtts://"));
+        };
+        let rest = rest.trim_end_matches('/');
+        if rest.contains('/') || rest.contains('@') || rest.contains('?') {
+            return Err(format!("{s:?}: only scheme://host[:port] is allowed; put credentials in username/password"));
+        }
+        let default_port = if tls { 8883 } else { 1883 };
+        let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
+            let (h, after) = v6
+                .split_once(']')
+                .ok_or_else(|| format!("{s:?}: unclosed '['"))?;
+            let port = match after.strip_prefix(':') {
+                Some(p) => p.parse().map_err(|_| format!("{s:?}: invalid port"))?,
+                None if after.is_empty() => default_port,
+                None => return Err(format!("{s:?}: invalid host")),
+            };
+            (h.to_string(), port)
+        } else {
+            match rest.rsplit_once(':') {
+                Some((h, p)) => (
+                    h.to_string(),
+                    p.parse().map_err(|_| format!("{s:?}: invalid port {p:?}"))?,
+                ),
+                None => (rest.to_string(), default_port),
+            }
+        };
+        if host.is_empty() {
+            return Err(format!("{s:?}: missing host"));
+        }
+        if port == 0 {
+            return Err(format!("{s:?}: port 0"));
+        }
+        Ok(BrokerUrl { tls, host, port })
+    }
+}
+
+/// Load the configuration from `path` (if it exists or was named explicitly) and the environment.
+///
+/// `explicit` says whether the path came from `--config`: a missing explicit file is an error,
+/// a missing default file is not (defaults plus environment may be enough).
+pub fn load(path: &Path, explicit: bool) -> Result<Config, Vec<Problem>> {
+    load_with_env(path, explicit, None)
+}
+
+/// As [`load`], with the environment given as a map (tests) instead of read from the process.
+pub fn load_with_env(
+    path: &Path,
+    explicit: bool,
+    env: Option<config::Map<String, String>>,
+) -> Result<Config, Vec<Problem>> {
+    let mut builder = config::Config::builder();
+    if path.exists() || explicit {
+        if !path.exists() {
+            return Err(vec![problem(
+                "config",
+                format!("file {} does not exist", path.display()),
+            )]);
+        }
+        builder = builder.add_source(
+            config::File::from(path.to_path_buf()).format(config::FileFormat::Toml),
+        );
+    }
+    let environment = config::Environment::with_prefix("ZHIAN")
+        .prefix_separator("_")
+        .separator("__")
+        .try_parsing(true)
+        .list_separator(",")
+        .with_list_parse_key("mqtt.topics")
+        .with_list_parse_key("alerts.actions")
+        .source(env);
+    builder = builder.add_source(environment);
+    let raw = builder.build().map_err(|e| vec![from_config_error(e)])?;
+    let cfg: Config = serde_path_to_error::deserialize(raw).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        vec![problem(if path == "." { "config".into() } else { path }, strip_key_suffix(&inner.to_string()))]
+    })?;
+    let problems = validate(&cfg);
+    if problems.is_empty() {
+        Ok(cfg)
+    } else {
+        Err(problems)
+    }
+}
+
+fn strip_key_suffix(msg: &str) -> String {
+    // config's own messages sometimes end with " for key `x`"; the path is already in front.
+    match msg.find(" for key `") {
+        Some(i) => msg[..i].to_string(),
+        None => msg.to_string(),
+    }
+}
+
+fn from_config_error(e: config::ConfigError) -> Problem {
+    match e {
+        config::ConfigError::FileParse { uri, cause } => problem(
+            "config",
+            format!("cannot parse {}: {cause}", uri.unwrap_or_default()),
+        ),
+        config::ConfigError::Foreign(cause) => problem("config", cause.to_string()),
+        other => problem("config", other.to_string()),
+    }
+}
+
+fn is_id_char(c: char) -> bool {
+    c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-'
+}
+
+fn is_action_char(c: char) -> bool {
+    c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'
+}
+
+/// Checks what serde cannot: ranges, required keys, cross-key rules.
+pub fn validate(c: &Config) -> Vec<Problem> {
+    let mut p = Vec::new();
+    let g = &c.gateway;
+    if g.id.is_empty() {
+        p.push(problem("gateway.id", "required (1-64 of [a-z0-9-])"));
+    } else if g.id.len() > 64 || !g.id.chars().all(is_id_char) {
+        p.push(problem(
+            "gateway.id",
+            format!("{:?} must be 1-64 of [a-z0-9-]", g.id),
+        ));
+    }
+    if g.data_dir.as_os_str().is_empty() {
+        p.push(problem("gateway.data_dir", "must not be empty"));
+    }
+    if c.broker.enabled {
+        p.push(problem(
+            "broker.enabled",
+            "the embedded broker is not part of this build yet; use a site broker (see README)",
+        ));
+    }
+    if c.broker.listen.parse::<SocketAddr>().is_err() {
+        p.push(problem("broker.listen", format!("{:?} is not host:port", c.broker.listen)));
+    }
+    if c.mqtt.enabled {
+        if let Err(e) = BrokerUrl::parse(&c.mqtt.url) {
+            p.push(problem("mqtt.url", e));
+        }
+        if c.mqtt.topics.is_empty() {
+            p.push(problem("mqtt.topics", "at least one topic filter is needed"));
+        }
+        for (i, t) in c.mqtt.topics.iter().enumerate() {
+            if t.is_empty() || t.len() > 1024 {
+                p.push(problem(format!("mqtt.topics[{i}]"), "invalid topic filter"));
+            }
+        }
+        check_client_id(&mut p, "mqtt.client_id", c.mqtt.client_id.as_deref());
+        check_backoff(&mut p, "mqtt", c.mqtt.reconnect_min, c.mqtt.reconnect_max);
+        check_file(&mut p, "mqtt.ca_file", c.mqtt.ca_file.as_deref());
+    }
+    let w = c.aggregate.window.0;
+    if w < Duration::from_secs(1) || w > Duration::from_secs(24 * 3600) || w.subsec_nanos() != 0 {
+        p.push(problem(
+            "aggregate.window",
+            "must be a whole number of seconds between 1s and 24h",
+        ));
+    }
+    if c.aggregate.grace.0 >= c.aggregate.max_lateness.0 {
+        p.push(problem(
+            "aggregate.grace",
+            "must be shorter than aggregate.max_lateness",
+        ));
+    }
+    if c.aggregate.max_lateness.0 > Duration::from_secs(30 * 24 * 3600) {
+        p.push(problem("aggregate.max_lateness", "at most 30d"));
+    }
+    if c.dedup.ttl.0 < Duration::from_secs(1) {
+        p.push(problem("dedup.ttl", "at least 1s"));
+    }
+    if c.dedup.purge_batch == 0 {
+        p.push(problem("dedup.purge_batch", "at least 1"));
+    }
+    if c.store.max_size.0 < (16 << 20) {
+        p.push(problem("store.max_size", "at least 16MiB"));
+    }
+    if c.store.batch_max == 0 || c.store.batch_max > 65_536 {
+        p.push(problem("store.batch_max", "between 1 and 65536"));
+    }
+    if c.store.batch_linger.0 > Duration::from_secs(1) {
+        p.push(problem("store.batch_linger", "at most 1s"));
+    }
+    if c.upstream.enabled {
+        if let Err(e) = BrokerUrl::parse(&c.upstream.url) {
+            p.push(problem("upstream.url", e));
+        }
+        let prefix = &c.upstream.topic_prefix;
+        if prefix.is_empty() || prefix.contains(['+', '#']) || prefix.ends_with('/') {
+            p.push(problem(
+                "upstream.topic_prefix",
+                "must be non-empty, without wildcards or a trailing '/'",
+            ));
+        }
+        check_client_id(&mut p, "upstream.client_id", c.upstream.client_id.as_deref());
+        if c.upstream.max_inflight == 0 || c.upstream.max_inflight > 1000 {
+            p.push(problem("upstream.max_inflight", "between 1 and 1000"));
+        }
+        if c.upstream.heartbeat.0 < Duration::from_secs(1) {
+            p.push(problem("upstream.heartbeat", "at least 1s"));
+        }
+        check_backoff(&mut p, "upstream", c.upstream.reconnect_min, c.upstream.reconnect_max);
+        check_file(&mut p, "upstream.ca_file", c.upstream.ca_file.as_deref());
+        check_file(&mut p, "upstream.client_cert", c.upstream.client_cert.as_deref());
+        check_file(&mut p, "upstream.client_key", c.upstream.client_key.as_deref());
+        if c.upstream.client_cert.is_some() != c.upstream.client_key.is_some() {
+            p.push(problem(
+                "upstream.client_key",
+                "client_cert and client_key go together",
+            ));
+        }
+    }
+    if c.status.listen.parse::<SocketAddr>().is_err() {
+        p.push(problem("status.listen", format!("{:?} is not ip:port", c.status.listen)));
+    }
+    for (i, a) in c.alerts.actions.iter().enumerate() {
+        if a.is_empty() || a.len() > 64 || !a.chars().all(is_action_char) {
+            p.push(problem(format!("alerts.actions[{i}]"), format!("{a:?} must be 1-64 of [a-z0-9_]")));
+        }
+    }
+    if !c.modbus.devices.is_empty() {
+        p.push(problem(
+            "modbus.devices",
+            "Modbus input is not part of this build yet",
+        ));
+    }
+    p
+}
+
+fn check_client_id(p: &mut Vec<Problem>, key: &str, id: Option<&str>) {
+    if let Some(id) = id {
+        if id.is_empty() || id.len() > 128 {
+            p.push(problem(key, "must be 1-128 characters"));
+        }
+    }
+}
+
+fn check_backoff(p: &mut Vec<Problem>, section: &str, min: Dur, max: Dur) {
+    if min.0 < Duration::from_millis(10) {
+        p.push(problem(format!("{section}.reconnect_min"), "at least 10ms"));
+    }
+    if max < min {
+        p.push(problem(
+            format!("{section}.reconnect_max"),
+            format!("must be at least {section}.reconnect_min"),
+        ));
+    }
+}
+
+fn check_file(p: &mut Vec<Problem>, key: &str, path: Option<&Path>) {
+    if let Some(path) = path {
+        if !path.is_file() {
+            p.push(problem(key, format!("{} is not a readable file", path.display())));
+        }
+    }
+}
+
+impl Config {
+    /// Client id on the device broker.
+    pub fn mqtt_client_id(&self) -> String {
+        self.mqtt
+            .client_id
+            .clone()
+            .unwrap_or_else(|| format!("zhian-{}", self.gateway.id))
+    }
+
+    /// Client id on the district broker.
+    pub fn upstream_client_id(&self) -> String {
+        self.upstream
+            .client_id
+            .clone()
+            .unwrap_or_else(|| self.gateway.id.clone())
+    }
+
+    /// The effective config as TOML, secrets redacted (for `check-config`).
+    pub fn to_redacted_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn load_str(toml_text: &str, env: &[(&str, &str)]) -> Result<Config, Vec<Problem>> {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(toml_text.as_bytes()).unwrap();
+        let env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        load_with_env(f.path(), true, Some(env))
+    }
+
+    const MIN: &str = "[gateway]\nid = \"gw-1\"\n";
+
+    #[test]
+    fn minimal_file_gets_defaults() {
+        let c = load_str(MIN, &[]).unwrap();
+        assert_eq!(c.aggregate.window, Dur::secs(60));
+        assert_eq!(c.mqtt.topics, vec!["zhian/+/+".to_string()]);
+        assert_eq!(c.mqtt_client_id(), "zhian-gw-1");
+        assert_eq!(c.upstream_client_id(), "gw-1");
+        assert_eq!(c.store.max_size, ByteSize(2 << 30));
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let e = load_str("[gateway]\nid = \"gw-1\"\n[upstream]\nbogus = 1\n", &[]).unwrap_err();
+        assert_eq!(e.len(), 1);
+        assert!(e[0].to_string().starts_with("upstream.bogus"), "{}", e[0]);
+    }
+
+    #[test]
+    fn bad_duration_names_key() {
+        let e = load_str("[gateway]\nid = \"gw-1\"\n[aggregate]\nwindow = \"soon\"\n", &[]).unwrap_err();
+        assert_eq!(e[0].key, "aggregate.window", "{:?}", e);
+    }
+
+    #[test]
+    fn env_overrides_file() {
+        let c = load_str(
+            MIN,
+            &[
+                ("ZHIAN_UPSTREAM__PASSWORD", "s3cret"),
+                ("ZHIAN_AGGREGATE__WINDOW", "5m"),
+                ("ZHIAN_MQTT__TOPICS", "a/+/+,b/+/+"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.upstream.password, Some(Secret("s3cret".into())));
+        assert_eq!(c.aggregate.window, Dur::secs(300));
+        assert_eq!(c.mqtt.topics.len(), 2);
+        assert!(!c.to_redacted_toml().contains("s3cret"));
+    }
+
+    #[test]
+    fn validation_collects_every_problem() {
+        let e = load_str(
+            "[gateway]\nid = \"Bad_ID\"\n[upstream]\nurl = \"http://x\"\n[aggregate]\ngrace = \"2d\"\n",
+            &[],
+        )
+        .unwrap_err();
+        let keys: Vec<_> = e.iter().map(|p| p.key.as_str()).collect();
+        assert!(keys.contains(&"gateway.id"), "{keys:?}");
+        assert!(keys.contains(&"upstream.url"), "{keys:?}");
+        assert!(keys.contains(&"aggregate.grace"), "{keys:?}");
+    }
+
+    #[test]
+    fn sizes_and_urls() {
+        assert_eq!(ByteSize::parse("512MiB").unwrap(), ByteSize(512 << 20));
+        assert_eq!(ByteSize::parse("2GiB").unwrap(), ByteSize(2 << 30));
+        assert!(ByteSize::parse("2 parsecs").is_err());
+        let u = BrokerUrl::parse("mqtts://district.example:8883").unwrap();
+        assert!(u.tls && u.port == 8883 && u.host == "district.example");
+        assert_eq!(BrokerUrl::parse("mqtt://[::1]").unwrap().port, 1883);
+        assert!(BrokerUrl::parse("tcp://x").is_err());
+    }
+}

@@ -1,0 +1,14 @@
+//! The pure core: payload validation, dedup decisions, window assignment, late re-issue and
+//! summary building.
+//!
+//! Nothing in here imports tokio, redb or a network crate, and nothing reads a clock: every
+//! function takes `now` (Unix milliseconds) as an argument. The committer drives [`engine`]
+//! against the redb-backed [`engine::Ledger`]; the property tests drive it against an in-memory
+//! one and a simple model.
+
+pub mod engine;
+pub mod event;
+pub mod summary;
+pub mod window;
+
+pub use event::{Event, Kind, Reject};

@@ -1,0 +1,365 @@
+//! The forwarder: the only task that talks to the district broker.
+//!
+//! It sends the outbox in order (alerts first), at most `upstream.max_inflight` unacknowledged
+//! at once, and reports an entry to the committer for deletion only after its PUBACK. rumqttc's
+//! `publish()` only queues, so PUBACKs are correlated by hand: publishes are issued from this
+//! task only, `Outgoing::Publish(pkid)` events come back in issue order and bind each pkid to the
+//! entry, and `Incoming::PubAck(pkid)` releases it. Every connection uses a fresh client and
+//! event loop with a clean session, so nothing from an earlier connection can be replayed under
+//! our feet; after a reconnect the outbox is resent from its start (the platform keeps the
+//! highest rev per window, so a resend never double-counts).
+
+use crate::backoff::Backoff;
+use crate::committer::now_ms;
+use crate::config::Config;
+use crate::core::summary::rfc3339_utc;
+use crate::mqtt::{options, ClientSettings};
+use crate::stats::Stats;
+use crate::store::{OutboxKey, Store, CLASS_ALERT, CLASS_SUMMARY};
+use rumqttc::{AsyncClient, Event, Incoming, LastWill, Outgoing, QoS};
+use serde::Serialize;
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, Notify};
+use tokio_util::sync::CancellationToken;
+
+pub struct Forwarder {
+    pub cfg: Arc<Config>,
+    pub store: Arc<Store>,
+    pub stats: Arc<Stats>,
+    pub outbox_ready: Arc<Notify>,
+    /// PUBACKed outbox keys, to the committer for deletion.
+    pub acked: flume::Sender<OutboxKey>,
+    pub stop: CancellationToken,
+}
+
+/// What a queued publish was, in issue order, to bind the pkid rumqttc assigns.
+enum Sent {
+    Outbox(OutboxKey),
+    Status,
+    Other,
+}
+
+#[derive(Serialize)]
+struct StatusMsg<'a> {
+    state: &'a str,
+    gateway: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    version: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    since: Option<String>,
+}
+
+#[derive(Serialize)]
+struct Heartbeat<'a> {
+    schema: &'static str,
+    gateway: &'a str,
+    version: &'static str,
+    uptime_secs: u64,
+    devices: DeviceCounts,
+    pending_summaries: u64,
+    pending_alerts: u64,
+    oldest_pending_window: Option<String>,
+    store_bytes: u64,
+    counters: crate::stats::CounterSnapshot,
+    dropped: Dropped,
+}
+
+#[derive(Serialize)]
+struct DeviceCounts {
+    online: usize,
+    offline: usize,
+}
+
+#[derive(Serialize)]
+struct Dropped {
+    summaries: u64,
+    alerts: u64,
+}
+
+/// A device is online if it reported within this long (MQTT devices have no other liveness).
+pub const DEVICE_ONLINE_WITHIN_MS: i64 = 15 * 60 * 1000;
+
+struct Conn {
+    client: AsyncClient,
+    sent: VecDeque<Sent>,
+    by_pkid: HashMap<u16, (OutboxKey, Instant)>,
+    queued_at: VecDeque<Instant>,
+    inflight: BTreeSet<OutboxKey>,
+    cursor: [Option<u64>; 2],
+    status_pkid: Option<u16>,
+    status_acked: bool,
+}
+
+impl Conn {
+    /// rumqttc reports publishes in the order they were queued: bind the pkid to what we queued.
+    fn bind(&mut self, pkid: u16) {
+        let at = self.queued_at.pop_front().unwrap_or_else(Instant::now);
+        match self.sent.pop_front() {
+            Some(Sent::Outbox(key)) => {
+                self.by_pkid.insert(pkid, (key, at));
+            }
+            Some(Sent::Status) => self.status_pkid = Some(pkid),
+            Some(Sent::Other) => {}
+            None => tracing::warn!(pkid, "forwarder: publish event with nothing queued"),
+        }
+    }
+}
+
+impl Forwarder {
+    fn topic(&self, suffix: &str) -> String {
+        format!("{}/{}/{}", self.cfg.upstream.topic_prefix, self.cfg.gateway.id, suffix)
+    }
+
+    fn status_payload(&self, online: bool) -> Vec<u8> {
+        let msg = StatusMsg {
+            state: if online { "online" } else { "offline" },
+            gateway: &self.cfg.gateway.id,
+            version: online.then_some(env!("CARGO_PKG_VERSION")),
+            since: online.then(|| rfc3339_utc(now_ms())),
+        };
+        serde_json::to_vec(&msg).expect("status serializes")
+    }
+
+    pub async fn run(self) {
+        let u = &self.cfg.upstream;
+        let mut backoff = Backoff::new(u.reconnect_min.0, u.reconnect_max.0);
+        // Keys PUBACKed but perhaps not yet deleted by the committer: never resend them.
+        let mut acked_local: BTreeSet<OutboxKey> = BTreeSet::new();
+        loop {
+            if self.stop.is_cancelled() {
+                return;
+            }
+            let settings = ClientSettings {
+                url: &u.url,
+                client_id: self.cfg.upstream_client_id(),
+                username: u.username.as_deref(),
+                password: u.password.as_ref(),
+                ca_file: u.ca_file.as_deref(),
+                client_cert: u.client_cert.as_deref(),
+                client_key: u.client_key.as_deref(),
+                keep_alive: u.keep_alive.0,
+            };
+            let mut opts = match options(&settings, "upstream") {
+                Ok(o) => o,
+                Err(e) => {
+                    tracing::error!(error = %e, "forwarder cannot start");
+                    return;
+                }
+            };
+            opts.set_clean_session(true);
+            opts.set_inflight(u.max_inflight.saturating_add(8));
+            opts.set_last_will(LastWill::new(
+                self.topic("status"),
+                self.status_payload(false),
+                QoS::AtLeastOnce,
+                true,
+            ));
+            // Prune the skip-set to what is still in the store.
+            if let Ok(still) = self.store.outbox_contains(acked_local.iter().copied()) {
+                acked_local = still.into_iter().collect();
+            }
+            let finished = self.connection(opts, &mut acked_local, &mut backoff).await;
+            self.stats.upstream_connected.store(false, Relaxed);
+            if finished {
+                return;
+            }
+            let delay = backoff.next_delay();
+            tracing::info!(delay_ms = delay.as_millis() as u64, "district broker: reconnecting after backoff");
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = self.stop.cancelled() => return,
+            }
+        }
+    }
+
+    /// One connection. Returns true when shut down.
+    async fn connection(
+        &self,
+        opts: rumqttc::MqttOptions,
+        acked_local: &mut BTreeSet<OutboxKey>,
+        backoff: &mut Backoff,
+    ) -> bool {
+        let cap = usize::from(self.cfg.upstream.max_inflight) * 2 + 16;
+        let (client, mut eventloop) = AsyncClient::new(opts, cap);
+        let (ev_tx, mut ev_rx) = mpsc::channel(256);
+        // The event loop is polled by its own task and never cancelled mid-poll (rumqttc's
+        // poll is not cancel-safe); it ends at the first error and the connection is rebuilt.
+        let poller = tokio::spawn(async move {
+            loop {
+                let r = eventloop.poll().await;
+                let end = r.is_err() || matches!(r, Ok(Event::Outgoing(Outgoing::Disconnect)));
+                if ev_tx.send(r).await.is_err() || end {
+                    return;
+                }
+            }
+        });
+        let mut c = Conn {
+            client,
+            sent: VecDeque::new(),
+            by_pkid: HashMap::new(),
+            queued_at: VecDeque::new(),
+            inflight: BTreeSet::new(),
+            cursor: [None, None],
+            status_pkid: None,
+            status_acked: false,
+        };
+        let mut connected = false;
+        let mut heartbeat = tokio::time::interval(self.cfg.upstream.heartbeat.0);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let finished = loop {
+            tokio::select! {
+                ev = ev_rx.recv() => match ev {
+                    Some(Ok(Event::Incoming(Incoming::ConnAck(_)))) => {
+                        connected = true;
+                        backoff.reset();
+                        self.stats.upstream_connected.store(true, Relaxed);
+                        tracing::info!("district broker connected");
+                        let status = self.status_payload(true);
+                        if c.client.try_publish(self.topic("status"), QoS::AtLeastOnce, true, status).is_ok() {
+                            c.sent.push_back(Sent::Status);
+                            c.queued_at.push_back(Instant::now());
+                        }
+                        self.fill(&mut c, acked_local);
+                    }
+                    Some(Ok(Event::Outgoing(Outgoing::Publish(pkid)))) => c.bind(pkid),
+                    Some(Ok(Event::Incoming(Incoming::PubAck(ack)))) => {
+                        if let Some((key, at)) = c.by_pkid.remove(&ack.pkid) {
+                            c.inflight.remove(&key);
+                            acked_local.insert(key);
+                            self.stats.upstream_published.fetch_add(1, Relaxed);
+                            tracing::debug!(class = key.0, seq = key.1, latency_ms = at.elapsed().as_millis() as u64, "upstream PUBACK");
+                            let _ = self.acked.send(key);
+                            self.fill(&mut c, acked_local);
+                        } else if c.status_pkid == Some(ack.pkid) {
+                            c.status_acked = true;
+                        }
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => {
+                        tracing::warn!(error = %e, connected, "district broker connection lost");
+                        break false;
+                    }
+                    None => break false,
+                },
+                _ = self.outbox_ready.notified(), if connected => self.fill(&mut c, acked_local),
+                _ = heartbeat.tick(), if connected => self.heartbeat(&mut c),
+                _ = self.stop.cancelled() => {
+                    if connected {
+                        self.goodbye(&mut c, &mut ev_rx).await;
+                    }
+                    break true;
+                }
+            }
+        };
+        poller.abort();
+        finished
+    }
+
+    /// Publish outbox entries until `max_inflight` are unacknowledged; alerts before summaries.
+    fn fill(&self, c: &mut Conn, acked_local: &BTreeSet<OutboxKey>) {
+        let max = usize::from(self.cfg.upstream.max_inflight);
+        for class in [CLASS_ALERT, CLASS_SUMMARY] {
+            while c.inflight.len() < max {
+                let room = max - c.inflight.len();
+                let rows = match self.store.outbox_after(class, c.cursor[class as usize], room) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        tracing::error!(error = %e, "forwarder: cannot read the outbox");
+                        return;
+                    }
+                };
+                if rows.is_empty() {
+                    break;
+                }
+                for (key, rec) in rows {
+                    c.cursor[class as usize] = Some(key.1);
+                    if acked_local.contains(&key) {
+                        continue;
+                    }
+                    let topic = self.topic(rec.topic.suffix());
+                    if c.client.try_publish(topic, QoS::AtLeastOnce, false, rec.payload).is_err() {
+                        // Request queue full: step back and retry on the next event.
+                        c.cursor[class as usize] = key.1.checked_sub(1);
+                        return;
+                    }
+                    c.sent.push_back(Sent::Outbox(key));
+                    c.queued_at.push_back(Instant::now());
+                    c.inflight.insert(key);
+                }
+            }
+        }
+    }
+
+    fn heartbeat(&self, c: &mut Conn) {
+        let overview = self.store.overview().unwrap_or_default();
+        let now = now_ms();
+        let devices = self.stats.devices();
+        let online = devices
+            .values()
+            .filter(|d| now - d.last_seen_ms <= DEVICE_ONLINE_WITHIN_MS)
+            .count();
+        let hb = Heartbeat {
+            schema: "zhian.heartbeat.v1",
+            gateway: &self.cfg.gateway.id,
+            version: env!("CARGO_PKG_VERSION"),
+            uptime_secs: self.stats.started.elapsed().as_secs(),
+            devices: DeviceCounts {
+                online,
+                offline: devices.len() - online,
+            },
+            pending_summaries: overview.pending_summaries,
+            pending_alerts: overview.pending_alerts,
+            oldest_pending_window: overview.oldest_pending_window_ms.map(rfc3339_utc),
+            store_bytes: overview.file_bytes,
+            counters: self.stats.counters(),
+            dropped: Dropped {
+                summaries: overview.dropped_summaries,
+                alerts: overview.dropped_alerts,
+            },
+        };
+        let payload = serde_json::to_vec(&hb).expect("heartbeat serializes");
+        if c.client.try_publish(self.topic("heartbeat"), QoS::AtLeastOnce, false, payload).is_ok() {
+            c.sent.push_back(Sent::Other);
+            c.queued_at.push_back(Instant::now());
+        }
+    }
+
+    /// Graceful stop: retained `offline` (a clean disconnect suppresses the will), then
+    /// disconnect, bounded in time.
+    async fn goodbye(&self, c: &mut Conn, ev_rx: &mut mpsc::Receiver<Result<Event, rumqttc::ConnectionError>>) {
+        c.status_pkid = None;
+        c.status_acked = false;
+        if c.client.try_publish(self.topic("status"), QoS::AtLeastOnce, true, self.status_payload(false)).is_ok() {
+            c.sent.push_back(Sent::Status);
+            c.queued_at.push_back(Instant::now());
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(1500);
+        while !c.status_acked {
+            match tokio::time::timeout_at(deadline, ev_rx.recv()).await {
+                Ok(Some(Ok(Event::Outgoing(Outgoing::Publish(pkid))))) => c.bind(pkid),
+                Ok(Some(Ok(Event::Incoming(Incoming::PubAck(a))))) => {
+                    if c.status_pkid == Some(a.pkid) {
+                        c.status_acked = true;
+                    } else if let Some((key, _)) = c.by_pkid.remove(&a.pkid) {
+                        let _ = self.acked.send(key);
+                    }
+                }
+                Ok(Some(Ok(_))) => {}
+                _ => break,
+            }
+        }
+        let _ = c.client.try_disconnect();
+        let _ = tokio::time::timeout_at(deadline + Duration::from_millis(300), async {
+            while let Some(Ok(ev)) = ev_rx.recv().await {
+                if matches!(ev, Event::Outgoing(Outgoing::Disconnect)) {
+                    break;
+                }
+            }
+        })
+        .await;
+        tracing::info!("district link closed (status offline)");
+    }
+}

@@ -1,0 +1,174 @@
+//! Device MQTT input: a persistent QoS 1 session on the site broker, validation, and
+//! acknowledgement only after the committer has made each message's outcome durable.
+//!
+//! Each connection attempt gets a fresh rumqttc client and event loop, polled by this task alone
+//! and never cancelled mid-poll except at shutdown. Acks for a connection go through its own
+//! channel; an ack that outlives its connection is dropped, and the broker redelivers that
+//! message on the next session, where dedup recognises it.
+
+use crate::backoff::Backoff;
+use crate::committer::{Ack, Intake};
+use crate::config::Config;
+use crate::core::event;
+use crate::mqtt::{options, ClientSettings};
+use crate::stats::Stats;
+use rumqttc::{AsyncClient, Event, Incoming, Outgoing, QoS};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+pub struct Ingest {
+    pub cfg: Arc<Config>,
+    /// Taken by `run`; dropped at shutdown so the committer sees the intake close.
+    pub intake: Option<flume::Sender<Intake>>,
+    pub stats: Arc<Stats>,
+    /// Stop taking new messages; keep the connection until committed messages are acked.
+    pub stop: CancellationToken,
+}
+
+impl Ingest {
+    pub async fn run(mut self) {
+        let m = &self.cfg.mqtt;
+        let mut backoff = Backoff::new(m.reconnect_min.0, m.reconnect_max.0);
+        let settings = ClientSettings {
+            url: &m.url,
+            client_id: self.cfg.mqtt_client_id(),
+            username: m.username.as_deref(),
+            password: m.password.as_ref(),
+            ca_file: m.ca_file.as_deref(),
+            client_cert: None,
+            client_key: None,
+            keep_alive: m.keep_alive.0,
+        };
+        let mut intake = self.intake.take();
+        loop {
+            let mut opts = match options(&settings, "mqtt") {
+                Ok(o) => o,
+                Err(e) => {
+                    tracing::error!(error = %e, "device input cannot start");
+                    return;
+                }
+            };
+            opts.set_clean_session(false);
+            opts.set_manual_acks(true);
+            let (client, eventloop) = AsyncClient::new(opts, 4096);
+            let done = self.connection(client, eventloop, &mut intake, &mut backoff).await;
+            if done {
+                return;
+            }
+            let delay = backoff.next_delay();
+            tracing::info!(delay_ms = delay.as_millis() as u64, "device broker: reconnecting after backoff");
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = self.stop.cancelled() => return,
+            }
+        }
+    }
+
+    /// One connection. Returns true when the input is finished (shutdown completed).
+    async fn connection(
+        &self,
+        client: AsyncClient,
+        mut eventloop: rumqttc::EventLoop,
+        intake: &mut Option<flume::Sender<Intake>>,
+        backoff: &mut Backoff,
+    ) -> bool {
+        let (ack_tx, mut ack_rx) = tokio::sync::mpsc::unbounded_channel::<rumqttc::Publish>();
+        let mut ack_tx = Some(ack_tx);
+        let acker_client = client.clone();
+        // Acks in arrival order; when every ack sender is gone (shutdown), disconnect cleanly.
+        let acker = tokio::spawn(async move {
+            while let Some(p) = ack_rx.recv().await {
+                if acker_client.ack(&p).await.is_err() {
+                    return;
+                }
+            }
+            let _ = acker_client.disconnect().await;
+        });
+        let topics: Vec<String> = self.cfg.mqtt.topics.clone();
+        let mut stopping = self.stop.is_cancelled();
+        if stopping {
+            intake.take();
+            ack_tx.take();
+        }
+        let finished = loop {
+            let polled = if stopping {
+                eventloop.poll().await
+            } else {
+                tokio::select! {
+                    biased;
+                    _ = self.stop.cancelled() => {
+                        // Stop intake: messages not yet handed over are not acked and will be
+                        // redelivered. Committed ones are acked when the committer finishes.
+                        stopping = true;
+                        intake.take();
+                        ack_tx.take();
+                        continue;
+                    }
+                    p = eventloop.poll() => p,
+                }
+            };
+            match polled {
+                Ok(Event::Incoming(Incoming::ConnAck(ack))) => {
+                    backoff.reset();
+                    tracing::info!(session_present = ack.session_present, "device broker connected");
+                    let subs = topics.iter().map(|t| rumqttc::SubscribeFilter::new(t.clone(), QoS::AtLeastOnce));
+                    if let Err(e) = client.try_subscribe_many(subs) {
+                        tracing::warn!(error = %e, "device broker: cannot queue subscribe");
+                    }
+                }
+                Ok(Event::Incoming(Incoming::Publish(p))) => {
+                    self.stats.received.fetch_add(1, Relaxed);
+                    let (Some(tx), Some(acks)) = (intake.as_ref(), ack_tx.as_ref()) else {
+                        continue; // stopping: leave it unacked for redelivery
+                    };
+                    let ack = (p.qos != QoS::AtMostOnce).then(|| {
+                        let acks = acks.clone();
+                        let p = p.clone();
+                        Ack::new(move || {
+                            let _ = acks.send(p);
+                        })
+                    });
+                    let item = match event::parse(&p.topic, &p.payload) {
+                        Ok(event) => Intake::Event { event, ack },
+                        Err(reason) => {
+                            tracing::debug!(topic = %p.topic, %reason, "device message rejected");
+                            Intake::Rejected {
+                                reason,
+                                topic: p.topic.clone(),
+                                ack,
+                            }
+                        }
+                    };
+                    if tx.send_async(item).await.is_err() {
+                        tracing::warn!("device input: committer is gone");
+                        intake.take();
+                    }
+                }
+                Ok(Event::Outgoing(Outgoing::Disconnect)) => break true,
+                Ok(Event::Incoming(Incoming::SubAck(s))) => {
+                    if s.return_codes.iter().any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure)) {
+                        tracing::error!(topics = ?topics, "device broker refused a subscription; check its ACL");
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    if stopping {
+                        break true;
+                    }
+                    tracing::warn!(error = %e, "device broker connection lost");
+                    break false;
+                }
+            }
+        };
+        acker.abort();
+        if finished {
+            tracing::info!("device input stopped");
+        }
+        finished || self.stop.is_cancelled()
+    }
+}
+
+/// How long shutdown waits for the device input to flush acks and disconnect.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);

@@ -1,0 +1,173 @@
+//! zhian-gateway: turns a residential compound's access-control, camera and vehicle-gate feeds
+//! into durable, deduplicated, per-window counts for the district platform.
+//!
+//! [`run`] is the daemon as a library function: `main` only parses the command line, loads the
+//! config and calls it with a shutdown future. Tests drive it the same way.
+
+pub mod backoff;
+pub mod committer;
+pub mod config;
+pub mod core;
+pub mod forwarder;
+pub mod ingest;
+pub mod mqtt;
+pub mod stats;
+pub mod store;
+
+use crate::committer::{Committer, CommitterCfg};
+use crate::config::Config;
+use crate::core::engine::Engine;
+use crate::core::summary::Site;
+use crate::core::window::WindowCfg;
+use crate::stats::Stats;
+use crate::store::{Retention, Store};
+use std::future::Future;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+/// Version and target triple, for `--version` and the heartbeat.
+pub const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (", env!("ZHIAN_TARGET"), ")");
+
+/// Everything after SIGTERM must finish within this (the contract allows 5 s).
+pub const SHUTDOWN_BUDGET: Duration = Duration::from_millis(4500);
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    #[error("a core task stopped unexpectedly: {0}")]
+    TaskDied(&'static str),
+}
+
+/// The decision engine configured from `cfg`.
+pub fn engine_for(cfg: &Config) -> Engine {
+    let a = &cfg.aggregate;
+    Engine {
+        window: WindowCfg {
+            window_ms: a.window.as_millis_u64(),
+            grace_ms: a.grace.as_millis_u64(),
+            max_lateness_ms: a.max_lateness.as_millis_u64(),
+            max_future_skew_ms: a.max_future_skew.as_millis_u64(),
+        },
+        dedup_ttl_ms: cfg.dedup.ttl.as_millis_u64(),
+        gateway: cfg.gateway.id.clone(),
+        site: Site {
+            district: cfg.gateway.district.clone(),
+            street: cfg.gateway.street.clone(),
+            community: cfg.gateway.community.clone(),
+            compound: cfg.gateway.compound.clone(),
+        },
+        alert_actions: cfg.alerts.actions.clone(),
+    }
+}
+
+/// Run the daemon until `shutdown` resolves, then stop in order: intake, committer (commits
+/// what was accepted and acks it), device connection, district connection.
+pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
+    mqtt::install_crypto_provider();
+    let cfg = Arc::new(cfg);
+    let store = {
+        let dir = cfg.gateway.data_dir.clone();
+        let subjects = cfg.privacy.subjects;
+        tokio::task::spawn_blocking(move || Store::open(&dir, subjects))
+            .await
+            .map_err(|_| RunError::TaskDied("store open"))??
+    };
+    let store = Arc::new(store);
+    tracing::info!(path = %store.path().display(), "store open");
+    if cfg.broker.enabled || !cfg.modbus.devices.is_empty() || cfg.status.enabled {
+        tracing::warn!("status page, embedded broker and Modbus input are not part of this build yet; their settings are ignored");
+    }
+    let stats = Arc::new(Stats::default());
+    stats.outbox_pending.store(store.outbox_len()?, Relaxed);
+    stats.store_bytes.store(store.file_bytes(), Relaxed);
+    let engine = engine_for(&cfg);
+    let window_ms = engine.window.window_ms;
+    let (intake_tx, intake_rx) = flume::bounded(cfg.store.batch_max as usize * 2);
+    let (acked_tx, acked_rx) = flume::unbounded();
+    let outbox_ready = Arc::new(Notify::new());
+
+    let committer = Committer {
+        store: store.clone(),
+        engine,
+        cfg: CommitterCfg {
+            batch_max: cfg.store.batch_max as usize,
+            linger: cfg.store.batch_linger.0,
+            tick: Duration::from_millis((window_ms / 4).clamp(100, 1000)),
+            retention: Retention {
+                dedup_ttl_ms: cfg.dedup.ttl.as_millis_u64(),
+                raw_retention_ms: cfg.store.raw_retention.as_millis_u64(),
+                purge_batch: cfg.dedup.purge_batch as usize,
+                forget_windows_before_ms: cfg.aggregate.max_lateness.as_millis_u64() + 3_600_000,
+            },
+        },
+        intake: intake_rx,
+        acked: acked_rx,
+        stats: stats.clone(),
+        outbox_ready: outbox_ready.clone(),
+    };
+    let mut committer = tokio::task::spawn_blocking(move || committer.run());
+
+    let intake_stop = CancellationToken::new();
+    let upstream_stop = CancellationToken::new();
+    let mut ingest = cfg.mqtt.enabled.then(|| {
+        tokio::spawn(
+            ingest::Ingest {
+                cfg: cfg.clone(),
+                intake: Some(intake_tx.clone()),
+                stats: stats.clone(),
+                stop: intake_stop.clone(),
+            }
+            .run(),
+        )
+    });
+    drop(intake_tx);
+    let mut forwarder = cfg.upstream.enabled.then(|| {
+        tokio::spawn(
+            forwarder::Forwarder {
+                cfg: cfg.clone(),
+                store: store.clone(),
+                stats: stats.clone(),
+                outbox_ready,
+                acked: acked_tx,
+                stop: upstream_stop.clone(),
+            }
+            .run(),
+        )
+    });
+    tracing::info!(gateway = %cfg.gateway.id, version = VERSION, "zhian-gateway running");
+
+    let mut result = Ok(());
+    tokio::select! {
+        _ = shutdown => tracing::info!("shutdown requested"),
+        _ = &mut committer => {
+            tracing::error!("committer stopped unexpectedly");
+            result = Err(RunError::TaskDied("committer"));
+        }
+    }
+    // Ordered, time-bounded shutdown.
+    let deadline = tokio::time::Instant::now() + SHUTDOWN_BUDGET;
+    intake_stop.cancel();
+    if tokio::time::timeout_at(deadline - Duration::from_millis(2000), &mut committer)
+        .await
+        .is_err()
+    {
+        tracing::warn!("shutdown: committer did not drain in time; uncommitted messages stay unacknowledged and will be redelivered");
+    }
+    if let Some(h) = ingest.as_mut() {
+        if tokio::time::timeout_at(deadline - Duration::from_millis(1700), h).await.is_err() {
+            tracing::warn!("shutdown: device input did not close in time");
+        }
+    }
+    upstream_stop.cancel();
+    if let Some(h) = forwarder.as_mut() {
+        if tokio::time::timeout_at(deadline, h).await.is_err() {
+            tracing::warn!("shutdown: district link did not close in time");
+        }
+    }
+    tracing::info!("zhian-gateway stopped");
+    result
+}

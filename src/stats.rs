@@ -1,0 +1,144 @@
+//! Shared, lock-light counters and device health, read by the heartbeat (and later the status
+//! page and metrics). Written by the tasks that own each fact; nobody else computes them.
+
+use crate::core::event::{Kind, Reject};
+use serde::Serialize;
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::Mutex;
+use std::time::Instant;
+
+/// How many recent rejects are kept for the status page.
+pub const RECENT_REJECTS: usize = 50;
+
+/// A rejected message as the status page shows it: never its subject or payload.
+#[derive(Debug, Clone, Serialize)]
+pub struct RejectNote {
+    pub at_ms: i64,
+    pub topic: String,
+    pub reason: &'static str,
+}
+
+/// What is known about one device.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct DeviceSeen {
+    pub last_seen_ms: i64,
+    pub accepted: u64,
+}
+
+#[derive(Debug)]
+pub struct Stats {
+    pub started: Instant,
+    pub received: AtomicU64,
+    accepted: [AtomicU64; 3],
+    duplicate: [AtomicU64; 3],
+    rejected: [AtomicU64; Reject::ALL.len()],
+    pub commits: AtomicU64,
+    pub commit_micros_total: AtomicU64,
+    pub upstream_connected: AtomicBool,
+    pub upstream_published: AtomicU64,
+    pub outbox_pending: AtomicU64,
+    pub store_bytes: AtomicU64,
+    devices: Mutex<BTreeMap<(Kind, String), DeviceSeen>>,
+    recent_rejects: Mutex<VecDeque<RejectNote>>,
+}
+
+fn kind_index(k: Kind) -> usize {
+    match k {
+        Kind::Access => 0,
+        Kind::Camera => 1,
+        Kind::Vehicle => 2,
+    }
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        Stats {
+            started: Instant::now(),
+            received: AtomicU64::new(0),
+            accepted: Default::default(),
+            duplicate: Default::default(),
+            rejected: Default::default(),
+            commits: AtomicU64::new(0),
+            commit_micros_total: AtomicU64::new(0),
+            upstream_connected: AtomicBool::new(false),
+            upstream_published: AtomicU64::new(0),
+            outbox_pending: AtomicU64::new(0),
+            store_bytes: AtomicU64::new(0),
+            devices: Mutex::new(BTreeMap::new()),
+            recent_rejects: Mutex::new(VecDeque::new()),
+        }
+    }
+}
+
+/// A copy of the counters, for the heartbeat.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct CounterSnapshot {
+    pub received: u64,
+    pub accepted: u64,
+    pub duplicate: u64,
+    pub rejected: u64,
+    pub rejected_by_reason: BTreeMap<&'static str, u64>,
+}
+
+impl Stats {
+    pub fn accepted(&self, kind: Kind, device: &str, now_ms: i64) {
+        self.accepted[kind_index(kind)].fetch_add(1, Relaxed);
+        let mut d = self.devices.lock().expect("devices lock");
+        let e = d.entry((kind, device.to_string())).or_default();
+        e.last_seen_ms = e.last_seen_ms.max(now_ms);
+        e.accepted += 1;
+    }
+
+    pub fn duplicate(&self, kind: Kind) {
+        self.duplicate[kind_index(kind)].fetch_add(1, Relaxed);
+    }
+
+    pub fn rejected(&self, reason: Reject, topic: &str, now_ms: i64) {
+        self.rejected[reason.index()].fetch_add(1, Relaxed);
+        let mut r = self.recent_rejects.lock().expect("rejects lock");
+        if r.len() >= RECENT_REJECTS {
+            r.pop_front();
+        }
+        r.push_back(RejectNote {
+            at_ms: now_ms,
+            topic: topic.chars().take(200).collect(),
+            reason: reason.as_str(),
+        });
+    }
+
+    pub fn accepted_of(&self, kind: Kind) -> u64 {
+        self.accepted[kind_index(kind)].load(Relaxed)
+    }
+
+    pub fn duplicate_of(&self, kind: Kind) -> u64 {
+        self.duplicate[kind_index(kind)].load(Relaxed)
+    }
+
+    pub fn rejected_of(&self, reason: Reject) -> u64 {
+        self.rejected[reason.index()].load(Relaxed)
+    }
+
+    pub fn counters(&self) -> CounterSnapshot {
+        let rejected_by_reason: BTreeMap<_, _> = Reject::ALL
+            .iter()
+            .map(|r| (r.as_str(), self.rejected_of(*r)))
+            .filter(|(_, n)| *n > 0)
+            .collect();
+        CounterSnapshot {
+            received: self.received.load(Relaxed),
+            accepted: Kind::ALL.iter().map(|k| self.accepted_of(*k)).sum(),
+            duplicate: Kind::ALL.iter().map(|k| self.duplicate_of(*k)).sum(),
+            rejected: rejected_by_reason.values().sum(),
+            rejected_by_reason,
+        }
+    }
+
+    pub fn devices(&self) -> BTreeMap<(Kind, String), DeviceSeen> {
+        self.devices.lock().expect("devices lock").clone()
+    }
+
+    pub fn recent_rejects(&self) -> Vec<RejectNote> {
+        self.recent_rejects.lock().expect("rejects lock").iter().cloned().collect()
+    }
+}
