@@ -49,7 +49,10 @@ mod tests {
         for i in 0..10 {
             let d = b.next_delay();
             let cap = (Duration::from_millis(100) * 2u32.pow(i)).min(Duration::from_secs(2));
-            assert!(d >= Duration::from_millis(100) && d <= cap, "{d:?} > {cap:?}");
+            assert!(
+                d >= Duration::from_millis(100) && d <= cap,
+                "{d:?} > {cap:?}"
+            );
             last_cap = cap;
         }
         assert_eq!(last_cap, Duration::from_secs(2));

@@ -152,7 +152,10 @@ impl Committer {
         let report = loop {
             let now = now_ms();
             let maintain = tick
-                && match self.store.maintenance_due(&self.engine, &self.cfg.retention, now) {
+                && match self
+                    .store
+                    .maintenance_due(&self.engine, &self.cfg.retention, now)
+                {
                     Ok(due) => due,
                     Err(e) => {
                         tracing::warn!(error = %e, "committer: maintenance check failed");
@@ -175,7 +178,12 @@ impl Committer {
                     let micros = started.elapsed().as_micros() as u64;
                     self.stats.commits.fetch_add(1, Relaxed);
                     self.stats.commit_micros_total.fetch_add(micros, Relaxed);
-                    tracing::trace!(events = events.len(), acked = acked.len(), micros, "committed");
+                    tracing::trace!(
+                        events = events.len(),
+                        acked = acked.len(),
+                        micros,
+                        "committed"
+                    );
                     break Some(r);
                 }
                 Err(e) => {
@@ -224,11 +232,17 @@ impl Committer {
                 self.outbox_ready.notify_one();
             }
             if r.purged_dedup + r.purged_events > 0 {
-                tracing::debug!(dedup = r.purged_dedup, events = r.purged_events, "purged expired rows");
+                tracing::debug!(
+                    dedup = r.purged_dedup,
+                    events = r.purged_events,
+                    "purged expired rows"
+                );
             }
         }
         if tick {
-            self.stats.store_bytes.store(self.store.file_bytes(), Relaxed);
+            self.stats
+                .store_bytes
+                .store(self.store.file_bytes(), Relaxed);
         }
     }
 }

@@ -55,9 +55,11 @@ impl Dur {
 impl<'de> Deserialize<'de> for Dur {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        humantime::parse_duration(s.trim())
-            .map(Dur)
-            .map_err(|e| serde::de::Error::custom(format!("invalid duration {s:?} ({e}); use e.g. \"500ms\", \"60s\", \"24h\", \"7d\"")))
+        humantime::parse_duration(s.trim()).map(Dur).map_err(|e| {
+            serde::de::Error::custom(format!(
+                "invalid duration {s:?} ({e}); use e.g. \"500ms\", \"60s\", \"24h\", \"7d\""
+            ))
+        })
     }
 }
 
@@ -90,7 +92,11 @@ impl ByteSize {
             "KB" | "kB" => 1_000,
             "MB" => 1_000_000,
             "GB" => 1_000_000_000,
-            other => return Err(format!("invalid size unit {other:?} in {s:?}; use B, KiB, MiB, GiB, KB, MB or GB")),
+            other => {
+                return Err(format!(
+                    "invalid size unit {other:?} in {s:?}; use B, KiB, MiB, GiB, KB, MB or GB"
+                ))
+            }
         };
         n.checked_mul(mult)
             .map(ByteSize)
@@ -415,7 +421,9 @@ impl BrokerUrl {
         };
         let rest = rest.trim_end_matches('/');
         if rest.contains('/') || rest.contains('@') || rest.contains('?') {
-            return Err(format!("{s:?}: only scheme://host[:port] is allowed; put credentials in username/password"));
+            return Err(format!(
+                "{s:?}: only scheme://host[:port] is allowed; put credentials in username/password"
+            ));
         }
         let default_port = if tls { 8883 } else { 1883 };
         let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
@@ -432,7 +440,8 @@ impl BrokerUrl {
             match rest.rsplit_once(':') {
                 Some((h, p)) => (
                     h.to_string(),
-                    p.parse().map_err(|_| format!("{s:?}: invalid port {p:?}"))?,
+                    p.parse()
+                        .map_err(|_| format!("{s:?}: invalid port {p:?}"))?,
                 ),
                 None => (rest.to_string(), default_port),
             }
@@ -469,9 +478,8 @@ pub fn load_with_env(
                 format!("file {} does not exist", path.display()),
             )]);
         }
-        builder = builder.add_source(
-            config::File::from(path.to_path_buf()).format(config::FileFormat::Toml),
-        );
+        builder = builder
+            .add_source(config::File::from(path.to_path_buf()).format(config::FileFormat::Toml));
     }
     let environment = config::Environment::with_prefix("ZHIAN")
         .prefix_separator("_")
@@ -486,7 +494,10 @@ pub fn load_with_env(
     let cfg: Config = serde_path_to_error::deserialize(raw).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
-        vec![problem(if path == "." { "config".into() } else { path }, strip_key_suffix(&inner.to_string()))]
+        vec![problem(
+            if path == "." { "config".into() } else { path },
+            strip_key_suffix(&inner.to_string()),
+        )]
     })?;
     let problems = validate(&cfg);
     if problems.is_empty() {
@@ -545,14 +556,20 @@ pub fn validate(c: &Config) -> Vec<Problem> {
         ));
     }
     if c.broker.listen.parse::<SocketAddr>().is_err() {
-        p.push(problem("broker.listen", format!("{:?} is not host:port", c.broker.listen)));
+        p.push(problem(
+            "broker.listen",
+            format!("{:?} is not host:port", c.broker.listen),
+        ));
     }
     if c.mqtt.enabled {
         if let Err(e) = BrokerUrl::parse(&c.mqtt.url) {
             p.push(problem("mqtt.url", e));
         }
         if c.mqtt.topics.is_empty() {
-            p.push(problem("mqtt.topics", "at least one topic filter is needed"));
+            p.push(problem(
+                "mqtt.topics",
+                "at least one topic filter is needed",
+            ));
         }
         for (i, t) in c.mqtt.topics.iter().enumerate() {
             if t.is_empty() || t.len() > 1024 {
@@ -605,17 +622,34 @@ pub fn validate(c: &Config) -> Vec<Problem> {
                 "must be non-empty, without wildcards or a trailing '/'",
             ));
         }
-        check_client_id(&mut p, "upstream.client_id", c.upstream.client_id.as_deref());
+        check_client_id(
+            &mut p,
+            "upstream.client_id",
+            c.upstream.client_id.as_deref(),
+        );
         if c.upstream.max_inflight == 0 || c.upstream.max_inflight > 1000 {
             p.push(problem("upstream.max_inflight", "between 1 and 1000"));
         }
         if c.upstream.heartbeat.0 < Duration::from_secs(1) {
             p.push(problem("upstream.heartbeat", "at least 1s"));
         }
-        check_backoff(&mut p, "upstream", c.upstream.reconnect_min, c.upstream.reconnect_max);
+        check_backoff(
+            &mut p,
+            "upstream",
+            c.upstream.reconnect_min,
+            c.upstream.reconnect_max,
+        );
         check_file(&mut p, "upstream.ca_file", c.upstream.ca_file.as_deref());
-        check_file(&mut p, "upstream.client_cert", c.upstream.client_cert.as_deref());
-        check_file(&mut p, "upstream.client_key", c.upstream.client_key.as_deref());
+        check_file(
+            &mut p,
+            "upstream.client_cert",
+            c.upstream.client_cert.as_deref(),
+        );
+        check_file(
+            &mut p,
+            "upstream.client_key",
+            c.upstream.client_key.as_deref(),
+        );
         if c.upstream.client_cert.is_some() != c.upstream.client_key.is_some() {
             p.push(problem(
                 "upstream.client_key",
@@ -624,11 +658,17 @@ pub fn validate(c: &Config) -> Vec<Problem> {
         }
     }
     if c.status.listen.parse::<SocketAddr>().is_err() {
-        p.push(problem("status.listen", format!("{:?} is not ip:port", c.status.listen)));
+        p.push(problem(
+            "status.listen",
+            format!("{:?} is not ip:port", c.status.listen),
+        ));
     }
     for (i, a) in c.alerts.actions.iter().enumerate() {
         if a.is_empty() || a.len() > 64 || !a.chars().all(is_action_char) {
-            p.push(problem(format!("alerts.actions[{i}]"), format!("{a:?} must be 1-64 of [a-z0-9_]")));
+            p.push(problem(
+                format!("alerts.actions[{i}]"),
+                format!("{a:?} must be 1-64 of [a-z0-9_]"),
+            ));
         }
     }
     if !c.modbus.devices.is_empty() {
@@ -663,7 +703,10 @@ fn check_backoff(p: &mut Vec<Problem>, section: &str, min: Dur, max: Dur) {
 fn check_file(p: &mut Vec<Problem>, key: &str, path: Option<&Path>) {
     if let Some(path) = path {
         if !path.is_file() {
-            p.push(problem(key, format!("{} is not a readable file", path.display())));
+            p.push(problem(
+                key,
+                format!("{} is not a readable file", path.display()),
+            ));
         }
     }
 }
@@ -727,7 +770,11 @@ mod tests {
 
     #[test]
     fn bad_duration_names_key() {
-        let e = load_str("[gateway]\nid = \"gw-1\"\n[aggregate]\nwindow = \"soon\"\n", &[]).unwrap_err();
+        let e = load_str(
+            "[gateway]\nid = \"gw-1\"\n[aggregate]\nwindow = \"soon\"\n",
+            &[],
+        )
+        .unwrap_err();
         assert_eq!(e[0].key, "aggregate.window", "{:?}", e);
     }
 

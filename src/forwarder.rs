@@ -110,7 +110,10 @@ impl Conn {
 
 impl Forwarder {
     fn topic(&self, suffix: &str) -> String {
-        format!("{}/{}/{}", self.cfg.upstream.topic_prefix, self.cfg.gateway.id, suffix)
+        format!(
+            "{}/{}/{}",
+            self.cfg.upstream.topic_prefix, self.cfg.gateway.id, suffix
+        )
     }
 
     fn status_payload(&self, online: bool) -> Vec<u8> {
@@ -167,7 +170,10 @@ impl Forwarder {
                 return;
             }
             let delay = backoff.next_delay();
-            tracing::info!(delay_ms = delay.as_millis() as u64, "district broker: reconnecting after backoff");
+            tracing::info!(
+                delay_ms = delay.as_millis() as u64,
+                "district broker: reconnecting after backoff"
+            );
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
                 _ = self.stop.cancelled() => return,
@@ -264,7 +270,10 @@ impl Forwarder {
         for class in [CLASS_ALERT, CLASS_SUMMARY] {
             while c.inflight.len() < max {
                 let room = max - c.inflight.len();
-                let rows = match self.store.outbox_after(class, c.cursor[class as usize], room) {
+                let rows = match self
+                    .store
+                    .outbox_after(class, c.cursor[class as usize], room)
+                {
                     Ok(r) => r,
                     Err(e) => {
                         tracing::error!(error = %e, "forwarder: cannot read the outbox");
@@ -280,7 +289,10 @@ impl Forwarder {
                         continue;
                     }
                     let topic = self.topic(rec.topic.suffix());
-                    if c.client.try_publish(topic, QoS::AtLeastOnce, false, rec.payload).is_err() {
+                    if c.client
+                        .try_publish(topic, QoS::AtLeastOnce, false, rec.payload)
+                        .is_err()
+                    {
                         // Request queue full: step back and retry on the next event.
                         c.cursor[class as usize] = key.1.checked_sub(1);
                         return;
@@ -321,7 +333,10 @@ impl Forwarder {
             },
         };
         let payload = serde_json::to_vec(&hb).expect("heartbeat serializes");
-        if c.client.try_publish(self.topic("heartbeat"), QoS::AtLeastOnce, false, payload).is_ok() {
+        if c.client
+            .try_publish(self.topic("heartbeat"), QoS::AtLeastOnce, false, payload)
+            .is_ok()
+        {
             c.sent.push_back(Sent::Other);
             c.queued_at.push_back(Instant::now());
         }
@@ -329,10 +344,22 @@ impl Forwarder {
 
     /// Graceful stop: retained `offline` (a clean disconnect suppresses the will), then
     /// disconnect, bounded in time.
-    async fn goodbye(&self, c: &mut Conn, ev_rx: &mut mpsc::Receiver<Result<Event, rumqttc::ConnectionError>>) {
+    async fn goodbye(
+        &self,
+        c: &mut Conn,
+        ev_rx: &mut mpsc::Receiver<Result<Event, rumqttc::ConnectionError>>,
+    ) {
         c.status_pkid = None;
         c.status_acked = false;
-        if c.client.try_publish(self.topic("status"), QoS::AtLeastOnce, true, self.status_payload(false)).is_ok() {
+        if c.client
+            .try_publish(
+                self.topic("status"),
+                QoS::AtLeastOnce,
+                true,
+                self.status_payload(false),
+            )
+            .is_ok()
+        {
             c.sent.push_back(Sent::Status);
             c.queued_at.push_back(Instant::now());
         }

@@ -53,12 +53,17 @@ impl Ingest {
             opts.set_clean_session(false);
             opts.set_manual_acks(true);
             let (client, eventloop) = AsyncClient::new(opts, 4096);
-            let done = self.connection(client, eventloop, &mut intake, &mut backoff).await;
+            let done = self
+                .connection(client, eventloop, &mut intake, &mut backoff)
+                .await;
             if done {
                 return;
             }
             let delay = backoff.next_delay();
-            tracing::info!(delay_ms = delay.as_millis() as u64, "device broker: reconnecting after backoff");
+            tracing::info!(
+                delay_ms = delay.as_millis() as u64,
+                "device broker: reconnecting after backoff"
+            );
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
                 _ = self.stop.cancelled() => return,
@@ -112,8 +117,13 @@ impl Ingest {
             match polled {
                 Ok(Event::Incoming(Incoming::ConnAck(ack))) => {
                     backoff.reset();
-                    tracing::info!(session_present = ack.session_present, "device broker connected");
-                    let subs = topics.iter().map(|t| rumqttc::SubscribeFilter::new(t.clone(), QoS::AtLeastOnce));
+                    tracing::info!(
+                        session_present = ack.session_present,
+                        "device broker connected"
+                    );
+                    let subs = topics
+                        .iter()
+                        .map(|t| rumqttc::SubscribeFilter::new(t.clone(), QoS::AtLeastOnce));
                     if let Err(e) = client.try_subscribe_many(subs) {
                         tracing::warn!(error = %e, "device broker: cannot queue subscribe");
                     }
@@ -148,7 +158,10 @@ impl Ingest {
                 }
                 Ok(Event::Outgoing(Outgoing::Disconnect)) => break true,
                 Ok(Event::Incoming(Incoming::SubAck(s))) => {
-                    if s.return_codes.iter().any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure)) {
+                    if s.return_codes
+                        .iter()
+                        .any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure))
+                    {
                         tracing::error!(topics = ?topics, "device broker refused a subscription; check its ACL");
                     }
                 }

@@ -158,7 +158,10 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         tracing::warn!("shutdown: committer did not drain in time; uncommitted messages stay unacknowledged and will be redelivered");
     }
     if let Some(h) = ingest.as_mut() {
-        if tokio::time::timeout_at(deadline - Duration::from_millis(1700), h).await.is_err() {
+        if tokio::time::timeout_at(deadline - Duration::from_millis(1700), h)
+            .await
+            .is_err()
+        {
             tracing::warn!("shutdown: device input did not close in time");
         }
     }

@@ -35,7 +35,11 @@ fn load(path: Option<PathBuf>) -> Result<config::Config, ExitCode> {
         for p in &problems {
             eprintln!("{p}");
         }
-        eprintln!("{}: {} problem(s); nothing started", path.display(), problems.len());
+        eprintln!(
+            "{}: {} problem(s); nothing started",
+            path.display(),
+            problems.len()
+        );
         ExitCode::from(EX_CONFIG as u8)
     })
 }

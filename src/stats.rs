@@ -139,6 +139,11 @@ impl Stats {
     }
 
     pub fn recent_rejects(&self) -> Vec<RejectNote> {
-        self.recent_rejects.lock().expect("rejects lock").iter().cloned().collect()
+        self.recent_rejects
+            .lock()
+            .expect("rejects lock")
+            .iter()
+            .cloned()
+            .collect()
     }
 }

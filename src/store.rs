@@ -30,7 +30,9 @@ use crate::config::SubjectMode;
 use crate::core::engine::{Emit, Engine, Ledger, Outcome};
 use crate::core::event::{Event, Kind};
 use crate::core::summary::WindowState;
-use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, Table, TableDefinition};
+use redb::{
+    Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, Table, TableDefinition,
+};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -147,7 +149,10 @@ fn encode<T: Serialize>(v: &T) -> Vec<u8> {
     out
 }
 
-fn decode<T: for<'de> Deserialize<'de>>(table: &'static str, bytes: &[u8]) -> Result<T, StoreError> {
+fn decode<T: for<'de> Deserialize<'de>>(
+    table: &'static str,
+    bytes: &[u8],
+) -> Result<T, StoreError> {
     match bytes.split_first() {
         Some((&RECORD_V1, rest)) => {
             postcard::from_bytes(rest).map_err(|source| StoreError::Decode { table, source })
@@ -212,7 +217,10 @@ impl Store {
         let db = Database::builder()
             .set_cache_size(32 << 20)
             .set_repair_callback(|s| {
-                tracing::warn!(progress = s.progress(), "store: repairing after an unclean shutdown");
+                tracing::warn!(
+                    progress = s.progress(),
+                    "store: repairing after an unclean shutdown"
+                );
             })
             .create(&path)?;
         let mut txn = db.begin_write()?;
@@ -306,13 +314,18 @@ impl Store {
             if let Some(r) = maintain {
                 // apply() already closed due windows; maintenance also covers idle periods.
                 engine.close_due(&mut ledger, now_ms)?;
-                report.purged_dedup = ledger.purge_dedup(now_ms - r.dedup_ttl_ms as i64, r.purge_batch)?;
-                report.purged_events =
-                    ledger.purge_events(now_ms.saturating_sub(r.raw_retention_ms as i64).max(0) as u64, r.purge_batch)?;
+                report.purged_dedup =
+                    ledger.purge_dedup(now_ms - r.dedup_ttl_ms as i64, r.purge_batch)?;
+                report.purged_events = ledger.purge_events(
+                    now_ms.saturating_sub(r.raw_retention_ms as i64).max(0) as u64,
+                    r.purge_batch,
+                )?;
                 ledger.forget_windows(now_ms - r.forget_windows_before_ms as i64, r.purge_batch)?;
             }
             report.emitted = ledger.emitted;
-            ledger.meta.insert("next_seq", seq.to_le_bytes().as_slice())?;
+            ledger
+                .meta
+                .insert("next_seq", seq.to_le_bytes().as_slice())?;
         }
         txn.commit()?;
         *next_seq = seq;
@@ -321,11 +334,21 @@ impl Store {
 
     /// Whether a maintenance commit would do anything: a window is due, or rows have expired.
     /// A read transaction only, so an idle gateway does not write (flash wear).
-    pub fn maintenance_due(&self, engine: &Engine, r: &Retention, now_ms: i64) -> Result<bool, StoreError> {
+    pub fn maintenance_due(
+        &self,
+        engine: &Engine,
+        r: &Retention,
+        now_ms: i64,
+    ) -> Result<bool, StoreError> {
         let txn = self.db.begin_read()?;
         let w = engine.window;
         let due_start = now_ms - w.window_ms as i64 - w.grace_ms as i64;
-        if txn.open_table(OPEN_WINDOWS)?.range(..=due_start)?.next().is_some() {
+        if txn
+            .open_table(OPEN_WINDOWS)?
+            .range(..=due_start)?
+            .next()
+            .is_some()
+        {
             return Ok(true);
         }
         if txn
@@ -337,7 +360,12 @@ impl Store {
             return Ok(true);
         }
         let raw_cut = now_ms.saturating_sub(r.raw_retention_ms as i64).max(0) as u64;
-        if txn.open_table(EVENTS)?.range(..(raw_cut, 0))?.next().is_some() {
+        if txn
+            .open_table(EVENTS)?
+            .range(..(raw_cut, 0))?
+            .next()
+            .is_some()
+        {
             return Ok(true);
         }
         Ok(txn
@@ -369,7 +397,10 @@ impl Store {
     }
 
     /// Which of `keys` are still in the outbox.
-    pub fn outbox_contains(&self, keys: impl IntoIterator<Item = OutboxKey>) -> Result<Vec<OutboxKey>, StoreError> {
+    pub fn outbox_contains(
+        &self,
+        keys: impl IntoIterator<Item = OutboxKey>,
+    ) -> Result<Vec<OutboxKey>, StoreError> {
         let txn = self.db.begin_read()?;
         let t = txn.open_table(OUTBOX)?;
         let mut out = Vec::new();
@@ -385,7 +416,9 @@ impl Store {
     pub fn overview(&self) -> Result<Overview, StoreError> {
         let txn = self.db.begin_read()?;
         let outbox = txn.open_table(OUTBOX)?;
-        let pending_alerts = outbox.range((CLASS_ALERT, 0)..=(CLASS_ALERT, u64::MAX))?.count() as u64;
+        let pending_alerts = outbox
+            .range((CLASS_ALERT, 0)..=(CLASS_ALERT, u64::MAX))?
+            .count() as u64;
         let total = outbox.len()?;
         let mut oldest = None;
         for row in outbox.range((CLASS_SUMMARY, 0)..=(CLASS_SUMMARY, u64::MAX))? {
@@ -440,7 +473,10 @@ impl Store {
     }
 }
 
-fn read_u64<T: ReadableTable<&'static str, &'static [u8]>>(t: &T, key: &str) -> Result<u64, StoreError> {
+fn read_u64<T: ReadableTable<&'static str, &'static [u8]>>(
+    t: &T,
+    key: &str,
+) -> Result<u64, StoreError> {
     Ok(t.get(key)?
         .and_then(|v| v.value().try_into().ok().map(u64::from_le_bytes))
         .unwrap_or(0))
@@ -528,7 +564,12 @@ impl Ledger for TxLedger<'_, '_> {
         Ok(self.dedup.get(key)?.map(|v| v.value()))
     }
 
-    fn remember(&mut self, key: &str, now_ms: i64, previous: Option<i64>) -> Result<(), StoreError> {
+    fn remember(
+        &mut self,
+        key: &str,
+        now_ms: i64,
+        previous: Option<i64>,
+    ) -> Result<(), StoreError> {
         if let Some(p) = previous {
             self.dedup_by_time.remove((p, key))?;
         }
@@ -662,7 +703,10 @@ mod tests {
             let s = Store::open(dir.path(), SubjectMode::Hashed).unwrap();
             let (a, b) = (ev("a", now), ev("b", now));
             let r = s.commit(&en, &[&a, &b, &a], &[], now, None).unwrap();
-            assert_eq!(r.outcomes, vec![Outcome::Accepted, Outcome::Accepted, Outcome::Duplicate]);
+            assert_eq!(
+                r.outcomes,
+                vec![Outcome::Accepted, Outcome::Accepted, Outcome::Duplicate]
+            );
         }
         let s = Store::open(dir.path(), SubjectMode::Hashed).unwrap();
         let a = ev("a", now);

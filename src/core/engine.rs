@@ -36,7 +36,12 @@ pub trait Ledger {
     /// When the dedup key was first accepted, if it is held.
     fn first_seen(&mut self, key: &str) -> Result<Option<i64>, Self::Error>;
     /// Hold `key` as first accepted at `now_ms`, replacing an expired `previous` entry.
-    fn remember(&mut self, key: &str, now_ms: i64, previous: Option<i64>) -> Result<(), Self::Error>;
+    fn remember(
+        &mut self,
+        key: &str,
+        now_ms: i64,
+        previous: Option<i64>,
+    ) -> Result<(), Self::Error>;
     /// Keep the raw event (the ledger applies the privacy mode to its subject).
     fn record(&mut self, event: &Event, now_ms: i64) -> Result<(), Self::Error>;
     fn window(&mut self, start_ms: i64) -> Result<Option<WindowState>, Self::Error>;
@@ -68,7 +73,7 @@ impl Engine {
     }
 
     fn is_alert(&self, e: &Event) -> bool {
-        e.kind == Kind::Camera && self.alert_actions.iter().any(|a| *a == e.action)
+        e.kind == Kind::Camera && self.alert_actions.contains(&e.action)
     }
 
     /// Decide every event of a batch at time `now_ms`, then close the windows that are due.
@@ -125,8 +130,7 @@ impl Engine {
 
     /// Summarise (rev 0) every open window whose end + grace has passed. Returns how many.
     pub fn close_due<L: Ledger>(&self, ledger: &mut L, now_ms: i64) -> Result<usize, L::Error> {
-        let max_start =
-            now_ms - self.window.window_ms as i64 - self.window.grace_ms as i64;
+        let max_start = now_ms - self.window.window_ms as i64 - self.window.grace_ms as i64;
         let due = ledger.open_windows_until(max_start)?;
         let mut n = 0;
         for start in due {
@@ -169,7 +173,12 @@ impl Ledger for MemLedger {
     fn first_seen(&mut self, key: &str) -> Result<Option<i64>, Self::Error> {
         Ok(self.dedup.get(key).copied())
     }
-    fn remember(&mut self, key: &str, now_ms: i64, _previous: Option<i64>) -> Result<(), Self::Error> {
+    fn remember(
+        &mut self,
+        key: &str,
+        now_ms: i64,
+        _previous: Option<i64>,
+    ) -> Result<(), Self::Error> {
         self.dedup.insert(key.to_string(), now_ms);
         Ok(())
     }
@@ -235,11 +244,21 @@ mod tests {
     fn platform_view(outbox: &[Emit]) -> BTreeMap<i64, (u32, BTreeMap<String, u64>)> {
         let mut best: BTreeMap<i64, (u32, BTreeMap<String, u64>)> = BTreeMap::new();
         for e in outbox {
-            if let Emit::Summary { start_ms, rev, payload } = e {
+            if let Emit::Summary {
+                start_ms,
+                rev,
+                payload,
+            } = e
+            {
                 let v: serde_json::Value = serde_json::from_slice(payload).unwrap();
                 let mut counts = BTreeMap::new();
                 for c in v["counts"].as_array().unwrap() {
-                    let k = format!("{}/{}/{}", c["kind"].as_str().unwrap(), c["device"].as_str().unwrap(), c["action"].as_str().unwrap());
+                    let k = format!(
+                        "{}/{}/{}",
+                        c["kind"].as_str().unwrap(),
+                        c["device"].as_str().unwrap(),
+                        c["action"].as_str().unwrap()
+                    );
                     counts.insert(k, c["n"].as_u64().unwrap());
                 }
                 match best.get(start_ms) {
@@ -258,13 +277,22 @@ mod tests {
         let en = engine();
         let mut l = MemLedger::default();
         let t0 = 1_000_000;
-        en.apply(&mut l, &[ev(Kind::Access, "d1", "a", t0, "entry")], t0).unwrap();
+        en.apply(&mut l, &[ev(Kind::Access, "d1", "a", t0, "entry")], t0)
+            .unwrap();
         assert!(l.outbox.is_empty());
         en.close_due(&mut l, t0 + 12_000).unwrap();
         assert_eq!(l.outbox.len(), 1);
-        en.apply(&mut l, &[ev(Kind::Access, "d1", "b", t0 + 1, "entry")], t0 + 20_000).unwrap();
+        en.apply(
+            &mut l,
+            &[ev(Kind::Access, "d1", "b", t0 + 1, "entry")],
+            t0 + 20_000,
+        )
+        .unwrap();
         let view = platform_view(&l.outbox);
-        assert_eq!(view[&t0], (1, BTreeMap::from([("access/d1/entry".to_string(), 2)])));
+        assert_eq!(
+            view[&t0],
+            (1, BTreeMap::from([("access/d1/entry".to_string(), 2)]))
+        );
     }
 
     #[test]
@@ -272,10 +300,21 @@ mod tests {
         let en = engine();
         let mut l = MemLedger::default();
         let out = en
-            .apply(&mut l, &[ev(Kind::Camera, "c1", "x", 5_000, "fire_lane_blocked"), ev(Kind::Camera, "c1", "y", 5_000, "stranger")], 5_000)
+            .apply(
+                &mut l,
+                &[
+                    ev(Kind::Camera, "c1", "x", 5_000, "fire_lane_blocked"),
+                    ev(Kind::Camera, "c1", "y", 5_000, "stranger"),
+                ],
+                5_000,
+            )
             .unwrap();
         assert_eq!(out, vec![Outcome::Accepted, Outcome::Accepted]);
-        let alerts: Vec<_> = l.outbox.iter().filter(|e| matches!(e, Emit::Alert { .. })).collect();
+        let alerts: Vec<_> = l
+            .outbox
+            .iter()
+            .filter(|e| matches!(e, Emit::Alert { .. }))
+            .collect();
         assert_eq!(alerts.len(), 1);
         if let Emit::Alert { payload } = alerts[0] {
             let text = String::from_utf8_lossy(payload);

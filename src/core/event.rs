@@ -166,10 +166,7 @@ pub fn parse_topic(topic: &str) -> Result<(Kind, &str), Reject> {
 /// Parse an RFC 3339 timestamp with offset, or integer Unix milliseconds.
 pub fn parse_ts(v: &Value) -> Result<i64, Reject> {
     match v {
-        Value::Number(n) => n
-            .as_i64()
-            .filter(|ms| *ms >= 0)
-            .ok_or(Reject::InvalidTs),
+        Value::Number(n) => n.as_i64().filter(|ms| *ms >= 0).ok_or(Reject::InvalidTs),
         Value::String(s) => {
             let t = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
                 .map_err(|_| Reject::InvalidTs)?;
@@ -260,7 +257,11 @@ mod tests {
 
     #[test]
     fn defaults_and_integer_ts() {
-        let e = p("zhian/camera/cam.1", r#"{"id":"x","ts":1764288001123,"action":"stranger"}"#).unwrap();
+        let e = p(
+            "zhian/camera/cam.1",
+            r#"{"id":"x","ts":1764288001123,"action":"stranger"}"#,
+        )
+        .unwrap();
         assert_eq!(e.result, "ok");
         assert_eq!(e.ts_ms, 1_764_288_001_123);
         assert_eq!(e.subject, None);
@@ -269,35 +270,102 @@ mod tests {
     #[test]
     fn every_reject_class() {
         let ok = r#"{"id":"x","ts":1,"action":"entry"}"#;
-        let big = format!(r#"{{"id":"x","ts":1,"action":"entry","pad":"{}"}}"#, "a".repeat(MAX_PAYLOAD));
-        assert_eq!(parse("zhian/access/d", big.as_bytes()), Err(Reject::TooLarge));
-        assert_eq!(parse("zhian/access/d", b"\xff\xfe"), Err(Reject::InvalidUtf8));
+        let big = format!(
+            r#"{{"id":"x","ts":1,"action":"entry","pad":"{}"}}"#,
+            "a".repeat(MAX_PAYLOAD)
+        );
+        assert_eq!(
+            parse("zhian/access/d", big.as_bytes()),
+            Err(Reject::TooLarge)
+        );
+        assert_eq!(
+            parse("zhian/access/d", b"\xff\xfe"),
+            Err(Reject::InvalidUtf8)
+        );
         assert_eq!(p("zhian/access/d", "[1]"), Err(Reject::InvalidJson));
         assert_eq!(p("zhian/access/d", "{"), Err(Reject::InvalidJson));
         assert_eq!(p("zhian/door/d", ok), Err(Reject::InvalidTopic));
         assert_eq!(p("zhian/access/d d", ok), Err(Reject::InvalidTopic));
         assert_eq!(p("access", ok), Err(Reject::InvalidTopic));
-        assert_eq!(p("zhian/access/d", r#"{"ts":1,"action":"entry"}"#), Err(Reject::InvalidId));
-        assert_eq!(p("zhian/access/d", r#"{"id":"","ts":1,"action":"entry"}"#), Err(Reject::InvalidId));
+        assert_eq!(
+            p("zhian/access/d", r#"{"ts":1,"action":"entry"}"#),
+            Err(Reject::InvalidId)
+        );
+        assert_eq!(
+            p("zhian/access/d", r#"{"id":"","ts":1,"action":"entry"}"#),
+            Err(Reject::InvalidId)
+        );
         let long_id = format!(r#"{{"id":"{}","ts":1,"action":"entry"}}"#, "i".repeat(129));
         assert_eq!(p("zhian/access/d", &long_id), Err(Reject::InvalidId));
-        assert_eq!(p("zhian/access/d", r#"{"id":"x","action":"entry"}"#), Err(Reject::InvalidTs));
-        assert_eq!(p("zhian/access/d", r#"{"id":"x","ts":"2026-11-28T08:00:01","action":"entry"}"#), Err(Reject::InvalidTs));
-        assert_eq!(p("zhian/access/d", r#"{"id":"x","ts":-5,"action":"entry"}"#), Err(Reject::InvalidTs));
-        assert_eq!(p("zhian/access/d", r#"{"id":"x","ts":1,"action":"Entry"}"#), Err(Reject::InvalidAction));
-        assert_eq!(p("zhian/access/d", r#"{"id":"x","ts":1,"action":"entry","result":"OK!"}"#), Err(Reject::InvalidResult));
-        assert_eq!(p("zhian/access/d", r#"{"id":"x","ts":1,"action":"entry","subject":7}"#), Err(Reject::InvalidSubject));
-        assert_eq!(p("zhian/access/d", r#"{"id":"x","ts":1,"action":"entry","kind":"camera"}"#), Err(Reject::TopicMismatch));
-        assert_eq!(p("zhian/access/d", r#"{"id":"x","ts":1,"action":"entry","device":"e"}"#), Err(Reject::TopicMismatch));
-        assert!(p("zhian/access/d", r#"{"id":"x","ts":1,"action":"entry","device":"d","kind":"access"}"#).is_ok());
+        assert_eq!(
+            p("zhian/access/d", r#"{"id":"x","action":"entry"}"#),
+            Err(Reject::InvalidTs)
+        );
+        assert_eq!(
+            p(
+                "zhian/access/d",
+                r#"{"id":"x","ts":"2026-11-28T08:00:01","action":"entry"}"#
+            ),
+            Err(Reject::InvalidTs)
+        );
+        assert_eq!(
+            p("zhian/access/d", r#"{"id":"x","ts":-5,"action":"entry"}"#),
+            Err(Reject::InvalidTs)
+        );
+        assert_eq!(
+            p("zhian/access/d", r#"{"id":"x","ts":1,"action":"Entry"}"#),
+            Err(Reject::InvalidAction)
+        );
+        assert_eq!(
+            p(
+                "zhian/access/d",
+                r#"{"id":"x","ts":1,"action":"entry","result":"OK!"}"#
+            ),
+            Err(Reject::InvalidResult)
+        );
+        assert_eq!(
+            p(
+                "zhian/access/d",
+                r#"{"id":"x","ts":1,"action":"entry","subject":7}"#
+            ),
+            Err(Reject::InvalidSubject)
+        );
+        assert_eq!(
+            p(
+                "zhian/access/d",
+                r#"{"id":"x","ts":1,"action":"entry","kind":"camera"}"#
+            ),
+            Err(Reject::TopicMismatch)
+        );
+        assert_eq!(
+            p(
+                "zhian/access/d",
+                r#"{"id":"x","ts":1,"action":"entry","device":"e"}"#
+            ),
+            Err(Reject::TopicMismatch)
+        );
+        assert!(p(
+            "zhian/access/d",
+            r#"{"id":"x","ts":1,"action":"entry","device":"d","kind":"access"}"#
+        )
+        .is_ok());
     }
 
     #[test]
     fn dedup_key_is_unambiguous() {
         // Devices cannot hold NUL, so the id (which can) always starts after the second one.
         assert!(!valid_device("a\0b"));
-        assert_ne!(dedup_key(Kind::Access, "a", "b\0c"), dedup_key(Kind::Access, "a", "b\0d"));
-        assert_ne!(dedup_key(Kind::Access, "a.b", "c"), dedup_key(Kind::Access, "a", "b.c"));
-        assert_ne!(dedup_key(Kind::Access, "d", "1"), dedup_key(Kind::Camera, "d", "1"));
+        assert_ne!(
+            dedup_key(Kind::Access, "a", "b\0c"),
+            dedup_key(Kind::Access, "a", "b\0d")
+        );
+        assert_ne!(
+            dedup_key(Kind::Access, "a.b", "c"),
+            dedup_key(Kind::Access, "a", "b.c")
+        );
+        assert_ne!(
+            dedup_key(Kind::Access, "d", "1"),
+            dedup_key(Kind::Camera, "d", "1")
+        );
     }
 }

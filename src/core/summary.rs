@@ -197,13 +197,19 @@ mod tests {
             district: Some("富阳区".into()),
             ..Site::default()
         };
-        let v: serde_json::Value = serde_json::from_slice(&summary_json("gw", &site, &w, 2)).unwrap();
+        let v: serde_json::Value =
+            serde_json::from_slice(&summary_json("gw", &site, &w, 2)).unwrap();
         assert_eq!(v["schema"], "zhian.summary.v1");
         assert_eq!(v["window"]["start"], "2025-11-28T00:00:00Z");
         assert_eq!(v["window"]["secs"], 60);
         assert_eq!(v["rev"], 2);
         assert_eq!(v["site"]["district"], "富阳区");
-        let devs: Vec<_> = v["counts"].as_array().unwrap().iter().map(|c| c["device"].as_str().unwrap().to_string()).collect();
+        let devs: Vec<_> = v["counts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["device"].as_str().unwrap().to_string())
+            .collect();
         assert_eq!(devs, ["door-1", "door-3", "gate-1"]);
         assert_eq!(v["counts"][1]["n"], 42);
     }

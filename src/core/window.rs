@@ -73,7 +73,10 @@ mod tests {
         assert_eq!(CFG.check_time(now - 86_400_001, now), Err(Reject::TooLate));
         assert_eq!(CFG.check_time(now - 86_400_000, now), Ok(()));
         assert_eq!(CFG.check_time(now + 300_000, now), Ok(()));
-        assert_eq!(CFG.check_time(now + 300_001, now), Err(Reject::TooFarFuture));
+        assert_eq!(
+            CFG.check_time(now + 300_001, now),
+            Err(Reject::TooFarFuture)
+        );
     }
 
     proptest! {
