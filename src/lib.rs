@@ -29,7 +29,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 /// Version and target triple, for `--version` and the heartbeat.
-pub const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (", env!("ZHIAN_TARGET"), ")");
+pub const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (", env!("BUILD_TARGET_TRIPLE"), ")");
 
 /// Everything after SIGTERM must finish within this (the contract allows 5 s).
 pub const SHUTDOWN_BUDGET: Duration = Duration::from_millis(4500);

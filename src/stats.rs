@@ -79,6 +79,9 @@ pub struct CounterSnapshot {
     pub duplicate: u64,
     pub rejected: u64,
     pub rejected_by_reason: BTreeMap<&'static str, u64>,
+    /// Store write transactions, and their mean duration (fsync included).
+    pub commits: u64,
+    pub commit_avg_us: u64,
 }
 
 impl Stats {
@@ -120,6 +123,7 @@ impl Stats {
     }
 
     pub fn counters(&self) -> CounterSnapshot {
+        let commits = self.commits.load(Relaxed);
         let rejected_by_reason: BTreeMap<_, _> = Reject::ALL
             .iter()
             .map(|r| (r.as_str(), self.rejected_of(*r)))
@@ -131,6 +135,8 @@ impl Stats {
             duplicate: Kind::ALL.iter().map(|k| self.duplicate_of(*k)).sum(),
             rejected: rejected_by_reason.values().sum(),
             rejected_by_reason,
+            commits,
+            commit_avg_us: self.commit_micros_total.load(Relaxed) / commits.max(1),
         }
     }
 
