@@ -162,7 +162,9 @@ fn gateway(dir: &Path, work: &[Vec<(String, Vec<u8>)>], n: usize, extra_store: &
     let mut child = cmd.spawn().expect("start daemon");
     let pid = child.id();
     assert!(
-        common::wait_until(Duration::from_secs(20), || upstream.latest_heartbeat().is_some()),
+        common::wait_until(Duration::from_secs(20), || upstream
+            .latest_heartbeat()
+            .is_some()),
         "no heartbeat from the daemon; log: {}",
         common::tail(&log, 30)
     );

@@ -7,10 +7,11 @@
 use crate::core::engine::{Engine, Outcome};
 use crate::core::event::{Event, Reject};
 use crate::stats::Stats;
-use crate::store::{OutboxKey, Retention, Store};
+use crate::store::{OutboxKey, Retention, Store, StoreError};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
 use tokio::sync::Notify;
 
 /// Called once the message's outcome is committed (for MQTT: sends the PUBACK).
@@ -71,8 +72,13 @@ pub struct Committer {
 }
 
 impl Committer {
-    /// Run until every intake sender is gone and the channel is drained.
-    pub fn run(self) {
+    /// Run until every intake sender is gone and drained, and the forwarder has closed its
+    /// PUBACK channel (so acknowledgements received during shutdown are not lost).
+    ///
+    /// A store error is fatal: redb refuses every later transaction after an I/O error until
+    /// the file is reopened, so the daemon exits (non-zero) and systemd restarts it; reopening
+    /// repairs the file. Nothing in the failed batch was acknowledged, so nothing is lost.
+    pub fn run(self) -> Result<(), StoreError> {
         let mut next_tick = Instant::now();
         let mut batch: Vec<Intake> = Vec::with_capacity(self.cfg.batch_max);
         let mut acked: Vec<OutboxKey> = Vec::new();
@@ -103,15 +109,32 @@ impl Committer {
                 next_tick = Instant::now() + self.cfg.tick;
             }
             if !batch.is_empty() || !acked.is_empty() || tick {
-                self.commit(&mut batch, &mut acked, tick);
+                self.commit(&mut batch, &mut acked, tick)?;
             }
             if closing && batch.is_empty() && self.intake.is_empty() {
-                acked.extend(self.acked.try_iter());
-                if !acked.is_empty() {
-                    self.commit(&mut batch, &mut acked, false);
-                }
                 tracing::debug!("committer: intake closed and drained");
-                return;
+                return self.finish_acked(acked);
+            }
+        }
+    }
+
+    /// After the intake closed: delete what the forwarder still reports PUBACKed until it is gone.
+    fn finish_acked(&self, mut acked: Vec<OutboxKey>) -> Result<(), StoreError> {
+        loop {
+            match self.acked.recv_timeout(self.cfg.tick) {
+                Ok(k) => acked.push(k),
+                Err(flume::RecvTimeoutError::Timeout) => {}
+                Err(flume::RecvTimeoutError::Disconnected) => {
+                    acked.extend(self.acked.try_iter());
+                    if !acked.is_empty() {
+                        self.commit(&mut Vec::new(), &mut acked, false)?;
+                    }
+                    return Ok(());
+                }
+            }
+            acked.extend(self.acked.try_iter());
+            if !acked.is_empty() {
+                self.commit(&mut Vec::new(), &mut acked, false)?;
             }
         }
     }
@@ -139,8 +162,14 @@ impl Committer {
         false
     }
 
-    /// Commit one batch; on a store error keep everything and retry, acknowledging nothing.
-    fn commit(&self, batch: &mut Vec<Intake>, acked: &mut Vec<OutboxKey>, tick: bool) {
+    /// Commit one batch, then acknowledge its messages in order. On a store error nothing is
+    /// acknowledged and the error is returned.
+    fn commit(
+        &self,
+        batch: &mut Vec<Intake>,
+        acked: &mut Vec<OutboxKey>,
+        tick: bool,
+    ) -> Result<(), StoreError> {
         let events: Vec<&Event> = batch
             .iter()
             .filter_map(|i| match i {
@@ -244,5 +273,6 @@ impl Committer {
                 .store_bytes
                 .store(self.store.file_bytes(), Relaxed);
         }
+        Ok(())
     }
 }

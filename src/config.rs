@@ -599,6 +599,15 @@ pub fn validate(c: &Config) -> Vec<Problem> {
     if c.dedup.ttl.0 < Duration::from_secs(1) {
         p.push(problem("dedup.ttl", "at least 1s"));
     }
+    if c.dedup.ttl < c.aggregate.max_lateness {
+        p.push(problem(
+            "dedup.ttl",
+            format!(
+                "must be at least aggregate.max_lateness ({}): a message redelivered after its dedup key expired but still within max_lateness would count twice",
+                humantime::format_duration(c.aggregate.max_lateness.0)
+            ),
+        ));
+    }
     if c.dedup.purge_batch == 0 {
         p.push(problem("dedup.purge_batch", "at least 1"));
     }
@@ -650,6 +659,12 @@ pub fn validate(c: &Config) -> Vec<Problem> {
             "upstream.client_key",
             c.upstream.client_key.as_deref(),
         );
+        if c.upstream.client_cert.is_some() && c.upstream.ca_file.is_none() {
+            p.push(problem(
+                "upstream.client_cert",
+                "mutual TLS needs upstream.ca_file (the district CA) as well",
+            ));
+        }
         if c.upstream.client_cert.is_some() != c.upstream.client_key.is_some() {
             p.push(problem(
                 "upstream.client_key",
@@ -806,6 +821,12 @@ mod tests {
         assert!(keys.contains(&"gateway.id"), "{keys:?}");
         assert!(keys.contains(&"upstream.url"), "{keys:?}");
         assert!(keys.contains(&"aggregate.grace"), "{keys:?}");
+    }
+
+    #[test]
+    fn dedup_must_outlive_lateness() {
+        let e = load_str("[gateway]\nid = \"gw-1\"\n[dedup]\nttl = \"1h\"\n", &[]).unwrap_err();
+        assert_eq!(e[0].key, "dedup.ttl", "{e:?}");
     }
 
     #[test]

@@ -79,6 +79,16 @@ struct Dropped {
     alerts: u64,
 }
 
+/// Above this many remembered PUBACKed keys, drop the ones the committer already deleted.
+const ACKED_PRUNE_AT: usize = 4096;
+
+/// Keep only the PUBACKed keys still in the outbox (the rest were deleted by the committer).
+fn prune(store: &Store, acked_local: &mut BTreeSet<OutboxKey>) {
+    if let Ok(still) = store.outbox_contains(acked_local.iter().copied()) {
+        *acked_local = still.into_iter().collect();
+    }
+}
+
 /// A device is online if it reported within this long (MQTT devices have no other liveness).
 pub const DEVICE_ONLINE_WITHIN_MS: i64 = 15 * 60 * 1000;
 
@@ -145,26 +155,17 @@ impl Forwarder {
                 client_key: u.client_key.as_deref(),
                 keep_alive: u.keep_alive.0,
             };
-            let mut opts = match options(&settings, "upstream") {
-                Ok(o) => o,
+            let finished = match options(&settings, "upstream") {
+                Ok(opts) => {
+                    self.connect_once(opts, &mut acked_local, &mut backoff)
+                        .await
+                }
+                // E.g. a certificate being rotated: try again, never give up the link.
                 Err(e) => {
-                    tracing::error!(error = %e, "forwarder cannot start");
-                    return;
+                    tracing::error!(error = %e, "district broker: cannot set up the connection");
+                    false
                 }
             };
-            opts.set_clean_session(true);
-            opts.set_inflight(u.max_inflight.saturating_add(8));
-            opts.set_last_will(LastWill::new(
-                self.topic("status"),
-                self.status_payload(false),
-                QoS::AtLeastOnce,
-                true,
-            ));
-            // Prune the skip-set to what is still in the store.
-            if let Ok(still) = self.store.outbox_contains(acked_local.iter().copied()) {
-                acked_local = still.into_iter().collect();
-            }
-            let finished = self.connection(opts, &mut acked_local, &mut backoff).await;
             self.stats.upstream_connected.store(false, Relaxed);
             if finished {
                 return;
@@ -179,6 +180,27 @@ impl Forwarder {
                 _ = self.stop.cancelled() => return,
             }
         }
+    }
+
+    async fn connect_once(
+        &self,
+        mut opts: rumqttc::MqttOptions,
+        acked_local: &mut BTreeSet<OutboxKey>,
+        backoff: &mut Backoff,
+    ) -> bool {
+        let u = &self.cfg.upstream;
+        {
+            opts.set_clean_session(true);
+            opts.set_inflight(u.max_inflight.saturating_add(8));
+            opts.set_last_will(LastWill::new(
+                self.topic("status"),
+                self.status_payload(false),
+                QoS::AtLeastOnce,
+                true,
+            ));
+            prune(&self.store, acked_local);
+        }
+        self.connection(opts, acked_local, backoff).await
     }
 
     /// One connection. Returns true when shut down.
@@ -213,6 +235,8 @@ impl Forwarder {
             status_acked: false,
         };
         let mut connected = false;
+        // A safety net: refill once a second even if a wake-up was missed.
+        let mut refill = tokio::time::interval(Duration::from_secs(1));
         let mut heartbeat = tokio::time::interval(self.cfg.upstream.heartbeat.0);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let finished = loop {
@@ -252,6 +276,12 @@ impl Forwarder {
                 },
                 _ = self.outbox_ready.notified(), if connected => self.fill(&mut c, acked_local),
                 _ = heartbeat.tick(), if connected => self.heartbeat(&mut c),
+                _ = refill.tick(), if connected => {
+                    if acked_local.len() > ACKED_PRUNE_AT {
+                        prune(&self.store, acked_local);
+                    }
+                    self.fill(&mut c, acked_local);
+                }
                 _ = self.stop.cancelled() => {
                     if connected {
                         self.goodbye(&mut c, &mut ev_rx).await;

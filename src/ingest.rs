@@ -135,9 +135,11 @@ impl Ingest {
                     };
                     let ack = (p.qos != QoS::AtMostOnce).then(|| {
                         let acks = acks.clone();
-                        let p = p.clone();
+                        // An ack needs only the packet id and QoS: do not hold the payload.
+                        let mut slim = rumqttc::Publish::new("", p.qos, Vec::new());
+                        slim.pkid = p.pkid;
                         Ack::new(move || {
-                            let _ = acks.send(p);
+                            let _ = acks.send(slim);
                         })
                     });
                     let item = match event::parse(&p.topic, &p.payload) {

@@ -29,7 +29,12 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 /// Version and target triple, for `--version` and the heartbeat.
-pub const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (", env!("BUILD_TARGET_TRIPLE"), ")");
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (",
+    env!("BUILD_TARGET_TRIPLE"),
+    ")"
+);
 
 /// Everything after SIGTERM must finish within this (the contract allows 5 s).
 pub const SHUTDOWN_BUDGET: Duration = Duration::from_millis(4500);
@@ -101,7 +106,6 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
                 dedup_ttl_ms: cfg.dedup.ttl.as_millis_u64(),
                 raw_retention_ms: cfg.store.raw_retention.as_millis_u64(),
                 purge_batch: cfg.dedup.purge_batch as usize,
-                forget_windows_before_ms: cfg.aggregate.max_lateness.as_millis_u64() + 3_600_000,
             },
         },
         intake: intake_rx,
@@ -124,7 +128,9 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
             .run(),
         )
     });
-    drop(intake_tx);
+    // Held until shutdown so the committer keeps running (closing windows, deleting PUBACKed
+    // entries) even with no input enabled.
+    let intake_keepalive = intake_tx;
     let mut forwarder = cfg.upstream.enabled.then(|| {
         tokio::spawn(
             forwarder::Forwarder {
@@ -141,34 +147,43 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     tracing::info!(gateway = %cfg.gateway.id, version = VERSION, "zhian-gateway running");
 
     let mut result = Ok(());
+    let mut committer_done = false;
     tokio::select! {
         _ = shutdown => tracing::info!("shutdown requested"),
-        _ = &mut committer => {
-            tracing::error!("committer stopped unexpectedly");
-            result = Err(RunError::TaskDied("committer"));
+        r = &mut committer => {
+            committer_done = true;
+            result = match r {
+                Ok(Err(e)) => Err(RunError::Store(e)),
+                _ => Err(RunError::TaskDied("committer")),
+            };
+            tracing::error!("committer stopped; shutting down");
         }
     }
-    // Ordered, time-bounded shutdown.
+    // Ordered, time-bounded shutdown: stop taking messages and say goodbye upstream; the
+    // committer commits what was accepted (and the PUBACKs the forwarder saw), then acks go out
+    // and the device connection closes.
     let deadline = tokio::time::Instant::now() + SHUTDOWN_BUDGET;
     intake_stop.cancel();
-    if tokio::time::timeout_at(deadline - Duration::from_millis(2000), &mut committer)
-        .await
-        .is_err()
-    {
-        tracing::warn!("shutdown: committer did not drain in time; uncommitted messages stay unacknowledged and will be redelivered");
-    }
-    if let Some(h) = ingest.as_mut() {
-        if tokio::time::timeout_at(deadline - Duration::from_millis(1700), h)
+    upstream_stop.cancel();
+    drop(intake_keepalive);
+    if let Some(h) = forwarder.as_mut() {
+        if tokio::time::timeout_at(deadline - Duration::from_millis(2000), h)
             .await
             .is_err()
         {
-            tracing::warn!("shutdown: device input did not close in time");
+            tracing::warn!("shutdown: district link did not close in time");
         }
     }
-    upstream_stop.cancel();
-    if let Some(h) = forwarder.as_mut() {
+    if !committer_done {
+        match tokio::time::timeout_at(deadline - Duration::from_millis(700), &mut committer).await {
+            Ok(Ok(Err(e))) => result = Err(RunError::Store(e)),
+            Ok(_) => {}
+            Err(_) => tracing::warn!("shutdown: committer did not drain in time; uncommitted messages stay unacknowledged and will be redelivered"),
+        }
+    }
+    if let Some(h) = ingest.as_mut() {
         if tokio::time::timeout_at(deadline, h).await.is_err() {
-            tracing::warn!("shutdown: district link did not close in time");
+            tracing::warn!("shutdown: device input did not close in time");
         }
     }
     tracing::info!("zhian-gateway stopped");

@@ -71,7 +71,10 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match rt.block_on(zhian_gateway::run(cfg, shutdown_signal())) {
+            let result = rt.block_on(zhian_gateway::run(cfg, shutdown_signal()));
+            // Do not wait for a blocking thread stuck on a dead disk: the 5 s budget is spent.
+            rt.shutdown_timeout(std::time::Duration::from_millis(300));
+            match result {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!(error = %e, "zhian-gateway failed");

@@ -66,7 +66,7 @@ pub enum StoreError {
         table: &'static str,
         source: postcard::Error,
     },
-    #[error("store: written by a newer zhian-gateway (format {0}, this build reads {FORMAT})")]
+    #[error("store: format {0:#x} is not the one this build reads ({FORMAT}); use the zhian-gateway that wrote it, or move the data dir aside")]
     Format(u32),
     #[error("store: cannot read random bytes for the subject key: {0}")]
     Random(String),
@@ -169,8 +169,6 @@ pub struct Retention {
     pub raw_retention_ms: u64,
     /// Most rows of each kind deleted per maintenance pass.
     pub purge_batch: usize,
-    /// Windows starting before this offset from now are forgotten.
-    pub forget_windows_before_ms: u64,
 }
 
 /// What one commit did.
@@ -227,11 +225,15 @@ impl Store {
         txn.set_quick_repair(true);
         let (subject_key, next_seq) = {
             let mut meta = txn.open_table(META)?;
-            if let Some(f) = meta.get("format")? {
-                let v = u32::from_le_bytes(f.value().try_into().unwrap_or([0; 4]));
-                if v > FORMAT {
-                    return Err(StoreError::Format(v));
-                }
+            let format: Option<Result<u32, usize>> = meta.get("format")?.map(|f| {
+                let v = f.value();
+                v.try_into().map(u32::from_le_bytes).map_err(|_| v.len())
+            });
+            match format {
+                None => {}
+                Some(Ok(v)) if v == FORMAT => {}
+                Some(Ok(v)) => return Err(StoreError::Format(v)),
+                Some(Err(len)) => return Err(StoreError::Format(len as u32 | 0x8000_0000)),
             }
             meta.insert("format", FORMAT.to_le_bytes().as_slice())?;
             let existing: Option<[u8; 32]> = meta
@@ -320,7 +322,7 @@ impl Store {
                     now_ms.saturating_sub(r.raw_retention_ms as i64).max(0) as u64,
                     r.purge_batch,
                 )?;
-                ledger.forget_windows(now_ms - r.forget_windows_before_ms as i64, r.purge_batch)?;
+                ledger.forget_windows(engine.window.forget_before(now_ms), r.purge_batch)?;
             }
             report.emitted = ledger.emitted;
             ledger
@@ -368,11 +370,14 @@ impl Store {
         {
             return Ok(true);
         }
-        Ok(txn
-            .open_table(WINDOWS)?
-            .range(..(now_ms - r.forget_windows_before_ms as i64))?
-            .next()
-            .is_some())
+        let forget = engine.window.forget_before(now_ms);
+        let open = txn.open_table(OPEN_WINDOWS)?;
+        for row in txn.open_table(WINDOWS)?.range(..forget)? {
+            if open.get(row?.0.value())?.is_none() {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
     /// Up to `limit` outbox entries of `class` after `after` (exclusive), in order.
@@ -540,18 +545,22 @@ impl TxLedger<'_, '_> {
         Ok(doomed.len())
     }
 
+    /// Forget summarised windows that start before `before_ms`. Open windows are never
+    /// forgotten: they are summarised first.
     fn forget_windows(&mut self, before_ms: i64, limit: usize) -> Result<usize, StoreError> {
         let mut doomed = Vec::new();
         for row in self.windows.range(..before_ms)? {
             let (k, _) = row?;
-            doomed.push(k.value());
-            if doomed.len() >= limit {
-                break;
+            let start = k.value();
+            if self.open.get(start)?.is_none() {
+                doomed.push(start);
+                if doomed.len() >= limit {
+                    break;
+                }
             }
         }
         for k in &doomed {
             self.windows.remove(*k)?;
-            self.open.remove(*k)?;
         }
         Ok(doomed.len())
     }
@@ -743,7 +752,6 @@ mod tests {
             dedup_ttl_ms: 600_000,
             raw_retention_ms: 1_000,
             purge_batch: 20,
-            forget_windows_before_ms: 3_600_000 * 2,
         };
         let later = now + 700_000;
         let r = s.commit(&en, &[], &[], later, Some(&ret)).unwrap();

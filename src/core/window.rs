@@ -39,10 +39,11 @@ impl WindowCfg {
         }
     }
 
-    /// Windows ending before this can receive no accepted event any more and may be forgotten.
-    /// One extra hour of margin covers a wall clock stepped back by NTP.
+    /// Windows starting before this can hold no event that is still accepted (the oldest
+    /// accepted ts is `now - max_lateness`, whose window starts up to one window earlier), so
+    /// once summarised they may be forgotten. One extra hour covers a clock stepped back by NTP.
     pub fn forget_before(&self, now_ms: i64) -> i64 {
-        now_ms - self.max_lateness_ms as i64 - 3_600_000
+        now_ms - self.max_lateness_ms as i64 - self.window_ms as i64 - 3_600_000
     }
 }
 
@@ -80,6 +81,19 @@ mod tests {
     }
 
     proptest! {
+        #[test]
+        fn forgotten_windows_cannot_receive_events(
+            now in 100_000_000_000i64..200_000_000_000,
+            w in 1u64..86_400,
+            late in 1u64..86_400 * 7,
+            back in 0u64..86_400 * 7,
+        ) {
+            let cfg = WindowCfg { window_ms: w * 1000, max_lateness_ms: late * 1000, ..CFG };
+            // The oldest event still accepted lands in a window at or after the cutoff.
+            let oldest = now - (back.min(late) * 1000) as i64;
+            prop_assert!(cfg.start_of(oldest) >= cfg.forget_before(now));
+        }
+
         #[test]
         fn start_contains_ts(ts in 0i64..4_000_000_000_000, w in 1u64..86_400) {
             let cfg = WindowCfg { window_ms: w * 1000, ..CFG };
