@@ -4,10 +4,10 @@
 //! It runs on a blocking thread (redb and fsync are synchronous) and takes work from one bounded
 //! channel, so a slow disk slows the inputs down instead of growing memory.
 
-use crate::core::engine::{Engine, Outcome};
+use crate::core::engine::{CounterReading, Engine, Input, Outcome};
 use crate::core::event::{Event, Reject};
 use crate::stats::Stats;
-use crate::store::{OutboxKey, Retention, Store, StoreError};
+use crate::store::{OutboxKey, Pressure, Retention, StateUpdate, Store, StoreError};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -33,12 +33,19 @@ pub enum Intake {
         topic: String,
         ack: Option<Ack>,
     },
+    /// One Modbus poll's values that changed (or were read for the first time since start):
+    /// counters become counts, states are kept, all in the batch's transaction.
+    Reading {
+        counters: Vec<CounterReading>,
+        states: Vec<StateUpdate>,
+    },
 }
 
 impl Intake {
     fn take_ack(&mut self) -> Option<Ack> {
         match self {
             Intake::Event { ack, .. } | Intake::Rejected { ack, .. } => ack.take(),
+            Intake::Reading { .. } => None,
         }
     }
 }
@@ -50,6 +57,8 @@ pub struct CommitterCfg {
     /// How often idle maintenance (closing due windows, purges) is considered.
     pub tick: Duration,
     pub retention: Retention,
+    /// `store.max_size` in bytes.
+    pub max_bytes: u64,
 }
 
 pub fn now_ms() -> i64 {
@@ -170,60 +179,64 @@ impl Committer {
         acked: &mut Vec<OutboxKey>,
         tick: bool,
     ) -> Result<(), StoreError> {
-        let events: Vec<&Event> = batch
-            .iter()
-            .filter_map(|i| match i {
-                Intake::Event { event, .. } => Some(event),
-                Intake::Rejected { .. } => None,
-            })
-            .collect();
-        let mut attempt = 0u32;
-        let report = loop {
-            let now = now_ms();
-            let maintain = tick
-                && match self
-                    .store
-                    .maintenance_due(&self.engine, &self.cfg.retention, now)
-                {
-                    Ok(due) => due,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "committer: maintenance check failed");
-                        false
-                    }
-                };
-            if events.is_empty() && acked.is_empty() && !maintain {
-                // Only rejects (or nothing): nothing to write.
-                break None;
+        let mut retention = self.cfg.retention;
+        if tick {
+            let file = self.store.file_bytes();
+            let last = self.stats.store_bytes.swap(file, Relaxed);
+            retention.pressure = Pressure::of(file, last, self.cfg.max_bytes);
+            if retention.pressure != Pressure::None {
+                tracing::warn!(file_bytes = file, max_bytes = self.cfg.max_bytes, pressure = ?retention.pressure, "store near its size bound: deleting the oldest raw events");
             }
+        }
+        let mut inputs: Vec<Input> = Vec::with_capacity(batch.len());
+        let mut states: Vec<&StateUpdate> = Vec::new();
+        for i in batch.iter() {
+            match i {
+                Intake::Event { event, .. } => inputs.push(Input::Event(event)),
+                Intake::Rejected { .. } => {}
+                Intake::Reading {
+                    counters,
+                    states: s,
+                } => {
+                    inputs.extend(counters.iter().map(Input::Counter));
+                    states.extend(s.iter());
+                }
+            }
+        }
+        let states: Vec<StateUpdate> = states.into_iter().cloned().collect();
+        let now = now_ms();
+        let maintain = tick && self.store.maintenance_due(&self.engine, &retention, now)?;
+        let report = if inputs.is_empty() && states.is_empty() && acked.is_empty() && !maintain {
+            // Only rejects (or nothing): nothing to write.
+            None
+        } else {
             let started = Instant::now();
-            match self.store.commit(
-                &self.engine,
-                &events,
-                acked,
-                now,
-                maintain.then_some(&self.cfg.retention),
-            ) {
-                Ok(r) => {
-                    let micros = started.elapsed().as_micros() as u64;
-                    self.stats.commits.fetch_add(1, Relaxed);
-                    self.stats.commit_micros_total.fetch_add(micros, Relaxed);
-                    tracing::trace!(
-                        events = events.len(),
-                        acked = acked.len(),
-                        micros,
-                        "committed"
-                    );
-                    break Some(r);
-                }
-                Err(e) => {
-                    attempt += 1;
+            let r = self
+                .store
+                .commit_inputs(
+                    &self.engine,
+                    &inputs,
+                    &states,
+                    acked,
+                    now,
+                    maintain.then_some(&retention),
+                )
+                .inspect_err(|e| {
                     // Nothing was acknowledged: the devices' broker keeps the messages.
-                    tracing::error!(error = %e, attempt, events = events.len(), "committer: commit failed; retrying, nothing acknowledged");
-                    std::thread::sleep(Duration::from_millis(200 * u64::from(attempt.min(25))));
-                }
-            }
+                    tracing::error!(error = %e, inputs = inputs.len(), "committer: commit failed; nothing acknowledged; stopping so the store is reopened (and repaired)");
+                })?;
+            let micros = started.elapsed().as_micros() as u64;
+            self.stats.commits.fetch_add(1, Relaxed);
+            self.stats.commit_micros_total.fetch_add(micros, Relaxed);
+            tracing::trace!(
+                inputs = inputs.len(),
+                acked = acked.len(),
+                micros,
+                "committed"
+            );
+            Some(r)
         };
-        drop(events);
+        drop(inputs);
         acked.clear();
         let now = now_ms();
         let mut outcomes = report.as_ref().map(|r| r.outcomes.iter());
@@ -243,9 +256,19 @@ impl Committer {
                             let topic = format!("{}/{}", event.kind, event.device);
                             self.stats.rejected(reason, &topic, now)
                         }
+                        Outcome::Counted(_) => {}
                     }
                 }
                 Intake::Rejected { reason, topic, .. } => self.stats.rejected(*reason, topic, now),
+                Intake::Reading { counters, .. } => {
+                    for c in counters {
+                        if let Some(Outcome::Counted(step)) =
+                            outcomes.as_mut().and_then(|o| o.next()).copied()
+                        {
+                            self.stats.counted(c.kind, &c.device, step.events(), now);
+                        }
+                    }
+                }
             }
             if let Some(ack) = ack {
                 (ack.0)();
@@ -260,6 +283,13 @@ impl Committer {
             if r.emitted > 0 {
                 self.outbox_ready.notify_one();
             }
+            if r.dropped_summaries + r.dropped_alerts > 0 {
+                tracing::error!(
+                    summaries = r.dropped_summaries,
+                    alerts = r.dropped_alerts,
+                    "disk pressure: dropped pending upstream messages"
+                );
+            }
             if r.purged_dedup + r.purged_events > 0 {
                 tracing::debug!(
                     dedup = r.purged_dedup,
@@ -267,11 +297,6 @@ impl Committer {
                     "purged expired rows"
                 );
             }
-        }
-        if tick {
-            self.stats
-                .store_bytes
-                .store(self.store.file_bytes(), Relaxed);
         }
         Ok(())
     }

@@ -65,6 +65,20 @@ struct Heartbeat<'a> {
     store_bytes: u64,
     counters: crate::stats::CounterSnapshot,
     dropped: Dropped,
+    modbus: Vec<ModbusOut>,
+}
+
+#[derive(Serialize)]
+struct ModbusOut {
+    name: String,
+    kind: crate::core::event::Kind,
+    online: bool,
+    polls: u64,
+    errors: u64,
+    last_error: Option<String>,
+    last_seen: Option<String>,
+    counted: u64,
+    states: serde_json::Map<String, serde_json::Value>,
 }
 
 #[derive(Serialize)]
@@ -339,10 +353,13 @@ impl Forwarder {
         let overview = self.store.overview().unwrap_or_default();
         let now = now_ms();
         let devices = self.stats.devices();
+        let modbus = self.stats.modbus();
         let online = devices
             .values()
             .filter(|d| now - d.last_seen_ms <= DEVICE_ONLINE_WITHIN_MS)
-            .count();
+            .count()
+            + modbus.values().filter(|h| h.online).count();
+        let total = devices.len() + modbus.len();
         let hb = Heartbeat {
             schema: "zhian.heartbeat.v1",
             gateway: &self.cfg.gateway.id,
@@ -350,7 +367,7 @@ impl Forwarder {
             uptime_secs: self.stats.started.elapsed().as_secs(),
             devices: DeviceCounts {
                 online,
-                offline: devices.len() - online,
+                offline: total - online,
             },
             pending_summaries: overview.pending_summaries,
             pending_alerts: overview.pending_alerts,
@@ -361,6 +378,24 @@ impl Forwarder {
                 summaries: overview.dropped_summaries,
                 alerts: overview.dropped_alerts,
             },
+            modbus: modbus
+                .into_iter()
+                .map(|(name, h)| ModbusOut {
+                    name,
+                    kind: h.kind,
+                    online: h.online,
+                    polls: h.polls,
+                    errors: h.errors,
+                    last_error: h.last_error,
+                    last_seen: h.last_seen_ms.map(rfc3339_utc),
+                    counted: h.counted,
+                    states: h
+                        .states
+                        .into_iter()
+                        .map(|(k, v)| (k, v.to_json()))
+                        .collect(),
+                })
+                .collect(),
         };
         let payload = serde_json::to_vec(&hb).expect("heartbeat serializes");
         if c.client

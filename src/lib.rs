@@ -10,6 +10,7 @@ pub mod config;
 pub mod core;
 pub mod forwarder;
 pub mod ingest;
+pub mod modbus;
 pub mod mqtt;
 pub mod stats;
 pub mod store;
@@ -83,8 +84,8 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     };
     let store = Arc::new(store);
     tracing::info!(path = %store.path().display(), "store open");
-    if cfg.broker.enabled || !cfg.modbus.devices.is_empty() || cfg.status.enabled {
-        tracing::warn!("status page, embedded broker and Modbus input are not part of this build yet; their settings are ignored");
+    if cfg.status.enabled {
+        tracing::info!("the status page is not part of this build yet; [status] is ignored");
     }
     let stats = Arc::new(Stats::default());
     stats.outbox_pending.store(store.outbox_len()?, Relaxed);
@@ -106,7 +107,9 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
                 dedup_ttl_ms: cfg.dedup.ttl.as_millis_u64(),
                 raw_retention_ms: cfg.store.raw_retention.as_millis_u64(),
                 purge_batch: cfg.dedup.purge_batch as usize,
+                pressure: store::Pressure::None,
             },
+            max_bytes: cfg.store.max_size.0,
         },
         intake: intake_rx,
         acked: acked_rx,
@@ -122,6 +125,17 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
             ingest::Ingest {
                 cfg: cfg.clone(),
                 intake: Some(intake_tx.clone()),
+                stats: stats.clone(),
+                stop: intake_stop.clone(),
+            }
+            .run(),
+        )
+    });
+    let mut modbus = (!cfg.modbus.devices.is_empty()).then(|| {
+        tokio::spawn(
+            modbus::Modbus {
+                devices: cfg.modbus.devices.clone(),
+                intake: intake_tx.clone(),
                 stats: stats.clone(),
                 stop: intake_stop.clone(),
             }
@@ -166,6 +180,10 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     intake_stop.cancel();
     upstream_stop.cancel();
     drop(intake_keepalive);
+    if let Some(h) = modbus.as_mut() {
+        // Stops at once on cancel; its sender must be gone before the committer can finish.
+        let _ = tokio::time::timeout_at(deadline - Duration::from_millis(3000), h).await;
+    }
     if let Some(h) = forwarder.as_mut() {
         if tokio::time::timeout_at(deadline - Duration::from_millis(2000), h)
             .await

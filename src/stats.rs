@@ -26,6 +26,23 @@ pub struct DeviceSeen {
     pub accepted: u64,
 }
 
+/// Health of one Modbus device: the one place the heartbeat and status page read it from.
+#[derive(Debug, Clone, Default)]
+pub struct ModbusHealth {
+    pub kind: Kind,
+    pub online: bool,
+    pub polls: u64,
+    pub errors: u64,
+    pub fails_in_row: u32,
+    pub last_error: Option<String>,
+    pub last_seen_ms: Option<i64>,
+    /// Events counted from this device's counters since start.
+    pub counted: u64,
+    pub last_count_ms: Option<i64>,
+    /// Latest value of each state point.
+    pub states: BTreeMap<String, crate::core::counter::Value>,
+}
+
 #[derive(Debug)]
 pub struct Stats {
     pub started: Instant,
@@ -40,6 +57,7 @@ pub struct Stats {
     pub outbox_pending: AtomicU64,
     pub store_bytes: AtomicU64,
     devices: Mutex<BTreeMap<(Kind, String), DeviceSeen>>,
+    modbus: Mutex<BTreeMap<String, ModbusHealth>>,
     recent_rejects: Mutex<VecDeque<RejectNote>>,
 }
 
@@ -66,6 +84,7 @@ impl Default for Stats {
             outbox_pending: AtomicU64::new(0),
             store_bytes: AtomicU64::new(0),
             devices: Mutex::new(BTreeMap::new()),
+            modbus: Mutex::new(BTreeMap::new()),
             recent_rejects: Mutex::new(VecDeque::new()),
         }
     }
@@ -91,6 +110,41 @@ impl Stats {
         let e = d.entry((kind, device.to_string())).or_default();
         e.last_seen_ms = e.last_seen_ms.max(now_ms);
         e.accepted += 1;
+    }
+
+    /// `n` events produced by a Modbus counter of `device`.
+    pub fn counted(&self, kind: Kind, device: &str, n: u64, now_ms: i64) {
+        self.accepted[kind_index(kind)].fetch_add(n, Relaxed);
+        if n > 0 {
+            let mut m = self.modbus.lock().expect("modbus lock");
+            if let Some(h) = m.get_mut(device) {
+                h.counted += n;
+                h.last_count_ms = Some(now_ms);
+            }
+        }
+    }
+
+    /// Register a Modbus device (offline until its first good poll).
+    pub fn modbus_register(&self, name: &str, kind: Kind) {
+        self.modbus
+            .lock()
+            .expect("modbus lock")
+            .entry(name.to_string())
+            .or_insert_with(|| ModbusHealth {
+                kind,
+                ..ModbusHealth::default()
+            });
+    }
+
+    /// Update a Modbus device's health.
+    pub fn modbus_update(&self, name: &str, f: impl FnOnce(&mut ModbusHealth)) {
+        if let Some(h) = self.modbus.lock().expect("modbus lock").get_mut(name) {
+            f(h);
+        }
+    }
+
+    pub fn modbus(&self) -> BTreeMap<String, ModbusHealth> {
+        self.modbus.lock().expect("modbus lock").clone()
     }
 
     pub fn duplicate(&self, kind: Kind) {

@@ -17,6 +17,8 @@
 //! | `windows` | `i64` window start ms | v1 [`WindowState`]: counts per (kind, device, action, result) and the last issued rev |
 //! | `open_windows` | `i64` window start ms | `()`: windows not yet summarised |
 //! | `outbox` | `(u8 class, u64 seq)` | v1 [`OutboxRecordV1`]: an upstream message waiting for its PUBACK; class 0 alerts, 1 summaries, so alerts go first |
+//! | `counters` | `&str` "kind\0device\0point" | v1 [`CounterRecordV1`]: the last committed value of a Modbus counter, written in the same transaction as the counts it produced |
+//! | `states` | `&str` "kind\0device\0point" | v1 [`StateRecordV1`]: the latest value of a Modbus state point and when it last changed |
 //!
 //! # Invariants
 //! - One write transaction per batch holds the batch's raw events, dedup keys, window counts,
@@ -27,7 +29,8 @@
 //!   bounded number of rows per commit.
 
 use crate::config::SubjectMode;
-use crate::core::engine::{Emit, Engine, Ledger, Outcome};
+use crate::core::counter::Value;
+use crate::core::engine::{Emit, Engine, Input, Ledger, Outcome};
 use crate::core::event::{Event, Kind};
 use crate::core::summary::WindowState;
 use redb::{
@@ -43,6 +46,8 @@ const DEDUP_BY_TIME: TableDefinition<(i64, &str), ()> = TableDefinition::new("de
 const WINDOWS: TableDefinition<i64, &[u8]> = TableDefinition::new("windows");
 const OPEN_WINDOWS: TableDefinition<i64, ()> = TableDefinition::new("open_windows");
 const OUTBOX: TableDefinition<(u8, u64), &[u8]> = TableDefinition::new("outbox");
+const COUNTERS: TableDefinition<&str, &[u8]> = TableDefinition::new("counters");
+const STATES: TableDefinition<&str, &[u8]> = TableDefinition::new("states");
 
 /// The store format this build writes and reads.
 pub const FORMAT: u32 = 1;
@@ -143,6 +148,31 @@ pub struct OutboxRecordV1 {
     pub payload: Vec<u8>,
 }
 
+/// The last committed value of a Modbus counter, record version 1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CounterRecordV1 {
+    pub value: i64,
+    pub at_ms: i64,
+}
+
+/// A Modbus state point, record version 1.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct StateRecordV1 {
+    pub value: Value,
+    /// When the value last changed (or was first read).
+    pub since_ms: i64,
+    /// When it was last read.
+    pub seen_ms: i64,
+}
+
+/// A state reading to keep: `key` is "kind\0device\0point".
+#[derive(Debug, Clone, PartialEq)]
+pub struct StateUpdate {
+    pub key: String,
+    pub value: Value,
+    pub ts_ms: i64,
+}
+
 fn encode<T: Serialize>(v: &T) -> Vec<u8> {
     let mut out = vec![RECORD_V1];
     out.extend(postcard::to_allocvec(v).expect("records serialize"));
@@ -169,7 +199,44 @@ pub struct Retention {
     pub raw_retention_ms: u64,
     /// Most rows of each kind deleted per maintenance pass.
     pub purge_batch: usize,
+    /// How hard the store presses against `store.max_size` right now.
+    pub pressure: Pressure,
 }
+
+/// Disk pressure: what maintenance gives up to keep the store under `store.max_size`.
+///
+/// redb reuses freed pages, so the file stops growing once old rows are deleted; its size is a
+/// high-water mark. Pressure is therefore measured on growth: when the file grows past 80 % of
+/// the bound, the oldest raw events go (beyond those already past retention); past 95 %, or at
+/// the bound, pending upstream messages are dropped too once no raw event is left, oldest first,
+/// and counted (the heartbeat carries the counts). Dedup keys and windows are never dropped:
+/// they are what keeps counts exact.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Pressure {
+    #[default]
+    None,
+    /// Delete the oldest raw events.
+    Raw,
+    /// Delete the oldest raw events; with none left, drop the oldest pending messages.
+    Outbox,
+}
+
+impl Pressure {
+    /// The pressure for a file of `file` bytes that was `last` bytes at the previous check.
+    pub fn of(file: u64, last: u64, max: u64) -> Pressure {
+        let grew = file > last;
+        if file >= max || (grew && file >= max / 100 * 95) {
+            Pressure::Outbox
+        } else if grew && file >= max / 100 * 80 {
+            Pressure::Raw
+        } else {
+            Pressure::None
+        }
+    }
+}
+
+/// Pending messages dropped per maintenance pass under `Pressure::Outbox`.
+const DROP_BATCH: usize = 64;
 
 /// What one commit did.
 #[derive(Debug, Default, Clone)]
@@ -179,6 +246,10 @@ pub struct CommitReport {
     pub deleted_outbox: usize,
     pub purged_dedup: usize,
     pub purged_events: usize,
+    /// Raw events deleted early, and pending messages dropped, because of disk pressure.
+    pub pressure_events: usize,
+    pub dropped_summaries: u64,
+    pub dropped_alerts: u64,
 }
 
 /// A read of the store for the status page, heartbeat and `inspect`.
@@ -256,6 +327,8 @@ impl Store {
             txn.open_table(WINDOWS)?;
             txn.open_table(OPEN_WINDOWS)?;
             txn.open_table(OUTBOX)?;
+            txn.open_table(COUNTERS)?;
+            txn.open_table(STATES)?;
             (key, seq)
         };
         txn.commit()?;
@@ -287,6 +360,21 @@ impl Store {
         now_ms: i64,
         maintain: Option<&Retention>,
     ) -> Result<CommitReport, StoreError> {
+        let inputs: Vec<Input> = events.iter().map(|e| Input::Event(e)).collect();
+        self.commit_inputs(engine, &inputs, &[], acked, now_ms, maintain)
+    }
+
+    /// As [`Store::commit`], for events and Modbus counter readings in arrival order, plus
+    /// Modbus state values, all in the same transaction.
+    pub fn commit_inputs(
+        &self,
+        engine: &Engine,
+        inputs: &[Input],
+        states: &[StateUpdate],
+        acked: &[OutboxKey],
+        now_ms: i64,
+        maintain: Option<&Retention>,
+    ) -> Result<CommitReport, StoreError> {
         let mut next_seq = self.next_seq.lock().expect("seq lock");
         let mut txn = self.db.begin_write()?;
         txn.set_quick_repair(true);
@@ -301,6 +389,8 @@ impl Store {
                 windows: txn.open_table(WINDOWS)?,
                 open: txn.open_table(OPEN_WINDOWS)?,
                 outbox: txn.open_table(OUTBOX)?,
+                counters: txn.open_table(COUNTERS)?,
+                states: txn.open_table(STATES)?,
                 seq: &mut seq,
                 subjects: self.subjects,
                 subject_key: &self.subject_key,
@@ -312,7 +402,10 @@ impl Store {
                     report.deleted_outbox += 1;
                 }
             }
-            report.outcomes = engine.apply(&mut ledger, events.iter().copied(), now_ms)?;
+            report.outcomes = engine.apply_inputs(&mut ledger, inputs.iter().copied(), now_ms)?;
+            for st in states {
+                ledger.put_state(st)?;
+            }
             if let Some(r) = maintain {
                 // apply() already closed due windows; maintenance also covers idle periods.
                 engine.close_due(&mut ledger, now_ms)?;
@@ -323,6 +416,14 @@ impl Store {
                     r.purge_batch,
                 )?;
                 ledger.forget_windows(engine.window.forget_before(now_ms), r.purge_batch)?;
+                if r.pressure != Pressure::None {
+                    report.pressure_events = ledger.purge_events(u64::MAX, r.purge_batch)?;
+                    if r.pressure == Pressure::Outbox && report.pressure_events == 0 {
+                        let (s, a) = ledger.drop_oldest_outbox(DROP_BATCH)?;
+                        report.dropped_summaries = s;
+                        report.dropped_alerts = a;
+                    }
+                }
             }
             report.emitted = ledger.emitted;
             ledger
@@ -453,6 +554,30 @@ impl Store {
         Ok(txn.open_table(OUTBOX)?.len()?)
     }
 
+    /// Every Modbus state point: key "kind\0device\0point" and its record.
+    pub fn states(&self) -> Result<Vec<(String, StateRecordV1)>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(STATES)?;
+        let mut out = Vec::new();
+        for row in t.iter()? {
+            let (k, v) = row?;
+            out.push((k.value().to_string(), decode("states", v.value())?));
+        }
+        Ok(out)
+    }
+
+    /// Every Modbus counter's last committed value.
+    pub fn counters(&self) -> Result<Vec<(String, CounterRecordV1)>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(COUNTERS)?;
+        let mut out = Vec::new();
+        for row in t.iter()? {
+            let (k, v) = row?;
+            out.push((k.value().to_string(), decode("counters", v.value())?));
+        }
+        Ok(out)
+    }
+
     /// All windows currently held, oldest first (tests and `inspect`).
     pub fn windows(&self) -> Result<Vec<WindowState>, StoreError> {
         let txn = self.db.begin_read()?;
@@ -496,6 +621,8 @@ struct TxLedger<'t, 's> {
     windows: Table<'t, i64, &'static [u8]>,
     open: Table<'t, i64, ()>,
     outbox: Table<'t, (u8, u64), &'static [u8]>,
+    counters: Table<'t, &'static str, &'static [u8]>,
+    states: Table<'t, &'static str, &'static [u8]>,
     seq: &'s mut u64,
     subjects: SubjectMode,
     subject_key: &'s [u8; 32],
@@ -504,6 +631,25 @@ struct TxLedger<'t, 's> {
 }
 
 impl TxLedger<'_, '_> {
+    fn put_state(&mut self, st: &StateUpdate) -> Result<(), StoreError> {
+        let prev: Option<StateRecordV1> = match self.states.get(st.key.as_str())? {
+            Some(v) => Some(decode("states", v.value())?),
+            None => None,
+        };
+        let since_ms = match prev {
+            Some(p) if p.value == st.value => p.since_ms,
+            _ => st.ts_ms,
+        };
+        let rec = StateRecordV1 {
+            value: st.value,
+            since_ms,
+            seen_ms: st.ts_ms,
+        };
+        self.states
+            .insert(st.key.as_str(), encode(&rec).as_slice())?;
+        Ok(())
+    }
+
     fn next_seq(&mut self) -> u64 {
         let s = *self.seq;
         *self.seq += 1;
@@ -543,6 +689,39 @@ impl TxLedger<'_, '_> {
             self.events.remove(*k)?;
         }
         Ok(doomed.len())
+    }
+
+    /// Drop up to `limit` of the oldest pending messages, summaries before alerts, and add them
+    /// to the `dropped_*` counters. Returns (summaries, alerts) dropped.
+    fn drop_oldest_outbox(&mut self, limit: usize) -> Result<(u64, u64), StoreError> {
+        let mut doomed = Vec::new();
+        for class in [CLASS_SUMMARY, CLASS_ALERT] {
+            for row in self.outbox.range((class, 0)..=(class, u64::MAX))? {
+                doomed.push(row?.0.value());
+                if doomed.len() >= limit {
+                    break;
+                }
+            }
+            if doomed.len() >= limit {
+                break;
+            }
+        }
+        let (mut s, mut a) = (0, 0);
+        for k in &doomed {
+            self.outbox.remove(*k)?;
+            if k.0 == CLASS_ALERT {
+                a += 1;
+            } else {
+                s += 1;
+            }
+        }
+        for (name, n) in [("dropped_summaries", s), ("dropped_alerts", a)] {
+            if n > 0 {
+                let total = read_u64(&self.meta, name)? + n;
+                self.meta.insert(name, total.to_le_bytes().as_slice())?;
+            }
+        }
+        Ok((s, a))
     }
 
     /// Forget summarised windows that start before `before_ms`. Open windows are never
@@ -636,6 +815,24 @@ impl Ledger for TxLedger<'_, '_> {
             out.push(row?.0.value());
         }
         Ok(out)
+    }
+
+    fn counter(&mut self, key: &str) -> Result<Option<i64>, StoreError> {
+        match self.counters.get(key)? {
+            Some(v) => Ok(Some(
+                decode::<CounterRecordV1>("counters", v.value())?.value,
+            )),
+            None => Ok(None),
+        }
+    }
+
+    fn set_counter(&mut self, key: &str, value: i64, now_ms: i64) -> Result<(), StoreError> {
+        let rec = CounterRecordV1 {
+            value,
+            at_ms: now_ms,
+        };
+        self.counters.insert(key, encode(&rec).as_slice())?;
+        Ok(())
     }
 
     fn emit(&mut self, e: Emit) -> Result<(), StoreError> {
@@ -752,6 +949,7 @@ mod tests {
             dedup_ttl_ms: 600_000,
             raw_retention_ms: 1_000,
             purge_batch: 20,
+            pressure: Pressure::None,
         };
         let later = now + 700_000;
         let r = s.commit(&en, &[], &[], later, Some(&ret)).unwrap();
@@ -766,6 +964,54 @@ mod tests {
         let again = ev("0", later);
         let r = s.commit(&en, &[&again], &[], later, None).unwrap();
         assert_eq!(r.outcomes, vec![Outcome::Accepted]);
+    }
+
+    #[test]
+    fn pressure_levels() {
+        let max = 1000;
+        assert_eq!(Pressure::of(500, 400, max), Pressure::None);
+        assert_eq!(Pressure::of(850, 800, max), Pressure::Raw);
+        assert_eq!(Pressure::of(850, 850, max), Pressure::None);
+        assert_eq!(Pressure::of(960, 900, max), Pressure::Outbox);
+        assert_eq!(Pressure::of(1000, 1000, max), Pressure::Outbox);
+    }
+
+    #[test]
+    fn pressure_drops_raw_events_first_then_counts_dropped_messages() {
+        let dir = tempfile::tempdir().unwrap();
+        let en = engine();
+        let s = Store::open(dir.path(), SubjectMode::Hashed).unwrap();
+        let now = 1_000_000_000;
+        let evs: Vec<Event> = (0..30).map(|i| ev(&i.to_string(), now)).collect();
+        let refs: Vec<&Event> = evs.iter().collect();
+        s.commit(&en, &refs, &[], now, None).unwrap();
+        // Two closed windows -> two pending summaries.
+        s.commit(&en, &[&ev("x", now + 20_000)], &[], now + 20_000, None)
+            .unwrap();
+        s.commit(&en, &[], &[], now + 40_000, None).unwrap();
+        assert_eq!(s.overview().unwrap().pending_summaries, 2);
+        let r = Retention {
+            dedup_ttl_ms: 600_000,
+            raw_retention_ms: 3_600_000,
+            purge_batch: 20,
+            pressure: Pressure::Outbox,
+        };
+        let first = s.commit(&en, &[], &[], now + 40_000, Some(&r)).unwrap();
+        assert_eq!((first.pressure_events, first.dropped_summaries), (20, 0));
+        let second = s.commit(&en, &[], &[], now + 40_000, Some(&r)).unwrap();
+        assert_eq!((second.pressure_events, second.dropped_summaries), (11, 0));
+        let third = s.commit(&en, &[], &[], now + 40_000, Some(&r)).unwrap();
+        assert_eq!((third.pressure_events, third.dropped_summaries), (0, 2));
+        let o = s.overview().unwrap();
+        assert_eq!(
+            (o.raw_events, o.pending_summaries, o.dropped_summaries),
+            (0, 0, 2)
+        );
+        // Dedup keys survive pressure: the same ids are still duplicates.
+        let out = s
+            .commit(&en, &[&ev("3", now + 40_000)], &[], now + 40_000, None)
+            .unwrap();
+        assert_eq!(out.outcomes, vec![Outcome::Duplicate]);
     }
 
     #[test]

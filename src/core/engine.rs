@@ -4,17 +4,50 @@
 //! the outbox). The store implements it on one redb write transaction, so everything one batch
 //! decides commits together or not at all; tests implement it in memory.
 
+use super::counter::{step, Step, Width};
 use super::event::{Event, Kind, Reject};
 use super::summary::{alert_json, summary_json, CountKey, Site, WindowState};
 use super::window::WindowCfg;
 use std::collections::BTreeMap;
 
-/// What happened to one event.
+/// What happened to one input.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
     Accepted,
     Duplicate,
     Rejected(Reject),
+    /// A counter reading, and what it meant.
+    Counted(Step),
+}
+
+/// One reading of a Modbus counter point.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CounterReading {
+    pub kind: Kind,
+    /// The Modbus device's name: the summary's `device`.
+    pub device: String,
+    pub point: String,
+    pub action: String,
+    pub result: String,
+    pub value: i64,
+    pub width: Width,
+    pub wrap: bool,
+    /// Poll time: the increase's events are stamped with it.
+    pub ts_ms: i64,
+}
+
+impl CounterReading {
+    /// The key the last value is kept under.
+    pub fn key(&self) -> String {
+        format!("{}\0{}\0{}", self.kind, self.device, self.point)
+    }
+}
+
+/// What the engine decides about.
+#[derive(Debug, Clone, Copy)]
+pub enum Input<'a> {
+    Event(&'a Event),
+    Counter(&'a CounterReading),
 }
 
 /// Something to send upstream, produced inside a batch and stored in the outbox by the ledger.
@@ -50,6 +83,9 @@ pub trait Ledger {
     /// Starts of open windows with `start_ms <= max_start`, oldest first.
     fn open_windows_until(&mut self, max_start: i64) -> Result<Vec<i64>, Self::Error>;
     fn emit(&mut self, e: Emit) -> Result<(), Self::Error>;
+    /// The last committed value of a counter.
+    fn counter(&mut self, key: &str) -> Result<Option<i64>, Self::Error>;
+    fn set_counter(&mut self, key: &str, value: i64, now_ms: i64) -> Result<(), Self::Error>;
 }
 
 /// Pure decision rule for dedup: a key first seen less than `ttl_ms` ago is a duplicate.
@@ -84,9 +120,43 @@ impl Engine {
         events: impl IntoIterator<Item = &'a Event>,
         now_ms: i64,
     ) -> Result<Vec<Outcome>, L::Error> {
+        self.apply_inputs(ledger, events.into_iter().map(Input::Event), now_ms)
+    }
+
+    /// As [`Engine::apply`], for events and counter readings mixed in arrival order.
+    pub fn apply_inputs<'a, L: Ledger>(
+        &self,
+        ledger: &mut L,
+        inputs: impl IntoIterator<Item = Input<'a>>,
+        now_ms: i64,
+    ) -> Result<Vec<Outcome>, L::Error> {
         let mut outcomes = Vec::new();
         let mut touched: BTreeMap<i64, WindowState> = BTreeMap::new();
-        for e in events {
+        for input in inputs {
+            let e = match input {
+                Input::Event(e) => e,
+                Input::Counter(c) => {
+                    let key = c.key();
+                    let s = step(ledger.counter(&key)?, c.value, c.width, c.wrap);
+                    ledger.set_counter(&key, c.value, now_ms)?;
+                    let n = s.events();
+                    if n > 0 {
+                        let start = self.window.start_of(c.ts_ms);
+                        let w = Self::touch(&mut touched, ledger, start, self.secs())?;
+                        w.add(
+                            CountKey {
+                                kind: c.kind,
+                                device: c.device.clone(),
+                                action: c.action.clone(),
+                                result: c.result.clone(),
+                            },
+                            n,
+                        );
+                    }
+                    outcomes.push(Outcome::Counted(s));
+                    continue;
+                }
+            };
             let key = e.dedup_key();
             let prev = ledger.first_seen(&key)?;
             if is_duplicate(prev, now_ms, self.dedup_ttl_ms) {
@@ -100,16 +170,7 @@ impl Engine {
             ledger.remember(&key, now_ms, prev)?;
             ledger.record(e, now_ms)?;
             let start = self.window.start_of(e.ts_ms);
-            let w = match touched.entry(start) {
-                std::collections::btree_map::Entry::Occupied(o) => o.into_mut(),
-                std::collections::btree_map::Entry::Vacant(v) => {
-                    let w = ledger
-                        .window(start)?
-                        .unwrap_or_else(|| WindowState::new(start, self.secs()));
-                    v.insert(w)
-                }
-            };
-            w.add(CountKey::of(e), 1);
+            Self::touch(&mut touched, ledger, start, self.secs())?.add(CountKey::of(e), 1);
             if self.is_alert(e) {
                 ledger.emit(Emit::Alert {
                     payload: alert_json(&self.gateway, e),
@@ -126,6 +187,24 @@ impl Engine {
         }
         self.close_due(ledger, now_ms)?;
         Ok(outcomes)
+    }
+
+    /// The window starting at `start`, loaded once per batch.
+    fn touch<'t, L: Ledger>(
+        touched: &'t mut BTreeMap<i64, WindowState>,
+        ledger: &mut L,
+        start: i64,
+        secs: u32,
+    ) -> Result<&'t mut WindowState, L::Error> {
+        Ok(match touched.entry(start) {
+            std::collections::btree_map::Entry::Occupied(o) => o.into_mut(),
+            std::collections::btree_map::Entry::Vacant(v) => {
+                let w = ledger
+                    .window(start)?
+                    .unwrap_or_else(|| WindowState::new(start, secs));
+                v.insert(w)
+            }
+        })
     }
 
     /// Summarise (rev 0) every open window whose end + grace has passed. Returns how many.
@@ -162,6 +241,7 @@ impl Engine {
 /// An in-memory ledger: the reference for tests and the model the store must agree with.
 #[derive(Debug, Clone, Default)]
 pub struct MemLedger {
+    pub counters: BTreeMap<String, i64>,
     pub dedup: BTreeMap<String, i64>,
     pub windows: BTreeMap<i64, WindowState>,
     pub raw: Vec<Event>,
@@ -203,6 +283,13 @@ impl Ledger for MemLedger {
     }
     fn emit(&mut self, e: Emit) -> Result<(), Self::Error> {
         self.outbox.push(e);
+        Ok(())
+    }
+    fn counter(&mut self, key: &str) -> Result<Option<i64>, Self::Error> {
+        Ok(self.counters.get(key).copied())
+    }
+    fn set_counter(&mut self, key: &str, value: i64, _now_ms: i64) -> Result<(), Self::Error> {
+        self.counters.insert(key.to_string(), value);
         Ok(())
     }
 }

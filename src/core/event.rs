@@ -8,9 +8,12 @@ use std::fmt;
 pub const MAX_PAYLOAD: usize = 64 * 1024;
 
 /// What kind of device reported an event.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Kind {
+    #[default]
     Access,
     Camera,
     Vehicle,

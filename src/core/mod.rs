@@ -1,11 +1,15 @@
 //! The pure core: payload validation, dedup decisions, window assignment, late re-issue and
 //! summary building.
 //!
+//! Also the Modbus value rules: register decoding and counter steps (baseline, increase, wrap,
+//! reset).
+//!
 //! Nothing in here imports tokio, redb or a network crate, and nothing reads a clock: every
 //! function takes `now` (Unix milliseconds) as an argument. The committer drives [`engine`]
 //! against the redb-backed [`engine::Ledger`]; the property tests drive it against an in-memory
 //! one and a simple model.
 
+pub mod counter;
 pub mod engine;
 pub mod event;
 pub mod summary;
