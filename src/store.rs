@@ -967,6 +967,53 @@ mod tests {
     }
 
     #[test]
+    fn counter_values_and_counts_commit_together_across_reopen() {
+        use crate::core::counter::{Step, Width};
+        use crate::core::engine::CounterReading;
+        let dir = tempfile::tempdir().unwrap();
+        let en = engine();
+        let now = 1_000_000_000;
+        let reading = |value: i64| CounterReading {
+            kind: Kind::Vehicle,
+            device: "gate-1".into(),
+            point: "in_count".into(),
+            action: "entry".into(),
+            result: "ok".into(),
+            value,
+            width: Width::U16,
+            wrap: true,
+            ts_ms: now,
+        };
+        let commit = |s: &Store, v: i64| {
+            let r = reading(v);
+            let st = StateUpdate {
+                key: "vehicle\0gate-1\0barrier".into(),
+                value: Value::Bool(v % 2 == 0),
+                ts_ms: now,
+            };
+            s.commit_inputs(&en, &[Input::Counter(&r)], &[st], &[], now, None)
+                .unwrap()
+                .outcomes
+        };
+        {
+            let s = Store::open(dir.path(), SubjectMode::Hashed).unwrap();
+            assert_eq!(commit(&s, 65_530), vec![Outcome::Counted(Step::Baseline)]);
+            assert_eq!(
+                commit(&s, 65_535),
+                vec![Outcome::Counted(Step::Increase(5))]
+            );
+        }
+        let s = Store::open(dir.path(), SubjectMode::Hashed).unwrap();
+        assert_eq!(commit(&s, 4), vec![Outcome::Counted(Step::Wrapped(5))]);
+        let w = s.windows().unwrap();
+        assert_eq!(w.len(), 1);
+        assert_eq!(w[0].total(), 10);
+        assert_eq!(s.counters().unwrap()[0].1.value, 4);
+        let states = s.states().unwrap();
+        assert_eq!(states[0].1.value, Value::Bool(true));
+    }
+
+    #[test]
     fn pressure_levels() {
         let max = 1000;
         assert_eq!(Pressure::of(500, 400, max), Pressure::None);
