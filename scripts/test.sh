@@ -13,6 +13,8 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
 fi
+# socat and pymodbus (+ pyserial) for the Modbus tests against a peer no one here wrote.
+bash scripts/test-deps.sh
 # mosquitto lives in /usr/sbin, which is not always on PATH.
 export PATH="$PATH:/usr/sbin"
 # Debian's package may start a mosquitto service on 1883; the tests use their own ports only.

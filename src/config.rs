@@ -909,8 +909,8 @@ fn validate_modbus(m: &Modbus, p: &mut Vec<Problem>) {
         if d.unit > 247 && d.rtu.is_some() {
             p.push(problem(k("unit"), "RTU unit ids are 0-247"));
         }
-        if d.poll.0 < Duration::from_millis(50) {
-            p.push(problem(k("poll"), "at least 50ms"));
+        if d.poll.0 < Duration::from_millis(10) {
+            p.push(problem(k("poll"), "at least 10ms"));
         }
         if d.timeout.0 < Duration::from_millis(10) || d.timeout.0 > Duration::from_secs(30) {
             p.push(problem(k("timeout"), "between 10ms and 30s"));

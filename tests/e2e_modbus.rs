@@ -1,0 +1,780 @@
+//! End-to-end tests of the Modbus input: the real binary polls a pymodbus peer
+//! (`tests/modbus_peer.py`) over Modbus TCP and over an RTU line (a socat pty pair); the counts
+//! that reach the district broker are checked against the peer's own ground truth, across a
+//! kill -9 of the daemon. Needs socat, pymodbus and pyserial: `scripts/test-deps.sh` installs them.
+
+mod common;
+
+use std::ffi::OsStr;
+use std::fs::{self, File};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+
+/// `poll` of every test device.
+const POLL_MS: u64 = 250;
+/// Seconds of counter movement the peer runs (its `--seconds`).
+const RUN_SECS: u64 = 12;
+/// When the daemon is killed, counted from the start of the movement.
+const KILL_AT: Duration = Duration::from_secs(5);
+/// How long the daemon stays dead.
+const DEAD_FOR: Duration = Duration::from_secs(1);
+
+// ---------------------------------------------------------------------------------------------
+// Prerequisites and child processes
+// ---------------------------------------------------------------------------------------------
+
+const DEPS_HINT: &str = "run scripts/test-deps.sh (installs socat, pymodbus and pyserial)";
+
+fn require_python_deps() {
+    let ok = Command::new("python3")
+        .args(["-c", "import pymodbus, serial"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        ok,
+        "python3 cannot import pymodbus and serial (pyserial): {DEPS_HINT}"
+    );
+}
+
+fn require_socat() {
+    let ok = Command::new("socat")
+        .arg("-V")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "socat is not installed: {DEPS_HINT}");
+}
+
+/// A child process that is killed (SIGKILL) and reaped on drop.
+struct Proc {
+    name: String,
+    child: Child,
+}
+
+impl Proc {
+    /// Spawns `cmd` with stdout and stderr sent to `<dir>/<name>.stdout|.stderr`.
+    fn spawn(name: &str, mut cmd: Command, dir: &Path) -> Proc {
+        let out = File::create(dir.join(format!("{name}.stdout"))).expect("create stdout file");
+        let err = File::create(dir.join(format!("{name}.stderr"))).expect("create stderr file");
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {name} ({cmd:?}): {e}; {DEPS_HINT}"));
+        Proc {
+            name: name.to_string(),
+            child,
+        }
+    }
+
+    /// Panics (with the stderr tail) if the process has exited.
+    fn assert_running(&mut self, dir: &Path) {
+        if let Some(status) = self.child.try_wait().expect("try_wait on child") {
+            panic!(
+                "{} exited ({status}); stderr:\n{}",
+                self.name,
+                tail(&dir.join(format!("{}.stderr", self.name)), 30)
+            );
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The pymodbus peer and its ground truth.
+struct Peer {
+    proc: Proc,
+    dir: PathBuf,
+    state: PathBuf,
+    start_file: PathBuf,
+}
+
+impl Peer {
+    /// Starts `tests/modbus_peer.py` with `transport` args (`--mode tcp --port P` or
+    /// `--mode rtu --serial PATH`); returns once it printed READY.
+    fn start(dir: &Path, transport: &[&OsStr]) -> Peer {
+        let state = dir.join("peer-state.json");
+        let start_file = dir.join("peer-start");
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/modbus_peer.py");
+        let mut cmd = Command::new("python3");
+        cmd.arg(&script)
+            .args(transport)
+            .args(["--plan", "basic", "--seconds", &RUN_SECS.to_string()])
+            .arg("--state")
+            .arg(&state)
+            .arg("--start-file")
+            .arg(&start_file);
+        let mut peer = Peer {
+            proc: Proc::spawn("peer", cmd, dir),
+            dir: dir.to_path_buf(),
+            state,
+            start_file,
+        };
+        let stdout = dir.join("peer.stdout");
+        let ready = wait_until(Duration::from_secs(20), || {
+            peer.proc.assert_running(dir);
+            fs::read_to_string(&stdout).is_ok_and(|s| s.lines().any(|l| l.trim() == "READY"))
+        });
+        assert!(
+            ready,
+            "modbus peer did not print READY within 20 s; stderr:\n{}",
+            tail(&dir.join("peer.stderr"), 30)
+        );
+        peer
+    }
+
+    /// The latest state file (None before the first write).
+    fn state(&self) -> Option<Value> {
+        let text = fs::read_to_string(&self.state).ok()?;
+        serde_json::from_str(&text).ok()
+    }
+
+    /// Lets the plan's movement begin.
+    fn start_moving(&self) {
+        File::create(&self.start_file).expect("create the peer's start file");
+    }
+
+    /// Waits for `done: true`; returns that state.
+    fn wait_done(&mut self, timeout: Duration) -> Value {
+        let mut last = None;
+        let dir = self.dir.clone();
+        let ok = wait_until(timeout, || {
+            self.proc.assert_running(&dir);
+            last = self.state();
+            last.as_ref().is_some_and(|s| s["done"] == true)
+        });
+        assert!(
+            ok,
+            "modbus peer not done within {timeout:?}; last state: {last:?}"
+        );
+        last.expect("peer state")
+    }
+}
+
+/// `increments` of `counter` on `unit` in a peer state.
+fn increments(state: &Value, unit: u8, counter: &str) -> u64 {
+    state["units"][unit.to_string()][counter]["increments"]
+        .as_u64()
+        .unwrap_or_else(|| {
+            panic!("peer state has no increments for unit {unit} {counter}: {state}")
+        })
+}
+
+/// A socat pty pair `<dir>/ttyGW` (the daemon's end) and `<dir>/ttyPEER` (the peer's end).
+fn socat_pair(dir: &Path) -> (Proc, PathBuf, PathBuf) {
+    let gw = dir.join("ttyGW");
+    let peer = dir.join("ttyPEER");
+    let mut cmd = Command::new("socat");
+    cmd.arg("-d")
+        .arg("-d")
+        .arg(format!("pty,raw,echo=0,link={}", gw.display()))
+        .arg(format!("pty,raw,echo=0,link={}", peer.display()));
+    let mut proc = Proc::spawn("socat", cmd, dir);
+    let ok = wait_until(Duration::from_secs(10), || {
+        proc.assert_running(dir);
+        gw.exists() && peer.exists()
+    });
+    assert!(
+        ok,
+        "socat did not create {} and {} within 10 s; stderr:\n{}",
+        gw.display(),
+        peer.display(),
+        tail(&dir.join("socat.stderr"), 20)
+    );
+    (proc, gw, peer)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Config
+// ---------------------------------------------------------------------------------------------
+
+/// The four points of the `basic` plan, as `[[modbus.devices.points]]` tables.
+const BASIC_POINTS: &str = r#"
+[[modbus.devices.points]]
+name = "in_count"
+table = "holding"
+address = 0
+type = "u16"
+role = "counter"
+action = "entry"
+result = "ok"
+wrap = true
+
+[[modbus.devices.points]]
+name = "out_count"
+table = "holding"
+address = 2
+type = "u32"
+word_order = "big"
+role = "counter"
+action = "exit"
+result = "ok"
+
+[[modbus.devices.points]]
+name = "barrier_open"
+table = "coil"
+address = 0
+type = "bool"
+role = "state"
+
+[[modbus.devices.points]]
+name = "temp_c"
+table = "holding"
+address = 10
+type = "f32"
+role = "state"
+"#;
+
+/// One `[[modbus.devices]]` table; `transport` is a `tcp = ...` or `rtu = {...}` line.
+fn device_toml(name: &str, kind: &str, transport: &str, unit: u8, points: &str) -> String {
+    format!(
+        "\n[[modbus.devices]]\n\
+         name = \"{name}\"\n\
+         kind = \"{kind}\"\n\
+         {transport}\n\
+         unit = {unit}\n\
+         poll = \"{POLL_MS}ms\"\n\
+         timeout = \"300ms\"\n\
+         offline_after = 3\n\
+         {points}"
+    )
+}
+
+fn tcp_line(port: u16) -> String {
+    format!("tcp = \"127.0.0.1:{port}\"")
+}
+
+fn rtu_line(path: &Path) -> String {
+    format!(
+        "rtu = {{ path = {}, baud = 9600, parity = \"none\", data_bits = 8, stop_bits = 1 }}",
+        toml_string(&path.to_string_lossy())
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// A site: brokers, collector, daemon (with Modbus devices), peer
+// ---------------------------------------------------------------------------------------------
+
+/// The heartbeat's `modbus` entry for `device`.
+fn modbus_entry<'a>(hb: &'a Value, device: &str) -> Option<&'a Value> {
+    hb["modbus"]
+        .as_array()?
+        .iter()
+        .find(|d| d["name"] == device)
+}
+
+fn online(hb: &Value, device: &str) -> bool {
+    modbus_entry(hb, device).is_some_and(|d| d["online"] == true)
+}
+
+fn polls(hb: &Value, device: &str) -> u64 {
+    modbus_entry(hb, device)
+        .and_then(|d| d["polls"].as_u64())
+        .unwrap_or_else(|| panic!("heartbeat has no integer modbus polls for {device}: {hb}"))
+}
+
+fn key(kind: &str, device: &str, action: &str) -> Key {
+    (
+        kind.to_string(),
+        device.to_string(),
+        action.to_string(),
+        "ok".to_string(),
+    )
+}
+
+/// Brokers, collector and (once configured) the daemon, in one tempdir; the peer and socat are
+/// owned by the test and dropped after the site. On a failing test, Drop prints the logs and
+/// keeps the directory.
+struct ModbusSite {
+    name: String,
+    daemon: Option<Daemon>,
+    upstream: Upstream,
+    _device: Mosquitto,
+    _district: Mosquitto,
+    root: PathBuf,
+    config: PathBuf,
+    log: PathBuf,
+    dir: Option<tempfile::TempDir>,
+}
+
+impl ModbusSite {
+    fn new(name: &str) -> ModbusSite {
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("zhian-e2e-{name}-"))
+            .tempdir()
+            .expect("create tempdir");
+        let root = dir.path().to_path_buf();
+        let device = Mosquitto::start(&root.join("device-broker"), free_port(), false);
+        let district = Mosquitto::start(&root.join("district-broker"), free_port(), false);
+        let upstream = Upstream::start(district.port, &format!("collector-{name}"));
+        let config = root.join("gateway.toml");
+        let base = config_text(&root.join("data"), device.port, district.port, "");
+        fs::write(&config, base).expect("write config");
+        ModbusSite {
+            name: name.to_string(),
+            daemon: None,
+            upstream,
+            root: root.clone(),
+            config,
+            log: root.join("daemon.log"),
+            _device: device,
+            _district: district,
+            dir: Some(dir),
+        }
+    }
+
+    /// Appends `[[modbus.devices]]` tables to the config.
+    fn add_devices(&self, toml: &str) {
+        let mut text = fs::read_to_string(&self.config).expect("read config");
+        text.push_str(toml);
+        fs::write(&self.config, text).expect("write config");
+    }
+
+    fn start_daemon(&mut self) {
+        assert!(self.daemon.is_none(), "daemon already running");
+        self.daemon = Some(Daemon::start(&self.config, &self.log));
+    }
+
+    fn kill9_daemon(&mut self) {
+        self.daemon.take().expect("daemon running").kill9();
+    }
+
+    fn assert_daemon_running(&mut self) {
+        if let Some(d) = self.daemon.as_mut() {
+            if let Some(status) = d.try_wait() {
+                panic!("daemon exited unexpectedly: {status}");
+            }
+        }
+    }
+
+    /// Waits for a heartbeat received at or after `since_ms` that satisfies `pred`.
+    fn wait_heartbeat(
+        &mut self,
+        what: &str,
+        since_ms: i64,
+        timeout: Duration,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Msg {
+        let mut found = None;
+        let ok = wait_until(timeout, || {
+            self.assert_daemon_running();
+            found = self
+                .upstream
+                .on("heartbeat")
+                .into_iter()
+                .rev()
+                .take_while(|m| m.at_ms >= since_ms)
+                .find(|m| pred(&m.json()));
+            found.is_some()
+        });
+        let latest = self.upstream.latest_heartbeat();
+        assert!(
+            ok,
+            "no heartbeat with {what} within {timeout:?}; latest: {latest:?}"
+        );
+        found.expect("heartbeat found")
+    }
+
+    /// Waits until the upstream totals equal `expected`, then checks they stay so and that the
+    /// summaries keep the contract.
+    fn assert_totals(&mut self, expected: &Totals, timeout: Duration) {
+        let ok = wait_until(timeout, || self.upstream.totals() == *expected);
+        let actual = self.upstream.totals();
+        assert!(
+            ok,
+            "upstream totals differ from the peer's increments after {timeout:?}:\n{}\n{}",
+            map_diff(expected, &actual),
+            self.upstream.dump()
+        );
+        // Nothing more may arrive: no late double count, no re-issue that changes a window.
+        thread::sleep(Duration::from_millis(2_500));
+        let later = self.upstream.totals();
+        assert!(
+            later == *expected,
+            "upstream totals changed after matching:\n{}",
+            map_diff(expected, &later)
+        );
+        let problems = self.upstream.summary_problems();
+        assert!(
+            problems.is_empty(),
+            "summary contract problems:\n{}",
+            problems.join("\n")
+        );
+        self.assert_daemon_running();
+    }
+}
+
+impl Drop for ModbusSite {
+    fn drop(&mut self) {
+        if let Some(mut d) = self.daemon.take() {
+            if d.try_wait().is_none() {
+                d.kill9();
+            }
+        }
+        if thread::panicking() {
+            let kept = self.dir.take().map(tempfile::TempDir::keep);
+            eprintln!(
+                "===== {}: daemon log ({}), last 300 lines =====\n{}",
+                self.name,
+                self.log.display(),
+                tail(&self.log, 300)
+            );
+            for file in ["peer.stderr", "socat.stderr", "peer-state.json"] {
+                let path = self.root.join(file);
+                if path.exists() {
+                    eprintln!("===== {}: {file} =====\n{}", self.name, tail(&path, 40));
+                }
+            }
+            eprintln!(
+                "===== {}: upstream =====\n{}",
+                self.name,
+                self.upstream.dump()
+            );
+            if let Some(path) = kept {
+                eprintln!(
+                    "===== {}: files kept in {} =====",
+                    self.name,
+                    path.display()
+                );
+            }
+        }
+    }
+}
+
+/// Sleeps until `at`, failing early if the daemon dies meanwhile.
+fn sleep_until(site: &mut ModbusSite, at: Instant) {
+    while Instant::now() < at {
+        site.assert_daemon_running();
+        thread::sleep(Duration::from_millis(50).min(at.saturating_duration_since(Instant::now())));
+    }
+}
+
+/// Movement started at `moving`: kill -9 the daemon at `KILL_AT`, start it again `DEAD_FOR`
+/// later. Returns the wall clock (Unix ms) of the restart.
+fn kill_and_restart(site: &mut ModbusSite, moving: Instant) -> i64 {
+    sleep_until(site, moving + KILL_AT);
+    site.kill9_daemon();
+    thread::sleep(DEAD_FOR);
+    let restarted = now_ms();
+    site.start_daemon();
+    restarted
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tests
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn modbus_tcp_counters_exact_across_kill9() {
+    require_python_deps();
+    let mut site = ModbusSite::new("mb-tcp");
+    let port = free_port();
+    let port_arg = port.to_string();
+    let mut peer = Peer::start(
+        &site.root,
+        &[
+            OsStr::new("--mode"),
+            OsStr::new("tcp"),
+            OsStr::new("--port"),
+            OsStr::new(&port_arg),
+        ],
+    );
+    site.add_devices(&device_toml(
+        "gate-1",
+        "vehicle",
+        &tcp_line(port),
+        1,
+        BASIC_POINTS,
+    ));
+    site.start_daemon();
+    // The baseline is the first value the daemon reads: only then may the counters move.
+    site.wait_heartbeat("gate-1 online", 0, Duration::from_secs(20), |hb| {
+        online(hb, "gate-1")
+    });
+
+    peer.start_moving();
+    let moving = Instant::now();
+    let restarted = kill_and_restart(&mut site, moving);
+    site.wait_heartbeat(
+        "gate-1 online after the restart",
+        restarted,
+        Duration::from_secs(15),
+        |hb| online(hb, "gate-1"),
+    );
+
+    let done = peer.wait_done(Duration::from_secs(RUN_SECS + 20));
+    let expected: Totals = [
+        (
+            key("vehicle", "gate-1", "entry"),
+            increments(&done, 1, "in_count"),
+        ),
+        (
+            key("vehicle", "gate-1", "exit"),
+            increments(&done, 1, "out_count"),
+        ),
+    ]
+    .into_iter()
+    .collect();
+    // Sanity of the plan itself: in_count wrapped, out_count was reset.
+    assert!(
+        done["units"]["1"]["in_count"]["wraps"].as_u64() >= Some(1)
+            && done["units"]["1"]["out_count"]["resets"].as_u64() >= Some(1),
+        "the peer's plan did not wrap in_count and reset out_count: {done}"
+    );
+    eprintln!("peer truth (gate-1): {expected:?}");
+    site.assert_totals(&expected, Duration::from_secs(20));
+
+    let done_ms = now_ms();
+    let hb = site
+        .wait_heartbeat(
+            "gate-1 online after the run",
+            done_ms,
+            Duration::from_secs(10),
+            |hb| online(hb, "gate-1"),
+        )
+        .json();
+    let entry = modbus_entry(&hb, "gate-1").expect("gate-1 entry");
+    assert!(
+        entry["states"]["barrier_open"].is_boolean(),
+        "states.barrier_open is not a bool: {entry}"
+    );
+    let temp = entry["states"]["temp_c"]
+        .as_f64()
+        .unwrap_or_else(|| panic!("states.temp_c is not a number: {entry}"));
+    assert!((temp - 21.5).abs() < 1e-6, "temp_c {temp} != 21.5: {entry}");
+    // The peer froze its values: the state shown is the final coil.
+    let final_coil = done["units"]["1"]["barrier_open"]["value"].clone();
+    assert_eq!(
+        entry["states"]["barrier_open"], final_coil,
+        "barrier_open differs from the peer's final coil: {entry}"
+    );
+    assert!(
+        entry["last_seen"].is_string(),
+        "last_seen of an online device: {entry}"
+    );
+    assert!(entry["errors"].is_u64(), "errors is not a count: {entry}");
+    assert_eq!(hb["devices"]["online"], 1, "devices in {hb}");
+    assert_eq!(hb["devices"]["offline"], 0, "devices in {hb}");
+    // The coil toggled every second: the heartbeats showed both values at some point.
+    let seen: Vec<Value> = site
+        .upstream
+        .on("heartbeat")
+        .iter()
+        .filter_map(|m| {
+            modbus_entry(&m.json(), "gate-1").map(|e| e["states"]["barrier_open"].clone())
+        })
+        .collect();
+    assert!(
+        seen.contains(&Value::Bool(true)) && seen.contains(&Value::Bool(false)),
+        "barrier_open never changed across {} heartbeats: {seen:?}",
+        seen.len()
+    );
+}
+
+#[test]
+fn modbus_rtu_two_live_units_one_silent() {
+    require_python_deps();
+    require_socat();
+    let mut site = ModbusSite::new("mb-rtu");
+    let (_socat, tty_gw, tty_peer) = socat_pair(&site.root);
+    let mut peer = Peer::start(
+        &site.root,
+        &[
+            OsStr::new("--mode"),
+            OsStr::new("rtu"),
+            OsStr::new("--serial"),
+            tty_peer.as_os_str(),
+        ],
+    );
+    let rtu = rtu_line(&tty_gw);
+    let mut devices = String::new();
+    for (name, unit) in [("door-a", 1), ("door-b", 2), ("door-c", 3)] {
+        devices.push_str(&device_toml(name, "access", &rtu, unit, BASIC_POINTS));
+    }
+    site.add_devices(&devices);
+    site.start_daemon();
+    site.wait_heartbeat(
+        "door-a and door-b online",
+        0,
+        Duration::from_secs(20),
+        |hb| online(hb, "door-a") && online(hb, "door-b"),
+    );
+
+    peer.start_moving();
+    let moving = Instant::now();
+    let restarted = kill_and_restart(&mut site, moving);
+    let first = site.wait_heartbeat(
+        "door-a and door-b online after the restart",
+        restarted,
+        Duration::from_secs(15),
+        |hb| online(hb, "door-a") && online(hb, "door-b"),
+    );
+
+    let done = peer.wait_done(Duration::from_secs(RUN_SECS + 20));
+    let mut expected = Totals::new();
+    for (name, unit) in [("door-a", 1), ("door-b", 2)] {
+        expected.insert(
+            key("access", name, "entry"),
+            increments(&done, unit, "in_count"),
+        );
+        expected.insert(
+            key("access", name, "exit"),
+            increments(&done, unit, "out_count"),
+        );
+    }
+    eprintln!("peer truth (door-a, door-b): {expected:?}");
+    // door-c (unit 3) never answers: no row of it may appear.
+    site.assert_totals(&expected, Duration::from_secs(20));
+
+    let last = site.wait_heartbeat(
+        "door-c offline, door-a and door-b online",
+        now_ms(),
+        Duration::from_secs(10),
+        |hb| online(hb, "door-a") && online(hb, "door-b") && !online(hb, "door-c"),
+    );
+    let hb = last.json();
+    let c = modbus_entry(&hb, "door-c").expect("door-c entry in the heartbeat");
+    assert_eq!(c["online"], false, "door-c: {c}");
+    assert!(
+        c["errors"].as_u64().is_some_and(|n| n > 0),
+        "door-c has no errors: {c}"
+    );
+    assert!(c["last_error"].is_string(), "door-c has no last_error: {c}");
+    assert_eq!(hb["devices"]["online"], 2, "devices in {hb}");
+    assert_eq!(hb["devices"]["offline"], 1, "devices in {hb}");
+
+    // The silent unit must not stall the bus: between the two heartbeats (both from the
+    // restarted daemon) door-a and door-b were each polled at least a third as often as asked.
+    let first_hb = first.json();
+    let elapsed_ms = last.at_ms - first.at_ms;
+    assert!(
+        elapsed_ms >= 4_000,
+        "too short a span to judge the poll rate: {elapsed_ms} ms"
+    );
+    let want = u64::try_from(elapsed_ms).expect("positive span") / POLL_MS / 3;
+    for name in ["door-a", "door-b"] {
+        let grew = polls(&hb, name).saturating_sub(polls(&first_hb, name));
+        eprintln!("{name}: {grew} polls in {elapsed_ms} ms (at least {want} wanted)");
+        assert!(
+            grew >= want,
+            "{name} was polled {grew} times in {elapsed_ms} ms (poll {POLL_MS} ms, at least \
+             {want} expected): the silent unit stalls the bus?\nfirst: {first_hb}\nlast: {hb}"
+        );
+    }
+}
+
+#[test]
+fn modbus_bad_config_names_key() {
+    let dir = tempfile::Builder::new()
+        .prefix("zhian-e2e-mb-config-")
+        .tempdir()
+        .expect("create tempdir");
+    let base = config_text(&dir.path().join("data"), free_port(), free_port(), "");
+    let tcp = tcp_line(free_port());
+
+    let counter_f32 = r#"
+[[modbus.devices.points]]
+name = "in_count"
+table = "holding"
+address = 0
+type = "f32"
+role = "counter"
+action = "entry"
+"#;
+    let far_address = r#"
+[[modbus.devices.points]]
+name = "in_count"
+table = "holding"
+address = 70000
+type = "u16"
+role = "counter"
+action = "entry"
+"#;
+    let cases = [
+        (
+            "counter of type f32",
+            device_toml("gate-1", "vehicle", &tcp, 1, counter_f32),
+            "modbus.devices[0].points[0].type",
+        ),
+        (
+            "RTU device without path",
+            device_toml(
+                "door-a",
+                "access",
+                "rtu = { baud = 9600, parity = \"none\", data_bits = 8, stop_bits = 1 }",
+                1,
+                BASIC_POINTS,
+            ),
+            "modbus.devices[0].rtu.path",
+        ),
+        (
+            "address 70000",
+            device_toml("gate-1", "vehicle", &tcp, 1, far_address),
+            "modbus.devices[0].points[0].address",
+        ),
+    ];
+    for (i, (what, devices, key_path)) in cases.iter().enumerate() {
+        let path = dir.path().join(format!("bad-{i}.toml"));
+        fs::write(&path, format!("{base}{devices}")).expect("write config");
+        let args = [
+            OsStr::new("check-config"),
+            OsStr::new("--config"),
+            path.as_os_str(),
+        ];
+        let out = run_cli(&args, dir.path(), Duration::from_secs(15));
+        assert_eq!(
+            out.status.code(),
+            Some(78),
+            "check-config with a {what}: {}\nstderr:\n{}",
+            out.status,
+            out.stderr
+        );
+        assert!(
+            out.stderr.contains(key_path),
+            "check-config with a {what}: stderr does not name {key_path}:\n{}",
+            out.stderr
+        );
+    }
+
+    // The same devices, valid, pass: the failures above come from the named keys alone.
+    let good = dir.path().join("good.toml");
+    let devices = format!(
+        "{}{}",
+        device_toml("gate-1", "vehicle", &tcp, 1, BASIC_POINTS),
+        device_toml(
+            "door-a",
+            "access",
+            &rtu_line(&dir.path().join("ttyGW")),
+            1,
+            BASIC_POINTS
+        )
+    );
+    fs::write(&good, format!("{base}{devices}")).expect("write config");
+    let args = [
+        OsStr::new("check-config"),
+        OsStr::new("--config"),
+        good.as_os_str(),
+    ];
+    let out = run_cli(&args, dir.path(), Duration::from_secs(15));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "check-config on a valid Modbus config: {}\nstderr:\n{}",
+        out.status,
+        out.stderr
+    );
+}
