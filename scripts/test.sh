@@ -26,6 +26,12 @@ cargo fmt --all -- --check
 echo "== cargo clippy --all-targets -- -D warnings"
 cargo clippy --all-targets --locked -- -D warnings
 echo "== cargo test"
-cargo test --locked 2>&1 | tee target/test-output.txt
-# cargo test's exit status is what counts; tee must not hide it.
-exit "${PIPESTATUS[0]}"
+# lib, bins and tests/ (no doc tests: the crate has none; benches run with `cargo bench`).
+set +e
+cargo test --locked --lib --bins --tests 2>&1 | tee target/test-output.txt
+status=${PIPESTATUS[0]}
+set -e
+# One closing line over every test binary.
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i) ~ /^passed;?$/) p += $(i-1); if ($(i) ~ /^failed;?$/) f += $(i-1) } }
+     END { printf "all test binaries: %d passed, %d failed\n", p, f }' target/test-output.txt
+exit "$status"

@@ -253,7 +253,7 @@ impl Committer {
                         Outcome::Accepted => self.stats.accepted(event.kind, &event.device, now),
                         Outcome::Duplicate => self.stats.duplicate(event.kind),
                         Outcome::Rejected(reason) => {
-                            let topic = format!("{}/{}", event.kind, event.device);
+                            let topic = format!("zhian/{}/{}", event.kind, event.device);
                             self.stats.rejected(reason, &topic, now)
                         }
                         Outcome::Counted(_) => {}

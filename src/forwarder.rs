@@ -356,7 +356,7 @@ impl Forwarder {
         let modbus = self.stats.modbus();
         let online = devices
             .values()
-            .filter(|d| now - d.last_seen_ms <= DEVICE_ONLINE_WITHIN_MS)
+            .filter(|d| d.last_seen_ms > 0 && now - d.last_seen_ms <= DEVICE_ONLINE_WITHIN_MS)
             .count()
             + modbus.values().filter(|h| h.online).count();
         let total = devices.len() + modbus.len();

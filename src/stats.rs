@@ -19,11 +19,15 @@ pub struct RejectNote {
     pub reason: &'static str,
 }
 
-/// What is known about one device.
+/// What is known about one MQTT device.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct DeviceSeen {
+    /// When it last sent an accepted event (0: never since start).
     pub last_seen_ms: i64,
     pub accepted: u64,
+    pub rejected: u64,
+    /// The reason its last rejected message was rejected.
+    pub last_error: Option<&'static str>,
 }
 
 /// Health of one Modbus device: the one place the heartbeat and status page read it from.
@@ -153,6 +157,12 @@ impl Stats {
 
     pub fn rejected(&self, reason: Reject, topic: &str, now_ms: i64) {
         self.rejected[reason.index()].fetch_add(1, Relaxed);
+        if let Ok((kind, device)) = crate::core::event::parse_topic(topic) {
+            let mut d = self.devices.lock().expect("devices lock");
+            let e = d.entry((kind, device.to_string())).or_default();
+            e.rejected += 1;
+            e.last_error = Some(reason.as_str());
+        }
         let mut r = self.recent_rejects.lock().expect("rejects lock");
         if r.len() >= RECENT_REJECTS {
             r.pop_front();
