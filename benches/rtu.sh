@@ -62,6 +62,8 @@ run() { # $1 = paced|instant
   read -r p1 e1 < <(heartbeat | polls)
   local t1; t1=$(date +%s.%N)
   kill "$gw"; wait "$gw" 2>/dev/null || true
+  # run() is called in a subshell: clean up what it started here, not in the parent's trap.
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   python3 -c "print(f'{($p1-$p0)/($t1-$t0):.1f} {$e1-$e0}')"
 }
 
