@@ -6,7 +6,7 @@
 
 use crate::core::engine::{CounterReading, Engine, Input, Outcome};
 use crate::core::event::{Event, Reject};
-use crate::stats::Stats;
+use crate::stats::{AlertNote, Stats};
 use crate::store::{OutboxKey, Pressure, Retention, StateUpdate, Store, StoreError};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -228,6 +228,7 @@ impl Committer {
             let micros = started.elapsed().as_micros() as u64;
             self.stats.commits.fetch_add(1, Relaxed);
             self.stats.commit_micros_total.fetch_add(micros, Relaxed);
+            self.stats.commit_seconds.observe(micros as f64 / 1e6);
             tracing::trace!(
                 inputs = inputs.len(),
                 acked = acked.len(),
@@ -250,7 +251,19 @@ impl Committer {
                         .copied()
                         .unwrap_or(Outcome::Duplicate);
                     match outcome {
-                        Outcome::Accepted => self.stats.accepted(event.kind, &event.device, now),
+                        Outcome::Accepted => {
+                            self.stats.accepted(event.kind, &event.device, now);
+                            if self.engine.is_alert(event) {
+                                self.stats.alert(AlertNote {
+                                    at_ms: now,
+                                    kind: event.kind,
+                                    device: event.device.clone(),
+                                    action: event.action.clone(),
+                                    id: event.id.clone(),
+                                    ts_ms: event.ts_ms,
+                                });
+                            }
+                        }
                         Outcome::Duplicate => self.stats.duplicate(event.kind),
                         Outcome::Rejected(reason) => {
                             let topic = format!("zhian/{}/{}", event.kind, event.device);

@@ -345,7 +345,14 @@ pub struct Status {
     pub enabled: bool,
     pub listen: String,
     pub username: Option<String>,
+    /// PHC string (argon2) from `zhian-gateway hash-password`.
     pub password_hash: Option<Secret>,
+    /// The compound's UTC offset, for "today" and the hourly chart (China: +08:00, no DST).
+    pub timezone: String,
+    /// Most concurrent HTTP connections; more wait until one closes.
+    pub max_connections: u32,
+    /// How often the page reloads itself.
+    pub refresh: Dur,
 }
 
 impl Default for Status {
@@ -355,8 +362,23 @@ impl Default for Status {
             listen: "127.0.0.1:8080".into(),
             username: None,
             password_hash: None,
+            timezone: "+08:00".into(),
+            max_connections: 32,
+            refresh: Dur::secs(30),
         }
     }
+}
+
+/// Parse a UTC offset like `+08:00` or `-03:30` into seconds.
+pub fn parse_utc_offset(s: &str) -> Option<i32> {
+    let (sign, rest) = match s.as_bytes().first()? {
+        b'+' => (1, &s[1..]),
+        b'-' => (-1, &s[1..]),
+        _ => return None,
+    };
+    let (h, m) = rest.split_once(':')?;
+    let (h, m): (i32, i32) = (h.parse().ok()?, m.parse().ok()?);
+    ((0..=14).contains(&h) && (0..60).contains(&m)).then_some(sign * (h * 3600 + m * 60))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]

@@ -274,6 +274,7 @@ impl Forwarder {
                             c.inflight.remove(&key);
                             acked_local.insert(key);
                             self.stats.upstream_published.fetch_add(1, Relaxed);
+                            self.stats.publish_seconds.observe(at.elapsed().as_secs_f64());
                             tracing::debug!(class = key.0, seq = key.1, latency_ms = at.elapsed().as_millis() as u64, "upstream PUBACK");
                             let _ = self.acked.send(key);
                             self.fill(&mut c, acked_local);

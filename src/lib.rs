@@ -13,6 +13,7 @@ pub mod ingest;
 pub mod modbus;
 pub mod mqtt;
 pub mod stats;
+pub mod status;
 pub mod store;
 
 use crate::committer::{Committer, CommitterCfg};
@@ -46,6 +47,12 @@ pub enum RunError {
     Store(#[from] store::StoreError),
     #[error("a core task stopped unexpectedly: {0}")]
     TaskDied(&'static str),
+    #[error("{what}: cannot listen on {addr}: {source}")]
+    Bind {
+        what: &'static str,
+        addr: String,
+        source: std::io::Error,
+    },
 }
 
 /// The decision engine configured from `cfg`.
@@ -84,9 +91,15 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     };
     let store = Arc::new(store);
     tracing::info!(path = %store.path().display(), "store open");
-    if cfg.status.enabled {
-        tracing::info!("the status page is not part of this build yet; [status] is ignored");
-    }
+    let status_listener = if cfg.status.enabled {
+        Some(status::bind(&cfg).await.map_err(|e| RunError::Bind {
+            what: "status.listen",
+            addr: cfg.status.listen.clone(),
+            source: e,
+        })?)
+    } else {
+        None
+    };
     let stats = Arc::new(Stats::default());
     stats.outbox_pending.store(store.outbox_len()?, Relaxed);
     stats.store_bytes.store(store.file_bytes(), Relaxed);
@@ -116,47 +129,72 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         stats: stats.clone(),
         outbox_ready: outbox_ready.clone(),
     };
-    let mut committer = tokio::task::spawn_blocking(move || committer.run());
-
     let intake_stop = CancellationToken::new();
     let upstream_stop = CancellationToken::new();
+    let status_stop = CancellationToken::new();
+    let committer_guard = stats.task_guard("committer", intake_stop.clone());
+    let mut committer = tokio::task::spawn_blocking(move || {
+        let _guard = committer_guard;
+        committer.run()
+    });
+
     let mut ingest = cfg.mqtt.enabled.then(|| {
-        tokio::spawn(
-            ingest::Ingest {
-                cfg: cfg.clone(),
-                intake: Some(intake_tx.clone()),
-                stats: stats.clone(),
-                stop: intake_stop.clone(),
-            }
-            .run(),
-        )
+        let guard = stats.task_guard("device input", intake_stop.clone());
+        let task = ingest::Ingest {
+            cfg: cfg.clone(),
+            intake: Some(intake_tx.clone()),
+            stats: stats.clone(),
+            stop: intake_stop.clone(),
+        };
+        tokio::spawn(async move {
+            let _guard = guard;
+            task.run().await
+        })
     });
     let mut modbus = (!cfg.modbus.devices.is_empty()).then(|| {
-        tokio::spawn(
-            modbus::Modbus {
-                devices: cfg.modbus.devices.clone(),
-                intake: intake_tx.clone(),
-                stats: stats.clone(),
-                stop: intake_stop.clone(),
-            }
-            .run(),
-        )
+        let guard = stats.task_guard("modbus input", intake_stop.clone());
+        let task = modbus::Modbus {
+            devices: cfg.modbus.devices.clone(),
+            intake: intake_tx.clone(),
+            stats: stats.clone(),
+            stop: intake_stop.clone(),
+        };
+        tokio::spawn(async move {
+            let _guard = guard;
+            task.run().await
+        })
     });
     // Held until shutdown so the committer keeps running (closing windows, deleting PUBACKed
     // entries) even with no input enabled.
     let intake_keepalive = intake_tx;
     let mut forwarder = cfg.upstream.enabled.then(|| {
-        tokio::spawn(
-            forwarder::Forwarder {
-                cfg: cfg.clone(),
-                store: store.clone(),
-                stats: stats.clone(),
-                outbox_ready,
-                acked: acked_tx,
-                stop: upstream_stop.clone(),
-            }
-            .run(),
-        )
+        let guard = stats.task_guard("forwarder", upstream_stop.clone());
+        let task = forwarder::Forwarder {
+            cfg: cfg.clone(),
+            store: store.clone(),
+            stats: stats.clone(),
+            outbox_ready,
+            acked: acked_tx,
+            stop: upstream_stop.clone(),
+        };
+        tokio::spawn(async move {
+            let _guard = guard;
+            task.run().await
+        })
+    });
+    let mut status_task = status_listener.map(|listener| {
+        let guard = stats.task_guard("status page", status_stop.clone());
+        let serve = status::serve(
+            listener,
+            cfg.clone(),
+            store.clone(),
+            stats.clone(),
+            status_stop.clone(),
+        );
+        tokio::spawn(async move {
+            let _guard = guard;
+            serve.await
+        })
     });
     tracing::info!(gateway = %cfg.gateway.id, version = VERSION, "zhian-gateway running");
 
@@ -203,6 +241,10 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         if tokio::time::timeout_at(deadline, h).await.is_err() {
             tracing::warn!("shutdown: device input did not close in time");
         }
+    }
+    status_stop.cancel();
+    if let Some(h) = status_task.as_mut() {
+        let _ = tokio::time::timeout_at(deadline + Duration::from_millis(200), h).await;
     }
     tracing::info!("zhian-gateway stopped");
     result

@@ -26,6 +26,8 @@ enum Command {
         #[arg(long, value_name = "PATH")]
         config: Option<PathBuf>,
     },
+    /// Read a password on stdin and print its hash for `status.password_hash`.
+    HashPassword,
 }
 
 fn load(path: Option<PathBuf>) -> Result<config::Config, ExitCode> {
@@ -54,6 +56,32 @@ fn main() -> ExitCode {
             }
             Err(code) => code,
         },
+        Command::HashPassword => {
+            use std::io::{BufRead, IsTerminal};
+            if std::io::stdin().is_terminal() {
+                eprint!("password for the status page: ");
+            }
+            let mut line = String::new();
+            if std::io::stdin().lock().read_line(&mut line).is_err() {
+                eprintln!("cannot read the password from stdin");
+                return ExitCode::FAILURE;
+            }
+            let password = line.trim_end_matches(['\r', '\n']);
+            if password.is_empty() {
+                eprintln!("empty password");
+                return ExitCode::FAILURE;
+            }
+            match zhian_gateway::status::hash_password(password) {
+                Ok(h) => {
+                    println!("{h}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("cannot hash: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Run { config } => {
             let cfg = match load(config) {
                 Ok(c) => c,

@@ -47,6 +47,20 @@ pub struct ModbusHealth {
     pub states: BTreeMap<String, crate::core::counter::Value>,
 }
 
+/// A camera incident sent upstream as an alert, as the status page shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct AlertNote {
+    pub at_ms: i64,
+    pub kind: Kind,
+    pub device: String,
+    pub action: String,
+    pub id: String,
+    pub ts_ms: i64,
+}
+
+/// How many recent alerts are kept for the status page.
+pub const RECENT_ALERTS: usize = 50;
+
 #[derive(Debug)]
 pub struct Stats {
     pub started: Instant,
@@ -54,6 +68,15 @@ pub struct Stats {
     accepted: [AtomicU64; 3],
     duplicate: [AtomicU64; 3],
     rejected: [AtomicU64; Reject::ALL.len()],
+    /// Rejects per kind: access, camera, vehicle, and unknown (no valid topic).
+    rejected_kind: [AtomicU64; 4],
+    /// Store write transactions (fsync included).
+    pub commit_seconds: prometheus_client::metrics::histogram::Histogram,
+    /// From queueing a publish upstream to its PUBACK.
+    pub publish_seconds: prometheus_client::metrics::histogram::Histogram,
+    /// Core tasks that stopped while the daemon was not shutting down.
+    down: Mutex<Vec<&'static str>>,
+    recent_alerts: Mutex<VecDeque<AlertNote>>,
     pub commits: AtomicU64,
     pub commit_micros_total: AtomicU64,
     pub upstream_connected: AtomicBool,
@@ -63,6 +86,22 @@ pub struct Stats {
     devices: Mutex<BTreeMap<(Kind, String), DeviceSeen>>,
     modbus: Mutex<BTreeMap<String, ModbusHealth>>,
     recent_rejects: Mutex<VecDeque<RejectNote>>,
+}
+
+/// Marks its task down when dropped before the stop token was cancelled.
+pub struct TaskGuard {
+    stats: std::sync::Arc<Stats>,
+    name: &'static str,
+    stop: tokio_util::sync::CancellationToken,
+}
+
+impl Drop for TaskGuard {
+    fn drop(&mut self) {
+        if !self.stop.is_cancelled() {
+            tracing::error!(task = self.name, "core task stopped unexpectedly");
+            self.stats.down.lock().map(|mut d| d.push(self.name)).ok();
+        }
+    }
 }
 
 fn kind_index(k: Kind) -> usize {
@@ -81,6 +120,15 @@ impl Default for Stats {
             accepted: Default::default(),
             duplicate: Default::default(),
             rejected: Default::default(),
+            rejected_kind: Default::default(),
+            commit_seconds: prometheus_client::metrics::histogram::Histogram::new(
+                prometheus_client::metrics::histogram::exponential_buckets(0.0005, 2.0, 14),
+            ),
+            publish_seconds: prometheus_client::metrics::histogram::Histogram::new(
+                prometheus_client::metrics::histogram::exponential_buckets(0.001, 2.0, 14),
+            ),
+            down: Mutex::new(Vec::new()),
+            recent_alerts: Mutex::new(VecDeque::new()),
             commits: AtomicU64::new(0),
             commit_micros_total: AtomicU64::new(0),
             upstream_connected: AtomicBool::new(false),
@@ -157,7 +205,10 @@ impl Stats {
 
     pub fn rejected(&self, reason: Reject, topic: &str, now_ms: i64) {
         self.rejected[reason.index()].fetch_add(1, Relaxed);
-        if let Ok((kind, device)) = crate::core::event::parse_topic(topic) {
+        let parsed = crate::core::event::parse_topic(topic);
+        let k = parsed.map_or(3, |(kind, _)| kind_index(kind));
+        self.rejected_kind[k].fetch_add(1, Relaxed);
+        if let Ok((kind, device)) = parsed {
             let mut d = self.devices.lock().expect("devices lock");
             let e = d.entry((kind, device.to_string())).or_default();
             e.rejected += 1;
@@ -172,6 +223,47 @@ impl Stats {
             topic: topic.chars().take(200).collect(),
             reason: reason.as_str(),
         });
+    }
+
+    /// Rejected messages of a kind (`None`: topic without a valid kind).
+    pub fn rejected_kind_of(&self, kind: Option<Kind>) -> u64 {
+        self.rejected_kind[kind.map_or(3, kind_index)].load(Relaxed)
+    }
+
+    pub fn alert(&self, note: AlertNote) {
+        let mut r = self.recent_alerts.lock().expect("alerts lock");
+        if r.len() >= RECENT_ALERTS {
+            r.pop_front();
+        }
+        r.push_back(note);
+    }
+
+    pub fn recent_alerts(&self) -> Vec<AlertNote> {
+        self.recent_alerts
+            .lock()
+            .expect("alerts lock")
+            .iter()
+            .cloned()
+            .collect()
+    }
+
+    /// Guard for a core task: if it ends (or panics) before `stop` is cancelled, the pipeline
+    /// is marked unhealthy (`/healthz` answers 503, the watchdog stops being fed).
+    pub fn task_guard(
+        self: &std::sync::Arc<Self>,
+        name: &'static str,
+        stop: tokio_util::sync::CancellationToken,
+    ) -> TaskGuard {
+        TaskGuard {
+            stats: self.clone(),
+            name,
+            stop,
+        }
+    }
+
+    /// Core tasks that died; empty while the pipeline runs.
+    pub fn down(&self) -> Vec<&'static str> {
+        self.down.lock().expect("down lock").clone()
     }
 
     pub fn accepted_of(&self, kind: Kind) -> u64 {

@@ -580,10 +580,15 @@ impl Store {
 
     /// All windows currently held, oldest first (tests and `inspect`).
     pub fn windows(&self) -> Result<Vec<WindowState>, StoreError> {
+        self.windows_since(i64::MIN)
+    }
+
+    /// Windows starting at or after `start_ms`, oldest first (the status page).
+    pub fn windows_since(&self, start_ms: i64) -> Result<Vec<WindowState>, StoreError> {
         let txn = self.db.begin_read()?;
         let t = txn.open_table(WINDOWS)?;
         let mut out = Vec::new();
-        for row in t.iter()? {
+        for row in t.range(start_ms..)? {
             let (_, v) = row?;
             out.push(decode("windows", v.value())?);
         }

@@ -108,7 +108,8 @@ impl Engine {
         (self.window.window_ms / 1000) as u32
     }
 
-    fn is_alert(&self, e: &Event) -> bool {
+    /// Whether `e` is a camera incident sent upstream at once (`alerts.actions`).
+    pub fn is_alert(&self, e: &Event) -> bool {
         e.kind == Kind::Camera && self.alert_actions.contains(&e.action)
     }
 

@@ -2,6 +2,9 @@
 
 use super::event::Reject;
 
+/// Windows are kept at least this long (48 h), for the status page.
+pub const KEEP_WINDOWS_MS: u64 = 48 * 3_600_000;
+
 /// Window and lateness settings, all in milliseconds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WindowCfg {
@@ -42,8 +45,11 @@ impl WindowCfg {
     /// Windows starting before this can hold no event that is still accepted (the oldest
     /// accepted ts is `now - max_lateness`, whose window starts up to one window earlier), so
     /// once summarised they may be forgotten. One extra hour covers a clock stepped back by NTP.
+    /// Windows are kept at least 48 h in any case: the status page's "today" and its 24 h chart
+    /// are read from them.
     pub fn forget_before(&self, now_ms: i64) -> i64 {
-        now_ms - self.max_lateness_ms as i64 - self.window_ms as i64 - 3_600_000
+        let keep = (self.max_lateness_ms + self.window_ms + 3_600_000).max(KEEP_WINDOWS_MS);
+        now_ms - keep as i64
     }
 }
 

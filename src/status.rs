@@ -1,0 +1,1099 @@
+//! The local status page, JSON API, health check and Prometheus metrics (axum), read-only.
+//!
+//! `GET /` is a server-rendered page, Chinese by default (`?lang=en` English), with no resource
+//! from the internet: inline CSS and an inline SVG chart. `GET /api/status` is the same data as
+//! JSON. `GET /healthz` answers 200 while every core task runs, 503 otherwise. `GET /metrics` is
+//! Prometheus text (prometheus-client). With `status.username`/`status.password_hash` set, all
+//! but `/healthz` need HTTP Basic auth. A connection limit and a per-request timeout keep a
+//! misbehaving client on the LAN away from the pipeline; store reads run on blocking threads.
+
+use crate::committer::now_ms;
+use crate::config::{parse_utc_offset, Config};
+use crate::core::event::Kind;
+use crate::core::summary::rfc3339_utc;
+use crate::forwarder::DEVICE_ONLINE_WITHIN_MS;
+use crate::stats::Stats;
+use crate::store::Store;
+use axum::extract::{Query, State};
+use axum::http::{header, HeaderMap, HeaderValue, Request, StatusCode};
+use axum::middleware::Next;
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::Registry;
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+/// A request that takes longer than this is answered 503.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Clone)]
+struct AppState {
+    cfg: Arc<Config>,
+    store: Arc<Store>,
+    stats: Arc<Stats>,
+    registry: Arc<Registry>,
+    /// BLAKE3 of the last credentials that verified, so argon2 runs once, not per request.
+    verified: Arc<Mutex<Option<[u8; 32]>>>,
+}
+
+/// Bind the status listener (before anything else starts talking to the network).
+pub async fn bind(cfg: &Config) -> io::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(&cfg.status.listen).await
+}
+
+/// Serve until `stop`.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    cfg: Arc<Config>,
+    store: Arc<Store>,
+    stats: Arc<Stats>,
+    stop: CancellationToken,
+) {
+    let mut registry = Registry::default();
+    registry.register(
+        "zhian_commit_duration_seconds",
+        "Store write transactions (one per batch, fsync included)",
+        stats.commit_seconds.clone(),
+    );
+    registry.register(
+        "zhian_upstream_publish_seconds",
+        "From queueing a summary or alert upstream to its PUBACK",
+        stats.publish_seconds.clone(),
+    );
+    registry.register_collector(Box::new(Metrics {
+        stats: stats.clone(),
+    }));
+    let state = AppState {
+        cfg: cfg.clone(),
+        store,
+        stats,
+        registry: Arc::new(registry),
+        verified: Arc::new(Mutex::new(None)),
+    };
+    let app = Router::new()
+        .route("/", get(page))
+        .route("/api/status", get(api_status))
+        .route("/metrics", get(metrics))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), auth))
+        .route("/healthz", get(healthz))
+        .layer(axum::middleware::from_fn(timeout))
+        .with_state(state);
+    let addr = listener.local_addr().ok();
+    tracing::info!(listen = ?addr, "status page listening");
+    let limited = Limited {
+        inner: listener,
+        permits: Arc::new(Semaphore::new(cfg.status.max_connections as usize)),
+    };
+    if let Err(e) = axum::serve(limited, app)
+        .with_graceful_shutdown(stop.cancelled_owned())
+        .await
+    {
+        tracing::warn!(error = %e, "status page stopped");
+    }
+}
+
+async fn timeout(req: Request<axum::body::Body>, next: Next) -> Response {
+    match tokio::time::timeout(REQUEST_TIMEOUT, next.run(req)).await {
+        Ok(r) => r,
+        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "timeout\n").into_response(),
+    }
+}
+
+async fn auth(State(st): State<AppState>, req: Request<axum::body::Body>, next: Next) -> Response {
+    let (Some(user), Some(hash)) = (&st.cfg.status.username, &st.cfg.status.password_hash) else {
+        return next.run(req).await;
+    };
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Basic "))
+        .and_then(|b| {
+            use base64::Engine;
+            base64::engine::general_purpose::STANDARD
+                .decode(b.trim())
+                .ok()
+        })
+        .and_then(|b| String::from_utf8(b).ok());
+    let ok = match given.as_deref().and_then(|g| g.split_once(':')) {
+        Some((u, p)) if u == user => {
+            let digest = *blake3::hash(format!("{u}:{p}").as_bytes()).as_bytes();
+            if *st.verified.lock().expect("auth cache") == Some(digest) {
+                true
+            } else {
+                let (hash, p) = (hash.0.clone(), p.to_string());
+                let good = tokio::task::spawn_blocking(move || verify_password(&hash, &p))
+                    .await
+                    .unwrap_or(false);
+                if good {
+                    *st.verified.lock().expect("auth cache") = Some(digest);
+                }
+                good
+            }
+        }
+        _ => false,
+    };
+    if ok {
+        next.run(req).await
+    } else {
+        let mut r = (StatusCode::UNAUTHORIZED, "authentication required\n").into_response();
+        r.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Basic realm=\"zhian-gateway\", charset=\"UTF-8\""),
+        );
+        r
+    }
+}
+
+/// Check `password` against a PHC (argon2) hash.
+pub fn verify_password(phc: &str, password: &str) -> bool {
+    use argon2::password_hash::{PasswordHash, PasswordVerifier};
+    PasswordHash::new(phc)
+        .map(|h| {
+            argon2::Argon2::default()
+                .verify_password(password.as_bytes(), &h)
+                .is_ok()
+        })
+        .unwrap_or(false)
+}
+
+/// A PHC (argon2id) hash of `password`, for `status.password_hash`.
+pub fn hash_password(password: &str) -> Result<String, String> {
+    use argon2::password_hash::{PasswordHasher, SaltString};
+    let mut bytes = [0u8; 16];
+    getrandom::fill(&mut bytes).map_err(|e| e.to_string())?;
+    let salt = SaltString::encode_b64(&bytes).map_err(|e| e.to_string())?;
+    argon2::Argon2::default()
+        .hash_password(password.as_bytes(), &salt)
+        .map(|h| h.to_string())
+        .map_err(|e| e.to_string())
+}
+
+async fn healthz(State(st): State<AppState>) -> Response {
+    let down = st.stats.down();
+    if down.is_empty() {
+        (StatusCode::OK, "ok\n").into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("down: {}\n", down.join(", ")),
+        )
+            .into_response()
+    }
+}
+
+async fn metrics(State(st): State<AppState>) -> Response {
+    let mut body = String::new();
+    if let Err(e) = prometheus_client::encoding::text::encode(&mut body, &st.registry) {
+        return (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response();
+    }
+    let mut r = to_prometheus_text(&body).into_response();
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    r
+}
+
+/// prometheus-client writes OpenMetrics, where a counter family `x` has samples `x_total`.
+/// Scrapers and `promtool check metrics` read the classic text format, where HELP and TYPE name
+/// the sample (`x_total`) and there is no `# EOF`: rename counter families, drop the EOF line.
+fn to_prometheus_text(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len() + 64);
+    for line in openmetrics.lines() {
+        if line == "# EOF" {
+            continue;
+        }
+        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|p| {
+            let rest = line.strip_prefix(p)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters
+                .contains(name)
+                .then(|| format!("{p}{name}_total {tail}"))
+        });
+        out.push_str(renamed.as_deref().unwrap_or(line));
+        out.push('\n');
+    }
+    out
+}
+
+/// Series derived from the shared counters at scrape time.
+#[derive(Debug)]
+struct Metrics {
+    stats: Arc<Stats>,
+}
+
+fn counter(
+    e: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    v: u64,
+) -> Result<(), std::fmt::Error> {
+    let c = ConstCounter::new(v);
+    let m = e.encode_descriptor(name, help, None, c.metric_type())?;
+    c.encode(m)
+}
+
+fn gauge(e: &mut DescriptorEncoder, name: &str, help: &str, v: i64) -> Result<(), std::fmt::Error> {
+    let g = ConstGauge::new(v);
+    let m = e.encode_descriptor(name, help, None, g.metric_type())?;
+    g.encode(m)
+}
+
+impl Collector for Metrics {
+    fn encode(&self, mut e: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let s = &self.stats;
+        let c = s.counters();
+        counter(
+            &mut e,
+            "zhian_events_received",
+            "Device messages received",
+            c.received,
+        )?;
+        {
+            let mut m = e.encode_descriptor(
+                "zhian_events",
+                "Device events by kind and committed outcome (accepted, duplicate, rejected)",
+                None,
+                prometheus_client::metrics::MetricType::Counter,
+            )?;
+            for kind in Kind::ALL {
+                for (outcome, v) in [
+                    ("accepted", s.accepted_of(kind)),
+                    ("duplicate", s.duplicate_of(kind)),
+                    ("rejected", s.rejected_kind_of(Some(kind))),
+                ] {
+                    let labels = [("kind", kind.as_str()), ("outcome", outcome)];
+                    ConstCounter::new(v).encode(m.encode_family(&labels)?)?;
+                }
+            }
+            let labels = [("kind", "unknown"), ("outcome", "rejected")];
+            ConstCounter::new(s.rejected_kind_of(None)).encode(m.encode_family(&labels)?)?;
+        }
+        {
+            let mut m = e.encode_descriptor(
+                "zhian_events_rejected",
+                "Rejected device messages by reason",
+                None,
+                prometheus_client::metrics::MetricType::Counter,
+            )?;
+            for r in crate::core::event::Reject::ALL {
+                let labels = [("reason", r.as_str())];
+                ConstCounter::new(s.rejected_of(r)).encode(m.encode_family(&labels)?)?;
+            }
+        }
+        counter(
+            &mut e,
+            "zhian_commits",
+            "Store write transactions",
+            c.commits,
+        )?;
+        gauge(
+            &mut e,
+            "zhian_outbox_pending",
+            "Summaries and alerts waiting for the district broker's PUBACK",
+            s.outbox_pending.load(Relaxed) as i64,
+        )?;
+        gauge(
+            &mut e,
+            "zhian_upstream_connected",
+            "1 while connected to the district broker",
+            i64::from(s.upstream_connected.load(Relaxed)),
+        )?;
+        counter(
+            &mut e,
+            "zhian_upstream_published",
+            "Summaries and alerts acknowledged by the district broker",
+            s.upstream_published.load(Relaxed),
+        )?;
+        gauge(
+            &mut e,
+            "zhian_store_bytes",
+            "Size of the store file",
+            s.store_bytes.load(Relaxed) as i64,
+        )?;
+        let now = now_ms();
+        {
+            let mut m = e.encode_descriptor(
+                "zhian_device_up",
+                "1 if the device is online (MQTT: reported within 15 min; Modbus: last polls good)",
+                None,
+                prometheus_client::metrics::MetricType::Gauge,
+            )?;
+            for ((kind, name), d) in s.devices() {
+                let up = d.last_seen_ms > 0 && now - d.last_seen_ms <= DEVICE_ONLINE_WITHIN_MS;
+                let labels = [
+                    ("device", name.as_str()),
+                    ("kind", kind.as_str()),
+                    ("source", "mqtt"),
+                ];
+                ConstGauge::new(i64::from(up)).encode(m.encode_family(&labels)?)?;
+            }
+            for (name, h) in s.modbus() {
+                let labels = [
+                    ("device", name.as_str()),
+                    ("kind", h.kind.as_str()),
+                    ("source", "modbus"),
+                ];
+                ConstGauge::new(i64::from(h.online)).encode(m.encode_family(&labels)?)?;
+            }
+        }
+        {
+            let mut m = e.encode_descriptor(
+                "zhian_modbus_poll_errors",
+                "Failed Modbus polls (timeouts, exceptions, transport errors) per device",
+                None,
+                prometheus_client::metrics::MetricType::Counter,
+            )?;
+            for (name, h) in s.modbus() {
+                let labels = [("device", name.as_str())];
+                ConstCounter::new(h.errors).encode(m.encode_family(&labels)?)?;
+            }
+        }
+        {
+            let mut m = e.encode_descriptor(
+                "zhian_modbus_polls",
+                "Successful Modbus polls per device",
+                None,
+                prometheus_client::metrics::MetricType::Counter,
+            )?;
+            for (name, h) in s.modbus() {
+                let labels = [("device", name.as_str())];
+                ConstCounter::new(h.polls).encode(m.encode_family(&labels)?)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The data behind the page and /api/status
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Serialize)]
+struct GatewayOut {
+    id: String,
+    district: Option<String>,
+    street: Option<String>,
+    community: Option<String>,
+    compound: Option<String>,
+}
+
+#[derive(Serialize)]
+struct HourOut {
+    start: String,
+    #[serde(skip)]
+    start_ms: i64,
+    access: u64,
+    vehicle: u64,
+    camera: u64,
+}
+
+#[derive(Serialize)]
+struct DeviceOut {
+    kind: Kind,
+    name: String,
+    source: &'static str,
+    online: bool,
+    last_seen: Option<String>,
+    last_error: Option<String>,
+    states: serde_json::Map<String, serde_json::Value>,
+}
+
+#[derive(Serialize)]
+struct UpstreamOut {
+    connected: bool,
+    pending_summaries: u64,
+    pending_alerts: u64,
+    oldest_pending_window: Option<String>,
+}
+
+#[derive(Serialize)]
+struct StoreOut {
+    bytes: u64,
+    raw_events: u64,
+    dedup_keys: u64,
+}
+
+#[derive(Serialize)]
+struct AlertOut {
+    at: String,
+    kind: Kind,
+    device: String,
+    action: String,
+    id: String,
+}
+
+#[derive(Serialize)]
+struct RejectOut {
+    at: String,
+    topic: String,
+    reason: &'static str,
+}
+
+#[derive(Serialize)]
+struct StatusOut {
+    gateway: GatewayOut,
+    version: &'static str,
+    uptime_secs: u64,
+    now: String,
+    /// kind -> action -> events since local midnight.
+    today: BTreeMap<&'static str, BTreeMap<String, u64>>,
+    hourly: Vec<HourOut>,
+    devices: Vec<DeviceOut>,
+    upstream: UpstreamOut,
+    store: StoreOut,
+    counters: crate::stats::CounterSnapshot,
+    recent_alerts: Vec<AlertOut>,
+    recent_rejects: Vec<RejectOut>,
+    #[serde(skip)]
+    tz_secs: i32,
+}
+
+fn snapshot(st: &AppState) -> Result<StatusOut, crate::store::StoreError> {
+    let now = now_ms();
+    let tz = parse_utc_offset(&st.cfg.status.timezone).unwrap_or(8 * 3600);
+    let tz_ms = i64::from(tz) * 1000;
+    const DAY: i64 = 86_400_000;
+    const HOUR: i64 = 3_600_000;
+    let midnight = (now + tz_ms).div_euclid(DAY) * DAY - tz_ms;
+    let hour_now = (now + tz_ms).div_euclid(HOUR) * HOUR - tz_ms;
+    let first_hour = hour_now - 23 * HOUR;
+    let mut today: BTreeMap<&'static str, BTreeMap<String, u64>> = BTreeMap::new();
+    for k in [Kind::Access, Kind::Vehicle] {
+        let m = today.entry(k.as_str()).or_default();
+        m.insert("entry".into(), 0);
+        m.insert("exit".into(), 0);
+    }
+    today.entry(Kind::Camera.as_str()).or_default();
+    let mut hourly: Vec<HourOut> = (0..24)
+        .map(|i| {
+            let start_ms = first_hour + i * HOUR;
+            HourOut {
+                start: rfc3339_utc(start_ms),
+                start_ms,
+                access: 0,
+                vehicle: 0,
+                camera: 0,
+            }
+        })
+        .collect();
+    for w in st.store.windows_since(first_hour.min(midnight))? {
+        for (k, n) in &w.counts {
+            if w.start_ms >= midnight {
+                *today
+                    .entry(k.kind.as_str())
+                    .or_default()
+                    .entry(k.action.clone())
+                    .or_default() += n;
+            }
+            if w.start_ms >= first_hour {
+                let h = &mut hourly[((w.start_ms - first_hour) / HOUR).min(23) as usize];
+                match k.kind {
+                    Kind::Access => h.access += n,
+                    Kind::Vehicle => h.vehicle += n,
+                    Kind::Camera => h.camera += n,
+                }
+            }
+        }
+    }
+    let mut devices: Vec<DeviceOut> = st
+        .stats
+        .devices()
+        .into_iter()
+        .map(|((kind, name), d)| DeviceOut {
+            kind,
+            name,
+            source: "mqtt",
+            online: d.last_seen_ms > 0 && now - d.last_seen_ms <= DEVICE_ONLINE_WITHIN_MS,
+            last_seen: (d.last_seen_ms > 0).then(|| rfc3339_utc(d.last_seen_ms)),
+            last_error: d.last_error.map(str::to_string),
+            states: Default::default(),
+        })
+        .collect();
+    devices.extend(st.stats.modbus().into_iter().map(|(name, h)| {
+        DeviceOut {
+            kind: h.kind,
+            name,
+            source: "modbus",
+            online: h.online,
+            last_seen: h.last_seen_ms.map(rfc3339_utc),
+            last_error: h.last_error,
+            states: h
+                .states
+                .iter()
+                .map(|(k, v)| (k.clone(), v.to_json()))
+                .collect(),
+        }
+    }));
+    devices.sort_by(|a, b| (a.kind, &a.name).cmp(&(b.kind, &b.name)));
+    let o = st.store.overview()?;
+    let cfg = &st.cfg;
+    Ok(StatusOut {
+        gateway: GatewayOut {
+            id: cfg.gateway.id.clone(),
+            district: cfg.gateway.district.clone(),
+            street: cfg.gateway.street.clone(),
+            community: cfg.gateway.community.clone(),
+            compound: cfg.gateway.compound.clone(),
+        },
+        version: env!("CARGO_PKG_VERSION"),
+        uptime_secs: st.stats.started.elapsed().as_secs(),
+        now: rfc3339_utc(now),
+        today,
+        hourly,
+        devices,
+        upstream: UpstreamOut {
+            connected: st.stats.upstream_connected.load(Relaxed),
+            pending_summaries: o.pending_summaries,
+            pending_alerts: o.pending_alerts,
+            oldest_pending_window: o.oldest_pending_window_ms.map(rfc3339_utc),
+        },
+        store: StoreOut {
+            bytes: o.file_bytes,
+            raw_events: o.raw_events,
+            dedup_keys: o.dedup_keys,
+        },
+        counters: st.stats.counters(),
+        recent_alerts: st
+            .stats
+            .recent_alerts()
+            .into_iter()
+            .rev()
+            .map(|a| AlertOut {
+                at: rfc3339_utc(a.at_ms),
+                kind: a.kind,
+                device: a.device,
+                action: a.action,
+                id: a.id,
+            })
+            .collect(),
+        recent_rejects: st
+            .stats
+            .recent_rejects()
+            .into_iter()
+            .rev()
+            .map(|r| RejectOut {
+                at: rfc3339_utc(r.at_ms),
+                topic: r.topic,
+                reason: r.reason,
+            })
+            .collect(),
+        tz_secs: tz,
+    })
+}
+
+async fn snapshot_blocking(st: AppState) -> Result<StatusOut, Response> {
+    tokio::task::spawn_blocking(move || snapshot(&st))
+        .await
+        .map_err(|_| (StatusCode::INTERNAL_SERVER_ERROR, "snapshot task failed\n").into_response())?
+        .map_err(|e| (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")).into_response())
+}
+
+async fn api_status(State(st): State<AppState>) -> Response {
+    match snapshot_blocking(st).await {
+        Ok(s) => Json(s).into_response(),
+        Err(r) => r,
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct PageQuery {
+    lang: Option<String>,
+}
+
+async fn page(
+    State(st): State<AppState>,
+    Query(q): Query<PageQuery>,
+    headers: HeaderMap,
+) -> Response {
+    let _ = headers;
+    let en = q.lang.as_deref() == Some("en");
+    let refresh = st.cfg.status.refresh.0.as_secs();
+    match snapshot_blocking(st).await {
+        Ok(s) => Html(render(&s, en, refresh)).into_response(),
+        Err(r) => r,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// HTML
+// ---------------------------------------------------------------------------------------------
+
+fn esc(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// Labels, Chinese first.
+fn t(en: bool, key: &str) -> &'static str {
+    let (zh, e) = match key {
+        "title" => ("智安小区网关", "Smart-compound gateway"),
+        "today" => ("今日统计", "Today"),
+        "people" => ("人员进出", "People"),
+        "vehicles" => ("车辆进出", "Vehicles"),
+        "camera" => ("摄像头事件", "Camera incidents"),
+        "entry_p" => ("进入", "Entries"),
+        "exit_p" => ("离开", "Exits"),
+        "entry_v" => ("驶入", "Vehicles in"),
+        "exit_v" => ("驶出", "Vehicles out"),
+        "none" => ("无", "none"),
+        "hourly" => ("近24小时（每小时）", "Last 24 hours (hourly)"),
+        "devices" => ("设备", "Devices"),
+        "name" => ("名称", "Name"),
+        "kind" => ("类型", "Kind"),
+        "source" => ("接入", "Source"),
+        "state" => ("状态", "State"),
+        "online" => ("在线", "Online"),
+        "offline" => ("离线", "Offline"),
+        "last_seen" => ("最后上报", "Last seen"),
+        "last_error" => ("最近错误", "Last error"),
+        "values" => ("状态值", "Values"),
+        "never" => ("从未", "never"),
+        "upstream" => ("上级平台", "District platform"),
+        "link" => ("连接", "Link"),
+        "connected" => ("已连接", "Connected"),
+        "disconnected" => ("未连接", "Disconnected"),
+        "pending" => ("待发送汇总", "Pending summaries"),
+        "pending_alerts" => ("待发送告警", "Pending alerts"),
+        "oldest" => ("最早待发送窗口", "Oldest pending window"),
+        "store" => ("本地存储", "Local store"),
+        "alerts" => ("最近告警", "Recent alerts"),
+        "rejects" => ("最近拒收", "Recent rejects"),
+        "time" => ("时间", "Time"),
+        "device" => ("设备", "Device"),
+        "type" => ("类型", "Type"),
+        "topic" => ("主题", "Topic"),
+        "reason" => ("原因", "Reason"),
+        "updated" => ("更新于", "Updated"),
+        "other_lang" => ("English", "中文"),
+        "access" => ("门禁", "Access"),
+        "vehicle" => ("车辆", "Vehicle"),
+        "camera_k" => ("摄像头", "Camera"),
+        _ => ("?", "?"),
+    };
+    if en {
+        e
+    } else {
+        zh
+    }
+}
+
+fn kind_label(en: bool, k: Kind) -> &'static str {
+    match k {
+        Kind::Access => t(en, "access"),
+        Kind::Vehicle => t(en, "vehicle"),
+        Kind::Camera => t(en, "camera_k"),
+    }
+}
+
+fn action_label(en: bool, action: &str) -> String {
+    let zh = match action {
+        "stranger" => "陌生人",
+        "loitering" => "徘徊",
+        "high_altitude_throw" => "高空抛物",
+        "fire_lane_blocked" => "消防通道占用",
+        "intrusion" => "闯入",
+        "entry" => "进入",
+        "exit" => "离开",
+        _ => return action.to_string(),
+    };
+    if en {
+        action.replace('_', " ")
+    } else {
+        zh.to_string()
+    }
+}
+
+/// Local wall time `HH:MM` (or with the date when `date`).
+fn local(ms: i64, tz: i32, date: bool) -> String {
+    let s = rfc3339_utc(ms + i64::from(tz) * 1000);
+    // "YYYY-MM-DDTHH:MM:SS[.mmm]Z"
+    if date {
+        format!("{} {}", &s[5..10], &s[11..16])
+    } else {
+        s[11..16].to_string()
+    }
+}
+
+fn local_rfc(rfc: &Option<String>, tz: i32, en: bool) -> String {
+    match rfc.as_deref().and_then(|r| {
+        time::OffsetDateTime::parse(r, &time::format_description::well_known::Rfc3339).ok()
+    }) {
+        Some(t) => local((t.unix_timestamp_nanos() / 1_000_000) as i64, tz, true),
+        None => t(en, "never").to_string(),
+    }
+}
+
+fn chart(s: &StatusOut, en: bool) -> String {
+    let (w, h, pad) = (720.0f64, 200.0f64, 28.0f64);
+    let max = s
+        .hourly
+        .iter()
+        .map(|b| b.access + b.vehicle + b.camera)
+        .max()
+        .unwrap_or(0)
+        .max(1) as f64;
+    let bw = (w - pad) / 24.0;
+    let mut out = format!(
+        "<svg data-chart=\"hourly\" viewBox=\"0 0 {w} {}\" role=\"img\" aria-label=\"{}\" preserveAspectRatio=\"none\">",
+        h + 20.0,
+        t(en, "hourly")
+    );
+    out.push_str(&format!(
+        "<line x1=\"{pad}\" y1=\"{h}\" x2=\"{w}\" y2=\"{h}\" class=\"axis\"/><text x=\"0\" y=\"12\" class=\"lbl\">{}</text>",
+        max as u64
+    ));
+    for (i, b) in s.hourly.iter().enumerate() {
+        let x = pad + i as f64 * bw + 2.0;
+        let mut y = h;
+        for (n, class) in [(b.access, "a"), (b.vehicle, "v"), (b.camera, "c")] {
+            if n == 0 {
+                continue;
+            }
+            let bh = (n as f64 / max) * (h - 16.0);
+            y -= bh;
+            out.push_str(&format!(
+                "<rect x=\"{x:.1}\" y=\"{y:.1}\" width=\"{:.1}\" height=\"{bh:.1}\" class=\"{class}\"><title>{n}</title></rect>",
+                bw - 4.0
+            ));
+        }
+        if i % 3 == 0 {
+            out.push_str(&format!(
+                "<text x=\"{x:.1}\" y=\"{}\" class=\"lbl\">{}</text>",
+                h + 16.0,
+                local(b.start_ms, s.tz_secs, false)
+            ));
+        }
+    }
+    out.push_str("</svg>");
+    out
+}
+
+fn render(s: &StatusOut, en: bool, refresh: u64) -> String {
+    let site: Vec<&str> = [&s.gateway.district, &s.gateway.street, &s.gateway.community]
+        .into_iter()
+        .filter_map(|x| x.as_deref())
+        .collect();
+    let name = s
+        .gateway
+        .compound
+        .clone()
+        .unwrap_or_else(|| s.gateway.id.clone());
+    let mut h = String::with_capacity(16 * 1024);
+    h.push_str(&format!(
+        "<!doctype html><html lang=\"{lang}\"><head><meta charset=\"utf-8\">\
+         <meta name=\"viewport\" content=\"width=device-width,initial-scale=1\">\
+         <meta http-equiv=\"refresh\" content=\"{refresh}\">\
+         <title>{title} · {name}</title><style>{css}</style></head><body>",
+        lang = if en { "en" } else { "zh-CN" },
+        title = t(en, "title"),
+        name = esc(&name),
+        css = CSS,
+    ));
+    h.push_str(&format!(
+        "<header><h1>{} <small>{}</small></h1><p>{}{} · v{} · {} {}</p><a class=\"lang\" href=\"?lang={}\">{}</a></header>",
+        esc(&name),
+        t(en, "title"),
+        if site.is_empty() { String::new() } else { format!("{} · ", esc(&site.join(" "))) },
+        esc(&s.gateway.id),
+        s.version,
+        t(en, "updated"),
+        local_rfc(&Some(s.now.clone()), s.tz_secs, en),
+        if en { "zh" } else { "en" },
+        t(en, "other_lang"),
+    ));
+    // Today.
+    h.push_str(&format!(
+        "<section><h2>{}</h2><div class=\"cards\">",
+        t(en, "today")
+    ));
+    for (kind, group, entry, exit) in [
+        ("access", "people", "entry_p", "exit_p"),
+        ("vehicle", "vehicles", "entry_v", "exit_v"),
+    ] {
+        let m = s.today.get(kind).cloned().unwrap_or_default();
+        h.push_str(&format!("<div class=\"card\"><h3>{}</h3>", t(en, group)));
+        for (action, label) in [("entry", entry), ("exit", exit)] {
+            h.push_str(&format!(
+                "<div class=\"big\"><span>{}</span><b data-count=\"{kind}:{action}\">{}</b></div>",
+                t(en, label),
+                m.get(action).copied().unwrap_or(0)
+            ));
+        }
+        for (action, n) in m.iter().filter(|(a, _)| *a != "entry" && *a != "exit") {
+            h.push_str(&format!(
+                "<div class=\"small\"><span>{}</span><b data-count=\"{kind}:{}\">{n}</b></div>",
+                esc(&action_label(en, action)),
+                esc(action)
+            ));
+        }
+        h.push_str("</div>");
+    }
+    h.push_str(&format!("<div class=\"card\"><h3>{}</h3>", t(en, "camera")));
+    let cam = s.today.get("camera").cloned().unwrap_or_default();
+    if cam.is_empty() {
+        h.push_str(&format!("<p class=\"muted\">{}</p>", t(en, "none")));
+    }
+    for (action, n) in &cam {
+        h.push_str(&format!(
+            "<div class=\"small\"><span>{}</span><b data-count=\"camera:{}\">{n}</b></div>",
+            esc(&action_label(en, action)),
+            esc(action)
+        ));
+    }
+    h.push_str("</div></div></section>");
+    // Chart.
+    h.push_str(&format!(
+        "<section><h2>{}</h2>{}<p class=\"legend\"><i class=\"a\"></i>{} <i class=\"v\"></i>{} <i class=\"c\"></i>{}</p></section>",
+        t(en, "hourly"),
+        chart(s, en),
+        t(en, "access"),
+        t(en, "vehicle"),
+        t(en, "camera_k")
+    ));
+    // Devices.
+    h.push_str(&format!(
+        "<section><h2>{}</h2><table><tr><th>{}</th><th>{}</th><th>{}</th><th>{}</th><th>{}</th><th>{}</th><th>{}</th></tr>",
+        t(en, "devices"),
+        t(en, "name"),
+        t(en, "kind"),
+        t(en, "source"),
+        t(en, "state"),
+        t(en, "last_seen"),
+        t(en, "last_error"),
+        t(en, "values")
+    ));
+    for d in &s.devices {
+        let states: Vec<String> = d
+            .states
+            .iter()
+            .map(|(k, v)| format!("{}={}", esc(k), esc(&v.to_string())))
+            .collect();
+        h.push_str(&format!(
+            "<tr data-device=\"{name}\" data-online=\"{online}\"><td>{name}</td><td>{kind}</td><td>{src}</td><td class=\"{cls}\">{state}</td><td>{seen}</td><td>{err}</td><td>{states}</td></tr>",
+            name = esc(&d.name),
+            online = d.online,
+            kind = kind_label(en, d.kind),
+            src = if d.source == "mqtt" { "MQTT" } else { "Modbus" },
+            cls = if d.online { "ok" } else { "bad" },
+            state = t(en, if d.online { "online" } else { "offline" }),
+            seen = local_rfc(&d.last_seen, s.tz_secs, en),
+            err = esc(d.last_error.as_deref().unwrap_or("")),
+            states = states.join(" "),
+        ));
+    }
+    h.push_str("</table></section>");
+    // Upstream.
+    let u = &s.upstream;
+    h.push_str(&format!(
+        "<section><h2>{}</h2><div class=\"cards\"><div class=\"card\"><div class=\"small\"><span>{}</span><b data-upstream=\"{}\" class=\"{}\">{}</b></div>\
+         <div class=\"small\"><span>{}</span><b data-pending-summaries=\"{}\">{}</b></div>\
+         <div class=\"small\"><span>{}</span><b>{}</b></div>\
+         <div class=\"small\"><span>{}</span><b>{}</b></div>\
+         <div class=\"small\"><span>{}</span><b>{:.1} MiB</b></div></div></div></section>",
+        t(en, "upstream"),
+        t(en, "link"),
+        if u.connected { "connected" } else { "disconnected" },
+        if u.connected { "ok" } else { "bad" },
+        t(en, if u.connected { "connected" } else { "disconnected" }),
+        t(en, "pending"),
+        u.pending_summaries,
+        u.pending_summaries,
+        t(en, "pending_alerts"),
+        u.pending_alerts,
+        t(en, "oldest"),
+        u.oldest_pending_window
+            .as_ref()
+            .map(|_| local_rfc(&u.oldest_pending_window, s.tz_secs, en))
+            .unwrap_or_else(|| "—".into()),
+        t(en, "store"),
+        s.store.bytes as f64 / 1048576.0,
+    ));
+    // Alerts and rejects.
+    h.push_str(&format!(
+        "<section><h2>{}</h2><table><tr><th>{}</th><th>{}</th><th>{}</th></tr>",
+        t(en, "alerts"),
+        t(en, "time"),
+        t(en, "device"),
+        t(en, "type")
+    ));
+    for a in s.recent_alerts.iter().take(20) {
+        h.push_str(&format!(
+            "<tr data-alert=\"{}\"><td>{}</td><td>{}</td><td>{}</td></tr>",
+            esc(&a.action),
+            local_rfc(&Some(a.at.clone()), s.tz_secs, en),
+            esc(&a.device),
+            esc(&action_label(en, &a.action))
+        ));
+    }
+    h.push_str("</table></section>");
+    h.push_str(&format!(
+        "<section><h2>{}</h2><table><tr><th>{}</th><th>{}</th><th>{}</th></tr>",
+        t(en, "rejects"),
+        t(en, "time"),
+        t(en, "topic"),
+        t(en, "reason")
+    ));
+    for r in s.recent_rejects.iter().take(20) {
+        h.push_str(&format!(
+            "<tr><td>{}</td><td>{}</td><td>{}</td></tr>",
+            local_rfc(&Some(r.at.clone()), s.tz_secs, en),
+            esc(&r.topic),
+            r.reason
+        ));
+    }
+    h.push_str("</table></section></body></html>");
+    h
+}
+
+const CSS: &str = "body{font-family:system-ui,-apple-system,'PingFang SC','Noto Sans CJK SC','Microsoft YaHei',sans-serif;margin:0;background:#f4f6f8;color:#1d2329}\
+header{background:#0b5394;color:#fff;padding:12px 16px;position:relative}header h1{margin:0;font-size:1.4em}header small{font-weight:normal;opacity:.8;font-size:.6em}\
+header p{margin:4px 0 0;opacity:.85;font-size:.9em}.lang{position:absolute;right:16px;top:14px;color:#fff}\
+section{background:#fff;margin:12px;padding:12px 16px;border-radius:8px;box-shadow:0 1px 2px rgba(0,0,0,.08)}h2{font-size:1.1em;margin:0 0 8px}\
+.cards{display:flex;flex-wrap:wrap;gap:12px}.card{flex:1 1 220px;border:1px solid #e3e7eb;border-radius:6px;padding:8px 12px}.card h3{margin:0 0 6px;font-size:1em;color:#555}\
+.big{display:flex;justify-content:space-between;font-size:1.3em;margin:2px 0}.small{display:flex;justify-content:space-between;margin:2px 0}\
+table{width:100%;border-collapse:collapse;font-size:.92em}th,td{text-align:left;padding:4px 6px;border-bottom:1px solid #eee}\
+.ok{color:#137333;font-weight:bold}.bad{color:#c5221f;font-weight:bold}.muted{color:#888}\
+svg{width:100%;height:auto;max-height:260px}.axis{stroke:#999}.lbl{font-size:11px;fill:#666}rect.a,.legend i.a{fill:#1a73e8;background:#1a73e8}\
+rect.v,.legend i.v{fill:#f29900;background:#f29900}rect.c,.legend i.c{fill:#d93025;background:#d93025}.legend i{display:inline-block;width:10px;height:10px;margin:0 4px 0 10px}\
+@media(max-width:600px){section{margin:8px;padding:8px}table{font-size:.8em}}";
+
+/// A listener that holds at most `permits` connections open at once.
+struct Limited {
+    inner: tokio::net::TcpListener,
+    permits: Arc<Semaphore>,
+}
+
+struct LimitedIo {
+    io: tokio::net::TcpStream,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl axum::serve::Listener for Limited {
+    type Io = LimitedIo;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        let permit = self
+            .permits
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("semaphore never closed");
+        loop {
+            match self.inner.accept().await {
+                Ok((io, addr)) => {
+                    return (
+                        LimitedIo {
+                            io,
+                            _permit: permit,
+                        },
+                        addr,
+                    )
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "status page: accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<Self::Addr> {
+        self.inner.local_addr()
+    }
+}
+
+impl AsyncRead for LimitedIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for LimitedIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::counter::Value;
+
+    #[test]
+    fn password_hash_round_trip() {
+        let h = hash_password("门卫 secret").unwrap();
+        assert!(h.starts_with("$argon2"));
+        assert!(verify_password(&h, "门卫 secret"));
+        assert!(!verify_password(&h, "wrong"));
+        assert!(!verify_password("not a hash", "x"));
+    }
+
+    #[test]
+    fn classic_text_names_counter_samples() {
+        let om = "# HELP a_b Help.\n# TYPE a_b counter\na_b_total 3\n# HELP g G.\n# TYPE g gauge\ng 1\n# EOF\n";
+        assert_eq!(
+            to_prometheus_text(om),
+            "# HELP a_b_total Help.\n# TYPE a_b_total counter\na_b_total 3\n# HELP g G.\n# TYPE g gauge\ng 1\n"
+        );
+    }
+
+    #[test]
+    fn escaping() {
+        assert_eq!(
+            esc("<a href=\"x\">&'"),
+            "&lt;a href=&quot;x&quot;&gt;&amp;&#39;"
+        );
+    }
+
+    #[test]
+    fn value_json() {
+        assert_eq!(Value::Float(21.5).to_json(), serde_json::json!(21.5));
+    }
+}
