@@ -10,6 +10,7 @@ pub mod config;
 pub mod core;
 pub mod forwarder;
 pub mod ingest;
+pub mod inspect;
 pub mod modbus;
 pub mod mqtt;
 pub mod stats;

@@ -28,6 +28,16 @@ enum Command {
     },
     /// Read a password on stdin and print its hash for `status.password_hash`.
     HashPassword,
+    /// Offline read of the store (stop the daemon first): pending summaries, open windows,
+    /// device states, dedup keys held, disk use.
+    Inspect {
+        /// The daemon's data dir (gateway.data_dir).
+        #[arg(long, value_name = "DIR")]
+        data_dir: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn load(path: Option<PathBuf>) -> Result<config::Config, ExitCode> {
@@ -55,6 +65,26 @@ fn main() -> ExitCode {
                 ExitCode::SUCCESS
             }
             Err(code) => code,
+        },
+        Command::Inspect { data_dir, json } => match zhian_gateway::inspect::report(&data_dir) {
+            Ok(r) => {
+                if json {
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&r).expect("report serializes")
+                    );
+                } else {
+                    print!("{}", r.to_text());
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("inspect: {e}");
+                if e.to_string().contains("lock") || e.to_string().contains("already open") {
+                    eprintln!("inspect: the store is in use: stop the daemon first (systemctl stop zhian-gateway), or use the status page");
+                }
+                ExitCode::FAILURE
+            }
         },
         Command::HashPassword => {
             use std::io::{BufRead, IsTerminal};

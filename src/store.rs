@@ -75,6 +75,10 @@ pub enum StoreError {
     Format(u32),
     #[error("store: cannot read random bytes for the subject key: {0}")]
     Random(String),
+    #[error("store: opened read-only")]
+    ReadOnly,
+    #[error("store: {} does not exist", .0.display())]
+    Missing(PathBuf),
 }
 
 macro_rules! from_redb {
@@ -266,8 +270,14 @@ pub struct Overview {
     pub file_bytes: u64,
 }
 
+/// The database, opened for the daemon (read-write) or for `inspect` (read-only).
+enum Db {
+    ReadWrite(Database),
+    ReadOnly(redb::ReadOnlyDatabase),
+}
+
 pub struct Store {
-    db: Database,
+    db: Db,
     path: PathBuf,
     subject_key: [u8; 32],
     subjects: SubjectMode,
@@ -333,12 +343,40 @@ impl Store {
         };
         txn.commit()?;
         Ok(Store {
-            db,
+            db: Db::ReadWrite(db),
             path,
             subject_key,
             subjects,
             next_seq: std::sync::Mutex::new(next_seq),
         })
+    }
+
+    /// Open an existing store read-only (`inspect`): fails while a daemon has it open.
+    pub fn open_read_only(data_dir: &Path) -> Result<Store, StoreError> {
+        let path = data_dir.join(FILE_NAME);
+        if !path.exists() {
+            return Err(StoreError::Missing(path));
+        }
+        let db = redb::ReadOnlyDatabase::open(&path)?;
+        let (subject_key, next_seq) = {
+            let txn = db.begin_read()?;
+            let meta = txn.open_table(META)?;
+            ([0u8; 32], read_u64(&meta, "next_seq")?)
+        };
+        Ok(Store {
+            db: Db::ReadOnly(db),
+            path,
+            subject_key,
+            subjects: SubjectMode::Drop,
+            next_seq: std::sync::Mutex::new(next_seq),
+        })
+    }
+
+    fn read(&self) -> Result<redb::ReadTransaction, redb::TransactionError> {
+        match &self.db {
+            Db::ReadWrite(db) => db.begin_read(),
+            Db::ReadOnly(db) => db.begin_read(),
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -376,7 +414,10 @@ impl Store {
         maintain: Option<&Retention>,
     ) -> Result<CommitReport, StoreError> {
         let mut next_seq = self.next_seq.lock().expect("seq lock");
-        let mut txn = self.db.begin_write()?;
+        let Db::ReadWrite(db) = &self.db else {
+            return Err(StoreError::ReadOnly);
+        };
+        let mut txn = db.begin_write()?;
         txn.set_quick_repair(true);
         let mut report = CommitReport::default();
         let mut seq = *next_seq;
@@ -443,7 +484,7 @@ impl Store {
         r: &Retention,
         now_ms: i64,
     ) -> Result<bool, StoreError> {
-        let txn = self.db.begin_read()?;
+        let txn = self.read()?;
         let w = engine.window;
         let due_start = now_ms - w.window_ms as i64 - w.grace_ms as i64;
         if txn
@@ -488,7 +529,7 @@ impl Store {
         after: Option<u64>,
         limit: usize,
     ) -> Result<Vec<(OutboxKey, OutboxRecordV1)>, StoreError> {
-        let txn = self.db.begin_read()?;
+        let txn = self.read()?;
         let t = txn.open_table(OUTBOX)?;
         let start = after.map_or(0, |s| s.saturating_add(1));
         let mut out = Vec::new();
@@ -507,7 +548,7 @@ impl Store {
         &self,
         keys: impl IntoIterator<Item = OutboxKey>,
     ) -> Result<Vec<OutboxKey>, StoreError> {
-        let txn = self.db.begin_read()?;
+        let txn = self.read()?;
         let t = txn.open_table(OUTBOX)?;
         let mut out = Vec::new();
         for k in keys {
@@ -520,7 +561,7 @@ impl Store {
 
     /// Counts for the heartbeat, status page and `inspect`.
     pub fn overview(&self) -> Result<Overview, StoreError> {
-        let txn = self.db.begin_read()?;
+        let txn = self.read()?;
         let outbox = txn.open_table(OUTBOX)?;
         let pending_alerts = outbox
             .range((CLASS_ALERT, 0)..=(CLASS_ALERT, u64::MAX))?
@@ -550,13 +591,29 @@ impl Store {
 
     /// Number of entries in the outbox (cheap: redb keeps table lengths).
     pub fn outbox_len(&self) -> Result<u64, StoreError> {
-        let txn = self.db.begin_read()?;
+        let txn = self.read()?;
         Ok(txn.open_table(OUTBOX)?.len()?)
+    }
+
+    /// Starts of the windows not yet summarised, oldest first.
+    pub fn open_windows(&self) -> Result<Vec<i64>, StoreError> {
+        let txn = self.read()?;
+        let t = txn.open_table(OPEN_WINDOWS)?;
+        let mut out = Vec::new();
+        for row in t.iter()? {
+            out.push(row?.0.value());
+        }
+        Ok(out)
+    }
+
+    /// Number of windows held (open and summarised).
+    pub fn windows_held(&self) -> Result<u64, StoreError> {
+        Ok(self.read()?.open_table(WINDOWS)?.len()?)
     }
 
     /// Every Modbus state point: key "kind\0device\0point" and its record.
     pub fn states(&self) -> Result<Vec<(String, StateRecordV1)>, StoreError> {
-        let txn = self.db.begin_read()?;
+        let txn = self.read()?;
         let t = txn.open_table(STATES)?;
         let mut out = Vec::new();
         for row in t.iter()? {
@@ -568,7 +625,7 @@ impl Store {
 
     /// Every Modbus counter's last committed value.
     pub fn counters(&self) -> Result<Vec<(String, CounterRecordV1)>, StoreError> {
-        let txn = self.db.begin_read()?;
+        let txn = self.read()?;
         let t = txn.open_table(COUNTERS)?;
         let mut out = Vec::new();
         for row in t.iter()? {
@@ -585,7 +642,7 @@ impl Store {
 
     /// Windows starting at or after `start_ms`, oldest first (the status page).
     pub fn windows_since(&self, start_ms: i64) -> Result<Vec<WindowState>, StoreError> {
-        let txn = self.db.begin_read()?;
+        let txn = self.read()?;
         let t = txn.open_table(WINDOWS)?;
         let mut out = Vec::new();
         for row in t.range(start_ms..)? {
@@ -597,7 +654,7 @@ impl Store {
 
     /// All raw events, oldest first (tests and investigations).
     pub fn raw_events(&self) -> Result<Vec<EventRecordV1>, StoreError> {
-        let txn = self.db.begin_read()?;
+        let txn = self.read()?;
         let t = txn.open_table(EVENTS)?;
         let mut out = Vec::new();
         for row in t.iter()? {
