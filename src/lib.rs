@@ -16,6 +16,7 @@ pub mod mqtt;
 pub mod stats;
 pub mod status;
 pub mod store;
+pub mod systemd;
 
 use crate::committer::{Committer, CommitterCfg};
 use crate::config::Config;
@@ -198,6 +199,8 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         })
     });
     tracing::info!(gateway = %cfg.gateway.id, version = VERSION, "zhian-gateway running");
+    systemd::ready();
+    let watchdog = tokio::spawn(systemd::watchdog(stats.clone(), status_stop.clone()));
 
     let mut result = Ok(());
     let mut committer_done = false;
@@ -212,6 +215,8 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
             tracing::error!("committer stopped; shutting down");
         }
     }
+    systemd::stopping();
+    watchdog.abort();
     // Ordered, time-bounded shutdown: stop taking messages and say goodbye upstream; the
     // committer commits what was accepted (and the PUBACKs the forwarder saw), then acks go out
     // and the device connection closes.

@@ -78,6 +78,9 @@ pub struct Stats {
     down: Mutex<Vec<&'static str>>,
     recent_alerts: Mutex<VecDeque<AlertNote>>,
     pub commits: AtomicU64,
+    /// Wall clock (ms) of the committer's latest loop turn: it turns at least every tick
+    /// (≤ 1 s), so a stale value means the pipeline is stuck (the systemd watchdog's input).
+    pub committer_alive: std::sync::atomic::AtomicI64,
     pub commit_micros_total: AtomicU64,
     pub upstream_connected: AtomicBool,
     pub upstream_published: AtomicU64,
@@ -130,6 +133,7 @@ impl Default for Stats {
             down: Mutex::new(Vec::new()),
             recent_alerts: Mutex::new(VecDeque::new()),
             commits: AtomicU64::new(0),
+            committer_alive: std::sync::atomic::AtomicI64::new(0),
             commit_micros_total: AtomicU64::new(0),
             upstream_connected: AtomicBool::new(false),
             upstream_published: AtomicU64::new(0),
