@@ -1,18 +1,36 @@
 #!/usr/bin/env bash
-# Installs what the Modbus end-to-end tests need when it is missing: socat (pty pairs for the RTU
-# test) and pymodbus + pyserial (the test peer, tests/modbus_peer.py). Idempotent; prints nothing
+# Installs what the end-to-end tests need when it is missing: socat (pty pairs for the RTU test),
+# pymodbus + pyserial (the Modbus test peer, tests/modbus_peer.py), chromium (renders the status
+# page headless) and prometheus (for promtool, which checks /metrics). Idempotent; prints nothing
 # when everything is already there, one line per install otherwise.
 set -euo pipefail
 
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 
-if ! command -v socat >/dev/null 2>&1; then
-  echo "test-deps.sh: installing socat"
+# Debian packages, each checked by the program the tests run (chromium and promtool by the paths
+# tests/e2e_status.rs uses).
+need_apt=()
+command -v socat >/dev/null 2>&1 || need_apt+=(socat)
+[ -x /usr/bin/chromium ] || need_apt+=(chromium)
+[ -x /usr/bin/promtool ] || need_apt+=(prometheus)
+# A CJK font, so the status page's Chinese renders in headless Chromium (screenshots).
+[ -f /usr/share/fonts/truetype/wqy/wqy-microhei.ttc ] || need_apt+=(fonts-wqy-microhei)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  echo "test-deps.sh: installing ${need_apt[*]}"
   export DEBIAN_FRONTEND=noninteractive DEBCONF_NOWARNINGS=yes
-  if ! { apt-get update -qq && apt-get install -y -qq --no-install-recommends socat; } >"$log" 2>&1; then
+  # policy-rc.d 101: the prometheus package must not start a server (port 9090) on install.
+  policy=/usr/sbin/policy-rc.d
+  own_policy=0
+  if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod +x "$policy" && own_policy=1
+  fi
+  ok=1
+  { apt-get update -qq && apt-get install -y -qq --no-install-recommends "${need_apt[@]}"; } >"$log" 2>&1 || ok=0
+  if [ "$own_policy" = 1 ]; then rm -f "$policy"; fi
+  if [ "$ok" != 1 ]; then
     cat "$log" >&2
-    echo "test-deps.sh: apt-get could not install socat" >&2
+    echo "test-deps.sh: apt-get could not install ${need_apt[*]}" >&2
     exit 1
   fi
 fi

@@ -844,11 +844,52 @@ pub fn validate(c: &Config) -> Vec<Problem> {
             ));
         }
     }
-    if c.status.listen.parse::<SocketAddr>().is_err() {
-        p.push(problem(
+    match c.status.listen.parse::<SocketAddr>() {
+        Err(_) => p.push(problem(
             "status.listen",
             format!("{:?} is not ip:port", c.status.listen),
+        )),
+        Ok(addr) if c.status.enabled => {
+            let creds = (
+                c.status.username.is_some(),
+                c.status.password_hash.is_some(),
+            );
+            if !addr.ip().is_loopback() && creds != (true, true) {
+                p.push(problem(
+                    "status.username",
+                    format!("status.listen {addr} is reachable from the LAN: set status.username and status.password_hash (`zhian-gateway hash-password` makes one)"),
+                ));
+            } else if creds.0 != creds.1 {
+                p.push(problem(
+                    "status.password_hash",
+                    "status.username and status.password_hash go together",
+                ));
+            }
+        }
+        Ok(_) => {}
+    }
+    if let Some(h) = &c.status.password_hash {
+        if argon2::PasswordHash::new(&h.0).is_err() {
+            p.push(problem(
+                "status.password_hash",
+                "not a PHC password hash; make one with `zhian-gateway hash-password`",
+            ));
+        }
+    }
+    if parse_utc_offset(&c.status.timezone).is_none() {
+        p.push(problem(
+            "status.timezone",
+            format!(
+                "{:?} is not a UTC offset like \"+08:00\"",
+                c.status.timezone
+            ),
         ));
+    }
+    if c.status.max_connections == 0 || c.status.max_connections > 1024 {
+        p.push(problem("status.max_connections", "between 1 and 1024"));
+    }
+    if c.status.refresh.0 < Duration::from_secs(5) {
+        p.push(problem("status.refresh", "at least 5s"));
     }
     for (i, a) in c.alerts.actions.iter().enumerate() {
         if a.is_empty() || a.len() > 64 || !a.chars().all(is_action_char) {
@@ -1153,6 +1194,18 @@ mod tests {
         assert!(keys.contains(&"gateway.id"), "{keys:?}");
         assert!(keys.contains(&"upstream.url"), "{keys:?}");
         assert!(keys.contains(&"aggregate.grace"), "{keys:?}");
+    }
+
+    #[test]
+    fn lan_status_page_needs_credentials() {
+        let lan = "[gateway]\nid = \"gw-1\"\n[status]\nlisten = \"0.0.0.0:8080\"\n";
+        let e = load_str(lan, &[]).unwrap_err();
+        assert_eq!(e[0].key, "status.username", "{e:?}");
+        let hash = "$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHRzYWx0$3Tm6mSMGfCA1C8GdBDuFjH4GY4uSbcVxR3R5mx0eGXY";
+        let ok = format!("{lan}username = \"wuye\"\npassword_hash = \"{hash}\"\n");
+        assert!(load_str(&ok, &[]).is_ok());
+        let bad_tz = "[gateway]\nid = \"gw-1\"\n[status]\ntimezone = \"CST\"\n";
+        assert_eq!(load_str(bad_tz, &[]).unwrap_err()[0].key, "status.timezone");
     }
 
     #[test]

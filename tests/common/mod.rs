@@ -1538,3 +1538,60 @@ impl Drop for Site {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// A site with a config of the test's own
+// ---------------------------------------------------------------------------------------------
+
+impl Site {
+    /// [`Site::start`] with `edit` applied to the config text before the daemon first starts
+    /// (e.g. to replace the `[status]` table that [`config_text`] writes).
+    pub fn start_with(
+        name: &str,
+        persistent_district: bool,
+        edit: impl FnOnce(String) -> String,
+    ) -> Site {
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("zhian-e2e-{name}-"))
+            .tempdir()
+            .expect("create tempdir");
+        let root = dir.path().to_path_buf();
+        let device = Mosquitto::start(&root.join("device-broker"), free_port(), false);
+        let district = Mosquitto::start(
+            &root.join("district-broker"),
+            free_port(),
+            persistent_district,
+        );
+        let upstream = Upstream::start(district.port, &format!("collector-{name}"));
+        seed_session(device.port, DEVICE_CLIENT_ID, DEVICE_FILTER);
+        let config = root.join("gateway.toml");
+        let text = edit(config_text(
+            &root.join("data"),
+            device.port,
+            district.port,
+            "",
+        ));
+        fs::write(&config, text).expect("write config");
+        let log = root.join("daemon.log");
+        let mut site = Site {
+            name: name.to_string(),
+            daemon: None,
+            upstream,
+            device,
+            district,
+            root,
+            config,
+            log,
+            publishers: 0,
+            dir: Some(dir),
+        };
+        site.start_daemon();
+        site.wait_ready();
+        site
+    }
+
+    /// Exit status if the daemon has exited (None while it runs or when it was never started).
+    pub fn daemon_exited(&mut self) -> Option<ExitStatus> {
+        self.daemon.as_mut().and_then(Daemon::try_wait)
+    }
+}
