@@ -32,6 +32,12 @@ cargo test --locked --lib --bins --tests 2>&1 | tee target/test-output.txt
 status=${PIPESTATUS[0]}
 set -e
 # One closing line over every test binary.
-awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i) ~ /^passed;?$/) p += $(i-1); if ($(i) ~ /^failed;?$/) f += $(i-1) } }
-     END { printf "all test binaries: %d passed, %d failed\n", p, f }' target/test-output.txt
-exit "$status"
+summary=$(awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i) ~ /^passed;?$/) p += $(i-1); if ($(i) ~ /^failed;?$/) f += $(i-1) } }
+     END { printf "all test binaries: %d passed, %d failed", p, f }' target/test-output.txt)
+echo "$summary"
+[ "$status" = 0 ] || exit "$status"
+echo "== systemd unit"
+bash scripts/check-unit.sh target/debug/zhian-gateway
+echo "== aarch64 release under qemu"
+bash scripts/check-arm.sh
+echo "$summary"

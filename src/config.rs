@@ -662,6 +662,20 @@ pub fn load_with_env(
         .with_list_parse_key("alerts.actions")
         .source(env);
     builder = builder.add_source(environment);
+    finish(builder)
+}
+
+/// Defaults < `text` (TOML), no environment: the embedded demo site.
+pub fn load_str(text: &str) -> Result<Config, Vec<Problem>> {
+    finish(
+        config::Config::builder()
+            .add_source(config::File::from_str(text, config::FileFormat::Toml)),
+    )
+}
+
+fn finish(
+    builder: config::ConfigBuilder<config::builder::DefaultState>,
+) -> Result<Config, Vec<Problem>> {
     let raw = builder.build().map_err(|e| vec![from_config_error(e)])?;
     let cfg: Config = serde_path_to_error::deserialize(raw).map_err(|e| {
         let path = e.path().to_string();
@@ -721,10 +735,10 @@ pub fn validate(c: &Config) -> Vec<Problem> {
     if g.data_dir.as_os_str().is_empty() {
         p.push(problem("gateway.data_dir", "must not be empty"));
     }
-    if c.broker.enabled {
+    if c.broker.enabled && !cfg!(feature = "embedded-broker") {
         p.push(problem(
             "broker.enabled",
-            "the embedded broker is not part of this build yet; use a site broker (see README)",
+            "this build has no embedded broker (cargo feature `embedded-broker`); use a site broker",
         ));
     }
     if c.broker.listen.parse::<SocketAddr>().is_err() {

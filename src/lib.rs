@@ -5,9 +5,12 @@
 //! config and calls it with a shutdown future. Tests drive it the same way.
 
 pub mod backoff;
+pub mod broker;
 pub mod committer;
 pub mod config;
 pub mod core;
+#[cfg(feature = "demo")]
+pub mod demo;
 pub mod forwarder;
 pub mod ingest;
 pub mod inspect;
@@ -49,6 +52,8 @@ pub enum RunError {
     Store(#[from] store::StoreError),
     #[error("a core task stopped unexpectedly: {0}")]
     TaskDied(&'static str),
+    #[error("{0}")]
+    Broker(String),
     #[error("{what}: cannot listen on {addr}: {source}")]
     Bind {
         what: &'static str,
@@ -93,6 +98,18 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     };
     let store = Arc::new(store);
     tracing::info!(path = %store.path().display(), "store open");
+    if cfg.broker.enabled {
+        let listen: std::net::SocketAddr = cfg.broker.listen.parse().map_err(|_| {
+            RunError::Broker(format!(
+                "broker.listen: {:?} is not ip:port",
+                cfg.broker.listen
+            ))
+        })?;
+        tokio::task::spawn_blocking(move || broker::start(listen))
+            .await
+            .map_err(|_| RunError::TaskDied("embedded broker start"))?
+            .map_err(RunError::Broker)?;
+    }
     let status_listener = if cfg.status.enabled {
         Some(status::bind(&cfg).await.map_err(|e| RunError::Bind {
             what: "status.listen",

@@ -26,6 +26,12 @@ enum Command {
         #[arg(long, value_name = "PATH")]
         config: Option<PathBuf>,
     },
+    /// A self-contained site: embedded broker, simulated devices, status page on 127.0.0.1:8080.
+    Demo {
+        /// Where the demo keeps its store (default: gateway.data_dir of config/demo.toml).
+        #[arg(long, value_name = "DIR")]
+        data_dir: Option<PathBuf>,
+    },
     /// Read a password on stdin and print its hash for `status.password_hash`.
     HashPassword,
     /// Offline read of the store (stop the daemon first): pending summaries, open windows,
@@ -86,6 +92,7 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Demo { data_dir } => demo(data_dir),
         Command::HashPassword => {
             use std::io::{BufRead, IsTerminal};
             if std::io::stdin().is_terminal() {
@@ -141,6 +148,37 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+#[cfg(feature = "demo")]
+fn demo(data_dir: Option<PathBuf>) -> ExitCode {
+    init_logging();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(zhian_gateway::demo::run(data_dir, shutdown_signal()));
+    rt.shutdown_timeout(std::time::Duration::from_millis(300));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("demo failed: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(not(feature = "demo"))]
+fn demo(_data_dir: Option<PathBuf>) -> ExitCode {
+    eprintln!("this build has no demo (cargo feature `demo`)");
+    ExitCode::FAILURE
 }
 
 fn init_logging() {
