@@ -10,8 +10,8 @@
 //! `persistence true`) would have kept. Use a site broker where that matters; see the README.
 
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
 
+#[cfg(feature = "embedded-broker")]
 /// Largest payload the embedded broker takes: above the contract's 64 KiB, so an oversized
 /// device message reaches validation and is rejected (and counted) by the gateway.
 const MAX_PAYLOAD: usize = 1 << 20;
@@ -19,6 +19,7 @@ const MAX_PAYLOAD: usize = 1 << 20;
 /// Start the broker on `listen` in its own threads; returns once it accepts connections.
 #[cfg(feature = "embedded-broker")]
 pub fn start(listen: SocketAddr) -> Result<(), String> {
+    use std::time::{Duration, Instant};
     let text = format!(
         r#"id = 0
 [router]
