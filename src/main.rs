@@ -124,34 +124,13 @@ fn main() -> ExitCode {
                 Ok(c) => c,
                 Err(code) => return code,
             };
-            init_logging();
-            let rt = match tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("cannot start the runtime: {e}");
-                    return ExitCode::FAILURE;
-                }
-            };
-            let result = rt.block_on(zhian_gateway::run(cfg, shutdown_signal()));
-            // Do not wait for a blocking thread stuck on a dead disk: the 5 s budget is spent.
-            rt.shutdown_timeout(std::time::Duration::from_millis(300));
-            match result {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    tracing::error!(error = %e, "zhian-gateway failed");
-                    ExitCode::FAILURE
-                }
-            }
+            serve(zhian_gateway::run(cfg, shutdown_signal()))
         }
     }
 }
 
-#[cfg(feature = "demo")]
-fn demo(data_dir: Option<PathBuf>) -> ExitCode {
+/// Run the daemon (or the demo) on a small runtime and turn its result into an exit code.
+fn serve(fut: impl std::future::Future<Output = Result<(), zhian_gateway::RunError>>) -> ExitCode {
     init_logging();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -164,15 +143,21 @@ fn demo(data_dir: Option<PathBuf>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = rt.block_on(zhian_gateway::demo::run(data_dir, shutdown_signal()));
+    let result = rt.block_on(fut);
+    // Do not wait for a blocking thread stuck on a dead disk: the 5 s budget is spent.
     rt.shutdown_timeout(std::time::Duration::from_millis(300));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("demo failed: {e}");
+            tracing::error!(error = %e, "zhian-gateway failed");
             ExitCode::FAILURE
         }
     }
+}
+
+#[cfg(feature = "demo")]
+fn demo(data_dir: Option<PathBuf>) -> ExitCode {
+    serve(zhian_gateway::demo::run(data_dir, shutdown_signal()))
 }
 
 #[cfg(not(feature = "demo"))]
