@@ -4,7 +4,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bin=${1:-target/debug/zhian-gateway}
-command -v systemd-analyze >/dev/null || { echo "check-unit.sh: systemd-analyze missing (apt-get install systemd)"; exit 1; }
+if ! command -v systemd-analyze >/dev/null; then
+  echo "check-unit.sh: installing systemd (for systemd-analyze)"
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends systemd; } >/dev/null
+fi
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 # The unit names /usr/local/bin/zhian-gateway; verify a copy that points at the built binary.

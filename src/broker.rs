@@ -12,21 +12,37 @@
 use std::net::SocketAddr;
 
 #[cfg(feature = "embedded-broker")]
+/// Memory: rumqttd keeps a log per topic filter of `max_segment_count` segments of
+/// `max_segment_size`; 4 × 1 MiB bounds it on a small box (the gateway reads as it goes).
 /// Largest payload the embedded broker takes: above the contract's 64 KiB, so an oversized
 /// device message reaches validation and is rejected (and counted) by the gateway.
 const MAX_PAYLOAD: usize = 1 << 20;
 
 /// Start the broker on `listen` in its own threads; returns once it accepts connections.
 #[cfg(feature = "embedded-broker")]
-pub fn start(listen: SocketAddr) -> Result<(), String> {
+pub fn start(listen: SocketAddr, credentials: Option<(&str, &str)>) -> Result<(), String> {
     use std::time::{Duration, Instant};
+    // Refuse a port someone else holds (a site mosquitto on 1883, say) instead of quietly
+    // talking to it.
+    drop(
+        std::net::TcpListener::bind(listen)
+            .map_err(|e| format!("broker.listen: cannot listen on {listen}: {e}"))?,
+    );
+    let auth = match credentials {
+        Some((u, p)) => format!(
+            "[v4.1.connections.auth]\n{} = {}\n",
+            toml_str(u),
+            toml_str(p)
+        ),
+        None => String::new(),
+    };
     let text = format!(
         r#"id = 0
 [router]
 max_connections = 1000
 max_outgoing_packet_count = 1000
-max_segment_size = 104857600
-max_segment_count = 10
+max_segment_size = 1048576
+max_segment_count = 4
 
 [v4.1]
 name = "v4-1"
@@ -37,7 +53,7 @@ connection_timeout_ms = 60000
 max_payload_size = {MAX_PAYLOAD}
 max_inflight_count = 1000
 dynamic_filters = true
-"#
+{auth}"#
     );
     let config: rumqttd::Config =
         toml::from_str(&text).map_err(|e| format!("embedded broker config: {e}"))?;
@@ -65,9 +81,14 @@ dynamic_filters = true
     Ok(())
 }
 
+#[cfg(feature = "embedded-broker")]
+fn toml_str(s: &str) -> String {
+    toml::Value::String(s.to_string()).to_string()
+}
+
 /// Without the `embedded-broker` feature there is nothing to start.
 #[cfg(not(feature = "embedded-broker"))]
-pub fn start(listen: SocketAddr) -> Result<(), String> {
+pub fn start(listen: SocketAddr, _credentials: Option<(&str, &str)>) -> Result<(), String> {
     Err(format!(
         "broker.enabled: this build has no embedded broker (cargo feature `embedded-broker`); cannot listen on {listen}"
     ))

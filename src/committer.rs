@@ -113,7 +113,7 @@ impl Committer {
                 }
             }
             acked.extend(self.acked.try_iter());
-            self.stats.committer_alive.store(now_ms(), Relaxed);
+            self.stats.committer_turned();
             let tick = Instant::now() >= next_tick;
             if tick {
                 next_tick = Instant::now() + self.cfg.tick;

@@ -197,6 +197,10 @@ impl Default for Gateway {
 pub struct Broker {
     pub enabled: bool,
     pub listen: String,
+    /// Credentials every client (devices, and this gateway's own `mqtt`/`upstream` clients when
+    /// they use the embedded broker) must present. Required when `listen` is not loopback.
+    pub username: Option<String>,
+    pub password: Option<Secret>,
 }
 
 impl Default for Broker {
@@ -204,6 +208,8 @@ impl Default for Broker {
         Broker {
             enabled: false,
             listen: "127.0.0.1:1883".into(),
+            username: None,
+            password: None,
         }
     }
 }
@@ -741,6 +747,25 @@ pub fn validate(c: &Config) -> Vec<Problem> {
             "this build has no embedded broker (cargo feature `embedded-broker`); use a site broker",
         ));
     }
+    if c.broker.enabled {
+        let lan = c
+            .broker
+            .listen
+            .parse::<SocketAddr>()
+            .is_ok_and(|a| !a.ip().is_loopback());
+        let creds = (c.broker.username.is_some(), c.broker.password.is_some());
+        if lan && creds != (true, true) {
+            p.push(problem(
+                "broker.username",
+                "the embedded broker listens on the LAN: set broker.username and broker.password (devices carry cards, faces and plates)",
+            ));
+        } else if creds.0 != creds.1 {
+            p.push(problem(
+                "broker.password",
+                "broker.username and broker.password go together",
+            ));
+        }
+    }
     if c.broker.listen.parse::<SocketAddr>().is_err() {
         p.push(problem(
             "broker.listen",
@@ -868,7 +893,16 @@ pub fn validate(c: &Config) -> Vec<Problem> {
                 c.status.username.is_some(),
                 c.status.password_hash.is_some(),
             );
-            if !addr.ip().is_loopback() && creds != (true, true) {
+            if c.status
+                .username
+                .as_deref()
+                .is_some_and(|u| u.is_empty() || u.contains(':'))
+            {
+                p.push(problem(
+                    "status.username",
+                    "must be non-empty and without ':' (HTTP Basic auth)",
+                ));
+            } else if !addr.ip().is_loopback() && creds != (true, true) {
                 p.push(problem(
                     "status.username",
                     format!("status.listen {addr} is reachable from the LAN: set status.username and status.password_hash (`zhian-gateway hash-password` makes one)"),

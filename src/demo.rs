@@ -58,6 +58,23 @@ pub async fn run(
     let stop = CancellationToken::new();
     let tz = config::parse_utc_offset(&cfg.status.timezone).unwrap_or(8 * 3600);
     let gate = Arc::new(Mutex::new(GateState::default()));
+    {
+        // Continue the simulated controller's counters from what an earlier demo run in the
+        // same data dir stored, so a second run does not read a "reset" worth 48k vehicles.
+        let stored = crate::store::Store::open_read_only(&cfg.gateway.data_dir)
+            .and_then(|s| s.counters())
+            .unwrap_or_default();
+        let last = |point: &str| {
+            stored
+                .iter()
+                .find(|(k, _)| k.as_str() == format!("vehicle\0gate-east\0{point}"))
+                .map(|(_, r)| r.value as u32)
+        };
+        let mut g = gate.lock().expect("gate");
+        // A controller that has been counting for a while: the first reading is a baseline.
+        g.add(0, last("plates_in").unwrap_or(48_211));
+        g.add(2, last("plates_out").unwrap_or(48_150));
+    }
     tokio::spawn(serve_gate(gate.clone(), stop.clone()));
     tokio::spawn(drive_gate(gate, tz, stop.clone()));
     let broker_port = cfg
@@ -98,7 +115,8 @@ async fn simulate_mqtt(port: u16, tz: i32, stop: CancellationToken) {
             }
         }
     });
-    let mut seq: u64 = 0;
+    // Event ids unique across demo runs in the same data dir (dedup holds keys for 24 h).
+    let mut seq: u64 = crate::committer::now_ms() as u64;
     let mut last: Vec<(String, String)> = Vec::new();
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     loop {
@@ -209,12 +227,6 @@ impl GateState {
 
 /// Vehicles come and go with the same rhythm; the barrier opens for each.
 async fn drive_gate(gate: Arc<Mutex<GateState>>, tz: i32, stop: CancellationToken) {
-    {
-        let mut g = gate.lock().expect("gate");
-        // A controller that has been counting for a while: the first reading is a baseline.
-        g.add(0, 48_211);
-        g.add(2, 48_150);
-    }
     let mut tick = tokio::time::interval(Duration::from_millis(1000));
     loop {
         tokio::select! {

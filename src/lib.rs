@@ -44,7 +44,7 @@ pub const VERSION: &str = concat!(
 );
 
 /// Everything after SIGTERM must finish within this (the contract allows 5 s).
-pub const SHUTDOWN_BUDGET: Duration = Duration::from_millis(4500);
+pub const SHUTDOWN_BUDGET: Duration = Duration::from_millis(4000);
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -105,10 +105,20 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
                 cfg.broker.listen
             ))
         })?;
-        tokio::task::spawn_blocking(move || broker::start(listen))
-            .await
-            .map_err(|_| RunError::TaskDied("embedded broker start"))?
-            .map_err(RunError::Broker)?;
+        let creds = cfg
+            .broker
+            .username
+            .clone()
+            .zip(cfg.broker.password.clone().map(|p| p.0));
+        tokio::task::spawn_blocking(move || {
+            broker::start(
+                listen,
+                creds.as_ref().map(|(u, p)| (u.as_str(), p.as_str())),
+            )
+        })
+        .await
+        .map_err(|_| RunError::TaskDied("embedded broker start"))?
+        .map_err(RunError::Broker)?;
     }
     let status_listener = if cfg.status.enabled {
         Some(status::bind(&cfg).await.map_err(|e| RunError::Bind {

@@ -124,13 +124,16 @@ fn main() -> ExitCode {
                 Ok(c) => c,
                 Err(code) => return code,
             };
-            serve(zhian_gateway::run(cfg, shutdown_signal()))
+            serve(|shutdown| zhian_gateway::run(cfg, shutdown))
         }
     }
 }
 
 /// Run the daemon (or the demo) on a small runtime and turn its result into an exit code.
-fn serve(fut: impl std::future::Future<Output = Result<(), zhian_gateway::RunError>>) -> ExitCode {
+fn serve<F>(make: impl FnOnce(Shutdown) -> F) -> ExitCode
+where
+    F: std::future::Future<Output = Result<(), zhian_gateway::RunError>>,
+{
     init_logging();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -143,7 +146,13 @@ fn serve(fut: impl std::future::Future<Output = Result<(), zhian_gateway::RunErr
             return ExitCode::FAILURE;
         }
     };
-    let result = rt.block_on(fut);
+    // Register the signal handlers before anything starts: a SIGTERM during start-up then
+    // still means a clean stop, not the default kill.
+    let shutdown = {
+        let _enter = rt.enter();
+        shutdown_signal()
+    };
+    let result = rt.block_on(make(shutdown));
     // Do not wait for a blocking thread stuck on a dead disk: the 5 s budget is spent.
     rt.shutdown_timeout(std::time::Duration::from_millis(300));
     match result {
@@ -157,7 +166,7 @@ fn serve(fut: impl std::future::Future<Output = Result<(), zhian_gateway::RunErr
 
 #[cfg(feature = "demo")]
 fn demo(data_dir: Option<PathBuf>) -> ExitCode {
-    serve(zhian_gateway::demo::run(data_dir, shutdown_signal()))
+    serve(|shutdown| zhian_gateway::demo::run(data_dir, shutdown))
 }
 
 #[cfg(not(feature = "demo"))]
@@ -175,13 +184,18 @@ fn init_logging() {
         .init();
 }
 
-/// Resolves on the first SIGTERM or SIGINT.
-async fn shutdown_signal() {
+type Shutdown = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+/// Resolves on the first SIGTERM or SIGINT; the handlers are registered when this is called
+/// (inside the runtime), not when it is first polled.
+fn shutdown_signal() -> Shutdown {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
     let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
+    Box::pin(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    })
 }

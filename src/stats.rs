@@ -78,8 +78,9 @@ pub struct Stats {
     down: Mutex<Vec<&'static str>>,
     recent_alerts: Mutex<VecDeque<AlertNote>>,
     pub commits: AtomicU64,
-    /// Wall clock (ms) of the committer's latest loop turn: it turns at least every tick
-    /// (≤ 1 s), so a stale value means the pipeline is stuck (the systemd watchdog's input).
+    /// Monotonic time (ms since `started`, +1) of the committer's latest loop turn: it turns
+    /// at least every tick (≤ 1 s), so a stale value means the pipeline is stuck (the input of
+    /// the systemd watchdog and `/healthz`). 0: never turned.
     pub committer_alive: std::sync::atomic::AtomicI64,
     pub commit_micros_total: AtomicU64,
     pub upstream_connected: AtomicBool,
@@ -263,6 +264,18 @@ impl Stats {
             name,
             stop,
         }
+    }
+
+    /// Record a committer loop turn (monotonic).
+    pub fn committer_turned(&self) {
+        self.committer_alive
+            .store(self.started.elapsed().as_millis() as i64 + 1, Relaxed);
+    }
+
+    /// Milliseconds since the committer last turned (None: never).
+    pub fn committer_idle_ms(&self) -> Option<i64> {
+        let last = self.committer_alive.load(Relaxed);
+        (last > 0).then(|| self.started.elapsed().as_millis() as i64 + 1 - last)
     }
 
     /// Core tasks that died; empty while the pipeline runs.

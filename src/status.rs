@@ -47,8 +47,10 @@ struct AppState {
     store: Arc<Store>,
     stats: Arc<Stats>,
     registry: Arc<Registry>,
-    /// BLAKE3 of the last credentials that verified, so argon2 runs once, not per request.
-    verified: Arc<Mutex<Option<[u8; 32]>>>,
+    /// Keyed BLAKE3 of the last credentials that verified, so argon2 runs once, not per request.
+    verified: Arc<Mutex<Option<blake3::Hash>>>,
+    /// Password verifications allowed at once.
+    verify_permits: Arc<Semaphore>,
 }
 
 /// Bind the status listener (before anything else starts talking to the network).
@@ -84,6 +86,7 @@ pub async fn serve(
         stats,
         registry: Arc::new(registry),
         verified: Arc::new(Mutex::new(None)),
+        verify_permits: Arc::new(Semaphore::new(1)),
     };
     let app = Router::new()
         .route("/", get(page))
@@ -122,8 +125,9 @@ async fn auth(State(st): State<AppState>, req: Request<axum::body::Body>, next: 
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Basic "))
-        .and_then(|b| {
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("basic"))
+        .and_then(|(_, b)| {
             use base64::Engine;
             base64::engine::general_purpose::STANDARD
                 .decode(b.trim())
@@ -131,22 +135,33 @@ async fn auth(State(st): State<AppState>, req: Request<axum::body::Body>, next: 
         })
         .and_then(|b| String::from_utf8(b).ok());
     let ok = match given.as_deref().and_then(|g| g.split_once(':')) {
-        Some((u, p)) if u == user => {
-            let digest = *blake3::hash(format!("{u}:{p}").as_bytes()).as_bytes();
-            if *st.verified.lock().expect("auth cache") == Some(digest) {
+        Some((u, p)) => {
+            // Keyed with the configured hash, compared in constant time (blake3::Hash's `==`).
+            let digest = blake3::keyed_hash(
+                blake3::hash(hash.0.as_bytes()).as_bytes(),
+                format!("{u}:{p}").as_bytes(),
+            );
+            let cached = *st.verified.lock().expect("auth cache") == Some(digest);
+            if cached {
                 true
             } else {
-                let (hash, p) = (hash.0.clone(), p.to_string());
-                let good = tokio::task::spawn_blocking(move || verify_password(&hash, &p))
+                // One argon2 at a time (19 MiB each): a LAN client guessing passwords cannot
+                // exhaust the box's memory. The hash runs for a wrong user too (no timing hint).
+                let _permit = st.verify_permits.clone().acquire_owned().await;
+                let (h, p) = (hash.0.clone(), p.to_string());
+                let good = tokio::task::spawn_blocking(move || verify_password(&h, &p))
                     .await
-                    .unwrap_or(false);
+                    .unwrap_or(false)
+                    && u == user;
                 if good {
                     *st.verified.lock().expect("auth cache") = Some(digest);
+                } else {
+                    tokio::time::sleep(Duration::from_millis(250)).await;
                 }
                 good
             }
         }
-        _ => false,
+        None => false,
     };
     if ok {
         next.run(req).await
@@ -184,17 +199,19 @@ pub fn hash_password(password: &str) -> Result<String, String> {
         .map_err(|e| e.to_string())
 }
 
+/// 200 while the pipeline runs: every core task alive and the committer turning (the same
+/// test as the systemd watchdog); 503 otherwise, saying why.
 async fn healthz(State(st): State<AppState>) -> Response {
-    let down = st.stats.down();
-    if down.is_empty() {
-        (StatusCode::OK, "ok\n").into_response()
-    } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("down: {}\n", down.join(", ")),
-        )
-            .into_response()
+    if crate::systemd::alive(&st.stats, crate::systemd::STUCK_AFTER) {
+        return (StatusCode::OK, "ok\n").into_response();
     }
+    let down = st.stats.down();
+    let why = if down.is_empty() {
+        "the committer is not turning (stuck store?)".to_string()
+    } else {
+        format!("down: {}", down.join(", "))
+    };
+    (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")).into_response()
 }
 
 async fn metrics(State(st): State<AppState>) -> Response {
@@ -998,7 +1015,13 @@ struct Limited {
 struct LimitedIo {
     io: tokio::net::TcpStream,
     _permit: OwnedSemaphorePermit,
+    /// Closes the connection after `IDLE_TIMEOUT` without a byte read: covers slow headers and
+    /// idle keep-alive (axum gives hyper no timer of its own).
+    idle: Pin<Box<tokio::time::Sleep>>,
 }
+
+/// A connection that sends nothing for this long is closed.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(15);
 
 impl axum::serve::Listener for Limited {
     type Io = LimitedIo;
@@ -1018,6 +1041,7 @@ impl axum::serve::Listener for Limited {
                         LimitedIo {
                             io,
                             _permit: permit,
+                            idle: Box::pin(tokio::time::sleep(IDLE_TIMEOUT)),
                         },
                         addr,
                     )
@@ -1041,7 +1065,25 @@ impl AsyncRead for LimitedIo {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        match Pin::new(&mut this.io).poll_read(cx, buf) {
+            Poll::Ready(r) => {
+                if buf.filled().len() > before {
+                    this.idle
+                        .as_mut()
+                        .reset(tokio::time::Instant::now() + IDLE_TIMEOUT);
+                }
+                Poll::Ready(r)
+            }
+            Poll::Pending => match std::future::Future::poll(this.idle.as_mut(), cx) {
+                Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "idle connection",
+                ))),
+                Poll::Pending => Poll::Pending,
+            },
+        }
     }
 }
 

@@ -7,10 +7,8 @@
 //! (`WatchdogSec=` in the unit). Without `NOTIFY_SOCKET` (not under systemd) all of this is a
 //! no-op.
 
-use crate::committer::now_ms;
 use crate::stats::Stats;
 use sd_notify::NotifyState;
-use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -29,9 +27,14 @@ pub fn stopping() {
 
 /// Whether the pipeline is alive enough to pet the watchdog.
 pub fn alive(stats: &Stats, stale_after: Duration) -> bool {
-    let last = stats.committer_alive.load(Relaxed);
-    stats.down().is_empty() && last > 0 && now_ms() - last <= stale_after.as_millis() as i64
+    stats.down().is_empty()
+        && stats
+            .committer_idle_ms()
+            .is_some_and(|idle| idle <= stale_after.as_millis() as i64)
 }
+
+/// How long the committer may go without a turn before the pipeline counts as stuck.
+pub const STUCK_AFTER: Duration = Duration::from_secs(5);
 
 /// Ping the watchdog at half its interval while the pipeline is alive, until `stop`.
 pub async fn watchdog(stats: Arc<Stats>, stop: CancellationToken) {
@@ -49,7 +52,7 @@ pub async fn watchdog(stats: Arc<Stats>, stop: CancellationToken) {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(period) => {}
         }
-        if alive(&stats, period.max(Duration::from_secs(3))) {
+        if alive(&stats, period.max(STUCK_AFTER)) {
             warned = false;
             let _ = sd_notify::notify(&[NotifyState::Watchdog]);
         } else if !warned {
@@ -67,11 +70,11 @@ mod tests {
     fn alive_needs_a_recent_committer_turn_and_no_dead_task() {
         let stats = Arc::new(Stats::default());
         assert!(!alive(&stats, Duration::from_secs(3)), "never turned");
-        stats.committer_alive.store(now_ms(), Relaxed);
+        stats.committer_turned();
         assert!(alive(&stats, Duration::from_secs(3)));
-        stats.committer_alive.store(now_ms() - 10_000, Relaxed);
-        assert!(!alive(&stats, Duration::from_secs(3)), "stale");
-        stats.committer_alive.store(now_ms(), Relaxed);
+        std::thread::sleep(Duration::from_millis(30));
+        assert!(!alive(&stats, Duration::from_millis(10)), "stale");
+        stats.committer_turned();
         let stop = CancellationToken::new();
         drop(stats.task_guard("forwarder", stop)); // dropped before stop: the task died
         assert!(!alive(&stats, Duration::from_secs(3)), "a dead task");
