@@ -730,12 +730,7 @@ action = "entry"
     for (i, (what, devices, key_path)) in cases.iter().enumerate() {
         let path = dir.path().join(format!("bad-{i}.toml"));
         fs::write(&path, format!("{base}{devices}")).expect("write config");
-        let args = [
-            OsStr::new("check-config"),
-            OsStr::new("--config"),
-            path.as_os_str(),
-        ];
-        let out = run_cli(&args, dir.path(), Duration::from_secs(15));
+        let out = check_config(&path, dir.path());
         assert_eq!(
             out.status.code(),
             Some(78),
@@ -764,12 +759,7 @@ action = "entry"
         )
     );
     fs::write(&good, format!("{base}{devices}")).expect("write config");
-    let args = [
-        OsStr::new("check-config"),
-        OsStr::new("--config"),
-        good.as_os_str(),
-    ];
-    let out = run_cli(&args, dir.path(), Duration::from_secs(15));
+    let out = check_config(&good, dir.path());
     assert_eq!(
         out.status.code(),
         Some(0),

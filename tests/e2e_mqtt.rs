@@ -510,12 +510,7 @@ fn bad_config_exits_78() {
         );
     }
 
-    let args = [
-        OsStr::new("check-config"),
-        OsStr::new("--config"),
-        good.as_os_str(),
-    ];
-    let out = run_cli(&args, dir.path(), Duration::from_secs(15));
+    let out = check_config(&good, dir.path());
     assert_eq!(
         out.status.code(),
         Some(0),

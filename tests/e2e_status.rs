@@ -1128,12 +1128,7 @@ fn basic_auth_and_non_loopback_rule() {
             out.stderr
         );
     }
-    let args = [
-        OsStr::new("check-config"),
-        OsStr::new("--config"),
-        with_creds.as_os_str(),
-    ];
-    let out = run_cli(&args, scratch, Duration::from_secs(15));
+    let out = check_config(&with_creds, scratch);
     assert_eq!(
         out.status.code(),
         Some(0),

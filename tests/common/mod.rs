@@ -450,6 +450,16 @@ pub fn run_cli<S: AsRef<OsStr>>(args: &[S], scratch: &Path, timeout: Duration) -
     }
 }
 
+/// `zhian-gateway check-config --config <config>` (15 s at most).
+pub fn check_config(config: &Path, scratch: &Path) -> CliOutput {
+    let args = [
+        OsStr::new("check-config"),
+        OsStr::new("--config"),
+        config.as_os_str(),
+    ];
+    run_cli(&args, scratch, Duration::from_secs(15))
+}
+
 /// The test config (see the brief); `upstream_extra` is appended to the `[upstream]` table.
 pub fn config_text(
     data_dir: &Path,
@@ -1332,43 +1342,7 @@ impl Site {
     /// daemon's device session, writes the config and starts the daemon; returns once the
     /// daemon reports upstream (status `online` or a heartbeat).
     pub fn start(name: &str, persistent_district: bool) -> Site {
-        let dir = tempfile::Builder::new()
-            .prefix(&format!("zhian-e2e-{name}-"))
-            .tempdir()
-            .expect("create tempdir");
-        let root = dir.path().to_path_buf();
-        let device = Mosquitto::start(&root.join("device-broker"), free_port(), false);
-        let district = Mosquitto::start(
-            &root.join("district-broker"),
-            free_port(),
-            persistent_district,
-        );
-        let upstream = Upstream::start(district.port, &format!("collector-{name}"));
-        // The daemon's persistent session exists before it first connects, so nothing sent
-        // while it starts up is lost, whatever its start-up order.
-        seed_session(device.port, DEVICE_CLIENT_ID, DEVICE_FILTER);
-        let config = root.join("gateway.toml");
-        fs::write(
-            &config,
-            config_text(&root.join("data"), device.port, district.port, ""),
-        )
-        .expect("write config");
-        let log = root.join("daemon.log");
-        let mut site = Site {
-            name: name.to_string(),
-            daemon: None,
-            upstream,
-            device,
-            district,
-            root,
-            config,
-            log,
-            publishers: 0,
-            dir: Some(dir),
-        };
-        site.start_daemon();
-        site.wait_ready();
-        site
+        Site::start_with(name, persistent_district, |text| text)
     }
 
     /// Starts the daemon (same config and data dir as before).
@@ -1563,6 +1537,8 @@ impl Site {
             persistent_district,
         );
         let upstream = Upstream::start(district.port, &format!("collector-{name}"));
+        // The daemon's persistent session exists before it first connects, so nothing sent
+        // while it starts up is lost, whatever its start-up order.
         seed_session(device.port, DEVICE_CLIENT_ID, DEVICE_FILTER);
         let config = root.join("gateway.toml");
         let text = edit(config_text(
