@@ -2,17 +2,27 @@
 //! acknowledges each message to its source, in arrival order, only after the commit.
 //!
 //! It runs on a blocking thread (redb and fsync are synchronous) and takes work from one bounded
-//! channel, so a slow disk slows the inputs down instead of growing memory.
+//! channel, so a slow disk slows the inputs down instead of growing memory. When to commit is
+//! [`CommitPolicy`]'s call (flash wear against acknowledgement delay; see that module).
+//!
+//! A full or failing disk (ENOSPC, EIO) never stops it: the failed batch is kept and nothing of
+//! it is acknowledged, intake pauses (the page, metrics, heartbeat and `/healthz` say why), the
+//! store is reopened and the same batch retried with backoff until a write succeeds.
 
+use crate::backoff::Backoff;
+use crate::config::OnDamage;
+use crate::core::commit_policy::{Batch, CommitPolicy, Trigger};
 use crate::core::engine::{CounterReading, Engine, Input, Outcome};
 use crate::core::event::{Event, Reject};
 use crate::stats::{AlertNote, Stats};
-use crate::store::{OutboxKey, Pressure, Retention, StateUpdate, Store, StoreError};
+use crate::store::{
+    damage, CommitReport, OutboxKey, Retention, StateUpdate, StoreError, StoreWriter,
+};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
 use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
 
 /// Called once the message's outcome is committed (for MQTT: sends the PUBACK).
 pub struct Ack(Box<dyn FnOnce() + Send>);
@@ -53,13 +63,21 @@ impl Intake {
 #[derive(Debug, Clone)]
 pub struct CommitterCfg {
     pub batch_max: usize,
+    /// `store.batch_linger`: the longest a message waits for its commit.
     pub linger: Duration,
-    /// How often idle maintenance (closing due windows, purges) is considered.
+    /// `mqtt.max_inflight` (0: learn it).
+    pub max_inflight: u32,
+    /// How often idle maintenance (closing due windows, purges, the size bound) is considered.
     pub tick: Duration,
     pub retention: Retention,
     /// `store.max_size` in bytes.
     pub max_bytes: u64,
+    pub on_damage: OnDamage,
 }
+
+/// PUBACKed outbox entries wait this long for a batch to ride with before they get a commit of
+/// their own (a crash before it only re-sends them; the platform keeps the highest rev).
+pub const ACK_LINGER: Duration = Duration::from_secs(5);
 
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
@@ -69,7 +87,7 @@ pub fn now_ms() -> i64 {
 }
 
 pub struct Committer {
-    pub store: Arc<Store>,
+    pub writer: StoreWriter,
     pub engine: Engine,
     pub cfg: CommitterCfg,
     pub intake: flume::Receiver<Intake>,
@@ -78,58 +96,122 @@ pub struct Committer {
     pub stats: Arc<Stats>,
     /// Woken when new outbox entries were committed.
     pub outbox_ready: Arc<Notify>,
+    /// Cancelled at shutdown: a retry loop on a failing disk gives up (nothing it holds was
+    /// acknowledged, so the broker redelivers it).
+    pub stop: CancellationToken,
+}
+
+/// Milliseconds on the committer's monotonic clock.
+fn mono_ms(start: Instant) -> i64 {
+    start.elapsed().as_millis() as i64
 }
 
 impl Committer {
     /// Run until every intake sender is gone and drained, and the forwarder has closed its
     /// PUBACK channel (so acknowledgements received during shutdown are not lost).
     ///
-    /// A store error is fatal: redb refuses every later transaction after an I/O error until
-    /// the file is reopened, so the daemon exits (non-zero) and systemd restarts it; reopening
-    /// repairs the file. Nothing in the failed batch was acknowledged, so nothing is lost.
-    pub fn run(self) -> Result<(), StoreError> {
-        let mut next_tick = Instant::now();
-        let mut batch: Vec<Intake> = Vec::with_capacity(self.cfg.batch_max);
+    /// Disk faults pause and retry (see the module); other store errors (a record this build
+    /// cannot read, a damaged store with `on_damage = "refuse"`) are returned.
+    pub fn run(mut self) -> Result<(), StoreError> {
+        let clock = Instant::now();
+        let mut policy = CommitPolicy::new(
+            self.cfg.linger.as_millis() as i64,
+            self.cfg.batch_max,
+            self.cfg.max_inflight,
+        );
+        let tick_ms = self.cfg.tick.as_millis() as i64;
+        let mut next_tick = 0i64;
+        let mut items: Vec<Intake> = Vec::with_capacity(self.cfg.batch_max);
+        let mut shape = Batch::default();
         let mut acked: Vec<OutboxKey> = Vec::new();
+        let mut acked_since: Option<i64> = None;
         let mut closing = false;
         loop {
-            if batch.is_empty() && !closing {
-                let wait = next_tick.saturating_duration_since(Instant::now());
-                match self.intake.recv_timeout(wait) {
+            let now = mono_ms(clock);
+            let batch_at = match policy.decide(&shape, now) {
+                Ok(_) => now,
+                Err(at) => at,
+            };
+            let ack_at = acked_since.map_or(i64::MAX, |t| t + ACK_LINGER.as_millis() as i64);
+            let wake = batch_at.min(ack_at).min(next_tick);
+            if !closing && wake > now {
+                let deadline = Instant::now() + Duration::from_millis((wake - now) as u64);
+                match self.intake.recv_deadline(deadline) {
                     Ok(first) => {
-                        batch.push(first);
-                        closing = self.fill(&mut batch);
+                        self.take(&mut items, &mut shape, first, mono_ms(clock));
+                        // Everything already queued joins at once.
+                        while items.len() < self.cfg.batch_max {
+                            match self.intake.try_recv() {
+                                Ok(i) => self.take(&mut items, &mut shape, i, mono_ms(clock)),
+                                Err(_) => break,
+                            }
+                        }
                     }
                     Err(flume::RecvTimeoutError::Timeout) => {}
                     Err(flume::RecvTimeoutError::Disconnected) => closing = true,
                 }
             } else if closing {
-                // Drain whatever is left without waiting.
-                while batch.len() < self.cfg.batch_max {
+                while items.len() < self.cfg.batch_max {
                     match self.intake.try_recv() {
-                        Ok(i) => batch.push(i),
+                        Ok(i) => self.take(&mut items, &mut shape, i, mono_ms(clock)),
                         Err(_) => break,
                     }
                 }
             }
+            let before = acked.len();
             acked.extend(self.acked.try_iter());
+            if acked.len() > before && acked_since.is_none() {
+                acked_since = Some(mono_ms(clock));
+            }
             self.stats.committer_turned();
-            let tick = Instant::now() >= next_tick;
+            let now = mono_ms(clock);
+            let tick = now >= next_tick;
             if tick {
-                next_tick = Instant::now() + self.cfg.tick;
+                next_tick = now + tick_ms;
             }
-            if !batch.is_empty() || !acked.is_empty() || tick {
-                self.commit(&mut batch, &mut acked, tick)?;
+            let trigger = if closing && shape.items > 0 {
+                Some(Trigger::Full)
+            } else {
+                policy.decide(&shape, now).ok()
+            };
+            let acks_due = acked_since.is_some_and(|t| now >= t + ACK_LINGER.as_millis() as i64)
+                || (closing && !acked.is_empty());
+            if trigger.is_some() || acks_due || tick {
+                let commit_batch = trigger.is_some() || closing;
+                let mut none = Vec::new();
+                let batch = if commit_batch { &mut items } else { &mut none };
+                let wrote = self.commit(batch, &mut acked, tick, acks_due)?;
+                if wrote || acked.is_empty() {
+                    acked_since = None;
+                }
+                if let Some(why) = trigger {
+                    policy.committed(&shape, why);
+                    tracing::trace!(?why, items = shape.items, "batch committed");
+                }
+                if commit_batch {
+                    shape = Batch::default();
+                }
             }
-            if closing && batch.is_empty() && self.intake.is_empty() {
+            if closing && items.is_empty() && self.intake.is_empty() {
                 tracing::debug!("committer: intake closed and drained");
                 return self.finish_acked(acked);
             }
         }
     }
 
+    /// Add an item to the batch.
+    fn take(&self, items: &mut Vec<Intake>, shape: &mut Batch, i: Intake, now: i64) {
+        let unacked = matches!(
+            &i,
+            Intake::Event { ack: Some(_), .. } | Intake::Rejected { ack: Some(_), .. }
+        );
+        let alert = matches!(&i, Intake::Event { event, .. } if self.engine.is_alert(event));
+        shape.add(now, unacked, alert);
+        items.push(i);
+    }
+
     /// After the intake closed: delete what the forwarder still reports PUBACKed until it is gone.
-    fn finish_acked(&self, mut acked: Vec<OutboxKey>) -> Result<(), StoreError> {
+    fn finish_acked(mut self, mut acked: Vec<OutboxKey>) -> Result<(), StoreError> {
         loop {
             match self.acked.recv_timeout(self.cfg.tick) {
                 Ok(k) => acked.push(k),
@@ -137,57 +219,128 @@ impl Committer {
                 Err(flume::RecvTimeoutError::Disconnected) => {
                     acked.extend(self.acked.try_iter());
                     if !acked.is_empty() {
-                        self.commit(&mut Vec::new(), &mut acked, false)?;
+                        self.commit(&mut Vec::new(), &mut acked, false, true)?;
                     }
                     return Ok(());
                 }
             }
             acked.extend(self.acked.try_iter());
             if !acked.is_empty() {
-                self.commit(&mut Vec::new(), &mut acked, false)?;
+                self.commit(&mut Vec::new(), &mut acked, false, true)?;
             }
         }
     }
 
-    /// Take more messages for this batch: everything already queued, then (with a linger) what
-    /// arrives before the linger ends, up to `batch_max`. Returns true if the intake closed.
-    fn fill(&self, batch: &mut Vec<Intake>) -> bool {
-        let deadline = Instant::now() + self.cfg.linger;
-        while batch.len() < self.cfg.batch_max {
-            match self.intake.try_recv() {
-                Ok(i) => batch.push(i),
-                Err(flume::TryRecvError::Disconnected) => return true,
-                Err(flume::TryRecvError::Empty) => {
-                    if self.cfg.linger.is_zero() {
-                        return false;
+    /// Write one transaction, retrying through disk faults (intake paused meanwhile). Returns
+    /// `Ok(None)` when shutdown came first (nothing written, nothing to acknowledge).
+    fn write(
+        &mut self,
+        inputs: &[Input],
+        states: &[StateUpdate],
+        acked: &[OutboxKey],
+        maintain: Option<&Retention>,
+    ) -> Result<Option<CommitReport>, StoreError> {
+        let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(10));
+        let mut reopen_needed = false;
+        loop {
+            let attempt = if reopen_needed {
+                self.writer.reopen().and_then(|_| {
+                    self.writer.set_max_bytes(self.cfg.max_bytes);
+                    self.commit_now(inputs, states, acked, maintain)
+                })
+            } else {
+                self.commit_now(inputs, states, acked, maintain)
+            };
+            let e = match attempt {
+                Ok(r) => {
+                    if let Some(p) = self.stats.resume() {
+                        tracing::warn!(
+                            reason = p.reason,
+                            paused_secs = (now_ms() - p.since_ms) / 1000,
+                            "store writes succeed again: intake resumed"
+                        );
                     }
-                    match self.intake.recv_deadline(deadline) {
-                        Ok(i) => batch.push(i),
-                        Err(flume::RecvTimeoutError::Timeout) => return false,
-                        Err(flume::RecvTimeoutError::Disconnected) => return true,
-                    }
+                    return Ok(Some(r));
                 }
+                Err(e) => e,
+            };
+            match (&e, e.disk_fault()) {
+                (StoreError::AlreadyOpen(_), _) => {} // a reader still holds the old handle
+                (_, Some(fault)) => {
+                    if self.stats.paused().is_none() {
+                        tracing::error!(error = %e, reason = fault.reason(), "store write failed: intake paused, nothing of the batch acknowledged; retrying until the disk takes writes again");
+                    }
+                    self.stats.pause(fault.reason(), e.to_string(), now_ms());
+                }
+                (StoreError::Damaged { path, reason }, _) => {
+                    if self.cfg.on_damage == OnDamage::Refuse {
+                        return Err(e);
+                    }
+                    let to = damage::quarantine(path, now_ms())?;
+                    tracing::error!(file = %path.display(), moved_to = %to.display(), %reason, "store damaged while running: moved it aside, continuing with a fresh store");
+                    *self.stats.quarantined.lock().expect("lock") = Some(damage::Quarantined {
+                        file: to
+                            .file_name()
+                            .map(|n| n.to_string_lossy().into_owned())
+                            .unwrap_or_default(),
+                        bytes: std::fs::metadata(&to).map(|m| m.len()).unwrap_or(0),
+                        reason: Some(reason.clone()),
+                    });
+                }
+                // Not the disk: a reopen (with its integrity check) tells damage from a bug.
+                _ if !reopen_needed => {
+                    tracing::warn!(error = %e, "store write failed; reopening the store to check it");
+                }
+                _ => return Err(e),
+            }
+            reopen_needed = true;
+            let delay = backoff.next_delay();
+            let until = Instant::now() + delay;
+            while Instant::now() < until {
+                if self.stop.is_cancelled() && self.stats.paused().is_some() {
+                    tracing::warn!("shutdown while the store cannot be written: the batch stays unacknowledged and the site broker redelivers it");
+                    return Ok(None);
+                }
+                self.stats.committer_turned();
+                std::thread::sleep(Duration::from_millis(100).min(delay));
             }
         }
-        false
     }
 
-    /// Commit one batch, then acknowledge its messages in order. On a store error nothing is
-    /// acknowledged and the error is returned.
+    fn commit_now(
+        &mut self,
+        inputs: &[Input],
+        states: &[StateUpdate],
+        acked: &[OutboxKey],
+        maintain: Option<&Retention>,
+    ) -> Result<CommitReport, StoreError> {
+        let started = Instant::now();
+        let r =
+            self.writer
+                .commit_inputs(&self.engine, inputs, states, acked, now_ms(), maintain)?;
+        let micros = started.elapsed().as_micros() as u64;
+        self.stats.commits.fetch_add(1, Relaxed);
+        self.stats.commit_micros_total.fetch_add(micros, Relaxed);
+        self.stats.commit_seconds.observe(micros as f64 / 1e6);
+        Ok(r)
+    }
+
+    /// Commit one batch (with the PUBACKed deletions when anything is written or `acks_due`),
+    /// then acknowledge its messages in order. On a store error nothing is acknowledged and
+    /// the error is returned. Returns whether a transaction was written.
     fn commit(
-        &self,
+        &mut self,
         batch: &mut Vec<Intake>,
         acked: &mut Vec<OutboxKey>,
         tick: bool,
-    ) -> Result<(), StoreError> {
-        let mut retention = self.cfg.retention;
+        acks_due: bool,
+    ) -> Result<bool, StoreError> {
+        let retention = self.cfg.retention;
         if tick {
-            let file = self.store.file_bytes();
-            let last = self.stats.store_bytes.swap(file, Relaxed);
-            retention.pressure = Pressure::of(file, last, self.cfg.max_bytes);
-            if retention.pressure != Pressure::None {
-                tracing::warn!(file_bytes = file, max_bytes = self.cfg.max_bytes, pressure = ?retention.pressure, "store near its size bound: deleting the oldest raw events");
-            }
+            self.writer.set_max_bytes(self.cfg.max_bytes);
+            self.stats
+                .store_bytes
+                .store(self.writer.store().file_bytes(), Relaxed);
         }
         let mut inputs: Vec<Input> = Vec::with_capacity(batch.len());
         let mut states: Vec<&StateUpdate> = Vec::new();
@@ -205,41 +358,38 @@ impl Committer {
             }
         }
         let states: Vec<StateUpdate> = states.into_iter().cloned().collect();
-        let now = now_ms();
-        let maintain = tick && self.store.maintenance_due(&self.engine, &retention, now)?;
-        let report = if inputs.is_empty() && states.is_empty() && acked.is_empty() && !maintain {
+        let maintain = tick
+            && self
+                .writer
+                .maintenance_due(&self.engine, &retention, now_ms())
+                .unwrap_or(true);
+        let acks_ride = acks_due || !inputs.is_empty() || !states.is_empty() || maintain;
+        let report = if inputs.is_empty()
+            && states.is_empty()
+            && !maintain
+            && !(acks_due && !acked.is_empty())
+        {
             // Only rejects (or nothing): nothing to write.
             None
         } else {
-            let started = Instant::now();
-            let r = self
-                .store
-                .commit_inputs(
-                    &self.engine,
-                    &inputs,
-                    &states,
-                    acked,
-                    now,
-                    maintain.then_some(&retention),
-                )
-                .inspect_err(|e| {
-                    // Nothing was acknowledged: the devices' broker keeps the messages.
-                    tracing::error!(error = %e, inputs = inputs.len(), "committer: commit failed; nothing acknowledged; stopping so the store is reopened (and repaired)");
-                })?;
-            let micros = started.elapsed().as_micros() as u64;
-            self.stats.commits.fetch_add(1, Relaxed);
-            self.stats.commit_micros_total.fetch_add(micros, Relaxed);
-            self.stats.commit_seconds.observe(micros as f64 / 1e6);
-            tracing::trace!(
-                inputs = inputs.len(),
-                acked = acked.len(),
-                micros,
-                "committed"
-            );
-            Some(r)
+            let to_delete: &[OutboxKey] = if acks_ride { acked } else { &[] };
+            match self.write(&inputs, &states, to_delete, maintain.then_some(&retention))? {
+                Some(r) => {
+                    if acks_ride {
+                        acked.clear();
+                    }
+                    Some(r)
+                }
+                // Shutdown while the disk fails: acknowledge nothing.
+                None => {
+                    drop(inputs);
+                    batch.clear();
+                    return Ok(false);
+                }
+            }
         };
+        let wrote = report.is_some();
         drop(inputs);
-        acked.clear();
         let now = now_ms();
         let mut outcomes = report.as_ref().map(|r| r.outcomes.iter());
         for mut intake in batch.drain(..) {
@@ -290,7 +440,7 @@ impl Committer {
         }
         if let Some(r) = report {
             if r.emitted > 0 || r.deleted_outbox > 0 {
-                if let Ok(n) = self.store.outbox_len() {
+                if let Ok(n) = self.writer.store().outbox_len() {
                     self.stats.outbox_pending.store(n, Relaxed);
                 }
             }
@@ -304,6 +454,15 @@ impl Committer {
                     "disk pressure: dropped pending upstream messages"
                 );
             }
+            if r.pressure_events > 0 || r.dropped_dedup_keys > 0 {
+                tracing::warn!(
+                    raw_events = r.pressure_events,
+                    dedup_keys = r.dropped_dedup_keys,
+                    live_bytes = self.writer.live_bytes(),
+                    max_bytes = self.cfg.max_bytes,
+                    "store near its size bound: deleted the oldest rows"
+                );
+            }
             if r.purged_dedup + r.purged_events > 0 {
                 tracing::debug!(
                     dedup = r.purged_dedup,
@@ -312,6 +471,6 @@ impl Committer {
                 );
             }
         }
-        Ok(())
+        Ok(wrote)
     }
 }

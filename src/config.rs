@@ -227,6 +227,12 @@ pub struct Mqtt {
     pub keep_alive: Dur,
     pub reconnect_min: Dur,
     pub reconnect_max: Dur,
+    /// The site broker's limit of unacknowledged QoS 1 messages it sends this client
+    /// (mosquitto `max_inflight_messages`, default 20; 0 there means no limit). The committer
+    /// commits as soon as a batch holds this many unacknowledged messages, since the broker
+    /// sends no more until they are acknowledged. 0 here: unknown, learned from the broker
+    /// (a batch that stops growing at the same size).
+    pub max_inflight: u32,
 }
 
 impl Default for Mqtt {
@@ -242,6 +248,7 @@ impl Default for Mqtt {
             keep_alive: Dur::secs(30),
             reconnect_min: Dur::millis(500),
             reconnect_max: Dur::secs(30),
+            max_inflight: 0,
         }
     }
 }
@@ -290,8 +297,24 @@ pub struct Store {
     pub max_size: ByteSize,
     /// Group commit: most events in one write transaction.
     pub batch_max: u32,
-    /// Group commit: how long the committer waits for more events after the first one.
+    /// Group commit: the longest a message waits for its batch's commit (and so for its
+    /// acknowledgement) while events are sparse. A batch commits sooner when it fills, holds
+    /// an alert, or holds as many unacknowledged messages as the site broker sends.
     pub batch_linger: Dur,
+    /// What to do with a store file that cannot be opened: `quarantine` (move it aside and
+    /// start a fresh store) or `refuse` (exit 74).
+    pub on_damage: OnDamage,
+}
+
+/// `store.on_damage`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum OnDamage {
+    /// Move the damaged file aside as `zhian.redb.damaged-<UTC time>`, start a fresh store.
+    #[default]
+    Quarantine,
+    /// Exit 74 (EX_IOERR) naming the file.
+    Refuse,
 }
 
 impl Default for Store {
@@ -300,7 +323,8 @@ impl Default for Store {
             raw_retention: Dur::secs(7 * 24 * 3600),
             max_size: ByteSize(2 << 30),
             batch_max: 2048,
-            batch_linger: Dur::millis(2),
+            batch_linger: Dur::millis(1500),
+            on_damage: OnDamage::Quarantine,
         }
     }
 }
@@ -822,14 +846,17 @@ pub fn validate(c: &Config) -> Vec<Problem> {
     if c.dedup.purge_batch == 0 {
         p.push(problem("dedup.purge_batch", "at least 1"));
     }
-    if c.store.max_size.0 < (16 << 20) {
-        p.push(problem("store.max_size", "at least 16MiB"));
+    if c.store.max_size.0 < (8 << 20) {
+        p.push(problem("store.max_size", "at least 8MiB"));
     }
     if c.store.batch_max == 0 || c.store.batch_max > 65_536 {
         p.push(problem("store.batch_max", "between 1 and 65536"));
     }
-    if c.store.batch_linger.0 > Duration::from_secs(1) {
-        p.push(problem("store.batch_linger", "at most 1s"));
+    if c.store.batch_linger.0 > Duration::from_secs(2) {
+        p.push(problem(
+            "store.batch_linger",
+            "at most 2s (a device message is acknowledged within about that long)",
+        ));
     }
     if c.upstream.enabled {
         if let Err(e) = BrokerUrl::parse(&c.upstream.url) {

@@ -65,6 +65,10 @@ struct Heartbeat<'a> {
     store_bytes: u64,
     counters: crate::stats::CounterSnapshot,
     dropped: Dropped,
+    /// Why intake is paused (disk full or failing), if it is.
+    intake_paused: Option<crate::stats::Paused>,
+    /// Damaged store files moved aside, kept until an operator removes them from the data dir.
+    store_quarantined: Vec<crate::store::damage::Quarantined>,
     modbus: Vec<ModbusOut>,
 }
 
@@ -91,6 +95,9 @@ struct DeviceCounts {
 struct Dropped {
     summaries: u64,
     alerts: u64,
+    /// Dedup keys and raw events dropped early under disk pressure.
+    dedup_keys: u64,
+    raw_events: u64,
 }
 
 /// Above this many remembered PUBACKed keys, drop the ones the committer already deleted.
@@ -351,7 +358,19 @@ impl Forwarder {
     }
 
     fn heartbeat(&self, c: &mut Conn) {
-        let overview = self.store.overview().unwrap_or_default();
+        let overview = self
+            .store
+            .overview()
+            .unwrap_or_else(|_| crate::store::Overview {
+                file_bytes: self.store.file_bytes(),
+                ..Default::default()
+            });
+        let mut quarantined = crate::store::damage::quarantined(self.store.data_dir());
+        if let Some(q) = self.stats.quarantined.lock().expect("lock").as_ref() {
+            for f in quarantined.iter_mut().filter(|f| f.file == q.file) {
+                f.reason = q.reason.clone();
+            }
+        }
         let now = now_ms();
         let devices = self.stats.devices();
         let modbus = self.stats.modbus();
@@ -378,7 +397,11 @@ impl Forwarder {
             dropped: Dropped {
                 summaries: overview.dropped_summaries,
                 alerts: overview.dropped_alerts,
+                dedup_keys: overview.dropped_dedup_keys,
+                raw_events: overview.evicted_events,
             },
+            intake_paused: self.stats.paused(),
+            store_quarantined: quarantined,
             modbus: modbus
                 .into_iter()
                 .map(|(name, h)| ModbusOut {

@@ -1,4 +1,6 @@
-//! `zhian-gateway inspect --data-dir DIR`: an offline, read-only view of the store.
+//! `zhian-gateway inspect --data-dir DIR` (or `--file PATH`): an offline, read-only view of
+//! the store. It never changes the file it reads: a file left unclean (kill -9, power cut, a
+//! store-error exit) is read through a repaired copy in a temporary dir.
 
 use crate::core::summary::rfc3339_utc;
 use crate::store::{Store, StoreError};
@@ -19,6 +21,10 @@ pub struct Report {
     pub raw_events: u64,
     pub dropped_summaries: u64,
     pub dropped_alerts: u64,
+    pub dropped_dedup_keys: u64,
+    pub evicted_events: u64,
+    /// Damaged store files moved aside in the same dir.
+    pub quarantined: Vec<crate::store::damage::Quarantined>,
     pub device_states: Vec<StateOut>,
     pub counters: Vec<CounterOut>,
 }
@@ -51,9 +57,9 @@ fn split3(key: &str) -> (String, String, String) {
     )
 }
 
-/// Read the store in `data_dir` without changing it.
-pub fn report(data_dir: &Path) -> Result<Report, StoreError> {
-    let store = Store::open_read_only(data_dir)?;
+/// Read the store file at `path` without changing it.
+pub fn report(path: &Path) -> Result<Report, StoreError> {
+    let store = Store::open_file_read_only(path)?;
     let o = store.overview()?;
     Ok(Report {
         path: store.path().display().to_string(),
@@ -67,6 +73,9 @@ pub fn report(data_dir: &Path) -> Result<Report, StoreError> {
         raw_events: o.raw_events,
         dropped_summaries: o.dropped_summaries,
         dropped_alerts: o.dropped_alerts,
+        dropped_dedup_keys: o.dropped_dedup_keys,
+        evicted_events: o.evicted_events,
+        quarantined: crate::store::damage::quarantined(store.data_dir()),
         device_states: store
             .states()?
             .into_iter()
@@ -129,9 +138,20 @@ impl Report {
         let _ = writeln!(s, "raw events     {}", self.raw_events);
         let _ = writeln!(
             s,
-            "dropped        {} summaries, {} alerts (disk pressure)",
-            self.dropped_summaries, self.dropped_alerts
+            "dropped        {} summaries, {} alerts, {} dedup keys, {} raw events (disk pressure)",
+            self.dropped_summaries,
+            self.dropped_alerts,
+            self.dropped_dedup_keys,
+            self.evicted_events
         );
+        for q in &self.quarantined {
+            let _ = writeln!(
+                s,
+                "quarantined    {} ({:.1} MiB): inspect --file to read it",
+                q.file,
+                q.bytes as f64 / 1048576.0
+            );
+        }
         let _ = writeln!(s, "device states  {}", self.device_states.len());
         for st in &self.device_states {
             let _ = writeln!(

@@ -84,20 +84,59 @@ pub fn engine_for(cfg: &Config) -> Engine {
     }
 }
 
+/// Open the daemon's store: a damaged file is quarantined or refused per `store.on_damage`; a
+/// full or failing disk is retried (every 5 s, logged) rather than fatal, since intake cannot
+/// start without the store and systemd would give up restarting. Compacts when it pays.
+fn open_store(
+    dir: &std::path::Path,
+    subjects: config::SubjectMode,
+    on_damage: config::OnDamage,
+    max_bytes: u64,
+) -> Result<
+    (
+        Arc<Store>,
+        store::StoreWriter,
+        Option<store::damage::Quarantined>,
+    ),
+    store::StoreError,
+> {
+    let mut warned = false;
+    loop {
+        match store::damage::open_or_quarantine(dir, subjects, on_damage, committer::now_ms()) {
+            Ok((s, mut w, q)) => {
+                w.set_max_bytes(max_bytes);
+                if let Err(e) = w.compact_if_it_pays() {
+                    tracing::warn!(error = %e, "store: compaction failed; continuing");
+                }
+                return Ok((s, w, q));
+            }
+            Err(e) if e.disk_fault().is_some() => {
+                if !warned {
+                    tracing::error!(error = %e, "store cannot be opened: the disk is full or failing; retrying every 5 s");
+                    warned = true;
+                }
+                std::thread::sleep(Duration::from_secs(5));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// Run the daemon until `shutdown` resolves, then stop in order: intake, committer (commits
 /// what was accepted and acks it), device connection, district connection.
 pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
     mqtt::install_crypto_provider();
     let cfg = Arc::new(cfg);
-    let store = {
+    let (store, mut writer, quarantined) = {
         let dir = cfg.gateway.data_dir.clone();
         let subjects = cfg.privacy.subjects;
-        tokio::task::spawn_blocking(move || Store::open(&dir, subjects))
+        let on_damage = cfg.store.on_damage;
+        let max_bytes = cfg.store.max_size.0;
+        tokio::task::spawn_blocking(move || open_store(&dir, subjects, on_damage, max_bytes))
             .await
             .map_err(|_| RunError::TaskDied("store open"))??
     };
-    let store = Arc::new(store);
-    tracing::info!(path = %store.path().display(), "store open");
+    tracing::info!(path = %store.path().display(), bytes = store.file_bytes(), "store open");
     if cfg.broker.enabled {
         let listen: std::net::SocketAddr = cfg.broker.listen.parse().map_err(|_| {
             RunError::Broker(format!(
@@ -130,6 +169,8 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         None
     };
     let stats = Arc::new(Stats::default());
+    *stats.quarantined.lock().expect("lock") = quarantined;
+    writer.set_max_bytes(cfg.store.max_size.0);
     stats.outbox_pending.store(store.outbox_len()?, Relaxed);
     stats.store_bytes.store(store.file_bytes(), Relaxed);
     let engine = engine_for(&cfg);
@@ -138,18 +179,21 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     let (acked_tx, acked_rx) = flume::unbounded();
     let outbox_ready = Arc::new(Notify::new());
 
+    let intake_stop = CancellationToken::new();
     let committer = Committer {
-        store: store.clone(),
+        writer,
         engine,
+        stop: intake_stop.clone(),
         cfg: CommitterCfg {
             batch_max: cfg.store.batch_max as usize,
             linger: cfg.store.batch_linger.0,
+            max_inflight: cfg.mqtt.max_inflight,
+            on_damage: cfg.store.on_damage,
             tick: Duration::from_millis((window_ms / 4).clamp(100, 1000)),
             retention: Retention {
                 dedup_ttl_ms: cfg.dedup.ttl.as_millis_u64(),
                 raw_retention_ms: cfg.store.raw_retention.as_millis_u64(),
                 purge_batch: cfg.dedup.purge_batch as usize,
-                pressure: store::Pressure::None,
             },
             max_bytes: cfg.store.max_size.0,
         },
@@ -158,7 +202,6 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         stats: stats.clone(),
         outbox_ready: outbox_ready.clone(),
     };
-    let intake_stop = CancellationToken::new();
     let upstream_stop = CancellationToken::new();
     let status_stop = CancellationToken::new();
     let committer_guard = stats.task_guard("committer", intake_stop.clone());

@@ -3,6 +3,10 @@
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use zhian_gateway::store::{StoreError, FILE_NAME};
+
+/// sysexits.h EX_IOERR: a damaged store with `store.on_damage = "refuse"`.
+const EX_IOERR: u8 = 74;
 use zhian_gateway::config::{self, EX_CONFIG};
 
 #[derive(Parser)]
@@ -38,8 +42,16 @@ enum Command {
     /// device states, dedup keys held, disk use.
     Inspect {
         /// The daemon's data dir (gateway.data_dir).
-        #[arg(long, value_name = "DIR")]
-        data_dir: PathBuf,
+        #[arg(
+            long,
+            value_name = "DIR",
+            required_unless_present = "file",
+            conflicts_with = "file"
+        )]
+        data_dir: Option<PathBuf>,
+        /// Read this store file instead (e.g. a quarantined `zhian.redb.damaged-*`).
+        #[arg(long, value_name = "PATH")]
+        file: Option<PathBuf>,
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
@@ -72,7 +84,13 @@ fn main() -> ExitCode {
             }
             Err(code) => code,
         },
-        Command::Inspect { data_dir, json } => match zhian_gateway::inspect::report(&data_dir) {
+        Command::Inspect {
+            data_dir,
+            file,
+            json,
+        } => match zhian_gateway::inspect::report(
+            &file.unwrap_or_else(|| data_dir.unwrap_or_default().join(FILE_NAME)),
+        ) {
             Ok(r) => {
                 if json {
                     println!(
@@ -86,7 +104,7 @@ fn main() -> ExitCode {
             }
             Err(e) => {
                 eprintln!("inspect: {e}");
-                if e.to_string().contains("lock") || e.to_string().contains("already open") {
+                if matches!(e, StoreError::AlreadyOpen(_)) {
                     eprintln!("inspect: the store is in use: stop the daemon first (systemctl stop zhian-gateway), or use the status page");
                 }
                 ExitCode::FAILURE
@@ -157,6 +175,10 @@ where
     rt.shutdown_timeout(std::time::Duration::from_millis(300));
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e @ zhian_gateway::RunError::Store(StoreError::Damaged { .. })) => {
+            tracing::error!("{e}");
+            ExitCode::from(EX_IOERR)
+        }
         Err(e) => {
             tracing::error!(error = %e, "zhian-gateway failed");
             ExitCode::FAILURE

@@ -90,7 +90,25 @@ pub struct Stats {
     devices: Mutex<BTreeMap<(Kind, String), DeviceSeen>>,
     modbus: Mutex<BTreeMap<String, ModbusHealth>>,
     recent_rejects: Mutex<VecDeque<RejectNote>>,
+    /// Why intake is paused (nothing is acknowledged meanwhile), if it is.
+    paused: Mutex<Option<Paused>>,
+    /// A store file this run moved aside as damaged, and why.
+    pub quarantined: Mutex<Option<crate::store::damage::Quarantined>>,
 }
+
+/// Intake paused: devices' messages wait unacknowledged in the site broker.
+#[derive(Debug, Clone, Serialize)]
+pub struct Paused {
+    /// `disk_full` or `disk_error` (the `reason` label of `zhian_intake_paused`).
+    pub reason: &'static str,
+    /// The error, as the store reported it.
+    pub detail: String,
+    /// Wall clock (Unix ms) when intake paused.
+    pub since_ms: i64,
+}
+
+/// Every reason intake can pause for (the `zhian_intake_paused` label values).
+pub const PAUSE_REASONS: [&str; 2] = ["disk_full", "disk_error"];
 
 /// Marks its task down when dropped before the stop token was cancelled.
 pub struct TaskGuard {
@@ -143,6 +161,8 @@ impl Default for Stats {
             devices: Mutex::new(BTreeMap::new()),
             modbus: Mutex::new(BTreeMap::new()),
             recent_rejects: Mutex::new(VecDeque::new()),
+            paused: Mutex::new(None),
+            quarantined: Mutex::new(None),
         }
     }
 }
@@ -315,6 +335,31 @@ impl Stats {
 
     pub fn devices(&self) -> BTreeMap<(Kind, String), DeviceSeen> {
         self.devices.lock().expect("devices lock").clone()
+    }
+
+    /// Pause intake for `reason` (kept from the first failure while it lasts).
+    pub fn pause(&self, reason: &'static str, detail: String, now_ms: i64) {
+        let mut p = self.paused.lock().expect("paused lock");
+        match p.as_mut() {
+            Some(cur) if cur.reason == reason => cur.detail = detail,
+            _ => {
+                *p = Some(Paused {
+                    reason,
+                    detail,
+                    since_ms: now_ms,
+                })
+            }
+        }
+    }
+
+    /// Intake runs again; returns what the pause was.
+    pub fn resume(&self) -> Option<Paused> {
+        self.paused.lock().expect("paused lock").take()
+    }
+
+    /// Why intake is paused, if it is.
+    pub fn paused(&self) -> Option<Paused> {
+        self.paused.lock().expect("paused lock").clone()
     }
 
     pub fn recent_rejects(&self) -> Vec<RejectNote> {

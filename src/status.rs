@@ -202,6 +202,13 @@ pub fn hash_password(password: &str) -> Result<String, String> {
 /// 200 while the pipeline runs: every core task alive and the committer turning (the same
 /// test as the systemd watchdog); 503 otherwise, saying why.
 async fn healthz(State(st): State<AppState>) -> Response {
+    if let Some(p) = st.stats.paused() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("intake paused: {}: {}\n", p.reason, p.detail),
+        )
+            .into_response();
+    }
     if crate::systemd::alive(&st.stats, crate::systemd::STUCK_AFTER) {
         return (StatusCode::OK, "ok\n").into_response();
     }
@@ -349,6 +356,19 @@ impl Collector for Metrics {
             "Size of the store file",
             s.store_bytes.load(Relaxed) as i64,
         )?;
+        {
+            let paused = s.paused();
+            let mut m = e.encode_descriptor(
+                "zhian_intake_paused",
+                "1 while intake is paused for this reason (nothing acknowledged meanwhile)",
+                None,
+                prometheus_client::metrics::MetricType::Gauge,
+            )?;
+            for reason in crate::stats::PAUSE_REASONS {
+                let v = i64::from(paused.as_ref().is_some_and(|p| p.reason == reason));
+                ConstGauge::new(v).encode(m.encode_family(&[("reason", reason)])?)?;
+            }
+        }
         let now = now_ms();
         {
             let mut m = e.encode_descriptor(
@@ -448,8 +468,33 @@ struct UpstreamOut {
 #[derive(Serialize)]
 struct StoreOut {
     bytes: u64,
+    /// `store.max_size`: the data dir stays within it.
+    max_bytes: u64,
     raw_events: u64,
     dedup_keys: u64,
+    /// Dropped under disk pressure since the store was created (contract: "Disk pressure").
+    dropped: DroppedOut,
+    /// Damaged store files moved aside (in the data dir until an operator removes them).
+    quarantined: Vec<crate::store::damage::Quarantined>,
+    /// A store read that failed for this snapshot (e.g. while the writer reopens it).
+    error: Option<String>,
+}
+
+#[derive(Serialize, Default)]
+struct DroppedOut {
+    summaries: u64,
+    alerts: u64,
+    dedup_keys: u64,
+    raw_events: u64,
+}
+
+/// Intake: paused while the store cannot be written (nothing is acknowledged meanwhile).
+#[derive(Serialize)]
+struct IntakeOut {
+    paused: bool,
+    reason: Option<&'static str>,
+    detail: Option<String>,
+    since: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -478,6 +523,7 @@ struct StatusOut {
     today: BTreeMap<&'static str, BTreeMap<String, u64>>,
     hourly: Vec<HourOut>,
     devices: Vec<DeviceOut>,
+    intake: IntakeOut,
     upstream: UpstreamOut,
     store: StoreOut,
     counters: crate::stats::CounterSnapshot,
@@ -515,7 +561,15 @@ fn snapshot(st: &AppState) -> Result<StatusOut, crate::store::StoreError> {
             }
         })
         .collect();
-    for w in st.store.windows_since(first_hour.min(midnight))? {
+    let mut store_error = None;
+    let windows = st
+        .store
+        .windows_since(first_hour.min(midnight))
+        .unwrap_or_else(|e| {
+            store_error = Some(e.to_string());
+            Vec::new()
+        });
+    for w in windows {
         for (k, n) in &w.counts {
             if w.start_ms >= midnight {
                 *today
@@ -564,8 +618,21 @@ fn snapshot(st: &AppState) -> Result<StatusOut, crate::store::StoreError> {
         }
     }));
     devices.sort_by(|a, b| (a.kind, &a.name).cmp(&(b.kind, &b.name)));
-    let o = st.store.overview()?;
+    let o = st.store.overview().unwrap_or_else(|e| {
+        store_error = Some(e.to_string());
+        crate::store::Overview {
+            file_bytes: st.store.file_bytes(),
+            ..Default::default()
+        }
+    });
     let cfg = &st.cfg;
+    let paused = st.stats.paused();
+    let mut quarantined = crate::store::damage::quarantined(st.store.data_dir());
+    if let Some(q) = st.stats.quarantined.lock().expect("lock").as_ref() {
+        for f in quarantined.iter_mut().filter(|f| f.file == q.file) {
+            f.reason = q.reason.clone();
+        }
+    }
     Ok(StatusOut {
         gateway: GatewayOut {
             id: cfg.gateway.id.clone(),
@@ -580,6 +647,12 @@ fn snapshot(st: &AppState) -> Result<StatusOut, crate::store::StoreError> {
         today,
         hourly,
         devices,
+        intake: IntakeOut {
+            paused: paused.is_some(),
+            reason: paused.as_ref().map(|p| p.reason),
+            detail: paused.as_ref().map(|p| p.detail.clone()),
+            since: paused.as_ref().map(|p| rfc3339_utc(p.since_ms)),
+        },
         upstream: UpstreamOut {
             connected: st.stats.upstream_connected.load(Relaxed),
             pending_summaries: o.pending_summaries,
@@ -588,8 +661,17 @@ fn snapshot(st: &AppState) -> Result<StatusOut, crate::store::StoreError> {
         },
         store: StoreOut {
             bytes: o.file_bytes,
+            max_bytes: cfg.store.max_size.0,
             raw_events: o.raw_events,
             dedup_keys: o.dedup_keys,
+            dropped: DroppedOut {
+                summaries: o.dropped_summaries,
+                alerts: o.dropped_alerts,
+                dedup_keys: o.dropped_dedup_keys,
+                raw_events: o.evicted_events,
+            },
+            quarantined,
+            error: store_error,
         },
         counters: st.stats.counters(),
         recent_alerts: st
@@ -705,6 +787,21 @@ fn t(en: bool, key: &str) -> &'static str {
         "pending_alerts" => ("待发送告警", "Pending alerts"),
         "oldest" => ("最早待发送窗口", "Oldest pending window"),
         "store" => ("本地存储", "Local store"),
+        "attention" => ("需要处理", "Needs attention"),
+        "paused" => (
+            "数据接收已暂停，设备消息在现场代理中等待",
+            "Intake paused: device messages wait in the site broker",
+        ),
+        "disk_full" => ("磁盘已满", "disk full"),
+        "disk_error" => ("磁盘写入失败", "disk write failing"),
+        "since" => ("自", "since"),
+        "quarantined" => (
+            "存储文件损坏，已移至一旁并启用新存储：",
+            "Damaged store file moved aside, fresh store started:",
+        ),
+        "dropped" => ("存储空间不足，已丢弃：", "Dropped for lack of space:"),
+        "dedup_dropped" => ("去重记录", "dedup keys"),
+        "raw_dropped" => ("原始事件", "raw events"),
         "alerts" => ("最近告警", "Recent alerts"),
         "rejects" => ("最近拒收", "Recent rejects"),
         "time" => ("时间", "Time"),
@@ -850,6 +947,55 @@ fn render(s: &StatusOut, en: bool, refresh: u64) -> String {
         if en { "zh" } else { "en" },
         t(en, "other_lang"),
     ));
+    // What needs attention: paused intake, quarantined store files, drops under pressure.
+    let mut alarms: Vec<String> = Vec::new();
+    if s.intake.paused {
+        alarms.push(format!(
+            "<li data-intake-paused=\"{}\"><b>{}</b> ({}) {} {} · {}</li>",
+            s.intake.reason.unwrap_or(""),
+            t(en, "paused"),
+            t(en, s.intake.reason.unwrap_or("disk_error")),
+            t(en, "since"),
+            local_rfc(&s.intake.since, s.tz_secs, en),
+            esc(s.intake.detail.as_deref().unwrap_or("")),
+        ));
+    }
+    for q in &s.store.quarantined {
+        alarms.push(format!(
+            "<li data-quarantined=\"{}\"><b>{}</b> {} ({:.1} MiB){}</li>",
+            esc(&q.file),
+            t(en, "quarantined"),
+            esc(&q.file),
+            q.bytes as f64 / 1048576.0,
+            q.reason
+                .as_ref()
+                .map(|r| format!(" · {}", esc(r)))
+                .unwrap_or_default(),
+        ));
+    }
+    let d = &s.store.dropped;
+    if d.summaries + d.alerts + d.dedup_keys + d.raw_events > 0 {
+        alarms.push(format!(
+            "<li data-dropped=\"{}\"><b>{}</b> {} {} · {} {} · {} {} · {} {}</li>",
+            d.summaries + d.alerts,
+            t(en, "dropped"),
+            t(en, "pending"),
+            d.summaries,
+            t(en, "pending_alerts"),
+            d.alerts,
+            t(en, "dedup_dropped"),
+            d.dedup_keys,
+            t(en, "raw_dropped"),
+            d.raw_events,
+        ));
+    }
+    if !alarms.is_empty() {
+        h.push_str(&format!(
+            "<section class=\"alarm\"><h2>{}</h2><ul>{}</ul></section>",
+            t(en, "attention"),
+            alarms.join("")
+        ));
+    }
     // Today.
     h.push_str(&format!(
         "<section><h2>{}</h2><div class=\"cards\">",
@@ -1001,7 +1147,7 @@ section{background:#fff;margin:12px;padding:12px 16px;border-radius:8px;box-shad
 .cards{display:flex;flex-wrap:wrap;gap:12px}.card{flex:1 1 220px;border:1px solid #e3e7eb;border-radius:6px;padding:8px 12px}.card h3{margin:0 0 6px;font-size:1em;color:#555}\
 .big{display:flex;justify-content:space-between;font-size:1.3em;margin:2px 0}.small{display:flex;justify-content:space-between;margin:2px 0}\
 table{width:100%;border-collapse:collapse;font-size:.92em}th,td{text-align:left;padding:4px 6px;border-bottom:1px solid #eee}\
-.ok{color:#137333;font-weight:bold}.bad{color:#c5221f;font-weight:bold}.muted{color:#888}\
+.alarm{border:2px solid #c5221f;padding:0 .8em}.ok{color:#137333;font-weight:bold}.bad{color:#c5221f;font-weight:bold}.muted{color:#888}\
 svg{width:100%;height:auto;max-height:260px}.axis{stroke:#999}.lbl{font-size:11px;fill:#666}rect.a,.legend i.a{fill:#1a73e8;background:#1a73e8}\
 rect.v,.legend i.v{fill:#f29900;background:#f29900}rect.c,.legend i.c{fill:#d93025;background:#d93025}.legend i{display:inline-block;width:10px;height:10px;margin:0 4px 0 10px}\
 @media(max-width:600px){section{margin:8px;padding:8px}table{font-size:.8em}}";

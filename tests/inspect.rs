@@ -39,7 +39,7 @@ fn inspect_reports_the_store_offline() {
     let en = engine();
     let now = zhian_gateway::committer::now_ms();
     {
-        let s = Store::open(dir.path(), SubjectMode::Hashed).unwrap();
+        let (_s, mut s) = Store::open(dir.path(), SubjectMode::Hashed).unwrap();
         let old = Event {
             kind: Kind::Access,
             device: "door-1".into(),

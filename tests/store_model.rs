@@ -61,7 +61,7 @@ proptest! {
     fn store_matches_memory_model(steps in prop::collection::vec(step(), 1..40)) {
         let dir = tempfile::tempdir().unwrap();
         let en = engine();
-        let mut store = Store::open(dir.path(), SubjectMode::Hashed).unwrap();
+        let (mut store, mut w) = Store::open(dir.path(), SubjectMode::Hashed).unwrap();
         let mut model = MemLedger::default();
         let mut now: i64 = 50_000_000;
         // Everything the store ever emitted (payloads), in order, including acked ones.
@@ -79,18 +79,18 @@ proptest! {
                 Step::Batch(evs) => {
                     let batch: Vec<Event> = evs.iter().map(|(d, i, o)| mk(*d, *i, now + o)).collect();
                     let refs: Vec<&Event> = batch.iter().collect();
-                    let got = store.commit(&en, &refs, &[], now, None).unwrap().outcomes;
+                    let got = w.commit(&en, &refs, &[], now, None).unwrap().outcomes;
                     let want = en.apply(&mut model, &batch, now).unwrap();
                     prop_assert_eq!(got, want);
                 }
                 Step::Advance(d) => {
                     now += d;
-                    store.commit(&en, &[], &[], now, None).unwrap();
+                    w.commit(&en, &[], &[], now, None).unwrap();
                     en.close_due(&mut model, now).unwrap();
                 }
                 Step::Reopen => {
-                    drop(store);
-                    store = Store::open(dir.path(), SubjectMode::Hashed).unwrap();
+                    drop((store, w));
+                    (store, w) = Store::open(dir.path(), SubjectMode::Hashed).unwrap();
                 }
                 Step::Ack(n) => {
                     collect(&store, &mut sent, &mut seen_seq);
@@ -100,7 +100,7 @@ proptest! {
                         .into_iter()
                         .map(|(k, _)| k)
                         .collect();
-                    store.commit(&en, &[], &keys, now, None).unwrap();
+                    w.commit(&en, &[], &keys, now, None).unwrap();
                 }
             }
             collect(&store, &mut sent, &mut seen_seq);

@@ -1,0 +1,174 @@
+//! A store file that cannot be opened: cut short, bit rot on an SD card, not a store at all.
+//!
+//! [`create_db`] opens a file with redb's integrity check on, turns every failure that is not
+//! "busy" or "the disk failed" into [`StoreError::Damaged`], and catches a panic inside redb
+//! (a file cut short by one page has made redb 4 assert in its buddy allocator) so it becomes
+//! the same error instead of a crash loop. [`open_or_quarantine`] is what the daemon does with
+//! it, per `store.on_damage`: move the file aside as `zhian.redb.damaged-<UTC time>` and start
+//! a fresh store (`quarantine`, the default), or refuse (`refuse`, exit 74).
+
+use super::{Store, StoreError, StoreWriter, FILE_NAME};
+use crate::config::{OnDamage, SubjectMode};
+use redb::Database;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+/// The prefix of a quarantined store file's name; the rest is the UTC time it was moved.
+pub const DAMAGED_PREFIX: &str = "zhian.redb.damaged-";
+
+static PANIC_MESSAGE: Mutex<Option<String>> = Mutex::new(None);
+
+/// Run `f`, turning a panic into `Err(message)`. The panic hook is silenced meanwhile (the
+/// caller reports the failure in its own words).
+pub(crate) fn catch<T>(f: impl FnOnce() -> T) -> Result<T, String> {
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|info| {
+        let msg = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".into());
+        let at = info
+            .location()
+            .map(|l| format!(" at {}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        *PANIC_MESSAGE.lock().unwrap_or_else(|p| p.into_inner()) = Some(format!("{msg}{at}"));
+    }));
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    std::panic::set_hook(previous);
+    r.map_err(|_| {
+        PANIC_MESSAGE
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            .unwrap_or_else(|| "unknown panic".into())
+    })
+}
+
+/// Open (or create) the redb file at `path` for writing, checking every page.
+pub(crate) fn create_db(path: &Path) -> Result<Database, StoreError> {
+    let damaged = |reason: String| StoreError::Damaged {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let opened = catch(|| {
+        Database::builder()
+            .set_cache_size(super::CACHE_BYTES)
+            .set_check_integrity_on_open(true)
+            .set_repair_callback(|s| {
+                tracing::warn!(
+                    progress = s.progress(),
+                    "store: repairing after an unclean shutdown"
+                );
+            })
+            .create(path)
+    });
+    match opened {
+        Ok(Ok(db)) => Ok(db),
+        Ok(Err(redb::DatabaseError::DatabaseAlreadyOpen)) => {
+            Err(StoreError::AlreadyOpen(path.to_path_buf()))
+        }
+        Ok(Err(redb::DatabaseError::Storage(redb::StorageError::Io(e))))
+            if e.kind() != std::io::ErrorKind::UnexpectedEof
+                && e.kind() != std::io::ErrorKind::InvalidData =>
+        {
+            Err(StoreError::Io {
+                what: "cannot open",
+                path: path.to_path_buf(),
+                source: e,
+            })
+        }
+        Ok(Err(e)) => Err(damaged(e.to_string())),
+        Err(panic) => Err(damaged(format!("redb panicked while opening it: {panic}"))),
+    }
+}
+
+/// A store file moved aside.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Quarantined {
+    /// File name inside the data dir.
+    pub file: String,
+    pub bytes: u64,
+    /// Why it was moved (this run only; after a restart the file name and size remain).
+    pub reason: Option<String>,
+}
+
+/// The quarantined files in `data_dir`, oldest first (their names sort by time).
+pub fn quarantined(data_dir: &Path) -> Vec<Quarantined> {
+    let mut out: Vec<Quarantined> = std::fs::read_dir(data_dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            name.starts_with(DAMAGED_PREFIX).then(|| Quarantined {
+                bytes: e.metadata().map(|m| m.len()).unwrap_or(0),
+                file: name,
+                reason: None,
+            })
+        })
+        .collect();
+    out.sort_by(|a, b| a.file.cmp(&b.file));
+    out
+}
+
+/// Move the store file aside; returns its new path.
+pub fn quarantine(path: &Path, now_ms: i64) -> Result<PathBuf, StoreError> {
+    let stamp = crate::core::summary::rfc3339_utc(now_ms).replace(':', "");
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut to = dir.join(format!("{DAMAGED_PREFIX}{stamp}"));
+    let mut n = 1;
+    while to.exists() {
+        n += 1;
+        to = dir.join(format!("{DAMAGED_PREFIX}{stamp}-{n}"));
+    }
+    std::fs::rename(path, &to).map_err(|source| StoreError::Io {
+        what: "cannot move aside",
+        path: path.to_path_buf(),
+        source,
+    })?;
+    // The rename is durable before a fresh file takes the name.
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(to)
+}
+
+/// Open the daemon's store; a damaged file is moved aside (and a fresh store started) or
+/// refused per `on_damage`. Returns the quarantined file, if this open moved one.
+pub fn open_or_quarantine(
+    data_dir: &Path,
+    subjects: SubjectMode,
+    on_damage: OnDamage,
+    now_ms: i64,
+) -> Result<(Arc<Store>, StoreWriter, Option<Quarantined>), StoreError> {
+    match Store::open(data_dir, subjects) {
+        Ok((s, w)) => Ok((s, w, None)),
+        Err(StoreError::Damaged { path, reason }) if on_damage == OnDamage::Quarantine => {
+            let to = quarantine(&path, now_ms)?;
+            tracing::error!(
+                file = %path.display(),
+                moved_to = %to.display(),
+                %reason,
+                "store damaged: moved it aside and started a fresh store; counts not yet sent upstream from the old file are not in the new one (inspect --file can read what is left)"
+            );
+            let (s, w) = Store::open(data_dir, subjects)?;
+            let q = Quarantined {
+                file: to
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+                bytes: std::fs::metadata(&to).map(|m| m.len()).unwrap_or(0),
+                reason: Some(reason),
+            };
+            Ok((s, w, Some(q)))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// The store file name, for messages.
+pub fn file_name() -> &'static str {
+    FILE_NAME
+}

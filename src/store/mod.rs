@@ -1,0 +1,344 @@
+//! The durable store: one redb file, written only by the committer's [`StoreWriter`].
+//!
+//! # What is on disk
+//!
+//! `<data_dir>/zhian.redb`, one redb database with the tables below. Keys are fixed-width
+//! integers (redb encodes them little-endian with explicit widths) or UTF-8 strings; a value
+//! that is a record starts with a one-byte record version followed by postcard
+//! ([`records`]). Store format 2 (format 1, from releases before the flash work, is migrated in
+//! place on first open).
+//!
+//! | table | key | value | written |
+//! |---|---|---|---|
+//! | `meta` | `&str` name | `format` (u32 LE, now 2), `subject_key` (32 random bytes: the BLAKE3 key for hashed subjects and dedup hashes), `seq_reserved` (u64 LE: sequence numbers below it may be in use), `dropped_summaries`, `dropped_alerts`, `dropped_dedup_keys`, `evicted_events` (u64 LE) | at open, every millionth sequence number, when something is dropped |
+//! | `events` | `(u64 received_ms, u64 seq)` | v1 [`EventRecordV1`]: the raw accepted event, subject hashed/dropped/plain per `privacy.subjects` | per batch, appended |
+//! | `dedup_log` | `(i64 first_seen_ms, u64 seq)` | the batch's dedup hashes, packed little-endian u64s (8 bytes per accepted event) | per batch, appended |
+//! | `windows` | `i64` window start ms | v1 [`WindowState`]: counts per (kind, device, action, result) and the last issued rev (`None` while open) | per batch, the windows it touched |
+//! | `outbox` | `(u8 class, u64 seq)` | v1 [`OutboxRecordV1`]: an upstream message waiting for its PUBACK; class 0 alerts, 1 summaries, so alerts go first | when windows close, alerts, PUBACKs |
+//! | `counters` | `&str` "kind\0device\0point" | v1 [`CounterRecordV1`]: the last committed value of a Modbus counter, written in the same transaction as the counts it produced | Modbus polls that moved |
+//! | `states` | `&str` "kind\0device\0point" | v1 [`StateRecordV1`]: the latest value of a Modbus state point and when it last changed | Modbus polls that changed |
+//!
+//! A dedup hash is the first 8 bytes of BLAKE3 keyed with `subject_key` over
+//! `"dedup\0" kind "\0" device "\0" id`. The writer holds every live hash in memory (built
+//! from `dedup_log` at open, about 16-32 bytes per key), so a lookup never touches the disk
+//! and a batch appends one row instead of one random B-tree leaf per event (the flash cost
+//! the field notes measured: about 4 KiB per random key).
+//!
+//! Beside the store the data dir may hold `zhian.redb.damaged-<UTC time>`: a store file that
+//! could not be opened and was moved aside ([`damage`]).
+//!
+//! # Invariants
+//! - Only [`StoreWriter`] writes, and there is one per open file: [`Store::open`] hands out the
+//!   only one, and it is not `Clone`. [`Store`] is the read side (page, forwarder, inspect).
+//! - One write transaction per batch holds the batch's raw events, dedup hashes, window counts,
+//!   outbox entries and the deletions of acknowledged outbox entries, so after a power cut they
+//!   agree. Commits use `Durability::Immediate` (fsync) without quick repair: an unclean file
+//!   is repaired at the next open (redb's full repair) instead of paying allocator pages on
+//!   every commit.
+//! - The writer's memory (dedup hashes, open windows, next sequence number, live bytes) changes
+//!   only after its transaction committed; a failed commit leaves it as it was.
+//! - An outbox entry is deleted only after the forwarder saw the upstream PUBACK for it, or
+//!   under disk pressure, counted.
+//! - Maintenance (expired dedup hashes, raw events past retention, forgotten windows) deletes a
+//!   bounded number of rows per commit.
+//! - Every open checks the whole file (`set_check_integrity_on_open`): a damaged file fails to
+//!   open (or redb panics, which is caught) instead of being trusted.
+
+pub mod damage;
+pub mod pressure;
+mod reader;
+pub mod records;
+mod writer;
+
+pub use pressure::{Pressure, Retention};
+pub use reader::Overview;
+pub use records::{
+    CounterRecordV1, EventRecordV1, OutboxRecordV1, OutboxTopic, StateRecordV1, StateUpdate,
+    StoredSubject,
+};
+pub use writer::{CommitReport, StoreWriter};
+
+use crate::core::summary::WindowState;
+use redb::{Database, ReadableDatabase, TableDefinition};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::RwLock;
+
+pub(crate) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+pub(crate) const EVENTS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("events");
+pub(crate) const DEDUP_LOG: TableDefinition<(i64, u64), &[u8]> = TableDefinition::new("dedup_log");
+pub(crate) const WINDOWS: TableDefinition<i64, &[u8]> = TableDefinition::new("windows");
+pub(crate) const OUTBOX: TableDefinition<(u8, u64), &[u8]> = TableDefinition::new("outbox");
+pub(crate) const COUNTERS: TableDefinition<&str, &[u8]> = TableDefinition::new("counters");
+pub(crate) const STATES: TableDefinition<&str, &[u8]> = TableDefinition::new("states");
+// Format 1 tables, read once by the migration and then deleted.
+pub(crate) const DEDUP_V1: TableDefinition<&str, i64> = TableDefinition::new("dedup");
+pub(crate) const DEDUP_BY_TIME_V1: TableDefinition<(i64, &str), ()> =
+    TableDefinition::new("dedup_by_time");
+pub(crate) const OPEN_WINDOWS_V1: TableDefinition<i64, ()> = TableDefinition::new("open_windows");
+
+/// The store format this build writes (it also reads and migrates format 1).
+pub const FORMAT: u32 = 2;
+/// File name inside the data dir.
+pub const FILE_NAME: &str = "zhian.redb";
+/// redb's page cache (bytes).
+const CACHE_BYTES: usize = 16 << 20;
+
+/// What can go wrong with the store. [`StoreError::disk_fault`] tells a full or failing disk
+/// (pause and retry) from the rest.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store: {0}")]
+    Db(#[from] redb::Error),
+    #[error("store: cannot create data dir {path}: {source}")]
+    DataDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("store: record in table {table} has unknown version {version}")]
+    Version { table: &'static str, version: u8 },
+    #[error("store: corrupt record in table {table}: {source}")]
+    Decode {
+        table: &'static str,
+        source: postcard::Error,
+    },
+    #[error("store: format {0:#x} is not one this build reads (1 or {FORMAT}); use the zhian-gateway that wrote it, or move the data dir aside")]
+    Format(u32),
+    #[error("store: cannot read random bytes for the subject key: {0}")]
+    Random(String),
+    #[error("store: opened read-only")]
+    ReadOnly,
+    #[error("store: {} does not exist", .0.display())]
+    Missing(PathBuf),
+    #[error("store: {} is open in another process (stop the daemon first: systemctl stop zhian-gateway)", .0.display())]
+    AlreadyOpen(PathBuf),
+    #[error("store: {} is damaged: {reason}; move it aside (or set store.on_damage = \"quarantine\") and start again, or restore it from a backup", path.display())]
+    Damaged { path: PathBuf, reason: String },
+    #[error("store: {what} {}: {source}", path.display())]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("store: not open (the writer is reopening it after a disk fault)")]
+    Unavailable,
+}
+
+macro_rules! from_redb {
+    ($($t:ty),*) => {$(
+        impl From<$t> for StoreError {
+            fn from(e: $t) -> Self {
+                StoreError::Db(e.into())
+            }
+        }
+    )*};
+}
+from_redb!(
+    redb::DatabaseError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError,
+    redb::SetDurabilityError,
+    redb::CompactionError
+);
+
+/// Why a commit failed, when the disk is to blame: intake pauses with this reason.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiskFault {
+    /// ENOSPC or EDQUOT: `disk_full`.
+    Full,
+    /// Any other I/O error (EIO, EROFS, ...): `disk_error`.
+    Error,
+}
+
+impl DiskFault {
+    /// The `reason` label of `zhian_intake_paused`.
+    pub fn reason(self) -> &'static str {
+        match self {
+            DiskFault::Full => "disk_full",
+            DiskFault::Error => "disk_error",
+        }
+    }
+}
+
+fn io_fault(e: &std::io::Error) -> DiskFault {
+    // ENOSPC 28, EDQUOT 122 on Linux.
+    match e.raw_os_error() {
+        Some(28) | Some(122) => DiskFault::Full,
+        _ if e.kind() == std::io::ErrorKind::StorageFull => DiskFault::Full,
+        _ => DiskFault::Error,
+    }
+}
+
+impl StoreError {
+    /// The I/O error underneath, if any.
+    fn io(&self) -> Option<&std::io::Error> {
+        match self {
+            StoreError::Db(redb::Error::Io(e)) => Some(e),
+            StoreError::Io { source, .. } | StoreError::DataDir { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+
+    /// A full or failing disk (or a handle redb poisoned after one): pause, reopen, retry.
+    pub fn disk_fault(&self) -> Option<DiskFault> {
+        if let Some(e) = self.io() {
+            return Some(io_fault(e));
+        }
+        match self {
+            StoreError::Db(redb::Error::PreviousIo) | StoreError::Unavailable => {
+                Some(DiskFault::Error)
+            }
+            _ => None,
+        }
+    }
+}
+
+/// Figures the writer keeps current for the read side.
+#[derive(Debug, Default)]
+pub(crate) struct Figures {
+    /// True while a writer owns the file (else readers compute these by scanning).
+    pub live: AtomicBool,
+    pub dedup_keys: AtomicU64,
+    pub open_windows: AtomicU64,
+    /// Estimated bytes the rows take (keys + values).
+    pub row_bytes: AtomicU64,
+}
+
+/// The database, opened for the daemon (read-write) or for `inspect` (read-only).
+pub(crate) enum Db {
+    ReadWrite(Database),
+    ReadOnly(redb::ReadOnlyDatabase),
+}
+
+/// The store's read side: cheap to share (`Arc<Store>`), never writes. The writer swaps the
+/// database underneath after a disk fault; readers then see [`StoreError::Unavailable`] until
+/// it is back.
+pub struct Store {
+    pub(crate) db: RwLock<Option<Db>>,
+    path: PathBuf,
+    data_dir: PathBuf,
+    pub(crate) figures: Figures,
+    /// For `inspect` of a file left unclean: the repaired temporary copy, removed on drop.
+    _scratch: Option<tempfile::TempDir>,
+}
+
+impl Store {
+    /// Open (or create) the store in `data_dir` for the daemon: the read side and the only
+    /// writer. A file that cannot be opened is [`StoreError::Damaged`] (see [`damage`] for
+    /// what the daemon does then); another process holding it is [`StoreError::AlreadyOpen`].
+    pub fn open(
+        data_dir: &Path,
+        subjects: crate::config::SubjectMode,
+    ) -> Result<(std::sync::Arc<Store>, StoreWriter), StoreError> {
+        std::fs::create_dir_all(data_dir).map_err(|source| StoreError::DataDir {
+            path: data_dir.to_path_buf(),
+            source,
+        })?;
+        let path = data_dir.join(FILE_NAME);
+        let db = damage::create_db(&path)?;
+        let store = std::sync::Arc::new(Store {
+            db: RwLock::new(Some(Db::ReadWrite(db))),
+            path,
+            data_dir: data_dir.to_path_buf(),
+            figures: Figures::default(),
+            _scratch: None,
+        });
+        let writer = StoreWriter::init(store.clone(), subjects)?;
+        Ok((store, writer))
+    }
+
+    /// Open the store in `data_dir` read-only (`inspect`). Never changes the file: a file left
+    /// unclean (kill -9, power cut, a store-error exit) is copied to a temporary directory and
+    /// the copy is repaired and read. Fails while a daemon has it open.
+    pub fn open_read_only(data_dir: &Path) -> Result<Store, StoreError> {
+        Self::open_file_read_only(&data_dir.join(FILE_NAME))
+    }
+
+    /// As [`Store::open_read_only`], for any store file (e.g. a quarantined one).
+    pub fn open_file_read_only(path: &Path) -> Result<Store, StoreError> {
+        if !path.exists() {
+            return Err(StoreError::Missing(path.to_path_buf()));
+        }
+        let data_dir = path.parent().unwrap_or(Path::new(".")).to_path_buf();
+        let direct = damage::catch(|| redb::ReadOnlyDatabase::open(path));
+        let (db, scratch) = match direct {
+            Ok(Ok(db)) => (Db::ReadOnly(db), None),
+            Ok(Err(redb::DatabaseError::DatabaseAlreadyOpen)) => {
+                return Err(StoreError::AlreadyOpen(path.to_path_buf()))
+            }
+            // Unclean (needs a repair, which a read-only open cannot do) or worse: read a
+            // repaired copy.
+            _ => {
+                let scratch = tempfile::tempdir().map_err(|source| StoreError::Io {
+                    what: "cannot create a scratch dir for",
+                    path: path.to_path_buf(),
+                    source,
+                })?;
+                let copy = scratch.path().join(FILE_NAME);
+                std::fs::copy(path, &copy).map_err(|source| StoreError::Io {
+                    what: "cannot copy",
+                    path: path.to_path_buf(),
+                    source,
+                })?;
+                let db = damage::create_db(&copy).map_err(|e| match e {
+                    StoreError::Damaged { reason, .. } => StoreError::Damaged {
+                        path: path.to_path_buf(),
+                        reason,
+                    },
+                    e => e,
+                })?;
+                (Db::ReadWrite(db), Some(scratch))
+            }
+        };
+        Ok(Store {
+            db: RwLock::new(Some(db)),
+            path: path.to_path_buf(),
+            data_dir,
+            figures: Figures::default(),
+            _scratch: scratch,
+        })
+    }
+
+    pub(crate) fn read(&self) -> Result<redb::ReadTransaction, StoreError> {
+        let db = self.db.read().expect("store lock");
+        match db.as_ref() {
+            Some(Db::ReadWrite(db)) => Ok(db.begin_read()?),
+            Some(Db::ReadOnly(db)) => Ok(db.begin_read()?),
+            None => Err(StoreError::Unavailable),
+        }
+    }
+
+    /// The store file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The data dir the store lives in.
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    /// Size of the store file in bytes (its length; `du` may show less for sparse regions).
+    pub fn file_bytes(&self) -> u64 {
+        std::fs::metadata(&self.path).map(|m| m.len()).unwrap_or(0)
+    }
+
+    pub(crate) fn live(&self) -> bool {
+        self.figures.live.load(Relaxed)
+    }
+}
+
+/// Decode a window record (shared by reader and writer).
+pub(crate) fn decode_window(bytes: &[u8]) -> Result<WindowState, StoreError> {
+    records::decode("windows", bytes)
+}
+
+/// Where the outbox stands in line: class 0 alerts, then class 1 summaries, each by sequence.
+pub type OutboxKey = (u8, u64);
+pub const CLASS_ALERT: u8 = 0;
+pub const CLASS_SUMMARY: u8 = 1;
+
+#[cfg(test)]
+mod tests;

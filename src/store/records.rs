@@ -1,0 +1,120 @@
+//! The records kept in the store's tables: one version byte, then postcard (serde, varint
+//! integers, a documented and stable wire format). A reader that meets a version it does not
+//! know refuses to guess ([`StoreError::Version`]).
+
+use super::StoreError;
+use crate::core::counter::Value;
+use crate::core::event::Kind;
+use serde::{Deserialize, Serialize};
+
+pub(crate) const RECORD_V1: u8 = 1;
+
+/// A subject as kept on the box.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StoredSubject {
+    None,
+    /// First 16 bytes of BLAKE3 keyed with the box's `subject_key`.
+    Hashed([u8; 16]),
+    Plain(String),
+}
+
+/// Raw accepted event, record version 1.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventRecordV1 {
+    pub kind: Kind,
+    pub device: String,
+    pub id: String,
+    pub ts_ms: i64,
+    pub action: String,
+    pub result: String,
+    pub subject: StoredSubject,
+}
+
+/// What an outbox message is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OutboxTopic {
+    Summary,
+    Alert,
+}
+
+impl OutboxTopic {
+    /// The last topic level: `{prefix}/{gateway}/{suffix}`.
+    pub fn suffix(self) -> &'static str {
+        match self {
+            OutboxTopic::Summary => "summary",
+            OutboxTopic::Alert => "alert",
+        }
+    }
+}
+
+/// An upstream message waiting for its PUBACK, record version 1.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutboxRecordV1 {
+    pub topic: OutboxTopic,
+    /// Window start and rev, for summaries (status page: oldest pending window).
+    pub window: Option<(i64, u32)>,
+    pub created_ms: i64,
+    pub payload: Vec<u8>,
+}
+
+/// The last committed value of a Modbus counter, record version 1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CounterRecordV1 {
+    pub value: i64,
+    pub at_ms: i64,
+}
+
+/// A Modbus state point, record version 1.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct StateRecordV1 {
+    pub value: Value,
+    /// When the value last changed (or was first read).
+    pub since_ms: i64,
+    /// When it was last read.
+    pub seen_ms: i64,
+}
+
+/// A state reading to keep: `key` is "kind\0device\0point".
+#[derive(Debug, Clone, PartialEq)]
+pub struct StateUpdate {
+    pub key: String,
+    pub value: Value,
+    pub ts_ms: i64,
+}
+
+/// Version byte + postcard.
+pub(crate) fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    let mut out = vec![RECORD_V1];
+    out.extend(postcard::to_allocvec(v).expect("records serialize"));
+    out
+}
+
+/// The record in `bytes` from `table`, or why it cannot be read.
+pub(crate) fn decode<T: for<'de> Deserialize<'de>>(
+    table: &'static str,
+    bytes: &[u8],
+) -> Result<T, StoreError> {
+    match bytes.split_first() {
+        Some((&RECORD_V1, rest)) => {
+            postcard::from_bytes(rest).map_err(|source| StoreError::Decode { table, source })
+        }
+        Some((&version, _)) => Err(StoreError::Version { table, version }),
+        None => Err(StoreError::Version { table, version: 0 }),
+    }
+}
+
+/// The dedup hashes packed in one `dedup_log` value: little-endian u64s.
+pub(crate) fn pack_hashes(hashes: &[u64]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(hashes.len() * 8);
+    for h in hashes {
+        out.extend_from_slice(&h.to_le_bytes());
+    }
+    out
+}
+
+/// The hashes of one `dedup_log` value (a trailing partial word is ignored).
+pub(crate) fn unpack_hashes(bytes: &[u8]) -> impl Iterator<Item = u64> + '_ {
+    bytes
+        .chunks_exact(8)
+        .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
+}

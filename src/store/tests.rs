@@ -1,0 +1,263 @@
+use super::*;
+use crate::config::SubjectMode;
+use crate::core::counter::Value;
+use crate::core::engine::{Engine, Input, Outcome};
+use crate::core::event::{Event, Kind};
+use crate::core::summary::Site;
+use crate::core::window::WindowCfg;
+
+fn engine() -> Engine {
+    Engine {
+        window: WindowCfg {
+            window_ms: 10_000,
+            grace_ms: 1_000,
+            max_lateness_ms: 3_600_000,
+            max_future_skew_ms: 60_000,
+        },
+        dedup_ttl_ms: 600_000,
+        gateway: "gw".into(),
+        site: Site::default(),
+        alert_actions: vec!["fire_lane_blocked".into()],
+    }
+}
+
+fn ev(id: &str, ts: i64) -> Event {
+    Event {
+        kind: Kind::Access,
+        device: "door-1".into(),
+        id: id.into(),
+        ts_ms: ts,
+        action: "entry".into(),
+        result: "granted".into(),
+        subject: Some("card:88213".into()),
+    }
+}
+
+#[test]
+fn batch_survives_reopen_and_dedups_across_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let en = engine();
+    let now = 1_000_000_000;
+    {
+        let (_s, mut w) = Store::open(dir.path(), SubjectMode::Hashed).unwrap();
+        let (a, b) = (ev("a", now), ev("b", now));
+        let r = w.commit(&en, &[&a, &b, &a], &[], now, None).unwrap();
+        assert_eq!(
+            r.outcomes,
+            vec![Outcome::Accepted, Outcome::Accepted, Outcome::Duplicate]
+        );
+    }
+    let (s, mut w) = Store::open(dir.path(), SubjectMode::Hashed).unwrap();
+    let a = ev("a", now);
+    let r = w.commit(&en, &[&a], &[], now + 1, None).unwrap();
+    assert_eq!(r.outcomes, vec![Outcome::Duplicate]);
+    // Window closes: one summary in the outbox, n = 2.
+    let r = w.commit(&en, &[], &[], now + 20_000, None).unwrap();
+    assert_eq!(r.emitted, 1);
+    let out = s.outbox_after(CLASS_SUMMARY, None, 10).unwrap();
+    assert_eq!(out.len(), 1);
+    let v: serde_json::Value = serde_json::from_slice(&out[0].1.payload).unwrap();
+    assert_eq!(v["counts"][0]["n"], 2);
+    // Acknowledged entries go.
+    w.commit(&en, &[], &[out[0].0], now + 21_000, None).unwrap();
+    assert_eq!(s.outbox_len().unwrap(), 0);
+    // Subjects are hashed on disk.
+    let raw = s.raw_events().unwrap();
+    assert_eq!(raw.len(), 2);
+    assert!(matches!(raw[0].subject, StoredSubject::Hashed(_)));
+    let bytes = std::fs::read(s.path()).unwrap();
+    assert!(!bytes.windows(10).any(|w| w == b"card:88213"));
+}
+
+#[test]
+fn maintenance_purges_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let en = engine();
+    let (s, mut w) = Store::open(dir.path(), SubjectMode::Drop).unwrap();
+    let now = 1_000_000_000;
+    let evs: Vec<Event> = (0..50).map(|i| ev(&i.to_string(), now)).collect();
+    let refs: Vec<&Event> = evs.iter().collect();
+    w.commit(&en, &refs, &[], now, None).unwrap();
+    let ret = Retention {
+        dedup_ttl_ms: 600_000,
+        raw_retention_ms: 1_000,
+        purge_batch: 20,
+    };
+    let later = now + 700_000;
+    // Dedup hashes go by the batch row (one row here: 50 hashes); raw events by the row.
+    let r = w.commit(&en, &[], &[], later, Some(&ret)).unwrap();
+    assert_eq!((r.purged_dedup, r.purged_events), (50, 20));
+    let r = w.commit(&en, &[], &[], later, Some(&ret)).unwrap();
+    assert_eq!((r.purged_dedup, r.purged_events), (0, 20));
+    let r = w.commit(&en, &[], &[], later, Some(&ret)).unwrap();
+    assert_eq!((r.purged_dedup, r.purged_events), (0, 10));
+    let o = s.overview().unwrap();
+    assert_eq!((o.dedup_keys, o.raw_events), (0, 0));
+    // After the TTL the same id counts again.
+    let again = ev("0", later);
+    let r = w.commit(&en, &[&again], &[], later, None).unwrap();
+    assert_eq!(r.outcomes, vec![Outcome::Accepted]);
+}
+
+#[test]
+fn counter_values_and_counts_commit_together_across_reopen() {
+    use crate::core::counter::{Step, Width};
+    use crate::core::engine::CounterReading;
+    let dir = tempfile::tempdir().unwrap();
+    let en = engine();
+    let now = 1_000_000_000;
+    let reading = |value: i64| CounterReading {
+        kind: Kind::Vehicle,
+        device: "gate-1".into(),
+        point: "in_count".into(),
+        action: "entry".into(),
+        result: "ok".into(),
+        value,
+        width: Width::U16,
+        wrap: true,
+        ts_ms: now,
+    };
+    let commit = |w: &mut StoreWriter, v: i64| {
+        let r = reading(v);
+        let st = StateUpdate {
+            key: "vehicle\0gate-1\0barrier".into(),
+            value: Value::Bool(v % 2 == 0),
+            ts_ms: now,
+        };
+        w.commit_inputs(&en, &[Input::Counter(&r)], &[st], &[], now, None)
+            .unwrap()
+            .outcomes
+    };
+    {
+        let (_s, mut w) = Store::open(dir.path(), SubjectMode::Hashed).unwrap();
+        assert_eq!(
+            commit(&mut w, 65_530),
+            vec![Outcome::Counted(Step::Baseline)]
+        );
+        assert_eq!(
+            commit(&mut w, 65_535),
+            vec![Outcome::Counted(Step::Increase(5))]
+        );
+    }
+    let (s, mut w) = Store::open(dir.path(), SubjectMode::Hashed).unwrap();
+    assert_eq!(commit(&mut w, 4), vec![Outcome::Counted(Step::Wrapped(5))]);
+    let ws = s.windows().unwrap();
+    assert_eq!(ws.len(), 1);
+    assert_eq!(ws[0].total(), 10);
+    assert_eq!(s.counters().unwrap()[0].1.value, 4);
+    let states = s.states().unwrap();
+    assert_eq!(states[0].1.value, Value::Bool(true));
+}
+
+#[test]
+fn pressure_evicts_raw_then_dedup_then_outbox_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let en = engine();
+    let (s, mut w) = Store::open(dir.path(), SubjectMode::Hashed).unwrap();
+    let now = 1_000_000_000;
+    let evs: Vec<Event> = (0..30).map(|i| ev(&i.to_string(), now)).collect();
+    let refs: Vec<&Event> = evs.iter().collect();
+    w.commit(&en, &refs, &[], now, None).unwrap();
+    // Two closed windows -> two pending summaries.
+    w.commit(&en, &[&ev("x", now + 20_000)], &[], now + 20_000, None)
+        .unwrap();
+    w.commit(&en, &[], &[], now + 40_000, None).unwrap();
+    assert_eq!(s.overview().unwrap().pending_summaries, 2);
+    // No room at all: every commit evicts, in the contract's order.
+    w.set_max_bytes(0);
+    assert_eq!(w.pressure(), Pressure::Hard);
+    let first = w.commit(&en, &[], &[], now + 40_000, None).unwrap();
+    assert_eq!((first.pressure_events, first.dropped_dedup_keys), (31, 0));
+    let second = w.commit(&en, &[], &[], now + 40_000, None).unwrap();
+    assert_eq!(
+        (
+            second.pressure_events,
+            second.dropped_dedup_keys,
+            second.dropped_summaries
+        ),
+        (0, 31, 0)
+    );
+    let third = w.commit(&en, &[], &[], now + 40_000, None).unwrap();
+    assert_eq!((third.dropped_dedup_keys, third.dropped_summaries), (0, 2));
+    let o = s.overview().unwrap();
+    assert_eq!(
+        (
+            o.raw_events,
+            o.pending_summaries,
+            o.dropped_summaries,
+            o.dropped_dedup_keys,
+            o.evicted_events
+        ),
+        (0, 0, 2, 31, 31)
+    );
+    // With room again, nothing more goes and the counts survive a reopen.
+    w.set_max_bytes(u64::MAX);
+    assert_eq!(w.pressure(), Pressure::None);
+    drop((s, w));
+    let (s, _w) = Store::open(dir.path(), SubjectMode::Hashed).unwrap();
+    assert_eq!(s.overview().unwrap().dropped_summaries, 2);
+}
+
+#[test]
+fn format_1_store_is_migrated_with_its_dedup_keys_and_open_windows() {
+    let dir = tempfile::tempdir().unwrap();
+    let en = engine();
+    let now = 1_000_000_000;
+    // A format 1 store as the previous release wrote it: one dedup key, one open window.
+    {
+        let db = redb::Database::create(dir.path().join(FILE_NAME)).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let mut meta = txn.open_table(META).unwrap();
+            meta.insert("format", 1u32.to_le_bytes().as_slice())
+                .unwrap();
+            meta.insert("subject_key", [7u8; 32].as_slice()).unwrap();
+            meta.insert("next_seq", 5u64.to_le_bytes().as_slice())
+                .unwrap();
+            let mut d = txn.open_table(DEDUP_V1).unwrap();
+            d.insert("access\0door-1\0a", now).unwrap();
+            let mut t = txn.open_table(DEDUP_BY_TIME_V1).unwrap();
+            t.insert((now, "access\0door-1\0a"), ()).unwrap();
+            let mut o = txn.open_table(OPEN_WINDOWS_V1).unwrap();
+            o.insert(en.window.start_of(now), ()).unwrap();
+            let mut win = crate::core::summary::WindowState::new(en.window.start_of(now), 10);
+            win.add(crate::core::summary::CountKey::of(&ev("a", now)), 1);
+            let mut wt = txn.open_table(WINDOWS).unwrap();
+            wt.insert(en.window.start_of(now), records::encode(&win).as_slice())
+                .unwrap();
+        }
+        txn.commit().unwrap();
+    }
+    let (s, mut w) = Store::open(dir.path(), SubjectMode::Hashed).unwrap();
+    assert_eq!(w.dedup_keys(), 1);
+    assert_eq!(s.open_windows().unwrap().len(), 1);
+    let r = w
+        .commit(&en, &[&ev("a", now), &ev("b", now)], &[], now + 1, None)
+        .unwrap();
+    assert_eq!(r.outcomes, vec![Outcome::Duplicate, Outcome::Accepted]);
+    let r = w.commit(&en, &[], &[], now + 20_000, None).unwrap();
+    assert_eq!(r.emitted, 1);
+    let out = s.outbox_after(CLASS_SUMMARY, None, 10).unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out[0].1.payload).unwrap();
+    assert_eq!(v["counts"][0]["n"], 2);
+}
+
+#[test]
+fn alerts_come_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let en = engine();
+    let (s, mut w) = Store::open(dir.path(), SubjectMode::Hashed).unwrap();
+    let now = 1_000_000_000;
+    w.commit(&en, &[&ev("a", now)], &[], now, None).unwrap();
+    w.commit(&en, &[], &[], now + 20_000, None).unwrap();
+    let mut cam = ev("c", now + 20_000);
+    cam.kind = Kind::Camera;
+    cam.action = "fire_lane_blocked".into();
+    w.commit(&en, &[&cam], &[], now + 20_000, None).unwrap();
+    let alerts = s.outbox_after(CLASS_ALERT, None, 10).unwrap();
+    assert_eq!(alerts.len(), 1);
+    assert_eq!(alerts[0].1.topic, OutboxTopic::Alert);
+    let o = s.overview().unwrap();
+    assert_eq!((o.pending_alerts, o.pending_summaries), (1, 1));
+    assert_eq!(o.oldest_pending_window_ms, Some(en.window.start_of(now)));
+}

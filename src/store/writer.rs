@@ -1,0 +1,829 @@
+//! The only writer of the store, owned by the committer: one write transaction per batch, and
+//! the in-memory state that lets a batch append instead of update (dedup hashes, open windows,
+//! sequence numbers, live bytes). See the module above for the layout and invariants.
+
+use super::pressure::{self, Pressure, Retention};
+use super::reader::read_u64;
+use super::records::{
+    decode, encode, pack_hashes, unpack_hashes, CounterRecordV1, EventRecordV1, OutboxRecordV1,
+    OutboxTopic, StateRecordV1, StateUpdate, StoredSubject,
+};
+use super::{
+    damage, decode_window, Db, OutboxKey, Store, StoreError, CLASS_ALERT, CLASS_SUMMARY, COUNTERS,
+    DEDUP_BY_TIME_V1, DEDUP_LOG, DEDUP_V1, EVENTS, FORMAT, META, OPEN_WINDOWS_V1, OUTBOX, STATES,
+    WINDOWS,
+};
+use crate::config::SubjectMode;
+use crate::core::engine::{Emit, Engine, Input, Ledger, Outcome};
+use crate::core::event::Event;
+use crate::core::summary::WindowState;
+use redb::{Durability, ReadableTable, Table};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+
+/// Sequence numbers are reserved in `meta` this many at a time, so `meta` is written about
+/// once per million rows instead of on every commit.
+const SEQ_BLOCK: u64 = 1_000_000;
+/// Pending messages dropped per pass under [`Pressure::Hard`].
+const DROP_BATCH: usize = 64;
+
+/// Dedup hashes are keyed BLAKE3 outputs already: hash them as themselves.
+#[derive(Default, Clone, Copy)]
+struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = v;
+    }
+}
+
+type HashMapId<V> = HashMap<u64, V, BuildHasherDefault<IdHasher>>;
+
+/// What the writer keeps in memory; changed only after a commit succeeded.
+#[derive(Default)]
+struct Mem {
+    /// Dedup hash -> when first accepted (ms).
+    dedup: HashMapId<i64>,
+    /// Starts of windows not yet summarised.
+    open: BTreeSet<i64>,
+    next_seq: u64,
+    seq_reserved: u64,
+    /// Key + value bytes of every row.
+    row_bytes: u64,
+}
+
+/// What one commit did.
+#[derive(Debug, Default, Clone)]
+pub struct CommitReport {
+    pub outcomes: Vec<Outcome>,
+    pub emitted: usize,
+    pub deleted_outbox: usize,
+    pub purged_dedup: usize,
+    pub purged_events: usize,
+    /// Raw events deleted early because of disk pressure.
+    pub pressure_events: usize,
+    pub dropped_dedup_keys: u64,
+    pub dropped_summaries: u64,
+    pub dropped_alerts: u64,
+}
+
+/// The store's only writer. Not `Clone`: [`Store::open`] hands out one per open file.
+pub struct StoreWriter {
+    store: Arc<Store>,
+    subjects: SubjectMode,
+    subject_key: [u8; 32],
+    mem: Mem,
+    /// Bytes the store may take: `store.max_size` less the data dir's other files.
+    budget: u64,
+}
+
+fn dedup_hash(key: &[u8; 32], dedup_key: &str) -> u64 {
+    let mut h = blake3::Hasher::new_keyed(key);
+    h.update(b"dedup\0");
+    h.update(dedup_key.as_bytes());
+    let out = h.finalize();
+    u64::from_le_bytes(out.as_bytes()[..8].try_into().expect("8 bytes"))
+}
+
+impl StoreWriter {
+    /// Prepare a freshly opened file: check or migrate its format, make the subject key, create
+    /// every table, then load the in-memory state.
+    pub(crate) fn init(store: Arc<Store>, subjects: SubjectMode) -> Result<Self, StoreError> {
+        let subject_key = {
+            let guard = store.db.read().expect("store lock");
+            let Some(Db::ReadWrite(db)) = guard.as_ref() else {
+                return Err(StoreError::ReadOnly);
+            };
+            prepare(db)?
+        };
+        let mut w = StoreWriter {
+            store,
+            subjects,
+            subject_key,
+            mem: Mem::default(),
+            budget: u64::MAX,
+        };
+        w.load()?;
+        Ok(w)
+    }
+
+    /// The read side of this store.
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    /// Rebuild the in-memory state from the file.
+    fn load(&mut self) -> Result<(), StoreError> {
+        let txn = self.store.read()?;
+        let mut mem = Mem::default();
+        let mut bytes = 0u64;
+        let mut max_seq = 0u64;
+        {
+            let log = txn.open_table(DEDUP_LOG)?;
+            for row in log.iter()? {
+                let (k, v) = row?;
+                let (t, seq) = k.value();
+                max_seq = max_seq.max(seq);
+                bytes += 16 + v.value().len() as u64;
+                for h in unpack_hashes(v.value()) {
+                    mem.dedup.insert(h, t);
+                }
+            }
+        }
+        for row in txn.open_table(WINDOWS)?.iter()? {
+            let (_, v) = row?;
+            bytes += 8 + v.value().len() as u64;
+            let w = decode_window(v.value())?;
+            if w.issued.is_none() {
+                mem.open.insert(w.start_ms);
+            }
+        }
+        for row in txn.open_table(EVENTS)?.iter()? {
+            let (k, v) = row?;
+            max_seq = max_seq.max(k.value().1);
+            bytes += 16 + v.value().len() as u64;
+        }
+        for row in txn.open_table(OUTBOX)?.iter()? {
+            let (k, v) = row?;
+            max_seq = max_seq.max(k.value().1);
+            bytes += 9 + v.value().len() as u64;
+        }
+        for t in [COUNTERS, STATES, META] {
+            for row in txn.open_table(t)?.iter()? {
+                let (k, v) = row?;
+                bytes += (k.value().len() + v.value().len()) as u64;
+            }
+        }
+        let reserved = read_u64(&txn.open_table(META)?, "seq_reserved")?;
+        mem.next_seq = reserved.max(max_seq + 1);
+        mem.seq_reserved = reserved;
+        mem.row_bytes = bytes;
+        self.mem = mem;
+        self.publish();
+        Ok(())
+    }
+
+    /// Keep the read side's figures current.
+    fn publish(&self) {
+        let f = &self.store.figures;
+        f.dedup_keys.store(self.mem.dedup.len() as u64, Relaxed);
+        f.open_windows.store(self.mem.open.len() as u64, Relaxed);
+        f.row_bytes.store(self.mem.row_bytes, Relaxed);
+        f.live.store(true, Relaxed);
+    }
+
+    /// Drop the database and open the file again (after a disk fault: redb refuses every write
+    /// after an I/O error until reopened; the open repairs what the fault left). The in-memory
+    /// state is rebuilt from the file.
+    pub fn reopen(&mut self) -> Result<(), StoreError> {
+        {
+            let mut guard = self.store.db.write().expect("store lock");
+            *guard = None;
+            let db = damage::create_db(self.store.path())?;
+            prepare(&db)?;
+            *guard = Some(Db::ReadWrite(db));
+        }
+        self.load()
+    }
+
+    /// Set the bound: `max_bytes` (`store.max_size`) less what the data dir's other files take.
+    pub fn set_max_bytes(&mut self, max_bytes: u64) {
+        let others = pressure::others_bytes(self.store.data_dir(), self.store.path());
+        self.budget = max_bytes.saturating_sub(others);
+    }
+
+    /// Estimated bytes of pages the live rows take ([`pressure::live_estimate`]).
+    pub fn live_bytes(&self) -> u64 {
+        pressure::live_estimate(self.mem.row_bytes)
+    }
+
+    /// The pressure right now, from the live estimate against the budget.
+    pub fn pressure(&self) -> Pressure {
+        Pressure::of(self.live_bytes(), self.budget)
+    }
+
+    /// Compact the file when that gives back enough: it is over the budget, or more than four
+    /// times the live estimate and at least 8 MiB. Needs no reader inside a transaction (at
+    /// start-up). Returns whether it compacted.
+    pub fn compact_if_it_pays(&mut self) -> Result<bool, StoreError> {
+        let file = self.store.file_bytes();
+        let live = self.live_bytes();
+        if !(file > self.budget || (file > 4 * live && file >= 8 << 20)) {
+            return Ok(false);
+        }
+        let mut guard = self.store.db.write().expect("store lock");
+        let Some(Db::ReadWrite(db)) = guard.as_mut() else {
+            return Ok(false);
+        };
+        let started = std::time::Instant::now();
+        while db.compact()? {}
+        tracing::info!(
+            before_bytes = file,
+            after_bytes = self.store.file_bytes(),
+            millis = started.elapsed().as_millis() as u64,
+            "store compacted"
+        );
+        Ok(true)
+    }
+
+    /// One write transaction: decide `events` with `engine` at `now_ms`, delete the outbox
+    /// entries in `acked`, and, when `maintain`, purge expired rows (bounded).
+    pub fn commit(
+        &mut self,
+        engine: &Engine,
+        events: &[&Event],
+        acked: &[OutboxKey],
+        now_ms: i64,
+        maintain: Option<&Retention>,
+    ) -> Result<CommitReport, StoreError> {
+        let inputs: Vec<Input> = events.iter().map(|e| Input::Event(e)).collect();
+        self.commit_inputs(engine, &inputs, &[], acked, now_ms, maintain)
+    }
+
+    /// As [`StoreWriter::commit`], for events and Modbus counter readings in arrival order,
+    /// plus Modbus state values, all in the same transaction. Under disk pressure every commit
+    /// also evicts (at least twice as many rows as it adds), in the contract's order.
+    pub fn commit_inputs(
+        &mut self,
+        engine: &Engine,
+        inputs: &[Input],
+        states: &[StateUpdate],
+        acked: &[OutboxKey],
+        now_ms: i64,
+        maintain: Option<&Retention>,
+    ) -> Result<CommitReport, StoreError> {
+        let pressure = self.pressure();
+        let guard = self.store.db.read().expect("store lock");
+        let db = match guard.as_ref() {
+            Some(Db::ReadWrite(db)) => db,
+            Some(Db::ReadOnly(_)) => return Err(StoreError::ReadOnly),
+            None => return Err(StoreError::Unavailable),
+        };
+        let mut txn = db.begin_write()?;
+        txn.set_durability(Durability::Immediate)?;
+        txn.set_quick_repair(false);
+        let mut report = CommitReport::default();
+        let changes = {
+            let mut l = TxLedger {
+                meta: txn.open_table(META)?,
+                events: txn.open_table(EVENTS)?,
+                dedup_log: txn.open_table(DEDUP_LOG)?,
+                windows: txn.open_table(WINDOWS)?,
+                outbox: txn.open_table(OUTBOX)?,
+                counters: txn.open_table(COUNTERS)?,
+                states: txn.open_table(STATES)?,
+                mem: &self.mem,
+                dedup: HashMapId::default(),
+                new_hashes: Vec::new(),
+                open: BTreeMap::new(),
+                seq: self.mem.next_seq,
+                bytes: 0,
+                subjects: self.subjects,
+                subject_key: &self.subject_key,
+                now_ms,
+                emitted: 0,
+            };
+            for key in acked {
+                if let Some(old) = l.outbox.remove(*key)? {
+                    l.bytes -= 9 + old.value().len() as i64;
+                    report.deleted_outbox += 1;
+                }
+            }
+            report.outcomes = engine.apply_inputs(&mut l, inputs.iter().copied(), now_ms)?;
+            for st in states {
+                l.put_state(st)?;
+            }
+            if let Some(r) = maintain {
+                // apply() already closed due windows; maintenance also covers idle periods.
+                engine.close_due(&mut l, now_ms)?;
+                report.purged_dedup =
+                    l.purge_dedup(now_ms - r.dedup_ttl_ms as i64, r.purge_batch)?;
+                report.purged_events = l.purge_events(
+                    now_ms.saturating_sub(r.raw_retention_ms as i64).max(0) as u64,
+                    r.purge_batch,
+                )?;
+                l.forget_windows(engine.window.forget_before(now_ms), r.purge_batch)?;
+            }
+            if pressure != Pressure::None {
+                let limit = maintain
+                    .map_or(0, |r| r.purge_batch)
+                    .max(2 * inputs.len())
+                    .max(64);
+                report.pressure_events = l.purge_events(u64::MAX, limit)?;
+                l.add_meta("evicted_events", report.pressure_events as u64)?;
+                if pressure == Pressure::Hard && report.pressure_events == 0 {
+                    report.dropped_dedup_keys = l.drop_oldest_dedup(limit)?;
+                    l.add_meta("dropped_dedup_keys", report.dropped_dedup_keys)?;
+                    if report.dropped_dedup_keys == 0 {
+                        let (s, a) = l.drop_oldest_outbox(DROP_BATCH)?;
+                        report.dropped_summaries = s;
+                        report.dropped_alerts = a;
+                    }
+                }
+            }
+            if !l.new_hashes.is_empty() {
+                let seq = l.next_seq();
+                let packed = pack_hashes(&l.new_hashes);
+                l.bytes += 16 + packed.len() as i64;
+                l.dedup_log.insert((now_ms, seq), packed.as_slice())?;
+            }
+            let mut reserved = self.mem.seq_reserved;
+            if l.seq >= reserved {
+                reserved = l.seq + SEQ_BLOCK;
+                l.meta
+                    .insert("seq_reserved", reserved.to_le_bytes().as_slice())?;
+            }
+            report.emitted = l.emitted;
+            Changes {
+                dedup: std::mem::take(&mut l.dedup),
+                open: std::mem::take(&mut l.open),
+                next_seq: l.seq,
+                seq_reserved: reserved,
+                bytes: l.bytes,
+            }
+        };
+        txn.commit()?;
+        drop(guard);
+        // Durable: now the memory may follow.
+        for (h, v) in changes.dedup {
+            match v {
+                Some(t) => {
+                    self.mem.dedup.insert(h, t);
+                }
+                None => {
+                    self.mem.dedup.remove(&h);
+                }
+            }
+        }
+        for (start, open) in changes.open {
+            if open {
+                self.mem.open.insert(start);
+            } else {
+                self.mem.open.remove(&start);
+            }
+        }
+        self.mem.next_seq = changes.next_seq;
+        self.mem.seq_reserved = changes.seq_reserved;
+        self.mem.row_bytes = (self.mem.row_bytes as i64 + changes.bytes).max(0) as u64;
+        self.publish();
+        Ok(report)
+    }
+
+    /// Whether a maintenance commit would do anything: a window is due, rows have expired, or
+    /// the store is under pressure. Reads only, so an idle gateway does not write (flash wear).
+    pub fn maintenance_due(
+        &self,
+        engine: &Engine,
+        r: &Retention,
+        now_ms: i64,
+    ) -> Result<bool, StoreError> {
+        let w = engine.window;
+        let due_start = now_ms - w.window_ms as i64 - w.grace_ms as i64;
+        if self.mem.open.range(..=due_start).next().is_some() || self.pressure() != Pressure::None {
+            return Ok(true);
+        }
+        let txn = self.store.read()?;
+        if let Some((k, _)) = txn.open_table(DEDUP_LOG)?.first()? {
+            if k.value().0 < now_ms - r.dedup_ttl_ms as i64 {
+                return Ok(true);
+            }
+        }
+        let raw_cut = now_ms.saturating_sub(r.raw_retention_ms as i64).max(0) as u64;
+        if let Some((k, _)) = txn.open_table(EVENTS)?.first()? {
+            if k.value().0 < raw_cut {
+                return Ok(true);
+            }
+        }
+        let forget = engine.window.forget_before(now_ms);
+        for row in txn.open_table(WINDOWS)?.range(..forget)? {
+            if !self.mem.open.contains(&row?.0.value()) {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// Dedup hashes held in memory.
+    pub fn dedup_keys(&self) -> usize {
+        self.mem.dedup.len()
+    }
+}
+
+/// Check the format (migrating format 1), make the subject key and every table. One commit.
+fn prepare(db: &redb::Database) -> Result<[u8; 32], StoreError> {
+    let mut txn = db.begin_write()?;
+    txn.set_durability(Durability::Immediate)?;
+    let key = {
+        let mut meta = txn.open_table(META)?;
+        let format: Option<Result<u32, usize>> = meta.get("format")?.map(|f| {
+            let v = f.value();
+            v.try_into().map(u32::from_le_bytes).map_err(|_| v.len())
+        });
+        let migrate = match format {
+            None => false,
+            Some(Ok(FORMAT)) => false,
+            Some(Ok(1)) => true,
+            Some(Ok(v)) => return Err(StoreError::Format(v)),
+            Some(Err(len)) => return Err(StoreError::Format(len as u32 | 0x8000_0000)),
+        };
+        let existing: Option<[u8; 32]> = meta
+            .get("subject_key")?
+            .and_then(|k| k.value().try_into().ok());
+        let key = match existing {
+            Some(k) => k,
+            None => {
+                let mut k = [0u8; 32];
+                getrandom::fill(&mut k).map_err(|e| StoreError::Random(e.to_string()))?;
+                meta.insert("subject_key", k.as_slice())?;
+                k
+            }
+        };
+        if migrate {
+            migrate_v1(&txn, &mut meta, &key)?;
+        }
+        if format != Some(Ok(FORMAT)) {
+            meta.insert("format", FORMAT.to_le_bytes().as_slice())?;
+        }
+        key
+    };
+    // Create every table so readers never meet a missing one.
+    txn.open_table(EVENTS)?;
+    txn.open_table(DEDUP_LOG)?;
+    txn.open_table(WINDOWS)?;
+    txn.open_table(OUTBOX)?;
+    txn.open_table(COUNTERS)?;
+    txn.open_table(STATES)?;
+    txn.commit()?;
+    Ok(key)
+}
+
+/// Format 1 -> 2: dedup keys become hashes in `dedup_log`, the open-window index goes (the
+/// windows say whether they are open), and the sequence counter becomes a reservation.
+fn migrate_v1(
+    txn: &redb::WriteTransaction,
+    meta: &mut Table<&'static str, &'static [u8]>,
+    key: &[u8; 32],
+) -> Result<(), StoreError> {
+    let mut by_time: BTreeMap<i64, Vec<u64>> = BTreeMap::new();
+    let mut n = 0usize;
+    {
+        let old = txn.open_table(DEDUP_V1)?;
+        for row in old.iter()? {
+            let (k, v) = row?;
+            by_time
+                .entry(v.value())
+                .or_default()
+                .push(dedup_hash(key, k.value()));
+            n += 1;
+        }
+    }
+    let mut seq = read_u64(meta, "next_seq")?;
+    {
+        let mut log = txn.open_table(DEDUP_LOG)?;
+        for (t, hashes) in by_time {
+            log.insert((t, seq), pack_hashes(&hashes).as_slice())?;
+            seq += 1;
+        }
+    }
+    txn.delete_table(DEDUP_V1)?;
+    txn.delete_table(DEDUP_BY_TIME_V1)?;
+    txn.delete_table(OPEN_WINDOWS_V1)?;
+    meta.remove("next_seq")?;
+    meta.insert("seq_reserved", (seq + SEQ_BLOCK).to_le_bytes().as_slice())?;
+    tracing::info!(dedup_keys = n, "store: migrated from format 1 to {FORMAT}");
+    Ok(())
+}
+
+struct Changes {
+    dedup: HashMapId<Option<i64>>,
+    open: BTreeMap<i64, bool>,
+    next_seq: u64,
+    seq_reserved: u64,
+    bytes: i64,
+}
+
+/// The engine's view of one write transaction, with an overlay on the writer's memory.
+struct TxLedger<'t, 's> {
+    meta: Table<'t, &'static str, &'static [u8]>,
+    events: Table<'t, (u64, u64), &'static [u8]>,
+    dedup_log: Table<'t, (i64, u64), &'static [u8]>,
+    windows: Table<'t, i64, &'static [u8]>,
+    outbox: Table<'t, (u8, u64), &'static [u8]>,
+    counters: Table<'t, &'static str, &'static [u8]>,
+    states: Table<'t, &'static str, &'static [u8]>,
+    mem: &'s Mem,
+    /// Dedup hashes this transaction added (`Some`) or removed (`None`).
+    dedup: HashMapId<Option<i64>>,
+    /// Hashes accepted in this transaction, for its `dedup_log` row.
+    new_hashes: Vec<u64>,
+    /// Windows this transaction opened (`true`) or summarised (`false`).
+    open: BTreeMap<i64, bool>,
+    seq: u64,
+    /// Change of row bytes.
+    bytes: i64,
+    subjects: SubjectMode,
+    subject_key: &'s [u8; 32],
+    now_ms: i64,
+    emitted: usize,
+}
+
+impl TxLedger<'_, '_> {
+    fn next_seq(&mut self) -> u64 {
+        let s = self.seq;
+        self.seq += 1;
+        s
+    }
+
+    fn held(&self, h: u64) -> Option<i64> {
+        match self.dedup.get(&h) {
+            Some(v) => *v,
+            None => self.mem.dedup.get(&h).copied(),
+        }
+    }
+
+    fn is_open(&self, start: i64) -> bool {
+        self.open
+            .get(&start)
+            .copied()
+            .unwrap_or_else(|| self.mem.open.contains(&start))
+    }
+
+    fn add_meta(&mut self, name: &str, n: u64) -> Result<(), StoreError> {
+        if n > 0 {
+            let total = read_u64(&self.meta, name)? + n;
+            self.meta.insert(name, total.to_le_bytes().as_slice())?;
+        }
+        Ok(())
+    }
+
+    fn put_state(&mut self, st: &StateUpdate) -> Result<(), StoreError> {
+        let prev: Option<StateRecordV1> = match self.states.get(st.key.as_str())? {
+            Some(v) => Some(decode("states", v.value())?),
+            None => None,
+        };
+        let since_ms = match prev {
+            Some(p) if p.value == st.value => p.since_ms,
+            _ => st.ts_ms,
+        };
+        let rec = encode(&StateRecordV1 {
+            value: st.value,
+            since_ms,
+            seen_ms: st.ts_ms,
+        });
+        let old = self
+            .states
+            .insert(st.key.as_str(), rec.as_slice())?
+            .map_or(st.key.len() as i64, |o| o.value().len() as i64);
+        self.bytes += rec.len() as i64 - old;
+        Ok(())
+    }
+
+    /// Remove the rows of up to `limit` dedup hashes from `dedup_log` rows in `range`, and
+    /// those hashes from memory where that row is still their latest. Returns hashes removed.
+    fn drop_dedup_rows(&mut self, cutoff: Option<i64>, limit: usize) -> Result<usize, StoreError> {
+        let mut doomed: Vec<((i64, u64), Vec<u64>)> = Vec::new();
+        let mut n = 0;
+        let end = cutoff.map_or((i64::MAX, u64::MAX), |c| (c, 0));
+        for row in self.dedup_log.range(..end)? {
+            let (k, v) = row?;
+            let hashes: Vec<u64> = unpack_hashes(v.value()).collect();
+            n += hashes.len();
+            doomed.push((k.value(), hashes));
+            if n >= limit {
+                break;
+            }
+        }
+        let mut removed = 0;
+        for (k, hashes) in doomed {
+            self.dedup_log.remove(k)?;
+            self.bytes -= 16 + 8 * hashes.len() as i64;
+            for h in hashes {
+                if self.held(h) == Some(k.0) {
+                    self.dedup.insert(h, None);
+                    removed += 1;
+                }
+            }
+        }
+        Ok(removed)
+    }
+
+    fn purge_dedup(&mut self, cutoff_ms: i64, limit: usize) -> Result<usize, StoreError> {
+        self.drop_dedup_rows(Some(cutoff_ms), limit)
+    }
+
+    /// Under hard pressure: the oldest dedup hashes, whatever their age.
+    fn drop_oldest_dedup(&mut self, limit: usize) -> Result<u64, StoreError> {
+        Ok(self.drop_dedup_rows(None, limit)? as u64)
+    }
+
+    fn purge_events(&mut self, cutoff_ms: u64, limit: usize) -> Result<usize, StoreError> {
+        let mut doomed = Vec::new();
+        for row in self.events.range(..(cutoff_ms, 0))? {
+            let (k, v) = row?;
+            doomed.push((k.value(), v.value().len()));
+            if doomed.len() >= limit {
+                break;
+            }
+        }
+        for (k, len) in &doomed {
+            self.events.remove(*k)?;
+            self.bytes -= 16 + *len as i64;
+        }
+        Ok(doomed.len())
+    }
+
+    /// Drop up to `limit` of the oldest pending messages, summaries before alerts, and add them
+    /// to the `dropped_*` counters. Returns (summaries, alerts) dropped.
+    fn drop_oldest_outbox(&mut self, limit: usize) -> Result<(u64, u64), StoreError> {
+        let mut doomed = Vec::new();
+        for class in [CLASS_SUMMARY, CLASS_ALERT] {
+            for row in self.outbox.range((class, 0)..=(class, u64::MAX))? {
+                let (k, v) = row?;
+                doomed.push((k.value(), v.value().len()));
+                if doomed.len() >= limit {
+                    break;
+                }
+            }
+            if doomed.len() >= limit {
+                break;
+            }
+        }
+        let (mut s, mut a) = (0, 0);
+        for (k, len) in &doomed {
+            self.outbox.remove(*k)?;
+            self.bytes -= 9 + *len as i64;
+            if k.0 == CLASS_ALERT {
+                a += 1;
+            } else {
+                s += 1;
+            }
+        }
+        self.add_meta("dropped_summaries", s)?;
+        self.add_meta("dropped_alerts", a)?;
+        Ok((s, a))
+    }
+
+    /// Forget summarised windows that start before `before_ms`. Open windows are never
+    /// forgotten: they are summarised first.
+    fn forget_windows(&mut self, before_ms: i64, limit: usize) -> Result<usize, StoreError> {
+        let mut doomed = Vec::new();
+        for row in self.windows.range(..before_ms)? {
+            let (k, v) = row?;
+            let start = k.value();
+            if !self.is_open(start) {
+                doomed.push((start, v.value().len()));
+                if doomed.len() >= limit {
+                    break;
+                }
+            }
+        }
+        for (k, len) in &doomed {
+            self.windows.remove(*k)?;
+            self.bytes -= 8 + *len as i64;
+        }
+        Ok(doomed.len())
+    }
+}
+
+impl Ledger for TxLedger<'_, '_> {
+    type Error = StoreError;
+
+    fn first_seen(&mut self, key: &str) -> Result<Option<i64>, StoreError> {
+        Ok(self.held(dedup_hash(self.subject_key, key)))
+    }
+
+    fn remember(
+        &mut self,
+        key: &str,
+        now_ms: i64,
+        _previous: Option<i64>,
+    ) -> Result<(), StoreError> {
+        // The previous row stays in the log; purging it later leaves this newer time alone.
+        let h = dedup_hash(self.subject_key, key);
+        self.dedup.insert(h, Some(now_ms));
+        self.new_hashes.push(h);
+        Ok(())
+    }
+
+    fn record(&mut self, e: &Event, now_ms: i64) -> Result<(), StoreError> {
+        let subject = match (&e.subject, self.subjects) {
+            (None, _) | (Some(_), SubjectMode::Drop) => StoredSubject::None,
+            (Some(s), SubjectMode::Plain) => StoredSubject::Plain(s.clone()),
+            (Some(s), SubjectMode::Hashed) => {
+                let h = blake3::keyed_hash(self.subject_key, s.as_bytes());
+                let mut short = [0u8; 16];
+                short.copy_from_slice(&h.as_bytes()[..16]);
+                StoredSubject::Hashed(short)
+            }
+        };
+        let rec = encode(&EventRecordV1 {
+            kind: e.kind,
+            device: e.device.clone(),
+            id: e.id.clone(),
+            ts_ms: e.ts_ms,
+            action: e.action.clone(),
+            result: e.result.clone(),
+            subject,
+        });
+        let seq = self.next_seq();
+        self.events
+            .insert((now_ms.max(0) as u64, seq), rec.as_slice())?;
+        self.bytes += 16 + rec.len() as i64;
+        Ok(())
+    }
+
+    fn window(&mut self, start_ms: i64) -> Result<Option<WindowState>, StoreError> {
+        match self.windows.get(start_ms)? {
+            Some(v) => Ok(Some(decode_window(v.value())?)),
+            None => Ok(None),
+        }
+    }
+
+    fn put_window(&mut self, w: &WindowState) -> Result<(), StoreError> {
+        let rec = encode(w);
+        let old = self
+            .windows
+            .insert(w.start_ms, rec.as_slice())?
+            .map_or(-8, |o| o.value().len() as i64);
+        self.bytes += rec.len() as i64 - old;
+        self.open.insert(w.start_ms, w.issued.is_none());
+        Ok(())
+    }
+
+    fn open_windows_until(&mut self, max_start: i64) -> Result<Vec<i64>, StoreError> {
+        let mut all: BTreeSet<i64> = self.mem.open.range(..=max_start).copied().collect();
+        for (&start, &open) in self.open.range(..=max_start) {
+            if open {
+                all.insert(start);
+            } else {
+                all.remove(&start);
+            }
+        }
+        Ok(all.into_iter().collect())
+    }
+
+    fn counter(&mut self, key: &str) -> Result<Option<i64>, StoreError> {
+        match self.counters.get(key)? {
+            Some(v) => Ok(Some(
+                decode::<CounterRecordV1>("counters", v.value())?.value,
+            )),
+            None => Ok(None),
+        }
+    }
+
+    fn set_counter(&mut self, key: &str, value: i64, now_ms: i64) -> Result<(), StoreError> {
+        let rec = encode(&CounterRecordV1 {
+            value,
+            at_ms: now_ms,
+        });
+        let old = self
+            .counters
+            .insert(key, rec.as_slice())?
+            .map_or(key.len() as i64, |o| o.value().len() as i64);
+        self.bytes += rec.len() as i64 - old;
+        Ok(())
+    }
+
+    fn emit(&mut self, e: Emit) -> Result<(), StoreError> {
+        let (class, rec) = match e {
+            Emit::Alert { payload } => (
+                CLASS_ALERT,
+                OutboxRecordV1 {
+                    topic: OutboxTopic::Alert,
+                    window: None,
+                    created_ms: self.now_ms,
+                    payload,
+                },
+            ),
+            Emit::Summary {
+                start_ms,
+                rev,
+                payload,
+            } => (
+                CLASS_SUMMARY,
+                OutboxRecordV1 {
+                    topic: OutboxTopic::Summary,
+                    window: Some((start_ms, rev)),
+                    created_ms: self.now_ms,
+                    payload,
+                },
+            ),
+        };
+        let seq = self.next_seq();
+        let rec = encode(&rec);
+        self.outbox.insert((class, seq), rec.as_slice())?;
+        self.bytes += 9 + rec.len() as i64;
+        self.emitted += 1;
+        Ok(())
+    }
+}
