@@ -6,7 +6,10 @@
 //! that polls the event loop.
 
 // Each integration-test crate that includes this module uses a different subset of it.
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
+
+pub mod http;
+pub use http::{base64, http, Reply};
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsStr;
