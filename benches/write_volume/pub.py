@@ -18,6 +18,7 @@ import argparse
 import json
 import multiprocessing as mp
 import re
+import signal
 import socket
 import sys
 import threading
@@ -144,6 +145,12 @@ def publish(a):
         ps = [mp.Process(target=publish_range,
                          args=(a.port, a.prefix, p, a.count, a.procs, 0, a.ts_offset_ms, q))
               for p in range(a.procs)]
+        def stop(*_):
+            for p in ps:
+                if p.is_alive():
+                    p.terminate()
+            sys.exit(143)
+        signal.signal(signal.SIGTERM, stop)
         for p in ps:
             p.start()
         parts = [q.get(timeout=600) for _ in ps]

@@ -79,7 +79,8 @@ cleanup() {
   exit "$rc"
 }
 trap cleanup EXIT
-trap 'exit 130' INT TERM
+trap 'exit 130' INT
+trap 'exit 143' TERM
 
 fstype=$(df -PT "$dir" | awk 'NR==2{print $2}')
 [ "$fstype" = tmpfs ] && log "warning: $dir is on tmpfs: write_bytes will not mean disk writes"
@@ -153,7 +154,9 @@ results="$dir/results.jsonl"
 # Warm-up (not measured): the first commits create the tables. The events are stamped 10 min ago,
 # so their window is summarised and acknowledged upstream now, not during the idle phase.
 log "warm-up"
-out=$(python3 "$pub" publish --port "$site" --prefix "$run_id-warm" --rate 40 --secs 0.5 --ts-offset-ms -600000)
+python3 "$pub" publish --port "$site" --prefix "$run_id-warm" --rate 40 --secs 0.5 --ts-offset-ms -600000 >"$dir/pub.out" & pids+=($!)
+wait $!
+out=$(cat "$dir/pub.out")
 settle "$(field "$out" published)"
 for _ in $(seq 60); do
   s=$(scrape)
@@ -168,11 +171,14 @@ phase() { # $1 = name, then the publish arguments (none: idle)
   local s0 w0 c0 t0 out s1 w1 c1 t1 a0
   s0=$(scrape); a0=$(field "$s0" accepted); w0=$(wbytes); c0=$(cbytes); t0=$(date +%s.%N)
   if [ $# -eq 0 ]; then
-    sleep "$secs"
+    sleep "$secs" & pids+=($!); wait $!
     out='{"published": 0, "payload_bytes": 0, "secs": '"$secs"', "max_lag_ms": 0}'
     settle "$a0"
   else
-    out=$(python3 "$pub" publish --port "$site" --prefix "$run_id-$name" "$@")
+    # In the background and waited for, so a signal to this script is handled at once.
+    python3 "$pub" publish --port "$site" --prefix "$run_id-$name" "$@" >"$dir/pub.out" & pids+=($!)
+    wait $!
+    out=$(cat "$dir/pub.out")
     settle $((a0 + $(field "$out" published)))
   fi
   alive
@@ -196,7 +202,8 @@ log "full speed: $full_events events, 4 publishers"; phase full --count "$full_e
 
 # Report
 cmd="ZHIAN_BIN=$bin BENCH_SECS=$secs BENCH_FULL_EVENTS=$full_events"
-[ -n "$extra" ] && cmd+=" BENCH_EXTRA_TOML=$(printf '%q' "$extra")"
+# shown on one line: real newlines as \n (which this script reads back as newlines)
+[ -n "$extra" ] && cmd+=" BENCH_EXTRA_TOML=$(python3 -c 'import shlex,sys; print(shlex.quote(sys.argv[1].replace(chr(10), chr(92) + "n")))' "$extra")"
 cmd+=" bash benches/write_volume/run.sh"
 {
   echo "### Write volume"

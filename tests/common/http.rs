@@ -5,7 +5,6 @@ use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
-
 /// Standard base64 (RFC 4648, with padding), for the Basic auth header.
 pub fn base64(input: &[u8]) -> String {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
@@ -132,4 +131,3 @@ pub fn http(port: u16, method: &str, path: &str, auth: Option<(&str, &str)>) -> 
     }
     Ok(reply)
 }
-
