@@ -186,7 +186,12 @@ impl Committer {
                 }
                 if let Some(why) = trigger {
                     policy.committed(&shape, why);
-                    tracing::trace!(?why, items = shape.items, "batch committed");
+                    tracing::debug!(
+                        ?why,
+                        items = shape.items,
+                        unacked = shape.unacked,
+                        "batch committed"
+                    );
                 }
                 if commit_batch {
                     shape = Batch::default();
@@ -337,6 +342,15 @@ impl Committer {
     ) -> Result<bool, StoreError> {
         let retention = self.cfg.retention;
         if tick {
+            // Memory only: hashes of raw events past the dedup TTL (the rows stay for their
+            // retention).
+            if let Err(e) = self.writer.forget_expired_hashes(
+                now_ms(),
+                self.cfg.retention.dedup_ttl_ms,
+                self.cfg.retention.purge_batch,
+            ) {
+                tracing::debug!(error = %e, "store: cannot forget expired dedup hashes yet");
+            }
             self.writer.set_max_bytes(self.cfg.max_bytes);
             self.stats
                 .store_bytes
@@ -364,11 +378,9 @@ impl Committer {
                 .maintenance_due(&self.engine, &retention, now_ms())
                 .unwrap_or(true);
         let acks_ride = acks_due || !inputs.is_empty() || !states.is_empty() || maintain;
-        let report = if inputs.is_empty()
-            && states.is_empty()
-            && !maintain
-            && !(acks_due && !acked.is_empty())
-        {
+        let nothing_to_write =
+            inputs.is_empty() && states.is_empty() && !maintain && (!acks_due || acked.is_empty());
+        let report = if nothing_to_write {
             // Only rejects (or nothing): nothing to write.
             None
         } else {

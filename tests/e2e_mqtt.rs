@@ -6,7 +6,8 @@ mod common;
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::fs;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -309,19 +310,45 @@ fn kill9_mid_stream_no_loss_no_double_count() {
     let total = plan.len();
     let mut publisher = site.publisher();
     let acked = publisher.acked_counter();
+    // The daemon batches (up to store.batch_linger, or until the broker stops sending), so the
+    // stream pauses after its first half until the daemon has committed part of it; the kill
+    // then lands while the second half streams in: messages committed, in a batch, and queued.
+    let committed_some = Arc::new(AtomicBool::new(false));
+    let go_on = committed_some.clone();
     let sender = thread::spawn(move || {
-        send_plan(&mut publisher, &mut events, &plan, |_| {});
+        send_plan(&mut publisher, &mut events, &plan, |k| {
+            if k == plan.len() / 2 {
+                while !go_on.load(Ordering::SeqCst) {
+                    thread::sleep(Duration::from_millis(2));
+                }
+            }
+        });
         publisher.wait_all_acked(Duration::from_secs(90));
         events
     });
 
     let deadline = Instant::now() + Duration::from_secs(30);
-    while acked.load(Ordering::SeqCst) < total / 3 {
+    while site
+        .upstream
+        .latest_heartbeat()
+        .and_then(|hb| hb_counter(&hb, "accepted"))
+        .unwrap_or(0)
+        == 0
+    {
         assert!(
             Instant::now() < deadline,
-            "publisher stalled before a third of the stream"
+            "the daemon committed nothing of the stream's first half"
         );
         thread::sleep(Duration::from_millis(2));
+    }
+    committed_some.store(true, Ordering::SeqCst);
+    // Then kill while the second half streams in.
+    while acked.load(Ordering::SeqCst) < total * 3 / 4 {
+        assert!(
+            Instant::now() < deadline,
+            "publisher stalled in the second half"
+        );
+        thread::sleep(Duration::from_millis(1));
     }
     site.kill9_daemon();
     let at_kill = acked.load(Ordering::SeqCst);

@@ -11,8 +11,10 @@
 //!   in-flight limit of unacknowledged QoS 1 messages (mosquitto `max_inflight_messages`,
 //!   default 20), so a batch holding that many commits at once. The limit is configured
 //!   (`mqtt.max_inflight`) or learned: a batch of at least [`MIN_STALL_BATCH`] messages that
-//!   arrived quickly and then stopped ([`stall_after_ms`]) shows it, and every
-//!   [`PROBE_EVERY`]th batch ignores the learned limit so a wrong guess is corrected,
+//!   arrived quickly and then stopped ([`stall_after_ms`]) is committed at once, and two such
+//!   stalls in a row at the same size are the broker's window (a pause in the devices' traffic
+//!   stops a batch at a random size; a broker's limit stops it at the same one). Every
+//!   [`PROBE_EVERY`]th batch ignores the learned limit, so a wrong guess is corrected,
 //! - and a full batch (`batch_max`) commits at once.
 
 /// The fewest unacknowledged messages a stalled batch must hold to teach the in-flight limit.
@@ -68,12 +70,13 @@ impl Batch {
     }
 }
 
-/// How long a silence after the latest message means the broker stopped sending: four mean
-/// gaps of this batch, between 10 and 250 ms.
+/// How long a silence after the latest message means the broker stopped sending: eight mean
+/// gaps of this batch, between 50 and 250 ms (scheduling jitter on a loaded box reaches tens of
+/// milliseconds; a broker waiting for acknowledgements waits for ever).
 pub fn stall_after_ms(b: &Batch) -> i64 {
     let gaps = i64::from(b.unacked.saturating_sub(1)).max(1);
     let mean = (b.last_unacked_ms - b.first_unacked_ms) / gaps;
-    (4 * mean).clamp(10, 250)
+    (8 * mean).clamp(50, 250)
 }
 
 /// The policy and what it learned.
@@ -84,6 +87,8 @@ pub struct CommitPolicy {
     /// `mqtt.max_inflight`: 0 unknown (learn it).
     pub configured_inflight: u32,
     learned: Option<u32>,
+    /// The size of the last batch, if it stalled.
+    last_stall: Option<u32>,
     batches: u64,
 }
 
@@ -94,6 +99,7 @@ impl CommitPolicy {
             batch_max,
             configured_inflight,
             learned: None,
+            last_stall: None,
             batches: 0,
         }
     }
@@ -149,11 +155,18 @@ impl CommitPolicy {
             return;
         }
         match why {
-            Trigger::Stall => self.learned = Some(b.unacked),
+            Trigger::Stall => {
+                if self.last_stall == Some(b.unacked) {
+                    self.learned = Some(b.unacked);
+                }
+                self.last_stall = Some(b.unacked);
+                return;
+            }
             // More arrived than the learned limit: the broker sends more than we thought.
             _ if self.learned.is_some_and(|l| b.unacked > l) => self.learned = None,
             _ => {}
         }
+        self.last_stall = None;
     }
 }
 
@@ -203,14 +216,30 @@ mod tests {
         // 20 messages in 19 ms, then nothing: the broker's window.
         let times: Vec<i64> = (0..20).collect();
         let b = batch(&times);
-        assert_eq!(p.decide(&b, 25), Err(29));
-        assert_eq!(p.decide(&b, 29), Ok(Trigger::Stall));
+        assert_eq!(p.decide(&b, 25), Err(69));
+        assert_eq!(p.decide(&b, 69), Ok(Trigger::Stall));
         p.committed(&b, Trigger::Stall);
-        assert_eq!(p.learned(), Some(20));
+        assert_eq!(p.learned(), None, "one stall could be a pause in traffic");
+        p.committed(&b, Trigger::Stall);
+        assert_eq!(
+            p.learned(),
+            Some(20),
+            "two at the same size are the broker's window"
+        );
         assert_eq!(p.decide(&b, 19), Ok(Trigger::Inflight));
         // A later batch that grows past it (a probe) forgets the guess.
         let big: Vec<i64> = (0..40).collect();
         p.committed(&batch(&big), Trigger::Linger);
+        assert_eq!(p.learned(), None);
+    }
+
+    #[test]
+    fn jitter_stalls_at_random_sizes_teach_nothing() {
+        let mut p = CommitPolicy::new(1500, 2048, 0);
+        for n in [23u32, 41, 17, 30] {
+            let times: Vec<i64> = (0..i64::from(n)).map(|t| t * 2).collect();
+            p.committed(&batch(&times), Trigger::Stall);
+        }
         assert_eq!(p.learned(), None);
     }
 
@@ -233,7 +262,7 @@ mod tests {
                 }
                 b.add(now, true, false);
                 prop_assert!(b.items <= max);
-                if let Ok(_) = p.decide(&b, now) {
+                if p.decide(&b, now).is_ok() {
                     b = Batch::default();
                 }
             }

@@ -2,7 +2,8 @@
 //! `inspect`. Each is one read transaction; none writes.
 
 use super::records::{
-    decode, unpack_hashes, CounterRecordV1, EventRecordV1, OutboxRecordV1, StateRecordV1,
+    decode, decode_event, event_hash, unpack_hashes, CounterRecordV1, EventRecordV1,
+    OutboxRecordV1, StateRecordV1,
 };
 use super::{
     decode_window, OutboxKey, Store, StoreError, CLASS_ALERT, CLASS_SUMMARY, COUNTERS, DEDUP_LOG,
@@ -118,13 +119,17 @@ impl Store {
         })
     }
 
-    /// Distinct dedup hashes held (a scan of `dedup_log`: for `inspect`).
+    /// Distinct dedup hashes held (a scan of `events` and `dedup_log`: for `inspect`).
     pub fn dedup_keys(&self) -> Result<u64, StoreError> {
         let txn = self.read()?;
         let mut seen = std::collections::HashSet::new();
         for row in txn.open_table(DEDUP_LOG)?.iter()? {
             let (_, v) = row?;
             seen.extend(unpack_hashes(v.value()));
+        }
+        for row in txn.open_table(EVENTS)?.iter()? {
+            let (_, v) = row?;
+            seen.extend(event_hash(v.value()));
         }
         Ok(seen.len() as u64)
     }
@@ -198,7 +203,7 @@ impl Store {
         let mut out = Vec::new();
         for row in t.iter()? {
             let (_, v) = row?;
-            out.push(decode("events", v.value())?);
+            out.push(decode_event(v.value())?);
         }
         Ok(out)
     }

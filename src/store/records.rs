@@ -8,6 +8,10 @@ use crate::core::event::Kind;
 use serde::{Deserialize, Serialize};
 
 pub(crate) const RECORD_V1: u8 = 1;
+/// An `events` row that also carries its dedup hash: version 2, the hash (u64 LE), then the
+/// [`EventRecordV1`] in postcard. While the raw event lives it is the dedup record, so a batch
+/// writes no separate dedup row.
+pub(crate) const EVENT_WITH_HASH_V2: u8 = 2;
 
 /// A subject as kept on the box.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -100,6 +104,36 @@ pub(crate) fn decode<T: for<'de> Deserialize<'de>>(
         }
         Some((&version, _)) => Err(StoreError::Version { table, version }),
         None => Err(StoreError::Version { table, version: 0 }),
+    }
+}
+
+/// An `events` row: the record and the dedup hash it carries.
+pub(crate) fn encode_event(rec: &EventRecordV1, hash: u64) -> Vec<u8> {
+    let mut out = vec![EVENT_WITH_HASH_V2];
+    out.extend_from_slice(&hash.to_le_bytes());
+    out.extend(postcard::to_allocvec(rec).expect("records serialize"));
+    out
+}
+
+/// The dedup hash an `events` row carries (rows written before format 2 carry none).
+pub(crate) fn event_hash(bytes: &[u8]) -> Option<u64> {
+    match bytes.split_first() {
+        Some((&EVENT_WITH_HASH_V2, rest)) if rest.len() >= 8 => {
+            Some(u64::from_le_bytes(rest[..8].try_into().expect("8 bytes")))
+        }
+        _ => None,
+    }
+}
+
+/// The record in an `events` row, either version.
+pub(crate) fn decode_event(bytes: &[u8]) -> Result<EventRecordV1, StoreError> {
+    match bytes.split_first() {
+        Some((&EVENT_WITH_HASH_V2, rest)) if rest.len() >= 8 => postcard::from_bytes(&rest[8..])
+            .map_err(|source| StoreError::Decode {
+                table: "events",
+                source,
+            }),
+        _ => decode("events", bytes),
     }
 }
 

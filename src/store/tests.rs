@@ -84,9 +84,10 @@ fn maintenance_purges_bounded() {
         purge_batch: 20,
     };
     let later = now + 700_000;
-    // Dedup hashes go by the batch row (one row here: 50 hashes); raw events by the row.
+    // The raw events carry their dedup hashes: past the TTL they go with the rows (no
+    // dedup_log row is written for them).
     let r = w.commit(&en, &[], &[], later, Some(&ret)).unwrap();
-    assert_eq!((r.purged_dedup, r.purged_events), (50, 20));
+    assert_eq!((r.purged_dedup, r.purged_events), (0, 20));
     let r = w.commit(&en, &[], &[], later, Some(&ret)).unwrap();
     assert_eq!((r.purged_dedup, r.purged_events), (0, 20));
     let r = w.commit(&en, &[], &[], later, Some(&ret)).unwrap();
@@ -260,4 +261,115 @@ fn alerts_come_first() {
     let o = s.overview().unwrap();
     assert_eq!((o.pending_alerts, o.pending_summaries), (1, 1));
     assert_eq!(o.oldest_pending_window_ms, Some(en.window.start_of(now)));
+}
+
+#[test]
+fn free_space_is_reused_and_compaction_gives_it_back_when_it_pays() {
+    let dir = tempfile::tempdir().unwrap();
+    let en = engine();
+    let now = 1_000_000_000;
+    let ret = Retention {
+        dedup_ttl_ms: 1,
+        raw_retention_ms: 1,
+        purge_batch: 100_000,
+    };
+    let batch = |round: usize| -> Vec<Event> {
+        (0..1000)
+            .map(|i| ev(&format!("{round}-{i}-{}", "x".repeat(200)), now))
+            .collect()
+    };
+    let grown = {
+        let (s, mut w) = Store::open(dir.path(), SubjectMode::Hashed).unwrap();
+        for round in 0..40 {
+            let evs = batch(round);
+            let refs: Vec<&Event> = evs.iter().collect();
+            w.commit(&en, &refs, &[], now, None).unwrap();
+        }
+        let grown = s.file_bytes();
+        assert!(grown >= 8 << 20, "{grown}");
+        // Everything expires and is purged: the pages are free again, the file stays.
+        let later = now + 3_600_000 * 48;
+        while w.maintenance_due(&en, &ret, later).unwrap() {
+            w.commit(&en, &[], &[], later, Some(&ret)).unwrap();
+        }
+        assert_eq!(s.overview().unwrap().raw_events, 0);
+        // Freed pages are reused: as much again does not grow the file much.
+        for round in 40..80 {
+            let evs = batch(round);
+            let refs: Vec<&Event> = evs.iter().collect();
+            w.commit(&en, &[], &[], later, Some(&ret)).unwrap();
+            w.commit(&en, &refs, &[], later, None).unwrap();
+        }
+        assert!(s.file_bytes() <= grown * 2, "{} vs {grown}", s.file_bytes());
+        while w.maintenance_due(&en, &ret, later + 1000).unwrap() {
+            w.commit(&en, &[], &[], later + 1000, Some(&ret)).unwrap();
+        }
+        s.file_bytes()
+    };
+    let (s, mut w) = Store::open(dir.path(), SubjectMode::Hashed).unwrap();
+    w.set_max_bytes(u64::MAX);
+    assert!(
+        w.compact_if_it_pays().unwrap(),
+        "a mostly free file is compacted"
+    );
+    assert!(
+        s.file_bytes() < grown / 4,
+        "{} after compaction, {grown} before",
+        s.file_bytes()
+    );
+    // Nothing left to gain: no second compaction.
+    assert!(!w.compact_if_it_pays().unwrap());
+    assert_eq!(s.overview().unwrap().raw_events, 0);
+}
+
+#[test]
+fn hashes_outlive_their_raw_events_within_the_ttl_and_memory_forgets_after_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let en = engine(); // dedup TTL 600 s
+    let now = 1_000_000_000;
+    let ret = Retention {
+        dedup_ttl_ms: 600_000,
+        raw_retention_ms: 1_000,
+        purge_batch: 100,
+    };
+    {
+        let (s, mut w) = Store::open(dir.path(), SubjectMode::Hashed).unwrap();
+        let evs: Vec<Event> = (0..50).map(|i| ev(&i.to_string(), now)).collect();
+        let refs: Vec<&Event> = evs.iter().collect();
+        w.commit(&en, &refs, &[], now, None).unwrap();
+        // Raw retention (1 s) is shorter than the TTL: the rows go, their hashes stay.
+        let r = w.commit(&en, &[], &[], now + 5_000, Some(&ret)).unwrap();
+        assert_eq!(r.purged_events, 50);
+        assert_eq!(s.overview().unwrap().raw_events, 0);
+        assert_eq!(w.dedup_keys(), 50);
+    }
+    let (_s, mut w) = Store::open(dir.path(), SubjectMode::Hashed).unwrap();
+    assert_eq!(w.dedup_keys(), 50, "rebuilt from dedup_log");
+    let r = w
+        .commit(&en, &[&ev("7", now)], &[], now + 6_000, None)
+        .unwrap();
+    assert_eq!(r.outcomes, vec![Outcome::Duplicate]);
+    // A raw event whose TTL passed is forgotten from memory without a write.
+    let fresh = ev("fresh", now + 10_000);
+    w.commit(&en, &[&fresh], &[], now + 10_000, None).unwrap();
+    assert_eq!(w.dedup_keys(), 51);
+    assert_eq!(
+        w.forget_expired_hashes(now + 10_000 + 600_001, 600_000, 100)
+            .unwrap(),
+        1
+    );
+    let r = w
+        .commit(
+            &en,
+            &[&ev("fresh", now + 700_000)],
+            &[],
+            now + 700_000,
+            None,
+        )
+        .unwrap();
+    assert_eq!(
+        r.outcomes,
+        vec![Outcome::Accepted],
+        "past the TTL it counts again"
+    );
 }

@@ -5,8 +5,8 @@
 use super::pressure::{self, Pressure, Retention};
 use super::reader::read_u64;
 use super::records::{
-    decode, encode, pack_hashes, unpack_hashes, CounterRecordV1, EventRecordV1, OutboxRecordV1,
-    OutboxTopic, StateRecordV1, StateUpdate, StoredSubject,
+    decode, encode, encode_event, event_hash, pack_hashes, unpack_hashes, CounterRecordV1,
+    EventRecordV1, OutboxRecordV1, OutboxTopic, StateRecordV1, StateUpdate, StoredSubject,
 };
 use super::{
     damage, decode_window, Db, OutboxKey, Store, StoreError, CLASS_ALERT, CLASS_SUMMARY, COUNTERS,
@@ -60,6 +60,8 @@ struct Mem {
     seq_reserved: u64,
     /// Key + value bytes of every row.
     row_bytes: u64,
+    /// `events` rows before this key have had their expired hashes forgotten from `dedup`.
+    forget_cursor: (u64, u64),
 }
 
 /// What one commit did.
@@ -136,7 +138,10 @@ impl StoreWriter {
                 max_seq = max_seq.max(seq);
                 bytes += 16 + v.value().len() as u64;
                 for h in unpack_hashes(v.value()) {
-                    mem.dedup.insert(h, t);
+                    mem.dedup
+                        .entry(h)
+                        .and_modify(|held| *held = (*held).max(t))
+                        .or_insert(t);
                 }
             }
         }
@@ -150,8 +155,16 @@ impl StoreWriter {
         }
         for row in txn.open_table(EVENTS)?.iter()? {
             let (k, v) = row?;
-            max_seq = max_seq.max(k.value().1);
+            let (t, seq) = k.value();
+            max_seq = max_seq.max(seq);
             bytes += 16 + v.value().len() as u64;
+            if let Some(h) = event_hash(v.value()) {
+                let t = t as i64;
+                mem.dedup
+                    .entry(h)
+                    .and_modify(|held| *held = (*held).max(t))
+                    .or_insert(t);
+            }
         }
         for row in txn.open_table(OUTBOX)?.iter()? {
             let (k, v) = row?;
@@ -284,7 +297,8 @@ impl StoreWriter {
                 states: txn.open_table(STATES)?,
                 mem: &self.mem,
                 dedup: HashMapId::default(),
-                new_hashes: Vec::new(),
+                new_hash: None,
+                dedup_ttl_ms: engine.dedup_ttl_ms as i64,
                 open: BTreeMap::new(),
                 seq: self.mem.next_seq,
                 bytes: 0,
@@ -330,12 +344,6 @@ impl StoreWriter {
                         report.dropped_alerts = a;
                     }
                 }
-            }
-            if !l.new_hashes.is_empty() {
-                let seq = l.next_seq();
-                let packed = pack_hashes(&l.new_hashes);
-                l.bytes += 16 + packed.len() as i64;
-                l.dedup_log.insert((now_ms, seq), packed.as_slice())?;
             }
             let mut reserved = self.mem.seq_reserved;
             if l.seq >= reserved {
@@ -416,6 +424,49 @@ impl StoreWriter {
     /// Dedup hashes held in memory.
     pub fn dedup_keys(&self) -> usize {
         self.mem.dedup.len()
+    }
+
+    /// Forget, from memory only, up to `limit` hashes carried by raw events first accepted
+    /// before `now_ms - ttl_ms` (the raw events stay until their own retention; nothing is
+    /// written). Returns how many were forgotten.
+    pub fn forget_expired_hashes(
+        &mut self,
+        now_ms: i64,
+        ttl_ms: u64,
+        limit: usize,
+    ) -> Result<usize, StoreError> {
+        let cutoff = now_ms.saturating_sub(ttl_ms as i64).max(0) as u64;
+        if self.mem.forget_cursor.0 >= cutoff {
+            return Ok(0);
+        }
+        let txn = self.store.read()?;
+        let events = txn.open_table(EVENTS)?;
+        let mut seen = 0;
+        let mut forgotten = 0;
+        let mut cursor = self.mem.forget_cursor;
+        for row in events.range(self.mem.forget_cursor..(cutoff, 0))? {
+            let (k, v) = row?;
+            let (t, seq) = k.value();
+            cursor = (t, seq.saturating_add(1));
+            if let Some(h) = event_hash(v.value()) {
+                if self.mem.dedup.get(&h) == Some(&(t as i64)) {
+                    self.mem.dedup.remove(&h);
+                    forgotten += 1;
+                }
+            }
+            seen += 1;
+            if seen >= limit {
+                break;
+            }
+        }
+        if seen < limit {
+            cursor = (cutoff, 0);
+        }
+        self.mem.forget_cursor = cursor;
+        if forgotten > 0 {
+            self.publish();
+        }
+        Ok(forgotten)
     }
 }
 
@@ -524,8 +575,9 @@ struct TxLedger<'t, 's> {
     mem: &'s Mem,
     /// Dedup hashes this transaction added (`Some`) or removed (`None`).
     dedup: HashMapId<Option<i64>>,
-    /// Hashes accepted in this transaction, for its `dedup_log` row.
-    new_hashes: Vec<u64>,
+    /// The hash of the event `remember` just accepted, for `record` to carry.
+    new_hash: Option<u64>,
+    dedup_ttl_ms: i64,
     /// Windows this transaction opened (`true`) or summarised (`false`).
     open: BTreeMap<i64, bool>,
     seq: u64,
@@ -626,18 +678,37 @@ impl TxLedger<'_, '_> {
         Ok(self.drop_dedup_rows(None, limit)? as u64)
     }
 
+    /// Delete up to `limit` raw events received before `cutoff_ms`. A hash one of them carries
+    /// that is still within the dedup TTL moves to `dedup_log` (8 bytes instead of the row).
     fn purge_events(&mut self, cutoff_ms: u64, limit: usize) -> Result<usize, StoreError> {
         let mut doomed = Vec::new();
         for row in self.events.range(..(cutoff_ms, 0))? {
             let (k, v) = row?;
-            doomed.push((k.value(), v.value().len()));
+            doomed.push((k.value(), v.value().len(), event_hash(v.value())));
             if doomed.len() >= limit {
                 break;
             }
         }
-        for (k, len) in &doomed {
+        let mut keep: BTreeMap<i64, Vec<u64>> = BTreeMap::new();
+        for (k, len, hash) in &doomed {
             self.events.remove(*k)?;
             self.bytes -= 16 + *len as i64;
+            let t = k.0 as i64;
+            if let Some(h) = *hash {
+                if self.held(h) == Some(t) {
+                    if self.now_ms - t < self.dedup_ttl_ms {
+                        keep.entry(t).or_default().push(h);
+                    } else {
+                        self.dedup.insert(h, None);
+                    }
+                }
+            }
+        }
+        for (t, hashes) in keep {
+            let seq = self.next_seq();
+            let packed = pack_hashes(&hashes);
+            self.bytes += 16 + packed.len() as i64;
+            self.dedup_log.insert((t, seq), packed.as_slice())?;
         }
         Ok(doomed.len())
     }
@@ -708,10 +779,10 @@ impl Ledger for TxLedger<'_, '_> {
         now_ms: i64,
         _previous: Option<i64>,
     ) -> Result<(), StoreError> {
-        // The previous row stays in the log; purging it later leaves this newer time alone.
+        // An older row with this hash stays; purging it later leaves this newer time alone.
         let h = dedup_hash(self.subject_key, key);
         self.dedup.insert(h, Some(now_ms));
-        self.new_hashes.push(h);
+        self.new_hash = Some(h);
         Ok(())
     }
 
@@ -726,7 +797,7 @@ impl Ledger for TxLedger<'_, '_> {
                 StoredSubject::Hashed(short)
             }
         };
-        let rec = encode(&EventRecordV1 {
+        let rec = EventRecordV1 {
             kind: e.kind,
             device: e.device.clone(),
             id: e.id.clone(),
@@ -734,7 +805,12 @@ impl Ledger for TxLedger<'_, '_> {
             action: e.action.clone(),
             result: e.result.clone(),
             subject,
-        });
+        };
+        let hash = self
+            .new_hash
+            .take()
+            .unwrap_or_else(|| dedup_hash(self.subject_key, &e.dedup_key()));
+        let rec = encode_event(&rec, hash);
         let seq = self.next_seq();
         self.events
             .insert((now_ms.max(0) as u64, seq), rec.as_slice())?;
