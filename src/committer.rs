@@ -186,10 +186,14 @@ impl Committer {
                 }
                 if let Some(why) = trigger {
                     policy.committed(&shape, why);
+                    // The batch's first message waited this long for its acknowledgement.
+                    let waited_ms = mono_ms(clock) - shape.first_ms;
+                    self.stats.ack_wait(waited_ms);
                     tracing::debug!(
                         ?why,
                         items = shape.items,
                         unacked = shape.unacked,
+                        waited_ms,
                         "batch committed"
                     );
                 }

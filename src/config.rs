@@ -323,7 +323,7 @@ impl Default for Store {
             raw_retention: Dur::secs(7 * 24 * 3600),
             max_size: ByteSize(2 << 30),
             batch_max: 2048,
-            batch_linger: Dur::millis(1500),
+            batch_linger: Dur::millis(1800),
             on_damage: OnDamage::Quarantine,
         }
     }

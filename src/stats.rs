@@ -74,6 +74,11 @@ pub struct Stats {
     pub commit_seconds: prometheus_client::metrics::histogram::Histogram,
     /// From queueing a publish upstream to its PUBACK.
     pub publish_seconds: prometheus_client::metrics::histogram::Histogram,
+    /// Per committed batch: how long its first message waited from arriving at the committer
+    /// to being committed and acknowledged (the longest acknowledgement delay in the batch).
+    pub ack_wait_seconds: prometheus_client::metrics::histogram::Histogram,
+    /// The longest such wait since start (ms).
+    pub ack_wait_max_ms: AtomicU64,
     /// Core tasks that stopped while the daemon was not shutting down.
     down: Mutex<Vec<&'static str>>,
     recent_alerts: Mutex<VecDeque<AlertNote>>,
@@ -149,6 +154,13 @@ impl Default for Stats {
             publish_seconds: prometheus_client::metrics::histogram::Histogram::new(
                 prometheus_client::metrics::histogram::exponential_buckets(0.001, 2.0, 14),
             ),
+            ack_wait_seconds: prometheus_client::metrics::histogram::Histogram::new(
+                [
+                    0.005, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 1.5, 1.9, 2.0, 3.0, 5.0,
+                ]
+                .into_iter(),
+            ),
+            ack_wait_max_ms: AtomicU64::new(0),
             down: Mutex::new(Vec::new()),
             recent_alerts: Mutex::new(VecDeque::new()),
             commits: AtomicU64::new(0),
@@ -178,6 +190,8 @@ pub struct CounterSnapshot {
     /// Store write transactions, and their mean duration (fsync included).
     pub commits: u64,
     pub commit_avg_us: u64,
+    /// The longest a device message waited for its commit and acknowledgement (ms).
+    pub ack_wait_max_ms: u64,
 }
 
 impl Stats {
@@ -286,6 +300,13 @@ impl Stats {
         }
     }
 
+    /// A batch was committed and acknowledged `waited_ms` after its first message arrived.
+    pub fn ack_wait(&self, waited_ms: i64) {
+        let ms = waited_ms.max(0) as u64;
+        self.ack_wait_seconds.observe(ms as f64 / 1000.0);
+        self.ack_wait_max_ms.fetch_max(ms, Relaxed);
+    }
+
     /// Record a committer loop turn (monotonic).
     pub fn committer_turned(&self) {
         self.committer_alive
@@ -330,6 +351,7 @@ impl Stats {
             rejected_by_reason,
             commits,
             commit_avg_us: self.commit_micros_total.load(Relaxed) / commits.max(1),
+            ack_wait_max_ms: self.ack_wait_max_ms.load(Relaxed),
         }
     }
 

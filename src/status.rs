@@ -73,6 +73,11 @@ pub async fn serve(
         stats.commit_seconds.clone(),
     );
     registry.register(
+        "zhian_ack_wait_seconds",
+        "Per committed batch, how long its first device message waited for commit and acknowledgement",
+        stats.ack_wait_seconds.clone(),
+    );
+    registry.register(
         "zhian_upstream_publish_seconds",
         "From queueing a summary or alert upstream to its PUBACK",
         stats.publish_seconds.clone(),

@@ -44,7 +44,7 @@ def scrape(url):
     """Counters from GET /metrics (Prometheus text)."""
     _, text = http_get(url.rstrip("/") + "/metrics")
     out = {"accepted": 0, "duplicate": 0, "rejected": 0, "commits": None,
-           "upstream_published": None, "outbox_pending": None}
+           "upstream_published": None, "outbox_pending": None, "ack_wait": {}}
     sample = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+([0-9.eE+-]+)')
     for line in text.splitlines():
         m = sample.match(line)
@@ -61,6 +61,10 @@ def scrape(url):
             out["upstream_published"] = int(value)
         elif name == "zhian_outbox_pending":
             out["outbox_pending"] = int(value)
+        elif name == "zhian_ack_wait_seconds_bucket":
+            le = re.search(r'le="([^"]+)"', labels)
+            if le:
+                out["ack_wait"][le.group(1)] = int(value)
     return out
 
 

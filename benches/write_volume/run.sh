@@ -191,7 +191,9 @@ t0, t1 = float(sys.argv[9]), float(sys.argv[10])
 print(json.dumps({"phase": name, "pub": out, "wall": t1 - t0,
   "accepted": s1["accepted"] - s0["accepted"], "duplicate": s1["duplicate"] - s0["duplicate"],
   "rejected": s1["rejected"] - s0["rejected"], "commits": s1["commits"] - s0["commits"],
-  "write_bytes": w1 - w0, "cancelled": c1 - c0}))
+  "write_bytes": w1 - w0, "cancelled": c1 - c0,
+  # per le bound of zhian_ack_wait_seconds: batches committed in the phase
+  "ack_wait": {le: n - s0.get("ack_wait", {}).get(le, 0) for le, n in s1.get("ack_wait", {}).items()}}))
 PY
   log "$name: $(tail -n 1 "$results")"
 }
@@ -219,8 +221,18 @@ import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
 label = {"idle": "idle", "5ps": "5 ev/s", "50ps": "50 ev/s", "500ps": "500 ev/s", "full": "full speed (4 pub)"}
 def n(x): return f"{x:,.0f}"
-print("| phase | secs | published | accepted | payload avg (B) | write_bytes | bytes/event | x payload | commits | events/commit | per day at this rate |")
-print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+def ack_wait(r):
+    """The smallest histogram bound that holds every batch of the phase: the longest wait."""
+    b = r.get("ack_wait") or {}
+    total = b.get("+Inf", 0)
+    if not total:
+        return "—"
+    for le in sorted((k for k in b if k != "+Inf"), key=float):
+        if b[le] == total:
+            return f"≤ {float(le):g} s"
+    return "> largest bound"
+print("| phase | secs | published | accepted | payload avg (B) | write_bytes | bytes/event | x payload | commits | events/commit | longest ack wait | per day at this rate |")
+print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 cancelled = 0
 for r in rows:
     p, acc, wb, com = r["pub"], r["accepted"], r["write_bytes"], r["commits"]
@@ -245,6 +257,7 @@ for r in rows:
         f"{bpe / avg:,.0f}x" if bpe is not None and avg else "—",
         n(com),
         f"{acc / com:,.1f}" if com and acc else "—",
+        ack_wait(r),
         per_day,
     ]) + " |")
 full = [r for r in rows if r["phase"] == "full"]
@@ -261,7 +274,9 @@ for r in bad:
 print("write_bytes: /proc/<pid>/io of the daemon, bytes of page cache it dirtied (what reaches the block layer; "
       "not the filesystem journal, not the flash translation layer's own amplification). "
       "'per day at this rate': idle, write_bytes / measured time (incl. settling) x 86400; paced phases, bytes/event x rate x 86400. "
-      "Commits: zhian_commits_total from /metrics (every store write transaction).")
+      "Commits: zhian_commits_total from /metrics (every store write transaction). "
+      "Longest ack wait: from the histogram zhian_ack_wait_seconds (per committed batch, its first message's wait "
+      "from reaching the committer to commit and acknowledgement), the smallest bucket bound holding every batch of the phase.")
 if cancelled:
     print(f"cancelled_write_bytes over all phases: {cancelled:,} (not subtracted).")
 PY
