@@ -154,12 +154,9 @@ impl Default for Stats {
             publish_seconds: prometheus_client::metrics::histogram::Histogram::new(
                 prometheus_client::metrics::histogram::exponential_buckets(0.001, 2.0, 14),
             ),
-            ack_wait_seconds: prometheus_client::metrics::histogram::Histogram::new(
-                [
-                    0.005, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 1.5, 1.9, 2.0, 3.0, 5.0,
-                ]
-                .into_iter(),
-            ),
+            ack_wait_seconds: prometheus_client::metrics::histogram::Histogram::new([
+                0.005, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 1.5, 1.9, 2.0, 3.0, 5.0,
+            ]),
             ack_wait_max_ms: AtomicU64::new(0),
             down: Mutex::new(Vec::new()),
             recent_alerts: Mutex::new(VecDeque::new()),
