@@ -96,6 +96,8 @@ pub struct Committer {
     pub stats: Arc<Stats>,
     /// Woken when new outbox entries were committed.
     pub outbox_ready: Arc<Notify>,
+    /// New `alerts.actions` from a config reload (SIGHUP).
+    pub alert_updates: flume::Receiver<Vec<String>>,
     /// Cancelled at shutdown: a retry loop on a failing disk gives up (nothing it holds was
     /// acknowledged, so the broker redelivers it).
     pub stop: CancellationToken,
@@ -157,6 +159,9 @@ impl Committer {
                         Err(_) => break,
                     }
                 }
+            }
+            if let Some(actions) = self.alert_updates.try_iter().last() {
+                self.engine.alert_actions = actions;
             }
             let before = acked.len();
             acked.extend(self.acked.try_iter());
@@ -436,16 +441,22 @@ impl Committer {
                             let topic = format!("zhian/{}/{}", event.kind, event.device);
                             self.stats.rejected(reason, &topic, now)
                         }
-                        Outcome::Counted(_) => {}
+                        Outcome::Counted(_) | Outcome::Glitch(_) => {}
                     }
                 }
                 Intake::Rejected { reason, topic, .. } => self.stats.rejected(*reason, topic, now),
                 Intake::Reading { counters, .. } => {
                     for c in counters {
-                        if let Some(Outcome::Counted(step)) =
-                            outcomes.as_mut().and_then(|o| o.next()).copied()
-                        {
-                            self.stats.counted(c.kind, &c.device, step.events(), now);
+                        match outcomes.as_mut().and_then(|o| o.next()).copied() {
+                            Some(Outcome::Counted(step)) => {
+                                self.stats.counted(c.kind, &c.device, step.events(), now);
+                            }
+                            Some(Outcome::Glitch(step)) => {
+                                tracing::warn!(device = %c.device, point = %c.point, value = c.value, "Modbus counter misread once (glitch rule): the held reading was dropped");
+                                self.stats.modbus_update(&c.device, |h| h.glitches += 1);
+                                self.stats.counted(c.kind, &c.device, step.events(), now);
+                            }
+                            _ => {}
                         }
                     }
                 }

@@ -520,12 +520,17 @@ fn default_stop_bits() -> u8 {
     1
 }
 
+/// `parity`: `"N"`, `"E"`, `"O"` as Modbus tools write it (Telegraf, pymodbus), or `"none"`,
+/// `"even"`, `"odd"`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Parity {
     #[default]
+    #[serde(alias = "N", alias = "n")]
     None,
+    #[serde(alias = "E", alias = "e")]
     Even,
+    #[serde(alias = "O", alias = "o")]
     Odd,
 }
 
@@ -602,6 +607,15 @@ pub struct ModbusPoint {
     /// Counters: a decrease that looks like a wrap past the type's maximum is counted as one.
     #[serde(default)]
     pub wrap: bool,
+    /// Counters: the glitch rule's bound. A reading that decreases, or rises by more than this
+    /// since the last poll, is held for one more poll; if the next reading continues from the
+    /// value before it, the held one was a misread and is dropped (counted per device).
+    #[serde(default = "default_max_step")]
+    pub max_step: u64,
+}
+
+fn default_max_step() -> u64 {
+    1000
 }
 
 /// Where an MQTT broker is, parsed from `mqtt://host:port` or `mqtts://host:port`.
@@ -683,6 +697,16 @@ pub fn load_with_env(
         builder = builder
             .add_source(config::File::from(path.to_path_buf()).format(config::FileFormat::Toml));
     }
+    // Only ZHIAN_<SECTION>__<KEY> variables are config: another ZHIAN_* variable of the
+    // environment (ZHIAN_BIN in a script, say) is not a key and must not fail the load.
+    let env = env.unwrap_or_else(|| std::env::vars().collect());
+    let env: config::Map<String, String> = env
+        .into_iter()
+        .filter(|(k, _)| {
+            k.strip_prefix("ZHIAN_")
+                .is_some_and(|rest| rest.contains("__"))
+        })
+        .collect();
     let environment = config::Environment::with_prefix("ZHIAN")
         .prefix_separator("_")
         .separator("__")
@@ -690,7 +714,7 @@ pub fn load_with_env(
         .list_separator(",")
         .with_list_parse_key("mqtt.topics")
         .with_list_parse_key("alerts.actions")
-        .source(env);
+        .source(Some(env));
     builder = builder.add_source(environment);
     finish(builder)
 }
@@ -725,10 +749,35 @@ fn finish(
 
 fn strip_key_suffix(msg: &str) -> String {
     // config's own messages sometimes end with " for key `x`"; the path is already in front.
-    match msg.find(" for key `") {
-        Some(i) => msg[..i].to_string(),
-        None => msg.to_string(),
-    }
+    let msg = match msg.find(" for key `") {
+        Some(i) => &msg[..i],
+        None => msg,
+    };
+    enum_choices(msg).unwrap_or_else(|| msg.to_string())
+}
+
+/// The values each config enum takes, for errors that name a value it does not take.
+const ENUM_CHOICES: &[(&str, &str)] = &[
+    (
+        "Parity",
+        "\"N\", \"E\", \"O\" (or \"none\", \"even\", \"odd\")",
+    ),
+    ("Table", "\"holding\", \"input\", \"coil\", \"discrete\""),
+    ("PointType", "\"u16\", \"u32\", \"i32\", \"f32\", \"bool\""),
+    ("WordOrder", "\"big\", \"little\""),
+    ("Role", "\"counter\", \"state\""),
+    ("Kind", "\"access\", \"camera\", \"vehicle\""),
+    ("SubjectMode", "\"hashed\", \"drop\", \"plain\""),
+    ("OnDamage", "\"quarantine\", \"refuse\""),
+];
+
+/// `config` reports an unknown enum value as "enum Parity does not have variant constructor X":
+/// say which values are allowed instead.
+fn enum_choices(msg: &str) -> Option<String> {
+    let rest = msg.strip_prefix("enum ")?;
+    let (name, value) = rest.split_once(" does not have variant constructor ")?;
+    let (_, choices) = ENUM_CHOICES.iter().find(|(n, _)| *n == name)?;
+    Some(format!("{value:?} is not one of {choices}"))
 }
 
 fn from_config_error(e: config::ConfigError) -> Problem {
@@ -1044,8 +1093,14 @@ fn validate_modbus(m: &Modbus, p: &mut Vec<Problem>) {
                 }
             },
         }
-        if d.unit > 247 && d.rtu.is_some() {
-            p.push(problem(k("unit"), "RTU unit ids are 0-247"));
+        if (d.unit == 0 || d.unit > 247) && d.rtu.is_some() {
+            p.push(problem(
+                k("unit"),
+                format!(
+                    "{} is not an RTU unit id: use 1-247 (0 is the broadcast address, which no unit answers)",
+                    d.unit
+                ),
+            ));
         }
         if d.poll.0 < Duration::from_millis(10) {
             p.push(problem(k("poll"), "at least 10ms"));
@@ -1287,6 +1342,65 @@ mod tests {
     fn dedup_must_outlive_lateness() {
         let e = load_str("[gateway]\nid = \"gw-1\"\n[dedup]\nttl = \"1h\"\n", &[]).unwrap_err();
         assert_eq!(e[0].key, "dedup.ttl", "{e:?}");
+    }
+
+    fn rtu_device(extra: &str) -> String {
+        format!(
+            "{MIN}[[modbus.devices]]\nname = \"gate-1\"\nkind = \"vehicle\"\n{extra}\n\
+             [[modbus.devices.points]]\nname = \"in\"\ntable = \"holding\"\naddress = 0\ntype = \"u16\"\nrole = \"counter\"\naction = \"entry\"\n"
+        )
+    }
+
+    #[test]
+    fn modbus_parity_letters_unit_zero_and_enum_errors() {
+        for (given, want) in [
+            ("N", Parity::None),
+            ("E", Parity::Even),
+            ("o", Parity::Odd),
+            ("even", Parity::Even),
+        ] {
+            let c = load_str(
+                &rtu_device(&format!(
+                    "unit = 1\nrtu = {{ path = \"/dev/ttyS0\", baud = 9600, parity = \"{given}\" }}"
+                )),
+                &[],
+            )
+            .unwrap_or_else(|p| panic!("{given}: {p:?}"));
+            assert_eq!(c.modbus.devices[0].rtu.as_ref().unwrap().parity, want);
+            assert_eq!(c.modbus.devices[0].points[0].max_step, 1000);
+        }
+        let p = load_str(
+            &rtu_device("unit = 0\nrtu = { path = \"/dev/ttyS0\", baud = 9600 }"),
+            &[],
+        )
+        .unwrap_err();
+        assert!(
+            p.iter()
+                .any(|p| p.key == "modbus.devices[0].unit" && p.message.contains("1-247")),
+            "{p:?}"
+        );
+        let p = load_str(
+            &rtu_device("unit = 1\nrtu = { path = \"/dev/ttyS0\", baud = 9600, parity = \"X\" }"),
+            &[],
+        )
+        .unwrap_err();
+        assert!(
+            p[0].message.contains("\"N\", \"E\", \"O\""),
+            "an enum error lists the allowed values: {p:?}"
+        );
+    }
+
+    #[test]
+    fn only_section_key_variables_are_config() {
+        let c = load_str(
+            MIN,
+            &[
+                ("ZHIAN_BIN", "/usr/bin/x"),
+                ("ZHIAN_STORE__MAX_SIZE", "64MiB"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.store.max_size, ByteSize(64 << 20));
     }
 
     #[test]

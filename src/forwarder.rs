@@ -82,6 +82,8 @@ struct ModbusOut {
     last_error: Option<String>,
     last_seen: Option<String>,
     counted: u64,
+    /// Counter readings dropped as misreads (glitch rule) since start.
+    glitches: u64,
     states: serde_json::Map<String, serde_json::Value>,
 }
 
@@ -413,6 +415,7 @@ impl Forwarder {
                     last_error: h.last_error,
                     last_seen: h.last_seen_ms.map(rfc3339_utc),
                     counted: h.counted,
+                    glitches: h.glitches,
                     states: h
                         .states
                         .into_iter()

@@ -160,12 +160,23 @@ impl Ingest {
                 }
                 Ok(Event::Outgoing(Outgoing::Disconnect)) => break true,
                 Ok(Event::Incoming(Incoming::SubAck(s))) => {
-                    if s.return_codes
-                        .iter()
-                        .any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure))
-                    {
-                        tracing::error!(topics = ?topics, "device broker refused a subscription; check its ACL");
+                    let mut problems = Vec::new();
+                    for (topic, code) in topics.iter().zip(&s.return_codes) {
+                        match code {
+                            rumqttc::SubscribeReasonCode::Failure => {
+                                tracing::error!(%topic, url = %self.cfg.mqtt.url, "device broker refused the subscription; check its ACL");
+                                problems
+                                    .push(format!("{topic}: subscription refused (broker ACL)"));
+                            }
+                            rumqttc::SubscribeReasonCode::Success(QoS::AtMostOnce) => {
+                                tracing::error!(%topic, url = %self.cfg.mqtt.url, "device broker granted QoS 0, not 1 (max_qos 0?): messages are no longer held until committed, so a restart can lose them; allow QoS 1 for this client");
+                                problems.push(format!("{topic}: broker granted QoS 0 (set max_qos 1 or more): messages can be lost across restarts"));
+                            }
+                            _ => {}
+                        }
                     }
+                    self.stats
+                        .set_site_problem((!problems.is_empty()).then(|| problems.join("; ")));
                 }
                 Ok(_) => {}
                 Err(e) => {

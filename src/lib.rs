@@ -125,6 +125,64 @@ fn open_store(
 /// Run the daemon until `shutdown` resolves, then stop in order: intake, committer (commits
 /// what was accepted and acks it), device connection, district connection.
 pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
+    let (_keep, reloads) = tokio::sync::mpsc::channel(1);
+    run_with_reload(cfg, shutdown, reloads).await
+}
+
+/// The config sections that a reload applies live; every other change needs a restart.
+const LIVE_SECTIONS: [&str; 2] = ["alerts", "modbus"];
+
+/// Top-level config sections that differ between `a` and `b`, other than [`LIVE_SECTIONS`].
+fn restart_sections(a: &Config, b: &Config) -> Vec<String> {
+    let (Ok(toml::Value::Table(a)), Ok(toml::Value::Table(b))) =
+        (toml::Value::try_from(a), toml::Value::try_from(b))
+    else {
+        return vec!["(config could not be compared)".into()];
+    };
+    let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    keys.into_iter()
+        .filter(|k| !LIVE_SECTIONS.contains(&k.as_str()) && a.get(*k) != b.get(*k))
+        .cloned()
+        .collect()
+}
+
+/// Start the Modbus input for `devices` (none: no task), stopped by its own child token.
+fn spawn_modbus(
+    devices: &[config::ModbusDevice],
+    intake: &flume::Sender<committer::Intake>,
+    stats: &Arc<Stats>,
+    parent: &CancellationToken,
+) -> Option<(tokio::task::JoinHandle<()>, CancellationToken)> {
+    if devices.is_empty() {
+        return None;
+    }
+    let stop = parent.child_token();
+    let guard = stats.task_guard("modbus input", stop.clone());
+    let task = modbus::Modbus {
+        devices: devices.to_vec(),
+        intake: intake.clone(),
+        stats: stats.clone(),
+        stop: stop.clone(),
+    };
+    Some((
+        tokio::spawn(async move {
+            let _guard = guard;
+            task.run().await
+        }),
+        stop,
+    ))
+}
+
+/// As [`run`], and each config received on `reloads` (SIGHUP) is applied: `alerts.actions` and
+/// the Modbus devices live; any other change is logged as needing a restart. A reload never
+/// stops the daemon.
+pub async fn run_with_reload(
+    cfg: Config,
+    shutdown: impl Future<Output = ()>,
+    mut reloads: tokio::sync::mpsc::Receiver<Config>,
+) -> Result<(), RunError> {
     mqtt::install_crypto_provider();
     let cfg = Arc::new(cfg);
     let (store, mut writer, quarantined) = {
@@ -180,9 +238,11 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     let outbox_ready = Arc::new(Notify::new());
 
     let intake_stop = CancellationToken::new();
+    let (alerts_tx, alerts_rx) = flume::bounded(4);
     let committer = Committer {
         writer,
         engine,
+        alert_updates: alerts_rx,
         stop: intake_stop.clone(),
         cfg: CommitterCfg {
             batch_max: cfg.store.batch_max as usize,
@@ -223,19 +283,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
             task.run().await
         })
     });
-    let mut modbus = (!cfg.modbus.devices.is_empty()).then(|| {
-        let guard = stats.task_guard("modbus input", intake_stop.clone());
-        let task = modbus::Modbus {
-            devices: cfg.modbus.devices.clone(),
-            intake: intake_tx.clone(),
-            stats: stats.clone(),
-            stop: intake_stop.clone(),
-        };
-        tokio::spawn(async move {
-            let _guard = guard;
-            task.run().await
-        })
-    });
+    let mut modbus = spawn_modbus(&cfg.modbus.devices, &intake_tx, &stats, &intake_stop);
     // Held until shutdown so the committer keeps running (closing windows, deleting PUBACKed
     // entries) even with no input enabled.
     let intake_keepalive = intake_tx;
@@ -274,15 +322,52 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
 
     let mut result = Ok(());
     let mut committer_done = false;
-    tokio::select! {
-        _ = shutdown => tracing::info!("shutdown requested"),
-        r = &mut committer => {
-            committer_done = true;
-            result = match r {
-                Ok(Err(e)) => Err(RunError::Store(e)),
-                _ => Err(RunError::TaskDied("committer")),
-            };
-            tracing::error!("committer stopped; shutting down");
+    let mut running = cfg.clone();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => {
+                tracing::info!("shutdown requested");
+                break;
+            }
+            r = &mut committer => {
+                committer_done = true;
+                result = match r {
+                    Ok(Err(e)) => Err(RunError::Store(e)),
+                    _ => Err(RunError::TaskDied("committer")),
+                };
+                tracing::error!("committer stopped; shutting down");
+                break;
+            }
+            Some(new) = reloads.recv() => {
+                let new = Arc::new(new);
+                let restart = restart_sections(&running, &new);
+                if new.alerts.actions != running.alerts.actions {
+                    let _ = alerts_tx.try_send(new.alerts.actions.clone());
+                    tracing::info!(actions = ?new.alerts.actions, "reload: alerts.actions applied");
+                }
+                let devices_changed = toml::Value::try_from(&new.modbus).ok()
+                    != toml::Value::try_from(&running.modbus).ok();
+                if devices_changed {
+                    if let Some((h, stop)) = modbus.take() {
+                        stop.cancel();
+                        let _ = tokio::time::timeout(Duration::from_secs(3), h).await;
+                    }
+                    stats.modbus_retain(new.modbus.devices.iter().map(|d| d.name.as_str()));
+                    modbus = spawn_modbus(&new.modbus.devices, &intake_keepalive, &stats, &intake_stop);
+                    tracing::info!(devices = new.modbus.devices.len(), "reload: Modbus devices applied");
+                }
+                if restart.is_empty() {
+                    tracing::info!("reload: done");
+                } else {
+                    tracing::warn!(sections = ?restart, "reload: these sections changed in the file and take effect after a restart (systemctl restart zhian-gateway); they keep their running values");
+                }
+                // What runs now: the live sections from the new file, the rest as before.
+                let mut next = (*running).clone();
+                next.alerts = new.alerts.clone();
+                next.modbus = new.modbus.clone();
+                running = Arc::new(next);
+            }
         }
     }
     systemd::stopping();
@@ -294,7 +379,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     intake_stop.cancel();
     upstream_stop.cancel();
     drop(intake_keepalive);
-    if let Some(h) = modbus.as_mut() {
+    if let Some((h, _)) = modbus.as_mut() {
         // Stops at once on cancel; its sender must be gone before the committer can finish.
         let _ = tokio::time::timeout_at(deadline - Duration::from_millis(3000), h).await;
     }

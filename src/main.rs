@@ -138,11 +138,16 @@ fn main() -> ExitCode {
             }
         }
         Command::Run { config } => {
-            let cfg = match load(config) {
+            let explicit = config.is_some();
+            let path = config.unwrap_or_else(|| PathBuf::from(config::DEFAULT_CONFIG_PATH));
+            let cfg = match load(Some(path.clone()).filter(|_| explicit)) {
                 Ok(c) => c,
                 Err(code) => return code,
             };
-            serve(|shutdown| zhian_gateway::run(cfg, shutdown))
+            serve(move |shutdown| {
+                let reloads = reload_on_sighup(path, explicit);
+                zhian_gateway::run_with_reload(cfg, shutdown, reloads)
+            })
         }
     }
 }
@@ -170,7 +175,12 @@ where
         let _enter = rt.enter();
         shutdown_signal()
     };
-    let result = rt.block_on(make(shutdown));
+    // Built inside the runtime, so what it registers (the SIGHUP handler) exists before start-up.
+    let fut = {
+        let _enter = rt.enter();
+        make(shutdown)
+    };
+    let result = rt.block_on(fut);
     // Do not wait for a blocking thread stuck on a dead disk: the 5 s budget is spent.
     rt.shutdown_timeout(std::time::Duration::from_millis(300));
     match result {
@@ -207,6 +217,44 @@ fn init_logging() {
 }
 
 type Shutdown = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+/// SIGHUP (`systemctl reload`, a stray `kill -HUP`): re-read the config file. A valid one is
+/// handed to the daemon, which applies what can change live; an invalid one is logged, one line
+/// per problem, and the running config kept. SIGHUP never stops the daemon.
+fn reload_on_sighup(path: PathBuf, explicit: bool) -> tokio::sync::mpsc::Receiver<config::Config> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    let mut hup = match signal(SignalKind::hangup()) {
+        Ok(h) => h,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot handle SIGHUP: config reload unavailable");
+            return rx;
+        }
+    };
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            tracing::info!(path = %path.display(), "SIGHUP: re-reading the config");
+            let loaded = {
+                let path = path.clone();
+                tokio::task::spawn_blocking(move || config::load(&path, explicit)).await
+            };
+            match loaded {
+                Ok(Ok(cfg)) => {
+                    if tx.send(cfg).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(Err(problems)) => {
+                    for p in &problems {
+                        tracing::error!(problem = %p, "config reload refused; the running config is kept");
+                    }
+                }
+                Err(_) => {}
+            }
+        }
+    });
+    rx
+}
 
 /// Resolves on the first SIGTERM or SIGINT; the handlers are registered when this is called
 /// (inside the runtime), not when it is first polled.

@@ -137,8 +137,11 @@ struct Unit {
     reqs: Vec<ReadReq>,
     next_due: Instant,
     fails: u32,
-    /// Values sent to the committer since start: only changes are sent again.
+    /// Values sent to the committer since start: only changes are sent again...
     sent: BTreeMap<usize, Value>,
+    /// ...except that a counter that changed is sent once more on the next poll even if it did
+    /// not change again: the glitch rule holds a suspicious reading until the next one.
+    confirm: std::collections::BTreeSet<usize>,
 }
 
 /// What a bus talks over.
@@ -194,6 +197,7 @@ impl Modbus {
                         next_due: Instant::now(),
                         fails: 0,
                         sent: BTreeMap::new(),
+                        confirm: Default::default(),
                     })
                     .collect(),
                 ctx: None,
@@ -255,10 +259,14 @@ impl Bus {
                     let mut counters = Vec::new();
                     let mut states = Vec::new();
                     for (idx, v) in values {
-                        if unit.sent.get(&idx) == Some(&v) {
+                        let p = &dev.points[idx];
+                        let unchanged = unit.sent.get(&idx) == Some(&v);
+                        if unchanged && !unit.confirm.remove(&idx) {
                             continue;
                         }
-                        let p = &dev.points[idx];
+                        if !unchanged && p.role == Role::Counter {
+                            unit.confirm.insert(idx);
+                        }
                         match p.role {
                             Role::Counter => {
                                 if let Some(value) = v.as_i64() {
@@ -271,6 +279,7 @@ impl Bus {
                                         value,
                                         width: width(p.ty),
                                         wrap: p.wrap,
+                                        max_step: p.max_step,
                                         ts_ms: now,
                                     });
                                 }
@@ -454,6 +463,7 @@ mod tests {
             action: None,
             result: None,
             wrap: false,
+            max_step: 1000,
         }
     }
 

@@ -5,10 +5,13 @@ use rumqttc::{MqttOptions, TlsConfiguration, Transport};
 use std::path::Path;
 use std::time::Duration;
 
-/// Largest incoming packet we accept from a broker. Well above the contract's 64 KiB so that an
-/// oversized device payload reaches validation and is rejected and acknowledged, instead of
-/// killing the connection and being redelivered forever (field notes).
-pub const MAX_INCOMING_PACKET: usize = 8 << 20;
+/// Largest incoming packet we accept from a broker: the MQTT maximum (a remaining length of
+/// 268,435,455 bytes plus the fixed header), so that any message a broker delivers (mosquitto's
+/// `message_size_limit` is 0, no limit, by default) reaches validation and is rejected as
+/// `too_large` and acknowledged, instead of killing the connection and being redelivered after
+/// every reconnect (field notes). rumqttc reads a packet whole: a message that large costs its
+/// size in memory while it is read; a site broker's `message_size_limit` keeps that down.
+pub const MAX_INCOMING_PACKET: usize = 268_435_455 + 5;
 /// Largest packet we send (a summary for hundreds of devices is well under this).
 pub const MAX_OUTGOING_PACKET: usize = 4 << 20;
 

@@ -42,6 +42,8 @@ pub struct ModbusHealth {
     pub last_seen_ms: Option<i64>,
     /// Events counted from this device's counters since start.
     pub counted: u64,
+    /// Counter readings dropped as misreads by the glitch rule since start.
+    pub glitches: u64,
     pub last_count_ms: Option<i64>,
     /// Latest value of each state point.
     pub states: BTreeMap<String, crate::core::counter::Value>,
@@ -97,6 +99,8 @@ pub struct Stats {
     recent_rejects: Mutex<VecDeque<RejectNote>>,
     /// Why intake is paused (nothing is acknowledged meanwhile), if it is.
     paused: Mutex<Option<Paused>>,
+    /// What is wrong with the site (device) broker's answer to our subscription, if anything.
+    site_problem: Mutex<Option<String>>,
     /// A store file this run moved aside as damaged, and why.
     pub quarantined: Mutex<Option<crate::store::damage::Quarantined>>,
 }
@@ -171,6 +175,7 @@ impl Default for Stats {
             modbus: Mutex::new(BTreeMap::new()),
             recent_rejects: Mutex::new(VecDeque::new()),
             paused: Mutex::new(None),
+            site_problem: Mutex::new(None),
             quarantined: Mutex::new(None),
         }
     }
@@ -222,6 +227,15 @@ impl Stats {
                 kind,
                 ..ModbusHealth::default()
             });
+    }
+
+    /// Forget the health of Modbus devices not in `names` (after a reload removed them).
+    pub fn modbus_retain<'a>(&self, names: impl IntoIterator<Item = &'a str>) {
+        let keep: std::collections::BTreeSet<&str> = names.into_iter().collect();
+        self.modbus
+            .lock()
+            .expect("modbus lock")
+            .retain(|n, _| keep.contains(n.as_str()));
     }
 
     /// Update a Modbus device's health.
@@ -369,6 +383,16 @@ impl Stats {
                 })
             }
         }
+    }
+
+    /// Set (or clear) what is wrong with the site broker's subscription grant.
+    pub fn set_site_problem(&self, p: Option<String>) {
+        *self.site_problem.lock().expect("site lock") = p;
+    }
+
+    /// What is wrong with the site broker's subscription grant, if anything.
+    pub fn site_problem(&self) -> Option<String> {
+        self.site_problem.lock().expect("site lock").clone()
     }
 
     /// Intake runs again; returns what the pause was.

@@ -459,6 +459,8 @@ struct DeviceOut {
     online: bool,
     last_seen: Option<String>,
     last_error: Option<String>,
+    /// Modbus: counter readings dropped as misreads (glitch rule) since start.
+    glitches: u64,
     states: serde_json::Map<String, serde_json::Value>,
 }
 
@@ -529,6 +531,8 @@ struct StatusOut {
     hourly: Vec<HourOut>,
     devices: Vec<DeviceOut>,
     intake: IntakeOut,
+    /// What is wrong with the site broker's subscription (refused, or granted QoS 0).
+    site_problem: Option<String>,
     upstream: UpstreamOut,
     store: StoreOut,
     counters: crate::stats::CounterSnapshot,
@@ -604,6 +608,7 @@ fn snapshot(st: &AppState) -> Result<StatusOut, crate::store::StoreError> {
             online: d.last_seen_ms > 0 && now - d.last_seen_ms <= DEVICE_ONLINE_WITHIN_MS,
             last_seen: (d.last_seen_ms > 0).then(|| rfc3339_utc(d.last_seen_ms)),
             last_error: d.last_error.map(str::to_string),
+            glitches: 0,
             states: Default::default(),
         })
         .collect();
@@ -615,6 +620,7 @@ fn snapshot(st: &AppState) -> Result<StatusOut, crate::store::StoreError> {
             online: h.online,
             last_seen: h.last_seen_ms.map(rfc3339_utc),
             last_error: h.last_error,
+            glitches: h.glitches,
             states: h
                 .states
                 .iter()
@@ -658,6 +664,7 @@ fn snapshot(st: &AppState) -> Result<StatusOut, crate::store::StoreError> {
             detail: paused.as_ref().map(|p| p.detail.clone()),
             since: paused.as_ref().map(|p| rfc3339_utc(p.since_ms)),
         },
+        site_problem: st.stats.site_problem(),
         upstream: UpstreamOut {
             connected: st.stats.upstream_connected.load(Relaxed),
             pending_summaries: o.pending_summaries,
@@ -793,6 +800,7 @@ fn t(en: bool, key: &str) -> &'static str {
         "oldest" => ("最早待发送窗口", "Oldest pending window"),
         "store" => ("本地存储", "Local store"),
         "attention" => ("需要处理", "Needs attention"),
+        "site_problem" => ("现场代理订阅异常：", "Site broker subscription problem:"),
         "paused" => (
             "数据接收已暂停，设备消息在现场代理中等待",
             "Intake paused: device messages wait in the site broker",
@@ -963,6 +971,13 @@ fn render(s: &StatusOut, en: bool, refresh: u64) -> String {
             t(en, "since"),
             local_rfc(&s.intake.since, s.tz_secs, en),
             esc(s.intake.detail.as_deref().unwrap_or("")),
+        ));
+    }
+    if let Some(p) = &s.site_problem {
+        alarms.push(format!(
+            "<li data-site-problem><b>{}</b> {}</li>",
+            t(en, "site_problem"),
+            esc(p)
         ));
     }
     for q in &s.store.quarantined {

@@ -63,6 +63,7 @@ fn inspect_reports_the_store_offline() {
             value: 42,
             width: Width::U32,
             wrap: false,
+            max_step: 1000,
             ts_ms: now,
         };
         let state = StateUpdate {

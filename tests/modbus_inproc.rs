@@ -112,6 +112,7 @@ fn point(
         action: counter.then(|| "entry".to_string()),
         result: None,
         wrap: false,
+        max_step: 1000,
     }
 }
 
@@ -240,7 +241,18 @@ async fn decodes_word_orders_and_f32() {
     .await;
     let per_poll = (*dev.calls.lock().unwrap() - calls_before) as f64 / 2.0;
     assert!(per_poll <= 2.5, "{per_poll} requests per poll");
-    // Unchanged values are not sent again; a change is.
+    // A counter that changed is sent once more on the next poll (the glitch rule confirms
+    // a held reading with the one after it); after that, unchanged values are not sent again.
+    let Ok(Intake::Reading {
+        counters: again,
+        states: none,
+    }) = r.rx.try_recv()
+    else {
+        panic!("expected the confirming reading")
+    };
+    assert!(none.is_empty());
+    assert_eq!(again.len(), counters.len());
+    assert!(again.iter().all(|c| values[c.point.as_str()] == c.value));
     assert!(r.rx.try_recv().is_err());
     dev.set_regs(0, &[0x0005, 0x0001]);
     let next = tokio::time::timeout(Duration::from_secs(5), r.rx.recv_async())

@@ -66,6 +66,104 @@ pub fn step(last: Option<i64>, new: i64, width: Width, wrap: bool) -> Step {
     Step::Reset(new.max(0) as u64)
 }
 
+/// The state a counter keeps between polls: the last value that counted, and a suspicious
+/// reading held back for one more poll.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct CounterState {
+    /// The last reading that counted (`None` before the first reading ever).
+    pub last: Option<i64>,
+    /// A reading that decreased, or rose by more than `max_step`, waiting for the next poll to
+    /// tell a misread from a real reset, wrap or jump.
+    pub held: Option<i64>,
+}
+
+/// What one reading did, under the glitch rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Judged {
+    /// Events the reading (and a held reading it settled) stand for.
+    pub step: Step,
+    /// The held reading turned out to be a misread and was dropped.
+    pub glitch: bool,
+    /// The reading was held back: nothing counted yet.
+    pub held: bool,
+    pub state: CounterState,
+}
+
+/// The contract's glitch rule ("Modbus"): a single reading that decreases, or rises by more
+/// than `max_step`, is held for one more poll. If the next reading continues from the value
+/// before it (rises by at most `max_step` from the last counted value), the held one was a
+/// misread and is dropped; otherwise it stands and is counted by [`step`] (reset, wrap,
+/// increase), and the new reading is judged against it. One bad read never becomes millions of
+/// vehicles, and a real reset, wrap or jump is counted one poll late.
+pub fn judge(state: CounterState, new: i64, width: Width, wrap: bool, max_step: u64) -> Judged {
+    let continues = |from: i64| new >= from && (new - from) as u64 <= max_step;
+    let Some(last) = state.last else {
+        return Judged {
+            step: Step::Baseline,
+            glitch: false,
+            held: false,
+            state: CounterState {
+                last: Some(new),
+                held: None,
+            },
+        };
+    };
+    match state.held {
+        None if continues(last) => Judged {
+            step: Step::Increase((new - last) as u64),
+            glitch: false,
+            held: false,
+            state: CounterState {
+                last: Some(new),
+                held: None,
+            },
+        },
+        None => Judged {
+            step: Step::Increase(0),
+            glitch: false,
+            held: true,
+            state: CounterState {
+                last: Some(last),
+                held: Some(new),
+            },
+        },
+        Some(_) if continues(last) => Judged {
+            step: Step::Increase((new - last) as u64),
+            glitch: true,
+            held: false,
+            state: CounterState {
+                last: Some(new),
+                held: None,
+            },
+        },
+        Some(h) => {
+            // The held reading stands; the new one is judged against it.
+            let first = step(Some(last), h, width, wrap);
+            let then = judge(
+                CounterState {
+                    last: Some(h),
+                    held: None,
+                },
+                new,
+                width,
+                wrap,
+                max_step,
+            );
+            let n = first.events() + then.step.events();
+            Judged {
+                step: match first {
+                    Step::Wrapped(_) => Step::Wrapped(n),
+                    Step::Reset(_) => Step::Reset(n),
+                    _ => Step::Increase(n),
+                },
+                glitch: false,
+                held: then.held,
+                state: then.state,
+            }
+        }
+    }
+}
+
 /// A decoded point value.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub enum Value {
@@ -119,6 +217,71 @@ pub fn decode(kind: Kind, words: &[u16], big_word_order: bool) -> Option<Value> 
         Kind::I32 => Value::Int(i64::from(pair()? as i32)),
         Kind::F32 => Value::Float(f64::from(f32::from_bits(pair()?))),
     })
+}
+
+#[cfg(test)]
+mod glitch_tests {
+    use super::*;
+
+    /// Total events counted over a series of readings (the first is the baseline).
+    fn run(readings: &[i64], width: Width, wrap: bool) -> (u64, u32) {
+        let mut st = CounterState::default();
+        let (mut total, mut glitches) = (0, 0);
+        for &r in readings {
+            let j = judge(st, r, width, wrap, 1000);
+            total += j.step.events();
+            glitches += u32::from(j.glitch);
+            st = j.state;
+        }
+        (total, glitches)
+    }
+
+    #[test]
+    fn one_misread_never_counts() {
+        // The cases: a u32 read as 0xFFFFFFFF once, a controller reading 0 once.
+        assert_eq!(run(&[1000, 0xFFFF_FFFF, 1001], Width::U32, false), (1, 1));
+        assert_eq!(run(&[12345, 0, 12346], Width::U32, false), (1, 1));
+    }
+
+    #[test]
+    fn real_resets_wraps_and_jumps_count_one_poll_late() {
+        assert_eq!(run(&[12345, 0, 3], Width::U32, false), (3, 0));
+        assert_eq!(run(&[1000, 6000, 6001], Width::U32, false), (5001, 0));
+        assert_eq!(run(&[65530, 4, 6], Width::U16, true), (12, 0));
+        // Held at the end: not counted yet, and not lost (the state keeps it).
+        let mut st = CounterState::default();
+        for r in [10, 5000] {
+            st = judge(st, r, Width::U32, false, 1000).state;
+        }
+        assert_eq!(st.held, Some(5000));
+        assert_eq!(judge(st, 5000, Width::U32, false, 1000).step.events(), 4990);
+    }
+
+    proptest::proptest! {
+        /// A counter that only rises by at most max_step per poll, with single misreads
+        /// sprinkled in (never two in a row), counts exactly its true increase.
+        #[test]
+        fn single_misreads_never_change_the_total(
+            steps in proptest::collection::vec(0i64..1000, 2..200),
+            bad in proptest::collection::vec(proptest::prelude::any::<(bool, u32)>(), 200)) {
+            let mut value = 50_000i64;
+            let mut readings = vec![value];
+            let mut last_bad = false;
+            for (i, s) in steps.iter().enumerate() {
+                let (is_bad, garbage) = bad[i];
+                if is_bad && !last_bad {
+                    readings.push(i64::from(garbage));
+                    last_bad = true;
+                } else {
+                    last_bad = false;
+                }
+                value += s;
+                readings.push(value);
+            }
+            let (total, _) = run(&readings, Width::U32, false);
+            proptest::prop_assert_eq!(total as i64, value - 50_000);
+        }
+    }
 }
 
 #[cfg(test)]

@@ -4,7 +4,7 @@
 //! the outbox). The store implements it on one redb write transaction, so everything one batch
 //! decides commits together or not at all; tests implement it in memory.
 
-use super::counter::{step, Step, Width};
+use super::counter::{judge, CounterState, Step, Width};
 use super::event::{Event, Kind, Reject};
 use super::summary::{alert_json, summary_json, CountKey, Site, WindowState};
 use super::window::WindowCfg;
@@ -16,8 +16,10 @@ pub enum Outcome {
     Accepted,
     Duplicate,
     Rejected(Reject),
-    /// A counter reading, and what it meant.
+    /// A counter reading, and what it meant (`Increase(0)` while a suspicious reading is held).
     Counted(Step),
+    /// A held counter reading was a misread and was dropped; this reading counted `Step`.
+    Glitch(Step),
 }
 
 /// One reading of a Modbus counter point.
@@ -32,6 +34,8 @@ pub struct CounterReading {
     pub value: i64,
     pub width: Width,
     pub wrap: bool,
+    /// The glitch rule's bound: a reading that rises by more than this per poll is held.
+    pub max_step: u64,
     /// Poll time: the increase's events are stamped with it.
     pub ts_ms: i64,
 }
@@ -84,8 +88,13 @@ pub trait Ledger {
     fn open_windows_until(&mut self, max_start: i64) -> Result<Vec<i64>, Self::Error>;
     fn emit(&mut self, e: Emit) -> Result<(), Self::Error>;
     /// The last committed value of a counter.
-    fn counter(&mut self, key: &str) -> Result<Option<i64>, Self::Error>;
-    fn set_counter(&mut self, key: &str, value: i64, now_ms: i64) -> Result<(), Self::Error>;
+    fn counter(&mut self, key: &str) -> Result<CounterState, Self::Error>;
+    fn set_counter(
+        &mut self,
+        key: &str,
+        state: CounterState,
+        now_ms: i64,
+    ) -> Result<(), Self::Error>;
 }
 
 /// Pure decision rule for dedup: a key first seen less than `ttl_ms` ago is a duplicate.
@@ -138,8 +147,9 @@ impl Engine {
                 Input::Event(e) => e,
                 Input::Counter(c) => {
                     let key = c.key();
-                    let s = step(ledger.counter(&key)?, c.value, c.width, c.wrap);
-                    ledger.set_counter(&key, c.value, now_ms)?;
+                    let j = judge(ledger.counter(&key)?, c.value, c.width, c.wrap, c.max_step);
+                    ledger.set_counter(&key, j.state, now_ms)?;
+                    let s = j.step;
                     let n = s.events();
                     if n > 0 {
                         let start = self.window.start_of(c.ts_ms);
@@ -154,7 +164,11 @@ impl Engine {
                             n,
                         );
                     }
-                    outcomes.push(Outcome::Counted(s));
+                    outcomes.push(if j.glitch {
+                        Outcome::Glitch(s)
+                    } else {
+                        Outcome::Counted(s)
+                    });
                     continue;
                 }
             };
@@ -242,7 +256,7 @@ impl Engine {
 /// An in-memory ledger: the reference for tests and the model the store must agree with.
 #[derive(Debug, Clone, Default)]
 pub struct MemLedger {
-    pub counters: BTreeMap<String, i64>,
+    pub counters: BTreeMap<String, CounterState>,
     pub dedup: BTreeMap<String, i64>,
     pub windows: BTreeMap<i64, WindowState>,
     pub raw: Vec<Event>,
@@ -286,11 +300,16 @@ impl Ledger for MemLedger {
         self.outbox.push(e);
         Ok(())
     }
-    fn counter(&mut self, key: &str) -> Result<Option<i64>, Self::Error> {
-        Ok(self.counters.get(key).copied())
+    fn counter(&mut self, key: &str) -> Result<CounterState, Self::Error> {
+        Ok(self.counters.get(key).copied().unwrap_or_default())
     }
-    fn set_counter(&mut self, key: &str, value: i64, _now_ms: i64) -> Result<(), Self::Error> {
-        self.counters.insert(key.to_string(), value);
+    fn set_counter(
+        &mut self,
+        key: &str,
+        state: CounterState,
+        _now_ms: i64,
+    ) -> Result<(), Self::Error> {
+        self.counters.insert(key.to_string(), state);
         Ok(())
     }
 }

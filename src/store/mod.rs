@@ -15,7 +15,7 @@
 //! | `dedup_log` | `(i64 first_seen_ms, u64 seq)` | dedup hashes whose raw events were deleted (pressure, or a retention shorter than `dedup.ttl`) while the hash still counts, packed little-endian u64s | when raw events go early |
 //! | `windows` | `i64` window start ms | v1 [`WindowState`]: counts per (kind, device, action, result) and the last issued rev (`None` while open) | per batch, the windows it touched |
 //! | `outbox` | `(u8 class, u64 seq)` | v1 [`OutboxRecordV1`]: an upstream message waiting for its PUBACK; class 0 alerts, 1 summaries, so alerts go first | when windows close, alerts, PUBACKs |
-//! | `counters` | `&str` "kind\0device\0point" | v1 [`CounterRecordV1`]: the last committed value of a Modbus counter, written in the same transaction as the counts it produced | Modbus polls that moved |
+//! | `counters` | `&str` "kind\0device\0point" | v2 [`CounterRecordV2`] (v1 [`CounterRecordV1`] still read): the last value of a Modbus counter that counted and a reading held by the glitch rule, written in the same transaction as the counts it produced | Modbus polls that moved |
 //! | `states` | `&str` "kind\0device\0point" | v1 [`StateRecordV1`]: the latest value of a Modbus state point and when it last changed | Modbus polls that changed |
 //!
 //! A dedup hash is the first 8 bytes of BLAKE3 keyed with `subject_key` over
@@ -55,8 +55,8 @@ mod writer;
 pub use pressure::{Pressure, Retention};
 pub use reader::Overview;
 pub use records::{
-    CounterRecordV1, EventRecordV1, OutboxRecordV1, OutboxTopic, StateRecordV1, StateUpdate,
-    StoredSubject,
+    CounterRecordV1, CounterRecordV2, EventRecordV1, OutboxRecordV1, OutboxTopic, StateRecordV1,
+    StateUpdate, StoredSubject,
 };
 pub use writer::{CommitReport, StoreWriter};
 

@@ -2,8 +2,8 @@
 //! `inspect`. Each is one read transaction; none writes.
 
 use super::records::{
-    decode, decode_event, event_hash, unpack_hashes, CounterRecordV1, EventRecordV1,
-    OutboxRecordV1, StateRecordV1,
+    decode, decode_counter, decode_event, event_hash, unpack_hashes, CounterRecordV2,
+    EventRecordV1, OutboxRecordV1, StateRecordV1,
 };
 use super::{
     decode_window, OutboxKey, Store, StoreError, CLASS_ALERT, CLASS_SUMMARY, COUNTERS, DEDUP_LOG,
@@ -168,13 +168,13 @@ impl Store {
     }
 
     /// Every Modbus counter's last committed value.
-    pub fn counters(&self) -> Result<Vec<(String, CounterRecordV1)>, StoreError> {
+    pub fn counters(&self) -> Result<Vec<(String, CounterRecordV2)>, StoreError> {
         let txn = self.read()?;
         let t = txn.open_table(COUNTERS)?;
         let mut out = Vec::new();
         for row in t.iter()? {
             let (k, v) = row?;
-            out.push((k.value().to_string(), decode("counters", v.value())?));
+            out.push((k.value().to_string(), decode_counter(v.value())?));
         }
         Ok(out)
     }

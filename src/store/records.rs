@@ -61,11 +61,46 @@ pub struct OutboxRecordV1 {
     pub payload: Vec<u8>,
 }
 
-/// The last committed value of a Modbus counter, record version 1.
+/// The last committed value of a Modbus counter, record version 1 (before the glitch rule).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CounterRecordV1 {
     pub value: i64,
     pub at_ms: i64,
+}
+
+/// A Modbus counter's state, record version 2: the last value that counted, when, and a
+/// suspicious reading held for one more poll (the glitch rule).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CounterRecordV2 {
+    pub value: i64,
+    pub at_ms: i64,
+    pub held: Option<i64>,
+}
+
+const COUNTER_V2: u8 = 2;
+
+/// Version 2 byte + postcard.
+pub(crate) fn encode_counter(rec: &CounterRecordV2) -> Vec<u8> {
+    let mut out = vec![COUNTER_V2];
+    out.extend(postcard::to_allocvec(rec).expect("records serialize"));
+    out
+}
+
+/// A `counters` row of either version.
+pub(crate) fn decode_counter(bytes: &[u8]) -> Result<CounterRecordV2, StoreError> {
+    match bytes.split_first() {
+        Some((&COUNTER_V2, rest)) => {
+            postcard::from_bytes(rest).map_err(|source| StoreError::Decode {
+                table: "counters",
+                source,
+            })
+        }
+        _ => decode::<CounterRecordV1>("counters", bytes).map(|v1| CounterRecordV2 {
+            value: v1.value,
+            at_ms: v1.at_ms,
+            held: None,
+        }),
+    }
 }
 
 /// A Modbus state point, record version 1.

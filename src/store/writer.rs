@@ -5,8 +5,9 @@
 use super::pressure::{self, Pressure, Retention};
 use super::reader::read_u64;
 use super::records::{
-    decode, encode, encode_event, event_hash, pack_hashes, unpack_hashes, CounterRecordV1,
-    EventRecordV1, OutboxRecordV1, OutboxTopic, StateRecordV1, StateUpdate, StoredSubject,
+    decode, decode_counter, encode, encode_counter, encode_event, event_hash, pack_hashes,
+    unpack_hashes, CounterRecordV2, EventRecordV1, OutboxRecordV1, OutboxTopic, StateRecordV1,
+    StateUpdate, StoredSubject,
 };
 use super::{
     damage, decode_window, Db, OutboxKey, Store, StoreError, CLASS_ALERT, CLASS_SUMMARY, COUNTERS,
@@ -14,6 +15,7 @@ use super::{
     WINDOWS,
 };
 use crate::config::SubjectMode;
+use crate::core::counter::CounterState;
 use crate::core::engine::{Emit, Engine, Input, Ledger, Outcome};
 use crate::core::event::Event;
 use crate::core::summary::WindowState;
@@ -848,19 +850,32 @@ impl Ledger for TxLedger<'_, '_> {
         Ok(all.into_iter().collect())
     }
 
-    fn counter(&mut self, key: &str) -> Result<Option<i64>, StoreError> {
+    fn counter(&mut self, key: &str) -> Result<CounterState, StoreError> {
         match self.counters.get(key)? {
-            Some(v) => Ok(Some(
-                decode::<CounterRecordV1>("counters", v.value())?.value,
-            )),
-            None => Ok(None),
+            Some(v) => {
+                let rec = decode_counter(v.value())?;
+                Ok(CounterState {
+                    last: Some(rec.value),
+                    held: rec.held,
+                })
+            }
+            None => Ok(CounterState::default()),
         }
     }
 
-    fn set_counter(&mut self, key: &str, value: i64, now_ms: i64) -> Result<(), StoreError> {
-        let rec = encode(&CounterRecordV1 {
+    fn set_counter(
+        &mut self,
+        key: &str,
+        state: CounterState,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        let Some(value) = state.last else {
+            return Ok(());
+        };
+        let rec = encode_counter(&CounterRecordV2 {
             value,
             at_ms: now_ms,
+            held: state.held,
         });
         let old = self
             .counters
