@@ -199,6 +199,12 @@ pub struct Mosquitto {
 impl Mosquitto {
     /// Writes `dir/mosquitto.conf` and starts the broker; returns once the port accepts.
     pub fn start(dir: &Path, port: u16, persistent: bool) -> Mosquitto {
+        Self::start_with(dir, port, persistent, "")
+    }
+
+    /// As [`Mosquitto::start`], with `extra` lines appended to the config (a broker
+    /// misconfigured on purpose: `max_qos 0`, `max_packet_size 65536`, ...).
+    pub fn start_with(dir: &Path, port: u16, persistent: bool, extra: &str) -> Mosquitto {
         fs::create_dir_all(dir).expect("create broker dir");
         let data = dir.join("persist");
         fs::create_dir_all(&data).expect("create broker persistence dir");
@@ -221,7 +227,7 @@ impl Mosquitto {
              log_type warning\n\
              log_type notice\n\
              log_type information\n\
-             connection_messages true\n",
+             connection_messages true\n{extra}\n",
             persistence = persistent,
             location = data.display(),
             log = dir.join("mosquitto.log").display(),

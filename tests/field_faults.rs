@@ -1,0 +1,279 @@
+//! Bad days in the field, provoked for real through the real binary: a 9 MiB device message on a
+//! mosquitto with no size limit, a site broker that grants QoS 0 (`max_qos 0`), and a Modbus
+//! controller that misreads a counter once (a scripted Modbus TCP peer answering each read from
+//! a list).
+
+mod common;
+
+use common::*;
+use serde_json::Value;
+use std::collections::HashMap;
+use std::fs;
+use std::future::Future;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio_modbus::prelude::{ExceptionCode, Request, Response};
+use tokio_modbus::server::tcp::Server;
+
+fn site_config(data_dir: &Path, device_port: u16, district_port: u16, status_port: u16) -> String {
+    config_text(data_dir, device_port, district_port, "").replace(
+        "[status]\nenabled = false\n",
+        &format!("[status]\nenabled = true\nlisten = \"127.0.0.1:{status_port}\"\n"),
+    )
+}
+
+fn api_status(port: u16) -> Option<Value> {
+    let r = http(port, "GET", "/api/status", None).ok()?;
+    (r.status == 200).then(|| r.json())
+}
+
+fn log_text(p: &Path) -> String {
+    String::from_utf8_lossy(&fs::read(p).unwrap_or_default()).into_owned()
+}
+
+#[test]
+fn a_9_mib_message_is_rejected_too_large_and_intake_goes_on() {
+    let scratch = tempfile::tempdir().unwrap();
+    let dir = scratch.path().join("data");
+    // mosquitto's default message_size_limit: none.
+    let site = Mosquitto::start(&scratch.path().join("site"), free_port(), false);
+    let district = Mosquitto::start(&scratch.path().join("district"), free_port(), false);
+    let up = Upstream::start(district.port, "big-collector");
+    let status_port = free_port();
+    let cfg = scratch.path().join("gateway.toml");
+    fs::write(
+        &cfg,
+        site_config(&dir, site.port, district.port, status_port),
+    )
+    .unwrap();
+    let log = scratch.path().join("daemon.log");
+    let mut d = Daemon::start(&cfg, &log);
+    assert!(wait_until(Duration::from_secs(30), || api_status(
+        status_port
+    )
+    .is_some()));
+    let mut p = Publisher::connect(site.port, "big-pub");
+    let before = Event::new("camera", "cam-1", "before", "stranger");
+    p.send(&before.topic(), before.payload());
+    p.wait_all_acked(Duration::from_secs(30));
+    // mosquitto_pub: our test publisher (rumqttc) will not send a packet over 1 MiB.
+    let big = scratch.path().join("big.bin");
+    fs::write(&big, vec![b'x'; 9 << 20]).unwrap();
+    let pubbed = std::process::Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &site.port.to_string(), "-q", "1"])
+        .args(["-i", "big-sender", "-t", "zhian/camera/cam-1", "-f"])
+        .arg(&big)
+        .status()
+        .expect("run mosquitto_pub");
+    assert!(pubbed.success(), "mosquitto_pub of 9 MiB");
+    let mut sent = vec![before];
+    for i in 0..50 {
+        let e = Event::new("camera", "cam-1", &format!("after-{i}"), "stranger");
+        p.send(&e.topic(), e.payload());
+        sent.push(e);
+    }
+    p.wait_all_acked(Duration::from_secs(60));
+    let want = sent.len() as u64;
+    assert!(
+        wait_until(Duration::from_secs(30), || up
+            .totals()
+            .values()
+            .sum::<u64>()
+            == want),
+        "every event around the big one counted; log:\n{}",
+        tail(&log, 30)
+    );
+    let s = api_status(status_port).unwrap();
+    assert_eq!(s["counters"]["rejected_by_reason"]["too_large"], 1, "{s}");
+    let metrics = http(status_port, "GET", "/metrics", None).unwrap().text();
+    assert!(
+        metrics.contains("zhian_events_rejected_total{reason=\"too_large\"} 1"),
+        "{metrics}"
+    );
+    // Acknowledged: not redelivered, and the session never dropped over it.
+    std::thread::sleep(Duration::from_secs(3));
+    let s = api_status(status_port).unwrap();
+    assert_eq!(s["counters"]["rejected_by_reason"]["too_large"], 1, "{s}");
+    assert!(
+        !log_text(&log).contains("device broker connection lost"),
+        "{}",
+        tail(&log, 30)
+    );
+    d.term();
+}
+
+#[test]
+fn a_qos_0_grant_is_an_error_on_the_log_and_the_page() {
+    let scratch = tempfile::tempdir().unwrap();
+    let dir = scratch.path().join("data");
+    let site = Mosquitto::start_with(
+        &scratch.path().join("site"),
+        free_port(),
+        false,
+        "max_qos 0",
+    );
+    let status_port = free_port();
+    let cfg = scratch.path().join("gateway.toml");
+    fs::write(
+        &cfg,
+        site_config(&dir, site.port, free_port(), status_port)
+            .replace("[upstream]\n", "[upstream]\nenabled = false\n"),
+    )
+    .unwrap();
+    let log = scratch.path().join("daemon.log");
+    let mut d = Daemon::start(&cfg, &log);
+    assert!(
+        wait_until(Duration::from_secs(30), || api_status(status_port)
+            .is_some_and(|s| s["site_problem"].is_string())),
+        "the page says what is wrong; log:\n{}",
+        tail(&log, 30)
+    );
+    let s = api_status(status_port).unwrap();
+    assert!(s["site_problem"].as_str().unwrap().contains("QoS 0"), "{s}");
+    let l = log_text(&log);
+    assert!(l.contains("ERROR") && l.contains("granted QoS 0"), "{l}");
+    let page = http(status_port, "GET", "/", None).unwrap().text();
+    assert!(page.contains("data-site-problem"));
+    d.term();
+}
+
+// ---------------------------------------------------------------------------------------------
+// A Modbus controller that misreads once
+// ---------------------------------------------------------------------------------------------
+
+/// Answers each read of holding registers 0-1 (a u32, high word first) with the next value of
+/// a script, then keeps answering the last one.
+#[derive(Clone)]
+struct Scripted {
+    script: Arc<Mutex<(Vec<u32>, usize)>>,
+}
+
+impl tokio_modbus::server::Service for Scripted {
+    type Request = Request<'static>;
+    type Response = Response;
+    type Exception = ExceptionCode;
+    type Future = Pin<Box<dyn Future<Output = Result<Response, ExceptionCode>> + Send>>;
+
+    fn call(&self, req: Self::Request) -> Self::Future {
+        let value = {
+            let mut s = self.script.lock().unwrap();
+            let v = s.0[s.1.min(s.0.len() - 1)];
+            s.1 += 1;
+            v
+        };
+        Box::pin(async move {
+            match req {
+                Request::ReadHoldingRegisters(0, 2) => Ok(Response::ReadHoldingRegisters(vec![
+                    (value >> 16) as u16,
+                    value as u16,
+                ])),
+                _ => Err(ExceptionCode::IllegalDataAddress),
+            }
+        })
+    }
+}
+
+/// Serve `script` on a free loopback port in a thread of its own; returns the address and how
+/// many reads were answered so far.
+fn serve_script(script: Vec<u32>) -> (String, Arc<Mutex<(Vec<u32>, usize)>>) {
+    let state = Arc::new(Mutex::new((script, 0usize)));
+    let svc = Scripted {
+        script: state.clone(),
+    };
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            tx.send(listener.local_addr().unwrap().to_string()).unwrap();
+            let server = Server::new(listener);
+            let on_connected = move |stream, _addr| {
+                let svc = svc.clone();
+                async move { Ok(Some((svc, stream))) }
+            };
+            let _ = server.serve(&on_connected, |_e| {}).await;
+        });
+    });
+    (rx.recv().unwrap(), state)
+}
+
+#[test]
+fn a_counter_misread_once_never_reaches_the_platform() {
+    let scratch = tempfile::tempdir().unwrap();
+    let dir = scratch.path().join("data");
+    let district = Mosquitto::start(&scratch.path().join("district"), free_port(), false);
+    let up = Upstream::start(district.port, "glitch-collector");
+    // The issue's two cases in one series: a u32 read as 0xFFFFFFFF once, and a controller
+    // that reads 0 once after a reboot; then a real reset to 0 that stays, and counting on.
+    let script: Vec<u32> = vec![
+        1000,
+        1000,
+        0xFFFF_FFFF,
+        1001,
+        1001,
+        12345,
+        12345,
+        0,
+        12346,
+        12346,
+        0,
+        0,
+        3,
+        3,
+    ];
+    // Truth: 1000 -> 1001 (+1); 1001 -> 12345 (a real jump of 11,344, held one poll, then it
+    // stands); 12345 -> 12346 (+1, the 0 was a misread); reset to 0 (0 events), then +3.
+    let truth: u64 = 1 + 11_344 + 1 + 3;
+    let (addr, served) = serve_script(script.clone());
+    let status_port = free_port();
+    let cfg = scratch.path().join("gateway.toml");
+    let text = site_config(&dir, free_port(), district.port, status_port).replace(
+        "[mqtt]\n",
+        "[mqtt]\nenabled = false\n",
+    ) + &format!(
+        "\n[[modbus.devices]]\nname = \"gate-east\"\nkind = \"vehicle\"\ntcp = \"{addr}\"\nunit = 1\npoll = \"150ms\"\ntimeout = \"500ms\"\n\
+         [[modbus.devices.points]]\nname = \"plates_in\"\ntable = \"holding\"\naddress = 0\ntype = \"u32\"\nrole = \"counter\"\naction = \"entry\"\n"
+    );
+    fs::write(&cfg, text).unwrap();
+    let log = scratch.path().join("daemon.log");
+    let mut d = Daemon::start(&cfg, &log);
+    assert!(
+        wait_until(Duration::from_secs(30), || served.lock().unwrap().1
+            > script.len() + 3),
+        "the peer answered every scripted read; log:\n{}",
+        tail(&log, 30)
+    );
+    assert!(
+        wait_until(Duration::from_secs(30), || up
+            .totals()
+            .values()
+            .sum::<u64>()
+            == truth),
+        "upstream counted {:?}, truth {truth}; log:\n{}",
+        up.totals(),
+        tail(&log, 40)
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        up.totals().values().sum::<u64>(),
+        truth,
+        "and no more later"
+    );
+    let s = api_status(status_port).unwrap();
+    let dev: HashMap<String, Value> = s["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| (d["name"].as_str().unwrap().to_string(), d.clone()))
+        .collect();
+    assert_eq!(dev["gate-east"]["glitches"], 2, "{s}");
+    let hb = up.latest_heartbeat().unwrap();
+    assert_eq!(hb["modbus"][0]["glitches"], 2, "{hb}");
+    assert!(log_text(&log).contains("misread once"));
+    d.term();
+}
