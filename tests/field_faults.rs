@@ -145,9 +145,12 @@ fn a_qos_0_grant_is_an_error_on_the_log_and_the_page() {
 
 /// Answers each read of holding registers 0-1 (a u32, high word first) with the next value of
 /// a script, then keeps answering the last one.
+/// The values to answer with, and how many reads were answered.
+type Script = Arc<Mutex<(Vec<u32>, usize)>>;
+
 #[derive(Clone)]
 struct Scripted {
-    script: Arc<Mutex<(Vec<u32>, usize)>>,
+    script: Script,
 }
 
 impl tokio_modbus::server::Service for Scripted {
@@ -177,7 +180,7 @@ impl tokio_modbus::server::Service for Scripted {
 
 /// Serve `script` on a free loopback port in a thread of its own; returns the address and how
 /// many reads were answered so far.
-fn serve_script(script: Vec<u32>) -> (String, Arc<Mutex<(Vec<u32>, usize)>>) {
+fn serve_script(script: Vec<u32>) -> (String, Script) {
     let state = Arc::new(Mutex::new((script, 0usize)));
     let svc = Scripted {
         script: state.clone(),
