@@ -35,8 +35,13 @@ impl Ack {
 
 /// One message from an input.
 pub enum Intake {
-    /// A valid event, to be deduplicated, stored and counted.
-    Event { event: Event, ack: Option<Ack> },
+    /// A valid event, to be deduplicated, stored and counted. `topic` is the one it came on
+    /// (for the recent-rejects list, should the engine reject it as too late or too early).
+    Event {
+        event: Event,
+        topic: String,
+        ack: Option<Ack>,
+    },
     /// A message that broke a rule; counted and acknowledged, never stored.
     Rejected {
         reason: Reject,
@@ -416,7 +421,7 @@ impl Committer {
         for mut intake in batch.drain(..) {
             let ack = intake.take_ack();
             match &intake {
-                Intake::Event { event, .. } => {
+                Intake::Event { event, topic, .. } => {
                     let outcome = outcomes
                         .as_mut()
                         .and_then(|o| o.next())
@@ -437,10 +442,7 @@ impl Committer {
                             }
                         }
                         Outcome::Duplicate => self.stats.duplicate(event.kind),
-                        Outcome::Rejected(reason) => {
-                            let topic = format!("zhian/{}/{}", event.kind, event.device);
-                            self.stats.rejected(reason, &topic, now)
-                        }
+                        Outcome::Rejected(reason) => self.stats.rejected(reason, topic, now),
                         Outcome::Counted(_) | Outcome::Glitch(_) => {}
                     }
                 }

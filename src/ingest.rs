@@ -143,7 +143,11 @@ impl Ingest {
                         })
                     });
                     let item = match event::parse(&p.topic, &p.payload) {
-                        Ok(event) => Intake::Event { event, ack },
+                        Ok(event) => Intake::Event {
+                            event,
+                            topic: p.topic.clone(),
+                            ack,
+                        },
                         Err(reason) => {
                             tracing::debug!(topic = %p.topic, %reason, "device message rejected");
                             Intake::Rejected {

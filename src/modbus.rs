@@ -137,6 +137,8 @@ struct Unit {
     reqs: Vec<ReadReq>,
     next_due: Instant,
     fails: u32,
+    /// Retry delays after failed polls.
+    backoff: crate::backoff::Backoff,
     /// Values sent to the committer since start: only changes are sent again...
     sent: BTreeMap<usize, Value>,
     /// ...except that a counter that changed is sent once more on the next poll even if it did
@@ -193,6 +195,7 @@ impl Modbus {
                     .into_iter()
                     .map(|dev| Unit {
                         reqs: plan(&dev.points),
+                        backoff: crate::backoff::Backoff::new(dev.poll.0, MAX_RETRY),
                         dev,
                         next_due: Instant::now(),
                         fails: 0,
@@ -254,6 +257,7 @@ impl Bus {
             match result {
                 Ok(values) => {
                     unit.fails = 0;
+                    unit.backoff.reset();
                     unit.next_due = started + dev.poll.0;
                     let now = now_ms();
                     let mut counters = Vec::new();
@@ -323,13 +327,9 @@ impl Bus {
                 }
                 Err(e) => {
                     unit.fails += 1;
-                    let backoff = dev
-                        .poll
-                        .0
-                        .saturating_mul(1 << unit.fails.min(6))
-                        .min(MAX_RETRY)
-                        .max(dev.poll.0);
-                    unit.next_due = Instant::now() + backoff;
+                    // The one backoff every reconnect goes through: capped exponential from the
+                    // poll interval, full jitter (units on many boxes do not retry in step).
+                    unit.next_due = Instant::now() + unit.backoff.next_delay();
                     let offline = unit.fails >= dev.offline_after;
                     let msg = e.to_string();
                     let was_online = self.stats.modbus().get(&dev.name).is_some_and(|h| h.online);
@@ -394,8 +394,14 @@ impl Bus {
                         } else {
                             tokio_serial::StopBits::One
                         });
-                    let port = tokio_serial::SerialStream::open(&builder)
-                        .map_err(|e| PollError::Connect(format!("{}: {e}", path.display())))?;
+                    // Opening a serial port can block (a USB adapter settling): not on a
+                    // runtime worker, of which a small box has two.
+                    let port = tokio::task::spawn_blocking(move || {
+                        tokio_serial::SerialStream::open(&builder)
+                    })
+                    .await
+                    .map_err(|e| PollError::Connect(format!("{}: {e}", path.display())))?
+                    .map_err(|e| PollError::Connect(format!("{}: {e}", path.display())))?;
                     tokio_modbus::client::rtu::attach_slave(port, Slave(unit))
                 }
             };
