@@ -69,6 +69,8 @@ struct Heartbeat<'a> {
     intake_paused: Option<crate::stats::Paused>,
     /// Damaged store files moved aside, kept until an operator removes them from the data dir.
     store_quarantined: Vec<crate::store::damage::Quarantined>,
+    /// Links failing for a reason that needs an operator (the site link, here).
+    link_problems: std::collections::BTreeMap<&'static str, crate::link::Problem>,
     modbus: Vec<ModbusOut>,
 }
 
@@ -164,6 +166,7 @@ impl Forwarder {
         let mut backoff = Backoff::new(u.reconnect_min.0, u.reconnect_max.0);
         // Keys PUBACKed but perhaps not yet deleted by the committer: never resend them.
         let mut acked_local: BTreeSet<OutboxKey> = BTreeSet::new();
+        let mut watch = crate::link::TakeoverWatch::default();
         loop {
             if self.stop.is_cancelled() {
                 return;
@@ -180,7 +183,7 @@ impl Forwarder {
             };
             let finished = match options(&settings, "upstream") {
                 Ok(opts) => {
-                    self.connect_once(opts, &mut acked_local, &mut backoff)
+                    self.connect_once(opts, &mut acked_local, &mut backoff, &mut watch)
                         .await
                 }
                 // E.g. a certificate being rotated: try again, never give up the link.
@@ -193,7 +196,12 @@ impl Forwarder {
             if finished {
                 return;
             }
-            let delay = backoff.next_delay();
+            // A problem that needs an operator is retried with the long backoff.
+            let delay = if self.stats.link_problems().contains_key("district") {
+                u.reconnect_max.0
+            } else {
+                backoff.next_delay()
+            };
             tracing::info!(
                 delay_ms = delay.as_millis() as u64,
                 "district broker: reconnecting after backoff"
@@ -210,6 +218,7 @@ impl Forwarder {
         mut opts: rumqttc::MqttOptions,
         acked_local: &mut BTreeSet<OutboxKey>,
         backoff: &mut Backoff,
+        watch: &mut crate::link::TakeoverWatch,
     ) -> bool {
         let u = &self.cfg.upstream;
         {
@@ -223,7 +232,7 @@ impl Forwarder {
             ));
             prune(&self.store, acked_local);
         }
-        self.connection(opts, acked_local, backoff).await
+        self.connection(opts, acked_local, backoff, watch).await
     }
 
     /// One connection. Returns true when shut down.
@@ -232,6 +241,7 @@ impl Forwarder {
         opts: rumqttc::MqttOptions,
         acked_local: &mut BTreeSet<OutboxKey>,
         backoff: &mut Backoff,
+        watch: &mut crate::link::TakeoverWatch,
     ) -> bool {
         let cap = usize::from(self.cfg.upstream.max_inflight) * 2 + 16;
         let (client, mut eventloop) = AsyncClient::new(opts, cap);
@@ -268,6 +278,7 @@ impl Forwarder {
                     Some(Ok(Event::Incoming(Incoming::ConnAck(_)))) => {
                         connected = true;
                         backoff.reset();
+                        watch.connected(Instant::now());
                         self.stats.upstream_connected.store(true, Relaxed);
                         tracing::info!("district broker connected");
                         let status = self.status_payload(true);
@@ -291,9 +302,34 @@ impl Forwarder {
                             c.status_acked = true;
                         }
                     }
-                    Some(Ok(_)) => {}
+                    Some(Ok(_)) => {
+                        if watch.is_stable(Instant::now())
+                            && self.stats.set_link_problem("district", None)
+                        {
+                            watch.reset();
+                            tracing::info!(url = %self.cfg.upstream.url, "district broker: the connection holds again");
+                        }
+                    }
                     Some(Err(e)) => {
-                        tracing::warn!(error = %e, connected, "district broker connection lost");
+                        let url = &self.cfg.upstream.url;
+                        let problem = crate::link::classify(&e, "upstream", url).or_else(|| {
+                            watch.dropped(Instant::now()).then(|| {
+                                crate::link::identity_taken(
+                                    "upstream",
+                                    url,
+                                    &self.cfg.upstream_client_id(),
+                                    "upstream.client_id",
+                                )
+                            })
+                        });
+                        match problem {
+                            Some(p) => {
+                                if self.stats.set_link_problem("district", Some(p.clone())) {
+                                    tracing::error!(link = "district", %url, reason = p.reason, error = %e, "{}", p.detail);
+                                }
+                            }
+                            None => tracing::warn!(%url, error = %e, connected, "district broker connection lost"),
+                        }
                         break false;
                     }
                     None => break false,
@@ -404,6 +440,7 @@ impl Forwarder {
             },
             intake_paused: self.stats.paused(),
             store_quarantined: quarantined,
+            link_problems: self.stats.link_problems(),
             modbus: modbus
                 .into_iter()
                 .map(|(name, h)| ModbusOut {

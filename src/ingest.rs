@@ -42,6 +42,7 @@ impl Ingest {
             keep_alive: m.keep_alive.0,
         };
         let mut intake = self.intake.take();
+        let mut watch = crate::link::TakeoverWatch::default();
         loop {
             let mut opts = match options(&settings, "mqtt") {
                 Ok(o) => o,
@@ -54,12 +55,17 @@ impl Ingest {
             opts.set_manual_acks(true);
             let (client, eventloop) = AsyncClient::new(opts, 4096);
             let done = self
-                .connection(client, eventloop, &mut intake, &mut backoff)
+                .connection(client, eventloop, &mut intake, &mut backoff, &mut watch)
                 .await;
             if done {
                 return;
             }
-            let delay = backoff.next_delay();
+            // A problem that needs an operator is retried with the long backoff.
+            let delay = if self.stats.link_problems().contains_key("site") {
+                m.reconnect_max.0
+            } else {
+                backoff.next_delay()
+            };
             tracing::info!(
                 delay_ms = delay.as_millis() as u64,
                 "device broker: reconnecting after backoff"
@@ -78,6 +84,7 @@ impl Ingest {
         mut eventloop: rumqttc::EventLoop,
         intake: &mut Option<flume::Sender<Intake>>,
         backoff: &mut Backoff,
+        watch: &mut crate::link::TakeoverWatch,
     ) -> bool {
         let (ack_tx, mut ack_rx) = tokio::sync::mpsc::unbounded_channel::<rumqttc::Publish>();
         let mut ack_tx = Some(ack_tx);
@@ -117,6 +124,7 @@ impl Ingest {
             match polled {
                 Ok(Event::Incoming(Incoming::ConnAck(ack))) => {
                     backoff.reset();
+                    watch.connected(std::time::Instant::now());
                     tracing::info!(
                         session_present = ack.session_present,
                         "device broker connected"
@@ -182,12 +190,37 @@ impl Ingest {
                     self.stats
                         .set_site_problem((!problems.is_empty()).then(|| problems.join("; ")));
                 }
-                Ok(_) => {}
+                Ok(_) => {
+                    if watch.is_stable(std::time::Instant::now())
+                        && self.stats.set_link_problem("site", None)
+                    {
+                        watch.reset();
+                        tracing::info!(url = %self.cfg.mqtt.url, "device broker: the connection holds again");
+                    }
+                }
                 Err(e) => {
                     if stopping {
                         break true;
                     }
-                    tracing::warn!(error = %e, "device broker connection lost");
+                    let url = &self.cfg.mqtt.url;
+                    let problem = crate::link::classify(&e, "mqtt", url).or_else(|| {
+                        watch.dropped(std::time::Instant::now()).then(|| {
+                            crate::link::identity_taken(
+                                "mqtt",
+                                url,
+                                &self.cfg.mqtt_client_id(),
+                                "mqtt.client_id",
+                            )
+                        })
+                    });
+                    match problem {
+                        Some(p) => {
+                            if self.stats.set_link_problem("site", Some(p.clone())) {
+                                tracing::error!(link = "site", %url, reason = p.reason, error = %e, "{}", p.detail);
+                            }
+                        }
+                        None => tracing::warn!(%url, error = %e, "device broker connection lost"),
+                    }
                     break false;
                 }
             }

@@ -14,6 +14,7 @@ pub mod demo;
 pub mod forwarder;
 pub mod ingest;
 pub mod inspect;
+pub mod link;
 pub mod modbus;
 pub mod mqtt;
 pub mod stats;

@@ -101,6 +101,8 @@ pub struct Stats {
     paused: Mutex<Option<Paused>>,
     /// What is wrong with the site (device) broker's answer to our subscription, if anything.
     site_problem: Mutex<Option<String>>,
+    /// Per link ("site", "district"): a connection failure that needs an operator.
+    link_problems: Mutex<BTreeMap<&'static str, crate::link::Problem>>,
     /// A store file this run moved aside as damaged, and why.
     pub quarantined: Mutex<Option<crate::store::damage::Quarantined>>,
 }
@@ -176,6 +178,7 @@ impl Default for Stats {
             recent_rejects: Mutex::new(VecDeque::new()),
             paused: Mutex::new(None),
             site_problem: Mutex::new(None),
+            link_problems: Mutex::new(BTreeMap::new()),
             quarantined: Mutex::new(None),
         }
     }
@@ -383,6 +386,20 @@ impl Stats {
                 })
             }
         }
+    }
+
+    /// Set (or clear) `link`'s problem. Returns true if it changed (log it at ERROR then).
+    pub fn set_link_problem(&self, link: &'static str, p: Option<crate::link::Problem>) -> bool {
+        let mut m = self.link_problems.lock().expect("links lock");
+        match p {
+            Some(p) => m.insert(link, p.clone()).as_ref() != Some(&p),
+            None => m.remove(link).is_some(),
+        }
+    }
+
+    /// Links with a problem that needs an operator.
+    pub fn link_problems(&self) -> BTreeMap<&'static str, crate::link::Problem> {
+        self.link_problems.lock().expect("links lock").clone()
     }
 
     /// Set (or clear) what is wrong with the site broker's subscription grant.

@@ -362,6 +362,22 @@ impl Collector for Metrics {
             s.store_bytes.load(Relaxed) as i64,
         )?;
         {
+            let problems = s.link_problems();
+            let mut m = e.encode_descriptor(
+                "zhian_link_problem",
+                "1 while a link fails for a reason that needs an operator (refused, tls, identity_taken)",
+                None,
+                prometheus_client::metrics::MetricType::Gauge,
+            )?;
+            for link in ["site", "district"] {
+                for reason in crate::link::PROBLEM_REASONS {
+                    let v = i64::from(problems.get(link).is_some_and(|p| p.reason == reason));
+                    ConstGauge::new(v)
+                        .encode(m.encode_family(&[("link", link), ("reason", reason)])?)?;
+                }
+            }
+        }
+        {
             let paused = s.paused();
             let mut m = e.encode_descriptor(
                 "zhian_intake_paused",
@@ -533,6 +549,9 @@ struct StatusOut {
     intake: IntakeOut,
     /// What is wrong with the site broker's subscription (refused, or granted QoS 0).
     site_problem: Option<String>,
+    /// Per link (`site`, `district`): a connection failure that needs an operator (refused
+    /// credentials, TLS, another client holding our client id).
+    link_problems: BTreeMap<&'static str, crate::link::Problem>,
     upstream: UpstreamOut,
     store: StoreOut,
     counters: crate::stats::CounterSnapshot,
@@ -665,6 +684,7 @@ fn snapshot(st: &AppState) -> Result<StatusOut, crate::store::StoreError> {
             since: paused.as_ref().map(|p| rfc3339_utc(p.since_ms)),
         },
         site_problem: st.stats.site_problem(),
+        link_problems: st.stats.link_problems(),
         upstream: UpstreamOut {
             connected: st.stats.upstream_connected.load(Relaxed),
             pending_summaries: o.pending_summaries,
@@ -801,6 +821,8 @@ fn t(en: bool, key: &str) -> &'static str {
         "store" => ("本地存储", "Local store"),
         "attention" => ("需要处理", "Needs attention"),
         "site_problem" => ("现场代理订阅异常：", "Site broker subscription problem:"),
+        "site_link" => ("现场代理连接需要处理：", "Site broker link needs action:"),
+        "district_link" => ("区级平台连接需要处理：", "District link needs action:"),
         "paused" => (
             "数据接收已暂停，设备消息在现场代理中等待",
             "Intake paused: device messages wait in the site broker",
@@ -978,6 +1000,21 @@ fn render(s: &StatusOut, en: bool, refresh: u64) -> String {
             "<li data-site-problem><b>{}</b> {}</li>",
             t(en, "site_problem"),
             esc(p)
+        ));
+    }
+    for (link, p) in &s.link_problems {
+        alarms.push(format!(
+            "<li data-link-problem=\"{link}\" data-reason=\"{}\"><b>{}</b> {}</li>",
+            p.reason,
+            t(
+                en,
+                if *link == "site" {
+                    "site_link"
+                } else {
+                    "district_link"
+                }
+            ),
+            esc(&p.detail)
         ));
     }
     for q in &s.store.quarantined {

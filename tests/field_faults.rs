@@ -280,3 +280,113 @@ fn a_counter_misread_once_never_reaches_the_platform() {
     assert!(log_text(&log).contains("misread once"));
     d.term();
 }
+
+// ---------------------------------------------------------------------------------------------
+// Links that need an operator
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn two_boxes_with_one_identity_are_named_and_backed_off() {
+    let scratch = tempfile::tempdir().unwrap();
+    let site = Mosquitto::start(&scratch.path().join("site"), free_port(), false);
+    let district = Mosquitto::start(&scratch.path().join("district"), free_port(), false);
+    let ports = [free_port(), free_port()];
+    let mut daemons = Vec::new();
+    for (i, port) in ports.iter().enumerate() {
+        let dir = scratch.path().join(format!("box-{i}"));
+        let cfg = scratch.path().join(format!("gateway-{i}.toml"));
+        // One copied config: same gateway.id, same client ids; only the data dir and the
+        // status port differ (two boxes).
+        fs::write(&cfg, site_config(&dir, site.port, district.port, *port)).unwrap();
+        let log = scratch.path().join(format!("daemon-{i}.log"));
+        daemons.push((Daemon::start(&cfg, &log), log));
+    }
+    let named = |port: u16, link: &str| {
+        api_status(port).is_some_and(|s| s["link_problems"][link]["reason"] == "identity_taken")
+    };
+    for link in ["site", "district"] {
+        assert!(
+            wait_until(Duration::from_secs(60), || ports
+                .iter()
+                .any(|p| named(*p, link))),
+            "{link}: identity clash named on a page; logs:\n{}\n{}",
+            tail(&daemons[0].1, 20),
+            tail(&daemons[1].1, 20)
+        );
+    }
+    let logs: String = daemons.iter().map(|(_, l)| log_text(l)).collect();
+    assert!(
+        logs.contains("ERROR") && logs.contains("another client is using client id"),
+        "logged at ERROR with what to change"
+    );
+    let metrics: String = ports
+        .iter()
+        .filter_map(|p| http(*p, "GET", "/metrics", None).ok())
+        .map(|r| r.text())
+        .collect();
+    assert!(
+        metrics.contains("zhian_link_problem{link=\"site\",reason=\"identity_taken\"} 1"),
+        "{metrics}"
+    );
+    // The clone goes away: the remaining box holds its links and clears the problem.
+    let (mut clone, _) = daemons.pop().unwrap();
+    clone.term();
+    assert!(
+        wait_until(Duration::from_secs(90), || api_status(ports[0])
+            .is_some_and(|s| s["link_problems"]
+                .as_object()
+                .is_some_and(|m| m.is_empty()))),
+        "the problem clears once the clone is gone; log:\n{}",
+        tail(&daemons[0].1, 30)
+    );
+    daemons[0].0.term();
+}
+
+#[test]
+fn refused_district_credentials_are_an_error_on_the_page() {
+    let scratch = tempfile::tempdir().unwrap();
+    let pw = scratch.path().join("passwd");
+    fs::write(&pw, "").unwrap();
+    let made = std::process::Command::new("mosquitto_passwd")
+        .args(["-b"])
+        .arg(&pw)
+        .args(["gateway", "right-password"])
+        .status()
+        .expect("run mosquitto_passwd");
+    assert!(made.success());
+    let district = Mosquitto::start_with(
+        &scratch.path().join("district"),
+        free_port(),
+        false,
+        &format!("allow_anonymous false\npassword_file {}", pw.display()),
+    );
+    let status_port = free_port();
+    let dir = scratch.path().join("data");
+    let cfg = scratch.path().join("gateway.toml");
+    fs::write(
+        &cfg,
+        site_config(&dir, free_port(), district.port, status_port).replace(
+            "[upstream]\n",
+            "[upstream]\nusername = \"gateway\"\npassword = \"wrong-password\"\n",
+        ),
+    )
+    .unwrap();
+    let log = scratch.path().join("daemon.log");
+    let mut d = Daemon::start(&cfg, &log);
+    assert!(
+        wait_until(Duration::from_secs(30), || api_status(status_port)
+            .is_some_and(
+                |s| s["link_problems"]["district"]["reason"] == "refused"
+            )),
+        "log:\n{}",
+        tail(&log, 30)
+    );
+    let l = log_text(&log);
+    assert!(
+        l.contains("ERROR") && l.contains("upstream.username"),
+        "an ERROR naming the link and what to check: {l}"
+    );
+    let page = http(status_port, "GET", "/", None).unwrap().text();
+    assert!(page.contains("data-link-problem=\"district\""));
+    d.term();
+}
