@@ -101,6 +101,8 @@ pub struct Committer {
     pub stats: Arc<Stats>,
     /// Woken when new outbox entries were committed.
     pub outbox_ready: Arc<Notify>,
+    /// Outbox keys the forwarder gave up on (the district broker kept refusing them): parked.
+    pub park: flume::Receiver<OutboxKey>,
     /// New `alerts.actions` from a config reload (SIGHUP).
     pub alert_updates: flume::Receiver<Vec<String>>,
     /// Cancelled at shutdown: a retry loop on a failing disk gives up (nothing it holds was
@@ -132,6 +134,7 @@ impl Committer {
         let mut shape = Batch::default();
         let mut acked: Vec<OutboxKey> = Vec::new();
         let mut acked_since: Option<i64> = None;
+        let mut to_park: Vec<OutboxKey> = Vec::new();
         let mut closing = false;
         loop {
             let now = mono_ms(clock);
@@ -167,6 +170,21 @@ impl Committer {
             }
             if let Some(actions) = self.alert_updates.try_iter().last() {
                 self.engine.alert_actions = actions;
+            }
+            to_park.extend(self.park.try_iter());
+            if !to_park.is_empty() {
+                match self.writer.park(&to_park) {
+                    Ok(n) => {
+                        tracing::debug!(parked = n, "outbox entries parked");
+                        to_park.clear();
+                        if let Ok(n) = self.writer.store().outbox_len() {
+                            self.stats.outbox_pending.store(n, Relaxed);
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot park outbox entries yet; retrying")
+                    }
+                }
             }
             let before = acked.len();
             acked.extend(self.acked.try_iter());

@@ -343,6 +343,8 @@ pub struct Upstream {
     pub client_key: Option<PathBuf>,
     pub heartbeat: Dur,
     pub max_inflight: u16,
+    /// The district broker's largest packet: summaries larger than this are sent in parts.
+    pub max_packet_size: ByteSize,
     pub keep_alive: Dur,
     pub reconnect_min: Dur,
     pub reconnect_max: Dur,
@@ -362,6 +364,7 @@ impl Default for Upstream {
             client_key: None,
             heartbeat: Dur::secs(60),
             max_inflight: 32,
+            max_packet_size: ByteSize(256 << 10),
             keep_alive: Dur::secs(30),
             reconnect_min: Dur::secs(1),
             reconnect_max: Dur::secs(120),
@@ -894,6 +897,12 @@ pub fn validate(c: &Config) -> Vec<Problem> {
     }
     if c.dedup.purge_batch == 0 {
         p.push(problem("dedup.purge_batch", "at least 1"));
+    }
+    if c.upstream.max_packet_size.0 < 4096 || c.upstream.max_packet_size.0 > 268_435_455 {
+        p.push(problem(
+            "upstream.max_packet_size",
+            "between 4KiB and 256MiB (the MQTT maximum)",
+        ));
     }
     if c.store.max_size.0 < (8 << 20) {
         p.push(problem("store.max_size", "at least 8MiB"));

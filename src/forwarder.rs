@@ -32,8 +32,13 @@ pub struct Forwarder {
     pub outbox_ready: Arc<Notify>,
     /// PUBACKed outbox keys, to the committer for deletion.
     pub acked: flume::Sender<OutboxKey>,
+    /// Keys the district broker kept refusing, to the committer for parking.
+    pub park: flume::Sender<OutboxKey>,
     pub stop: CancellationToken,
 }
+
+/// A message the broker closed the connection on this many times in a row is parked.
+pub const PARK_AFTER: u32 = 3;
 
 /// What a queued publish was, in issue order, to bind the pkid rumqttc assigns.
 enum Sent {
@@ -61,6 +66,8 @@ struct Heartbeat<'a> {
     devices: DeviceCounts,
     pending_summaries: u64,
     pending_alerts: u64,
+    /// Messages the district broker kept refusing (parked on the box).
+    parked: u64,
     oldest_pending_window: Option<String>,
     store_bytes: u64,
     counters: crate::stats::CounterSnapshot,
@@ -167,6 +174,8 @@ impl Forwarder {
         // Keys PUBACKed but perhaps not yet deleted by the committer: never resend them.
         let mut acked_local: BTreeSet<OutboxKey> = BTreeSet::new();
         let mut watch = crate::link::TakeoverWatch::default();
+        // Connections lost while this entry was the oldest unacknowledged one.
+        let mut blamed: HashMap<OutboxKey, u32> = HashMap::new();
         loop {
             if self.stop.is_cancelled() {
                 return;
@@ -183,8 +192,14 @@ impl Forwarder {
             };
             let finished = match options(&settings, "upstream") {
                 Ok(opts) => {
-                    self.connect_once(opts, &mut acked_local, &mut backoff, &mut watch)
-                        .await
+                    self.connect_once(
+                        opts,
+                        &mut acked_local,
+                        &mut backoff,
+                        &mut watch,
+                        &mut blamed,
+                    )
+                    .await
                 }
                 // E.g. a certificate being rotated: try again, never give up the link.
                 Err(e) => {
@@ -219,11 +234,17 @@ impl Forwarder {
         acked_local: &mut BTreeSet<OutboxKey>,
         backoff: &mut Backoff,
         watch: &mut crate::link::TakeoverWatch,
+        blamed: &mut HashMap<OutboxKey, u32>,
     ) -> bool {
         let u = &self.cfg.upstream;
         {
             opts.set_clean_session(true);
             opts.set_inflight(u.max_inflight.saturating_add(8));
+            // Refuse locally what the district broker would refuse (summaries are split under it).
+            opts.set_max_packet_size(
+                crate::mqtt::MAX_INCOMING_PACKET,
+                u.max_packet_size.0 as usize,
+            );
             opts.set_last_will(LastWill::new(
                 self.topic("status"),
                 self.status_payload(false),
@@ -232,7 +253,8 @@ impl Forwarder {
             ));
             prune(&self.store, acked_local);
         }
-        self.connection(opts, acked_local, backoff, watch).await
+        self.connection(opts, acked_local, backoff, watch, blamed)
+            .await
     }
 
     /// One connection. Returns true when shut down.
@@ -242,6 +264,7 @@ impl Forwarder {
         acked_local: &mut BTreeSet<OutboxKey>,
         backoff: &mut Backoff,
         watch: &mut crate::link::TakeoverWatch,
+        blamed: &mut HashMap<OutboxKey, u32>,
     ) -> bool {
         let cap = usize::from(self.cfg.upstream.max_inflight) * 2 + 16;
         let (client, mut eventloop) = AsyncClient::new(opts, cap);
@@ -292,6 +315,7 @@ impl Forwarder {
                     Some(Ok(Event::Incoming(Incoming::PubAck(ack)))) => {
                         if let Some((key, at)) = c.by_pkid.remove(&ack.pkid) {
                             c.inflight.remove(&key);
+                            blamed.remove(&key);
                             acked_local.insert(key);
                             self.stats.upstream_published.fetch_add(1, Relaxed);
                             self.stats.publish_seconds.observe(at.elapsed().as_secs_f64());
@@ -311,6 +335,19 @@ impl Forwarder {
                         }
                     }
                     Some(Err(e)) => {
+                        // The broker closing the connection on a message it will not take
+                        // (too large for its max_packet_size, say): the oldest unacknowledged
+                        // message is the suspect; after PARK_AFTER times it is parked.
+                        if let Some(&key) = c.inflight.iter().next() {
+                            let n = blamed.entry(key).or_insert(0);
+                            *n += 1;
+                            if *n >= PARK_AFTER {
+                                blamed.remove(&key);
+                                acked_local.insert(key);
+                                let _ = self.park.send(key);
+                                tracing::error!(class = key.0, seq = key.1, tries = PARK_AFTER, error = %e, url = %self.cfg.upstream.url, "district broker closed the connection on this message every time: parked (kept on the box, not sent again; see upstream.max_packet_size and the broker's limits)");
+                            }
+                        }
                         let url = &self.cfg.upstream.url;
                         let problem = crate::link::classify(&e, "upstream", url).or_else(|| {
                             watch.dropped(Instant::now()).then(|| {
@@ -429,6 +466,7 @@ impl Forwarder {
             },
             pending_summaries: overview.pending_summaries,
             pending_alerts: overview.pending_alerts,
+            parked: overview.parked,
             oldest_pending_window: overview.oldest_pending_window_ms.map(rfc3339_utc),
             store_bytes: overview.file_bytes,
             counters: self.stats.counters(),

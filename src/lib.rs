@@ -82,7 +82,15 @@ pub fn engine_for(cfg: &Config) -> Engine {
             compound: cfg.gateway.compound.clone(),
         },
         alert_actions: cfg.alerts.actions.clone(),
+        max_summary_bytes: max_summary_bytes(cfg),
     }
+}
+
+/// The largest summary payload that fits `upstream.max_packet_size` with its topic and the MQTT
+/// headers (fixed header up to 5 bytes, topic length 2, packet id 2; 16 to spare).
+pub fn max_summary_bytes(cfg: &Config) -> usize {
+    let topic = format!("{}/{}/summary", cfg.upstream.topic_prefix, cfg.gateway.id);
+    (cfg.upstream.max_packet_size.0 as usize).saturating_sub(topic.len() + 16)
 }
 
 /// Open the daemon's store: a damaged file is quarantined or refused per `store.on_damage`; a
@@ -240,10 +248,12 @@ pub async fn run_with_reload(
 
     let intake_stop = CancellationToken::new();
     let (alerts_tx, alerts_rx) = flume::bounded(4);
+    let (park_tx, park_rx) = flume::unbounded();
     let committer = Committer {
         writer,
         engine,
         alert_updates: alerts_rx,
+        park: park_rx,
         stop: intake_stop.clone(),
         cfg: CommitterCfg {
             batch_max: cfg.store.batch_max as usize,
@@ -296,6 +306,7 @@ pub async fn run_with_reload(
             stats: stats.clone(),
             outbox_ready,
             acked: acked_tx,
+            park: park_tx,
             stop: upstream_stop.clone(),
         };
         tokio::spawn(async move {

@@ -485,6 +485,8 @@ struct UpstreamOut {
     connected: bool,
     pending_summaries: u64,
     pending_alerts: u64,
+    /// Messages the district broker kept refusing: kept on the box, not sent again.
+    parked: u64,
     oldest_pending_window: Option<String>,
 }
 
@@ -689,6 +691,7 @@ fn snapshot(st: &AppState) -> Result<StatusOut, crate::store::StoreError> {
             connected: st.stats.upstream_connected.load(Relaxed),
             pending_summaries: o.pending_summaries,
             pending_alerts: o.pending_alerts,
+            parked: o.parked,
             oldest_pending_window: o.oldest_pending_window_ms.map(rfc3339_utc),
         },
         store: StoreOut {
@@ -821,6 +824,10 @@ fn t(en: bool, key: &str) -> &'static str {
         "store" => ("本地存储", "Local store"),
         "attention" => ("需要处理", "Needs attention"),
         "site_problem" => ("现场代理订阅异常：", "Site broker subscription problem:"),
+        "parked" => (
+            "区级代理多次拒收、已搁置在本机的消息：",
+            "Messages the district broker kept refusing, parked on the box:",
+        ),
         "site_link" => ("现场代理连接需要处理：", "Site broker link needs action:"),
         "district_link" => ("区级平台连接需要处理：", "District link needs action:"),
         "paused" => (
@@ -1028,6 +1035,14 @@ fn render(s: &StatusOut, en: bool, refresh: u64) -> String {
                 .as_ref()
                 .map(|r| format!(" · {}", esc(r)))
                 .unwrap_or_default(),
+        ));
+    }
+    if s.upstream.parked > 0 {
+        alarms.push(format!(
+            "<li data-parked=\"{}\"><b>{}</b> {}</li>",
+            s.upstream.parked,
+            t(en, "parked"),
+            s.upstream.parked
         ));
     }
     let d = &s.store.dropped;

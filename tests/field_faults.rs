@@ -390,3 +390,146 @@ fn refused_district_credentials_are_an_error_on_the_page() {
     assert!(page.contains("data-link-problem=\"district\""));
     d.term();
 }
+
+// ---------------------------------------------------------------------------------------------
+// A picky district broker
+// ---------------------------------------------------------------------------------------------
+
+/// A district broker with `max_packet_size 65536`, one 2 s window with 900 distinct devices (a
+/// summary of about 70 KB), then 5 events in a later window. `gateway_max` is the gateway's
+/// `upstream.max_packet_size`. Returns (collector, status port, daemon, log, broker).
+fn picky_district(
+    scratch: &Path,
+    gateway_max: &str,
+) -> (
+    Upstream,
+    u16,
+    Daemon,
+    std::path::PathBuf,
+    Mosquitto,
+    Mosquitto,
+) {
+    let site = Mosquitto::start(&scratch.join("site"), free_port(), false);
+    let district = Mosquitto::start_with(
+        &scratch.join("district"),
+        free_port(),
+        false,
+        "max_packet_size 65536",
+    );
+    let up = Upstream::start(district.port, "picky-collector");
+    let status_port = free_port();
+    let cfg = scratch.join("gateway.toml");
+    fs::write(
+        &cfg,
+        site_config(&scratch.join("data"), site.port, district.port, status_port).replace(
+            "[upstream]\n",
+            &format!("[upstream]\nmax_packet_size = \"{gateway_max}\"\n"),
+        ),
+    )
+    .unwrap();
+    let log = scratch.join("daemon.log");
+    let d = Daemon::start(&cfg, &log);
+    assert!(wait_until(Duration::from_secs(30), || api_status(
+        status_port
+    )
+    .is_some()));
+    let mut p = Publisher::connect(site.port, "picky-pub");
+    let ts = now_ms();
+    for i in 0..900 {
+        let e = Event::new(
+            "access",
+            &format!("door-{i:04}"),
+            &format!("big-{i}"),
+            "entry",
+        )
+        .at(ts);
+        p.send(&e.topic(), e.payload());
+    }
+    p.wait_all_acked(Duration::from_secs(60));
+    std::thread::sleep(Duration::from_secs(4));
+    for i in 0..5 {
+        let e = Event::new("access", "door-0001", &format!("small-{i}"), "exit");
+        p.send(&e.topic(), e.payload());
+    }
+    p.wait_all_acked(Duration::from_secs(60));
+    (up, status_port, d, log, site, district)
+}
+
+#[test]
+fn a_large_summary_is_split_under_the_district_packet_limit() {
+    let scratch = tempfile::tempdir().unwrap();
+    let (up, _status, mut d, log, _s, _dist) = picky_district(scratch.path(), "64KiB");
+    assert!(
+        wait_until(Duration::from_secs(60), || up
+            .totals()
+            .values()
+            .sum::<u64>()
+            == 905),
+        "all 905 events counted: {:?}; log:\n{}",
+        up.totals().values().sum::<u64>(),
+        tail(&log, 30)
+    );
+    let parts: Vec<Value> = up
+        .on("summary")
+        .iter()
+        .map(|m| m.json())
+        .filter(|j| j["parts"].is_u64())
+        .collect();
+    assert!(parts.len() >= 2, "the big window went in parts");
+    // Every packet within the broker's limit: payload + topic + 2 topic-length bytes, 2 packet
+    // id bytes and a fixed header of at most 5.
+    for m in up.on("summary") {
+        assert!(
+            m.text().len() + m.topic.len() + 9 <= 65_536,
+            "{} bytes",
+            m.text().len()
+        );
+    }
+    assert!(
+        up.summary_problems().is_empty(),
+        "{:?}",
+        up.summary_problems()
+    );
+    let l = log_text(&log);
+    assert!(
+        !l.contains("district broker connection lost"),
+        "{}",
+        tail(&log, 30)
+    );
+    d.term();
+}
+
+#[test]
+fn a_message_the_district_keeps_refusing_is_parked_and_never_blocks_the_rest() {
+    let scratch = tempfile::tempdir().unwrap();
+    // The gateway believes 1 MiB is fine; the broker closes the connection on the 70 KB summary.
+    let (up, status_port, mut d, log, _s, _dist) = picky_district(scratch.path(), "1MiB");
+    assert!(
+        wait_until(Duration::from_secs(90), || up
+            .totals()
+            .values()
+            .sum::<u64>()
+            == 5),
+        "the window behind the refused one arrives: {:?}; log:\n{}",
+        up.totals(),
+        tail(&log, 40)
+    );
+    assert!(
+        wait_until(Duration::from_secs(30), || api_status(status_port)
+            .is_some_and(|s| s["upstream"]["parked"] == 1)),
+        "parked and shown; log:\n{}",
+        tail(&log, 40)
+    );
+    let l = log_text(&log);
+    assert!(l.contains("parked (kept on the box"), "{}", tail(&log, 40));
+    // Bounded flapping: at most a few offline/online flips, then quiet.
+    let flips = up.on("status").len();
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(
+        up.on("status").len(),
+        flips,
+        "the status topic stops flapping"
+    );
+    assert!(flips <= 10, "{flips} status messages");
+    d.term();
+}

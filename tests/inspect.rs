@@ -22,6 +22,7 @@ fn engine() -> Engine {
         gateway: "gw".into(),
         site: Site::default(),
         alert_actions: vec![],
+        max_summary_bytes: usize::MAX,
     }
 }
 

@@ -67,6 +67,7 @@ fn healthy_store(dir: &Path) -> PathBuf {
         gateway: GATEWAY_ID.into(),
         site: Site::default(),
         alert_actions: vec![],
+        max_summary_bytes: usize::MAX,
     };
     let now = now_ms();
     let (_s, mut w) = Store::open(dir, SubjectMode::Hashed).unwrap();

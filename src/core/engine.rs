@@ -6,7 +6,7 @@
 
 use super::counter::{judge, CounterState, Step, Width};
 use super::event::{Event, Kind, Reject};
-use super::summary::{alert_json, summary_json, CountKey, Site, WindowState};
+use super::summary::{alert_json, summary_parts, CountKey, Site, WindowState};
 use super::window::WindowCfg;
 use std::collections::BTreeMap;
 
@@ -110,6 +110,9 @@ pub struct Engine {
     pub gateway: String,
     pub site: Site,
     pub alert_actions: Vec<String>,
+    /// Largest summary payload (bytes): larger summaries are split into parts
+    /// (`upstream.max_packet_size` less the topic and MQTT headers).
+    pub max_summary_bytes: usize,
 }
 
 impl Engine {
@@ -245,11 +248,14 @@ impl Engine {
         if w.total() == 0 {
             return Ok(());
         }
-        ledger.emit(Emit::Summary {
-            start_ms: w.start_ms,
-            rev,
-            payload: summary_json(&self.gateway, &self.site, w, rev),
-        })
+        for payload in summary_parts(&self.gateway, &self.site, w, rev, self.max_summary_bytes) {
+            ledger.emit(Emit::Summary {
+                start_ms: w.start_ms,
+                rev,
+                payload,
+            })?;
+        }
+        Ok(())
     }
 }
 
@@ -332,6 +338,7 @@ mod tests {
             gateway: "gw".into(),
             site: Site::default(),
             alert_actions: vec!["fire_lane_blocked".into()],
+            max_summary_bytes: usize::MAX,
         }
     }
 

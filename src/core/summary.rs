@@ -96,6 +96,11 @@ struct SummaryOut<'a> {
     site: &'a Site,
     window: WindowOut,
     rev: u32,
+    /// 1-based part number, when the summary is split (contract: "Upstream").
+    #[serde(skip_serializing_if = "Option::is_none")]
+    part: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    parts: Option<usize>,
     counts: Vec<CountOut<'a>>,
 }
 
@@ -105,7 +110,7 @@ struct WindowOut {
     secs: u32,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, Clone)]
 struct CountOut<'a> {
     kind: Kind,
     device: &'a str,
@@ -116,29 +121,75 @@ struct CountOut<'a> {
 
 /// The `zhian.summary.v1` payload for revision `rev` of a window.
 pub fn summary_json(gateway: &str, site: &Site, w: &WindowState, rev: u32) -> Vec<u8> {
-    let out = SummaryOut {
-        schema: "zhian.summary.v1",
-        gateway,
-        site,
-        window: WindowOut {
-            start: rfc3339_utc(w.start_ms),
-            secs: w.secs,
-        },
-        rev,
-        counts: w
-            .counts
-            .iter()
-            .filter(|(_, n)| **n > 0)
-            .map(|(k, n)| CountOut {
-                kind: k.kind,
-                device: &k.device,
-                action: &k.action,
-                result: &k.result,
-                n: *n,
-            })
-            .collect(),
+    summary_parts(gateway, site, w, rev, usize::MAX)
+        .pop()
+        .expect("one part")
+}
+
+/// The `zhian.summary.v1` payloads for revision `rev` of a window, each at most `max_bytes`:
+/// one payload when it fits (no `part` fields), else several with `"part": i` (1-based),
+/// `"parts": n` and a disjoint share of the rows, in row order (contract: "Upstream"). A row is
+/// a few hundred bytes at most, so any `max_bytes` of a kilobyte or more fits at least one.
+pub fn summary_parts(
+    gateway: &str,
+    site: &Site,
+    w: &WindowState,
+    rev: u32,
+    max_bytes: usize,
+) -> Vec<Vec<u8>> {
+    let rows: Vec<CountOut> = w
+        .counts
+        .iter()
+        .filter(|(_, n)| **n > 0)
+        .map(|(k, n)| CountOut {
+            kind: k.kind,
+            device: &k.device,
+            action: &k.action,
+            result: &k.result,
+            n: *n,
+        })
+        .collect();
+    let render = |counts: Vec<CountOut>, part: Option<(usize, usize)>| {
+        serde_json::to_vec(&SummaryOut {
+            schema: "zhian.summary.v1",
+            gateway,
+            site,
+            window: WindowOut {
+                start: rfc3339_utc(w.start_ms),
+                secs: w.secs,
+            },
+            rev,
+            part: part.map(|p| p.0),
+            parts: part.map(|p| p.1),
+            counts,
+        })
+        .expect("summary serializes")
     };
-    serde_json::to_vec(&out).expect("summary serializes")
+    let whole = render(rows.clone(), None);
+    if whole.len() <= max_bytes {
+        return vec![whole];
+    }
+    // The envelope of a part with the widest part numbers, and each row's bytes (plus a comma).
+    let envelope = render(Vec::new(), Some((rows.len(), rows.len()))).len();
+    let budget = max_bytes.saturating_sub(envelope).max(1);
+    let mut chunks: Vec<Vec<CountOut>> = vec![Vec::new()];
+    let mut used = 0;
+    for row in rows {
+        let len = serde_json::to_vec(&row).map_or(0, |v| v.len()) + 1;
+        let last = chunks.last_mut().expect("a chunk");
+        if !last.is_empty() && used + len > budget {
+            chunks.push(Vec::new());
+            used = 0;
+        }
+        used += len;
+        chunks.last_mut().expect("a chunk").push(row);
+    }
+    let n = chunks.len();
+    chunks
+        .into_iter()
+        .enumerate()
+        .map(|(i, c)| render(c, Some((i + 1, n))))
+        .collect()
 }
 
 #[derive(Serialize)]
@@ -169,6 +220,45 @@ pub fn alert_json(gateway: &str, e: &Event) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_large_summary_splits_into_disjoint_parts_under_the_limit() {
+        let mut w = WindowState::new(1_800_000_000_000, 10);
+        for d in 0..900 {
+            w.add(
+                CountKey {
+                    kind: Kind::Access,
+                    device: format!("door-{d:04}"),
+                    action: "entry".into(),
+                    result: "granted".into(),
+                },
+                d as u64 + 1,
+            );
+        }
+        let whole = summary_json("gw", &Site::default(), &w, 3);
+        assert!(whole.len() > 65_000, "{}", whole.len());
+        let limit = 65_536 - 40;
+        let parts = summary_parts("gw", &Site::default(), &w, 3, limit);
+        assert!(parts.len() >= 2);
+        let mut seen = std::collections::BTreeSet::new();
+        let mut total = 0;
+        for (i, p) in parts.iter().enumerate() {
+            assert!(p.len() <= limit, "part {} is {} bytes", i + 1, p.len());
+            let v: serde_json::Value = serde_json::from_slice(p).unwrap();
+            assert_eq!(v["part"], i + 1);
+            assert_eq!(v["parts"], parts.len());
+            assert_eq!(v["rev"], 3);
+            for c in v["counts"].as_array().unwrap() {
+                assert!(seen.insert(c["device"].as_str().unwrap().to_string()));
+                total += c["n"].as_u64().unwrap();
+            }
+        }
+        assert_eq!(seen.len(), 900);
+        assert_eq!(total, (1..=900).sum::<u64>());
+        // A summary that fits is one message without part fields.
+        let one = summary_parts("gw", &Site::default(), &w, 3, usize::MAX);
+        assert_eq!(one, vec![whole]);
+    }
 
     #[test]
     fn summary_matches_contract_shape() {

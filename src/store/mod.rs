@@ -14,7 +14,7 @@
 //! | `events` | `(u64 received_ms, u64 seq)` | version 2: the event's dedup hash (u64 LE), then [`EventRecordV1`] in postcard: the raw accepted event, subject hashed/dropped/plain per `privacy.subjects` (version 1 rows, from format 1, carry no hash) | per batch, appended |
 //! | `dedup_log` | `(i64 first_seen_ms, u64 seq)` | dedup hashes whose raw events were deleted (pressure, or a retention shorter than `dedup.ttl`) while the hash still counts, packed little-endian u64s | when raw events go early |
 //! | `windows` | `i64` window start ms | v1 [`WindowState`]: counts per (kind, device, action, result) and the last issued rev (`None` while open) | per batch, the windows it touched |
-//! | `outbox` | `(u8 class, u64 seq)` | v1 [`OutboxRecordV1`]: an upstream message waiting for its PUBACK; class 0 alerts, 1 summaries, so alerts go first | when windows close, alerts, PUBACKs |
+//! | `outbox` | `(u8 class, u64 seq)` | v1 [`OutboxRecordV1`]: an upstream message waiting for its PUBACK; class 0 alerts, 1 summaries, so alerts go first; class 2 parked (the district broker kept refusing it) | when windows close, alerts, PUBACKs, parking |
 //! | `counters` | `&str` "kind\0device\0point" | v2 [`CounterRecordV2`] (v1 [`CounterRecordV1`] still read): the last value of a Modbus counter that counted and a reading held by the glitch rule, written in the same transaction as the counts it produced | Modbus polls that moved |
 //! | `states` | `&str` "kind\0device\0point" | v1 [`StateRecordV1`]: the latest value of a Modbus state point and when it last changed | Modbus polls that changed |
 //!
@@ -341,6 +341,9 @@ pub(crate) fn decode_window(bytes: &[u8]) -> Result<WindowState, StoreError> {
 pub type OutboxKey = (u8, u64);
 pub const CLASS_ALERT: u8 = 0;
 pub const CLASS_SUMMARY: u8 = 1;
+/// Messages the district broker kept refusing (it closed the connection on them 3 times):
+/// kept on the box, never sent again, counted and shown; dropped first under disk pressure.
+pub const CLASS_PARKED: u8 = 2;
 
 #[cfg(test)]
 mod tests;

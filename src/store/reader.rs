@@ -6,8 +6,8 @@ use super::records::{
     EventRecordV1, OutboxRecordV1, StateRecordV1,
 };
 use super::{
-    decode_window, OutboxKey, Store, StoreError, CLASS_ALERT, CLASS_SUMMARY, COUNTERS, DEDUP_LOG,
-    EVENTS, META, OUTBOX, STATES, WINDOWS,
+    decode_window, OutboxKey, Store, StoreError, CLASS_ALERT, CLASS_PARKED, CLASS_SUMMARY,
+    COUNTERS, DEDUP_LOG, EVENTS, META, OUTBOX, STATES, WINDOWS,
 };
 use crate::core::summary::WindowState;
 use redb::{ReadableTable, ReadableTableMetadata};
@@ -19,6 +19,8 @@ use std::sync::atomic::Ordering::Relaxed;
 pub struct Overview {
     pub pending_summaries: u64,
     pub pending_alerts: u64,
+    /// Messages parked because the district broker kept refusing them.
+    pub parked: u64,
     pub oldest_pending_window_ms: Option<i64>,
     pub open_windows: u64,
     pub dedup_keys: u64,
@@ -86,6 +88,9 @@ impl Store {
         let pending_alerts = outbox
             .range((CLASS_ALERT, 0)..=(CLASS_ALERT, u64::MAX))?
             .count() as u64;
+        let parked = outbox
+            .range((CLASS_PARKED, 0)..=(CLASS_PARKED, u64::MAX))?
+            .count() as u64;
         let total = outbox.len()?;
         let mut oldest = None;
         for row in outbox.range((CLASS_SUMMARY, 0)..=(CLASS_SUMMARY, u64::MAX))? {
@@ -105,8 +110,9 @@ impl Store {
             (self.open_windows()?.len() as u64, self.dedup_keys()?)
         };
         Ok(Overview {
-            pending_summaries: total - pending_alerts,
+            pending_summaries: total - pending_alerts - parked,
             pending_alerts,
+            parked,
             oldest_pending_window_ms: oldest,
             open_windows,
             dedup_keys,

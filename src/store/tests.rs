@@ -18,6 +18,7 @@ fn engine() -> Engine {
         gateway: "gw".into(),
         site: Site::default(),
         alert_actions: vec!["fire_lane_blocked".into()],
+        max_summary_bytes: usize::MAX,
     }
 }
 

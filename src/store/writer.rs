@@ -10,9 +10,9 @@ use super::records::{
     StateUpdate, StoredSubject,
 };
 use super::{
-    damage, decode_window, Db, OutboxKey, Store, StoreError, CLASS_ALERT, CLASS_SUMMARY, COUNTERS,
-    DEDUP_BY_TIME_V1, DEDUP_LOG, DEDUP_V1, EVENTS, FORMAT, META, OPEN_WINDOWS_V1, OUTBOX, STATES,
-    WINDOWS,
+    damage, decode_window, Db, OutboxKey, Store, StoreError, CLASS_ALERT, CLASS_PARKED,
+    CLASS_SUMMARY, COUNTERS, DEDUP_BY_TIME_V1, DEDUP_LOG, DEDUP_V1, EVENTS, FORMAT, META,
+    OPEN_WINDOWS_V1, OUTBOX, STATES, WINDOWS,
 };
 use crate::config::SubjectMode;
 use crate::core::counter::CounterState;
@@ -423,6 +423,34 @@ impl StoreWriter {
         Ok(false)
     }
 
+    /// Move outbox entries the district broker kept refusing to the parked class (one small
+    /// transaction; parking is rare). Returns how many moved.
+    pub fn park(&mut self, keys: &[OutboxKey]) -> Result<usize, StoreError> {
+        let guard = self.store.db.read().expect("store lock");
+        let Some(Db::ReadWrite(db)) = guard.as_ref() else {
+            return Err(StoreError::Unavailable);
+        };
+        let mut txn = db.begin_write()?;
+        txn.set_durability(Durability::Immediate)?;
+        txn.set_quick_repair(false);
+        let mut moved = 0;
+        {
+            let mut outbox = txn.open_table(OUTBOX)?;
+            for &(class, seq) in keys {
+                if class == CLASS_PARKED {
+                    continue;
+                }
+                let rec = outbox.remove((class, seq))?.map(|v| v.value().to_vec());
+                if let Some(rec) = rec {
+                    outbox.insert((CLASS_PARKED, seq), rec.as_slice())?;
+                    moved += 1;
+                }
+            }
+        }
+        txn.commit()?;
+        Ok(moved)
+    }
+
     /// Dedup hashes held in memory.
     pub fn dedup_keys(&self) -> usize {
         self.mem.dedup.len()
@@ -719,7 +747,7 @@ impl TxLedger<'_, '_> {
     /// to the `dropped_*` counters. Returns (summaries, alerts) dropped.
     fn drop_oldest_outbox(&mut self, limit: usize) -> Result<(u64, u64), StoreError> {
         let mut doomed = Vec::new();
-        for class in [CLASS_SUMMARY, CLASS_ALERT] {
+        for class in [CLASS_PARKED, CLASS_SUMMARY, CLASS_ALERT] {
             for row in self.outbox.range((class, 0)..=(class, u64::MAX))? {
                 let (k, v) = row?;
                 doomed.push((k.value(), v.value().len()));

@@ -653,12 +653,35 @@ impl Upstream {
     }
 
     /// Per (window.start, window.secs), the summary with the highest rev (the platform's view).
+    /// A rev sent in parts (`"part": i, "parts": n`) counts only once all its parts arrived,
+    /// and then as the union of their rows.
     pub fn latest_revs(&self) -> BTreeMap<(i64, u64), Summary> {
-        let mut best: BTreeMap<(i64, u64), Summary> = BTreeMap::new();
+        // (start, secs, rev) -> (parts expected, parts seen, merged summary)
+        let mut revs: BTreeMap<(i64, u64, u64), (u64, BTreeSet<u64>, Summary)> = BTreeMap::new();
         for s in self.summaries() {
-            let key = (s.start_ms, s.secs);
-            if best.get(&key).is_none_or(|b| s.rev > b.rev) {
-                best.insert(key, s);
+            let part = s.json["part"].as_u64();
+            let parts = s.json["parts"].as_u64().unwrap_or(1);
+            let e = revs.entry((s.start_ms, s.secs, s.rev)).or_insert_with(|| {
+                (
+                    parts,
+                    BTreeSet::new(),
+                    Summary {
+                        counts: Vec::new(),
+                        ..s.clone()
+                    },
+                )
+            });
+            if e.1.insert(part.unwrap_or(1)) {
+                e.2.counts.extend(s.counts.iter().cloned());
+            }
+        }
+        let mut best: BTreeMap<(i64, u64), Summary> = BTreeMap::new();
+        for ((start, secs, rev), (parts, seen, s)) in revs {
+            if seen.len() as u64 != parts {
+                continue;
+            }
+            if best.get(&(start, secs)).is_none_or(|b| rev > b.rev) {
+                best.insert((start, secs), s);
             }
         }
         best
@@ -729,13 +752,23 @@ impl Upstream {
                     "counts not sorted/unique by kind, device, action, result: {j}"
                 ));
             }
-            match seen.get(&(s.start_ms, s.secs, s.rev)) {
+            // Parts of one rev carry different rows by design: key them by part too.
+            let part = j["part"].as_u64().unwrap_or(0);
+            if let (Some(p), Some(n)) = (j["part"].as_u64(), j["parts"].as_u64()) {
+                if p == 0 || p > n {
+                    problems.push(format!("part {p} of {n}: {j}"));
+                }
+            }
+            match seen.get(&(s.start_ms, s.secs, s.rev * 1_000_000 + part)) {
                 Some(prev) if *prev != s.counts => problems.push(format!(
                     "two different summaries with the same window and rev: {prev:?} vs {j}"
                 )),
                 Some(_) => {}
                 None => {
-                    seen.insert((s.start_ms, s.secs, s.rev), s.counts.clone());
+                    seen.insert(
+                        (s.start_ms, s.secs, s.rev * 1_000_000 + part),
+                        s.counts.clone(),
+                    );
                 }
             }
         }
