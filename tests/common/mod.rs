@@ -657,7 +657,8 @@ impl Upstream {
     /// and then as the union of their rows.
     pub fn latest_revs(&self) -> BTreeMap<(i64, u64), Summary> {
         // (start, secs, rev) -> (parts expected, parts seen, merged summary)
-        let mut revs: BTreeMap<(i64, u64, u64), (u64, BTreeSet<u64>, Summary)> = BTreeMap::new();
+        type Gathered = (u64, BTreeSet<u64>, Summary);
+        let mut revs: BTreeMap<(i64, u64, u64), Gathered> = BTreeMap::new();
         for s in self.summaries() {
             let part = s.json["part"].as_u64();
             let parts = s.json["parts"].as_u64().unwrap_or(1);
