@@ -12,6 +12,8 @@ trap 'rm -f "$log"' EXIT
 # tests/e2e_status.rs uses).
 need_apt=()
 command -v socat >/dev/null 2>&1 || need_apt+=(socat)
+# libfaketime: moves the daemon's wall clock for the clock-rule tests (tests/field_faults.rs).
+command -v faketime >/dev/null 2>&1 || need_apt+=(faketime)
 [ -x /usr/bin/chromium ] || need_apt+=(chromium)
 [ -x /usr/bin/promtool ] || need_apt+=(prometheus)
 # A CJK font, so the status page's Chinese renders in headless Chromium (screenshots).

@@ -11,6 +11,7 @@
 
 use crate::backoff::Backoff;
 use crate::config::OnDamage;
+use crate::core::clock::ClockTrust;
 use crate::core::commit_policy::{Batch, CommitPolicy, Trigger};
 use crate::core::engine::{CounterReading, Engine, Input, Outcome};
 use crate::core::event::{Event, Reject};
@@ -103,6 +104,12 @@ pub struct Committer {
     pub outbox_ready: Arc<Notify>,
     /// Outbox keys the forwarder gave up on (the district broker kept refusing them): parked.
     pub park: flume::Receiver<OutboxKey>,
+    /// Whether the gateway clock can be trusted (contract: "Clocks").
+    pub clock: ClockTrust,
+    /// `clock.require_sync`: ask the kernel whether the clock is synchronized.
+    pub require_sync: bool,
+    /// The highest wall time handed to the store: a clock stepped back never moves it back.
+    pub last_now_ms: i64,
     /// New `alerts.actions` from a config reload (SIGHUP).
     pub alert_updates: flume::Receiver<Vec<String>>,
     /// Cancelled at shutdown: a retry loop on a failing disk gives up (nothing it holds was
@@ -136,15 +143,21 @@ impl Committer {
         let mut acked_since: Option<i64> = None;
         let mut to_park: Vec<OutboxKey> = Vec::new();
         let mut closing = false;
+        // While the clock is not trusted the batch is held, looked at again at this time.
+        let mut held_until: Option<i64> = None;
         loop {
             let now = mono_ms(clock);
-            let batch_at = match policy.decide(&shape, now) {
-                Ok(_) => now,
-                Err(at) => at,
+            let batch_at = match (held_until, policy.decide(&shape, now)) {
+                (Some(at), _) => at,
+                (None, Ok(_)) => now,
+                (None, Err(at)) => at,
             };
             let ack_at = acked_since.map_or(i64::MAX, |t| t + ACK_LINGER.as_millis() as i64);
             let wake = batch_at.min(ack_at).min(next_tick);
-            if !closing && wake > now {
+            if held_until.is_some() && items.len() >= self.cfg.batch_max {
+                // Held and full: take nothing more (the broker keeps the rest).
+                std::thread::sleep(Duration::from_millis((wake - now).clamp(0, 1000) as u64));
+            } else if !closing && wake > now {
                 let deadline = Instant::now() + Duration::from_millis((wake - now) as u64);
                 match self.intake.recv_deadline(deadline) {
                     Ok(first) => {
@@ -197,13 +210,27 @@ impl Committer {
             if tick {
                 next_tick = now + tick_ms;
             }
-            let trigger = if closing && shape.items > 0 {
+            let mut trigger = if closing && shape.items > 0 {
                 Some(Trigger::Full)
             } else {
                 policy.decide(&shape, now).ok()
             };
+            if held_until.is_some_and(|at| now < at) && !closing {
+                trigger = None;
+            } else if trigger.is_some() || held_until.is_some() {
+                // Commit only with a clock we trust; else hold the batch, unacknowledged.
+                if self.clock_holds(&mut items, now) && !closing {
+                    held_until = Some(now + 1000);
+                    trigger = None;
+                } else {
+                    if held_until.take().is_some() {
+                        trigger = trigger.or(Some(Trigger::Linger));
+                    }
+                }
+            }
             let acks_due = acked_since.is_some_and(|t| now >= t + ACK_LINGER.as_millis() as i64)
                 || (closing && !acked.is_empty());
+            let tick = tick && held_until.is_none();
             if trigger.is_some() || acks_due || tick {
                 let commit_batch = trigger.is_some() || closing;
                 let mut none = Vec::new();
@@ -234,6 +261,56 @@ impl Committer {
                 return self.finish_acked(acked);
             }
         }
+    }
+
+    /// Look at the batch's events and the clock: true (and intake paused) while the gateway
+    /// clock cannot be trusted, so the batch is held unacknowledged. When trust returns, Modbus
+    /// readings stamped meanwhile get the trusted time.
+    fn clock_holds(&mut self, items: &mut [Intake], mono: i64) -> bool {
+        let wall = now_ms();
+        for i in items.iter() {
+            if let Intake::Event { event, .. } = i {
+                self.clock.observe(&event.device, event.ts_ms, wall, mono);
+            }
+        }
+        let synced = self.require_sync.then(crate::clock::kernel_synced);
+        match self.clock.judge(wall, mono, synced) {
+            Some(d) => {
+                let detail = d.describe(wall);
+                if self.stats.paused().map(|p| p.reason) != Some("clock_untrusted") {
+                    tracing::error!(%detail, "gateway clock not trusted: intake paused, nothing acknowledged, Modbus readings not stamped, until it is");
+                }
+                self.stats.pause("clock_untrusted", detail, wall);
+                self.stats.clock_trusted.store(false, Relaxed);
+                true
+            }
+            None => {
+                if !self.stats.clock_trusted.swap(true, Relaxed) {
+                    for i in items.iter_mut() {
+                        if let Intake::Reading { counters, states } = i {
+                            counters.iter_mut().for_each(|c| c.ts_ms = wall);
+                            states.iter_mut().for_each(|s| s.ts_ms = wall);
+                        }
+                    }
+                }
+                if self
+                    .stats
+                    .paused()
+                    .is_some_and(|p| p.reason == "clock_untrusted")
+                {
+                    self.stats.resume();
+                    tracing::warn!("gateway clock trusted again: intake resumed");
+                }
+                false
+            }
+        }
+    }
+
+    /// The wall clock for the store: never earlier than what was handed over before, so a clock
+    /// stepped back neither reopens windows nor reorders raw events.
+    fn store_now(&mut self) -> i64 {
+        self.last_now_ms = self.last_now_ms.max(now_ms());
+        self.last_now_ms
     }
 
     /// Add an item to the batch.
@@ -352,9 +429,10 @@ impl Committer {
         maintain: Option<&Retention>,
     ) -> Result<CommitReport, StoreError> {
         let started = Instant::now();
-        let r =
-            self.writer
-                .commit_inputs(&self.engine, inputs, states, acked, now_ms(), maintain)?;
+        let now = self.store_now();
+        let r = self
+            .writer
+            .commit_inputs(&self.engine, inputs, states, acked, now, maintain)?;
         let micros = started.elapsed().as_micros() as u64;
         self.stats.commits.fetch_add(1, Relaxed);
         self.stats.commit_micros_total.fetch_add(micros, Relaxed);
@@ -404,10 +482,11 @@ impl Committer {
             }
         }
         let states: Vec<StateUpdate> = states.into_iter().cloned().collect();
+        let now = self.store_now();
         let maintain = tick
             && self
                 .writer
-                .maintenance_due(&self.engine, &retention, now_ms())
+                .maintenance_due(&self.engine, &retention, now)
                 .unwrap_or(true);
         let acks_ride = acks_due || !inputs.is_empty() || !states.is_empty() || maintain;
         let nothing_to_write =

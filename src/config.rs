@@ -166,6 +166,16 @@ pub struct Config {
     pub privacy: Privacy,
     pub alerts: Alerts,
     pub modbus: Modbus,
+    pub clock: Clock,
+}
+
+/// `[clock]`: the gateway clock's trust (contract: "Clocks").
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Clock {
+    /// Hold intake until the kernel reports the clock synchronized (adjtimex). Off by default:
+    /// many boxes and virtual machines never set that flag.
+    pub require_sync: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

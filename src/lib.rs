@@ -6,6 +6,7 @@
 
 pub mod backoff;
 pub mod broker;
+pub mod clock;
 pub mod committer;
 pub mod config;
 pub mod core;
@@ -248,12 +249,20 @@ pub async fn run_with_reload(
 
     let intake_stop = CancellationToken::new();
     let (alerts_tx, alerts_rx) = flume::bounded(4);
+    // The store's latest record: a wall clock far behind it at start is a stale boot.
+    let store_high = writer.latest_record_ms();
     let (park_tx, park_rx) = flume::unbounded();
     let committer = Committer {
         writer,
         engine,
         alert_updates: alerts_rx,
         park: park_rx,
+        clock: core::clock::ClockTrust::new(
+            cfg.aggregate.max_future_skew.as_millis_u64() as i64,
+            store_high,
+        ),
+        require_sync: cfg.clock.require_sync,
+        last_now_ms: 0,
         stop: intake_stop.clone(),
         cfg: CommitterCfg {
             batch_max: cfg.store.batch_max as usize,

@@ -99,6 +99,8 @@ pub struct Stats {
     recent_rejects: Mutex<VecDeque<RejectNote>>,
     /// Why intake is paused (nothing is acknowledged meanwhile), if it is.
     paused: Mutex<Option<Paused>>,
+    /// False while the gateway clock is not trusted: the Modbus input stamps nothing.
+    pub clock_trusted: AtomicBool,
     /// What is wrong with the site (device) broker's answer to our subscription, if anything.
     site_problem: Mutex<Option<String>>,
     /// Per link ("site", "district"): a connection failure that needs an operator.
@@ -119,7 +121,7 @@ pub struct Paused {
 }
 
 /// Every reason intake can pause for (the `zhian_intake_paused` label values).
-pub const PAUSE_REASONS: [&str; 2] = ["disk_full", "disk_error"];
+pub const PAUSE_REASONS: [&str; 3] = ["disk_full", "disk_error", "clock_untrusted"];
 
 /// Marks its task down when dropped before the stop token was cancelled.
 pub struct TaskGuard {
@@ -177,6 +179,7 @@ impl Default for Stats {
             modbus: Mutex::new(BTreeMap::new()),
             recent_rejects: Mutex::new(VecDeque::new()),
             paused: Mutex::new(None),
+            clock_trusted: AtomicBool::new(true),
             site_problem: Mutex::new(None),
             link_problems: Mutex::new(BTreeMap::new()),
             quarantined: Mutex::new(None),

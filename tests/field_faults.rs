@@ -533,3 +533,113 @@ fn a_message_the_district_keeps_refusing_is_parked_and_never_blocks_the_rest() {
     assert!(flips <= 10, "{flips} status messages");
     d.term();
 }
+
+// ---------------------------------------------------------------------------------------------
+// A stale gateway clock
+// ---------------------------------------------------------------------------------------------
+
+/// libfaketime's preload library (Debian: package `faketime`, multiarch path).
+fn libfaketime() -> String {
+    let found = fs::read_dir("/usr/lib")
+        .unwrap()
+        .flatten()
+        .map(|e| e.path().join("faketime/libfaketime.so.1"))
+        .find(|p| p.exists())
+        .expect("libfaketime (apt-get install faketime; scripts/test-deps.sh does)");
+    found.display().to_string()
+}
+
+#[test]
+fn a_gateway_clock_days_behind_pauses_intake_and_loses_nothing() {
+    let scratch = tempfile::tempdir().unwrap();
+    let dir = scratch.path().join("data");
+    let site = Mosquitto::start(&scratch.path().join("site"), free_port(), false);
+    let district = Mosquitto::start(&scratch.path().join("district"), free_port(), false);
+    let up = Upstream::start(district.port, "clock-collector");
+    let status_port = free_port();
+    let cfg = scratch.path().join("gateway.toml");
+    fs::write(
+        &cfg,
+        site_config(&dir, site.port, district.port, status_port),
+    )
+    .unwrap();
+    // The daemon's wall clock 3 days behind (a box without RTC before NTP); monotonic untouched.
+    let clock_file = scratch.path().join("faketime");
+    fs::write(&clock_file, "-3d\n").unwrap();
+    let lib = libfaketime();
+    let clock_path = clock_file.display().to_string();
+    let log = scratch.path().join("daemon.log");
+    let mut d = Daemon::start_with_env(
+        &cfg,
+        &log,
+        &[
+            ("LD_PRELOAD", lib.as_str()),
+            ("FAKETIME_TIMESTAMP_FILE", clock_path.as_str()),
+            ("FAKETIME_CACHE_DURATION", "1"),
+            ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
+        ],
+    );
+    assert!(wait_until(Duration::from_secs(30), || api_status(
+        status_port
+    )
+    .is_some()));
+    let mut p = Publisher::connect(site.port, "clock-pub");
+    let mut sent = 0u64;
+    for i in 0..20 {
+        let e = Event::new(
+            "access",
+            &format!("door-{}", i % 4),
+            &format!("clk-{i}"),
+            "entry",
+        );
+        p.send(&e.topic(), e.payload());
+        sent += 1;
+    }
+    let paused = || {
+        api_status(status_port).is_some_and(|s| {
+            s["intake"]["paused"] == true && s["intake"]["reason"] == "clock_untrusted"
+        })
+    };
+    assert!(
+        wait_until(Duration::from_secs(30), paused),
+        "intake paused for the clock; log:\n{}",
+        tail(&log, 30)
+    );
+    let health = http(status_port, "GET", "/healthz", None).unwrap();
+    assert_eq!(health.status, 503, "{}", health.text());
+    assert!(health.text().contains("clock"), "{}", health.text());
+    let metrics = http(status_port, "GET", "/metrics", None).unwrap().text();
+    assert!(metrics.contains("zhian_intake_paused{reason=\"clock_untrusted\"} 1"));
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        up.totals().values().sum::<u64>(),
+        0,
+        "nothing counted with a stale clock"
+    );
+
+    // NTP steps the clock: intake resumes by itself, every event counts, none rejected.
+    fs::write(&clock_file, "+0\n").unwrap();
+    assert!(
+        wait_until(Duration::from_secs(30), || up
+            .totals()
+            .values()
+            .sum::<u64>()
+            == sent),
+        "all {sent} events counted after the clock caught up: {:?}; log:\n{}",
+        up.totals(),
+        tail(&log, 30)
+    );
+    let s = api_status(status_port).unwrap();
+    assert_eq!(s["intake"]["paused"], false, "{s}");
+    assert!(
+        s["counters"]["rejected_by_reason"]["too_far_future"].is_null(),
+        "{s}"
+    );
+    assert!(
+        up.summary_problems().is_empty(),
+        "{:?}",
+        up.summary_problems()
+    );
+    assert!(log_text(&log).contains("gateway clock not trusted"));
+    d.term();
+}

@@ -451,6 +451,15 @@ impl StoreWriter {
         Ok(moved)
     }
 
+    /// The latest wall time the store recorded (the newest raw event's arrival), if any: a
+    /// wall clock far behind it at start is stale.
+    pub fn latest_record_ms(&self) -> Option<i64> {
+        let txn = self.store.read().ok()?;
+        let events = txn.open_table(EVENTS).ok()?;
+        let last = events.last().ok()??;
+        Some(last.0.value().0 as i64)
+    }
+
     /// Dedup hashes held in memory.
     pub fn dedup_keys(&self) -> usize {
         self.mem.dedup.len()

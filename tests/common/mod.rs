@@ -359,6 +359,11 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn start(config: &Path, log: &Path) -> Daemon {
+        Self::start_with_env(config, log, &[])
+    }
+
+    /// As [`Daemon::start`], with extra environment variables (LD_PRELOAD of libfaketime, say).
+    pub fn start_with_env(config: &Path, log: &Path, env: &[(&str, &str)]) -> Daemon {
         let mut out = OpenOptions::new()
             .create(true)
             .append(true)
@@ -371,6 +376,7 @@ impl Daemon {
         )
         .expect("write daemon log");
         let child = gateway_command()
+            .envs(env.iter().copied())
             .arg("run")
             .arg("--config")
             .arg(config)
