@@ -750,3 +750,132 @@ fn a_flood_from_200_devices_is_absorbed_by_back_pressure_with_exact_counts() {
     assert!(d.try_wait().is_none());
     d.term();
 }
+
+// ---------------------------------------------------------------------------------------------
+// A compressed week with the district down
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn a_compressed_week_with_the_district_down_delivers_every_summary_in_order() {
+    // A week of the daemon's wall clock in 86 s of ours.
+    const SPEED: i64 = 7 * 1000;
+    let scratch = tempfile::tempdir().unwrap();
+    let dir = scratch.path().join("data");
+    let site = Mosquitto::start(&scratch.path().join("site"), free_port(), false);
+    let mut district = Mosquitto::start(&scratch.path().join("district"), free_port(), true);
+    let up = Upstream::start(district.port, "week-collector");
+    let status_port = free_port();
+    let cfg = scratch.path().join("gateway.toml");
+    let text = site_config(&dir, site.port, district.port, status_port)
+        .replace("window = \"2s\"", "window = \"60s\"")
+        .replace("grace = \"1s\"", "grace = \"10s\"")
+        .replace("max_lateness = \"1h\"", "max_lateness = \"24h\"")
+        .replace("max_future_skew = \"5m\"", "max_future_skew = \"30m\"")
+        + "\n[store]\nmax_size = \"8MiB\"\n";
+    fs::write(&cfg, text).unwrap();
+    // The daemon's wall clock runs SPEED times faster (its monotonic clock does not).
+    let lib = libfaketime();
+    let speed = format!("+0 x{SPEED}");
+    let log = scratch.path().join("daemon.log");
+    let spawned = now_ms();
+    let mut d = Daemon::start_with_env(
+        &cfg,
+        &log,
+        &[
+            ("LD_PRELOAD", lib.as_str()),
+            ("FAKETIME", speed.as_str()),
+            ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
+        ],
+    );
+    let fake_now = || spawned + (now_ms() - spawned) * SPEED;
+    assert!(wait_until(Duration::from_secs(30), || api_status(
+        status_port
+    )
+    .is_some()));
+    let pid = d.pid();
+    district.stop();
+    let mut p = Publisher::connect(site.port, "week-pub");
+    let mut sent = 0u64;
+    let mut peak_rss = 0u64;
+    let mut peak_du = 0u64;
+    let started = std::time::Instant::now();
+    let week_ms = 7 * 86_400_000 / SPEED as u64;
+    let mut tick = 0u64;
+    while started.elapsed() < Duration::from_millis(week_ms) {
+        let ts = fake_now();
+        // A daily rhythm: busier from 07:00 to 20:00 (UTC+8) than at night.
+        let hour = ((ts / 3_600_000) + 8).rem_euclid(24);
+        let n = if (7..20).contains(&hour) { 4 } else { 1 };
+        for k in 0..n {
+            let e = Event::new(
+                "access",
+                &format!("door-{}", k % 3),
+                &format!("day-{sent}"),
+                "entry",
+            )
+            .at(ts);
+            p.send(&e.topic(), e.payload());
+            sent += 1;
+        }
+        if tick % 10 == 0 {
+            peak_rss = peak_rss.max(rss_kib(pid));
+            peak_du = peak_du.max(
+                fs::read_dir(&dir)
+                    .map(|rd| {
+                        rd.flatten()
+                            .filter_map(|e| e.metadata().ok())
+                            .map(|m| {
+                                use std::os::unix::fs::MetadataExt;
+                                (m.blocks() * 512).max(m.len())
+                            })
+                            .sum()
+                    })
+                    .unwrap_or(0),
+            );
+        }
+        tick += 1;
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    p.wait_all_acked(Duration::from_secs(60));
+    let pending = api_status(status_port).unwrap()["upstream"]["pending_summaries"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        pending > 500,
+        "a week of windows waits on the box: {pending}"
+    );
+    // The district broker comes back.
+    district.start_again();
+    assert!(
+        wait_until(Duration::from_secs(120), || up
+            .totals()
+            .values()
+            .sum::<u64>()
+            == sent),
+        "counted {} of {sent}; log:\n{}",
+        up.totals().values().sum::<u64>(),
+        tail(&log, 30)
+    );
+    let starts: Vec<i64> = up
+        .summaries()
+        .iter()
+        .filter(|s| s.rev == 0)
+        .map(|s| s.start_ms)
+        .collect();
+    assert!(
+        starts.windows(2).all(|w| w[0] <= w[1]),
+        "summaries arrive in window order"
+    );
+    eprintln!(
+        "week: {sent} events, {} summaries, RSS peak {peak_rss} KiB, data dir peak {peak_du} B",
+        starts.len()
+    );
+    assert!(peak_du <= 8 << 20, "store within its bound: {peak_du}");
+    assert!(peak_rss < 200 * 1024, "RSS {peak_rss} KiB");
+    assert!(
+        up.summary_problems().is_empty(),
+        "{:?}",
+        up.summary_problems()
+    );
+    d.term();
+}
