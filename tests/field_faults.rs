@@ -879,3 +879,78 @@ fn a_compressed_week_with_the_district_down_delivers_every_summary_in_order() {
     );
     d.term();
 }
+
+#[test]
+fn an_unknown_district_ca_is_a_tls_error_on_the_page() {
+    let scratch = tempfile::tempdir().unwrap();
+    let pki = scratch.path();
+    let make_cert = |name: &str| {
+        let ok = std::process::Command::new("openssl")
+            .args([
+                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+            ])
+            .args([
+                "-subj",
+                "/CN=127.0.0.1",
+                "-addext",
+                "subjectAltName=IP:127.0.0.1",
+            ])
+            .arg("-keyout")
+            .arg(pki.join(format!("{name}.key")))
+            .arg("-out")
+            .arg(pki.join(format!("{name}.pem")))
+            .stderr(std::process::Stdio::null())
+            .status()
+            .expect("run openssl")
+            .success();
+        assert!(ok, "openssl req for {name}");
+    };
+    // The broker's own self-signed certificate, and another CA the gateway is told to trust.
+    make_cert("broker");
+    make_cert("other-ca");
+    let district = Mosquitto::start_with(
+        &scratch.path().join("district"),
+        free_port(),
+        false,
+        &format!(
+            "certfile {}\nkeyfile {}",
+            pki.join("broker.pem").display(),
+            pki.join("broker.key").display()
+        ),
+    );
+    let status_port = free_port();
+    let cfg = scratch.path().join("gateway.toml");
+    fs::write(
+        &cfg,
+        site_config(
+            &scratch.path().join("data"),
+            free_port(),
+            district.port,
+            status_port,
+        )
+        .replace(
+            &format!("url = \"mqtt://127.0.0.1:{}\"", district.port),
+            &format!(
+                "url = \"mqtts://127.0.0.1:{}\"\nca_file = \"{}\"",
+                district.port,
+                pki.join("other-ca.pem").display()
+            ),
+        ),
+    )
+    .unwrap();
+    let log = scratch.path().join("daemon.log");
+    let mut d = Daemon::start(&cfg, &log);
+    assert!(
+        wait_until(Duration::from_secs(30), || api_status(status_port)
+            .is_some_and(|s| s["link_problems"]["district"]["reason"] == "tls")),
+        "log:\n{}",
+        tail(&log, 30)
+    );
+    let l = log_text(&log);
+    assert!(
+        l.contains("ERROR") && l.contains("upstream.ca_file"),
+        "{}",
+        tail(&log, 30)
+    );
+    d.term();
+}
