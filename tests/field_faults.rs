@@ -17,21 +17,7 @@ use std::time::Duration;
 use tokio_modbus::prelude::{ExceptionCode, Request, Response};
 use tokio_modbus::server::tcp::Server;
 
-fn site_config(data_dir: &Path, device_port: u16, district_port: u16, status_port: u16) -> String {
-    config_text(data_dir, device_port, district_port, "").replace(
-        "[status]\nenabled = false\n",
-        &format!("[status]\nenabled = true\nlisten = \"127.0.0.1:{status_port}\"\n"),
-    )
-}
-
-fn api_status(port: u16) -> Option<Value> {
-    let r = http(port, "GET", "/api/status", None).ok()?;
-    (r.status == 200).then(|| r.json())
-}
-
-fn log_text(p: &Path) -> String {
-    String::from_utf8_lossy(&fs::read(p).unwrap_or_default()).into_owned()
-}
+use common::config_with_status as site_config;
 
 #[test]
 fn a_9_mib_message_is_rejected_too_large_and_intake_goes_on() {

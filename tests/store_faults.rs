@@ -28,22 +28,10 @@ fn site_config(
     status_port: u16,
     store: &str,
 ) -> String {
-    let base = config_text(data_dir, device_port, district_port, "");
-    let status = format!("[status]\nenabled = true\nlisten = \"127.0.0.1:{status_port}\"\n");
-    assert!(base.contains("[status]\nenabled = false\n"));
     format!(
         "{}\n[store]\n{store}\n",
-        base.replace("[status]\nenabled = false\n", &status)
+        config_with_status(data_dir, device_port, district_port, status_port)
     )
-}
-
-fn api_status(port: u16) -> Option<Value> {
-    let r = http(port, "GET", "/api/status", None).ok()?;
-    (r.status == 200).then(|| r.json())
-}
-
-fn log_text(p: &Path) -> String {
-    String::from_utf8_lossy(&fs::read(p).unwrap_or_default()).into_owned()
 }
 
 fn grand_total(up: &Upstream) -> u64 {

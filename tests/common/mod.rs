@@ -512,6 +512,32 @@ enabled = false
     )
 }
 
+/// [`config_text`] with the status page on 127.0.0.1:`status_port`.
+pub fn config_with_status(
+    data_dir: &Path,
+    device_port: u16,
+    district_port: u16,
+    status_port: u16,
+) -> String {
+    let base = config_text(data_dir, device_port, district_port, "");
+    assert!(base.contains("[status]\nenabled = false\n"));
+    base.replace(
+        "[status]\nenabled = false\n",
+        &format!("[status]\nenabled = true\nlisten = \"127.0.0.1:{status_port}\"\n"),
+    )
+}
+
+/// GET `/api/status` as JSON (None on a transport error or a non-200 answer).
+pub fn api_status(port: u16) -> Option<Value> {
+    let r = http(port, "GET", "/api/status", None).ok()?;
+    (r.status == 200).then(|| r.json())
+}
+
+/// A file's text (empty if it cannot be read), e.g. a daemon log.
+pub fn log_text(p: &Path) -> String {
+    String::from_utf8_lossy(&fs::read(p).unwrap_or_default()).into_owned()
+}
+
 // ---------------------------------------------------------------------------------------------
 // MQTT clients: upstream collector, device publisher, session seeding, retained probe
 // ---------------------------------------------------------------------------------------------
