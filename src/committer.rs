@@ -110,6 +110,9 @@ pub struct Committer {
     pub require_sync: bool,
     /// The highest wall time handed to the store: a clock stepped back never moves it back.
     pub last_now_ms: i64,
+    /// Set when shutdown comes while the disk cannot be written: nothing more is tried, what
+    /// remains stays unacknowledged (the site broker redelivers it after the restart).
+    pub abandoned: bool,
     /// New `alerts.actions` from a config reload (SIGHUP).
     pub alert_updates: flume::Receiver<Vec<String>>,
     /// Cancelled at shutdown: a retry loop on a failing disk gives up (nothing it holds was
@@ -327,6 +330,11 @@ impl Committer {
     /// After the intake closed: delete what the forwarder still reports PUBACKed until it is gone.
     fn finish_acked(mut self, mut acked: Vec<OutboxKey>) -> Result<(), StoreError> {
         loop {
+            if self.abandoned {
+                // The disk refused; the entries are re-sent after the restart (the platform
+                // keeps the highest rev, so nothing counts twice).
+                return Ok(());
+            }
             match self.acked.recv_timeout(self.cfg.tick) {
                 Ok(k) => acked.push(k),
                 Err(flume::RecvTimeoutError::Timeout) => {}
@@ -354,6 +362,9 @@ impl Committer {
         acked: &[OutboxKey],
         maintain: Option<&Retention>,
     ) -> Result<Option<CommitReport>, StoreError> {
+        if self.abandoned {
+            return Ok(None);
+        }
         let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(10));
         let mut reopen_needed = false;
         loop {
@@ -412,7 +423,8 @@ impl Committer {
             let until = Instant::now() + delay;
             while Instant::now() < until {
                 if self.stop.is_cancelled() && self.stats.paused().is_some() {
-                    tracing::warn!("shutdown while the store cannot be written: the batch stays unacknowledged and the site broker redelivers it");
+                    tracing::warn!("shutdown while the store cannot be written: what was not committed stays unacknowledged and the site broker redelivers it after the restart");
+                    self.abandoned = true;
                     return Ok(None);
                 }
                 self.stats.committer_turned();
@@ -503,10 +515,13 @@ impl Committer {
                     }
                     Some(r)
                 }
-                // Shutdown while the disk fails: acknowledge nothing.
+                // Shutdown while the disk fails: acknowledge nothing, and give up the PUBACKed
+                // deletions too (re-sent after the restart; the platform keeps the highest
+                // rev), so nothing is retried in a loop.
                 None => {
                     drop(inputs);
                     batch.clear();
+                    acked.clear();
                     return Ok(false);
                 }
             }

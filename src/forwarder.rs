@@ -403,7 +403,9 @@ impl Forwarder {
                 {
                     Ok(r) => r,
                     Err(e) => {
-                        tracing::error!(error = %e, "forwarder: cannot read the outbox");
+                        // Store unavailable while the committer reopens it after a disk fault
+                        // (intake is paused and says so): retried on the next refill.
+                        tracing::debug!(error = %e, "forwarder: cannot read the outbox");
                         return;
                     }
                 };

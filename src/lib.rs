@@ -94,9 +94,8 @@ pub fn max_summary_bytes(cfg: &Config) -> usize {
     (cfg.upstream.max_packet_size.0 as usize).saturating_sub(topic.len() + 16)
 }
 
-/// Open the daemon's store: a damaged file is quarantined or refused per `store.on_damage`; a
-/// full or failing disk is retried (every 5 s, logged) rather than fatal, since intake cannot
-/// start without the store and systemd would give up restarting. Compacts when it pays.
+/// One attempt at opening the daemon's store: a damaged file is quarantined or refused per
+/// `store.on_damage`; compacts when it pays.
 fn open_store(
     dir: &std::path::Path,
     subjects: config::SubjectMode,
@@ -110,26 +109,13 @@ fn open_store(
     ),
     store::StoreError,
 > {
-    let mut warned = false;
-    loop {
-        match store::damage::open_or_quarantine(dir, subjects, on_damage, committer::now_ms()) {
-            Ok((s, mut w, q)) => {
-                w.set_max_bytes(max_bytes);
-                if let Err(e) = w.compact_if_it_pays() {
-                    tracing::warn!(error = %e, "store: compaction failed; continuing");
-                }
-                return Ok((s, w, q));
-            }
-            Err(e) if e.disk_fault().is_some() => {
-                if !warned {
-                    tracing::error!(error = %e, "store cannot be opened: the disk is full or failing; retrying every 5 s");
-                    warned = true;
-                }
-                std::thread::sleep(Duration::from_secs(5));
-            }
-            Err(e) => return Err(e),
-        }
+    let (s, mut w, q) =
+        store::damage::open_or_quarantine(dir, subjects, on_damage, committer::now_ms())?;
+    w.set_max_bytes(max_bytes);
+    if let Err(e) = w.compact_if_it_pays() {
+        tracing::warn!(error = %e, "store: compaction failed; continuing");
     }
+    Ok((s, w, q))
 }
 
 /// Run the daemon until `shutdown` resolves, then stop in order: intake, committer (commits
@@ -195,14 +181,36 @@ pub async fn run_with_reload(
 ) -> Result<(), RunError> {
     mqtt::install_crypto_provider();
     let cfg = Arc::new(cfg);
-    let (store, mut writer, quarantined) = {
+    tokio::pin!(shutdown);
+    // A store that cannot be opened for a reason that may pass (a full or failing disk, a file
+    // the service user cannot read) is retried every 5 s; SIGTERM still stops the daemon.
+    let mut warned = false;
+    let (store, mut writer, quarantined) = loop {
         let dir = cfg.gateway.data_dir.clone();
         let subjects = cfg.privacy.subjects;
         let on_damage = cfg.store.on_damage;
         let max_bytes = cfg.store.max_size.0;
-        tokio::task::spawn_blocking(move || open_store(&dir, subjects, on_damage, max_bytes))
-            .await
-            .map_err(|_| RunError::TaskDied("store open"))??
+        let attempt =
+            tokio::task::spawn_blocking(move || open_store(&dir, subjects, on_damage, max_bytes))
+                .await
+                .map_err(|_| RunError::TaskDied("store open"))?;
+        match attempt {
+            Ok(opened) => break opened,
+            Err(e) if e.disk_fault().is_some() => {
+                if !warned {
+                    tracing::error!(error = %e, "store cannot be opened; retrying every 5 s (SIGTERM stops the daemon)");
+                    warned = true;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                    _ = &mut shutdown => {
+                        tracing::info!("shutdown requested while the store could not be opened");
+                        return Ok(());
+                    }
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
     };
     tracing::info!(path = %store.path().display(), bytes = store.file_bytes(), "store open");
     if cfg.broker.enabled {
@@ -263,6 +271,7 @@ pub async fn run_with_reload(
         ),
         require_sync: cfg.clock.require_sync,
         last_now_ms: 0,
+        abandoned: false,
         stop: intake_stop.clone(),
         cfg: CommitterCfg {
             batch_max: cfg.store.batch_max as usize,
@@ -344,7 +353,6 @@ pub async fn run_with_reload(
     let mut result = Ok(());
     let mut committer_done = false;
     let mut running = cfg.clone();
-    tokio::pin!(shutdown);
     loop {
         tokio::select! {
             _ = &mut shutdown => {

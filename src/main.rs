@@ -102,6 +102,11 @@ fn main() -> ExitCode {
                 }
                 ExitCode::SUCCESS
             }
+            Err(StoreError::Damaged { path, reason }) => {
+                // redb cannot open it at all: say what is wrong with it, nothing more to read.
+                eprintln!("inspect: {} cannot be read: {reason}", path.display());
+                ExitCode::FAILURE
+            }
             Err(e) => {
                 eprintln!("inspect: {e}");
                 if matches!(e, StoreError::AlreadyOpen(_)) {
@@ -210,9 +215,13 @@ fn demo(_data_dir: Option<PathBuf>) -> ExitCode {
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    use std::io::IsTerminal;
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Colour codes only for a person at a terminal: in journald they make MESSAGE a byte
+        // array and break `journalctl -o json` (contract: "Logs").
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
 }
 

@@ -379,8 +379,13 @@ impl Stats {
     /// Pause intake for `reason` (kept from the first failure while it lasts).
     pub fn pause(&self, reason: &'static str, detail: String, now_ms: i64) {
         let mut p = self.paused.lock().expect("paused lock");
+        let disk = |r: &str| r.starts_with("disk_");
         match p.as_mut() {
-            Some(cur) if cur.reason == reason => cur.detail = detail,
+            // One pause, even as the errno moves between ENOSPC and EIO: keep its start.
+            Some(cur) if cur.reason == reason || (disk(cur.reason) && disk(reason)) => {
+                cur.reason = reason;
+                cur.detail = detail;
+            }
             _ => {
                 *p = Some(Paused {
                     reason,

@@ -609,3 +609,127 @@ fn bounded_store_stays_within_max_size_under_many_times_its_size_in_events() {
     );
     d.term();
 }
+
+#[test]
+fn a_disk_full_at_first_start_waits_stops_on_sigterm_and_starts_clean_later() {
+    let scratch = tempfile::tempdir().unwrap();
+    let mnt = Tmpfs::mount(&scratch.path().join("mnt"), "8m");
+    let dir = mnt.0.join("data");
+    fill(&mnt.0);
+    let status_port = free_port();
+    let cfg = scratch.path().join("gateway.toml");
+    fs::write(
+        &cfg,
+        site_config(
+            &dir,
+            free_port(),
+            free_port(),
+            status_port,
+            "on_damage = \"refuse\"",
+        )
+        .replace("[upstream]\n", "[upstream]\nenabled = false\n"),
+    )
+    .unwrap();
+    let log = scratch.path().join("daemon.log");
+    let mut d = Daemon::start(&cfg, &log);
+    // No room for a store: it waits (retrying every 5 s), does not exit, does not call its own
+    // half-made file damaged.
+    std::thread::sleep(Duration::from_secs(7));
+    assert!(
+        d.try_wait().is_none(),
+        "still waiting; log:\n{}",
+        tail(&log, 20)
+    );
+    assert!(log_text(&log).contains("store cannot be opened"));
+    let (code, took) = d.term();
+    assert!(
+        code.success(),
+        "SIGTERM while waiting for the store: {code:?}"
+    );
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    // Space returns: a clean start, nothing quarantined, no exit 74.
+    fs::remove_file(mnt.0.join("filler")).unwrap();
+    let mut d = Daemon::start(&cfg, &log);
+    assert!(
+        wait_until(Duration::from_secs(30), || api_status(status_port)
+            .is_some()),
+        "started once there was room; log:\n{}",
+        tail(&log, 20)
+    );
+    assert!(quarantined_files(&dir).is_empty());
+    assert!(!log_text(&log).contains("panicked"));
+    d.term();
+}
+
+#[test]
+fn sigterm_while_the_disk_is_full_stops_in_time_and_loses_nothing() {
+    let scratch = tempfile::tempdir().unwrap();
+    let mnt = Tmpfs::mount(&scratch.path().join("mnt"), "24m");
+    let dir = mnt.0.join("data");
+    let site = Mosquitto::start(&scratch.path().join("site"), free_port(), true);
+    let district = Mosquitto::start(&scratch.path().join("district"), free_port(), false);
+    let up = Upstream::start(district.port, "term-full-collector");
+    let status_port = free_port();
+    let cfg = scratch.path().join("gateway.toml");
+    fs::write(
+        &cfg,
+        site_config(
+            &dir,
+            site.port,
+            district.port,
+            status_port,
+            "max_size = \"16MiB\"",
+        ),
+    )
+    .unwrap();
+    let log = scratch.path().join("daemon.log");
+    let mut d = Daemon::start(&cfg, &log);
+    assert!(wait_until(Duration::from_secs(30), || api_status(
+        status_port
+    )
+    .is_some()));
+    let mut p = Publisher::connect(site.port, "term-full-pub");
+    let mut sent = 0usize;
+    fill(&mnt.0);
+    let started = Instant::now();
+    while !api_status(status_port).is_some_and(|s| s["intake"]["paused"] == true) {
+        assert!(started.elapsed() < Duration::from_secs(120), "never paused");
+        for _ in 0..200 {
+            let e = Event::new(
+                "access",
+                "door-1",
+                &format!("tf-{sent:07}-padding-the-id-so-rows-take-room"),
+                "entry",
+            );
+            p.send(&e.topic(), e.payload());
+            sent += 1;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // A backlog keeps arriving while paused.
+    for _ in 0..2000 {
+        let e = Event::new("access", "door-1", &format!("tf-{sent:07}"), "entry");
+        p.send(&e.topic(), e.payload());
+        sent += 1;
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let (code, took) = d.term();
+    assert!(code.success(), "{code:?}");
+    assert!(took < Duration::from_secs(5), "stopped in {took:?}");
+    let lines = log_text(&log).lines().count();
+    assert!(lines < 2000, "the log stays readable: {lines} lines");
+    // Space returns; the restarted daemon takes what the broker kept: every event once.
+    fs::remove_file(mnt.0.join("filler")).unwrap();
+    let mut d = Daemon::start(&cfg, &log);
+    p.wait_all_acked(Duration::from_secs(60));
+    let want = sent as u64;
+    assert!(
+        wait_until(Duration::from_secs(90), || grand_total(&up) == want),
+        "counted {} of {want}; log:\n{}",
+        grand_total(&up),
+        tail(&log, 30)
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(grand_total(&up), want);
+    d.term();
+}

@@ -135,6 +135,27 @@ pub fn quarantine(path: &Path, now_ms: i64) -> Result<PathBuf, StoreError> {
     Ok(to)
 }
 
+/// True when the file holds nothing at all: empty, or only zero bytes (what an open that failed
+/// on a full disk leaves: the file was sized but never written). Such a file is no store and
+/// no damage: it is removed and created again. Files over 64 MiB are not read to find out.
+fn never_written(path: &Path) -> bool {
+    use std::io::Read;
+    let Ok(mut f) = std::fs::File::open(path) else {
+        return false;
+    };
+    if f.metadata().map(|m| m.len() > 64 << 20).unwrap_or(true) {
+        return false;
+    }
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        match f.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(n) if buf[..n].iter().all(|b| *b == 0) => {}
+            _ => return false,
+        }
+    }
+}
+
 /// Open the daemon's store; a damaged file is moved aside (and a fresh store started) or
 /// refused per `on_damage`. Returns the quarantined file, if this open moved one.
 pub fn open_or_quarantine(
@@ -145,6 +166,16 @@ pub fn open_or_quarantine(
 ) -> Result<(Arc<Store>, StoreWriter, Option<Quarantined>), StoreError> {
     match Store::open(data_dir, subjects) {
         Ok((s, w)) => Ok((s, w, None)),
+        Err(StoreError::Damaged { path, .. }) if never_written(&path) => {
+            tracing::warn!(file = %path.display(), "store file holds nothing (an earlier start ran out of disk?): creating it again");
+            std::fs::remove_file(&path).map_err(|source| StoreError::Io {
+                what: "cannot remove the empty",
+                path: path.clone(),
+                source,
+            })?;
+            let (s, w) = Store::open(data_dir, subjects)?;
+            Ok((s, w, None))
+        }
         Err(StoreError::Damaged { path, reason }) if on_damage == OnDamage::Quarantine => {
             let to = quarantine(&path, now_ms)?;
             tracing::error!(

@@ -263,6 +263,12 @@ impl Store {
         if !path.exists() {
             return Err(StoreError::Missing(path.to_path_buf()));
         }
+        if std::fs::metadata(path).is_ok_and(|m| m.len() == 0) {
+            return Err(StoreError::Damaged {
+                path: path.to_path_buf(),
+                reason: "the file is empty: no store was ever written to it".into(),
+            });
+        }
         let data_dir = path.parent().unwrap_or(Path::new(".")).to_path_buf();
         let direct = damage::catch(|| redb::ReadOnlyDatabase::open(path));
         let (db, scratch) = match direct {
