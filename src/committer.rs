@@ -108,8 +108,11 @@ pub struct Committer {
     pub clock: ClockTrust,
     /// `clock.require_sync`: ask the kernel whether the clock is synchronized.
     pub require_sync: bool,
-    /// The highest wall time handed to the store: a clock stepped back never moves it back.
+    /// The store's clock (see `store_now`): the last wall time handed over, and the monotonic
+    /// time (ms since `mono_origin`) it was handed over at.
     pub last_now_ms: i64,
+    pub last_mono_ms: i64,
+    pub mono_origin: Instant,
     /// Set when shutdown comes while the disk cannot be written: nothing more is tried, what
     /// remains stays unacknowledged (the site broker redelivers it after the restart).
     pub abandoned: bool,
@@ -270,7 +273,9 @@ impl Committer {
     /// clock cannot be trusted, so the batch is held unacknowledged. When trust returns, Modbus
     /// readings stamped meanwhile get the trusted time.
     fn clock_holds(&mut self, items: &mut [Intake], mono: i64) -> bool {
-        let wall = now_ms();
+        // The store's clock, which a step back does not move back: after a step back the
+        // devices are not "ahead" of it, so nothing pauses and nothing reopens.
+        let wall = self.store_now();
         for i in items.iter() {
             if let Intake::Event { event, .. } = i {
                 self.clock.observe(&event.device, event.ts_ms, wall, mono);
@@ -309,10 +314,15 @@ impl Committer {
         }
     }
 
-    /// The wall clock for the store: never earlier than what was handed over before, so a clock
-    /// stepped back neither reopens windows nor reorders raw events.
+    /// The wall clock for the store: never earlier than what was handed over before, and while
+    /// the wall clock is behind that (stepped back), advancing at the monotonic clock's pace. So
+    /// a step back neither reopens windows nor reorders raw events, and windows keep closing on
+    /// time; once the wall clock catches up it is used again.
     fn store_now(&mut self) -> i64 {
-        self.last_now_ms = self.last_now_ms.max(now_ms());
+        let mono = self.mono_origin.elapsed().as_millis() as i64;
+        let carried = self.last_now_ms + (mono - self.last_mono_ms);
+        self.last_mono_ms = mono;
+        self.last_now_ms = now_ms().max(carried);
         self.last_now_ms
     }
 

@@ -271,6 +271,8 @@ pub async fn run_with_reload(
         ),
         require_sync: cfg.clock.require_sync,
         last_now_ms: 0,
+        last_mono_ms: 0,
+        mono_origin: std::time::Instant::now(),
         abandoned: false,
         stop: intake_stop.clone(),
         cfg: CommitterCfg {
