@@ -225,14 +225,28 @@ impl Committer {
                 trigger = None;
             } else if trigger.is_some() || held_until.is_some() {
                 // Commit only with a clock we trust; else hold the batch, unacknowledged.
-                if self.clock_holds(&mut items, now) && !closing {
-                    held_until = Some(now + 1000);
-                    trigger = None;
-                } else {
-                    if held_until.take().is_some() {
-                        trigger = trigger.or(Some(Trigger::Linger));
+                if self.clock_holds(&mut items, now) {
+                    if closing {
+                        // Shutdown with an untrusted clock: committing now would reject the
+                        // held events as too far in the future and acknowledge them. Leave
+                        // them unacknowledged: the site broker redelivers them after the
+                        // restart.
+                        if !items.is_empty() {
+                            tracing::warn!(held = items.len(), "shutdown while the gateway clock is not trusted: the held messages stay unacknowledged for redelivery");
+                        }
+                        items.clear();
+                        shape = Batch::default();
+                        trigger = None;
+                    } else {
+                        held_until = Some(now + 1000);
+                        trigger = None;
                     }
+                } else if held_until.take().is_some() {
+                    trigger = trigger.or(Some(Trigger::Linger));
                 }
+            } else if tick && (self.require_sync || !self.stats.clock_trusted.load(Relaxed)) {
+                // Nothing to commit: still say on the page when the clock is not trusted.
+                self.clock_holds(&mut [], now);
             }
             let acks_due = acked_since.is_some_and(|t| now >= t + ACK_LINGER.as_millis() as i64)
                 || (closing && !acked.is_empty());
@@ -388,12 +402,18 @@ impl Committer {
             };
             let e = match attempt {
                 Ok(r) => {
-                    if let Some(p) = self.stats.resume() {
-                        tracing::warn!(
-                            reason = p.reason,
-                            paused_secs = (now_ms() - p.since_ms) / 1000,
-                            "store writes succeed again: intake resumed"
-                        );
+                    if self
+                        .stats
+                        .paused()
+                        .is_some_and(|p| p.reason.starts_with("disk_"))
+                    {
+                        if let Some(p) = self.stats.resume() {
+                            tracing::warn!(
+                                reason = p.reason,
+                                paused_secs = (now_ms() - p.since_ms) / 1000,
+                                "store writes succeed again: intake resumed"
+                            );
+                        }
                     }
                     return Ok(Some(r));
                 }

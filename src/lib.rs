@@ -438,6 +438,8 @@ pub async fn run_with_reload(
     if let Some(h) = status_task.as_mut() {
         let _ = tokio::time::timeout_at(deadline + Duration::from_millis(200), h).await;
     }
+    // Closed cleanly (the committer is done), so the next start needs no repair.
+    store.close();
     tracing::info!("zhian-gateway stopped");
     result
 }

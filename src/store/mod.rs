@@ -309,6 +309,14 @@ impl Store {
         })
     }
 
+    /// Close the database (at the end of a clean stop): redb marks the file clean when it is
+    /// dropped, so the next start needs no repair. Readers get [`StoreError::Unavailable`]
+    /// afterwards.
+    pub fn close(&self) {
+        let db = self.db.write().expect("store lock").take();
+        drop(db);
+    }
+
     pub(crate) fn read(&self) -> Result<redb::ReadTransaction, StoreError> {
         let db = self.db.read().expect("store lock");
         match db.as_ref() {
