@@ -196,8 +196,11 @@ impl Committer {
                     Ok(n) => {
                         tracing::debug!(parked = n, "outbox entries parked");
                         to_park.clear();
-                        if let Ok(n) = self.writer.store().outbox_len() {
-                            self.stats.outbox_pending.store(n, Relaxed);
+                        if let Ok(o) = self.writer.store().overview() {
+                            self.stats
+                                .outbox_pending
+                                .store(o.pending_summaries + o.pending_alerts, Relaxed);
+                            self.stats.outbox_parked.store(o.parked, Relaxed);
                         }
                     }
                     Err(e) => {
@@ -596,7 +599,7 @@ impl Committer {
                                 self.stats.counted(c.kind, &c.device, step.events(), now);
                             }
                             Some(Outcome::Glitch(step)) => {
-                                tracing::warn!(device = %c.device, point = %c.point, value = c.value, "Modbus counter misread once (glitch rule): the held reading was dropped");
+                                tracing::warn!(device = %c.device, point = %c.point, reading = c.value, "Modbus counter misread (glitch rule): the held readings were dropped, this reading continues from the last counted value");
                                 self.stats.modbus_update(&c.device, |h| h.glitches += 1);
                                 self.stats.counted(c.kind, &c.device, step.events(), now);
                             }

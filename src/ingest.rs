@@ -125,6 +125,7 @@ impl Ingest {
                 Ok(Event::Incoming(Incoming::ConnAck(ack))) => {
                     backoff.reset();
                     watch.connected(std::time::Instant::now());
+                    self.stats.site_connected.store(true, Relaxed);
                     tracing::info!(
                         session_present = ack.session_present,
                         "device broker connected"
@@ -199,6 +200,7 @@ impl Ingest {
                     }
                 }
                 Err(e) => {
+                    self.stats.site_connected.store(false, Relaxed);
                     if stopping {
                         break true;
                     }

@@ -247,7 +247,12 @@ pub async fn run_with_reload(
     let stats = Arc::new(Stats::default());
     *stats.quarantined.lock().expect("lock") = quarantined;
     writer.set_max_bytes(cfg.store.max_size.0);
-    stats.outbox_pending.store(store.outbox_len()?, Relaxed);
+    let overview = store.overview()?;
+    stats.outbox_pending.store(
+        overview.pending_summaries + overview.pending_alerts,
+        Relaxed,
+    );
+    stats.outbox_parked.store(overview.parked, Relaxed);
     stats.store_bytes.store(store.file_bytes(), Relaxed);
     let engine = engine_for(&cfg);
     let window_ms = engine.window.window_ms;

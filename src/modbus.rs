@@ -141,9 +141,10 @@ struct Unit {
     backoff: crate::backoff::Backoff,
     /// Values sent to the committer since start: only changes are sent again...
     sent: BTreeMap<usize, Value>,
-    /// ...except that a counter that changed is sent once more on the next poll even if it did
-    /// not change again: the glitch rule holds a suspicious reading until the next one.
-    confirm: std::collections::BTreeSet<usize>,
+    /// ...except that a counter that changed is sent again on the next polls even if it did not
+    /// change again (as many as the glitch rule may hold: it settles held readings with later
+    /// ones). Point index -> resends left.
+    confirm: BTreeMap<usize, usize>,
 }
 
 /// What a bus talks over.
@@ -271,11 +272,13 @@ impl Bus {
                     for (idx, v) in values.into_iter().filter(|_| trusted) {
                         let p = &dev.points[idx];
                         let unchanged = unit.sent.get(&idx) == Some(&v);
-                        if unchanged && !unit.confirm.remove(&idx) {
-                            continue;
-                        }
-                        if !unchanged && p.role == Role::Counter {
-                            unit.confirm.insert(idx);
+                        if unchanged {
+                            match unit.confirm.get_mut(&idx) {
+                                Some(left) if *left > 0 => *left -= 1,
+                                _ => continue,
+                            }
+                        } else if p.role == Role::Counter {
+                            unit.confirm.insert(idx, crate::core::counter::MAX_HELD);
                         }
                         match p.role {
                             Role::Counter => {

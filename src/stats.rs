@@ -91,8 +91,12 @@ pub struct Stats {
     pub committer_alive: std::sync::atomic::AtomicI64,
     pub commit_micros_total: AtomicU64,
     pub upstream_connected: AtomicBool,
+    /// 1 while connected to the site (device) broker.
+    pub site_connected: AtomicBool,
     pub upstream_published: AtomicU64,
     pub outbox_pending: AtomicU64,
+    /// Outbox entries parked (the district broker kept refusing them).
+    pub outbox_parked: AtomicU64,
     pub store_bytes: AtomicU64,
     devices: Mutex<BTreeMap<(Kind, String), DeviceSeen>>,
     modbus: Mutex<BTreeMap<String, ModbusHealth>>,
@@ -172,8 +176,10 @@ impl Default for Stats {
             committer_alive: std::sync::atomic::AtomicI64::new(0),
             commit_micros_total: AtomicU64::new(0),
             upstream_connected: AtomicBool::new(false),
+            site_connected: AtomicBool::new(false),
             upstream_published: AtomicU64::new(0),
             outbox_pending: AtomicU64::new(0),
+            outbox_parked: AtomicU64::new(0),
             store_bytes: AtomicU64::new(0),
             devices: Mutex::new(BTreeMap::new()),
             modbus: Mutex::new(BTreeMap::new()),

@@ -349,6 +349,31 @@ impl Collector for Metrics {
             "1 while connected to the district broker",
             i64::from(s.upstream_connected.load(Relaxed)),
         )?;
+        gauge(
+            &mut e,
+            "zhian_site_connected",
+            "1 while connected to the site (device) broker",
+            i64::from(s.site_connected.load(Relaxed)),
+        )?;
+        {
+            let mut m = e.encode_descriptor(
+                "zhian_build_info",
+                "Version and target of this build (always 1)",
+                None,
+                prometheus_client::metrics::MetricType::Gauge,
+            )?;
+            let labels = [
+                ("version", env!("CARGO_PKG_VERSION")),
+                ("target", env!("BUILD_TARGET_TRIPLE")),
+            ];
+            ConstGauge::new(1i64).encode(m.encode_family(&labels)?)?;
+        }
+        gauge(
+            &mut e,
+            "zhian_outbox_parked",
+            "Messages the district broker kept refusing, kept on the box and not sent again",
+            s.outbox_parked.load(Relaxed) as i64,
+        )?;
         counter(
             &mut e,
             "zhian_upstream_published",
@@ -836,6 +861,7 @@ fn t(en: bool, key: &str) -> &'static str {
         ),
         "disk_full" => ("磁盘已满", "disk full"),
         "disk_error" => ("磁盘写入失败", "disk write failing"),
+        "clock_untrusted" => ("网关时钟不可信", "gateway clock not trusted"),
         "since" => ("自", "since"),
         "quarantined" => (
             "存储文件损坏，已移至一旁并启用新存储：",

@@ -78,6 +78,8 @@ fn a_9_mib_message_is_rejected_too_large_and_intake_goes_on() {
         metrics.contains("zhian_events_rejected_total{reason=\"too_large\"} 1"),
         "{metrics}"
     );
+    assert!(metrics.contains("zhian_site_connected 1"), "{metrics}");
+    assert!(metrics.contains("zhian_build_info{version="), "{metrics}");
     // Acknowledged: not redelivered, and the session never dropped over it.
     std::thread::sleep(Duration::from_secs(3));
     let s = api_status(status_port).unwrap();
@@ -263,7 +265,7 @@ fn a_counter_misread_once_never_reaches_the_platform() {
     assert_eq!(dev["gate-east"]["glitches"], 2, "{s}");
     let hb = up.latest_heartbeat().unwrap();
     assert_eq!(hb["modbus"][0]["glitches"], 2, "{hb}");
-    assert!(log_text(&log).contains("misread once"));
+    assert!(log_text(&log).contains("Modbus counter misread"));
     d.term();
 }
 
@@ -508,6 +510,8 @@ fn a_message_the_district_keeps_refusing_is_parked_and_never_blocks_the_rest() {
     );
     let l = log_text(&log);
     assert!(l.contains("parked (kept on the box"), "{}", tail(&log, 40));
+    let metrics = http(status_port, "GET", "/metrics", None).unwrap().text();
+    assert!(metrics.contains("zhian_outbox_parked 1"), "{metrics}");
     // Bounded flapping: at most a few offline/online flips, then quiet.
     let flips = up.on("status").len();
     std::thread::sleep(Duration::from_secs(5));

@@ -66,101 +66,104 @@ pub fn step(last: Option<i64>, new: i64, width: Width, wrap: bool) -> Step {
     Step::Reset(new.max(0) as u64)
 }
 
-/// The state a counter keeps between polls: the last value that counted, and a suspicious
-/// reading held back for one more poll.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+/// The state a counter keeps between polls: the last value that counted, and the suspicious
+/// readings held back since (at most [`MAX_HELD`]).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct CounterState {
     /// The last reading that counted (`None` before the first reading ever).
     pub last: Option<i64>,
-    /// A reading that decreased, or rose by more than `max_step`, waiting for the next poll to
-    /// tell a misread from a real reset, wrap or jump.
-    pub held: Option<i64>,
+    /// Readings that decreased, or rose by more than `max_step`, in order, waiting for a
+    /// reading that tells a misread from a real reset, wrap or jump.
+    pub held: Vec<i64>,
 }
 
+/// How many suspicious readings in a row are held before they stand. Controllers misread for
+/// a poll or two (a reboot reads 0 twice at a 1 s poll); a real reset or jump keeps its new
+/// value, and is counted this many polls late.
+pub const MAX_HELD: usize = 3;
+
 /// What one reading did, under the glitch rule.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Judged {
-    /// Events the reading (and a held reading it settled) stand for.
+    /// Events the reading (and held readings it settled) stand for.
     pub step: Step,
-    /// The held reading turned out to be a misread and was dropped.
-    pub glitch: bool,
+    /// Held readings that turned out to be misreads and were dropped.
+    pub glitches: Vec<i64>,
     /// The reading was held back: nothing counted yet.
     pub held: bool,
     pub state: CounterState,
 }
 
-/// The contract's glitch rule ("Modbus"): a single reading that decreases, or rises by more
-/// than `max_step`, is held for one more poll. If the next reading continues from the value
-/// before it (rises by at most `max_step` from the last counted value), the held one was a
-/// misread and is dropped; otherwise it stands and is counted by [`step`] (reset, wrap,
-/// increase), and the new reading is judged against it. One bad read never becomes millions of
-/// vehicles, and a real reset, wrap or jump is counted one poll late.
+/// The contract's glitch rule ("Modbus"): a reading that decreases, or rises by more than
+/// `max_step` since the last counted value, is held. If a later reading continues from the
+/// value before it (rises by at most `max_step` from the last counted value), every held
+/// reading was a misread and is dropped; once [`MAX_HELD`] readings in a row disagree with the
+/// last value, they stand and are counted by [`step`] (reset, wrap, increase), one after the
+/// other. One bad read (or two) never becomes millions of vehicles, and a real reset, wrap or
+/// jump is counted a few polls late.
 pub fn judge(state: CounterState, new: i64, width: Width, wrap: bool, max_step: u64) -> Judged {
     let continues = |from: i64| new >= from && (new - from) as u64 <= max_step;
     let Some(last) = state.last else {
         return Judged {
             step: Step::Baseline,
-            glitch: false,
+            glitches: Vec::new(),
             held: false,
             state: CounterState {
                 last: Some(new),
-                held: None,
+                held: Vec::new(),
             },
         };
     };
-    match state.held {
-        None if continues(last) => Judged {
+    if continues(last) {
+        return Judged {
             step: Step::Increase((new - last) as u64),
-            glitch: false,
+            glitches: state.held,
             held: false,
             state: CounterState {
                 last: Some(new),
-                held: None,
+                held: Vec::new(),
             },
-        },
-        None => Judged {
+        };
+    }
+    let mut held = state.held;
+    held.push(new);
+    if held.len() < MAX_HELD {
+        return Judged {
             step: Step::Increase(0),
-            glitch: false,
+            glitches: Vec::new(),
             held: true,
             state: CounterState {
                 last: Some(last),
-                held: Some(new),
+                held,
             },
+        };
+    }
+    // The first held reading stands (counted by the usual rules); the ones after it are judged
+    // again from it, so a misread right after a real jump is still caught.
+    let first = step(Some(last), held[0], width, wrap);
+    let mut n = first.events();
+    let mut glitches = Vec::new();
+    let mut state = CounterState {
+        last: Some(held[0]),
+        held: Vec::new(),
+    };
+    let mut still_held = false;
+    for &h in &held[1..] {
+        let j = judge(state, h, width, wrap, max_step);
+        n += j.step.events();
+        glitches.extend(j.glitches);
+        still_held = j.held;
+        state = j.state;
+    }
+    Judged {
+        step: match first {
+            Step::Wrapped(_) => Step::Wrapped(n),
+            Step::Reset(_) => Step::Reset(n),
+            _ => Step::Increase(n),
         },
-        Some(_) if continues(last) => Judged {
-            step: Step::Increase((new - last) as u64),
-            glitch: true,
-            held: false,
-            state: CounterState {
-                last: Some(new),
-                held: None,
-            },
-        },
-        Some(h) => {
-            // The held reading stands; the new one is judged against it.
-            let first = step(Some(last), h, width, wrap);
-            let then = judge(
-                CounterState {
-                    last: Some(h),
-                    held: None,
-                },
-                new,
-                width,
-                wrap,
-                max_step,
-            );
-            let n = first.events() + then.step.events();
-            Judged {
-                step: match first {
-                    Step::Wrapped(_) => Step::Wrapped(n),
-                    Step::Reset(_) => Step::Reset(n),
-                    _ => Step::Increase(n),
-                },
-                glitch: false,
-                held: then.held,
-                state: then.state,
-            }
-        }
+        glitches,
+        held: still_held,
+        state,
     }
 }
 
@@ -230,7 +233,7 @@ mod glitch_tests {
         for &r in readings {
             let j = judge(st, r, width, wrap, 1000);
             total += j.step.events();
-            glitches += u32::from(j.glitch);
+            glitches += j.glitches.len() as u32;
             st = j.state;
         }
         (total, glitches)
@@ -244,16 +247,35 @@ mod glitch_tests {
     }
 
     #[test]
-    fn real_resets_wraps_and_jumps_count_one_poll_late() {
-        assert_eq!(run(&[12345, 0, 3], Width::U32, false), (3, 0));
-        assert_eq!(run(&[1000, 6000, 6001], Width::U32, false), (5001, 0));
-        assert_eq!(run(&[65530, 4, 6], Width::U16, true), (12, 0));
-        // Held at the end: not counted yet, and not lost (the state keeps it).
+    fn a_misread_right_after_a_real_jump_is_still_caught() {
+        // 1001 -> 12345 is real (it stays), then 0 is read once, then counting goes on.
+        assert_eq!(
+            run(&[1001, 12345, 12345, 0, 12346, 12346], Width::U32, false),
+            (11_345, 1)
+        );
+    }
+
+    #[test]
+    fn two_misreads_in_a_row_never_count_either() {
+        assert_eq!(
+            run(&[1000, 0xFFFF_FFFF, 0xFFFF_FFFF, 1001], Width::U32, false),
+            (1, 2)
+        );
+        assert_eq!(run(&[12345, 0, 0, 12346], Width::U32, false), (1, 2));
+    }
+
+    #[test]
+    fn real_resets_wraps_and_jumps_count_a_few_polls_late() {
+        assert_eq!(run(&[12345, 0, 3, 3], Width::U32, false), (3, 0));
+        assert_eq!(run(&[1000, 6000, 6001, 6001], Width::U32, false), (5001, 0));
+        assert_eq!(run(&[65530, 4, 6, 6], Width::U16, true), (12, 0));
+        // Held at the end: not counted yet, and not lost (the state keeps them).
         let mut st = CounterState::default();
         for r in [10, 5000] {
             st = judge(st, r, Width::U32, false, 1000).state;
         }
-        assert_eq!(st.held, Some(5000));
+        assert_eq!(st.held, vec![5000]);
+        let st = judge(st, 5000, Width::U32, false, 1000).state;
         assert_eq!(judge(st, 5000, Width::U32, false, 1000).step.events(), 4990);
     }
 

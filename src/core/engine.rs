@@ -167,7 +167,7 @@ impl Engine {
                             n,
                         );
                     }
-                    outcomes.push(if j.glitch {
+                    outcomes.push(if !j.glitches.is_empty() {
                         Outcome::Glitch(s)
                     } else {
                         Outcome::Counted(s)
@@ -307,7 +307,7 @@ impl Ledger for MemLedger {
         Ok(())
     }
     fn counter(&mut self, key: &str) -> Result<CounterState, Self::Error> {
-        Ok(self.counters.get(key).copied().unwrap_or_default())
+        Ok(self.counters.get(key).cloned().unwrap_or_default())
     }
     fn set_counter(
         &mut self,

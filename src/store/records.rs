@@ -68,13 +68,13 @@ pub struct CounterRecordV1 {
     pub at_ms: i64,
 }
 
-/// A Modbus counter's state, record version 2: the last value that counted, when, and a
-/// suspicious reading held for one more poll (the glitch rule).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// A Modbus counter's state, record version 2: the last value that counted, when, and the
+/// suspicious readings held by the glitch rule.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CounterRecordV2 {
     pub value: i64,
     pub at_ms: i64,
-    pub held: Option<i64>,
+    pub held: Vec<i64>,
 }
 
 const COUNTER_V2: u8 = 2;
@@ -98,7 +98,7 @@ pub(crate) fn decode_counter(bytes: &[u8]) -> Result<CounterRecordV2, StoreError
         _ => decode::<CounterRecordV1>("counters", bytes).map(|v1| CounterRecordV2 {
             value: v1.value,
             at_ms: v1.at_ms,
-            held: None,
+            held: Vec::new(),
         }),
     }
 }
