@@ -241,18 +241,27 @@ async fn decodes_word_orders_and_f32() {
     .await;
     let per_poll = (*dev.calls.lock().unwrap() - calls_before) as f64 / 2.0;
     assert!(per_poll <= 2.5, "{per_poll} requests per poll");
-    // A counter that changed is sent once more on the next poll (the glitch rule confirms
-    // a held reading with the one after it); after that, unchanged values are not sent again.
-    let Ok(Intake::Reading {
-        counters: again,
-        states: none,
-    }) = r.rx.try_recv()
-    else {
-        panic!("expected the confirming reading")
-    };
-    assert!(none.is_empty());
-    assert_eq!(again.len(), counters.len());
-    assert!(again.iter().all(|c| values[c.point.as_str()] == c.value));
+    // A counter that changed is sent again on the next MAX_HELD polls (the glitch rule settles
+    // held readings with later ones); after that, unchanged values are not sent again.
+    wait_for("the confirming polls", || {
+        r.stats
+            .modbus()
+            .get("gate-1")
+            .is_some_and(|h| h.polls as usize >= 2 + zhian_gateway::core::counter::MAX_HELD)
+    })
+    .await;
+    for _ in 0..zhian_gateway::core::counter::MAX_HELD {
+        let Ok(Intake::Reading {
+            counters: again,
+            states: none,
+        }) = r.rx.try_recv()
+        else {
+            panic!("expected a confirming reading")
+        };
+        assert!(none.is_empty());
+        assert_eq!(again.len(), counters.len());
+        assert!(again.iter().all(|c| values[c.point.as_str()] == c.value));
+    }
     assert!(r.rx.try_recv().is_err());
     dev.set_regs(0, &[0x0005, 0x0001]);
     let next = tokio::time::timeout(Duration::from_secs(5), r.rx.recv_async())
