@@ -7,7 +7,7 @@
 //! it, per `store.on_damage`: move the file aside as `zhian.redb.damaged-<UTC time>` and start
 //! a fresh store (`quarantine`, the default), or refuse (`refuse`, exit 74).
 
-use super::{Store, StoreError, StoreWriter, FILE_NAME};
+use super::{Store, StoreError, StoreWriter};
 use crate::config::{OnDamage, SubjectMode};
 use redb::Database;
 use std::path::{Path, PathBuf};
@@ -199,9 +199,4 @@ pub fn open_or_quarantine(
         }
         Err(e) => Err(e),
     }
-}
-
-/// The store file name, for messages.
-pub fn file_name() -> &'static str {
-    FILE_NAME
 }

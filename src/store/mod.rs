@@ -204,8 +204,6 @@ pub(crate) struct Figures {
     pub live: AtomicBool,
     pub dedup_keys: AtomicU64,
     pub open_windows: AtomicU64,
-    /// Estimated bytes the rows take (keys + values).
-    pub row_bytes: AtomicU64,
 }
 
 /// The database, opened for the daemon (read-write) or for `inspect` (read-only).

@@ -193,7 +193,6 @@ impl StoreWriter {
         let f = &self.store.figures;
         f.dedup_keys.store(self.mem.dedup.len() as u64, Relaxed);
         f.open_windows.store(self.mem.open.len() as u64, Relaxed);
-        f.row_bytes.store(self.mem.row_bytes, Relaxed);
         f.live.store(true, Relaxed);
     }
 
