@@ -11,7 +11,7 @@
 
 use crate::backoff::Backoff;
 use crate::config::OnDamage;
-use crate::core::clock::ClockTrust;
+use crate::core::clock::{ClockTrust, Step, StoreClock};
 use crate::core::commit_policy::{Batch, CommitPolicy, Trigger};
 use crate::core::engine::{CounterReading, Engine, Input, Outcome};
 use crate::core::event::{Event, Reject};
@@ -108,10 +108,10 @@ pub struct Committer {
     pub clock: ClockTrust,
     /// `clock.require_sync`: ask the kernel whether the clock is synchronized.
     pub require_sync: bool,
-    /// The store's clock (see `store_now`): the last wall time handed over, and the monotonic
-    /// time (ms since `mono_origin`) it was handed over at.
-    pub last_now_ms: i64,
-    pub last_mono_ms: i64,
+    /// The store's clock (see `store_now`), on the monotonic ms since `mono_origin`.
+    pub store_clock: StoreClock,
+    /// What the store clock last did about a step, to log changes once.
+    pub clock_step: Step,
     pub mono_origin: Instant,
     /// Set when shutdown comes while the disk cannot be written: nothing more is tried, what
     /// remains stays unacknowledged (the site broker redelivers it after the restart).
@@ -292,6 +292,7 @@ impl Committer {
     fn clock_holds(&mut self, items: &mut [Intake], mono: i64) -> bool {
         // The store's clock, which a step back does not move back: after a step back the
         // devices are not "ahead" of it, so nothing pauses and nothing reopens.
+        self.witness(items);
         let wall = self.store_now();
         for i in items.iter() {
             if let Intake::Event { event, .. } = i {
@@ -331,16 +332,41 @@ impl Committer {
         }
     }
 
-    /// The wall clock for the store: never earlier than what was handed over before, and while
-    /// the wall clock is behind that (stepped back), advancing at the monotonic clock's pace. So
-    /// a step back neither reopens windows nor reorders raw events, and windows keep closing on
-    /// time; once the wall clock catches up it is used again.
+    /// Show the store clock the batch's device timestamps: evidence for or against a held
+    /// forward step of the wall clock.
+    fn witness(&mut self, items: &[Intake]) {
+        let (wall, mono) = (now_ms(), mono_ms(self.mono_origin));
+        for i in items {
+            if let Intake::Event { event, .. } = i {
+                self.store_clock.witness(event.ts_ms, wall, mono);
+            }
+        }
+    }
+
+    /// The time for the store and the windows ([`StoreClock`]): never earlier than what was
+    /// handed over before, and across a step of the wall clock (back, or forward until a
+    /// device vouches for it) advancing at the monotonic clock's pace. So a step neither
+    /// reopens windows nor closes them early. Publishes the offset for the Modbus input.
     fn store_now(&mut self) -> i64 {
-        let mono = self.mono_origin.elapsed().as_millis() as i64;
-        let carried = self.last_now_ms + (mono - self.last_mono_ms);
-        self.last_mono_ms = mono;
-        self.last_now_ms = now_ms().max(carried);
-        self.last_now_ms
+        let wall = now_ms();
+        let (t, step) = self.store_clock.now(wall, mono_ms(self.mono_origin));
+        self.stats.clock_offset_ms.store(t - wall, Relaxed);
+        let kind = |s: &Step| std::mem::discriminant(s);
+        if kind(&step) != kind(&self.clock_step) {
+            match step {
+                Step::None => tracing::info!("store clock follows the wall clock again"),
+                Step::Back { by_ms } => tracing::warn!(
+                    behind_s = by_ms / 1000,
+                    "wall clock stepped back: windows keep the monotonic pace until it catches up (none reopens)"
+                ),
+                Step::ForwardHeld { by_ms } => tracing::warn!(
+                    ahead_s = by_ms / 1000,
+                    "wall clock stepped forward: not believed until a device's events agree (windows keep the monotonic pace, none closes early)"
+                ),
+            }
+        }
+        self.clock_step = step;
+        t
     }
 
     /// Add an item to the batch.
@@ -527,6 +553,7 @@ impl Committer {
             }
         }
         let states: Vec<StateUpdate> = states.into_iter().cloned().collect();
+        self.witness(batch);
         let now = self.store_now();
         let maintain = tick
             && self

@@ -275,8 +275,10 @@ pub async fn run_with_reload(
             store_high,
         ),
         require_sync: cfg.clock.require_sync,
-        last_now_ms: 0,
-        last_mono_ms: 0,
+        store_clock: core::clock::StoreClock::new(
+            cfg.aggregate.max_future_skew.as_millis_u64() as i64
+        ),
+        clock_step: core::clock::Step::None,
         mono_origin: std::time::Instant::now(),
         abandoned: false,
         stop: intake_stop.clone(),

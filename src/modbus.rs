@@ -260,7 +260,12 @@ impl Bus {
                     unit.fails = 0;
                     unit.backoff.reset();
                     unit.next_due = started + dev.poll.0;
-                    let now = now_ms();
+                    // On the store's clock (across a wall-clock step, see StoreClock).
+                    let now = now_ms()
+                        + self
+                            .stats
+                            .clock_offset_ms
+                            .load(std::sync::atomic::Ordering::Relaxed);
                     let mut counters = Vec::new();
                     let mut states = Vec::new();
                     // An untrusted gateway clock stamps nothing (contract: "Clocks"): the

@@ -4,7 +4,7 @@
 use crate::core::event::{Kind, Reject};
 use serde::Serialize;
 use std::collections::{BTreeMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::sync::Mutex;
 use std::time::Instant;
 
@@ -105,6 +105,10 @@ pub struct Stats {
     paused: Mutex<Option<Paused>>,
     /// False while the gateway clock is not trusted: the Modbus input stamps nothing.
     pub clock_trusted: AtomicBool,
+    /// The store clock less the wall clock, ms (positive after a step back, negative while a
+    /// step forward is held; see `core::clock::StoreClock`). The Modbus input adds it to the
+    /// time it stamps readings with, so they land in the windows the store is on.
+    pub clock_offset_ms: AtomicI64,
     /// What is wrong with the site (device) broker's answer to our subscription, if anything.
     site_problem: Mutex<Option<String>>,
     /// Per link ("site", "district"): a connection failure that needs an operator.
@@ -186,6 +190,7 @@ impl Default for Stats {
             recent_rejects: Mutex::new(VecDeque::new()),
             paused: Mutex::new(None),
             clock_trusted: AtomicBool::new(true),
+            clock_offset_ms: AtomicI64::new(0),
             site_problem: Mutex::new(None),
             link_problems: Mutex::new(BTreeMap::new()),
             quarantined: Mutex::new(None),

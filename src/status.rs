@@ -351,6 +351,12 @@ impl Collector for Metrics {
         )?;
         gauge(
             &mut e,
+            "zhian_clock_offset_seconds",
+            "Store clock less wall clock, whole seconds: positive after a wall-clock step back, negative while a step forward is not believed (windows keep the monotonic pace)",
+            s.clock_offset_ms.load(Relaxed) / 1000,
+        )?;
+        gauge(
+            &mut e,
             "zhian_site_connected",
             "1 while connected to the site (device) broker",
             i64::from(s.site_connected.load(Relaxed)),
@@ -574,6 +580,9 @@ struct StatusOut {
     hourly: Vec<HourOut>,
     devices: Vec<DeviceOut>,
     intake: IntakeOut,
+    /// The store clock less the wall clock, ms (see `core::clock::StoreClock`): non-zero after
+    /// a step of the wall clock, until it is caught up with or vouched for.
+    clock_offset_ms: i64,
     /// What is wrong with the site broker's subscription (refused, or granted QoS 0).
     site_problem: Option<String>,
     /// Per link (`site`, `district`): a connection failure that needs an operator (refused
@@ -710,6 +719,7 @@ fn snapshot(st: &AppState) -> Result<StatusOut, crate::store::StoreError> {
             detail: paused.as_ref().map(|p| p.detail.clone()),
             since: paused.as_ref().map(|p| rfc3339_utc(p.since_ms)),
         },
+        clock_offset_ms: st.stats.clock_offset_ms.load(Relaxed),
         site_problem: st.stats.site_problem(),
         link_problems: st.stats.link_problems(),
         upstream: UpstreamOut {
@@ -862,6 +872,14 @@ fn t(en: bool, key: &str) -> &'static str {
         "disk_full" => ("磁盘已满", "disk full"),
         "disk_error" => ("磁盘写入失败", "disk write failing"),
         "clock_untrusted" => ("网关时钟不可信", "gateway clock not trusted"),
+        "clock_back" => (
+            "网关时钟被调慢，窗口按单调时钟继续计时，差值：",
+            "Gateway clock stepped back; windows keep the monotonic pace, off by",
+        ),
+        "clock_ahead" => (
+            "网关时钟向前跳变，设备时间未证实，窗口按单调时钟计时，差值：",
+            "Gateway clock jumped ahead, not confirmed by devices; windows keep the monotonic pace, off by",
+        ),
         "since" => ("自", "since"),
         "quarantined" => (
             "存储文件损坏，已移至一旁并启用新存储：",
@@ -1026,6 +1044,21 @@ fn render(s: &StatusOut, en: bool, refresh: u64) -> String {
             t(en, "since"),
             local_rfc(&s.intake.since, s.tz_secs, en),
             esc(s.intake.detail.as_deref().unwrap_or("")),
+        ));
+    }
+    if s.clock_offset_ms.abs() > crate::core::clock::STEP_MS {
+        alarms.push(format!(
+            "<li data-clock-step=\"{}\"><b>{}</b> {} s</li>",
+            s.clock_offset_ms,
+            t(
+                en,
+                if s.clock_offset_ms > 0 {
+                    "clock_back"
+                } else {
+                    "clock_ahead"
+                }
+            ),
+            s.clock_offset_ms.abs() / 1000
         ));
     }
     if let Some(p) = &s.site_problem {

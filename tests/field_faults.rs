@@ -661,6 +661,69 @@ fn a_gateway_clock_days_behind_pauses_intake_and_loses_nothing() {
         "no window reopened: {}",
         up.dump()
     );
+
+    // A step forward to 2 hours ahead while trusted (a bad NTP source, a hand-set clock): the
+    // devices keep stamping the real time, so the new wall time is not believed; no window
+    // closes early (the devices' events would be 2 h late and over max_lateness: lost).
+    fs::write(&clock_file, "+2h\n").unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    for i in 0..12 {
+        let e = Event::new(
+            "access",
+            &format!("door-{}", i % 4),
+            &format!("fwd-{i}"),
+            "entry",
+        );
+        p.send(&e.topic(), e.payload());
+        sent += 1;
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert!(
+        wait_until(Duration::from_secs(30), || up
+            .totals()
+            .values()
+            .sum::<u64>()
+            == sent),
+        "all {sent} counted after the step forward: {:?}; log:\n{}",
+        up.totals(),
+        tail(&log, 30)
+    );
+    let s = api_status(status_port).unwrap();
+    assert_eq!(s["intake"]["paused"], false, "{s}");
+    let off = s["clock_offset_ms"].as_i64().unwrap();
+    assert!(
+        off < -3_600_000,
+        "the store clock stays behind the jumped wall: {s}"
+    );
+    assert!(
+        s["counters"]["rejected_by_reason"]
+            .as_object()
+            .is_none_or(|m| m.is_empty()),
+        "{s}"
+    );
+    let metrics = http(status_port, "GET", "/metrics", None).unwrap().text();
+    assert!(
+        metrics.contains("zhian_clock_offset_seconds -7"),
+        "{metrics}"
+    );
+    let page = http(status_port, "GET", "/", None).unwrap().text();
+    assert!(page.contains("data-clock-step"), "the page says so");
+    assert!(log_text(&log).contains("wall clock stepped forward"));
+    assert!(
+        up.summaries().iter().all(|s| s.rev == 0),
+        "no window closed early and reopened: {}",
+        up.dump()
+    );
+    // The wall clock is put right: the store follows it again.
+    fs::write(&clock_file, "+0\n").unwrap();
+    assert!(
+        wait_until(Duration::from_secs(10), || api_status(status_port)
+            .is_some_and(
+                |s| s["clock_offset_ms"].as_i64().unwrap().abs() < 2000
+            )),
+        "{}",
+        api_status(status_port).unwrap()
+    );
     d.term();
 }
 

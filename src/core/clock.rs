@@ -11,6 +11,13 @@
 //!
 //! The store gives a second witness: the latest time it recorded. A wall clock well behind it
 //! at start (a stale boot on a box with history) is untrusted until it passes it.
+//!
+//! [`StoreClock`] is the time the store and the windows run on. It never goes back: after a
+//! step back it advances at the monotonic clock's pace until the wall clock catches up. A step
+//! forward is held the same way (windows keep closing on the monotonic clock, none early) until
+//! a device's event vouches for the new wall time; while devices contradict it, it stays held;
+//! with no device evidence at all (a Modbus-only compound, a quiet night) it is taken after
+//! [`UNWITNESSED_STEP_MS`].
 
 use std::collections::BTreeMap;
 
@@ -114,6 +121,122 @@ impl ClockTrust {
     }
 }
 
+/// A move of the wall clock this much beyond the monotonic clock's progress is a step (NTP
+/// slews at most 0.5 ms/s; chrony's `makestep` default threshold is 1 s).
+pub const STEP_MS: i64 = 2_000;
+/// A held forward step that no device's event confirms or contradicts is taken after this long
+/// (monotonic ms): a Modbus-only compound has no other witness.
+pub const UNWITNESSED_STEP_MS: i64 = 120_000;
+
+/// A forward step of the wall clock not believed yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct HeldStep {
+    /// Monotonic ms when it was seen.
+    since_mono: i64,
+    /// A device's event sided with the old time.
+    contradicted: bool,
+}
+
+/// What the store clock did on a call of [`StoreClock::now`], for the log and the page.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// Nothing special: the wall clock is used.
+    None,
+    /// The wall clock went back by more than [`STEP_MS`] (or is still that far behind): the
+    /// store clock carries on at the monotonic pace, `by_ms` ahead of the wall.
+    Back { by_ms: i64 },
+    /// The wall clock jumped forward by `by_ms` and is not believed yet.
+    ForwardHeld { by_ms: i64 },
+}
+
+/// The clock windows and records run on (ms since the Unix epoch). Pure: the wall and monotonic
+/// times are passed in. See the module for the rules.
+#[derive(Debug, Clone)]
+pub struct StoreClock {
+    /// The last time handed over and the monotonic ms it was handed over at.
+    last: Option<(i64, i64)>,
+    held: Option<HeldStep>,
+    max_future_skew_ms: i64,
+}
+
+impl StoreClock {
+    pub fn new(max_future_skew_ms: i64) -> Self {
+        StoreClock {
+            last: None,
+            held: None,
+            max_future_skew_ms,
+        }
+    }
+
+    /// The last handed-over time carried forward to `mono_ms` at the monotonic pace.
+    fn carried(&self, mono_ms: i64) -> Option<i64> {
+        self.last.map(|(t, m)| t + (mono_ms - m))
+    }
+
+    /// An event stamped `ts_ms` arrived: while a forward step is held, it is evidence. An event
+    /// closer to the new wall time (and not beyond it by more than `max_future_skew`) vouches
+    /// for it; one closer to the old time (and not a late replay from before it) contradicts it.
+    pub fn witness(&mut self, ts_ms: i64, wall_ms: i64, mono_ms: i64) {
+        let (Some(held), Some(carried)) = (self.held, self.carried(mono_ms)) else {
+            return;
+        };
+        if wall_ms <= carried {
+            return;
+        }
+        let mid = carried + (wall_ms - carried) / 2;
+        if ts_ms >= mid && ts_ms <= wall_ms + self.max_future_skew_ms {
+            self.last = Some((wall_ms, mono_ms));
+            self.held = None;
+        } else if ts_ms < mid && ts_ms >= carried - self.max_future_skew_ms {
+            self.held = Some(HeldStep {
+                contradicted: true,
+                ..held
+            });
+        }
+    }
+
+    /// The store's time at wall `wall_ms`, monotonic `mono_ms`, and what it did about a step.
+    pub fn now(&mut self, wall_ms: i64, mono_ms: i64) -> (i64, Step) {
+        let Some(carried) = self.carried(mono_ms) else {
+            self.last = Some((wall_ms, mono_ms));
+            return (wall_ms, Step::None);
+        };
+        let (t, step) = if wall_ms <= carried {
+            self.held = None;
+            let by_ms = carried - wall_ms;
+            (
+                carried,
+                if by_ms > STEP_MS {
+                    Step::Back { by_ms }
+                } else {
+                    Step::None
+                },
+            )
+        } else if wall_ms - carried <= STEP_MS {
+            self.held = None;
+            (wall_ms, Step::None)
+        } else {
+            let held = *self.held.get_or_insert(HeldStep {
+                since_mono: mono_ms,
+                contradicted: false,
+            });
+            if !held.contradicted && mono_ms - held.since_mono >= UNWITNESSED_STEP_MS {
+                self.held = None;
+                (wall_ms, Step::None)
+            } else {
+                (
+                    carried,
+                    Step::ForwardHeld {
+                        by_ms: wall_ms - carried,
+                    },
+                )
+            }
+        };
+        self.last = Some((t, mono_ms));
+        (t, step)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -169,5 +292,82 @@ mod tests {
             None,
             "a's evidence is stale"
         );
+    }
+
+    const T0: i64 = 1_800_000_000_000;
+    const H2: i64 = 2 * 3_600_000;
+
+    #[test]
+    fn a_step_back_carries_on_at_the_monotonic_pace_until_the_wall_catches_up() {
+        let mut c = StoreClock::new(SKEW);
+        assert_eq!(c.now(T0, 0), (T0, Step::None));
+        assert_eq!(
+            c.now(T0 - H2 + 1000, 1000),
+            (T0 + 1000, Step::Back { by_ms: H2 })
+        );
+        assert_eq!(c.now(T0 + 5000, 5000).0, T0 + 5000);
+    }
+
+    #[test]
+    fn a_forward_step_devices_contradict_stays_held() {
+        let mut c = StoreClock::new(SKEW);
+        c.now(T0, 0);
+        assert_eq!(
+            c.now(T0 + H2 + 1000, 1000),
+            (T0 + 1000, Step::ForwardHeld { by_ms: H2 })
+        );
+        // A device stamps the old time: the wall is wrong.
+        c.witness(T0 + 1500, T0 + H2 + 1500, 1500);
+        let later = UNWITNESSED_STEP_MS * 10;
+        assert_eq!(c.now(T0 + H2 + later, later).0, T0 + later);
+        // A late replay from long before says nothing either way; the wall steps back: done.
+        c.witness(T0 - 10 * H2, T0 + H2 + later, later);
+        assert_eq!(
+            c.now(T0 + later + 10, later + 10),
+            (T0 + later + 10, Step::None)
+        );
+    }
+
+    #[test]
+    fn a_forward_step_a_device_vouches_for_is_taken_at_once() {
+        let mut c = StoreClock::new(SKEW);
+        c.now(T0 - 3 * 86_400_000, 0);
+        c.now(T0, 10);
+        c.witness(T0 + 5, T0 + 20, 20);
+        assert_eq!(c.now(T0 + 30, 30), (T0 + 30, Step::None));
+    }
+
+    #[test]
+    fn an_unwitnessed_forward_step_is_taken_after_a_while() {
+        let mut c = StoreClock::new(SKEW);
+        c.now(T0, 0);
+        assert!(matches!(c.now(T0 + H2, 1).1, Step::ForwardHeld { .. }));
+        let t = UNWITNESSED_STEP_MS + 1;
+        assert_eq!(c.now(T0 + H2 + t, t), (T0 + H2 + t, Step::None));
+    }
+
+    proptest::proptest! {
+        /// Whatever the wall clock does, the store clock never goes back, and it is behind the
+        /// wall only by following the monotonic pace.
+        #[test]
+        fn the_store_clock_never_goes_back(
+            steps in proptest::collection::vec((-10 * H2..10 * H2, 0i64..5_000, proptest::option::of(-H2..H2)), 1..60)
+        ) {
+            let mut c = StoreClock::new(SKEW);
+            let (mut wall_off, mut mono) = (0i64, 0i64);
+            let mut last = c.now(T0, 0).0;
+            for (jump, dt, ev) in steps {
+                mono += dt;
+                wall_off += jump / 8;
+                let wall = T0 + mono + wall_off;
+                if let Some(e) = ev {
+                    c.witness(T0 + mono + e, wall, mono);
+                }
+                let (t, _) = c.now(wall, mono);
+                proptest::prop_assert!(t >= last, "went back: {t} < {last}");
+                proptest::prop_assert!(t >= wall || t - last <= dt, "ran ahead of the monotonic pace");
+                last = t;
+            }
+        }
     }
 }
