@@ -43,6 +43,14 @@ pub fn classify(e: &rumqttc::ConnectionError, link: &str, url: &str) -> Option<P
                 "{link} broker {url}: TLS failed ({t}): check {link}.ca_file (the broker's CA) and, for mutual TLS, client_cert / client_key"
             ),
         }),
+        // The broker refused our side of the handshake (TLS 1.3 reports it after the client
+        // finished: rumqttc surfaces it as an I/O or MQTT-state error carrying the alert).
+        _ if e.to_string().contains("fatal alert") => Some(Problem {
+            reason: "tls",
+            detail: format!(
+                "{link} broker {url} refused our TLS client certificate ({e}): check {link}.client_cert / client_key (a certificate the broker's CA signed, not expired)"
+            ),
+        }),
         E::Io(io) if io.to_string().contains("certificate") => Some(Problem {
             reason: "tls",
             detail: format!("{link} broker {url}: TLS failed ({io}): check {link}.ca_file, client_cert, client_key"),

@@ -973,34 +973,107 @@ fn a_compressed_week_with_the_district_down_delivers_every_summary_in_order() {
     d.term();
 }
 
+fn openssl(pki: &Path, args: &[&str]) {
+    let ok = std::process::Command::new("openssl")
+        .current_dir(pki)
+        .args(args)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("run openssl")
+        .success();
+    assert!(ok, "openssl {args:?}");
+}
+
+/// A CA in `pki/{name}.pem` and `pki/{name}.key` (openssl, P-256).
+fn make_ca(pki: &Path, name: &str) {
+    let (key, pem, subj) = (
+        format!("{name}.key"),
+        format!("{name}.pem"),
+        format!("/CN={name}"),
+    );
+    openssl(
+        pki,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            &subj,
+            "-keyout",
+            &key,
+            "-out",
+            &pem,
+        ],
+    );
+}
+
+/// An end-entity certificate for 127.0.0.1 signed by the CA `ca`, in `pki/{name}.pem` and
+/// `pki/{name}.key`.
+fn make_leaf(pki: &Path, name: &str, ca: &str) {
+    let (key, pem, csr) = (
+        format!("{name}.key"),
+        format!("{name}.pem"),
+        format!("{name}.csr"),
+    );
+    fs::write(
+        pki.join("leaf.ext"),
+        "basicConstraints=CA:FALSE\nsubjectAltName=IP:127.0.0.1\n",
+    )
+    .unwrap();
+    openssl(
+        pki,
+        &[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-keyout",
+            &key,
+            "-out",
+            &csr,
+        ],
+    );
+    let (ca_pem, ca_key) = (format!("{ca}.pem"), format!("{ca}.key"));
+    openssl(
+        pki,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            &ca_pem,
+            "-CAkey",
+            &ca_key,
+            "-CAcreateserial",
+            "-days",
+            "1",
+            "-extfile",
+            "leaf.ext",
+            "-out",
+            &pem,
+        ],
+    );
+}
+
 #[test]
 fn an_unknown_district_ca_is_a_tls_error_on_the_page() {
     let scratch = tempfile::tempdir().unwrap();
     let pki = scratch.path();
-    let make_cert = |name: &str| {
-        let ok = std::process::Command::new("openssl")
-            .args([
-                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-            ])
-            .args([
-                "-subj",
-                "/CN=127.0.0.1",
-                "-addext",
-                "subjectAltName=IP:127.0.0.1",
-            ])
-            .arg("-keyout")
-            .arg(pki.join(format!("{name}.key")))
-            .arg("-out")
-            .arg(pki.join(format!("{name}.pem")))
-            .stderr(std::process::Stdio::null())
-            .status()
-            .expect("run openssl")
-            .success();
-        assert!(ok, "openssl req for {name}");
-    };
-    // The broker's own self-signed certificate, and another CA the gateway is told to trust.
-    make_cert("broker");
-    make_cert("other-ca");
+    // The broker's certificate from its CA, and another CA the gateway is told to trust.
+    make_ca(pki, "district-ca");
+    make_leaf(pki, "broker", "district-ca");
+    make_ca(pki, "other-ca");
     let district = Mosquitto::start_with(
         &scratch.path().join("district"),
         free_port(),
@@ -1044,6 +1117,71 @@ fn an_unknown_district_ca_is_a_tls_error_on_the_page() {
         l.contains("ERROR") && l.contains("upstream.ca_file"),
         "{}",
         tail(&log, 30)
+    );
+    d.term();
+}
+
+#[test]
+fn a_refused_client_certificate_is_a_tls_error_on_the_page() {
+    let scratch = tempfile::tempdir().unwrap();
+    let pki = scratch.path();
+    // The broker requires a client certificate from its own CA; the gateway presents one from
+    // another (a box set up with the wrong district's key pair).
+    make_ca(pki, "district-ca");
+    make_leaf(pki, "broker", "district-ca");
+    make_ca(pki, "other-ca");
+    make_leaf(pki, "client", "other-ca");
+    let district = Mosquitto::start_with(
+        &scratch.path().join("district"),
+        free_port(),
+        false,
+        &format!(
+            "certfile {}\nkeyfile {}\ncafile {}\nrequire_certificate true",
+            pki.join("broker.pem").display(),
+            pki.join("broker.key").display(),
+            pki.join("district-ca.pem").display()
+        ),
+    );
+    let status_port = free_port();
+    let cfg = scratch.path().join("gateway.toml");
+    fs::write(
+        &cfg,
+        site_config(
+            &scratch.path().join("data"),
+            free_port(),
+            district.port,
+            status_port,
+        )
+        .replace(
+            &format!("url = \"mqtt://127.0.0.1:{}\"", district.port),
+            &format!(
+                "url = \"mqtts://127.0.0.1:{}\"\nca_file = \"{}\"\nclient_cert = \"{}\"\nclient_key = \"{}\"",
+                district.port,
+                pki.join("district-ca.pem").display(),
+                pki.join("client.pem").display(),
+                pki.join("client.key").display()
+            ),
+        ),
+    )
+    .unwrap();
+    let log = scratch.path().join("daemon.log");
+    let mut d = Daemon::start(&cfg, &log);
+    assert!(
+        wait_until(Duration::from_secs(30), || api_status(status_port)
+            .is_some_and(|s| s["link_problems"]["district"]["reason"] == "tls")),
+        "status: {:?}\nlog:\n{}",
+        api_status(status_port).map(|s| s["link_problems"].clone()),
+        tail(&log, 30)
+    );
+    let l = log_text(&log);
+    assert!(
+        l.contains("ERROR") && l.contains("upstream.client_cert"),
+        "{}",
+        tail(&log, 30)
+    );
+    assert_eq!(
+        api_status(status_port).unwrap()["upstream"]["connected"],
+        false
     );
     d.term();
 }
