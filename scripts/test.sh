@@ -38,6 +38,16 @@ echo "$summary"
 [ "$status" = 0 ] || exit "$status"
 echo "== systemd unit"
 bash scripts/check-unit.sh target/debug/zhian-gateway
+echo "== contrib: alert rules (promtool check + test rules), dashboards"
+bash scripts/check-contrib.sh
+echo "== Debian package: amd64 built and installed with dpkg -i"
+strip -o target/zhian-gateway-stripped target/debug/zhian-gateway
+deb=$(bash scripts/package-deb.sh --target x86_64-unknown-linux-gnu --binary target/zhian-gateway-stripped --out target/deb)
+bash scripts/check-deb.sh "$deb"
 echo "== aarch64 release under qemu"
 bash scripts/check-arm.sh
+echo "== Debian package: arm64"
+deb=$(bash scripts/package-deb.sh --target aarch64-unknown-linux-gnu --binary target/aarch64-unknown-linux-gnu/release/zhian-gateway --out target/deb)
+dpkg-deb -f "$deb" Architecture | grep -qx arm64
+echo "$deb: $(stat -c %s "$deb") bytes, $(dpkg-deb -c "$deb" | wc -l) entries"
 echo "$summary"

@@ -10,6 +10,7 @@
 //! store is reopened and the same batch retried with backoff until a write succeeds.
 
 use crate::backoff::Backoff;
+use crate::clock::now_ms;
 use crate::config::OnDamage;
 use crate::core::clock::{ClockTrust, Step, StoreClock};
 use crate::core::commit_policy::{Batch, CommitPolicy, Trigger};
@@ -84,13 +85,6 @@ pub struct CommitterCfg {
 /// PUBACKed outbox entries wait this long for a batch to ride with before they get a commit of
 /// their own (a crash before it only re-sends them; the platform keeps the highest rev).
 pub const ACK_LINGER: Duration = Duration::from_secs(5);
-
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
 
 pub struct Committer {
     pub writer: StoreWriter,

@@ -38,7 +38,7 @@ pub fn rhythm(hour: f64) -> f64 {
 }
 
 fn local_hour(tz_secs: i32) -> f64 {
-    let now = crate::committer::now_ms() / 1000 + i64::from(tz_secs);
+    let now = crate::clock::now_ms() / 1000 + i64::from(tz_secs);
     (now.rem_euclid(86_400)) as f64 / 3600.0
 }
 
@@ -116,7 +116,7 @@ async fn simulate_mqtt(port: u16, tz: i32, stop: CancellationToken) {
         }
     });
     // Event ids unique across demo runs in the same data dir (dedup holds keys for 24 h).
-    let mut seq: u64 = crate::committer::now_ms() as u64;
+    let mut seq: u64 = crate::clock::now_ms() as u64;
     let mut last: Vec<(String, String)> = Vec::new();
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     loop {
@@ -126,7 +126,7 @@ async fn simulate_mqtt(port: u16, tz: i32, stop: CancellationToken) {
         }
         let busy = rhythm(local_hour(tz));
         let hour = local_hour(tz);
-        let now = crate::committer::now_ms();
+        let now = crate::clock::now_ms();
         for door in 1..=4 {
             if fastrand::f64() < 0.6 * busy {
                 seq += 1;

@@ -10,10 +10,11 @@
 //! highest rev per window, so a resend never double-counts).
 
 use crate::backoff::Backoff;
-use crate::committer::now_ms;
+use crate::clock::now_ms;
 use crate::config::Config;
 use crate::core::summary::rfc3339_utc;
 use crate::mqtt::{options, ClientSettings};
+use crate::stats::LinkChange;
 use crate::stats::Stats;
 use crate::store::{OutboxKey, Store, CLASS_ALERT, CLASS_SUMMARY};
 use rumqttc::{AsyncClient, Event, Incoming, LastWill, Outgoing, QoS};
@@ -121,9 +122,6 @@ fn prune(store: &Store, acked_local: &mut BTreeSet<OutboxKey>) {
     }
 }
 
-/// A device is online if it reported within this long (MQTT devices have no other liveness).
-pub const DEVICE_ONLINE_WITHIN_MS: i64 = 15 * 60 * 1000;
-
 struct Conn {
     client: AsyncClient,
     sent: VecDeque<Sent>,
@@ -176,6 +174,7 @@ impl Forwarder {
         let mut watch = crate::link::TakeoverWatch::default();
         // Connections lost while this entry was the oldest unacknowledged one.
         let mut blamed: HashMap<OutboxKey, u32> = HashMap::new();
+        self.stats.link_start("district", &u.url, now_ms());
         loop {
             if self.stop.is_cancelled() {
                 return;
@@ -217,7 +216,7 @@ impl Forwarder {
             } else {
                 backoff.next_delay()
             };
-            tracing::info!(
+            tracing::debug!(
                 delay_ms = delay.as_millis() as u64,
                 "district broker: reconnecting after backoff"
             );
@@ -302,8 +301,9 @@ impl Forwarder {
                         connected = true;
                         backoff.reset();
                         watch.connected(Instant::now());
-                        self.stats.upstream_connected.store(true, Relaxed);
-                        tracing::info!("district broker connected");
+                        if let LinkChange::Up { down_ms } = self.stats.link_up("district", now_ms()) {
+                            tracing::info!(url = %self.cfg.upstream.url, down_s = down_ms / 1000, "district broker link up");
+                        }
                         let status = self.status_payload(true);
                         if c.client.try_publish(self.topic("status"), QoS::AtLeastOnce, true, status).is_ok() {
                             c.sent.push_back(Sent::Status);
@@ -359,13 +359,21 @@ impl Forwarder {
                                 )
                             })
                         });
+                        let reason = crate::link::down_reason(&e, problem.as_ref());
+                        let change = self.stats.link_down("district", reason, e.to_string(), now_ms());
                         match problem {
                             Some(p) => {
                                 if self.stats.set_link_problem("district", Some(p.clone())) {
                                     tracing::error!(link = "district", %url, reason = p.reason, error = %e, "{}", p.detail);
                                 }
                             }
-                            None => tracing::warn!(%url, error = %e, connected, "district broker connection lost"),
+                            None if change == LinkChange::Down => {
+                                tracing::warn!(link = "district", %url, reason, error = %e, "district broker link down")
+                            }
+                            None if change == LinkChange::Reason => {
+                                tracing::info!(link = "district", %url, reason, error = %e, "district broker still down")
+                            }
+                            None => tracing::debug!(link = "district", %url, reason, error = %e, "district broker still down"),
                         }
                         break false;
                     }
@@ -449,14 +457,9 @@ impl Forwarder {
             }
         }
         let now = now_ms();
-        let devices = self.stats.devices();
-        let modbus = self.stats.modbus();
-        let online = devices
-            .values()
-            .filter(|d| d.last_seen_ms > 0 && now - d.last_seen_ms <= DEVICE_ONLINE_WITHIN_MS)
-            .count()
-            + modbus.values().filter(|h| h.online).count();
-        let total = devices.len() + modbus.len();
+        let devices = crate::health::devices(&self.stats, now);
+        let online = devices.iter().filter(|d| d.online).count();
+        let total = devices.len();
         let hb = Heartbeat {
             schema: "zhian.heartbeat.v1",
             gateway: &self.cfg.gateway.id,
@@ -481,7 +484,9 @@ impl Forwarder {
             intake_paused: self.stats.paused(),
             store_quarantined: quarantined,
             link_problems: self.stats.link_problems(),
-            modbus: modbus
+            modbus: self
+                .stats
+                .modbus()
                 .into_iter()
                 .map(|(name, h)| ModbusOut {
                     name,

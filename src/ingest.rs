@@ -7,10 +7,12 @@
 //! message on the next session, where dedup recognises it.
 
 use crate::backoff::Backoff;
+use crate::clock::now_ms;
 use crate::committer::{Ack, Intake};
 use crate::config::Config;
 use crate::core::event;
 use crate::mqtt::{options, ClientSettings};
+use crate::stats::LinkChange;
 use crate::stats::Stats;
 use rumqttc::{AsyncClient, Event, Incoming, Outgoing, QoS};
 use std::sync::atomic::Ordering::Relaxed;
@@ -43,6 +45,7 @@ impl Ingest {
         };
         let mut intake = self.intake.take();
         let mut watch = crate::link::TakeoverWatch::default();
+        self.stats.link_start("site", &m.url, now_ms());
         loop {
             let mut opts = match options(&settings, "mqtt") {
                 Ok(o) => o,
@@ -66,9 +69,9 @@ impl Ingest {
             } else {
                 backoff.next_delay()
             };
-            tracing::info!(
+            tracing::debug!(
                 delay_ms = delay.as_millis() as u64,
-                "device broker: reconnecting after backoff"
+                "site broker: reconnecting after backoff"
             );
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
@@ -125,11 +128,15 @@ impl Ingest {
                 Ok(Event::Incoming(Incoming::ConnAck(ack))) => {
                     backoff.reset();
                     watch.connected(std::time::Instant::now());
-                    self.stats.site_connected.store(true, Relaxed);
-                    tracing::info!(
-                        session_present = ack.session_present,
-                        "device broker connected"
-                    );
+                    match self.stats.link_up("site", now_ms()) {
+                        LinkChange::Up { down_ms } => tracing::info!(
+                            url = %self.cfg.mqtt.url,
+                            session_present = ack.session_present,
+                            down_s = down_ms / 1000,
+                            "site broker link up"
+                        ),
+                        _ => tracing::debug!("site broker connected"),
+                    }
                     let subs = topics
                         .iter()
                         .map(|t| rumqttc::SubscribeFilter::new(t.clone(), QoS::AtLeastOnce));
@@ -200,8 +207,8 @@ impl Ingest {
                     }
                 }
                 Err(e) => {
-                    self.stats.site_connected.store(false, Relaxed);
                     if stopping {
+                        self.stats.site_connected.store(false, Relaxed);
                         break true;
                     }
                     let url = &self.cfg.mqtt.url;
@@ -215,13 +222,25 @@ impl Ingest {
                             )
                         })
                     });
+                    let reason = crate::link::down_reason(&e, problem.as_ref());
+                    let change = self
+                        .stats
+                        .link_down("site", reason, e.to_string(), now_ms());
                     match problem {
                         Some(p) => {
                             if self.stats.set_link_problem("site", Some(p.clone())) {
                                 tracing::error!(link = "site", %url, reason = p.reason, error = %e, "{}", p.detail);
                             }
                         }
-                        None => tracing::warn!(%url, error = %e, "device broker connection lost"),
+                        None if change == LinkChange::Down => {
+                            tracing::warn!(link = "site", %url, reason, error = %e, "site broker link down")
+                        }
+                        None if change == LinkChange::Reason => {
+                            tracing::info!(link = "site", %url, reason, error = %e, "site broker still down")
+                        }
+                        None => {
+                            tracing::debug!(link = "site", %url, reason, error = %e, "site broker still down")
+                        }
                     }
                     break false;
                 }

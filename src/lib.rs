@@ -13,6 +13,7 @@ pub mod core;
 #[cfg(feature = "demo")]
 pub mod demo;
 pub mod forwarder;
+pub mod health;
 pub mod ingest;
 pub mod inspect;
 pub mod link;
@@ -110,7 +111,7 @@ fn open_store(
     store::StoreError,
 > {
     let (s, mut w, q) =
-        store::damage::open_or_quarantine(dir, subjects, on_damage, committer::now_ms())?;
+        store::damage::open_or_quarantine(dir, subjects, on_damage, clock::now_ms())?;
     w.set_max_bytes(max_bytes);
     if let Err(e) = w.compact_if_it_pays() {
         tracing::warn!(error = %e, "store: compaction failed; continuing");
@@ -126,7 +127,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
 }
 
 /// The config sections that a reload applies live; every other change needs a restart.
-const LIVE_SECTIONS: [&str; 2] = ["alerts", "modbus"];
+const LIVE_SECTIONS: [&str; 3] = ["alerts", "modbus", "health"];
 
 /// Top-level config sections that differ between `a` and `b`, other than [`LIVE_SECTIONS`].
 fn restart_sections(a: &Config, b: &Config) -> Vec<String> {
@@ -151,13 +152,15 @@ fn spawn_modbus(
     stats: &Arc<Stats>,
     parent: &CancellationToken,
 ) -> Option<(tokio::task::JoinHandle<()>, CancellationToken)> {
+    let devices: Vec<config::ModbusDevice> =
+        devices.iter().filter(|d| !d.example).cloned().collect();
     if devices.is_empty() {
         return None;
     }
     let stop = parent.child_token();
     let guard = stats.task_guard("modbus input", stop.clone());
     let task = modbus::Modbus {
-        devices: devices.to_vec(),
+        devices,
         intake: intake.clone(),
         stats: stats.clone(),
         stop: stop.clone(),
@@ -246,6 +249,11 @@ pub async fn run_with_reload(
     };
     let stats = Arc::new(Stats::default());
     *stats.quarantined.lock().expect("lock") = quarantined;
+    stats.set_cadence(health::Cadence::new(&cfg.health));
+    // Devices known once stay known across restarts.
+    for (kind, device, last_seen) in store.devices()? {
+        stats.remember_device(kind, &device, last_seen);
+    }
     writer.set_max_bytes(cfg.store.max_size.0);
     let overview = store.overview()?;
     stats.outbox_pending.store(
@@ -358,6 +366,7 @@ pub async fn run_with_reload(
     tracing::info!(gateway = %cfg.gateway.id, version = VERSION, "zhian-gateway running");
     systemd::ready();
     let watchdog = tokio::spawn(systemd::watchdog(stats.clone(), status_stop.clone()));
+    let health_watch = tokio::spawn(health::watch(stats.clone(), status_stop.clone()));
 
     let mut result = Ok(());
     let mut committer_done = false;
@@ -391,9 +400,13 @@ pub async fn run_with_reload(
                         stop.cancel();
                         let _ = tokio::time::timeout(Duration::from_secs(3), h).await;
                     }
-                    stats.modbus_retain(new.modbus.devices.iter().map(|d| d.name.as_str()));
+                    stats.modbus_retain(new.modbus.devices.iter().filter(|d| !d.example).map(|d| d.name.as_str()));
                     modbus = spawn_modbus(&new.modbus.devices, &intake_keepalive, &stats, &intake_stop);
                     tracing::info!(devices = new.modbus.devices.len(), "reload: Modbus devices applied");
+                }
+                if toml::Value::try_from(&new.health).ok() != toml::Value::try_from(&running.health).ok() {
+                    stats.set_cadence(health::Cadence::new(&new.health));
+                    tracing::info!("reload: [health] applied");
                 }
                 if restart.is_empty() {
                     tracing::info!("reload: done");
@@ -404,12 +417,14 @@ pub async fn run_with_reload(
                 let mut next = (*running).clone();
                 next.alerts = new.alerts.clone();
                 next.modbus = new.modbus.clone();
+                next.health = new.health.clone();
                 running = Arc::new(next);
             }
         }
     }
     systemd::stopping();
     watchdog.abort();
+    health_watch.abort();
     // Ordered, time-bounded shutdown: stop taking messages and say goodbye upstream; the
     // committer commits what was accepted (and the PUBACKs the forwarder saw), then acks go out
     // and the device connection closes.

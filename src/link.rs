@@ -102,6 +102,48 @@ impl TakeoverWatch {
     }
 }
 
+/// Why a link is down, for the page, the API and the log: a [`Problem`]'s reason, or
+/// `unreachable` (nothing answers: refused port, timeout, unknown host) or `closed` (the
+/// connection was lost).
+pub fn down_reason(e: &rumqttc::ConnectionError, problem: Option<&Problem>) -> &'static str {
+    use rumqttc::ConnectionError as E;
+    if let Some(p) = problem {
+        return p.reason;
+    }
+    match e {
+        E::NetworkTimeout | E::FlushTimeout => "unreachable",
+        E::Io(io) => {
+            use std::io::ErrorKind as K;
+            match io.kind() {
+                K::ConnectionRefused
+                | K::TimedOut
+                | K::HostUnreachable
+                | K::NetworkUnreachable
+                | K::AddrNotAvailable
+                | K::NotFound => "unreachable",
+                _ if io.to_string().contains("lookup") => "unreachable",
+                _ => "closed",
+            }
+        }
+        _ => "closed",
+    }
+}
+
+/// Every reason a link can be down for (`LinkState::reason`), `connecting` before the first
+/// attempt ends.
+pub const DOWN_REASONS: [&str; 6] = [
+    "connecting",
+    "unreachable",
+    "closed",
+    "refused",
+    "tls",
+    "identity_taken",
+];
+
+/// How often a link that stays down is mentioned again at WARN (each failed attempt in between
+/// is DEBUG).
+pub const REMIND_EVERY_MS: i64 = 10 * 60 * 1000;
+
 /// The ERROR text for an identity taken on `link`.
 pub fn identity_taken(link: &str, url: &str, client_id: &str, key: &str) -> Problem {
     Problem {

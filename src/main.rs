@@ -24,11 +24,15 @@ enum Command {
         #[arg(long, value_name = "PATH")]
         config: Option<PathBuf>,
     },
-    /// Validate the config and print the effective config with secrets redacted.
+    /// Validate the config and what the daemon needs at start (data dir, files the config
+    /// names, as the user running this), then print the effective config with secrets redacted.
     CheckConfig {
         /// Config file.
         #[arg(long, value_name = "PATH")]
         config: Option<PathBuf>,
+        /// Print nothing when the config is valid (systemd's ExecStartPre=).
+        #[arg(long, short)]
+        quiet: bool,
     },
     /// A self-contained site: embedded broker, simulated devices, status page on 127.0.0.1:8080.
     Demo {
@@ -58,28 +62,50 @@ enum Command {
     },
 }
 
-fn load(path: Option<PathBuf>) -> Result<config::Config, ExitCode> {
+/// Load and validate the config, and with `start_needs` also check what the daemon needs at
+/// start (`check-config`); on problems print one line each and return exit 78.
+fn load(path: Option<PathBuf>, start_needs: bool) -> Result<config::Config, ExitCode> {
     let explicit = path.is_some();
     let path = path.unwrap_or_else(|| PathBuf::from(config::DEFAULT_CONFIG_PATH));
-    config::load(&path, explicit).map_err(|problems| {
-        for p in &problems {
-            eprintln!("{p}");
-        }
-        eprintln!(
-            "{}: {} problem(s); nothing started",
-            path.display(),
-            problems.len()
-        );
-        ExitCode::from(EX_CONFIG as u8)
-    })
+    config::load(&path, explicit)
+        .and_then(|cfg| {
+            let problems = if start_needs {
+                config::check_start_needs(&cfg)
+            } else {
+                Vec::new()
+            };
+            if problems.is_empty() {
+                Ok(cfg)
+            } else {
+                Err(problems)
+            }
+        })
+        .map_err(|problems| {
+            for p in &problems {
+                eprintln!("{p}");
+            }
+            eprintln!(
+                "{}: {} problem(s); nothing started",
+                path.display(),
+                problems.len()
+            );
+            ExitCode::from(EX_CONFIG as u8)
+        })
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::CheckConfig { config } => match load(config) {
+        Command::CheckConfig { config, quiet } => match load(config, true) {
             Ok(cfg) => {
-                print!("{}", cfg.to_redacted_toml());
+                for (i, d) in cfg.modbus.devices.iter().enumerate() {
+                    if d.example {
+                        eprintln!("note: modbus.devices[{i}] ({}) is an example (example = true): checked, never polled; remove the flag once it describes a real device", d.name);
+                    }
+                }
+                if !quiet {
+                    print!("{}", cfg.to_redacted_toml());
+                }
                 ExitCode::SUCCESS
             }
             Err(code) => code,
@@ -145,7 +171,7 @@ fn main() -> ExitCode {
         Command::Run { config } => {
             let explicit = config.is_some();
             let path = config.unwrap_or_else(|| PathBuf::from(config::DEFAULT_CONFIG_PATH));
-            let cfg = match load(Some(path.clone()).filter(|_| explicit)) {
+            let cfg = match load(Some(path.clone()).filter(|_| explicit), false) {
                 Ok(c) => c,
                 Err(code) => return code,
             };
@@ -216,13 +242,56 @@ fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     use std::io::IsTerminal;
-    tracing_subscriber::fmt()
+    let terminal = std::io::stderr().is_terminal();
+    // systemd sets JOURNAL_STREAM when stderr goes to the journal, which stamps its own time.
+    let journal = std::env::var_os("JOURNAL_STREAM").is_some();
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         // Colour codes only for a person at a terminal: in journald they make MESSAGE a byte
         // array and break `journalctl -o json` (contract: "Logs").
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+        .with_ansi(terminal);
+    if terminal {
+        builder.init();
+    } else if journal {
+        builder
+            .event_format(SyslogPrefix(
+                tracing_subscriber::fmt::format().without_time(),
+            ))
+            .init();
+    } else {
+        builder
+            .event_format(SyslogPrefix(tracing_subscriber::fmt::format()))
+            .init();
+    }
+}
+
+/// Each line starts with `<N>`, the syslog priority of its level (3 error, 4 warning, 6 info,
+/// 7 debug), which journald files as the entry's priority (`SyslogLevelPrefix=yes`, its default)
+/// and strips from the message: `journalctl -p warning` then shows warnings and worse.
+struct SyslogPrefix<F>(F);
+
+impl<S, N, F> tracing_subscriber::fmt::FormatEvent<S, N> for SyslogPrefix<F>
+where
+    F: tracing_subscriber::fmt::FormatEvent<S, N>,
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    N: for<'a> tracing_subscriber::fmt::FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        ctx: &tracing_subscriber::fmt::FmtContext<'_, S, N>,
+        mut writer: tracing_subscriber::fmt::format::Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        let n = match *event.metadata().level() {
+            tracing::Level::ERROR => 3,
+            tracing::Level::WARN => 4,
+            tracing::Level::INFO => 6,
+            _ => 7,
+        };
+        write!(writer, "<{n}>")?;
+        self.0.format_event(ctx, writer, event)
+    }
 }
 
 type Shutdown = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;

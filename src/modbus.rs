@@ -12,7 +12,8 @@
 //! answer after a timeout would poison the next transaction, so after a timeout or transport
 //! error the connection (or serial port) is dropped and reopened.
 
-use crate::committer::{now_ms, Intake};
+use crate::clock::now_ms;
+use crate::committer::Intake;
 use crate::config::{ModbusDevice, ModbusPoint, Parity, PointType, Role, Rtu, Table, WordOrder};
 use crate::core::counter::{self, Value, Width};
 use crate::core::engine::CounterReading;
@@ -326,6 +327,7 @@ impl Bus {
                         h.polls += 1;
                         h.online = true;
                         h.fails_in_row = 0;
+                        h.last_error = None;
                         h.last_seen_ms = Some(now);
                         h.states.extend(state_values);
                     });

@@ -111,10 +111,49 @@ pub struct Stats {
     pub clock_offset_ms: AtomicI64,
     /// What is wrong with the site (device) broker's answer to our subscription, if anything.
     site_problem: Mutex<Option<String>>,
+    /// The `[health]` rules (replaced on SIGHUP).
+    cadence: std::sync::RwLock<std::sync::Arc<crate::health::Cadence>>,
+    /// Per link ("site", "district"): connected or not, since when, why.
+    links: Mutex<BTreeMap<&'static str, LinkState>>,
     /// Per link ("site", "district"): a connection failure that needs an operator.
     link_problems: Mutex<BTreeMap<&'static str, crate::link::Problem>>,
     /// A store file this run moved aside as damaged, and why.
     pub quarantined: Mutex<Option<crate::store::damage::Quarantined>>,
+}
+
+/// One broker connection (`site`: the device broker; `district`: upstream), as the page, the API
+/// and `/healthz` show it.
+#[derive(Debug, Clone, Serialize)]
+pub struct LinkState {
+    /// The broker's URL (no credentials: they are separate keys).
+    pub url: String,
+    pub connected: bool,
+    /// Wall clock (Unix ms) since when it has been connected, or not.
+    pub since_ms: i64,
+    /// Why not connected: one of `link::DOWN_REASONS`.
+    pub reason: Option<&'static str>,
+    /// The last error, as the MQTT client reported it (English; for the log and `?lang=en`).
+    pub error: Option<String>,
+    /// Failed attempts since it went down.
+    pub attempts: u64,
+    /// When the last WARN about it was logged (wall ms), for the reminder rate.
+    #[serde(skip)]
+    pub warned_ms: i64,
+}
+
+/// What a link report changed, so the caller logs each state change once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkChange {
+    /// Nothing new (another failed attempt while down): DEBUG.
+    Same,
+    /// It went down (or failed its first attempt), or has been down another
+    /// `REMIND_EVERY_MS`: WARN.
+    Down,
+    /// Still down, for another reason now (the broker's port closed after the connection
+    /// was lost, say): INFO.
+    Reason,
+    /// It came up after `down_ms`: INFO.
+    Up { down_ms: i64 },
 }
 
 /// Intake paused: devices' messages wait unacknowledged in the site broker.
@@ -167,8 +206,10 @@ impl Default for Stats {
             commit_seconds: prometheus_client::metrics::histogram::Histogram::new(
                 prometheus_client::metrics::histogram::exponential_buckets(0.0005, 2.0, 14),
             ),
+            // 1 ms to about 9 h: a PUBACK that waited out a district outage still lands in a
+            // bucket, not only in +Inf.
             publish_seconds: prometheus_client::metrics::histogram::Histogram::new(
-                prometheus_client::metrics::histogram::exponential_buckets(0.001, 2.0, 14),
+                prometheus_client::metrics::histogram::exponential_buckets(0.001, 2.0, 25),
             ),
             ack_wait_seconds: prometheus_client::metrics::histogram::Histogram::new([
                 0.005, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 1.5, 1.9, 2.0, 3.0, 5.0,
@@ -193,6 +234,8 @@ impl Default for Stats {
             clock_offset_ms: AtomicI64::new(0),
             site_problem: Mutex::new(None),
             link_problems: Mutex::new(BTreeMap::new()),
+            links: Mutex::new(BTreeMap::new()),
+            cadence: Default::default(),
             quarantined: Mutex::new(None),
         }
     }
@@ -419,6 +462,106 @@ impl Stats {
     /// Links with a problem that needs an operator.
     pub fn link_problems(&self) -> BTreeMap<&'static str, crate::link::Problem> {
         self.link_problems.lock().expect("links lock").clone()
+    }
+
+    /// The `[health]` rules in force.
+    pub fn cadence(&self) -> std::sync::Arc<crate::health::Cadence> {
+        self.cadence.read().expect("cadence lock").clone()
+    }
+
+    /// Put new `[health]` rules in force (start, SIGHUP).
+    pub fn set_cadence(&self, c: crate::health::Cadence) {
+        *self.cadence.write().expect("cadence lock") = std::sync::Arc::new(c);
+    }
+
+    /// A device the store remembers from before this start, last seen at `last_seen_ms`.
+    pub fn remember_device(&self, kind: Kind, device: &str, last_seen_ms: i64) {
+        let mut d = self.devices.lock().expect("devices lock");
+        let e = d.entry((kind, device.to_string())).or_default();
+        e.last_seen_ms = e.last_seen_ms.max(last_seen_ms);
+    }
+
+    /// A link starts (before its first attempt): down, `connecting`, since `now_ms`.
+    pub fn link_start(&self, link: &'static str, url: &str, now_ms: i64) {
+        self.links.lock().expect("links lock").insert(
+            link,
+            LinkState {
+                url: url.to_string(),
+                connected: false,
+                since_ms: now_ms,
+                reason: Some("connecting"),
+                error: None,
+                attempts: 0,
+                warned_ms: 0,
+            },
+        );
+    }
+
+    /// `link` connected (CONNACK).
+    pub fn link_up(&self, link: &'static str, now_ms: i64) -> LinkChange {
+        if link == "site" {
+            self.site_connected.store(true, Relaxed);
+        } else {
+            self.upstream_connected.store(true, Relaxed);
+        }
+        let mut m = self.links.lock().expect("links lock");
+        let Some(l) = m.get_mut(link) else {
+            return LinkChange::Same;
+        };
+        if l.connected {
+            return LinkChange::Same;
+        }
+        let down_ms = now_ms - l.since_ms;
+        l.connected = true;
+        l.since_ms = now_ms;
+        l.reason = None;
+        l.error = None;
+        l.attempts = 0;
+        LinkChange::Up { down_ms }
+    }
+
+    /// A connection attempt of `link` failed, or the connection was lost.
+    pub fn link_down(
+        &self,
+        link: &'static str,
+        reason: &'static str,
+        error: String,
+        now_ms: i64,
+    ) -> LinkChange {
+        if link == "site" {
+            self.site_connected.store(false, Relaxed);
+        } else {
+            self.upstream_connected.store(false, Relaxed);
+        }
+        let mut m = self.links.lock().expect("links lock");
+        let Some(l) = m.get_mut(link) else {
+            return LinkChange::Same;
+        };
+        let change = if l.connected
+            || l.reason == Some("connecting")
+            || now_ms - l.warned_ms >= crate::link::REMIND_EVERY_MS
+        {
+            l.warned_ms = now_ms;
+            LinkChange::Down
+        } else if l.reason != Some(reason) {
+            LinkChange::Reason
+        } else {
+            LinkChange::Same
+        };
+        if l.connected {
+            l.since_ms = now_ms;
+            l.attempts = 0;
+        }
+        l.connected = false;
+        l.reason = Some(reason);
+        l.error = Some(error);
+        l.attempts += 1;
+        change
+    }
+
+    /// Both links' state.
+    pub fn links(&self) -> BTreeMap<&'static str, LinkState> {
+        self.links.lock().expect("links lock").clone()
     }
 
     /// Set (or clear) what is wrong with the site broker's subscription grant.

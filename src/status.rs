@@ -7,11 +7,10 @@
 //! but `/healthz` need HTTP Basic auth. A connection limit and a per-request timeout keep a
 //! misbehaving client on the LAN away from the pipeline; store reads run on blocking threads.
 
-use crate::committer::now_ms;
+use crate::clock::now_ms;
 use crate::config::{parse_utc_offset, Config};
 use crate::core::event::Kind;
 use crate::core::summary::rfc3339_utc;
-use crate::forwarder::DEVICE_ONLINE_WITHIN_MS;
 use crate::stats::Stats;
 use crate::store::Store;
 use axum::extract::{Query, State};
@@ -84,6 +83,8 @@ pub async fn serve(
     );
     registry.register_collector(Box::new(Metrics {
         stats: stats.clone(),
+        store: store.clone(),
+        max_bytes: cfg.store.max_size.0,
     }));
     let state = AppState {
         cfg: cfg.clone(),
@@ -101,8 +102,10 @@ pub async fn serve(
         .route("/healthz", get(healthz))
         .layer(axum::middleware::from_fn(timeout))
         .with_state(state);
-    let addr = listener.local_addr().ok();
-    tracing::info!(listen = ?addr, "status page listening");
+    match listener.local_addr() {
+        Ok(addr) => tracing::info!(listen = %addr, "status page listening"),
+        Err(e) => tracing::warn!(error = %e, "status page listening (address unknown)"),
+    }
     let limited = Limited {
         inner: listener,
         permits: Arc::new(Semaphore::new(cfg.status.max_connections as usize)),
@@ -214,6 +217,9 @@ async fn healthz(State(st): State<AppState>) -> Response {
         )
             .into_response();
     }
+    if let Some(why) = crate::health::site_link_too_long_down(&st.stats, now_ms()) {
+        return (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")).into_response();
+    }
     if crate::systemd::alive(&st.stats, crate::systemd::STUCK_AFTER) {
         return (StatusCode::OK, "ok\n").into_response();
     }
@@ -266,10 +272,48 @@ fn to_prometheus_text(openmetrics: &str) -> String {
     out
 }
 
-/// Series derived from the shared counters at scrape time.
-#[derive(Debug)]
+/// Series derived from the shared counters and the store at scrape time.
 struct Metrics {
     stats: Arc<Stats>,
+    store: Arc<Store>,
+    /// `store.max_size`.
+    max_bytes: u64,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+/// The process's own figures from /proc (the `process_*` names the Prometheus client
+/// libraries use, so stock dashboards work): resident and virtual memory (bytes), CPU
+/// seconds, start time (Unix s), open file descriptors.
+fn process_figures() -> Option<(u64, u64, f64, f64, u64)> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name (which may hold spaces) in parentheses.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = 100.0; // sysconf(_SC_CLK_TCK) on Linux
+    let utime: f64 = f.get(11)?.parse().ok()?;
+    let stime: f64 = f.get(12)?.parse().ok()?;
+    let start_ticks: f64 = f.get(19)?.parse().ok()?;
+    let vsize: u64 = f.get(20)?.parse().ok()?;
+    let rss_pages: u64 = f.get(21)?.parse().ok()?;
+    // SAFETY: sysconf only reads a constant.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as u64;
+    let boot: f64 = std::fs::read_to_string("/proc/stat")
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("btime ").and_then(|v| v.trim().parse().ok()))?;
+    let fds = std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count() as u64);
+    Some((
+        rss_pages * page,
+        vsize,
+        (utime + stime) / ticks,
+        boot + start_ticks / ticks,
+        fds,
+    ))
 }
 
 fn counter(
@@ -392,6 +436,97 @@ impl Collector for Metrics {
             "Size of the store file",
             s.store_bytes.load(Relaxed) as i64,
         )?;
+        gauge(
+            &mut e,
+            "zhian_store_max_bytes",
+            "store.max_size: the data dir stays within it",
+            self.max_bytes as i64,
+        )?;
+        if let Ok(o) = self.store.overview() {
+            {
+                let mut m = e.encode_descriptor(
+                    "zhian_outbox_pending_by_class",
+                    "Upstream messages waiting for their PUBACK, by class",
+                    None,
+                    prometheus_client::metrics::MetricType::Gauge,
+                )?;
+                for (class, v) in [
+                    ("alert", o.pending_alerts),
+                    ("summary", o.pending_summaries),
+                ] {
+                    ConstGauge::new(v as i64).encode(m.encode_family(&[("class", class)])?)?;
+                }
+            }
+            gauge(
+                &mut e,
+                "zhian_outbox_oldest_pending_seconds",
+                "Age of the oldest window still waiting to be delivered upstream (0: none)",
+                o.oldest_pending_window_ms
+                    .map_or(0, |t| (now_ms() - t).max(0) / 1000),
+            )?;
+            let mut m = e.encode_descriptor(
+                "zhian_dropped",
+                "Dropped under disk pressure since the store was created (summaries and alerts: never delivered)",
+                None,
+                prometheus_client::metrics::MetricType::Counter,
+            )?;
+            for (what, v) in [
+                ("summaries", o.dropped_summaries),
+                ("alerts", o.dropped_alerts),
+                ("dedup_keys", o.dropped_dedup_keys),
+                ("raw_events", o.evicted_events),
+            ] {
+                ConstCounter::new(v).encode(m.encode_family(&[("what", what)])?)?;
+            }
+        }
+        {
+            let mut m = e.encode_descriptor(
+                "zhian_link_connected",
+                "1 while the link is connected (site: the device broker; district: upstream)",
+                None,
+                prometheus_client::metrics::MetricType::Gauge,
+            )?;
+            for (link, l) in s.links() {
+                ConstGauge::new(i64::from(l.connected))
+                    .encode(m.encode_family(&[("link", link)])?)?;
+            }
+        }
+        if let Some((rss, vsize, cpu, start, fds)) = process_figures() {
+            gauge(
+                &mut e,
+                "process_resident_memory_bytes",
+                "Resident memory size in bytes",
+                rss as i64,
+            )?;
+            gauge(
+                &mut e,
+                "process_virtual_memory_bytes",
+                "Virtual memory size in bytes",
+                vsize as i64,
+            )?;
+            gauge(
+                &mut e,
+                "process_open_fds",
+                "Open file descriptors",
+                fds as i64,
+            )?;
+            let g = prometheus_client::metrics::gauge::ConstGauge::new(start);
+            let m = e.encode_descriptor(
+                "process_start_time_seconds",
+                "Start time of the process since the Unix epoch, seconds",
+                None,
+                g.metric_type(),
+            )?;
+            g.encode(m)?;
+            let c = ConstCounter::new(cpu);
+            let m = e.encode_descriptor(
+                "process_cpu_seconds",
+                "User and system CPU time spent, seconds",
+                None,
+                c.metric_type(),
+            )?;
+            c.encode(m)?;
+        }
         {
             let problems = s.link_problems();
             let mut m = e.encode_descriptor(
@@ -422,29 +557,38 @@ impl Collector for Metrics {
             }
         }
         let now = now_ms();
+        let devices = crate::health::devices(s, now);
         {
             let mut m = e.encode_descriptor(
                 "zhian_device_up",
-                "1 if the device is online (MQTT: reported within 15 min; Modbus: last polls good)",
+                "1 if the device is online (MQTT: reported within its [health] cadence; Modbus: its last polls good)",
                 None,
                 prometheus_client::metrics::MetricType::Gauge,
             )?;
-            for ((kind, name), d) in s.devices() {
-                let up = d.last_seen_ms > 0 && now - d.last_seen_ms <= DEVICE_ONLINE_WITHIN_MS;
+            for d in &devices {
                 let labels = [
-                    ("device", name.as_str()),
-                    ("kind", kind.as_str()),
-                    ("source", "mqtt"),
+                    ("device", d.name.as_str()),
+                    ("kind", d.kind.as_str()),
+                    ("source", d.source),
                 ];
-                ConstGauge::new(i64::from(up)).encode(m.encode_family(&labels)?)?;
+                ConstGauge::new(i64::from(d.online)).encode(m.encode_family(&labels)?)?;
             }
-            for (name, h) in s.modbus() {
+        }
+        {
+            let mut m = e.encode_descriptor(
+                "zhian_device_last_seen_timestamp_seconds",
+                "When the device was last seen (an accepted event, a good poll), Unix seconds",
+                None,
+                prometheus_client::metrics::MetricType::Gauge,
+            )?;
+            for d in &devices {
+                let Some(t) = d.last_seen_ms else { continue };
                 let labels = [
-                    ("device", name.as_str()),
-                    ("kind", h.kind.as_str()),
-                    ("source", "modbus"),
+                    ("device", d.name.as_str()),
+                    ("kind", d.kind.as_str()),
+                    ("source", d.source),
                 ];
-                ConstGauge::new(i64::from(h.online)).encode(m.encode_family(&labels)?)?;
+                ConstGauge::new(t / 1000).encode(m.encode_family(&labels)?)?;
             }
         }
         {
@@ -505,10 +649,34 @@ struct DeviceOut {
     source: &'static str,
     online: bool,
     last_seen: Option<String>,
+    /// Seconds since it was last seen.
+    last_seen_secs_ago: Option<i64>,
+    /// Since when it has been offline (None while online or never seen).
+    offline_since: Option<String>,
+    /// Its expected cadence (`[health]`, MQTT devices), seconds.
+    silence_secs: Option<i64>,
+    /// Events counted today (local day, site time zone) from this device.
+    today: u64,
     last_error: Option<String>,
     /// Modbus: counter readings dropped as misreads (glitch rule) since start.
     glitches: u64,
     states: serde_json::Map<String, serde_json::Value>,
+}
+
+#[derive(Serialize)]
+struct LinkOut {
+    url: String,
+    connected: bool,
+    since: String,
+    /// Seconds in this state.
+    for_secs: i64,
+    /// Why not connected: `connecting`, `unreachable`, `closed`, `refused`, `tls`,
+    /// `identity_taken`.
+    reason: Option<&'static str>,
+    /// The last error as the MQTT client reported it.
+    error: Option<String>,
+    /// Failed attempts since it went down.
+    attempts: u64,
 }
 
 #[derive(Serialize)]
@@ -519,6 +687,8 @@ struct UpstreamOut {
     /// Messages the district broker kept refusing: kept on the box, not sent again.
     parked: u64,
     oldest_pending_window: Option<String>,
+    /// Age of the oldest pending window's start, seconds.
+    oldest_pending_secs: Option<i64>,
 }
 
 #[derive(Serialize)]
@@ -583,6 +753,9 @@ struct StatusOut {
     /// The store clock less the wall clock, ms (see `core::clock::StoreClock`): non-zero after
     /// a step of the wall clock, until it is caught up with or vouched for.
     clock_offset_ms: i64,
+    /// Both links: `site` (the device broker) and `district` (upstream), each connected or
+    /// not, since when, why not.
+    links: BTreeMap<&'static str, LinkOut>,
     /// What is wrong with the site broker's subscription (refused, or granted QoS 0).
     site_problem: Option<String>,
     /// Per link (`site`, `district`): a connection failure that needs an operator (refused
@@ -633,9 +806,11 @@ fn snapshot(st: &AppState) -> Result<StatusOut, crate::store::StoreError> {
             store_error = Some(e.to_string());
             Vec::new()
         });
+    let mut device_today: BTreeMap<(Kind, String), u64> = BTreeMap::new();
     for w in windows {
         for (k, n) in &w.counts {
             if w.start_ms >= midnight {
+                *device_today.entry((k.kind, k.device.clone())).or_default() += n;
                 *today
                     .entry(k.kind.as_str())
                     .or_default()
@@ -652,38 +827,26 @@ fn snapshot(st: &AppState) -> Result<StatusOut, crate::store::StoreError> {
             }
         }
     }
-    let mut devices: Vec<DeviceOut> = st
-        .stats
-        .devices()
+    let devices: Vec<DeviceOut> = crate::health::devices(&st.stats, now)
         .into_iter()
-        .map(|((kind, name), d)| DeviceOut {
-            kind,
-            name,
-            source: "mqtt",
-            online: d.last_seen_ms > 0 && now - d.last_seen_ms <= DEVICE_ONLINE_WITHIN_MS,
-            last_seen: (d.last_seen_ms > 0).then(|| rfc3339_utc(d.last_seen_ms)),
-            last_error: d.last_error.map(str::to_string),
-            glitches: 0,
-            states: Default::default(),
+        .map(|d| DeviceOut {
+            today: device_today
+                .get(&(d.kind, d.name.clone()))
+                .copied()
+                .unwrap_or(0),
+            last_seen: d.last_seen_ms.map(rfc3339_utc),
+            last_seen_secs_ago: d.last_seen_ms.map(|t| (now - t).max(0) / 1000),
+            offline_since: d.offline_since_ms.map(rfc3339_utc),
+            silence_secs: d.silence_ms.map(|ms| ms / 1000),
+            states: d.states.into_iter().collect(),
+            kind: d.kind,
+            name: d.name,
+            source: d.source,
+            online: d.online,
+            last_error: d.last_error,
+            glitches: d.glitches,
         })
         .collect();
-    devices.extend(st.stats.modbus().into_iter().map(|(name, h)| {
-        DeviceOut {
-            kind: h.kind,
-            name,
-            source: "modbus",
-            online: h.online,
-            last_seen: h.last_seen_ms.map(rfc3339_utc),
-            last_error: h.last_error,
-            glitches: h.glitches,
-            states: h
-                .states
-                .iter()
-                .map(|(k, v)| (k.clone(), v.to_json()))
-                .collect(),
-        }
-    }));
-    devices.sort_by(|a, b| (a.kind, &a.name).cmp(&(b.kind, &b.name)));
     let o = st.store.overview().unwrap_or_else(|e| {
         store_error = Some(e.to_string());
         crate::store::Overview {
@@ -720,6 +883,25 @@ fn snapshot(st: &AppState) -> Result<StatusOut, crate::store::StoreError> {
             since: paused.as_ref().map(|p| rfc3339_utc(p.since_ms)),
         },
         clock_offset_ms: st.stats.clock_offset_ms.load(Relaxed),
+        links: st
+            .stats
+            .links()
+            .into_iter()
+            .map(|(k, l)| {
+                (
+                    k,
+                    LinkOut {
+                        since: rfc3339_utc(l.since_ms),
+                        for_secs: (now - l.since_ms).max(0) / 1000,
+                        url: l.url,
+                        connected: l.connected,
+                        reason: l.reason,
+                        error: l.error,
+                        attempts: l.attempts,
+                    },
+                )
+            })
+            .collect(),
         site_problem: st.stats.site_problem(),
         link_problems: st.stats.link_problems(),
         upstream: UpstreamOut {
@@ -728,6 +910,7 @@ fn snapshot(st: &AppState) -> Result<StatusOut, crate::store::StoreError> {
             pending_alerts: o.pending_alerts,
             parked: o.parked,
             oldest_pending_window: o.oldest_pending_window_ms.map(rfc3339_utc),
+            oldest_pending_secs: o.oldest_pending_window_ms.map(|t| (now - t).max(0) / 1000),
         },
         store: StoreOut {
             bytes: o.file_bytes,
@@ -898,6 +1081,40 @@ fn t(en: bool, key: &str) -> &'static str {
         "updated" => ("更新于", "Updated"),
         "other_lang" => ("English", "中文"),
         "access" => ("门禁", "Access"),
+        "links" => ("连接", "Links"),
+        "site_broker" => ("现场代理（设备）", "Site broker (devices)"),
+        "district_broker" => ("区级平台", "District platform"),
+        "connecting" => ("正在连接", "connecting"),
+        "unreachable" => ("无法连接", "unreachable"),
+        "closed" => ("连接中断", "connection lost"),
+        "refused" => ("拒绝登录（用户名/密码或权限）", "refused (credentials or ACL)"),
+        "tls" => ("TLS 证书问题", "TLS certificate problem"),
+        "identity_taken" => ("客户端ID被另一台设备占用", "client id taken by another client"),
+        "fix_refused" => ("请检查用户名和密码", "check the username and password"),
+        "fix_tls" => (
+            "请检查 ca_file、client_cert、client_key",
+            "check ca_file, client_cert, client_key",
+        ),
+        "fix_identity_taken" => (
+            "两台网关用了同一份配置？请为每台设置不同的 gateway.id",
+            "two boxes from one config? give each its own gateway.id",
+        ),
+        "site_problem_zh" => (
+            "现场代理未按 QoS 1 授予订阅（重启时可能丢消息）：请允许本客户端使用 QoS 1",
+            "",
+        ),
+        "for" => ("已持续", "for"),
+        "attempts" => ("次重试", "attempts"),
+        "today_n" => ("今日", "Today"),
+        "offline_for" => ("离线", "offline for"),
+        "ago" => ("前", "ago"),
+        "undelivered" => ("未送达", "not delivered yet"),
+        "state_ok" => ("运行正常", "All is well"),
+        "state_attention" => ("需要关注", "Needs attention"),
+        "state_broken" => ("故障：数据未在采集", "Broken: nothing is being collected"),
+        "devices_offline" => ("台设备离线", "devices offline"),
+        "poll_failed" => ("通信失败", "polls failing"),
+        "backlog" => ("待发送积压", "backlog"),
         "vehicle" => ("车辆", "Vehicle"),
         "camera_k" => ("摄像头", "Camera"),
         _ => ("?", "?"),
@@ -906,6 +1123,49 @@ fn t(en: bool, key: &str) -> &'static str {
         e
     } else {
         zh
+    }
+}
+
+/// An age in words: "5 s", "3 min", "2 h", "4 d" (en) or "5 秒", "3 分钟", "2 小时", "4 天".
+fn age(secs: i64, en: bool) -> String {
+    let secs = secs.max(0);
+    let (n, zh, e) = if secs < 60 {
+        (secs, "秒", "s")
+    } else if secs < 3600 {
+        (secs / 60, "分钟", "min")
+    } else if secs < 86_400 {
+        (secs / 3600, "小时", "h")
+    } else {
+        (secs / 86_400, "天", "d")
+    };
+    if en {
+        format!("{n} {e}")
+    } else {
+        format!("{n} {zh}")
+    }
+}
+
+/// A reject reason (`too_late`, ...) in the page's language.
+fn reject_label(en: bool, reason: &str) -> String {
+    let zh = match reason {
+        "invalid_json" => "不是有效的 JSON",
+        "invalid_topic" => "主题格式不对",
+        "invalid_ts" => "时间戳无效",
+        "invalid_id" => "事件编号无效",
+        "invalid_action" => "动作无效",
+        "invalid_result" => "结果无效",
+        "invalid_subject" => "人员/车牌字段无效",
+        "topic_mismatch" => "内容与主题不符",
+        "too_late" => "太迟（窗口已关闭太久）",
+        "too_far_future" => "时间超前太多",
+        "too_large" => "消息过大",
+        "unmapped" => "无法映射",
+        _ => return reason.replace('_', " "),
+    };
+    if en {
+        reason.replace('_', " ")
+    } else {
+        zh.to_string()
     }
 }
 
@@ -1043,7 +1303,11 @@ fn render(s: &StatusOut, en: bool, refresh: u64) -> String {
             t(en, s.intake.reason.unwrap_or("disk_error")),
             t(en, "since"),
             local_rfc(&s.intake.since, s.tz_secs, en),
-            esc(s.intake.detail.as_deref().unwrap_or("")),
+            if en {
+                esc(s.intake.detail.as_deref().unwrap_or(""))
+            } else {
+                String::new()
+            },
         ));
     }
     if s.clock_offset_ms.abs() > crate::core::clock::STEP_MS {
@@ -1065,7 +1329,11 @@ fn render(s: &StatusOut, en: bool, refresh: u64) -> String {
         alarms.push(format!(
             "<li data-site-problem><b>{}</b> {}</li>",
             t(en, "site_problem"),
-            esc(p)
+            if en {
+                esc(p)
+            } else {
+                t(en, "site_problem_zh").to_string()
+            }
         ));
     }
     for (link, p) in &s.link_problems {
@@ -1080,7 +1348,15 @@ fn render(s: &StatusOut, en: bool, refresh: u64) -> String {
                     "district_link"
                 }
             ),
-            esc(&p.detail)
+            if en {
+                esc(&p.detail)
+            } else {
+                format!(
+                    "{}：{}",
+                    t(en, p.reason),
+                    t(en, &format!("fix_{}", p.reason))
+                )
+            }
         ));
     }
     for q in &s.store.quarantined {
@@ -1092,6 +1368,7 @@ fn render(s: &StatusOut, en: bool, refresh: u64) -> String {
             q.bytes as f64 / 1048576.0,
             q.reason
                 .as_ref()
+                .filter(|_| en)
                 .map(|r| format!(" · {}", esc(r)))
                 .unwrap_or_default(),
         ));
@@ -1120,6 +1397,50 @@ fn render(s: &StatusOut, en: bool, refresh: u64) -> String {
             d.raw_events,
         ));
     }
+    // The overall state first: broken when nothing is being collected, attention when
+    // something needs a look, ok otherwise; with the first reason.
+    let site_down = s.links.get("site").filter(|l| !l.connected);
+    let offline = s.devices.iter().filter(|d| !d.online).count();
+    let district_down = s.links.get("district").filter(|l| !l.connected);
+    let (state, first) = if s.intake.paused {
+        ("broken", t(en, "paused").to_string())
+    } else if let Some(l) = site_down.filter(|l| l.for_secs >= 10) {
+        (
+            "broken",
+            format!(
+                "{}：{} {} {}",
+                t(en, "site_broker"),
+                t(en, l.reason.unwrap_or("closed")),
+                t(en, "for"),
+                age(l.for_secs, en)
+            ),
+        )
+    } else if !alarms.is_empty() {
+        ("attention", t(en, "attention").to_string())
+    } else if let Some(l) = district_down.filter(|l| l.for_secs >= 10) {
+        (
+            "attention",
+            format!(
+                "{}：{} {} {}",
+                t(en, "district_broker"),
+                t(en, l.reason.unwrap_or("closed")),
+                t(en, "for"),
+                age(l.for_secs, en)
+            ),
+        )
+    } else if offline > 0 {
+        (
+            "attention",
+            format!("{offline} {}", t(en, "devices_offline")),
+        )
+    } else {
+        ("ok", String::new())
+    };
+    h.push_str(&format!(
+        "<div class=\"banner {state}\" data-state=\"{state}\"><b>{}</b> {}</div>",
+        t(en, &format!("state_{state}")),
+        esc(&first)
+    ));
     if !alarms.is_empty() {
         h.push_str(&format!(
             "<section class=\"alarm\"><h2>{}</h2><ul>{}</ul></section>",
@@ -1127,6 +1448,40 @@ fn render(s: &StatusOut, en: bool, refresh: u64) -> String {
             alarms.join("")
         ));
     }
+    // Both links: connected or not, for how long, why not.
+    h.push_str(&format!(
+        "<section><h2>{}</h2><div class=\"cards\">",
+        t(en, "links")
+    ));
+    for (key, label) in [("site", "site_broker"), ("district", "district_broker")] {
+        let Some(l) = s.links.get(key) else { continue };
+        let why = if l.connected {
+            String::new()
+        } else {
+            let mut w = format!(" · {}", t(en, l.reason.unwrap_or("closed")));
+            if l.attempts > 0 {
+                w.push_str(&format!(" · {} {}", l.attempts, t(en, "attempts")));
+            }
+            if en {
+                if let Some(e) = &l.error {
+                    w.push_str(&format!(" · {}", esc(e)));
+                }
+            }
+            w
+        };
+        h.push_str(&format!(
+            "<div class=\"card\" data-link=\"{key}\" data-connected=\"{}\"><h3>{}</h3><div class=\"small\"><b class=\"{}\">{}</b><span>{} {}</span></div><p class=\"muted\">{}{}</p></div>",
+            l.connected,
+            t(en, label),
+            if l.connected { "ok" } else { "bad" },
+            t(en, if l.connected { "connected" } else { "disconnected" }),
+            t(en, "for"),
+            age(l.for_secs, en),
+            esc(&l.url),
+            why,
+        ));
+    }
+    h.push_str("</div></section>");
     // Today.
     h.push_str(&format!(
         "<section><h2>{}</h2><div class=\"cards\">",
@@ -1176,15 +1531,15 @@ fn render(s: &StatusOut, en: bool, refresh: u64) -> String {
         t(en, "vehicle"),
         t(en, "camera_k")
     ));
-    // Devices.
+    // Devices: offline first (the list comes sorted), with ages and today's counts.
     h.push_str(&format!(
-        "<section><h2>{}</h2><table><tr><th>{}</th><th>{}</th><th>{}</th><th>{}</th><th>{}</th><th>{}</th><th>{}</th></tr>",
+        "<section><h2>{}</h2><div class=\"scroll\"><table class=\"dev\"><tr><th>{}</th><th>{}</th><th>{}</th><th>{}</th><th>{}</th><th class=\"wide\">{}</th><th class=\"wide\">{}</th></tr>",
         t(en, "devices"),
         t(en, "name"),
-        t(en, "kind"),
-        t(en, "source"),
         t(en, "state"),
         t(en, "last_seen"),
+        t(en, "today_n"),
+        t(en, "kind"),
         t(en, "last_error"),
         t(en, "values")
     ));
@@ -1194,20 +1549,30 @@ fn render(s: &StatusOut, en: bool, refresh: u64) -> String {
             .iter()
             .map(|(k, v)| format!("{}={}", esc(k), esc(&v.to_string())))
             .collect();
+        let seen = match d.last_seen_secs_ago {
+            Some(a) if en => format!("{} {}", age(a, en), t(en, "ago")),
+            Some(a) => format!("{}{}", age(a, en), t(en, "ago")),
+            None => t(en, "never").to_string(),
+        };
+        let err = match (&d.last_error, d.source) {
+            (None, _) => String::new(),
+            (Some(e), "mqtt") => reject_label(en, e),
+            (Some(e), _) if en => esc(e),
+            (Some(_), _) => t(en, "poll_failed").to_string(),
+        };
         h.push_str(&format!(
-            "<tr data-device=\"{name}\" data-online=\"{online}\"><td>{name}</td><td>{kind}</td><td>{src}</td><td class=\"{cls}\">{state}</td><td>{seen}</td><td>{err}</td><td>{states}</td></tr>",
+            "<tr data-device=\"{name}\" data-online=\"{online}\"><td>{name}</td><td class=\"{cls}\">{state}</td><td>{seen}</td><td data-today=\"{today}\">{today}</td><td class=\"wide\">{kind} · {src}</td><td class=\"wide\">{err}</td><td class=\"wide\">{states}</td></tr>",
             name = esc(&d.name),
             online = d.online,
             kind = kind_label(en, d.kind),
             src = if d.source == "mqtt" { "MQTT" } else { "Modbus" },
             cls = if d.online { "ok" } else { "bad" },
             state = t(en, if d.online { "online" } else { "offline" }),
-            seen = local_rfc(&d.last_seen, s.tz_secs, en),
-            err = esc(d.last_error.as_deref().unwrap_or("")),
+            today = d.today,
             states = states.join(" "),
         ));
     }
-    h.push_str("</table></section>");
+    h.push_str("</table></div></section>");
     // Upstream.
     let u = &s.upstream;
     h.push_str(&format!(
@@ -1227,9 +1592,8 @@ fn render(s: &StatusOut, en: bool, refresh: u64) -> String {
         t(en, "pending_alerts"),
         u.pending_alerts,
         t(en, "oldest"),
-        u.oldest_pending_window
-            .as_ref()
-            .map(|_| local_rfc(&u.oldest_pending_window, s.tz_secs, en))
+        u.oldest_pending_secs
+            .map(|a| if en { format!("{} {}", age(a, en), t(en, "ago")) } else { format!("{}{}", age(a, en), t(en, "ago")) })
             .unwrap_or_else(|| "—".into()),
         t(en, "store"),
         s.store.bytes as f64 / 1048576.0,
@@ -1242,13 +1606,17 @@ fn render(s: &StatusOut, en: bool, refresh: u64) -> String {
         t(en, "device"),
         t(en, "type")
     ));
-    for a in s.recent_alerts.iter().take(20) {
+    // Alerts leave oldest first, so the newest `pending_alerts` ones are the undelivered.
+    let undelivered = s.upstream.pending_alerts as usize;
+    for (i, a) in s.recent_alerts.iter().take(20).enumerate() {
+        let pending = i < undelivered;
         h.push_str(&format!(
-            "<tr data-alert=\"{}\"><td>{}</td><td>{}</td><td>{}</td></tr>",
+            "<tr data-alert=\"{}\" data-pending=\"{pending}\"><td>{}</td><td>{}</td><td>{}{}</td></tr>",
             esc(&a.action),
             local_rfc(&Some(a.at.clone()), s.tz_secs, en),
             esc(&a.device),
-            esc(&action_label(en, &a.action))
+            esc(&action_label(en, &a.action)),
+            if pending { format!(" <b class=\"bad\">{}</b>", t(en, "undelivered")) } else { String::new() }
         ));
     }
     h.push_str("</table></section>");
@@ -1264,7 +1632,7 @@ fn render(s: &StatusOut, en: bool, refresh: u64) -> String {
             "<tr><td>{}</td><td>{}</td><td>{}</td></tr>",
             local_rfc(&Some(r.at.clone()), s.tz_secs, en),
             esc(&r.topic),
-            r.reason
+            reject_label(en, r.reason)
         ));
     }
     h.push_str("</table></section></body></html>");
@@ -1281,7 +1649,10 @@ table{width:100%;border-collapse:collapse;font-size:.92em}th,td{text-align:left;
 .alarm{border:2px solid #c5221f;padding:0 .8em}.ok{color:#137333;font-weight:bold}.bad{color:#c5221f;font-weight:bold}.muted{color:#888}\
 svg{width:100%;height:auto;max-height:260px}.axis{stroke:#999}.lbl{font-size:11px;fill:#666}rect.a,.legend i.a{fill:#1a73e8;background:#1a73e8}\
 rect.v,.legend i.v{fill:#f29900;background:#f29900}rect.c,.legend i.c{fill:#d93025;background:#d93025}.legend i{display:inline-block;width:10px;height:10px;margin:0 4px 0 10px}\
-@media(max-width:600px){section{margin:8px;padding:8px}table{font-size:.8em}}";
+.banner{margin:12px;padding:10px 16px;border-radius:8px;font-size:1.05em}.banner.ok{background:#e6f4ea;color:#137333}\
+.banner.attention{background:#fef7e0;color:#8a5a00;border:1px solid #f29900}.banner.broken{background:#fce8e6;color:#a50e0e;border:2px solid #c5221f}\
+.scroll{overflow-x:auto}\
+@media(max-width:600px){section,.banner{margin:8px;padding:8px}table{font-size:.85em}.wide{display:none}.lbl{font-size:26px}.cards{gap:8px}.card{flex-basis:100%}header .lang{position:static;display:inline-block;margin-top:4px}}";
 
 /// A listener that holds at most `permits` connections open at once.
 struct Limited {

@@ -38,7 +38,7 @@ fn inspect(dir: &std::path::Path) -> std::process::Output {
 fn inspect_reports_the_store_offline() {
     let dir = tempfile::tempdir().unwrap();
     let en = engine();
-    let now = zhian_gateway::committer::now_ms();
+    let now = zhian_gateway::clock::now_ms();
     {
         let (_s, mut s) = Store::open(dir.path(), SubjectMode::Hashed).unwrap();
         let old = Event {

@@ -17,6 +17,7 @@
 //! | `outbox` | `(u8 class, u64 seq)` | v1 [`OutboxRecordV1`]: an upstream message waiting for its PUBACK; class 0 alerts, 1 summaries, so alerts go first; class 2 parked (the district broker kept refusing it) | when windows close, alerts, PUBACKs, parking |
 //! | `counters` | `&str` "kind\0device\0point" | v2 [`CounterRecordV2`] (v1 [`CounterRecordV1`] still read): the last value of a Modbus counter that counted and a reading held by the glitch rule, written in the same transaction as the counts it produced | Modbus polls that moved |
 //! | `states` | `&str` "kind\0device\0point" | v1 [`StateRecordV1`]: the latest value of a Modbus state point and when it last changed | Modbus polls that changed |
+//! | `devices` | `&str` "kind\0device" | `i64`: when an event of this MQTT device was last accepted (ms), so devices known once stay known across restarts (contract: "Status page") | a new device at once; a known one at most every [`DEVICE_SEEN_EVERY_MS`] |
 //!
 //! A dedup hash is the first 8 bytes of BLAKE3 keyed with `subject_key` over
 //! `"dedup\0" kind "\0" device "\0" id`. The writer holds every live hash in memory (built
@@ -58,7 +59,7 @@ pub use records::{
     CounterRecordV1, CounterRecordV2, EventRecordV1, OutboxRecordV1, OutboxTopic, StateRecordV1,
     StateUpdate, StoredSubject,
 };
-pub use writer::{CommitReport, StoreWriter};
+pub use writer::{CommitReport, StoreWriter, DEVICE_SEEN_EVERY_MS};
 
 use crate::core::summary::WindowState;
 use redb::{Database, ReadableDatabase, TableDefinition};
@@ -73,6 +74,7 @@ pub(crate) const WINDOWS: TableDefinition<i64, &[u8]> = TableDefinition::new("wi
 pub(crate) const OUTBOX: TableDefinition<(u8, u64), &[u8]> = TableDefinition::new("outbox");
 pub(crate) const COUNTERS: TableDefinition<&str, &[u8]> = TableDefinition::new("counters");
 pub(crate) const STATES: TableDefinition<&str, &[u8]> = TableDefinition::new("states");
+pub(crate) const DEVICES: TableDefinition<&str, i64> = TableDefinition::new("devices");
 // Format 1 tables, read once by the migration and then deleted.
 pub(crate) const DEDUP_V1: TableDefinition<&str, i64> = TableDefinition::new("dedup");
 pub(crate) const DEDUP_BY_TIME_V1: TableDefinition<(i64, &str), ()> =

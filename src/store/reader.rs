@@ -7,8 +7,9 @@ use super::records::{
 };
 use super::{
     decode_window, OutboxKey, Store, StoreError, CLASS_ALERT, CLASS_PARKED, CLASS_SUMMARY,
-    COUNTERS, DEDUP_LOG, EVENTS, META, OUTBOX, STATES, WINDOWS,
+    COUNTERS, DEDUP_LOG, DEVICES, EVENTS, META, OUTBOX, STATES, WINDOWS,
 };
+use crate::core::event::Kind;
 use crate::core::summary::WindowState;
 use redb::{ReadableTable, ReadableTableMetadata};
 use serde::Serialize;
@@ -169,6 +170,28 @@ impl Store {
         for row in t.iter()? {
             let (k, v) = row?;
             out.push((k.value().to_string(), decode("states", v.value())?));
+        }
+        Ok(out)
+    }
+
+    /// Every MQTT device the store remembers: kind, device and when it was last seen (ms, to
+    /// within `DEVICE_SEEN_EVERY_MS`). Empty for a file from before the table existed.
+    pub fn devices(&self) -> Result<Vec<(Kind, String, i64)>, StoreError> {
+        let txn = self.read()?;
+        let t = match txn.open_table(DEVICES) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(e.into()),
+        };
+        let mut out = Vec::new();
+        for row in t.iter()? {
+            let (k, v) = row?;
+            let Some((kind, device)) = k.value().split_once('\0') else {
+                continue;
+            };
+            if let Some(kind) = Kind::parse(kind) {
+                out.push((kind, device.to_string(), v.value()));
+            }
         }
         Ok(out)
     }

@@ -11,7 +11,7 @@ use super::records::{
 };
 use super::{
     damage, decode_window, Db, OutboxKey, Store, StoreError, CLASS_ALERT, CLASS_PARKED,
-    CLASS_SUMMARY, COUNTERS, DEDUP_BY_TIME_V1, DEDUP_LOG, DEDUP_V1, EVENTS, FORMAT, META,
+    CLASS_SUMMARY, COUNTERS, DEDUP_BY_TIME_V1, DEDUP_LOG, DEDUP_V1, DEVICES, EVENTS, FORMAT, META,
     OPEN_WINDOWS_V1, OUTBOX, STATES, WINDOWS,
 };
 use crate::config::SubjectMode;
@@ -64,7 +64,14 @@ struct Mem {
     row_bytes: u64,
     /// `events` rows before this key have had their expired hashes forgotten from `dedup`.
     forget_cursor: (u64, u64),
+    /// "kind\0device" -> the last-seen time written to `devices`.
+    devices: HashMap<String, i64>,
 }
+
+/// A known device's last-seen time is written at most this often (ms): after a restart it may
+/// read up to this much older than it was, and the table is touched (about 8 KB of
+/// copy-on-write pages) at most once per this period per batch, not per event.
+pub const DEVICE_SEEN_EVERY_MS: i64 = 5 * 60 * 1000;
 
 /// What one commit did.
 #[derive(Debug, Default, Clone)]
@@ -179,6 +186,11 @@ impl StoreWriter {
                 bytes += (k.value().len() + v.value().len()) as u64;
             }
         }
+        for row in txn.open_table(DEVICES)?.iter()? {
+            let (k, v) = row?;
+            bytes += k.value().len() as u64 + 8;
+            mem.devices.insert(k.value().to_string(), v.value());
+        }
         let reserved = read_u64(&txn.open_table(META)?, "seq_reserved")?;
         mem.next_seq = reserved.max(max_seq + 1);
         mem.seq_reserved = reserved;
@@ -287,6 +299,7 @@ impl StoreWriter {
         txn.set_durability(Durability::Immediate)?;
         txn.set_quick_repair(false);
         let mut report = CommitReport::default();
+        let mut seen: HashMap<String, i64> = HashMap::new();
         let changes = {
             let mut l = TxLedger {
                 meta: txn.open_table(META)?,
@@ -315,6 +328,26 @@ impl StoreWriter {
                 }
             }
             report.outcomes = engine.apply_inputs(&mut l, inputs.iter().copied(), now_ms)?;
+            // Devices seen: a new one at once, a known one at most every DEVICE_SEEN_EVERY_MS.
+            let mut seen_table = None;
+            for (input, outcome) in inputs.iter().zip(&report.outcomes) {
+                let (Input::Event(e), Outcome::Accepted) = (input, outcome) else {
+                    continue;
+                };
+                let key = format!("{}\0{}", e.kind.as_str(), e.device);
+                let due = |t: Option<&i64>| t.is_none_or(|t| now_ms - *t >= DEVICE_SEEN_EVERY_MS);
+                if due(self.mem.devices.get(&key)) && due(seen.get(&key)) {
+                    if seen_table.is_none() {
+                        seen_table = Some(txn.open_table(DEVICES)?);
+                    }
+                    let t = seen_table.as_mut().expect("opened");
+                    if t.insert(key.as_str(), now_ms)?.is_none() {
+                        l.bytes += key.len() as i64 + 8;
+                    }
+                    seen.insert(key, now_ms);
+                }
+            }
+            drop(seen_table);
             for st in states {
                 l.put_state(st)?;
             }
@@ -381,6 +414,7 @@ impl StoreWriter {
                 self.mem.open.remove(&start);
             }
         }
+        self.mem.devices.extend(seen);
         self.mem.next_seq = changes.next_seq;
         self.mem.seq_reserved = changes.seq_reserved;
         self.mem.row_bytes = (self.mem.row_bytes as i64 + changes.bytes).max(0) as u64;
@@ -552,6 +586,7 @@ fn prepare(db: &redb::Database) -> Result<[u8; 32], StoreError> {
     txn.open_table(OUTBOX)?;
     txn.open_table(COUNTERS)?;
     txn.open_table(STATES)?;
+    txn.open_table(DEVICES)?;
     txn.commit()?;
     Ok(key)
 }

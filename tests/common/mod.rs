@@ -433,11 +433,26 @@ pub struct CliOutput {
 
 /// Runs `zhian-gateway <args>` to completion (killed after `timeout`, which fails the test).
 pub fn run_cli<S: AsRef<OsStr>>(args: &[S], scratch: &Path, timeout: Duration) -> CliOutput {
+    run_cli_with(args, scratch, timeout, &[])
+}
+
+/// As [`run_cli`] (15 s at most), with extra environment variables.
+pub fn run_cli_env<S: AsRef<OsStr>>(args: &[S], scratch: &Path, env: &[(&str, &str)]) -> CliOutput {
+    run_cli_with(args, scratch, Duration::from_secs(15), env)
+}
+
+fn run_cli_with<S: AsRef<OsStr>>(
+    args: &[S],
+    scratch: &Path,
+    timeout: Duration,
+    env: &[(&str, &str)],
+) -> CliOutput {
     static SEQ: AtomicUsize = AtomicUsize::new(0);
     let n = SEQ.fetch_add(1, Ordering::Relaxed);
     let out_path = scratch.join(format!("cli-{n}.stdout"));
     let err_path = scratch.join(format!("cli-{n}.stderr"));
     let mut child = gateway_command()
+        .envs(env.iter().copied())
         .args(args)
         .stdout(File::create(&out_path).expect("create stdout file"))
         .stderr(File::create(&err_path).expect("create stderr file"))

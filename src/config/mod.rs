@@ -5,6 +5,7 @@
 //! can print one line per problem and exit 78 (EX_CONFIG) before anything starts.
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -28,6 +29,9 @@ impl fmt::Display for Problem {
         write!(f, "{}: {}", self.key, self.message)
     }
 }
+
+pub mod start;
+pub use start::check_start_needs;
 
 fn problem(key: impl Into<String>, message: impl Into<String>) -> Problem {
     Problem {
@@ -64,8 +68,27 @@ impl<'de> Deserialize<'de> for Dur {
 }
 
 impl Serialize for Dur {
+    /// As written in the config: the largest of `d`, `h`, `m`, `s`, `ms` that divides it
+    /// (`"24h"`, `"1800ms"`), never humantime's `"1day"` or `"1s 800ms"`.
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&humantime::format_duration(self.0).to_string())
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl fmt::Display for Dur {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let ms = self.0.as_millis();
+        for (unit, n) in [
+            ("d", 86_400_000),
+            ("h", 3_600_000),
+            ("m", 60_000),
+            ("s", 1000),
+        ] {
+            if ms > 0 && ms % n == 0 {
+                return write!(f, "{}{unit}", ms / n);
+            }
+        }
+        write!(f, "{ms}ms")
     }
 }
 
@@ -167,6 +190,38 @@ pub struct Config {
     pub alerts: Alerts,
     pub modbus: Modbus,
     pub clock: Clock,
+    pub health: Health,
+}
+
+/// `[health]`: when a device counts as offline, and how long the site link may be down before
+/// `/healthz` says so (contract: "Status page").
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Health {
+    /// The expected cadence of an MQTT device: one silent for longer is offline. Default 15 min.
+    pub silence: Dur,
+    /// Per kind (`access`, `camera`, `vehicle`), e.g. `camera = "24h"` for cameras that report
+    /// only incidents.
+    pub kinds: BTreeMap<String, Dur>,
+    /// Per device id (matched without regard to case), e.g. `"gate-east" = "2h"`.
+    pub devices: BTreeMap<String, Dur>,
+    /// `/healthz` answers 503 once the site broker has been unreachable this long. Default 60 s.
+    pub link_grace: Dur,
+    /// An MQTT device silent this long is forgotten (page, API, heartbeat, metrics). Default
+    /// 30 days.
+    pub forget_after: Dur,
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Health {
+            silence: Dur(Duration::from_secs(15 * 60)),
+            kinds: BTreeMap::new(),
+            devices: BTreeMap::new(),
+            link_grace: Dur(Duration::from_secs(60)),
+            forget_after: Dur(Duration::from_secs(30 * 86_400)),
+        }
+    }
 }
 
 /// `[clock]`: the gateway clock's trust (contract: "Clocks").
@@ -473,6 +528,10 @@ pub struct Modbus {
 pub struct ModbusDevice {
     /// Counted under this name (the summary's `device`); 1-64 of [A-Za-z0-9_.-].
     pub name: String,
+    /// An example (the reference config's devices): checked like any device, never polled,
+    /// never shown. Remove the flag (or the device) once it describes a real one.
+    #[serde(default)]
+    pub example: bool,
     /// `vehicle` or `access`.
     pub kind: crate::core::event::Kind,
     /// `host:port` of a Modbus TCP device (or gateway).
@@ -699,17 +758,6 @@ pub fn load_with_env(
     explicit: bool,
     env: Option<config::Map<String, String>>,
 ) -> Result<Config, Vec<Problem>> {
-    let mut builder = config::Config::builder();
-    if path.exists() || explicit {
-        if !path.exists() {
-            return Err(vec![problem(
-                "config",
-                format!("file {} does not exist", path.display()),
-            )]);
-        }
-        builder = builder
-            .add_source(config::File::from(path.to_path_buf()).format(config::FileFormat::Toml));
-    }
     // Only ZHIAN_<SECTION>__<KEY> variables are config: another ZHIAN_* variable of the
     // environment (ZHIAN_BIN in a script, say) is not a key and must not fail the load.
     let env = env.unwrap_or_else(|| std::env::vars().collect());
@@ -720,16 +768,77 @@ pub fn load_with_env(
                 .is_some_and(|rest| rest.contains("__"))
         })
         .collect();
-    let environment = config::Environment::with_prefix("ZHIAN")
-        .prefix_separator("_")
-        .separator("__")
-        .try_parsing(true)
-        .list_separator(",")
-        .with_list_parse_key("mqtt.topics")
-        .with_list_parse_key("alerts.actions")
-        .source(Some(env));
-    builder = builder.add_source(environment);
-    finish(builder)
+    let file = if path.exists() {
+        Some(config::File::from(path.to_path_buf()).format(config::FileFormat::Toml))
+    } else if explicit || !env.contains_key("ZHIAN_GATEWAY__ID") {
+        // Without the file, only an environment that gives at least gateway.id is a config.
+        return Err(vec![problem(
+            "config",
+            format!(
+                "file {} does not exist (give the right --config PATH)",
+                path.display()
+            ),
+        )]);
+    } else {
+        None
+    };
+    let build = |env: config::Map<String, String>| {
+        let mut builder = config::Config::builder();
+        if let Some(f) = &file {
+            builder = builder.add_source(f.clone());
+        }
+        let environment = config::Environment::with_prefix("ZHIAN")
+            .prefix_separator("_")
+            .separator("__")
+            .try_parsing(true)
+            .list_separator(",")
+            .with_list_parse_key("mqtt.topics")
+            .with_list_parse_key("alerts.actions")
+            .source(Some(env));
+        finish(builder.add_source(environment))
+    };
+    match build(env.clone()) {
+        Ok(c) => Ok(c),
+        Err(problems) if !env.is_empty() => {
+            // Blame the environment, not the file, for what only the environment brings: a
+            // typo such as ZHIAN_UPSTREAM__PASWORD.
+            let file_alone = build(config::Map::new()).err().unwrap_or_default();
+            Err(problems
+                .into_iter()
+                .map(|p| {
+                    if file_alone.contains(&p) {
+                        return p;
+                    }
+                    let var = env_var_for(&p.key, &env);
+                    match var {
+                        Some(var) => problem(
+                            format!("{var} (environment)"),
+                            format!("{}: {}", p.key, p.message),
+                        ),
+                        None => p,
+                    }
+                })
+                .collect())
+        }
+        Err(problems) => Err(problems),
+    }
+}
+
+/// The environment variable that sets `key` (`upstream.pasword` -> `ZHIAN_UPSTREAM__PASWORD`),
+/// if one is set; for a key path naming only a section, the first variable of that section
+/// whose key is unknown.
+fn env_var_for(key: &str, env: &config::Map<String, String>) -> Option<String> {
+    let exact = format!("ZHIAN_{}", key.replace('.', "__").to_ascii_uppercase());
+    if env.contains_key(&exact) {
+        return Some(exact);
+    }
+    let section = format!(
+        "ZHIAN_{}__",
+        key.split('.').next().unwrap_or("").to_ascii_uppercase()
+    );
+    let mut vars: Vec<&String> = env.keys().filter(|k| k.starts_with(&section)).collect();
+    vars.sort();
+    vars.first().map(|v| v.to_string())
 }
 
 /// Defaults < `text` (TOML), no environment: the embedded demo site.
@@ -815,6 +924,7 @@ fn is_action_char(c: char) -> bool {
 /// Checks what serde cannot: ranges, required keys, cross-key rules.
 pub fn validate(c: &Config) -> Vec<Problem> {
     let mut p = Vec::new();
+    validate_health(&c.health, &mut p);
     let g = &c.gateway;
     if g.id.is_empty() {
         p.push(problem("gateway.id", "required (1-64 of [a-z0-9-])"));
@@ -1044,6 +1154,53 @@ pub fn validate(c: &Config) -> Vec<Problem> {
     }
     validate_modbus(&c.modbus, &mut p);
     p
+}
+
+fn validate_health(h: &Health, p: &mut Vec<Problem>) {
+    let zero = |d: &Dur| d.0.is_zero();
+    if zero(&h.silence) {
+        p.push(problem("health.silence", "must be more than 0"));
+    }
+    if zero(&h.link_grace) {
+        p.push(problem("health.link_grace", "must be more than 0"));
+    }
+    for (k, d) in &h.kinds {
+        if crate::core::event::Kind::parse(k).is_none() {
+            p.push(problem(
+                format!("health.kinds.{k}"),
+                "not a kind: one of \"access\", \"camera\", \"vehicle\"",
+            ));
+        } else if zero(d) {
+            p.push(problem(format!("health.kinds.{k}"), "must be more than 0"));
+        }
+    }
+    for (k, d) in &h.devices {
+        if !crate::core::event::valid_device(k) {
+            p.push(problem(
+                format!("health.devices.{k}"),
+                "not a device id (1-64 of [A-Za-z0-9_.-])",
+            ));
+        } else if zero(d) {
+            p.push(problem(
+                format!("health.devices.{k}"),
+                "must be more than 0",
+            ));
+        }
+    }
+    let longest = h
+        .kinds
+        .values()
+        .chain(h.devices.values())
+        .chain([&h.silence])
+        .map(|d| d.0)
+        .max()
+        .unwrap_or_default();
+    if h.forget_after.0 <= longest {
+        p.push(problem(
+            "health.forget_after",
+            "must be longer than every silence (a device would be forgotten before it is offline)",
+        ));
+    }
 }
 
 fn validate_modbus(m: &Modbus, p: &mut Vec<Problem>) {

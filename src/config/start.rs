@@ -1,0 +1,124 @@
+//! What the daemon will need at start, checked before it starts (contract: "CLI",
+//! `check-config`): the data dir is absolute, exists or can be created, and is writable; every
+//! file a key names is readable; all as the user running the check. `sudo -u zhian
+//! zhian-gateway check-config` therefore answers for the service user.
+
+use super::{problem, Config, Problem};
+use std::path::Path;
+
+/// Problems with the data dir and the files the config names, one per key.
+pub fn check_start_needs(c: &Config) -> Vec<Problem> {
+    let mut p = Vec::new();
+    check_data_dir(&c.gateway.data_dir, &mut p);
+    let files = [
+        ("mqtt.ca_file", c.mqtt.ca_file.as_deref()),
+        ("upstream.ca_file", c.upstream.ca_file.as_deref()),
+        ("upstream.client_cert", c.upstream.client_cert.as_deref()),
+        ("upstream.client_key", c.upstream.client_key.as_deref()),
+    ];
+    for (key, path) in files {
+        if let Some(path) = path {
+            if let Err(e) = std::fs::File::open(path) {
+                p.push(problem(
+                    key,
+                    format!("cannot read {} as {}: {e}", path.display(), whoami()),
+                ));
+            }
+        }
+    }
+    p
+}
+
+fn check_data_dir(dir: &Path, p: &mut Vec<Problem>) {
+    if dir.as_os_str().is_empty() {
+        return; // reported by validate()
+    }
+    if !dir.is_absolute() {
+        p.push(problem(
+            "gateway.data_dir",
+            format!(
+                "{} is relative: give an absolute path (the service's working directory is /)",
+                dir.display()
+            ),
+        ));
+        return;
+    }
+    // The nearest directory that exists must be writable: the daemon creates the rest.
+    let mut existing = dir;
+    while !existing.exists() {
+        match existing.parent() {
+            Some(parent) => existing = parent,
+            None => break,
+        }
+    }
+    if !existing.is_dir() {
+        p.push(problem(
+            "gateway.data_dir",
+            format!("{} is not a directory", existing.display()),
+        ));
+        return;
+    }
+    let probe = existing.join(format!(".zhian-check-{}", std::process::id()));
+    match std::fs::File::create(&probe) {
+        Ok(_) => {
+            let _ = std::fs::remove_file(&probe);
+        }
+        Err(e) => p.push(problem(
+            "gateway.data_dir",
+            if existing == dir {
+                format!("cannot write in {} as {}: {e}", dir.display(), whoami())
+            } else {
+                format!(
+                    "{} does not exist and cannot be created: cannot write in {} as {}: {e}",
+                    dir.display(),
+                    existing.display(),
+                    whoami()
+                )
+            },
+        )),
+    }
+}
+
+/// "user NAME (uid N)" for the messages.
+fn whoami() -> String {
+    // SAFETY: geteuid never fails; getpwuid returns a pointer into static storage or null.
+    let uid = unsafe { libc::geteuid() };
+    let name = unsafe {
+        let pw = libc::getpwuid(uid);
+        if pw.is_null() {
+            None
+        } else {
+            std::ffi::CStr::from_ptr((*pw).pw_name)
+                .to_str()
+                .ok()
+                .map(str::to_string)
+        }
+    };
+    match name {
+        Some(n) => format!("user {n} (uid {uid})"),
+        None => format!("uid {uid}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_relative_or_unwritable_data_dir_and_an_unreadable_file_are_named() {
+        let mut c = Config::default();
+        c.gateway.data_dir = "data".into();
+        c.upstream.ca_file = Some("/nonexistent/ca.pem".into());
+        let p = check_start_needs(&c);
+        let keys: Vec<&str> = p.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(keys, ["gateway.data_dir", "upstream.ca_file"], "{p:?}");
+        let scratch = tempfile::tempdir().unwrap();
+        c.gateway.data_dir = scratch.path().join("a/b");
+        c.upstream.ca_file = None;
+        assert!(check_start_needs(&c).is_empty());
+        // A file where a directory should be.
+        std::fs::write(scratch.path().join("f"), "").unwrap();
+        c.gateway.data_dir = scratch.path().join("f/data");
+        assert_eq!(check_start_needs(&c).len(), 1);
+    }
+}

@@ -1,0 +1,248 @@
+//! Devices and links: the expected cadence of each device (`[health]`), the one rule for "is
+//! this device online", the one device list the page, the API, the metrics and the heartbeat
+//! read, the log lines when a device goes offline or comes back, and whether the site link has
+//! been down longer than `health.link_grace`.
+//!
+//! An MQTT device has no liveness but its events: it is online while its last accepted event is
+//! no older than its cadence (per device, else per kind, else `health.silence`). A Modbus device
+//! is polled: it is offline after `offline_after` failed polls in a row (the Modbus input
+//! decides, see `modbus.rs`). Devices known once are remembered across restarts (the store's
+//! `devices` table) until silent for `health.forget_after`.
+
+use crate::config::Health;
+use crate::core::event::Kind;
+use crate::stats::Stats;
+use serde::Serialize;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// The `[health]` rules in the form lookups want (ms).
+#[derive(Debug, Clone)]
+pub struct Cadence {
+    default_ms: i64,
+    kinds: [Option<i64>; 3],
+    /// Lower-cased device id -> ms.
+    devices: HashMap<String, i64>,
+    pub forget_after_ms: i64,
+    pub link_grace_ms: i64,
+}
+
+fn kind_slot(k: Kind) -> usize {
+    match k {
+        Kind::Access => 0,
+        Kind::Camera => 1,
+        Kind::Vehicle => 2,
+    }
+}
+
+impl Default for Cadence {
+    fn default() -> Self {
+        Cadence::new(&Health::default())
+    }
+}
+
+impl Cadence {
+    pub fn new(h: &Health) -> Self {
+        let ms = |d: &crate::config::Dur| d.0.as_millis() as i64;
+        let mut kinds = [None; 3];
+        for (k, d) in &h.kinds {
+            if let Some(k) = Kind::parse(k) {
+                kinds[kind_slot(k)] = Some(ms(d));
+            }
+        }
+        Cadence {
+            default_ms: ms(&h.silence),
+            kinds,
+            devices: h
+                .devices
+                .iter()
+                .map(|(k, d)| (k.to_ascii_lowercase(), ms(d)))
+                .collect(),
+            forget_after_ms: ms(&h.forget_after),
+            link_grace_ms: ms(&h.link_grace),
+        }
+    }
+
+    /// How long `device` may be silent before it is offline (ms).
+    pub fn silence_ms(&self, kind: Kind, device: &str) -> i64 {
+        self.devices
+            .get(&device.to_ascii_lowercase())
+            .copied()
+            .or(self.kinds[kind_slot(kind)])
+            .unwrap_or(self.default_ms)
+    }
+
+    /// The one "online" rule for an MQTT device last seen at `last_seen_ms` (0: never).
+    pub fn online(&self, kind: Kind, device: &str, last_seen_ms: i64, now_ms: i64) -> bool {
+        last_seen_ms > 0 && now_ms - last_seen_ms <= self.silence_ms(kind, device)
+    }
+}
+
+/// One device as every surface shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeviceHealth {
+    pub kind: Kind,
+    pub name: String,
+    /// `mqtt` or `modbus`.
+    pub source: &'static str,
+    pub online: bool,
+    /// When it was last seen (ms): an accepted event, or a good poll.
+    pub last_seen_ms: Option<i64>,
+    /// Since when it has been offline (ms): the end of its cadence after it was last seen
+    /// (MQTT), or its last good poll (Modbus). None while online or never seen.
+    pub offline_since_ms: Option<i64>,
+    /// Its cadence (MQTT; ms).
+    pub silence_ms: Option<i64>,
+    /// Events accepted (MQTT) or counted (Modbus) since the daemon started.
+    pub events: u64,
+    /// The reason its last message was rejected (MQTT), or its last poll error (Modbus,
+    /// cleared by a good poll).
+    pub last_error: Option<String>,
+    /// Counter readings dropped by the glitch rule since start (Modbus).
+    pub glitches: u64,
+    /// Latest value of each state point (Modbus).
+    pub states: BTreeMap<String, serde_json::Value>,
+}
+
+/// Every known device, offline first, then by kind and name. MQTT devices silent longer than
+/// `health.forget_after` are left out.
+pub fn devices(stats: &Stats, now_ms: i64) -> Vec<DeviceHealth> {
+    let c = stats.cadence();
+    let mut out: Vec<DeviceHealth> = stats
+        .devices()
+        .into_iter()
+        .filter(|(_, d)| d.last_seen_ms == 0 || now_ms - d.last_seen_ms < c.forget_after_ms)
+        .map(|((kind, name), d)| {
+            let silence = c.silence_ms(kind, &name);
+            let online = c.online(kind, &name, d.last_seen_ms, now_ms);
+            DeviceHealth {
+                kind,
+                source: "mqtt",
+                online,
+                last_seen_ms: (d.last_seen_ms > 0).then_some(d.last_seen_ms),
+                offline_since_ms: (!online && d.last_seen_ms > 0)
+                    .then_some(d.last_seen_ms + silence),
+                silence_ms: Some(silence),
+                events: d.accepted,
+                last_error: d.last_error.map(str::to_string),
+                glitches: 0,
+                states: BTreeMap::new(),
+                name,
+            }
+        })
+        .collect();
+    out.extend(stats.modbus().into_iter().map(|(name, h)| {
+        DeviceHealth {
+            kind: h.kind,
+            source: "modbus",
+            online: h.online,
+            last_seen_ms: h.last_seen_ms,
+            offline_since_ms: (!h.online).then_some(h.last_seen_ms).flatten(),
+            silence_ms: None,
+            events: h.counted,
+            last_error: h.last_error,
+            glitches: h.glitches,
+            states: h
+                .states
+                .iter()
+                .map(|(k, v)| (k.clone(), v.to_json()))
+                .collect(),
+            name,
+        }
+    }));
+    out.sort_by(|a, b| (a.online, a.kind, &a.name).cmp(&(b.online, b.kind, &b.name)));
+    out
+}
+
+/// Why `/healthz` should fail because of the site link: down (never connected, or lost) for
+/// longer than `health.link_grace`.
+pub fn site_link_too_long_down(stats: &Stats, now_ms: i64) -> Option<String> {
+    let links = stats.links();
+    let l = links.get("site")?;
+    let grace = stats.cadence().link_grace_ms;
+    (!l.connected && now_ms - l.since_ms > grace).then(|| {
+        format!(
+            "site broker {} unreachable for {} s ({})",
+            l.url,
+            (now_ms - l.since_ms) / 1000,
+            l.reason.unwrap_or("closed")
+        )
+    })
+}
+
+/// How often the watcher looks at the MQTT devices.
+pub const WATCH_EVERY: Duration = Duration::from_secs(10);
+
+/// Log each MQTT device going offline (WARN) or coming back (INFO), once per change. Modbus
+/// devices are logged by the Modbus input, which sees their polls fail.
+pub async fn watch(stats: Arc<Stats>, stop: CancellationToken) {
+    let mut was: HashMap<(Kind, String), bool> = HashMap::new();
+    let mut tick = tokio::time::interval(WATCH_EVERY);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let now = crate::clock::now_ms();
+        for d in devices(&stats, now)
+            .into_iter()
+            .filter(|d| d.source == "mqtt")
+        {
+            let prev = was.insert((d.kind, d.name.clone()), d.online);
+            match (prev, d.online) {
+                (Some(true), false) | (None, false) if d.last_seen_ms.is_some() => {
+                    tracing::warn!(
+                        kind = d.kind.as_str(),
+                        device = %d.name,
+                        silent_s = d.last_seen_ms.map_or(0, |t| (now - t) / 1000),
+                        cadence_s = d.silence_ms.unwrap_or(0) / 1000,
+                        "device offline: silent for longer than its cadence ([health])"
+                    );
+                }
+                (Some(false), true) => {
+                    tracing::info!(kind = d.kind.as_str(), device = %d.name, "device online again");
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Dur;
+
+    #[test]
+    fn the_cadence_is_per_device_then_per_kind_then_the_default() {
+        let mut h = Health::default();
+        h.kinds
+            .insert("camera".into(), Dur(Duration::from_secs(86_400)));
+        h.devices
+            .insert("Gate-East".into(), Dur(Duration::from_secs(7_200)));
+        let c = Cadence::new(&h);
+        assert_eq!(c.silence_ms(Kind::Access, "door-1"), 900_000);
+        assert_eq!(c.silence_ms(Kind::Camera, "cam-1"), 86_400_000);
+        assert_eq!(c.silence_ms(Kind::Vehicle, "gate-east"), 7_200_000);
+        let now = 1_800_000_000_000;
+        assert!(c.online(Kind::Camera, "cam-1", now - 3_600_000, now));
+        assert!(!c.online(Kind::Access, "door-1", now - 3_600_000, now));
+        assert!(!c.online(Kind::Access, "door-1", 0, now), "never seen");
+    }
+
+    #[test]
+    fn offline_devices_come_first_and_the_forgotten_are_left_out() {
+        let stats = Stats::default();
+        let now = 1_800_000_000_000;
+        stats.remember_device(Kind::Access, "b-door", now - 1000);
+        stats.remember_device(Kind::Access, "a-door", now - 1000);
+        stats.remember_device(Kind::Access, "z-door", now - 3_600_000);
+        stats.remember_device(Kind::Access, "old", now - 40 * 86_400_000);
+        let list = devices(&stats, now);
+        let names: Vec<_> = list.iter().map(|d| d.name.as_str()).collect();
+        assert_eq!(names, ["z-door", "a-door", "b-door"]);
+        assert_eq!(list[0].offline_since_ms, Some(now - 3_600_000 + 900_000));
+    }
+}

@@ -1,0 +1,311 @@
+//! What an operator sees, through the real binary: both links on the page, the API, `/healthz`
+//! and the metrics while a real site broker is stopped and started again; device health by
+//! cadence (`[health]`), remembered across a restart; log lines journald files at the right
+//! priority, one per state change; `check-config` naming what an installer gets wrong.
+
+mod common;
+
+use common::*;
+use std::fs;
+use std::time::Duration;
+
+fn count(haystack: &str, needle: &str) -> usize {
+    haystack.matches(needle).count()
+}
+
+#[test]
+fn a_dead_site_broker_shows_on_every_surface_and_logs_once() {
+    let scratch = tempfile::tempdir().unwrap();
+    let dir = scratch.path().join("data");
+    let mut site = Mosquitto::start(&scratch.path().join("site"), free_port(), true);
+    let district = Mosquitto::start(&scratch.path().join("district"), free_port(), false);
+    let status_port = free_port();
+    let cfg = scratch.path().join("gateway.toml");
+    fs::write(
+        &cfg,
+        config_with_status(&dir, site.port, district.port, status_port).replace(
+            "client_id = \"",
+            "reconnect_min = \"200ms\"\nreconnect_max = \"500ms\"\nclient_id = \"",
+        ) + "\n[health]\nlink_grace = \"3s\"\n",
+    )
+    .unwrap();
+    let log = scratch.path().join("daemon.log");
+    let mut d = Daemon::start(&cfg, &log);
+    let link = |name: &str| api_status(status_port).map(|s| s["links"][name].clone());
+    assert!(
+        wait_until(Duration::from_secs(30), || link("site")
+            .is_some_and(|l| l["connected"] == true)
+            && link("district").is_some_and(|l| l["connected"] == true)),
+        "{:?}\n{}",
+        api_status(status_port),
+        tail(&log, 20)
+    );
+    let health = http(status_port, "GET", "/healthz", None).unwrap();
+    assert_eq!(health.status, 200, "{}", health.text());
+
+    // The site broker dies: within link_grace the API says so with a reason, then /healthz.
+    site.stop();
+    assert!(
+        wait_until(Duration::from_secs(10), || link("site").is_some_and(|l| {
+            l["connected"] == false && l["reason"] == "unreachable"
+        })),
+        "{:?}",
+        link("site")
+    );
+    let metrics = http(status_port, "GET", "/metrics", None).unwrap().text();
+    assert!(metrics.contains("zhian_site_connected 0"), "{metrics}");
+    assert!(
+        wait_until(Duration::from_secs(15), || http(
+            status_port,
+            "GET",
+            "/healthz",
+            None
+        )
+        .is_ok_and(|r| r.status == 503 && r.text().contains("site broker"))),
+        "{}",
+        http(status_port, "GET", "/healthz", None).unwrap().text()
+    );
+    let l = link("site").unwrap();
+    assert!(l["attempts"].as_u64().unwrap() >= 3, "{l}");
+    assert!(l["url"].as_str().unwrap().contains(&site.port.to_string()));
+    // The page says it in Chinese, with the reason translated.
+    let page = http(status_port, "GET", "/", None).unwrap().text();
+    assert!(page.contains("data-link=\"site\""), "{page}");
+    assert!(page.contains("无法连接"), "reason in Chinese");
+    assert!(
+        !page.contains("os error"),
+        "no raw English error on the Chinese page"
+    );
+
+    // Back: up again, one WARN for the whole outage however many attempts failed.
+    site.start_again();
+    assert!(
+        wait_until(Duration::from_secs(20), || link("site")
+            .is_some_and(|l| l["connected"] == true)),
+        "{:?}",
+        link("site")
+    );
+    assert!(wait_until(Duration::from_secs(5), || http(
+        status_port,
+        "GET",
+        "/healthz",
+        None
+    )
+    .is_ok_and(|r| r.status == 200)));
+    let text = log_text(&log);
+    assert_eq!(
+        count(&text, "site broker link down"),
+        1,
+        "one WARN per outage:\n{text}"
+    );
+    assert!(text.contains("site broker link up"), "{text}");
+    // journald priorities: every line the daemon wrote starts with <N>.
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| !l.starts_with("===== harness"))
+        .collect();
+    assert!(!lines.is_empty());
+    for l in &lines {
+        assert!(
+            ["<3>", "<4>", "<6>", "<7>"]
+                .iter()
+                .any(|p| l.starts_with(p)),
+            "no syslog priority prefix: {l}"
+        );
+    }
+    assert!(lines
+        .iter()
+        .any(|l| l.starts_with("<4>") && l.contains("site broker link down")));
+    assert!(!text.contains('\u{1b}'), "no colour codes");
+    assert!(!text.contains("Some("), "no Rust debug formatting");
+    d.term();
+}
+
+#[test]
+fn devices_go_offline_by_their_cadence_and_are_remembered_across_a_restart() {
+    let scratch = tempfile::tempdir().unwrap();
+    let dir = scratch.path().join("data");
+    let site = Mosquitto::start(&scratch.path().join("site"), free_port(), true);
+    let district = Mosquitto::start(&scratch.path().join("district"), free_port(), false);
+    let status_port = free_port();
+    let cfg = scratch.path().join("gateway.toml");
+    fs::write(
+        &cfg,
+        config_with_status(&dir, site.port, district.port, status_port)
+            + "\n[health]\nsilence = \"3s\"\n[health.kinds]\ncamera = \"1h\"\n[health.devices]\n\"Door-Slow\" = \"1h\"\n",
+    )
+    .unwrap();
+    let log = scratch.path().join("daemon.log");
+    let mut d = Daemon::start(&cfg, &log);
+    assert!(wait_until(Duration::from_secs(30), || api_status(
+        status_port
+    )
+    .is_some_and(|s| s["links"]["site"]["connected"] == true)));
+    let mut p = Publisher::connect(site.port, "op-pub");
+    for (kind, dev, action) in [
+        ("access", "door-1", "entry"),
+        ("access", "Door-Slow", "entry"),
+        ("camera", "cam-1", "stranger"),
+    ] {
+        let e = Event::new(kind, dev, &format!("{dev}-1"), action);
+        p.send(&e.topic(), e.payload());
+    }
+    p.wait_all_acked(Duration::from_secs(10));
+    let device = |name: &str| {
+        api_status(status_port).and_then(|s| {
+            s["devices"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|d| d["name"] == name)
+                .cloned()
+        })
+    };
+    assert!(wait_until(Duration::from_secs(10), || device("door-1")
+        .is_some_and(|d| d["online"] == true && d["today"] == 1)));
+    // door-1's cadence is 3 s: offline after that, listed first, logged once.
+    assert!(
+        wait_until(Duration::from_secs(30), || device("door-1").is_some_and(
+            |d| d["online"] == false && d["offline_since"].is_string()
+        )),
+        "{:?}",
+        device("door-1")
+    );
+    let s = api_status(status_port).unwrap();
+    let devices = s["devices"].as_array().unwrap();
+    assert_eq!(devices[0]["name"], "door-1", "offline first: {s}");
+    assert_eq!(device("cam-1").unwrap()["online"], true, "per-kind cadence");
+    assert_eq!(
+        device("Door-Slow").unwrap()["online"],
+        true,
+        "per-device cadence"
+    );
+    assert!(
+        wait_until(Duration::from_secs(15), || log_text(&log)
+            .contains("device offline")),
+        "{}",
+        tail(&log, 20)
+    );
+    let metrics = http(status_port, "GET", "/metrics", None).unwrap().text();
+    assert!(
+        metrics.contains("zhian_device_up{device=\"door-1\",kind=\"access\",source=\"mqtt\"} 0"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("zhian_device_last_seen_timestamp_seconds{device=\"cam-1\""));
+
+    // Restart: the devices are still known (not "vanished"), with their last-seen time.
+    d.term();
+    let mut d = Daemon::start(&cfg, &log);
+    assert!(
+        wait_until(Duration::from_secs(30), || device("door-1").is_some()
+            && device("cam-1").is_some_and(|d| d["last_seen"].is_string())),
+        "{:?}",
+        api_status(status_port)
+    );
+    assert_eq!(device("door-1").unwrap()["online"], false);
+    assert_eq!(device("cam-1").unwrap()["online"], true);
+    d.term();
+}
+
+#[test]
+fn check_config_names_what_installers_get_wrong() {
+    let scratch = tempfile::tempdir().unwrap();
+    let s = scratch.path();
+    let good = config_text(&s.join("data"), 1883, 1884, "");
+    let cfg = s.join("gateway.toml");
+
+    // A missing file is named as missing, not as "gateway.id: required".
+    let out = check_config(&s.join("nope.toml"), s);
+    assert_eq!(out.status.code(), Some(78));
+    assert!(
+        out.stderr.contains("nope.toml") && out.stderr.contains("does not exist"),
+        "{}",
+        out.stderr
+    );
+    assert!(!out.stderr.contains("gateway.id"), "{}", out.stderr);
+
+    // An environment typo is blamed on the environment variable.
+    fs::write(&cfg, &good).unwrap();
+    let out = common::run_cli_env(
+        &["check-config", "--config", cfg.to_str().unwrap()],
+        s,
+        &[("ZHIAN_UPSTREAM__PASWORD", "x")],
+    );
+    assert_eq!(out.status.code(), Some(78), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("ZHIAN_UPSTREAM__PASWORD (environment)"),
+        "{}",
+        out.stderr
+    );
+
+    // A relative data dir, and one that cannot be created.
+    for (dir, why) in [("data", "relative"), ("/proc/zhian-data", "cannot")] {
+        fs::write(
+            &cfg,
+            good.replace(
+                &format!(
+                    "data_dir = {}",
+                    toml_string(&s.join("data").to_string_lossy())
+                ),
+                &format!("data_dir = \"{dir}\""),
+            ),
+        )
+        .unwrap();
+        let out = check_config(&cfg, s);
+        assert_eq!(out.status.code(), Some(78), "{dir}: {}", out.stderr);
+        assert!(
+            out.stderr.contains("gateway.data_dir") && out.stderr.contains(why),
+            "{dir}: {}",
+            out.stderr
+        );
+    }
+
+    // A CA file that cannot be read.
+    fs::write(
+        &cfg,
+        good.replace(
+            "topic_prefix",
+            &format!(
+                "ca_file = {}\ntopic_prefix",
+                toml_string(&s.join("missing-ca.pem").to_string_lossy())
+            ),
+        ),
+    )
+    .unwrap();
+    let out = check_config(&cfg, s);
+    assert_eq!(out.status.code(), Some(78));
+    assert!(out.stderr.contains("upstream.ca_file"), "{}", out.stderr);
+
+    // Durations print as written; --quiet prints nothing.
+    fs::write(
+        &cfg,
+        good.clone() + "\n[store]\nbatch_linger = \"1800ms\"\n[health]\nsilence = \"24h\"\n",
+    )
+    .unwrap();
+    let out = check_config(&cfg, s);
+    assert!(out.status.success(), "{}", out.stderr);
+    assert!(
+        out.stdout.contains("batch_linger = \"1800ms\""),
+        "{}",
+        out.stdout
+    );
+    assert!(out.stdout.contains("silence = \"1d\""), "{}", out.stdout);
+    let out = run_cli(
+        &["check-config", "--quiet", "--config", cfg.to_str().unwrap()],
+        s,
+        Duration::from_secs(15),
+    );
+    assert!(out.status.success());
+    assert_eq!(out.stdout, "");
+
+    // The reference config's example devices are listed as examples.
+    let reference = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/gateway.toml");
+    let text = fs::read_to_string(&reference).unwrap().replace(
+        "/var/lib/zhian-gateway",
+        &s.join("ref-data").to_string_lossy(),
+    );
+    fs::write(&cfg, text).unwrap();
+    let out = check_config(&cfg, s);
+    assert!(out.status.success(), "{}", out.stderr);
+    assert_eq!(count(&out.stderr, "is an example"), 3, "{}", out.stderr);
+}
