@@ -181,6 +181,35 @@ fn last_lines(text: &str, n: usize) -> String {
 }
 
 /// The DOM Chromium rendered for `url`.
+/// Serves `html` to every request on a loopback port for a minute, from a thread; returns the
+/// URL (`http://localhost:PORT/`).
+fn serve_once(html: String) -> String {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind wrapper server");
+    let port = listener.local_addr().unwrap().port();
+    listener.set_nonblocking(true).unwrap();
+    std::thread::spawn(move || {
+        let until = std::time::Instant::now() + Duration::from_secs(60);
+        while std::time::Instant::now() < until {
+            match listener.accept() {
+                Ok((mut c, _)) => {
+                    let _ = c.set_nonblocking(false);
+                    let _ = c.set_read_timeout(Some(Duration::from_secs(2)));
+                    let mut buf = [0u8; 4096];
+                    let _ = c.read(&mut buf);
+                    let _ = write!(
+                        c,
+                        "HTTP/1.1 200 OK\r\ncontent-type: text/html; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{html}",
+                        html.len()
+                    );
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+    });
+    format!("http://localhost:{port}/")
+}
+
 fn dump_dom(scratch: &Path, what: &str, url: &str) -> String {
     let dom = chromium(scratch, what, &["--dump-dom", url]);
     assert!(
@@ -755,6 +784,67 @@ fn status_page_in_chromium() {
         shot.display(),
         png.len()
     );
+
+    // On a phone (390 px wide, an iPhone 12-15): nothing runs off the side, chart labels stay
+    // readable. Measured in Chromium: the page in a 390 px iframe of a wrapper page (served
+    // from another loopback port) whose script reads the layout (web security off for that,
+    // in this throwaway profile only).
+    for (path, what) in [("/", "phone-zh"), ("/?lang=en", "phone-en")] {
+        let wrapper = serve_once(
+            format!(
+                "<html><body style=\"margin:0\"><iframe id=\"f\" style=\"width:390px;height:844px;border:0\" src=\"{base}{path}\"></iframe>\
+                 <script>document.getElementById('f').onload=function(){{var d=this.contentDocument;\
+                 var h=[].slice.call(d.querySelectorAll('svg text')).map(function(t){{return t.getBoundingClientRect().height}});\
+                 document.body.setAttribute('data-scroll-width',d.documentElement.scrollWidth);\
+                 document.body.setAttribute('data-min-label',h.length?Math.min.apply(null,h).toFixed(1):'none');}};</script></body></html>"
+            ),
+        );
+        let dom = chromium(
+            &scratch,
+            what,
+            &[
+                "--disable-web-security",
+                "--disable-site-isolation-trials",
+                "--virtual-time-budget=10000",
+                "--dump-dom",
+                &wrapper,
+            ],
+        );
+        let attr = |name: &str| -> String {
+            let key = format!("{name}=\"");
+            let at = dom
+                .find(&key)
+                .unwrap_or_else(|| panic!("{name} not measured:\n{dom}"));
+            dom[at + key.len()..]
+                .split('"')
+                .next()
+                .unwrap_or("")
+                .to_string()
+        };
+        let width: f64 = attr("data-scroll-width").parse().unwrap();
+        assert!(
+            width <= 390.0,
+            "{path} is {width} px wide on a 390 px phone"
+        );
+        let label: f64 = attr("data-min-label").parse().unwrap();
+        assert!(
+            label >= 9.0,
+            "{path}: chart labels {label} px high on a phone"
+        );
+        eprintln!("phone {path}: width {width} px, smallest chart label {label} px");
+    }
+    let phone_shot: PathBuf = shot.with_file_name("status-page-phone.png");
+    let _ = fs::remove_file(&phone_shot);
+    chromium(
+        &scratch,
+        "screenshot-phone",
+        &[
+            &format!("--screenshot={}", phone_shot.display()),
+            "--window-size=390,844",
+            &format!("{base}/"),
+        ],
+    );
+    assert!(fs::read(&phone_shot).is_ok_and(|p| p.starts_with(b"\x89PNG")));
     assert!(
         site.daemon_exited().is_none(),
         "daemon exited during the test"
