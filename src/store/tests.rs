@@ -384,3 +384,62 @@ fn hashes_outlive_their_raw_events_within_the_ttl_and_memory_forgets_after_it() 
         "past the TTL it counts again"
     );
 }
+
+#[test]
+fn devices_are_remembered_new_at_once_known_ones_together_every_period() {
+    let dir = tempfile::tempdir().unwrap();
+    let en = engine();
+    let now = 1_000_000_000;
+    let on = |device: &str, id: &str, ts: i64| Event {
+        device: device.into(),
+        ..ev(id, ts)
+    };
+    let seen = |s: &Store| -> Vec<(String, i64)> {
+        let mut v: Vec<_> = s
+            .devices()
+            .unwrap()
+            .into_iter()
+            .map(|(_, d, t)| (d, t))
+            .collect();
+        v.sort();
+        v
+    };
+    {
+        let (s, mut w) = Store::open(dir.path(), SubjectMode::Hashed).unwrap();
+        w.commit(&en, &[&on("door-1", "a", now)], &[], now, None)
+            .unwrap();
+        assert_eq!(seen(&s), [("door-1".to_string(), now)], "new: at once");
+        // A known device seen again: not written yet.
+        w.commit(&en, &[&on("door-1", "b", now)], &[], now + 1000, None)
+            .unwrap();
+        assert_eq!(seen(&s), [("door-1".to_string(), now)]);
+        // A new device flushes the pending sighting with it.
+        w.commit(&en, &[&on("door-2", "c", now)], &[], now + 2000, None)
+            .unwrap();
+        assert_eq!(
+            seen(&s),
+            [
+                ("door-1".to_string(), now + 1000),
+                ("door-2".to_string(), now + 2000)
+            ]
+        );
+        w.commit(&en, &[&on("door-1", "d", now)], &[], now + 3000, None)
+            .unwrap();
+        w.commit(&en, &[&on("door-2", "e", now)], &[], now + 4000, None)
+            .unwrap();
+        assert_eq!(seen(&s)[0].1, now + 1000, "pending");
+        // The oldest pending sighting is a period old: both written in one go.
+        let later = now + 3000 + DEVICE_SEEN_EVERY_MS;
+        w.commit(&en, &[&on("door-1", "f", now)], &[], later, None)
+            .unwrap();
+        assert_eq!(
+            seen(&s),
+            [
+                ("door-1".to_string(), later),
+                ("door-2".to_string(), now + 4000)
+            ]
+        );
+    }
+    let (s, _w) = Store::open(dir.path(), SubjectMode::Hashed).unwrap();
+    assert_eq!(seen(&s).len(), 2, "remembered across a reopen");
+}

@@ -66,11 +66,15 @@ struct Mem {
     forget_cursor: (u64, u64),
     /// "kind\0device" -> the last-seen time written to `devices`.
     devices: HashMap<String, i64>,
+    /// Sightings of known devices not written yet, and when the oldest of them happened.
+    devices_pending: HashMap<String, i64>,
+    devices_pending_since: Option<i64>,
 }
 
-/// A known device's last-seen time is written at most this often (ms): after a restart it may
-/// read up to this much older than it was, and the table is touched (about 8 KB of
-/// copy-on-write pages) at most once per this period per batch, not per event.
+/// Known devices' last-seen times are written together at most this often (ms): after a
+/// restart one may read up to this much older than it was, and the table is touched (about
+/// 8 KB of copy-on-write pages) at most once per period for all devices, plus once per new
+/// device.
 pub const DEVICE_SEEN_EVERY_MS: i64 = 5 * 60 * 1000;
 
 /// What one commit did.
@@ -300,6 +304,7 @@ impl StoreWriter {
         txn.set_quick_repair(false);
         let mut report = CommitReport::default();
         let mut seen: HashMap<String, i64> = HashMap::new();
+        let seen_pending;
         let changes = {
             let mut l = TxLedger {
                 meta: txn.open_table(META)?,
@@ -328,26 +333,34 @@ impl StoreWriter {
                 }
             }
             report.outcomes = engine.apply_inputs(&mut l, inputs.iter().copied(), now_ms)?;
-            // Devices seen: a new one at once, a known one at most every DEVICE_SEEN_EVERY_MS.
-            let mut seen_table = None;
+            // Devices seen: a new one is written at once; known ones collect in memory and are
+            // written together once the oldest unwritten sighting is DEVICE_SEEN_EVERY_MS old,
+            // so the table costs at most one touch per period however many devices there are.
+            let mut pending = self.mem.devices_pending.clone();
+            let mut pending_since = self.mem.devices_pending_since;
+            let mut new_device = false;
             for (input, outcome) in inputs.iter().zip(&report.outcomes) {
                 let (Input::Event(e), Outcome::Accepted) = (input, outcome) else {
                     continue;
                 };
                 let key = format!("{}\0{}", e.kind.as_str(), e.device);
-                let due = |t: Option<&i64>| t.is_none_or(|t| now_ms - *t >= DEVICE_SEEN_EVERY_MS);
-                if due(self.mem.devices.get(&key)) && due(seen.get(&key)) {
-                    if seen_table.is_none() {
-                        seen_table = Some(txn.open_table(DEVICES)?);
-                    }
-                    let t = seen_table.as_mut().expect("opened");
-                    if t.insert(key.as_str(), now_ms)?.is_none() {
+                new_device |= !self.mem.devices.contains_key(&key);
+                pending.insert(key, now_ms);
+                pending_since.get_or_insert(now_ms);
+            }
+            let flush =
+                new_device || pending_since.is_some_and(|t| now_ms - t >= DEVICE_SEEN_EVERY_MS);
+            if flush && !pending.is_empty() {
+                let mut t = txn.open_table(DEVICES)?;
+                for (key, at) in &pending {
+                    if t.insert(key.as_str(), *at)?.is_none() {
                         l.bytes += key.len() as i64 + 8;
                     }
-                    seen.insert(key, now_ms);
                 }
+                seen = std::mem::take(&mut pending);
+                pending_since = None;
             }
-            drop(seen_table);
+            seen_pending = (pending, pending_since);
             for st in states {
                 l.put_state(st)?;
             }
@@ -415,6 +428,11 @@ impl StoreWriter {
             }
         }
         self.mem.devices.extend(seen);
+        {
+            let (pending, since) = seen_pending;
+            self.mem.devices_pending = pending;
+            self.mem.devices_pending_since = since;
+        }
         self.mem.next_seq = changes.next_seq;
         self.mem.seq_reserved = changes.seq_reserved;
         self.mem.row_bytes = (self.mem.row_bytes as i64 + changes.bytes).max(0) as u64;
