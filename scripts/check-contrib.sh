@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # contrib/: the Prometheus alert rules pass `promtool check rules` and their unit tests
 # (`promtool test rules`); the Grafana dashboards are valid JSON whose every query names only
-# metrics the daemon exports (the names in src/status.rs and src/stats.rs, plus the
+# metrics the daemon exports (the names in src/status/ and src/stats.rs, plus the
 # Prometheus-side `up`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,7 +10,7 @@ promtool=$(command -v promtool || echo /usr/bin/promtool)
 (cd contrib/prometheus && "$promtool" test rules zhian-gateway.rules.test.yml)
 python3 - <<'PY'
 import json, re, glob, sys
-src = open("src/status.rs").read() + open("src/stats.rs").read()
+src = "".join(open(f).read() for f in glob.glob("src/status/*.rs") + ["src/stats.rs"])
 exported = set(re.findall(r'"((?:zhian|process)_[a-z_]+)"', src)) | {"up"}
 bad = []
 for f in glob.glob("contrib/grafana/*.json"):

@@ -106,6 +106,8 @@ pub struct Committer {
     pub store_clock: StoreClock,
     /// What the store clock last did about a step, to log changes once.
     pub clock_step: Step,
+    /// The store time the last transaction was written with (ms).
+    pub committed_at: i64,
     pub mono_origin: Instant,
     /// Set when shutdown comes while the disk cannot be written: nothing more is tried, what
     /// remains stays unacknowledged (the site broker redelivers it after the restart).
@@ -390,6 +392,10 @@ impl Committer {
                     if !acked.is_empty() {
                         self.commit(&mut Vec::new(), &mut acked, false, true)?;
                     }
+                    // Clean stop: the devices' last-seen times as of now.
+                    if let Err(e) = self.writer.flush_devices() {
+                        tracing::warn!(error = %e, "store: cannot write the devices' last-seen times at stop (they read up to 5 min older after the restart)");
+                    }
                     return Ok(());
                 }
             }
@@ -498,6 +504,7 @@ impl Committer {
         let r = self
             .writer
             .commit_inputs(&self.engine, inputs, states, acked, now, maintain)?;
+        self.committed_at = now;
         let micros = started.elapsed().as_micros() as u64;
         self.stats.commits.fetch_add(1, Relaxed);
         self.stats.commit_micros_total.fetch_add(micros, Relaxed);
@@ -582,7 +589,8 @@ impl Committer {
         };
         let wrote = report.is_some();
         drop(inputs);
-        let now = now_ms();
+        // The store's time of this commit: the devices' last seen agrees with the store's.
+        let now = if wrote { self.committed_at } else { now_ms() };
         let mut outcomes = report.as_ref().map(|r| r.outcomes.iter());
         for mut intake in batch.drain(..) {
             let ack = intake.take_ack();

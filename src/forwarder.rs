@@ -301,8 +301,10 @@ impl Forwarder {
                         connected = true;
                         backoff.reset();
                         watch.connected(Instant::now());
-                        if let LinkChange::Up { down_ms } = self.stats.link_up("district", now_ms()) {
-                            tracing::info!(url = %self.cfg.upstream.url, down_s = down_ms / 1000, "district broker link up");
+                        match self.stats.link_up("district", now_ms()) {
+                            LinkChange::Up { first: true, .. } => tracing::info!(url = %self.cfg.upstream.url, "district broker connected"),
+                            LinkChange::Up { down_ms, .. } => tracing::info!(url = %self.cfg.upstream.url, down_s = down_ms / 1000, "district broker link up"),
+                            _ => {}
                         }
                         let status = self.status_payload(true);
                         if c.client.try_publish(self.topic("status"), QoS::AtLeastOnce, true, status).is_ok() {
@@ -369,9 +371,6 @@ impl Forwarder {
                             }
                             None if change == LinkChange::Down => {
                                 tracing::warn!(link = "district", %url, reason, error = %e, "district broker link down")
-                            }
-                            None if change == LinkChange::Reason => {
-                                tracing::info!(link = "district", %url, reason, error = %e, "district broker still down")
                             }
                             None => tracing::debug!(link = "district", %url, reason, error = %e, "district broker still down"),
                         }

@@ -106,14 +106,16 @@ pub struct DeviceHealth {
     pub states: BTreeMap<String, serde_json::Value>,
 }
 
-/// Every known device, offline first, then by kind and name. MQTT devices silent longer than
-/// `health.forget_after` are left out.
+/// Every known device, offline first, then by kind and name. MQTT devices that never had an
+/// event accepted, and those silent longer than `health.forget_after`, are left out.
 pub fn devices(stats: &Stats, now_ms: i64) -> Vec<DeviceHealth> {
     let c = stats.cadence();
     let mut out: Vec<DeviceHealth> = stats
         .devices()
         .into_iter()
-        .filter(|(_, d)| d.last_seen_ms == 0 || now_ms - d.last_seen_ms < c.forget_after_ms)
+        // Never accepted an event (only rejects on its topic): not a device, its rejects are
+        // in the recent rejects; silent past forget_after: forgotten.
+        .filter(|(_, d)| d.last_seen_ms > 0 && now_ms - d.last_seen_ms < c.forget_after_ms)
         .map(|((kind, name), d)| {
             let silence = c.silence_ms(kind, &name);
             let online = c.online(kind, &name, d.last_seen_ms, now_ms);
@@ -164,7 +166,7 @@ pub fn site_link_too_long_down(stats: &Stats, now_ms: i64) -> Option<String> {
     let grace = stats.cadence().link_grace_ms;
     (!l.connected && now_ms - l.since_ms > grace).then(|| {
         format!(
-            "site broker {} unreachable for {} s ({})",
+            "site broker {} down for {} s: {}",
             l.url,
             (now_ms - l.since_ms) / 1000,
             l.reason.unwrap_or("closed")
@@ -173,11 +175,14 @@ pub fn site_link_too_long_down(stats: &Stats, now_ms: i64) -> Option<String> {
 }
 
 /// How often the watcher looks at the MQTT devices.
-pub const WATCH_EVERY: Duration = Duration::from_secs(10);
+pub const WATCH_EVERY: Duration = Duration::from_secs(2);
 
 /// Log each MQTT device going offline (WARN) or coming back (INFO), once per change. Modbus
 /// devices are logged by the Modbus input, which sees their polls fail.
+///
+/// A device already offline before this process started is not news: no WARN at start.
 pub async fn watch(stats: Arc<Stats>, stop: CancellationToken) {
+    let started_ms = crate::clock::now_ms();
     let mut was: HashMap<(Kind, String), bool> = HashMap::new();
     let mut tick = tokio::time::interval(WATCH_EVERY);
     loop {
@@ -192,7 +197,9 @@ pub async fn watch(stats: Arc<Stats>, stop: CancellationToken) {
         {
             let prev = was.insert((d.kind, d.name.clone()), d.online);
             match (prev, d.online) {
-                (Some(true), false) | (None, false) if d.last_seen_ms.is_some() => {
+                (Some(true), false) | (None, false)
+                    if d.offline_since_ms.is_some_and(|t| t >= started_ms) =>
+                {
                     tracing::warn!(
                         kind = d.kind.as_str(),
                         device = %d.name,
@@ -236,6 +243,11 @@ mod tests {
     fn offline_devices_come_first_and_the_forgotten_are_left_out() {
         let stats = Stats::default();
         let now = 1_800_000_000_000;
+        stats.rejected(
+            crate::core::event::Reject::InvalidJson,
+            "zhian/access/only-rejects",
+            now,
+        );
         stats.remember_device(Kind::Access, "b-door", now - 1000);
         stats.remember_device(Kind::Access, "a-door", now - 1000);
         stats.remember_device(Kind::Access, "z-door", now - 3_600_000);

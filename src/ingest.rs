@@ -128,13 +128,19 @@ impl Ingest {
                 Ok(Event::Incoming(Incoming::ConnAck(ack))) => {
                     backoff.reset();
                     watch.connected(std::time::Instant::now());
+                    let url = &self.cfg.mqtt.url;
                     match self.stats.link_up("site", now_ms()) {
-                        LinkChange::Up { down_ms } => tracing::info!(
-                            url = %self.cfg.mqtt.url,
-                            session_present = ack.session_present,
-                            down_s = down_ms / 1000,
-                            "site broker link up"
-                        ),
+                        LinkChange::Up { first: true, .. } => {
+                            tracing::info!(%url, session_present = ack.session_present, "site broker connected")
+                        }
+                        LinkChange::Up { down_ms, .. } => {
+                            tracing::info!(%url, down_s = down_ms / 1000, "site broker link up");
+                            if !ack.session_present {
+                                // Our persistent session is gone: what the devices sent while we
+                                // were away was not queued for us.
+                                tracing::warn!(%url, "site broker lost our session (restarted without persistence, or it expired): device messages sent while the link was down may not be delivered; see README, \"What the site broker needs\"");
+                            }
+                        }
                         _ => tracing::debug!("site broker connected"),
                     }
                     let subs = topics
@@ -234,9 +240,6 @@ impl Ingest {
                         }
                         None if change == LinkChange::Down => {
                             tracing::warn!(link = "site", %url, reason, error = %e, "site broker link down")
-                        }
-                        None if change == LinkChange::Reason => {
-                            tracing::info!(link = "site", %url, reason, error = %e, "site broker still down")
                         }
                         None => {
                             tracing::debug!(link = "site", %url, reason, error = %e, "site broker still down")

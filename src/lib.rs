@@ -287,6 +287,7 @@ pub async fn run_with_reload(
             cfg.aggregate.max_future_skew.as_millis_u64() as i64
         ),
         clock_step: core::clock::Step::None,
+        committed_at: 0,
         mono_origin: std::time::Instant::now(),
         abandoned: false,
         stop: intake_stop.clone(),

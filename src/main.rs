@@ -98,12 +98,13 @@ fn main() -> ExitCode {
     match cli.command {
         Command::CheckConfig { config, quiet } => match load(config, true) {
             Ok(cfg) => {
-                for (i, d) in cfg.modbus.devices.iter().enumerate() {
-                    if d.example {
-                        eprintln!("note: modbus.devices[{i}] ({}) is an example (example = true): checked, never polled; remove the flag once it describes a real device", d.name);
-                    }
-                }
                 if !quiet {
+                    for n in config::env_notes(std::env::vars())
+                        .into_iter()
+                        .chain(config::example_notes(&cfg))
+                    {
+                        eprintln!("note: {n}");
+                    }
                     print!("{}", cfg.to_redacted_toml());
                 }
                 ExitCode::SUCCESS
@@ -176,6 +177,9 @@ fn main() -> ExitCode {
                 Err(code) => return code,
             };
             serve(move |shutdown| {
+                for n in config::env_notes(std::env::vars()) {
+                    tracing::warn!("{n}");
+                }
                 let reloads = reload_on_sighup(path, explicit);
                 zhian_gateway::run_with_reload(cfg, shutdown, reloads)
             })

@@ -139,6 +139,9 @@ pub struct LinkState {
     /// When the last WARN about it was logged (wall ms), for the reminder rate.
     #[serde(skip)]
     pub warned_ms: i64,
+    /// Whether it has connected at least once since start.
+    #[serde(skip)]
+    pub ever_connected: bool,
 }
 
 /// What a link report changed, so the caller logs each state change once.
@@ -150,10 +153,10 @@ pub enum LinkChange {
     /// `REMIND_EVERY_MS`: WARN.
     Down,
     /// Still down, for another reason now (the broker's port closed after the connection
-    /// was lost, say): INFO.
+    /// was lost, say): DEBUG, like every failed attempt.
     Reason,
-    /// It came up after `down_ms`: INFO.
-    Up { down_ms: i64 },
+    /// It came up after `down_ms` (`first`: the first time since start): INFO.
+    Up { down_ms: i64, first: bool },
 }
 
 /// Intake paused: devices' messages wait unacknowledged in the site broker.
@@ -493,6 +496,7 @@ impl Stats {
                 error: None,
                 attempts: 0,
                 warned_ms: 0,
+                ever_connected: false,
             },
         );
     }
@@ -512,12 +516,14 @@ impl Stats {
             return LinkChange::Same;
         }
         let down_ms = now_ms - l.since_ms;
+        let first = !l.ever_connected;
+        l.ever_connected = true;
         l.connected = true;
         l.since_ms = now_ms;
         l.reason = None;
         l.error = None;
         l.attempts = 0;
-        LinkChange::Up { down_ms }
+        LinkChange::Up { down_ms, first }
     }
 
     /// A connection attempt of `link` failed, or the connection was lost.

@@ -9,6 +9,19 @@ use common::*;
 use std::fs;
 use std::time::Duration;
 
+/// The tests run as root in CI (the package and tmpfs tests need it); the "as another user"
+/// checks need it too.
+fn unsafe_is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(1) == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
 fn count(haystack: &str, needle: &str) -> usize {
     haystack.matches(needle).count()
 }
@@ -193,7 +206,10 @@ fn devices_go_offline_by_their_cadence_and_are_remembered_across_a_restart() {
     );
     assert!(metrics.contains("zhian_device_last_seen_timestamp_seconds{device=\"cam-1\""));
 
-    // Restart: the devices are still known (not "vanished"), with their last-seen time.
+    // Restart: the devices are still known (not "vanished"), with their last-seen time as it
+    // was at the stop, and no WARN again for a device that was offline before it.
+    let cam_seen = device("cam-1").unwrap()["last_seen"].clone();
+    let warns_before = count(&log_text(&log), "device offline");
     d.term();
     let mut d = Daemon::start(&cfg, &log);
     assert!(
@@ -204,6 +220,26 @@ fn devices_go_offline_by_their_cadence_and_are_remembered_across_a_restart() {
     );
     assert_eq!(device("door-1").unwrap()["online"], false);
     assert_eq!(device("cam-1").unwrap()["online"], true);
+    let cam_after = device("cam-1").unwrap()["last_seen"].clone();
+    assert_eq!(
+        cam_after, cam_seen,
+        "last seen kept exactly across a clean stop"
+    );
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(
+        count(&log_text(&log), "device offline"),
+        warns_before,
+        "no WARN again for a device already offline before the restart"
+    );
+    // Only rejects on a topic: not a device.
+    let mut p = Publisher::connect(site.port, "op-pub-2");
+    p.send("zhian/access/door-9", b"not json".to_vec());
+    p.wait_all_acked(Duration::from_secs(10));
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        device("door-9").is_none(),
+        "a topic with only rejects is no device"
+    );
     d.term();
 }
 
@@ -307,5 +343,72 @@ fn check_config_names_what_installers_get_wrong() {
     fs::write(&cfg, text).unwrap();
     let out = check_config(&cfg, s);
     assert!(out.status.success(), "{}", out.stderr);
-    assert_eq!(count(&out.stderr, "is an example"), 3, "{}", out.stderr);
+    assert_eq!(
+        count(&out.stderr, "is an example (example = true)"),
+        3,
+        "{}",
+        out.stderr
+    );
+    assert!(out
+        .stderr
+        .contains("note: gateway.id is the reference config's example"));
+    assert!(out
+        .stderr
+        .contains("note: upstream.url mqtts://district.example:8883 is an example host"));
+    // --quiet: not a word, notes included.
+    let out = run_cli(
+        &["check-config", "--quiet", "--config", cfg.to_str().unwrap()],
+        s,
+        Duration::from_secs(15),
+    );
+    assert!(out.status.success());
+    assert_eq!((out.stdout.as_str(), out.stderr.as_str()), ("", ""));
+
+    // A one-underscore environment typo is not read, and check-config says so.
+    fs::write(&cfg, &good).unwrap();
+    let out = common::run_cli_env(
+        &["check-config", "--config", cfg.to_str().unwrap()],
+        s,
+        &[("ZHIAN_UPSTREAM_PASSWORD", "x")],
+    );
+    assert!(out.status.success(), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("ZHIAN_UPSTREAM_PASSWORD is not read")
+            && out.stderr.contains("ZHIAN_UPSTREAM__PASSWORD"),
+        "{}",
+        out.stderr
+    );
+
+    // A store file the checking user cannot write (left root-owned by a restore, say).
+    if unsafe_is_root() {
+        let data = s.join("ro-data");
+        fs::create_dir_all(&data).unwrap();
+        fs::write(data.join("zhian.redb"), b"").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(&data, fs::Permissions::from_mode(0o777)).unwrap();
+        fs::set_permissions(s, fs::Permissions::from_mode(0o755)).unwrap();
+        fs::set_permissions(data.join("zhian.redb"), fs::Permissions::from_mode(0o644)).unwrap();
+        fs::write(
+            &cfg,
+            good.replace(
+                &format!(
+                    "data_dir = {}",
+                    toml_string(&s.join("data").to_string_lossy())
+                ),
+                &format!("data_dir = {}", toml_string(&data.to_string_lossy())),
+            ),
+        )
+        .unwrap();
+        fs::set_permissions(&cfg, fs::Permissions::from_mode(0o644)).unwrap();
+        let out = std::process::Command::new("setpriv")
+            .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups"])
+            .arg(env!("CARGO_BIN_EXE_zhian-gateway"))
+            .args(["check-config", "--quiet", "--config"])
+            .arg(&cfg)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(78), "{err}");
+        assert!(err.contains("cannot write the store file"), "{err}");
+    }
 }

@@ -68,8 +68,8 @@ impl<'de> Deserialize<'de> for Dur {
 }
 
 impl Serialize for Dur {
-    /// As written in the config: the largest of `d`, `h`, `m`, `s`, `ms` that divides it
-    /// (`"24h"`, `"1800ms"`), never humantime's `"1day"` or `"1s 800ms"`.
+    /// As written in the config: the largest of `h`, `m`, `s`, `ms` that divides it (`"24h"`,
+    /// `"1800ms"`; `d` from a week up, `"30d"`), never humantime's `"1day"` or `"1s 800ms"`.
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(&self.to_string())
     }
@@ -1158,16 +1158,19 @@ pub fn validate(c: &Config) -> Vec<Problem> {
 
 fn validate_health(h: &Health, p: &mut Vec<Problem>) {
     let zero = |d: &Dur| d.0.is_zero();
-    if zero(&h.silence) {
-        p.push(problem("health.silence", "must be more than 0"));
-    }
-    if zero(&h.link_grace) {
-        p.push(problem("health.link_grace", "must be more than 0"));
+    for (key, d) in [
+        ("health.silence", &h.silence),
+        ("health.link_grace", &h.link_grace),
+        ("health.forget_after", &h.forget_after),
+    ] {
+        if zero(d) {
+            p.push(problem(key, "must be more than 0"));
+        }
     }
     for (k, d) in &h.kinds {
         if crate::core::event::Kind::parse(k).is_none() {
             p.push(problem(
-                format!("health.kinds.{k}"),
+                format!("health.kinds.{k:?}"),
                 "not a kind: one of \"access\", \"camera\", \"vehicle\"",
             ));
         } else if zero(d) {
@@ -1177,30 +1180,106 @@ fn validate_health(h: &Health, p: &mut Vec<Problem>) {
     for (k, d) in &h.devices {
         if !crate::core::event::valid_device(k) {
             p.push(problem(
-                format!("health.devices.{k}"),
+                format!("health.devices.{k:?}"),
                 "not a device id (1-64 of [A-Za-z0-9_.-])",
             ));
         } else if zero(d) {
             p.push(problem(
-                format!("health.devices.{k}"),
+                format!("health.devices.{k:?}"),
                 "must be more than 0",
             ));
         }
     }
-    let longest = h
-        .kinds
-        .values()
-        .chain(h.devices.values())
-        .chain([&h.silence])
-        .map(|d| d.0)
-        .max()
-        .unwrap_or_default();
-    if h.forget_after.0 <= longest {
+    if zero(&h.forget_after) {
+        return;
+    }
+    // Every cadence must be shorter than forget_after: name the longest one that is not.
+    let mut cadences: Vec<(String, &Dur)> = vec![("health.silence".into(), &h.silence)];
+    cadences.extend(
+        h.kinds
+            .iter()
+            .map(|(k, d)| (format!("health.kinds.{k}"), d)),
+    );
+    cadences.extend(
+        h.devices
+            .iter()
+            .map(|(k, d)| (format!("health.devices.{k:?}"), d)),
+    );
+    if let Some((key, d)) = cadences
+        .iter()
+        .filter(|(_, d)| d.0 >= h.forget_after.0)
+        .max_by_key(|(_, d)| d.0)
+    {
         p.push(problem(
             "health.forget_after",
-            "must be longer than every silence (a device would be forgotten before it is offline)",
+            format!(
+                "{} must be longer than {key} ({d}{}): a device would be forgotten before it is offline",
+                h.forget_after,
+                if key == "health.silence" { ", the default when not set" } else { "" }
+            ),
         ));
     }
+}
+
+/// The reference config's example values still in `c`, one note each (`check-config` prints
+/// them; they are valid, but no real site uses them).
+pub fn example_notes(c: &Config) -> Vec<String> {
+    let mut out = Vec::new();
+    if c.gateway.id == "fy-fuchun-jiangbin-01" {
+        out.push("gateway.id is the reference config's example: give each box its own (two boxes with one id take each other's connections)".to_string());
+    }
+    for (key, url) in [("mqtt.url", &c.mqtt.url), ("upstream.url", &c.upstream.url)] {
+        if let Ok(u) = BrokerUrl::parse(url) {
+            if u.host.ends_with(".example") || u.host.ends_with(".invalid") {
+                out.push(format!(
+                    "{key} {url} is an example host: put the real broker's"
+                ));
+            }
+        }
+    }
+    for (i, d) in c.modbus.devices.iter().enumerate() {
+        if d.example {
+            out.push(format!("modbus.devices[{i}] ({}) is an example (example = true): checked, never polled; remove the flag once it describes a real device", d.name));
+        }
+    }
+    out
+}
+
+/// Environment variables that look meant for the config but are not read: `ZHIAN_<SECTION>_<KEY>`
+/// with one underscore where two are needed. One line each, for `check-config` and the log.
+pub fn env_notes(env: impl IntoIterator<Item = (String, String)>) -> Vec<String> {
+    const SECTIONS: [&str; 13] = [
+        "GATEWAY",
+        "BROKER",
+        "MQTT",
+        "DEDUP",
+        "AGGREGATE",
+        "STORE",
+        "UPSTREAM",
+        "STATUS",
+        "PRIVACY",
+        "ALERTS",
+        "MODBUS",
+        "CLOCK",
+        "HEALTH",
+    ];
+    let mut out: Vec<String> = env
+        .into_iter()
+        .filter_map(|(k, _)| {
+            let rest = k.strip_prefix("ZHIAN_")?;
+            if rest.contains("__") {
+                return None;
+            }
+            let (section, key) = rest.split_once('_')?;
+            SECTIONS.contains(&section).then(|| {
+                format!(
+                    "{k} is not read: config variables are ZHIAN_<SECTION>__<KEY>, two underscores (ZHIAN_{section}__{key}?)"
+                )
+            })
+        })
+        .collect();
+    out.sort();
+    out
 }
 
 fn validate_modbus(m: &Modbus, p: &mut Vec<Problem>) {

@@ -18,15 +18,41 @@ pub fn check_start_needs(c: &Config) -> Vec<Problem> {
     ];
     for (key, path) in files {
         if let Some(path) = path {
-            if let Err(e) = std::fs::File::open(path) {
-                p.push(problem(
+            match std::fs::read(path) {
+                Err(e) => p.push(problem(
                     key,
                     format!("cannot read {} as {}: {e}", path.display(), whoami()),
-                ));
+                )),
+                Ok(bytes) => {
+                    if let Err(why) = pem_holds(key, &bytes) {
+                        p.push(problem(key, format!("{}: {why}", path.display())));
+                    }
+                }
             }
         }
     }
     p
+}
+
+/// Whether a PEM file holds what its key needs: certificates for `ca_file` and `client_cert`,
+/// a private key for `client_key` (the daemon would otherwise fail at its first TLS connect).
+fn pem_holds(key: &str, bytes: &[u8]) -> Result<(), String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    if key.ends_with("client_key") {
+        PrivateKeyDer::from_pem_slice(bytes)
+            .map(|_| ())
+            .map_err(|e| format!("no PEM private key in it ({e:?})"))
+    } else {
+        let certs = CertificateDer::pem_slice_iter(bytes)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("not PEM certificates ({e:?})"))?;
+        if certs.is_empty() {
+            Err("no PEM certificate in it".into())
+        } else {
+            Ok(())
+        }
+    }
 }
 
 fn check_data_dir(dir: &Path, p: &mut Vec<Problem>) {
@@ -57,6 +83,21 @@ fn check_data_dir(dir: &Path, p: &mut Vec<Problem>) {
             format!("{} is not a directory", existing.display()),
         ));
         return;
+    }
+    // An existing store file must be writable too (a restore or a run as root leaves it
+    // root-owned; the daemon would then retry opening it for ever).
+    let store_file = dir.join(crate::store::FILE_NAME);
+    if store_file.exists() {
+        if let Err(e) = std::fs::OpenOptions::new().write(true).open(&store_file) {
+            p.push(problem(
+                "gateway.data_dir",
+                format!(
+                    "cannot write the store file {} as {}: {e} (chown it to the service user)",
+                    store_file.display(),
+                    whoami()
+                ),
+            ));
+        }
     }
     let probe = existing.join(format!(".zhian-check-{}", std::process::id()));
     match std::fs::File::create(&probe) {
@@ -120,5 +161,11 @@ mod tests {
         std::fs::write(scratch.path().join("f"), "").unwrap();
         c.gateway.data_dir = scratch.path().join("f/data");
         assert_eq!(check_start_needs(&c).len(), 1);
+        // A CA file that holds no certificate.
+        std::fs::write(scratch.path().join("ca.pem"), "dummy").unwrap();
+        c.gateway.data_dir = scratch.path().join("data");
+        c.upstream.ca_file = Some(scratch.path().join("ca.pem"));
+        let p = check_start_needs(&c);
+        assert!(p[0].message.contains("no PEM certificate"), "{p:?}");
     }
 }

@@ -254,6 +254,21 @@ impl Collector for Metrics {
                     .encode(m.encode_family(&[("link", link)])?)?;
             }
         }
+        {
+            let mut m = e.encode_descriptor(
+                "zhian_link_down",
+                "1 for the reason the link is down (connecting, unreachable, closed, refused, tls, identity_taken), 0 for the others",
+                None,
+                prometheus_client::metrics::MetricType::Gauge,
+            )?;
+            for (link, l) in s.links() {
+                for reason in crate::link::DOWN_REASONS {
+                    let v = i64::from(!l.connected && l.reason == Some(reason));
+                    ConstGauge::new(v)
+                        .encode(m.encode_family(&[("link", link), ("reason", reason)])?)?;
+                }
+            }
+        }
         if let Some((rss, vsize, cpu, start, fds)) = process_figures() {
             gauge(
                 &mut e,

@@ -419,9 +419,14 @@ pub(super) fn render(s: &StatusOut, en: bool, refresh: u64) -> String {
     let district_down = s.links.get("district").filter(|l| !l.connected);
     let (state, first) = if s.intake.paused {
         ("broken", t(en, "paused").to_string())
-    } else if let Some(l) = site_down.filter(|l| l.for_secs >= 10) {
+    } else if let Some(l) = site_down {
         (
-            "broken",
+            // A moment's reconnect is worth a look; longer, nothing is being collected.
+            if l.for_secs >= 10 {
+                "broken"
+            } else {
+                "attention"
+            },
             format!(
                 "{}：{} {} {}",
                 t(en, "site_broker"),
@@ -548,7 +553,7 @@ pub(super) fn render(s: &StatusOut, en: bool, refresh: u64) -> String {
     ));
     // Devices: offline first (the list comes sorted), with ages and today's counts.
     h.push_str(&format!(
-        "<section><h2>{}</h2><div class=\"scroll\"><table class=\"dev\"><tr><th>{}</th><th>{}</th><th>{}</th><th>{}</th><th>{}</th><th class=\"wide\">{}</th><th class=\"wide\">{}</th></tr>",
+        "<section><h2>{}</h2><div class=\"scroll\"><table class=\"dev\"><tr><th>{}</th><th>{}</th><th>{}</th><th>{}</th><th class=\"wide\">{}</th><th>{}</th><th class=\"wide\">{}</th></tr>",
         t(en, "devices"),
         t(en, "name"),
         t(en, "state"),
@@ -576,7 +581,7 @@ pub(super) fn render(s: &StatusOut, en: bool, refresh: u64) -> String {
             (Some(_), _) => t(en, "poll_failed").to_string(),
         };
         h.push_str(&format!(
-            "<tr data-device=\"{name}\" data-online=\"{online}\"><td>{name}</td><td class=\"{cls}\">{state}</td><td>{seen}</td><td data-today=\"{today}\">{today}</td><td class=\"wide\">{kind} · {src}</td><td class=\"wide\">{err}</td><td class=\"wide\">{states}</td></tr>",
+            "<tr data-device=\"{name}\" data-online=\"{online}\"><td>{name}</td><td class=\"{cls}\">{state}</td><td>{seen}</td><td data-today=\"{today}\">{today}</td><td class=\"wide\">{kind} · {src}</td><td>{err}</td><td class=\"wide\">{states}</td></tr>",
             name = esc(&d.name),
             online = d.online,
             kind = kind_label(en, d.kind),

@@ -440,6 +440,36 @@ impl StoreWriter {
         Ok(report)
     }
 
+    /// Write the pending device sightings now, in a transaction of their own (at a clean stop),
+    /// so that after a restart no device reads as silent since up to `DEVICE_SEEN_EVERY_MS`
+    /// before it really was. Nothing pending: nothing written.
+    pub fn flush_devices(&mut self) -> Result<(), StoreError> {
+        if self.mem.devices_pending.is_empty() {
+            return Ok(());
+        }
+        let guard = self.store.db.read().expect("store lock");
+        let db = match guard.as_ref() {
+            Some(Db::ReadWrite(db)) => db,
+            Some(Db::ReadOnly(_)) => return Err(StoreError::ReadOnly),
+            None => return Err(StoreError::Unavailable),
+        };
+        let mut txn = db.begin_write()?;
+        txn.set_durability(Durability::Immediate)?;
+        txn.set_quick_repair(false);
+        {
+            let mut t = txn.open_table(DEVICES)?;
+            for (key, at) in &self.mem.devices_pending {
+                t.insert(key.as_str(), *at)?;
+            }
+        }
+        txn.commit()?;
+        drop(guard);
+        let pending = std::mem::take(&mut self.mem.devices_pending);
+        self.mem.devices.extend(pending);
+        self.mem.devices_pending_since = None;
+        Ok(())
+    }
+
     /// Whether a maintenance commit would do anything: a window is due, rows have expired, or
     /// the store is under pressure. Reads only, so an idle gateway does not write (flash wear).
     pub fn maintenance_due(
