@@ -108,6 +108,8 @@ pub struct Committer {
     pub clock_step: Step,
     /// The store time the last transaction was written with (ms).
     pub committed_at: i64,
+    /// A large batch was committed since the allocator last released freed memory.
+    pub trim_due: bool,
     pub mono_origin: Instant,
     /// Set when shutdown comes while the disk cannot be written: nothing more is tried, what
     /// remains stays unacknowledged (the site broker redelivers it after the restart).
@@ -117,6 +119,16 @@ pub struct Committer {
     /// Cancelled at shutdown: a retry loop on a failing disk gives up (nothing it holds was
     /// acknowledged, so the broker redelivers it).
     pub stop: CancellationToken,
+}
+
+/// Return freed heap memory to the system (glibc keeps it otherwise; RSS would stay at a
+/// burst's peak). Other C libraries: nothing to do.
+fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks the allocator's own free lists.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 /// Milliseconds on the committer's monotonic clock.
@@ -523,6 +535,12 @@ impl Committer {
         acks_due: bool,
     ) -> Result<bool, StoreError> {
         let retention = self.cfg.retention;
+        if tick && batch.is_empty() && self.trim_due {
+            // A burst is over: hand the allocator's freed memory back to the system, so the
+            // steady RSS is what the daemon holds, not what the burst needed.
+            release_freed_memory();
+            self.trim_due = false;
+        }
         if tick {
             // Memory only: hashes of raw events past the dedup TTL (the rows stay for their
             // retention).
@@ -588,6 +606,7 @@ impl Committer {
             }
         };
         let wrote = report.is_some();
+        self.trim_due |= wrote && batch.len() > 64;
         drop(inputs);
         // The store's time of this commit: the devices' last seen agrees with the store's.
         let now = if wrote { self.committed_at } else { now_ms() };

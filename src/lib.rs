@@ -102,6 +102,7 @@ fn open_store(
     subjects: config::SubjectMode,
     on_damage: config::OnDamage,
     max_bytes: u64,
+    dedup_ttl_ms: Option<u64>,
 ) -> Result<
     (
         Arc<Store>,
@@ -111,7 +112,7 @@ fn open_store(
     store::StoreError,
 > {
     let (s, mut w, q) =
-        store::damage::open_or_quarantine(dir, subjects, on_damage, clock::now_ms())?;
+        store::damage::open_or_quarantine(dir, subjects, on_damage, clock::now_ms(), dedup_ttl_ms)?;
     w.set_max_bytes(max_bytes);
     if let Err(e) = w.compact_if_it_pays() {
         tracing::warn!(error = %e, "store: compaction failed; continuing");
@@ -193,10 +194,12 @@ pub async fn run_with_reload(
         let subjects = cfg.privacy.subjects;
         let on_damage = cfg.store.on_damage;
         let max_bytes = cfg.store.max_size.0;
-        let attempt =
-            tokio::task::spawn_blocking(move || open_store(&dir, subjects, on_damage, max_bytes))
-                .await
-                .map_err(|_| RunError::TaskDied("store open"))?;
+        let ttl = Some(cfg.dedup.ttl.as_millis_u64());
+        let attempt = tokio::task::spawn_blocking(move || {
+            open_store(&dir, subjects, on_damage, max_bytes, ttl)
+        })
+        .await
+        .map_err(|_| RunError::TaskDied("store open"))?;
         match attempt {
             Ok(opened) => break opened,
             Err(e) if e.disk_fault().is_some() => {
@@ -288,6 +291,7 @@ pub async fn run_with_reload(
         ),
         clock_step: core::clock::Step::None,
         committed_at: 0,
+        trim_due: false,
         mono_origin: std::time::Instant::now(),
         abandoned: false,
         stop: intake_stop.clone(),

@@ -93,7 +93,19 @@ fn load(path: Option<PathBuf>, start_needs: bool) -> Result<config::Config, Exit
         })
 }
 
+/// glibc gives every thread that allocates its own malloc arena (up to 8 per core), each
+/// holding freed memory of its own: two arenas keep the daemon's RSS near what it uses
+/// (BENCHMARKS.md, memory). Other C libraries: nothing to do.
+fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets allocator parameters; called before any thread starts.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
+}
+
 fn main() -> ExitCode {
+    limit_malloc_arenas();
     let cli = Cli::parse();
     match cli.command {
         Command::CheckConfig { config, quiet } => match load(config, true) {

@@ -165,8 +165,9 @@ pub fn open_or_quarantine(
     subjects: SubjectMode,
     on_damage: OnDamage,
     now_ms: i64,
+    dedup_ttl_ms: Option<u64>,
 ) -> Result<(Arc<Store>, StoreWriter, Option<Quarantined>), StoreError> {
-    match Store::open(data_dir, subjects) {
+    match Store::open_with_ttl(data_dir, subjects, dedup_ttl_ms) {
         Ok((s, w)) => Ok((s, w, None)),
         Err(StoreError::Damaged { path, .. }) if never_written(&path) => {
             tracing::warn!(file = %path.display(), "store file holds nothing (an earlier start ran out of disk?): creating it again");
@@ -175,7 +176,7 @@ pub fn open_or_quarantine(
                 path: path.clone(),
                 source,
             })?;
-            let (s, w) = Store::open(data_dir, subjects)?;
+            let (s, w) = Store::open_with_ttl(data_dir, subjects, dedup_ttl_ms)?;
             Ok((s, w, None))
         }
         Err(StoreError::Damaged { path, reason }) if on_damage == OnDamage::Quarantine => {
@@ -186,7 +187,7 @@ pub fn open_or_quarantine(
                 %reason,
                 "store damaged: moved it aside and started a fresh store; counts not yet sent upstream from the old file are not in the new one (inspect --file can read what is left)"
             );
-            let (s, w) = Store::open(data_dir, subjects)?;
+            let (s, w) = Store::open_with_ttl(data_dir, subjects, dedup_ttl_ms)?;
             let q = Quarantined {
                 file: to
                     .file_name()

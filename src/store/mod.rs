@@ -85,8 +85,10 @@ pub(crate) const OPEN_WINDOWS_V1: TableDefinition<i64, ()> = TableDefinition::ne
 pub const FORMAT: u32 = 2;
 /// File name inside the data dir.
 pub const FILE_NAME: &str = "zhian.redb";
-/// redb's page cache (bytes).
-const CACHE_BYTES: usize = 16 << 20;
+/// redb's page cache (bytes). Dedup lookups never read the disk (the hashes are in memory) and
+/// a batch touches two tables, so the cache holds little that is read again: 2 MiB keeps the
+/// steady RSS down (BENCHMARKS.md: 16 MiB bought no throughput).
+const CACHE_BYTES: usize = 2 << 20;
 
 /// What can go wrong with the store. [`StoreError::disk_fault`] tells a full or failing disk
 /// (pause and retry) from the rest.
@@ -234,6 +236,18 @@ impl Store {
         data_dir: &Path,
         subjects: crate::config::SubjectMode,
     ) -> Result<(std::sync::Arc<Store>, StoreWriter), StoreError> {
+        Self::open_with_ttl(data_dir, subjects, None)
+    }
+
+    /// As [`Store::open`], knowing `dedup.ttl` (ms): the writer then loads into memory only
+    /// the dedup hashes of raw events received within the TTL before the newest one, instead
+    /// of every raw event's (a week of backlog is mostly past the TTL: start-up reads less and
+    /// the memory holds only the live keys).
+    pub fn open_with_ttl(
+        data_dir: &Path,
+        subjects: crate::config::SubjectMode,
+        dedup_ttl_ms: Option<u64>,
+    ) -> Result<(std::sync::Arc<Store>, StoreWriter), StoreError> {
         std::fs::create_dir_all(data_dir).map_err(|source| StoreError::DataDir {
             path: data_dir.to_path_buf(),
             source,
@@ -247,7 +261,7 @@ impl Store {
             figures: Figures::default(),
             _scratch: None,
         });
-        let writer = StoreWriter::init(store.clone(), subjects)?;
+        let writer = StoreWriter::init(store.clone(), subjects, dedup_ttl_ms)?;
         Ok((store, writer))
     }
 

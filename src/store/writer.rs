@@ -19,7 +19,7 @@ use crate::core::counter::CounterState;
 use crate::core::engine::{Emit, Engine, Input, Ledger, Outcome};
 use crate::core::event::Event;
 use crate::core::summary::WindowState;
-use redb::{Durability, ReadableTable, Table};
+use redb::{Durability, ReadableTable, ReadableTableMetadata, Table};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::Ordering::Relaxed;
@@ -100,6 +100,8 @@ pub struct StoreWriter {
     mem: Mem,
     /// Bytes the store may take: `store.max_size` less the data dir's other files.
     budget: u64,
+    /// `dedup.ttl` when known: `load` skips the hashes of raw events older than the TTL.
+    dedup_ttl_ms: Option<u64>,
 }
 
 fn dedup_hash(key: &[u8; 32], dedup_key: &str) -> u64 {
@@ -113,7 +115,11 @@ fn dedup_hash(key: &[u8; 32], dedup_key: &str) -> u64 {
 impl StoreWriter {
     /// Prepare a freshly opened file: check or migrate its format, make the subject key, create
     /// every table, then load the in-memory state.
-    pub(crate) fn init(store: Arc<Store>, subjects: SubjectMode) -> Result<Self, StoreError> {
+    pub(crate) fn init(
+        store: Arc<Store>,
+        subjects: SubjectMode,
+        dedup_ttl_ms: Option<u64>,
+    ) -> Result<Self, StoreError> {
         let subject_key = {
             let guard = store.db.read().expect("store lock");
             let Some(Db::ReadWrite(db)) = guard.as_ref() else {
@@ -127,6 +133,7 @@ impl StoreWriter {
             subject_key,
             mem: Mem::default(),
             budget: u64::MAX,
+            dedup_ttl_ms,
         };
         w.load()?;
         Ok(w)
@@ -166,11 +173,24 @@ impl StoreWriter {
                 mem.open.insert(w.start_ms);
             }
         }
-        for row in txn.open_table(EVENTS)?.iter()? {
-            let (k, v) = row?;
-            let (t, seq) = k.value();
+        let events = txn.open_table(EVENTS)?;
+        // Rows are keyed (received, seq), both only growing: the last row has the highest
+        // sequence number, the table's stored bytes are its rows' key and value bytes.
+        let last = events.last()?.map(|(k, _)| k.value());
+        if let Some((_, seq)) = last {
             max_seq = max_seq.max(seq);
-            bytes += 16 + v.value().len() as u64;
+        }
+        bytes += events.stats()?.stored_bytes();
+        // Hashes of raw events received more than the TTL before the newest one have expired
+        // (measured from the data, not the wall clock, which may be wrong at boot).
+        let from = match (self.dedup_ttl_ms, last) {
+            (Some(ttl), Some((t, _))) => (t.saturating_sub(ttl), 0),
+            _ => (0, 0),
+        };
+        mem.forget_cursor = from;
+        for row in events.range(from..)? {
+            let (k, v) = row?;
+            let (t, _) = k.value();
             if let Some(h) = event_hash(v.value()) {
                 let t = t as i64;
                 mem.dedup

@@ -323,6 +323,11 @@ impl Mosquitto {
         }
     }
 
+    /// The broker's process id while it runs (benchmarks read its CPU time).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
     pub fn log_path(&self) -> PathBuf {
         self.dir.join("mosquitto.log")
     }
