@@ -269,11 +269,6 @@ impl Gateway {
             .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
             .and_then(|l| l.rsplit(' ').next()?.parse().ok())
     }
-
-    fn stop(&mut self) {
-        unsafe_sigterm(self.child.id());
-        let _ = self.child.wait();
-    }
 }
 
 impl Drop for Gateway {
