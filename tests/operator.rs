@@ -412,3 +412,81 @@ fn check_config_names_what_installers_get_wrong() {
         assert!(err.contains("cannot write the store file"), "{err}");
     }
 }
+
+#[test]
+fn slow_and_idle_connections_cannot_lock_out_healthz() {
+    use std::io::Write;
+    let scratch = tempfile::tempdir().unwrap();
+    let site = Mosquitto::start(&scratch.path().join("site"), free_port(), false);
+    let district = Mosquitto::start(&scratch.path().join("district"), free_port(), false);
+    let status_port = free_port();
+    let cfg = scratch.path().join("gateway.toml");
+    fs::write(
+        &cfg,
+        config_with_status(
+            &scratch.path().join("data"),
+            site.port,
+            district.port,
+            status_port,
+        ),
+    )
+    .unwrap();
+    let log = scratch.path().join("daemon.log");
+    let mut d = Daemon::start(&cfg, &log);
+    assert!(wait_until(Duration::from_secs(30), || http(
+        status_port,
+        "GET",
+        "/healthz",
+        None
+    )
+    .is_ok_and(|r| r.status == 200)));
+    // 40 connections that never finish their headers (one byte every 2 s, a slowloris) and
+    // 40 that send nothing at all: more than status.max_connections (32) together.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut attackers = Vec::new();
+    for i in 0..80 {
+        let stop = stop.clone();
+        attackers.push(std::thread::spawn(move || {
+            let mut reconnects = 0;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", status_port)) else {
+                    std::thread::sleep(Duration::from_millis(100));
+                    continue;
+                };
+                reconnects += 1;
+                for b in b"GET / HTTP/1.1\r\nHost: x\r\n".iter().cycle() {
+                    if stop.load(std::sync::atomic::Ordering::SeqCst) {
+                        return reconnects;
+                    }
+                    if i % 2 == 0 && s.write_all(&[*b]).is_err() {
+                        break; // closed by the daemon: come back, as an attacker would
+                    }
+                    std::thread::sleep(Duration::from_millis(2000));
+                    if i % 2 == 1 && s.peek(&mut [0u8; 1]).is_ok_and(|n| n == 0) {
+                        break;
+                    }
+                }
+            }
+            reconnects
+        }));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    // /healthz answers every time while they hold on (the client waits up to 10 s).
+    for _ in 0..8 {
+        let r = http(status_port, "GET", "/healthz", None);
+        assert!(
+            r.as_ref().is_ok_and(|r| r.status == 200),
+            "/healthz under attack: {:?}",
+            r.map(|r| r.status)
+        );
+        std::thread::sleep(Duration::from_millis(1500));
+    }
+    assert!(api_status(status_port).is_some(), "the page's API too");
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let reconnects: u32 = attackers.into_iter().map(|t| t.join().unwrap()).sum();
+    assert!(
+        reconnects > 80,
+        "slow connections were closed (deadline or eviction) and came back: {reconnects}"
+    );
+    d.term();
+}

@@ -5,7 +5,8 @@
 //! JSON. `GET /healthz` answers 200 while every core task runs, 503 otherwise. `GET /metrics` is
 //! Prometheus text (prometheus-client). With `status.username`/`status.password_hash` set, all
 //! but `/healthz` need HTTP Basic auth. A connection limit and a per-request timeout keep a
-//! misbehaving client on the LAN away from the pipeline; store reads run on blocking threads.
+//! misbehaving client on the LAN away from the pipeline (see `listener`); store reads run on
+//! blocking threads.
 
 use crate::clock::now_ms;
 use crate::config::{parse_utc_offset, Config};
@@ -34,7 +35,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 mod listener;
@@ -118,7 +119,8 @@ pub async fn serve(
     }
     let limited = Limited {
         inner: listener,
-        permits: Arc::new(Semaphore::new(cfg.status.max_connections as usize)),
+        max: cfg.status.max_connections as usize,
+        registry: Default::default(),
     };
     if let Err(e) = axum::serve(limited, app)
         .with_graceful_shutdown(stop.cancelled_owned())
