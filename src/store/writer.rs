@@ -104,6 +104,21 @@ pub struct StoreWriter {
     dedup_ttl_ms: Option<u64>,
 }
 
+/// A write transaction on the writer's open database: fsync'ed at commit
+/// (`Durability::Immediate`), without quick repair (an unclean file is repaired at the next
+/// open instead; see the module). Hold the store's read guard until it commits.
+fn begin_immediate(db: Option<&Db>) -> Result<redb::WriteTransaction, StoreError> {
+    let db = match db {
+        Some(Db::ReadWrite(db)) => db,
+        Some(Db::ReadOnly(_)) => return Err(StoreError::ReadOnly),
+        None => return Err(StoreError::Unavailable),
+    };
+    let mut txn = db.begin_write()?;
+    txn.set_durability(Durability::Immediate)?;
+    txn.set_quick_repair(false);
+    Ok(txn)
+}
+
 fn dedup_hash(key: &[u8; 32], dedup_key: &str) -> u64 {
     let mut h = blake3::Hasher::new_keyed(key);
     h.update(b"dedup\0");
@@ -314,14 +329,7 @@ impl StoreWriter {
     ) -> Result<CommitReport, StoreError> {
         let pressure = self.pressure();
         let guard = self.store.db.read().expect("store lock");
-        let db = match guard.as_ref() {
-            Some(Db::ReadWrite(db)) => db,
-            Some(Db::ReadOnly(_)) => return Err(StoreError::ReadOnly),
-            None => return Err(StoreError::Unavailable),
-        };
-        let mut txn = db.begin_write()?;
-        txn.set_durability(Durability::Immediate)?;
-        txn.set_quick_repair(false);
+        let txn = begin_immediate(guard.as_ref())?;
         let mut report = CommitReport::default();
         let mut seen: HashMap<String, i64> = HashMap::new();
         let seen_pending;
@@ -468,14 +476,7 @@ impl StoreWriter {
             return Ok(());
         }
         let guard = self.store.db.read().expect("store lock");
-        let db = match guard.as_ref() {
-            Some(Db::ReadWrite(db)) => db,
-            Some(Db::ReadOnly(_)) => return Err(StoreError::ReadOnly),
-            None => return Err(StoreError::Unavailable),
-        };
-        let mut txn = db.begin_write()?;
-        txn.set_durability(Durability::Immediate)?;
-        txn.set_quick_repair(false);
+        let txn = begin_immediate(guard.as_ref())?;
         {
             let mut t = txn.open_table(DEVICES)?;
             for (key, at) in &self.mem.devices_pending {
@@ -528,12 +529,7 @@ impl StoreWriter {
     /// transaction; parking is rare). Returns how many moved.
     pub fn park(&mut self, keys: &[OutboxKey]) -> Result<usize, StoreError> {
         let guard = self.store.db.read().expect("store lock");
-        let Some(Db::ReadWrite(db)) = guard.as_ref() else {
-            return Err(StoreError::Unavailable);
-        };
-        let mut txn = db.begin_write()?;
-        txn.set_durability(Durability::Immediate)?;
-        txn.set_quick_repair(false);
+        let txn = begin_immediate(guard.as_ref())?;
         let mut moved = 0;
         {
             let mut outbox = txn.open_table(OUTBOX)?;
