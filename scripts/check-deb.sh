@@ -15,6 +15,7 @@ mode_owner() { stat -c '%a %U:%G' "$1"; }
 [ "$(mode_owner /etc/zhian-gateway/gateway.toml)" = "640 root:zhian" ] || fail "config: $(mode_owner /etc/zhian-gateway/gateway.toml)"
 [ "$(mode_owner /etc/zhian-gateway)" = "750 root:zhian" ] || fail "config dir: $(mode_owner /etc/zhian-gateway)"
 [ "$(mode_owner /var/lib/zhian-gateway)" = "750 zhian:zhian" ] || fail "data dir: $(mode_owner /var/lib/zhian-gateway)"
+[ "$(mode_owner /var/lib/zhian-gateway.keys)" = "700 zhian:zhian" ] || fail "key dir: $(mode_owner /var/lib/zhian-gateway.keys)"
 grep -q '^ExecStart=/usr/bin/zhian-gateway run' /lib/systemd/system/zhian-gateway.service || fail "unit ExecStart"
 [ -f /usr/lib/sysusers.d/zhian-gateway.conf ] || fail "sysusers.d entry"
 [ -f /usr/share/doc/zhian-gateway/install.md ] || fail "install guide"

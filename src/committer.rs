@@ -542,6 +542,8 @@ impl Committer {
             self.trim_due = false;
         }
         if tick {
+            let now = self.store_now();
+            self.writer.destroy_expired_keys(now);
             // Memory only: hashes of raw events past the dedup TTL (the rows stay for their
             // retention).
             if let Err(e) = self.writer.forget_expired_hashes(

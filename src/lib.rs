@@ -16,6 +16,7 @@ pub mod forwarder;
 pub mod health;
 pub mod ingest;
 pub mod inspect;
+pub mod keys;
 pub mod link;
 pub mod modbus;
 pub mod mqtt;
@@ -53,6 +54,8 @@ pub const SHUTDOWN_BUDGET: Duration = Duration::from_millis(4000);
 pub enum RunError {
     #[error(transparent)]
     Store(#[from] store::StoreError),
+    #[error(transparent)]
+    Keys(#[from] keys::KeyError),
     #[error("a core task stopped unexpectedly: {0}")]
     TaskDied(&'static str),
     #[error("{0}")]
@@ -219,6 +222,21 @@ pub async fn run_with_reload(
         }
     };
     tracing::info!(path = %store.path().display(), bytes = store.file_bytes(), "store open");
+    if cfg.privacy.subjects == config::SubjectMode::Hashed {
+        let dir = cfg.privacy.key_dir(&cfg.gateway.data_dir);
+        let rotate = match cfg.privacy.rotate {
+            config::KeyRotation::Daily => keys::Rotate::Daily,
+            config::KeyRotation::Never => keys::Rotate::Never,
+        };
+        let offset = config::parse_utc_offset(&cfg.status.timezone).unwrap_or(8 * 3600);
+        let keep = cfg.aggregate.max_lateness.as_millis_u64();
+        let keys = tokio::task::spawn_blocking(move || {
+            keys::SubjectKeys::open(&dir, rotate, offset, keep, clock::now_ms())
+        })
+        .await
+        .map_err(|_| RunError::TaskDied("pseudonym keys open"))??;
+        writer.set_subject_keys(keys);
+    }
     if cfg.broker.enabled {
         let listen: std::net::SocketAddr = cfg.broker.listen.parse().map_err(|_| {
             RunError::Broker(format!(

@@ -482,7 +482,8 @@ pub fn parse_utc_offset(s: &str) -> Option<i32> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum SubjectMode {
-    /// Keyed hash (BLAKE3 with a per-box key kept in the store); never leaves the box.
+    /// Keyed pseudonym (BLAKE3 with a key kept in `privacy.key_dir`, outside the store,
+    /// rotated per `privacy.rotate`); never leaves the box.
     #[default]
     Hashed,
     /// Not stored at all.
@@ -491,10 +492,43 @@ pub enum SubjectMode {
     Plain,
 }
 
+/// How often the pseudonym key changes (`privacy.rotate`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum KeyRotation {
+    /// A new key at each local midnight (`status.timezone`); a day's key is destroyed once
+    /// `aggregate.max_lateness` has passed after its day.
+    #[default]
+    Daily,
+    /// One key for ever: pseudonyms link a resident across days (not recommended).
+    Never,
+}
+
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Privacy {
     pub subjects: SubjectMode,
+    /// Where the pseudonym keys live (see [`crate::keys`]); default `<data_dir>.keys`, beside
+    /// the data dir and never inside it, so a backup of the data dir holds no key.
+    pub key_dir: Option<PathBuf>,
+    pub rotate: KeyRotation,
+}
+
+impl Privacy {
+    /// `privacy.key_dir`, or its default beside `data_dir`.
+    pub fn key_dir(&self, data_dir: &Path) -> PathBuf {
+        match &self.key_dir {
+            Some(d) => d.clone(),
+            None => {
+                let mut s = data_dir.as_os_str().to_os_string();
+                if s.len() > 1 && s.to_string_lossy().ends_with('/') {
+                    s = data_dir.components().as_path().as_os_str().to_os_string();
+                }
+                s.push(".keys");
+                PathBuf::from(s)
+            }
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -890,6 +924,7 @@ const ENUM_CHOICES: &[(&str, &str)] = &[
     ("Role", "\"counter\", \"state\""),
     ("Kind", "\"access\", \"camera\", \"vehicle\""),
     ("SubjectMode", "\"hashed\", \"drop\", \"plain\""),
+    ("KeyRotation", "\"daily\", \"never\""),
     ("OnDamage", "\"quarantine\", \"refuse\""),
 ];
 
@@ -936,6 +971,23 @@ pub fn validate(c: &Config) -> Vec<Problem> {
     }
     if g.data_dir.as_os_str().is_empty() {
         p.push(problem("gateway.data_dir", "must not be empty"));
+    }
+    if let Some(k) = &c.privacy.key_dir {
+        if !k.is_absolute() {
+            p.push(problem(
+                "privacy.key_dir",
+                format!("{} must be an absolute path", k.display()),
+            ));
+        } else if k.starts_with(&g.data_dir) {
+            p.push(problem(
+                "privacy.key_dir",
+                format!(
+                    "{} is inside gateway.data_dir: a copy or backup of the data dir would hold the keys; put it beside it (default: {})",
+                    k.display(),
+                    Privacy::default().key_dir(&g.data_dir).display()
+                ),
+            ));
+        }
     }
     if c.broker.enabled && !cfg!(feature = "embedded-broker") {
         p.push(problem(
@@ -1589,6 +1641,13 @@ mod tests {
         let hash = "$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHRzYWx0$3Tm6mSMGfCA1C8GdBDuFjH4GY4uSbcVxR3R5mx0eGXY";
         let ok = format!("{lan}username = \"wuye\"\npassword_hash = \"{hash}\"\n");
         assert!(load_str(&ok, &[]).is_ok());
+        let inside = "[gateway]\nid = \"gw-1\"\ndata_dir = \"/var/lib/z\"\n[privacy]\nkey_dir = \"/var/lib/z/keys\"\n";
+        let e = load_str(inside, &[]).unwrap_err();
+        assert_eq!(e[0].key, "privacy.key_dir");
+        assert!(e[0].message.contains("/var/lib/z.keys"), "{e:?}");
+        let rot = "[gateway]\nid = \"gw-1\"\n[privacy]\nrotate = \"hourly\"\n";
+        let e = load_str(rot, &[]).unwrap_err();
+        assert!(e[0].message.contains("\"daily\", \"never\""), "{e:?}");
         let bad_tz = "[gateway]\nid = \"gw-1\"\n[status]\ntimezone = \"CST\"\n";
         assert_eq!(load_str(bad_tz, &[]).unwrap_err()[0].key, "status.timezone");
     }

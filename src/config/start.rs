@@ -10,6 +10,16 @@ use std::path::Path;
 pub fn check_start_needs(c: &Config) -> Vec<Problem> {
     let mut p = Vec::new();
     check_data_dir(&c.gateway.data_dir, &mut p);
+    if c.privacy.subjects == super::SubjectMode::Hashed
+        && c.gateway.data_dir.is_absolute()
+        && c.privacy.key_dir.as_ref().is_none_or(|k| k.is_absolute())
+    {
+        check_dir_writable(
+            "privacy.key_dir",
+            &c.privacy.key_dir(&c.gateway.data_dir),
+            &mut p,
+        );
+    }
     let files = [
         ("mqtt.ca_file", c.mqtt.ca_file.as_deref()),
         ("upstream.ca_file", c.upstream.ca_file.as_deref()),
@@ -69,21 +79,6 @@ fn check_data_dir(dir: &Path, p: &mut Vec<Problem>) {
         ));
         return;
     }
-    // The nearest directory that exists must be writable: the daemon creates the rest.
-    let mut existing = dir;
-    while !existing.exists() {
-        match existing.parent() {
-            Some(parent) => existing = parent,
-            None => break,
-        }
-    }
-    if !existing.is_dir() {
-        p.push(problem(
-            "gateway.data_dir",
-            format!("{} is not a directory", existing.display()),
-        ));
-        return;
-    }
     // An existing store file must be writable too (a restore or a run as root leaves it
     // root-owned; the daemon would then retry opening it for ever).
     let store_file = dir.join(crate::store::FILE_NAME);
@@ -99,13 +94,33 @@ fn check_data_dir(dir: &Path, p: &mut Vec<Problem>) {
             ));
         }
     }
+    check_dir_writable("gateway.data_dir", dir, p);
+}
+
+/// The directory `key` names exists and is writable, or its nearest existing ancestor is (the
+/// daemon creates the rest).
+fn check_dir_writable(key: &str, dir: &Path, p: &mut Vec<Problem>) {
+    let mut existing = dir;
+    while !existing.exists() {
+        match existing.parent() {
+            Some(parent) => existing = parent,
+            None => break,
+        }
+    }
+    if !existing.is_dir() {
+        p.push(problem(
+            key,
+            format!("{} is not a directory", existing.display()),
+        ));
+        return;
+    }
     let probe = existing.join(format!(".zhian-check-{}", std::process::id()));
     match std::fs::File::create(&probe) {
         Ok(_) => {
             let _ = std::fs::remove_file(&probe);
         }
         Err(e) => p.push(problem(
-            "gateway.data_dir",
+            key,
             if existing == dir {
                 format!("cannot write in {} as {}: {e}", dir.display(), whoami())
             } else {
@@ -160,7 +175,16 @@ mod tests {
         // A file where a directory should be.
         std::fs::write(scratch.path().join("f"), "").unwrap();
         c.gateway.data_dir = scratch.path().join("f/data");
-        assert_eq!(check_start_needs(&c).len(), 1);
+        let p = check_start_needs(&c);
+        let keys: Vec<&str> = p.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(keys, ["gateway.data_dir", "privacy.key_dir"], "{p:?}");
+        // The key dir is checked on its own.
+        c.gateway.data_dir = scratch.path().join("data");
+        c.privacy.key_dir = Some(scratch.path().join("f/keys"));
+        let p = check_start_needs(&c);
+        let keys: Vec<&str> = p.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(keys, ["privacy.key_dir"], "{p:?}");
+        c.privacy.key_dir = None;
         // A CA file that holds no certificate.
         std::fs::write(scratch.path().join("ca.pem"), "dummy").unwrap();
         c.gateway.data_dir = scratch.path().join("data");

@@ -5,12 +5,13 @@
 //! `<data_dir>/zhian.redb`, one redb database with the tables below. Keys are fixed-width
 //! integers (redb encodes them little-endian with explicit widths) or UTF-8 strings; a value
 //! that is a record starts with a one-byte record version followed by postcard
-//! ([`records`]). Store format 2 (format 1, from releases before the flash work, is migrated in
-//! place on first open).
+//! ([`records`]). Store format 3. Format 1 (before the flash work) and format 2 (which kept the
+//! subject key in `meta`) are migrated in place on first open: format 2's key stays as the dedup
+//! key, and the subjects hashed with it are removed from the raw events.
 //!
 //! | table | key | value | written |
 //! |---|---|---|---|
-//! | `meta` | `&str` name | `format` (u32 LE, now 2), `subject_key` (32 random bytes: the BLAKE3 key for hashed subjects and dedup hashes), `seq_reserved` (u64 LE: sequence numbers below it may be in use), `dropped_summaries`, `dropped_alerts`, `dropped_dedup_keys`, `evicted_events` (u64 LE) | at open, every millionth sequence number, when something is dropped |
+//! | `meta` | `&str` name | `format` (u32 LE, now 3), `dedup_key` (32 random bytes: the BLAKE3 key for dedup hashes of event ids; formats 1-2 called it `subject_key` and also hashed subjects with it), `seq_reserved` (u64 LE: sequence numbers below it may be in use), `dropped_summaries`, `dropped_alerts`, `dropped_dedup_keys`, `evicted_events` (u64 LE) | at open, every millionth sequence number, when something is dropped |
 //! | `events` | `(u64 received_ms, u64 seq)` | version 2: the event's dedup hash (u64 LE), then [`EventRecordV1`] in postcard: the raw accepted event, subject hashed/dropped/plain per `privacy.subjects` (version 1 rows, from format 1, carry no hash) | per batch, appended |
 //! | `dedup_log` | `(i64 first_seen_ms, u64 seq)` | dedup hashes whose raw events were deleted (pressure, or a retention shorter than `dedup.ttl`) while the hash still counts, packed little-endian u64s | when raw events go early |
 //! | `windows` | `i64` window start ms | v1 [`WindowState`]: counts per (kind, device, action, result) and the last issued rev (`None` while open) | per batch, the windows it touched |
@@ -19,7 +20,11 @@
 //! | `states` | `&str` "kind\0device\0point" | v1 [`StateRecordV1`]: the latest value of a Modbus state point and when it last changed | Modbus polls that changed |
 //! | `devices` | `&str` "kind\0device" | `i64`: when an event of this MQTT device was last accepted (ms), so devices known once stay known across restarts (contract: "Status page") | a new device at once (with any pending sightings); known ones together, at most every [`DEVICE_SEEN_EVERY_MS`] |
 //!
-//! A dedup hash is the first 8 bytes of BLAKE3 keyed with `subject_key` over
+//! A hashed subject is the 16-byte pseudonym from [`crate::keys`]: keyed with the key of the
+//! event's local day, which is never in this file (`privacy.key_dir`) and is destroyed once
+//! that day can receive no more events.
+//!
+//! A dedup hash is the first 8 bytes of BLAKE3 keyed with `dedup_key` over
 //! `"dedup\0" kind "\0" device "\0" id`. The writer holds every live hash in memory (built
 //! from `events` and `dedup_log` at open, about 16-32 bytes per key), so a lookup never touches
 //! the disk, and the raw event row itself is the durable dedup record: a batch appends to one
@@ -81,8 +86,8 @@ pub(crate) const DEDUP_BY_TIME_V1: TableDefinition<(i64, &str), ()> =
     TableDefinition::new("dedup_by_time");
 pub(crate) const OPEN_WINDOWS_V1: TableDefinition<i64, ()> = TableDefinition::new("open_windows");
 
-/// The store format this build writes (it also reads and migrates format 1).
-pub const FORMAT: u32 = 2;
+/// The store format this build writes (it also reads and migrates formats 1 and 2).
+pub const FORMAT: u32 = 3;
 /// File name inside the data dir.
 pub const FILE_NAME: &str = "zhian.redb";
 /// redb's page cache (bytes). Dedup lookups never read the disk (the hashes are in memory) and
@@ -108,9 +113,9 @@ pub enum StoreError {
         table: &'static str,
         source: postcard::Error,
     },
-    #[error("store: format {0:#x} is not one this build reads (1 or {FORMAT}); use the zhian-gateway that wrote it, or move the data dir aside")]
+    #[error("store: format {0:#x} is not one this build reads (1 to {FORMAT}); use the zhian-gateway that wrote it, or move the data dir aside")]
     Format(u32),
-    #[error("store: cannot read random bytes for the subject key: {0}")]
+    #[error("store: cannot read random bytes for the dedup key: {0}")]
     Random(String),
     #[error("store: opened read-only")]
     ReadOnly,

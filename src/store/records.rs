@@ -17,7 +17,8 @@ pub(crate) const EVENT_WITH_HASH_V2: u8 = 2;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum StoredSubject {
     None,
-    /// First 16 bytes of BLAKE3 keyed with the box's `subject_key`.
+    /// The 16-byte pseudonym: BLAKE3 keyed with the key of the event's local day, kept
+    /// outside the store ([`crate::keys::SubjectKeys::pseudonym`]).
     Hashed([u8; 16]),
     Plain(String),
 }

@@ -5,6 +5,7 @@ use crate::core::engine::{Engine, Input, Outcome};
 use crate::core::event::{Event, Kind};
 use crate::core::summary::Site;
 use crate::core::window::WindowCfg;
+use redb::ReadableTable;
 
 fn engine() -> Engine {
     Engine {
@@ -252,6 +253,60 @@ fn format_1_store_is_migrated_with_its_dedup_keys_and_open_windows() {
     let out = s.outbox_after(CLASS_SUMMARY, None, 10).unwrap();
     let v: serde_json::Value = serde_json::from_slice(&out[0].1.payload).unwrap();
     assert_eq!(v["counts"][0]["n"], 2);
+}
+
+#[test]
+fn format_2_store_loses_its_subject_key_and_the_subjects_hashed_with_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let en = engine();
+    let now = 1_000_000_000;
+    let mut e = ev("a", now);
+    e.subject = Some("card:88213".into());
+    {
+        let (_s, mut w) = Store::open(dir.path(), SubjectMode::Hashed).unwrap();
+        w.commit(&en, &[&e], &[], now, None).unwrap();
+    }
+    // Make it look as format 2 left it: the key under its old name, the subject hashed with it.
+    let key = [9u8; 32];
+    {
+        let db = redb::Database::create(dir.path().join(FILE_NAME)).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let mut meta = txn.open_table(META).unwrap();
+            let dk: Vec<u8> = meta.remove("dedup_key").unwrap().unwrap().value().to_vec();
+            assert_eq!(dk.len(), 32);
+            meta.insert("subject_key", dk.as_slice()).unwrap();
+            meta.insert("format", 2u32.to_le_bytes().as_slice())
+                .unwrap();
+            let mut events = txn.open_table(EVENTS).unwrap();
+            let (k, v) = {
+                let (k, v) = events.first().unwrap().unwrap();
+                (k.value(), v.value().to_vec())
+            };
+            let mut rec = records::decode_event(&v).unwrap();
+            let h = blake3::keyed_hash(&key, b"card:88213");
+            rec.subject = StoredSubject::Hashed(h.as_bytes()[..16].try_into().unwrap());
+            let hash = records::event_hash(&v).unwrap();
+            events
+                .insert(k, records::encode_event(&rec, hash).as_slice())
+                .unwrap();
+        }
+        txn.commit().unwrap();
+    }
+    let (s, mut w) = Store::open(dir.path(), SubjectMode::Hashed).unwrap();
+    // The dedup hashes still match (same key), the subject is gone, and so is the old name.
+    let r = w.commit(&en, &[&e], &[], now + 1, None).unwrap();
+    assert_eq!(r.outcomes, vec![Outcome::Duplicate]);
+    let txn = s.read().unwrap();
+    let meta = txn.open_table(META).unwrap();
+    assert!(meta.get("subject_key").unwrap().is_none());
+    let format = meta.get("format").unwrap().unwrap().value().to_vec();
+    assert_eq!(format, FORMAT.to_le_bytes());
+    let events = txn.open_table(EVENTS).unwrap();
+    for row in events.iter().unwrap() {
+        let rec = records::decode_event(row.unwrap().1.value()).unwrap();
+        assert_eq!(rec.subject, StoredSubject::None);
+    }
 }
 
 #[test]

@@ -5,9 +5,9 @@
 use super::pressure::{self, Pressure, Retention};
 use super::reader::read_u64;
 use super::records::{
-    decode, decode_counter, encode, encode_counter, encode_event, event_hash, pack_hashes,
-    unpack_hashes, CounterRecordV2, EventRecordV1, OutboxRecordV1, OutboxTopic, StateRecordV1,
-    StateUpdate, StoredSubject,
+    decode, decode_counter, decode_event, encode, encode_counter, encode_event, event_hash,
+    pack_hashes, unpack_hashes, CounterRecordV2, EventRecordV1, OutboxRecordV1, OutboxTopic,
+    StateRecordV1, StateUpdate, StoredSubject,
 };
 use super::{
     damage, decode_window, Db, OutboxKey, Store, StoreError, CLASS_ALERT, CLASS_PARKED,
@@ -19,6 +19,7 @@ use crate::core::counter::CounterState;
 use crate::core::engine::{Emit, Engine, Input, Ledger, Outcome};
 use crate::core::event::Event;
 use crate::core::summary::WindowState;
+use crate::keys::{Rotate, SubjectKeys};
 use redb::{Durability, ReadableTable, ReadableTableMetadata, Table};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::{BuildHasherDefault, Hasher};
@@ -96,7 +97,10 @@ pub struct CommitReport {
 pub struct StoreWriter {
     store: Arc<Store>,
     subjects: SubjectMode,
-    subject_key: [u8; 32],
+    /// Keys the dedup hashes of event ids (kept in `meta`: event ids are not personal data).
+    dedup_key: [u8; 32],
+    /// Pseudonym keys for hashed subjects, kept outside the store ([`crate::keys`]).
+    keys: SubjectKeys,
     mem: Mem,
     /// Bytes the store may take: `store.max_size` less the data dir's other files.
     budget: u64,
@@ -135,7 +139,7 @@ impl StoreWriter {
         subjects: SubjectMode,
         dedup_ttl_ms: Option<u64>,
     ) -> Result<Self, StoreError> {
-        let subject_key = {
+        let dedup_key = {
             let guard = store.db.read().expect("store lock");
             let Some(Db::ReadWrite(db)) = guard.as_ref() else {
                 return Err(StoreError::ReadOnly);
@@ -145,13 +149,26 @@ impl StoreWriter {
         let mut w = StoreWriter {
             store,
             subjects,
-            subject_key,
+            dedup_key,
+            // Until the daemon hands over the keys from `privacy.key_dir`: memory only.
+            keys: SubjectKeys::ephemeral(Rotate::Daily, 0, 86_400_000),
             mem: Mem::default(),
             budget: u64::MAX,
             dedup_ttl_ms,
         };
         w.load()?;
         Ok(w)
+    }
+
+    /// Hand the writer the pseudonym keys (from `privacy.key_dir`); until then it keeps
+    /// memory-only keys.
+    pub fn set_subject_keys(&mut self, keys: SubjectKeys) {
+        self.keys = keys;
+    }
+
+    /// Destroy the pseudonym keys past their life at `now_ms` (see [`crate::keys`]).
+    pub fn destroy_expired_keys(&mut self, now_ms: i64) -> usize {
+        self.keys.destroy_expired(now_ms)
     }
 
     /// The read side of this store.
@@ -350,7 +367,8 @@ impl StoreWriter {
                 seq: self.mem.next_seq,
                 bytes: 0,
                 subjects: self.subjects,
-                subject_key: &self.subject_key,
+                dedup_key: &self.dedup_key,
+                keys: &mut self.keys,
                 now_ms,
                 emitted: 0,
             };
@@ -606,7 +624,8 @@ impl StoreWriter {
     }
 }
 
-/// Check the format (migrating format 1), make the subject key and every table. One commit.
+/// Check the format (migrating formats 1 and 2), make the dedup key and every table. One
+/// commit.
 fn prepare(db: &redb::Database) -> Result<[u8; 32], StoreError> {
     let mut txn = db.begin_write()?;
     txn.set_durability(Durability::Immediate)?;
@@ -616,27 +635,42 @@ fn prepare(db: &redb::Database) -> Result<[u8; 32], StoreError> {
             let v = f.value();
             v.try_into().map(u32::from_le_bytes).map_err(|_| v.len())
         });
-        let migrate = match format {
-            None => false,
-            Some(Ok(FORMAT)) => false,
-            Some(Ok(1)) => true,
+        let from = match format {
+            None => FORMAT,
+            Some(Ok(v @ (1 | 2 | FORMAT))) => v,
             Some(Ok(v)) => return Err(StoreError::Format(v)),
             Some(Err(len)) => return Err(StoreError::Format(len as u32 | 0x8000_0000)),
         };
-        let existing: Option<[u8; 32]> = meta
+        // Formats 1 and 2 kept one key, `subject_key`, for subjects and dedup hashes alike.
+        // It stays the dedup key (so the held hashes still match), and the subjects hashed
+        // with it are scrubbed below: the store then holds no key that reverses a subject.
+        let legacy: Option<[u8; 32]> = meta
             .get("subject_key")?
             .and_then(|k| k.value().try_into().ok());
-        let key = match existing {
+        let existing: Option<[u8; 32]> = meta
+            .get("dedup_key")?
+            .and_then(|k| k.value().try_into().ok());
+        let key = match existing.or(legacy) {
             Some(k) => k,
             None => {
                 let mut k = [0u8; 32];
                 getrandom::fill(&mut k).map_err(|e| StoreError::Random(e.to_string()))?;
-                meta.insert("subject_key", k.as_slice())?;
                 k
             }
         };
-        if migrate {
+        if existing.is_none() {
+            meta.insert("dedup_key", key.as_slice())?;
+        }
+        if from == 1 {
             migrate_v1(&txn, &mut meta, &key)?;
+        }
+        if legacy.is_some() {
+            meta.remove("subject_key")?;
+            let scrubbed = scrub_hashed_subjects(&txn)?;
+            tracing::info!(
+                scrubbed,
+                "store: the subject key left the store file; subjects hashed with it were removed from the raw events (pseudonym keys now live in privacy.key_dir)"
+            );
         }
         if format != Some(Ok(FORMAT)) {
             meta.insert("format", FORMAT.to_le_bytes().as_slice())?;
@@ -653,6 +687,29 @@ fn prepare(db: &redb::Database) -> Result<[u8; 32], StoreError> {
     txn.open_table(DEVICES)?;
     txn.commit()?;
     Ok(key)
+}
+
+/// Format 2 -> 3: rewrite every raw event whose subject was hashed with the old in-store key
+/// without its subject. Returns how many rows changed.
+fn scrub_hashed_subjects(txn: &redb::WriteTransaction) -> Result<usize, StoreError> {
+    let mut events = txn.open_table(EVENTS)?;
+    let mut changed: Vec<((u64, u64), Vec<u8>)> = Vec::new();
+    for row in events.iter()? {
+        let (k, v) = row?;
+        let mut rec = decode_event(v.value())?;
+        if matches!(rec.subject, StoredSubject::Hashed(_)) {
+            rec.subject = StoredSubject::None;
+            let bytes = match event_hash(v.value()) {
+                Some(h) => encode_event(&rec, h),
+                None => encode(&rec),
+            };
+            changed.push((k.value(), bytes));
+        }
+    }
+    for (k, v) in &changed {
+        events.insert(*k, v.as_slice())?;
+    }
+    Ok(changed.len())
 }
 
 /// Format 1 -> 2: dedup keys become hashes in `dedup_log`, the open-window index goes (the
@@ -721,7 +778,8 @@ struct TxLedger<'t, 's> {
     /// Change of row bytes.
     bytes: i64,
     subjects: SubjectMode,
-    subject_key: &'s [u8; 32],
+    dedup_key: &'s [u8; 32],
+    keys: &'s mut SubjectKeys,
     now_ms: i64,
     emitted: usize,
 }
@@ -907,7 +965,7 @@ impl Ledger for TxLedger<'_, '_> {
     type Error = StoreError;
 
     fn first_seen(&mut self, key: &str) -> Result<Option<i64>, StoreError> {
-        Ok(self.held(dedup_hash(self.subject_key, key)))
+        Ok(self.held(dedup_hash(self.dedup_key, key)))
     }
 
     fn remember(
@@ -917,7 +975,7 @@ impl Ledger for TxLedger<'_, '_> {
         _previous: Option<i64>,
     ) -> Result<(), StoreError> {
         // An older row with this hash stays; purging it later leaves this newer time alone.
-        let h = dedup_hash(self.subject_key, key);
+        let h = dedup_hash(self.dedup_key, key);
         self.dedup.insert(h, Some(now_ms));
         self.new_hash = Some(h);
         Ok(())
@@ -927,12 +985,10 @@ impl Ledger for TxLedger<'_, '_> {
         let subject = match (&e.subject, self.subjects) {
             (None, _) | (Some(_), SubjectMode::Drop) => StoredSubject::None,
             (Some(s), SubjectMode::Plain) => StoredSubject::Plain(s.clone()),
-            (Some(s), SubjectMode::Hashed) => {
-                let h = blake3::keyed_hash(self.subject_key, s.as_bytes());
-                let mut short = [0u8; 16];
-                short.copy_from_slice(&h.as_bytes()[..16]);
-                StoredSubject::Hashed(short)
-            }
+            (Some(s), SubjectMode::Hashed) => match self.keys.pseudonym(s, e.ts_ms, now_ms) {
+                Some(p) => StoredSubject::Hashed(p),
+                None => StoredSubject::None,
+            },
         };
         let rec = EventRecordV1 {
             kind: e.kind,
@@ -946,7 +1002,7 @@ impl Ledger for TxLedger<'_, '_> {
         let hash = self
             .new_hash
             .take()
-            .unwrap_or_else(|| dedup_hash(self.subject_key, &e.dedup_key()));
+            .unwrap_or_else(|| dedup_hash(self.dedup_key, &e.dedup_key()));
         let rec = encode_event(&rec, hash);
         let seq = self.next_seq();
         self.events
