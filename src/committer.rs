@@ -504,6 +504,44 @@ impl Committer {
         }
     }
 
+    /// `health.max_devices`: an event of a device not known yet, while that many are, becomes
+    /// a `too_many_devices` reject (counted, acknowledged, not stored), so invented device ids
+    /// cannot grow the store, the page or the metrics.
+    fn bound_devices(&self, batch: &mut [Intake]) {
+        let cadence = self.stats.cadence();
+        let mut live: Option<usize> = None;
+        let mut admitted: Vec<String> = Vec::new();
+        for intake in batch.iter_mut() {
+            let Intake::Event { event, topic, ack } = intake else {
+                continue;
+            };
+            let key = format!("{}\0{}", event.kind.as_str(), event.device);
+            if self.writer.knows_device(&key) || admitted.contains(&key) {
+                continue;
+            }
+            let now = self.committed_at.max(now_ms());
+            let n = *live
+                .get_or_insert_with(|| self.writer.live_devices(now, cadence.forget_after_ms))
+                + admitted.len();
+            if n < cadence.max_devices {
+                admitted.push(key);
+                continue;
+            }
+            if n == cadence.max_devices && !self.stats.devices_full.swap(true, Relaxed) {
+                tracing::warn!(
+                    max_devices = cadence.max_devices,
+                    device = %crate::logfmt::Clean(&event.device),
+                    "health.max_devices reached: events of new devices are rejected too_many_devices (raise it if the compound has more devices)"
+                );
+            }
+            *intake = Intake::Rejected {
+                reason: Reject::TooManyDevices,
+                topic: std::mem::take(topic),
+                ack: ack.take(),
+            };
+        }
+    }
+
     fn commit_now(
         &mut self,
         inputs: &[Input],
@@ -558,6 +596,7 @@ impl Committer {
                 .store_bytes
                 .store(self.writer.store().file_bytes(), Relaxed);
         }
+        self.bound_devices(batch);
         let mut inputs: Vec<Input> = Vec::with_capacity(batch.len());
         let mut states: Vec<&StateUpdate> = Vec::new();
         for i in batch.iter() {

@@ -27,6 +27,8 @@ pub struct Cadence {
     devices: HashMap<String, i64>,
     pub forget_after_ms: i64,
     pub link_grace_ms: i64,
+    /// `health.max_devices`.
+    pub max_devices: usize,
 }
 
 fn kind_slot(k: Kind) -> usize {
@@ -62,6 +64,7 @@ impl Cadence {
                 .collect(),
             forget_after_ms: ms(&h.forget_after),
             link_grace_ms: ms(&h.link_grace),
+            max_devices: h.max_devices as usize,
         }
     }
 

@@ -18,6 +18,7 @@ pub mod ingest;
 pub mod inspect;
 pub mod keys;
 pub mod link;
+pub mod logfmt;
 pub mod modbus;
 pub mod mqtt;
 pub mod stats;

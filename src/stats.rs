@@ -119,6 +119,11 @@ pub struct Stats {
     link_problems: Mutex<BTreeMap<&'static str, crate::link::Problem>>,
     /// A store file this run moved aside as damaged, and why.
     pub quarantined: Mutex<Option<crate::store::damage::Quarantined>>,
+    /// `health.max_devices` was reached (warned once per run).
+    pub devices_full: AtomicBool,
+    /// Status page: failed logins, and requests refused by the per-address rate limit.
+    pub http_auth_failures: AtomicU64,
+    pub http_rate_limited: AtomicU64,
 }
 
 /// One broker connection (`site`: the device broker; `district`: upstream), as the page, the API
@@ -240,6 +245,9 @@ impl Default for Stats {
             links: Mutex::new(BTreeMap::new()),
             cadence: Default::default(),
             quarantined: Mutex::new(None),
+            devices_full: AtomicBool::new(false),
+            http_auth_failures: AtomicU64::new(0),
+            http_rate_limited: AtomicU64::new(0),
         }
     }
 }
@@ -321,11 +329,14 @@ impl Stats {
         let parsed = crate::core::event::parse_topic(topic);
         let k = parsed.map_or(3, |(kind, _)| kind_index(kind));
         self.rejected_kind[k].fetch_add(1, Relaxed);
+        // Only a device already known carries its rejects: a rejected message never creates
+        // one (a flood of invented ids would otherwise grow the page and the metrics).
         if let Ok((kind, device)) = parsed {
             let mut d = self.devices.lock().expect("devices lock");
-            let e = d.entry((kind, device.to_string())).or_default();
-            e.rejected += 1;
-            e.last_error = Some(reason.as_str());
+            if let Some(e) = d.get_mut(&(kind, device.to_string())) {
+                e.rejected += 1;
+                e.last_error = Some(reason.as_str());
+            }
         }
         let mut r = self.recent_rejects.lock().expect("rejects lock");
         if r.len() >= RECENT_REJECTS {

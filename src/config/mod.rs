@@ -33,10 +33,19 @@ impl fmt::Display for Problem {
 pub mod start;
 pub use start::check_start_needs;
 
+/// A problem with `key`. The message is cleaned of secrets (a URL's password, the value of a
+/// `password = ...` line a syntax error quotes) and of control characters, since it is printed
+/// and logged.
 fn problem(key: impl Into<String>, message: impl Into<String>) -> Problem {
+    let message = crate::logfmt::redact_secrets(&message.into());
+    let message = message
+        .split('\n')
+        .map(crate::logfmt::escape_controls)
+        .collect::<Vec<_>>()
+        .join("\n");
     Problem {
-        key: key.into(),
-        message: message.into(),
+        key: crate::logfmt::escape_controls(&key.into()),
+        message,
     }
 }
 
@@ -210,6 +219,10 @@ pub struct Health {
     /// An MQTT device silent this long is forgotten (page, API, heartbeat, metrics). Default
     /// 30 days.
     pub forget_after: Dur,
+    /// Most MQTT devices learned from traffic (remembered ones included). An event of a new
+    /// device beyond it is rejected `too_many_devices`, so a flood of invented device ids
+    /// cannot grow the store, the page, the API or the metrics. Default 2000.
+    pub max_devices: u32,
 }
 
 impl Default for Health {
@@ -220,6 +233,7 @@ impl Default for Health {
             devices: BTreeMap::new(),
             link_grace: Dur(Duration::from_secs(60)),
             forget_after: Dur(Duration::from_secs(30 * 86_400)),
+            max_devices: 2000,
         }
     }
 }
@@ -1219,6 +1233,12 @@ fn validate_health(h: &Health, p: &mut Vec<Problem>) {
             p.push(problem(key, "must be more than 0"));
         }
     }
+    if !(1..=100_000).contains(&h.max_devices) {
+        p.push(problem(
+            "health.max_devices",
+            format!("{} must be 1-100000", h.max_devices),
+        ));
+    }
     for (k, d) in &h.kinds {
         if crate::core::event::Kind::parse(k).is_none() {
             p.push(problem(
@@ -1555,7 +1575,9 @@ impl Config {
 
     /// The effective config as TOML, secrets redacted (for `check-config`).
     pub fn to_redacted_toml(&self) -> String {
-        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
+        let text =
+            toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render: {e}\n"));
+        crate::logfmt::redact_url(&text)
     }
 }
 

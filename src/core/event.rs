@@ -92,10 +92,12 @@ pub enum Reject {
     TopicMismatch,
     TooLate,
     TooFarFuture,
+    /// A device not seen before, while `health.max_devices` devices are already known.
+    TooManyDevices,
 }
 
 impl Reject {
-    pub const ALL: [Reject; 12] = [
+    pub const ALL: [Reject; 13] = [
         Reject::TooLarge,
         Reject::InvalidUtf8,
         Reject::InvalidJson,
@@ -108,6 +110,7 @@ impl Reject {
         Reject::TopicMismatch,
         Reject::TooLate,
         Reject::TooFarFuture,
+        Reject::TooManyDevices,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -124,6 +127,7 @@ impl Reject {
             Reject::TopicMismatch => "topic_mismatch",
             Reject::TooLate => "too_late",
             Reject::TooFarFuture => "too_far_future",
+            Reject::TooManyDevices => "too_many_devices",
         }
     }
 

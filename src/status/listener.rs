@@ -248,3 +248,13 @@ mod tests {
         assert!(r.admit(b, 1).is_none());
     }
 }
+
+/// The client's address, for the access log and the login rate limit (axum's `ConnectInfo`).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Peer(pub SocketAddr);
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, Limited>> for Peer {
+    fn connect_info(stream: axum::serve::IncomingStream<'_, Limited>) -> Self {
+        Peer(*stream.remote_addr())
+    }
+}

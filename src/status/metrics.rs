@@ -106,6 +106,18 @@ impl Collector for Metrics {
             "Device messages received",
             c.received,
         )?;
+        counter(
+            &mut e,
+            "zhian_http_auth_failures",
+            "Status page requests with wrong credentials",
+            s.http_auth_failures.load(Relaxed),
+        )?;
+        counter(
+            &mut e,
+            "zhian_http_rate_limited",
+            "Status page requests refused: too many failed logins from the address",
+            s.http_rate_limited.load(Relaxed),
+        )?;
         {
             let mut m = e.encode_descriptor(
                 "zhian_events",

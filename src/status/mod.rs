@@ -38,11 +38,13 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
+mod auth;
 mod listener;
 mod metrics;
 mod page;
 mod report;
 
+pub use auth::{hash_password, verify_password, MIN_PASSWORD_CHARS};
 use listener::Limited;
 use metrics::{to_prometheus_text, Metrics};
 use page::render;
@@ -61,6 +63,8 @@ pub(super) struct AppState {
     pub(super) verified: Arc<Mutex<Option<blake3::Hash>>>,
     /// Password verifications allowed at once.
     pub(super) verify_permits: Arc<Semaphore>,
+    /// Failed logins per client address, for the rate limit.
+    pub(super) failures: Arc<Mutex<auth::Failures>>,
 }
 
 /// Bind the status listener (before anything else starts talking to the network).
@@ -104,14 +108,19 @@ pub async fn serve(
         registry: Arc::new(registry),
         verified: Arc::new(Mutex::new(None)),
         verify_permits: Arc::new(Semaphore::new(1)),
+        failures: Default::default(),
     };
     let app = Router::new()
         .route("/", get(page))
         .route("/api/status", get(api_status))
         .route("/metrics", get(metrics))
-        .layer(axum::middleware::from_fn_with_state(state.clone(), auth))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::auth,
+        ))
         .route("/healthz", get(healthz))
         .layer(axum::middleware::from_fn(timeout))
+        .layer(axum::middleware::from_fn(access))
         .with_state(state);
     match listener.local_addr() {
         Ok(addr) => tracing::info!(listen = %addr, "status page listening"),
@@ -122,12 +131,57 @@ pub async fn serve(
         max: cfg.status.max_connections as usize,
         registry: Default::default(),
     };
-    if let Err(e) = axum::serve(limited, app)
-        .with_graceful_shutdown(stop.cancelled_owned())
-        .await
+    if let Err(e) = axum::serve(
+        limited,
+        app.into_make_service_with_connect_info::<listener::Peer>(),
+    )
+    .with_graceful_shutdown(stop.cancelled_owned())
+    .await
     {
         tracing::warn!(error = %e, "status page stopped");
     }
+}
+
+/// The security headers every answer carries: no framing (clickjacking), no MIME sniffing, no
+/// referrer, and a content security policy that allows what the page uses (inline CSS and an
+/// inline SVG; no script at all, no resource from elsewhere).
+pub const SECURITY_HEADERS: [(&str, &str); 5] = [
+    ("x-frame-options", "DENY"),
+    ("x-content-type-options", "nosniff"),
+    ("referrer-policy", "no-referrer"),
+    (
+        "content-security-policy",
+        "default-src 'none'; style-src 'unsafe-inline'; img-src 'self' data:; frame-ancestors 'none'; base-uri 'none'; form-action 'none'",
+    ),
+    ("cache-control", "no-store"),
+];
+
+/// Adds [`SECURITY_HEADERS`] and writes one access-log line per request (target
+/// `zhian_gateway::access`): peer address, method, path (control characters escaped, no query
+/// string, never the Authorization header), status and duration. Successful `/healthz` and
+/// `/metrics` (probes and scrapes, every few seconds) go at DEBUG, everything else at INFO.
+async fn access(req: Request<axum::body::Body>, next: Next) -> Response {
+    let started = std::time::Instant::now();
+    let peer = req
+        .extensions()
+        .get::<axum::extract::ConnectInfo<listener::Peer>>()
+        .map(|c| c.0 .0.ip().to_string())
+        .unwrap_or_else(|| "-".into());
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let mut r = next.run(req).await;
+    for (k, v) in SECURITY_HEADERS {
+        r.headers_mut().insert(k, HeaderValue::from_static(v));
+    }
+    let status = r.status().as_u16();
+    let ms = started.elapsed().as_millis() as u64;
+    let path = crate::logfmt::Clean(&path);
+    if status < 400 && (path.0 == "/healthz" || path.0 == "/metrics") {
+        tracing::debug!(target: "zhian_gateway::access", peer, %method, %path, status, ms, "http");
+    } else {
+        tracing::info!(target: "zhian_gateway::access", peer, %method, %path, status, ms, "http");
+    }
+    r
 }
 
 async fn timeout(req: Request<axum::body::Body>, next: Next) -> Response {
@@ -135,88 +189,6 @@ async fn timeout(req: Request<axum::body::Body>, next: Next) -> Response {
         Ok(r) => r,
         Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "timeout\n").into_response(),
     }
-}
-
-async fn auth(State(st): State<AppState>, req: Request<axum::body::Body>, next: Next) -> Response {
-    let (Some(user), Some(hash)) = (&st.cfg.status.username, &st.cfg.status.password_hash) else {
-        return next.run(req).await;
-    };
-    let given = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split_once(' '))
-        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("basic"))
-        .and_then(|(_, b)| {
-            use base64::Engine;
-            base64::engine::general_purpose::STANDARD
-                .decode(b.trim())
-                .ok()
-        })
-        .and_then(|b| String::from_utf8(b).ok());
-    let ok = match given.as_deref().and_then(|g| g.split_once(':')) {
-        Some((u, p)) => {
-            // Keyed with the configured hash, compared in constant time (blake3::Hash's `==`).
-            let digest = blake3::keyed_hash(
-                blake3::hash(hash.0.as_bytes()).as_bytes(),
-                format!("{u}:{p}").as_bytes(),
-            );
-            let cached = *st.verified.lock().expect("auth cache") == Some(digest);
-            if cached {
-                true
-            } else {
-                // One argon2 at a time (19 MiB each): a LAN client guessing passwords cannot
-                // exhaust the box's memory. The hash runs for a wrong user too (no timing hint).
-                let _permit = st.verify_permits.clone().acquire_owned().await;
-                let (h, p) = (hash.0.clone(), p.to_string());
-                let good = tokio::task::spawn_blocking(move || verify_password(&h, &p))
-                    .await
-                    .unwrap_or(false)
-                    && u == user;
-                if good {
-                    *st.verified.lock().expect("auth cache") = Some(digest);
-                } else {
-                    tokio::time::sleep(Duration::from_millis(250)).await;
-                }
-                good
-            }
-        }
-        None => false,
-    };
-    if ok {
-        next.run(req).await
-    } else {
-        let mut r = (StatusCode::UNAUTHORIZED, "authentication required\n").into_response();
-        r.headers_mut().insert(
-            header::WWW_AUTHENTICATE,
-            HeaderValue::from_static("Basic realm=\"zhian-gateway\", charset=\"UTF-8\""),
-        );
-        r
-    }
-}
-
-/// Check `password` against a PHC (argon2) hash.
-pub fn verify_password(phc: &str, password: &str) -> bool {
-    use argon2::password_hash::{PasswordHash, PasswordVerifier};
-    PasswordHash::new(phc)
-        .map(|h| {
-            argon2::Argon2::default()
-                .verify_password(password.as_bytes(), &h)
-                .is_ok()
-        })
-        .unwrap_or(false)
-}
-
-/// A PHC (argon2id) hash of `password`, for `status.password_hash`.
-pub fn hash_password(password: &str) -> Result<String, String> {
-    use argon2::password_hash::{PasswordHasher, SaltString};
-    let mut bytes = [0u8; 16];
-    getrandom::fill(&mut bytes).map_err(|e| e.to_string())?;
-    let salt = SaltString::encode_b64(&bytes).map_err(|e| e.to_string())?;
-    argon2::Argon2::default()
-        .hash_password(password.as_bytes(), &salt)
-        .map(|h| h.to_string())
-        .map_err(|e| e.to_string())
 }
 
 /// 200 while the pipeline runs: every core task alive and the committer turning (the same
@@ -288,15 +260,6 @@ mod tests {
     use super::page::esc;
     use super::*;
     use crate::core::counter::Value;
-
-    #[test]
-    fn password_hash_round_trip() {
-        let h = hash_password("门卫 secret").unwrap();
-        assert!(h.starts_with("$argon2"));
-        assert!(verify_password(&h, "门卫 secret"));
-        assert!(!verify_password(&h, "wrong"));
-        assert!(!verify_password("not a hash", "x"));
-    }
 
     #[test]
     fn classic_text_names_counter_samples() {

@@ -174,6 +174,7 @@ pub(super) fn reject_label(en: bool, reason: &str) -> String {
         "too_late" => "太迟（窗口已关闭太久）",
         "too_far_future" => "时间超前太多",
         "too_large" => "消息过大",
+        "too_many_devices" => "设备数超过上限（health.max_devices）",
         "unmapped" => "无法映射",
         _ => return reason.replace('_', " "),
     };

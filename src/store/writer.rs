@@ -160,6 +160,25 @@ impl StoreWriter {
         Ok(w)
     }
 
+    /// Whether an MQTT device ("kind\0device") is known: accepted before (this run or an
+    /// earlier one).
+    pub fn knows_device(&self, key: &str) -> bool {
+        self.mem.devices.contains_key(key) || self.mem.devices_pending.contains_key(key)
+    }
+
+    /// Known MQTT devices seen within `forget_after_ms` of `now_ms` (forgotten ones do not
+    /// count against `health.max_devices`).
+    pub fn live_devices(&self, now_ms: i64, forget_after_ms: i64) -> usize {
+        let live = |t: &i64| now_ms - *t < forget_after_ms;
+        self.mem.devices.values().filter(|t| live(t)).count()
+            + self
+                .mem
+                .devices_pending
+                .iter()
+                .filter(|(k, t)| live(t) && !self.mem.devices.contains_key(*k))
+                .count()
+    }
+
     /// Hand the writer the pseudonym keys (from `privacy.key_dir`); until then it keeps
     /// memory-only keys.
     pub fn set_subject_keys(&mut self, keys: SubjectKeys) {

@@ -79,7 +79,40 @@ fn dechunk(mut raw: &[u8]) -> io::Result<Vec<u8>> {
 /// Sends one request (`Connection: close`) to 127.0.0.1:`port` and reads the whole response.
 pub fn http(port: u16, method: &str, path: &str, auth: Option<(&str, &str)>) -> io::Result<Reply> {
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    request_on(stream, port, method, path, auth)
+}
+
+/// As [`http`], from the loopback address 127.0.0.`src` (another LAN client, as the server
+/// sees it).
+#[allow(dead_code)]
+pub fn http_from(
+    src: u8,
+    port: u16,
+    method: &str,
+    path: &str,
+    auth: Option<(&str, &str)>,
+) -> io::Result<Reply> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let stream = rt.block_on(async {
+        let s = tokio::net::TcpSocket::new_v4()?;
+        s.bind(SocketAddr::from(([127, 0, 0, src], 0)))?;
+        let c = s.connect(SocketAddr::from(([127, 0, 0, 1], port))).await?;
+        c.into_std()
+    })?;
+    stream.set_nonblocking(false)?;
+    request_on(stream, port, method, path, auth)
+}
+
+fn request_on(
+    mut stream: TcpStream,
+    port: u16,
+    method: &str,
+    path: &str,
+    auth: Option<(&str, &str)>,
+) -> io::Result<Reply> {
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
     stream.set_write_timeout(Some(Duration::from_secs(10)))?;
     let mut request =

@@ -9,7 +9,7 @@
 #![allow(dead_code, unused_imports)]
 
 pub mod http;
-pub use http::{base64, http, Reply};
+pub use http::{base64, http, http_from, Reply};
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsStr;

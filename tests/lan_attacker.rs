@@ -1,0 +1,359 @@
+//! The box as a LAN attacker and a careless installer meet it (issue 12, rows 5-9): invented
+//! devices cannot grow the page, password guessing neither grows memory nor goes unnoticed,
+//! secrets never reach an error or a log, and nothing a client sends can forge a log line.
+//! Real daemon processes, a real mosquitto, the embedded broker, raw HTTP from several
+//! loopback addresses.
+
+mod common;
+
+use common::*;
+use std::fs;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+fn vm_rss_kib(pid: u32) -> u64 {
+    let s = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}
+
+fn hash_password(password: &str) -> std::process::Output {
+    use std::io::Write;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_zhian-gateway"))
+        .arg("hash-password")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(format!("{password}\n").as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn invented_devices_are_bounded_and_rejected_messages_create_none() {
+    let scratch = tempfile::tempdir().unwrap();
+    let dir = scratch.path().join("data");
+    let site = Mosquitto::start(&scratch.path().join("site"), free_port(), true);
+    let district = Mosquitto::start(&scratch.path().join("district"), free_port(), false);
+    let up = Upstream::start(district.port, "bound-collector");
+    let status_port = free_port();
+    let cfg = scratch.path().join("gateway.toml");
+    fs::write(
+        &cfg,
+        config_with_status(&dir, site.port, district.port, status_port)
+            + "\n[health]\nmax_devices = 5\n",
+    )
+    .unwrap();
+    let log = scratch.path().join("daemon.log");
+    let mut d = Daemon::start(&cfg, &log);
+    assert!(wait_until(Duration::from_secs(30), || api_status(
+        status_port
+    )
+    .is_some_and(|s| s["links"]["site"]["connected"] == true)));
+    let mut p = Publisher::connect(site.port, "bound-pub");
+    // 300 rejected messages on valid topics of 300 new devices: none becomes a device.
+    for i in 0..300 {
+        p.send(&format!("zhian/access/fake-{i}"), b"{not json".to_vec());
+    }
+    p.wait_all_acked(Duration::from_secs(30));
+    assert!(wait_until(Duration::from_secs(10), || api_status(
+        status_port
+    )
+    .is_some_and(|s| s["counters"]["rejected_by_reason"]
+        ["invalid_json"]
+        == 300)));
+    let s = api_status(status_port).unwrap();
+    assert_eq!(
+        s["devices"].as_array().unwrap().len(),
+        0,
+        "{}",
+        s["devices"]
+    );
+    // 20 devices with valid events: the first 5 are learned, the other 15 refused, counted.
+    for i in 0..20 {
+        let e = Event::new(
+            "access",
+            &format!("door-{i:02}"),
+            &format!("e-{i}"),
+            "entry",
+        );
+        p.send(&e.topic(), e.payload());
+    }
+    p.wait_all_acked(Duration::from_secs(30));
+    assert!(
+        wait_until(Duration::from_secs(15), || api_status(status_port)
+            .is_some_and(|s| s["counters"]["rejected_by_reason"]
+                ["too_many_devices"]
+                == 15)),
+        "{}",
+        api_status(status_port).unwrap()["counters"]
+    );
+    assert!(wait_until(Duration::from_secs(15), || up
+        .totals()
+        .values()
+        .sum::<u64>()
+        == 5));
+    let s = api_status(status_port).unwrap();
+    assert_eq!(s["devices"].as_array().unwrap().len(), 5);
+    let metrics = http(status_port, "GET", "/metrics", None).unwrap().text();
+    assert_eq!(metrics.matches("zhian_device_up{").count(), 5);
+    let page = http(status_port, "GET", "/", None).unwrap();
+    assert!(page.body.len() < 200_000, "page {} bytes", page.body.len());
+    assert!(
+        page.text().contains("设备数超过上限"),
+        "the reason is shown"
+    );
+    assert_eq!(
+        log_text(&log).matches("health.max_devices reached").count(),
+        1
+    );
+    // A known device keeps counting; the bound holds across a restart (devices remembered).
+    let (st, _) = d.term();
+    assert!(st.success());
+    let mut d = Daemon::start(&cfg, &log);
+    assert!(wait_until(Duration::from_secs(30), || api_status(
+        status_port
+    )
+    .is_some_and(|s| s["links"]["site"]["connected"] == true)));
+    for (dev, id) in [("door-00", "k-1"), ("door-19", "k-2")] {
+        let e = Event::new("access", dev, id, "entry");
+        p.send(&e.topic(), e.payload());
+    }
+    p.wait_all_acked(Duration::from_secs(30));
+    assert!(wait_until(Duration::from_secs(15), || up
+        .totals()
+        .values()
+        .sum::<u64>()
+        == 6));
+    assert!(wait_until(Duration::from_secs(10), || api_status(
+        status_port
+    )
+    .is_some_and(|s| s["counters"]["rejected_by_reason"]
+        ["too_many_devices"]
+        == 1)));
+    d.term();
+}
+
+#[test]
+fn password_guessing_is_limited_logged_counted_and_memory_stays_flat() {
+    let scratch = tempfile::tempdir().unwrap();
+    // hash-password refuses a short password and hashes a real one.
+    let short = hash_password("abc");
+    assert!(!short.status.success());
+    assert!(String::from_utf8_lossy(&short.stderr).contains("at least 8"));
+    const PASSWORD: &str = "春江-guard-2026";
+    let out = hash_password(PASSWORD);
+    assert!(out.status.success());
+    let hash = String::from_utf8(out.stdout).unwrap().trim().to_string();
+
+    let dir = scratch.path().join("data");
+    let status_port = free_port();
+    let cfg = scratch.path().join("gateway.toml");
+    let text = config_with_status(&dir, free_port(), free_port(), status_port).replace(
+        "[status]\nenabled = true\n",
+        &format!("[status]\nenabled = true\nusername = \"wuye\"\npassword_hash = \"{hash}\"\n"),
+    );
+    fs::write(&cfg, text).unwrap();
+    let log = scratch.path().join("daemon.log");
+    let mut d = Daemon::start(&cfg, &log);
+    assert!(wait_until(Duration::from_secs(30), || http(
+        status_port,
+        "GET",
+        "/healthz",
+        None
+    )
+    .is_ok()));
+    let good = Some(("wuye", PASSWORD));
+    let r = http(status_port, "GET", "/", good).unwrap();
+    assert_eq!(r.status, 200);
+    // The security headers, on the page and on /healthz.
+    for path in ["/", "/healthz"] {
+        let r = http(status_port, "GET", path, good).unwrap();
+        assert_eq!(r.header("x-frame-options"), Some("DENY"), "{path}");
+        assert_eq!(r.header("x-content-type-options"), Some("nosniff"));
+        let csp = r.header("content-security-policy").unwrap_or_default();
+        assert!(csp.contains("default-src 'none'") && csp.contains("frame-ancestors 'none'"));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let rss_before = vm_rss_kib(d.pid());
+
+    // Six LAN addresses guess in parallel, 12 guesses each: each address gets 5 tries (401),
+    // then 429 without any argon2; 30 argon2 runs in all.
+    let threads: Vec<_> = (10u8..16)
+        .map(|src| {
+            std::thread::spawn(move || {
+                (0..12)
+                    .map(|i| {
+                        let guess = format!("guess-{src}-{i}-Secr3tGuess");
+                        http_from(
+                            src,
+                            status_port,
+                            "GET",
+                            "/api/status",
+                            Some(("wuye", &guess)),
+                        )
+                        .unwrap()
+                        .status
+                    })
+                    .collect::<Vec<u16>>()
+            })
+        })
+        .collect();
+    for t in threads {
+        let codes = t.join().unwrap();
+        assert_eq!(codes[..5], [401; 5], "{codes:?}");
+        assert!(codes[5..].iter().all(|c| *c == 429), "{codes:?}");
+    }
+    // Another address is not locked out, and the right password still works from it.
+    assert_eq!(
+        http_from(20, status_port, "GET", "/api/status", good)
+            .unwrap()
+            .status,
+        200
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let rss_after = vm_rss_kib(d.pid());
+    assert!(
+        rss_after < rss_before + 24 * 1024,
+        "RSS grew from {rss_before} KiB to {rss_after} KiB over 30 failed argon2 logins"
+    );
+    let metrics = http(status_port, "GET", "/metrics", good).unwrap().text();
+    assert!(
+        metrics.contains("zhian_http_auth_failures_total 30"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("zhian_http_rate_limited_total 42"),
+        "{metrics}"
+    );
+    let text = log_text(&log);
+    assert_eq!(text.matches("status page: failed login").count(), 30);
+    assert_eq!(text.matches("too many failed logins").count(), 6);
+    assert!(text.contains("peer=127.0.0.12"));
+    assert!(!text.contains("Secr3tGuess") && !text.contains(PASSWORD));
+    // One access-log line per request (scrapes and probes at DEBUG), never a credential.
+    assert!(text.contains("status=401") && text.contains("path=/api/status"));
+    assert!(!text.contains("Authorization") && !text.contains("d3V5ZT"));
+    println!("RSS {rss_before} KiB -> {rss_after} KiB after 30 failed logins");
+    d.term();
+}
+
+fn run_check(cfg_text: &str, scratch: &Path) -> (i32, String) {
+    let cfg = scratch.join("secret.toml");
+    fs::write(&cfg, cfg_text).unwrap();
+    let mut all = String::new();
+    let mut code = 0;
+    for cmd in ["check-config", "run"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_zhian-gateway"))
+            .args([cmd, "--config"])
+            .arg(&cfg)
+            .output()
+            .unwrap();
+        code = out.status.code().unwrap_or(-1);
+        all.push_str(&String::from_utf8_lossy(&out.stdout));
+        all.push_str(&String::from_utf8_lossy(&out.stderr));
+    }
+    (code, all)
+}
+
+#[test]
+fn secrets_never_reach_an_error_and_no_client_forges_a_log_line() {
+    let scratch = tempfile::tempdir().unwrap();
+    let dir = scratch.path().join("data");
+    // A password inside a URL: refused (exit 78), naming the key, without the password.
+    let base = config_text(&dir, free_port(), free_port(), "");
+    let with_url = base.replace(
+        "url = \"mqtt://127.0.0.1:",
+        "url = \"mqtt://gw:TopSecret1@127.0.0.1:",
+    );
+    let (code, out) = run_check(&with_url, scratch.path());
+    assert_eq!(code, 78, "{out}");
+    assert!(out.contains("mqtt.url") && out.contains("gw:***@"), "{out}");
+    assert!(!out.contains("TopSecret1"), "{out}");
+    // A TOML syntax error on the password line.
+    let broken = base.replace(
+        "[upstream]\n",
+        "[upstream]\npassword = \"TopSecret2\nusername = \"gw\"\n",
+    );
+    let (code, out) = run_check(&broken, scratch.path());
+    assert_eq!(code, 78, "{out}");
+    assert!(!out.contains("TopSecret2"), "{out}");
+    assert!(out.contains("<redacted>"), "{out}");
+    // An environment password is redacted in check-config's effective config.
+    let cfg = scratch.path().join("ok.toml");
+    fs::write(&cfg, &base).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_zhian-gateway"))
+        .args(["check-config", "--config"])
+        .arg(&cfg)
+        .env("ZHIAN_UPSTREAM__PASSWORD", "TopSecret3")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("TopSecret3"));
+
+    // The embedded broker, a client that subscribes with a newline in its filter and publishes
+    // on a topic with control characters, and the daemon at DEBUG: no forged line.
+    let broker_port = free_port();
+    let status_port = free_port();
+    let text = config_with_status(&dir, broker_port, free_port(), status_port)
+        + &format!("\n[broker]\nenabled = true\nlisten = \"127.0.0.1:{broker_port}\"\n");
+    fs::write(&cfg, text).unwrap();
+    let log = scratch.path().join("daemon.log");
+    let mut d = Daemon::start_with_env(&cfg, &log, &[("RUST_LOG", "debug")]);
+    assert!(wait_until(Duration::from_secs(30), || api_status(
+        status_port
+    )
+    .is_some_and(|s| s["links"]["site"]["connected"] == true)));
+    {
+        use rumqttc::{Client, MqttOptions, QoS};
+        let mut opts = MqttOptions::new("evil\nERROR forged-client", "127.0.0.1", broker_port);
+        opts.set_keep_alive(Duration::from_secs(5));
+        let (client, mut conn) = Client::new(opts, 16);
+        client
+            .subscribe("a/\nERROR forged-filter", QoS::AtLeastOnce)
+            .unwrap();
+        client
+            .publish(
+                "zhian/access/x\nERROR forged-topic\u{1b}[2K",
+                QoS::AtLeastOnce,
+                false,
+                b"{}".to_vec(),
+            )
+            .unwrap();
+        let e = Event::new("access", "door-1", "ok-1", "entry");
+        client
+            .publish(e.topic(), QoS::AtLeastOnce, false, e.payload())
+            .unwrap();
+        for _ in 0..8 {
+            if conn.recv_timeout(Duration::from_secs(1)).is_err() {
+                break;
+            }
+        }
+    }
+    assert!(wait_until(Duration::from_secs(15), || api_status(
+        status_port
+    )
+    .is_some_and(
+        |s| s["counters"]["accepted"] == 1 && s["counters"]["rejected"].as_u64() >= Some(1)
+    )));
+    d.term();
+    let text = log_text(&log);
+    for line in text.lines() {
+        assert!(
+            !line.starts_with("ERROR forged") && !line.contains('\u{1b}'),
+            "a forged or raw line: {line:?}"
+        );
+    }
+    let noise: Vec<&str> = text.lines().filter(|l| l.contains("rumqttd")).collect();
+    assert!(noise.is_empty(), "embedded broker INFO noise: {noise:#?}");
+}
