@@ -39,8 +39,8 @@ impl Ingest {
             username: m.username.as_deref(),
             password: m.password.as_ref(),
             ca_file: m.ca_file.as_deref(),
-            client_cert: None,
-            client_key: None,
+            client_cert: m.client_cert.as_deref(),
+            client_key: m.client_key.as_deref(),
             keep_alive: m.keep_alive.0,
         };
         let mut intake = self.intake.take();

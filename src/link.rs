@@ -37,12 +37,24 @@ pub fn classify(e: &rumqttc::ConnectionError, link: &str, url: &str) -> Option<P
                 detail: format!("{link} broker {url} {why}: check {link}.username / password"),
             })
         }
-        E::Tls(t) => Some(Problem {
-            reason: "tls",
-            detail: format!(
-                "{link} broker {url}: TLS failed ({t}): check {link}.ca_file (the broker's CA) and, for mutual TLS, client_cert / client_key"
-            ),
-        }),
+        E::Tls(t) => {
+            // rustls says "certificate expired", "certificate not valid for name ...",
+            // "UnknownIssuer" (Display and Debug forms differ between versions).
+            let text = t.to_string().to_ascii_lowercase().replace(['_', ' '], "");
+            let hint = if text.contains("expired") || text.contains("notvalidyet") {
+                "the broker's certificate is expired or not yet valid (renew it on the broker; or this box's clock is wrong)".to_string()
+            } else if text.contains("notvalidforname") {
+                format!("the broker's certificate does not name the host in {link}.url: use the name (or IP) its certificate carries")
+            } else if text.contains("unknownissuer") || text.contains("badsignature") {
+                format!("the broker's certificate is not signed by {link}.ca_file: give the CA that signed it")
+            } else {
+                format!("check {link}.ca_file (the broker's CA) and, for mutual TLS, client_cert / client_key")
+            };
+            Some(Problem {
+                reason: "tls",
+                detail: format!("{link} broker {url}: TLS failed ({t}): {hint}"),
+            })
+        }
         // The broker refused our side of the handshake (TLS 1.3 reports it after the client
         // finished: rumqttc surfaces it as an I/O or MQTT-state error carrying the alert).
         _ if e.to_string().contains("fatal alert") => Some(Problem {

@@ -280,6 +280,9 @@ pub struct Broker {
     /// they use the embedded broker) must present. Required when `listen` is not loopback.
     pub username: Option<String>,
     pub password: Option<Secret>,
+    /// A file holding the password (first line), instead of `password`; relative: in
+    /// `$CREDENTIALS_DIRECTORY`.
+    pub password_file: Option<PathBuf>,
 }
 
 impl Default for Broker {
@@ -289,6 +292,7 @@ impl Default for Broker {
             listen: "127.0.0.1:1883".into(),
             username: None,
             password: None,
+            password_file: None,
         }
     }
 }
@@ -302,7 +306,13 @@ pub struct Mqtt {
     pub client_id: Option<String>,
     pub username: Option<String>,
     pub password: Option<Secret>,
+    /// A file holding the password (first line), instead of `password`. A relative path is
+    /// looked up in `$CREDENTIALS_DIRECTORY` (systemd `LoadCredential=`).
+    pub password_file: Option<PathBuf>,
     pub ca_file: Option<PathBuf>,
+    /// Mutual TLS: this box's certificate and key for the site broker (with `ca_file`).
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
     pub keep_alive: Dur,
     pub reconnect_min: Dur,
     pub reconnect_max: Dur,
@@ -323,7 +333,10 @@ impl Default for Mqtt {
             client_id: None,
             username: None,
             password: None,
+            password_file: None,
             ca_file: None,
+            client_cert: None,
+            client_key: None,
             keep_alive: Dur::secs(30),
             reconnect_min: Dur::millis(500),
             reconnect_max: Dur::secs(30),
@@ -417,6 +430,9 @@ pub struct Upstream {
     pub client_id: Option<String>,
     pub username: Option<String>,
     pub password: Option<Secret>,
+    /// A file holding the password (first line), instead of `password`; relative: in
+    /// `$CREDENTIALS_DIRECTORY` (systemd `LoadCredential=`).
+    pub password_file: Option<PathBuf>,
     pub ca_file: Option<PathBuf>,
     pub client_cert: Option<PathBuf>,
     pub client_key: Option<PathBuf>,
@@ -438,6 +454,7 @@ impl Default for Upstream {
             client_id: None,
             username: None,
             password: None,
+            password_file: None,
             ca_file: None,
             client_cert: None,
             client_key: None,
@@ -901,7 +918,7 @@ fn finish(
     builder: config::ConfigBuilder<config::builder::DefaultState>,
 ) -> Result<Config, Vec<Problem>> {
     let raw = builder.build().map_err(|e| vec![from_config_error(e)])?;
-    let cfg: Config = serde_path_to_error::deserialize(raw).map_err(|e| {
+    let mut cfg: Config = serde_path_to_error::deserialize(raw).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
         vec![problem(
@@ -909,12 +926,91 @@ fn finish(
             strip_key_suffix(&inner.to_string()),
         )]
     })?;
-    let problems = validate(&cfg);
+    let creds = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from);
+    let mut problems = resolve_secrets(&mut cfg, creds.as_deref());
+    problems.extend(validate(&cfg));
     if problems.is_empty() {
         Ok(cfg)
     } else {
         Err(problems)
     }
+}
+
+/// Fill each password from its `password_file`, or from the systemd credential named
+/// `{section}.password` (`status.password_hash` for the page) when neither is given.
+/// A relative `password_file` is looked up in `creds` (`$CREDENTIALS_DIRECTORY`, set by systemd
+/// for `LoadCredential=` / `LoadCredentialEncrypted=`). The file's first line is the secret.
+fn resolve_secrets(c: &mut Config, creds: Option<&Path>) -> Vec<Problem> {
+    let mut p = Vec::new();
+    let slots: [(&str, &mut Option<Secret>, Option<&PathBuf>); 4] = [
+        ("mqtt", &mut c.mqtt.password, c.mqtt.password_file.as_ref()),
+        (
+            "upstream",
+            &mut c.upstream.password,
+            c.upstream.password_file.as_ref(),
+        ),
+        (
+            "broker",
+            &mut c.broker.password,
+            c.broker.password_file.as_ref(),
+        ),
+        ("status", &mut c.status.password_hash, None),
+    ];
+    for (section, slot, file) in slots {
+        let (key, name) = if section == "status" {
+            ("status.password_hash", "password_hash")
+        } else {
+            ("password_file", "password")
+        };
+        let key = if section == "status" {
+            key.to_string()
+        } else {
+            format!("{section}.{key}")
+        };
+        let path = match (file, &*slot) {
+            (Some(_), Some(_)) => {
+                p.push(problem(
+                    &key,
+                    format!("give {section}.password or {key}, not both"),
+                ));
+                continue;
+            }
+            (Some(f), None) if f.is_absolute() => f.clone(),
+            (Some(f), None) => match creds {
+                Some(dir) => dir.join(f),
+                None => {
+                    p.push(problem(
+                        &key,
+                        format!(
+                            "{} is relative: give an absolute path, or run under systemd with LoadCredential= (it sets $CREDENTIALS_DIRECTORY)",
+                            f.display()
+                        ),
+                    ));
+                    continue;
+                }
+            },
+            (None, None) => match creds.map(|d| d.join(format!("{section}.{name}"))) {
+                Some(f) if f.is_file() => f,
+                _ => continue,
+            },
+            (None, Some(_)) => continue,
+        };
+        match std::fs::read_to_string(&path) {
+            Ok(text) => {
+                let first = text.lines().next().unwrap_or("").trim_end_matches('\r');
+                if first.is_empty() {
+                    p.push(problem(&key, format!("{} is empty", path.display())));
+                } else {
+                    *slot = Some(Secret(first.to_string()));
+                }
+            }
+            Err(e) => p.push(problem(
+                &key,
+                format!("cannot read {}: {e}", path.display()),
+            )),
+        }
+    }
+    p
 }
 
 fn strip_key_suffix(msg: &str) -> String {
@@ -1052,6 +1148,20 @@ pub fn validate(c: &Config) -> Vec<Problem> {
         check_client_id(&mut p, "mqtt.client_id", c.mqtt.client_id.as_deref());
         check_backoff(&mut p, "mqtt", c.mqtt.reconnect_min, c.mqtt.reconnect_max);
         check_file(&mut p, "mqtt.ca_file", c.mqtt.ca_file.as_deref());
+        check_file(&mut p, "mqtt.client_cert", c.mqtt.client_cert.as_deref());
+        check_file(&mut p, "mqtt.client_key", c.mqtt.client_key.as_deref());
+        if c.mqtt.client_cert.is_some() && c.mqtt.ca_file.is_none() {
+            p.push(problem(
+                "mqtt.client_cert",
+                "mutual TLS needs mqtt.ca_file (the site broker's CA) as well",
+            ));
+        }
+        if c.mqtt.client_cert.is_some() != c.mqtt.client_key.is_some() {
+            p.push(problem(
+                "mqtt.client_key",
+                "client_cert and client_key go together",
+            ));
+        }
     }
     let w = c.aggregate.window.0;
     if w < Duration::from_secs(1) || w > Duration::from_secs(24 * 3600) || w.subsec_nanos() != 0 {
@@ -1585,6 +1695,43 @@ impl Config {
 mod tests {
     use super::*;
     use std::io::Write;
+
+    #[test]
+    fn secrets_come_from_files_and_systemd_credentials() {
+        let dir = tempfile::tempdir().unwrap();
+        let creds = dir.path().join("creds");
+        std::fs::create_dir(&creds).unwrap();
+        std::fs::write(dir.path().join("up.pw"), "from-file\n").unwrap();
+        std::fs::write(creds.join("site.pw"), "from-cred-file\r\nsecond line").unwrap();
+        std::fs::write(creds.join("broker.password"), "from-credential").unwrap();
+        std::fs::write(creds.join("status.password_hash"), "$argon2id$x").unwrap();
+        let mut c = Config::default();
+        c.upstream.password_file = Some(dir.path().join("up.pw"));
+        c.mqtt.password_file = Some("site.pw".into());
+        assert!(resolve_secrets(&mut c, Some(&creds)).is_empty());
+        assert_eq!(c.upstream.password, Some(Secret("from-file".into())));
+        assert_eq!(c.mqtt.password, Some(Secret("from-cred-file".into())));
+        assert_eq!(c.broker.password, Some(Secret("from-credential".into())));
+        assert_eq!(c.status.password_hash, Some(Secret("$argon2id$x".into())));
+        // Relative without systemd, both given, unreadable: each names its key.
+        let mut c = Config::default();
+        c.mqtt.password_file = Some("site.pw".into());
+        c.upstream.password_file = Some(dir.path().join("up.pw"));
+        c.upstream.password = Some(Secret("inline".into()));
+        c.broker.password_file = Some(dir.path().join("missing"));
+        let p = resolve_secrets(&mut c, None);
+        let keys: Vec<&str> = p.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "mqtt.password_file",
+                "upstream.password_file",
+                "broker.password_file"
+            ],
+            "{p:?}"
+        );
+        assert!(!format!("{p:?}").contains("inline"));
+    }
 
     fn load_str(toml_text: &str, env: &[(&str, &str)]) -> Result<Config, Vec<Problem>> {
         let mut f = tempfile::NamedTempFile::new().unwrap();

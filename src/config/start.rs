@@ -22,6 +22,8 @@ pub fn check_start_needs(c: &Config) -> Vec<Problem> {
     }
     let files = [
         ("mqtt.ca_file", c.mqtt.ca_file.as_deref()),
+        ("mqtt.client_cert", c.mqtt.client_cert.as_deref()),
+        ("mqtt.client_key", c.mqtt.client_key.as_deref()),
         ("upstream.ca_file", c.upstream.ca_file.as_deref()),
         ("upstream.client_cert", c.upstream.client_cert.as_deref()),
         ("upstream.client_key", c.upstream.client_key.as_deref()),

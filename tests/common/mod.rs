@@ -10,6 +10,8 @@
 
 pub mod http;
 pub use http::{base64, http, http_from, Reply};
+pub mod pki;
+pub use pki::{make_ca, make_ca_with, make_leaf, make_leaf_with};
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsStr;
@@ -642,7 +644,21 @@ pub struct Upstream {
 impl Upstream {
     /// Connects and subscribes; returns once the SUBACK arrived.
     pub fn start(port: u16, client_id: &str) -> Upstream {
+        Self::start_opts(
+            MqttOptions::new(client_id, "127.0.0.1", port),
+            port,
+            client_id,
+        )
+    }
+
+    /// As [`Upstream::start`], with a username and password.
+    pub fn start_with_credentials(port: u16, client_id: &str, user: &str, pw: &str) -> Upstream {
         let mut opts = MqttOptions::new(client_id, "127.0.0.1", port);
+        opts.set_credentials(user, pw);
+        Self::start_opts(opts, port, client_id)
+    }
+
+    fn start_opts(mut opts: MqttOptions, port: u16, client_id: &str) -> Upstream {
         opts.set_clean_session(false)
             .set_keep_alive(Duration::from_secs(5))
             .set_max_packet_size(16 << 20, 64 << 10);
@@ -906,7 +922,21 @@ pub struct Publisher {
 impl Publisher {
     /// Connects (persistent session, so a reconnect resends what was not acknowledged).
     pub fn connect(port: u16, client_id: &str) -> Publisher {
+        Self::connect_opts(
+            MqttOptions::new(client_id, "127.0.0.1", port),
+            port,
+            client_id,
+        )
+    }
+
+    /// As [`Publisher::connect`], with a username and password.
+    pub fn connect_with_credentials(port: u16, client_id: &str, user: &str, pw: &str) -> Publisher {
         let mut opts = MqttOptions::new(client_id, "127.0.0.1", port);
+        opts.set_credentials(user, pw);
+        Self::connect_opts(opts, port, client_id)
+    }
+
+    fn connect_opts(mut opts: MqttOptions, port: u16, client_id: &str) -> Publisher {
         opts.set_clean_session(false)
             .set_keep_alive(Duration::from_secs(5))
             .set_inflight(200)
