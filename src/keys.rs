@@ -1,28 +1,34 @@
-//! Pseudonym keys: the BLAKE3 keys that turn a subject (card, face or plate id) into the
-//! 16-byte pseudonym the store keeps with `privacy.subjects = "hashed"`.
+//! The keys that protect subjects (card, face or plate ids) on the box: pseudonym keys for
+//! `privacy.subjects = "hashed"` and sealing keys for `"plain"`.
 //!
 //! # What is on disk
 //!
 //! `privacy.key_dir` (default: `<data_dir>.keys`, a sibling of the data dir, so a copy or backup
-//! of the data dir holds no key), closed to other users (made 0700), holds one file per key period, mode 0600, each 32
-//! random bytes:
-//! - `privacy.rotate = "daily"` (the default): `subject-YYYY-MM-DD.key`, one per local day in
-//!   the site's time zone (`status.timezone`). An event's subject is keyed with the key of the
-//!   local day of its *event time*, so one day's pseudonyms are comparable (distinct counts) and
-//!   two days' are not.
-//! - `privacy.rotate = "never"`: `subject.key`, one key for ever (pseudonyms link across days).
+//! of the data dir holds no key), closed to other users (made 0700), holds one file per key and
+//! day, mode 0600, each 32 random bytes:
+//! - `subject-YYYY-MM-DD.key` (`privacy.rotate = "daily"`, the default): the pseudonym key of a
+//!   local day in the site's time zone (`status.timezone`). An event's subject is keyed with
+//!   the key of the local day of its *event time*, so one day's pseudonyms are comparable
+//!   (distinct counts) and two days' are not. `subject.key` with `rotate = "never"`: one key
+//!   for ever (pseudonyms link across days).
+//! - `sealed-YYYY-MM-DD.key`: the sealing key of the day an event *arrived*, with `"plain"`;
+//!   the subject is stored encrypted with it (see [`SubjectKeys::seal`]).
 //!
 //! # Invariants
 //! - No key is ever written into the store file (the store keeps only a separate dedup key, for
 //!   hashes of event ids, which are not personal data).
-//! - A daily key is destroyed (overwritten with zeros, synced, unlinked) once no event of its
-//!   day can still be accepted: at the end of its day plus `aggregate.max_lateness`. After
-//!   that the day's pseudonyms cannot be reversed by trying candidate plates or cards, nor
-//!   linked to any other day's, by anyone, including someone holding the box.
+//! - A daily pseudonym key is destroyed (overwritten with zeros, synced, unlinked) once no
+//!   event of its day can still be accepted: at the end of its day plus
+//!   `aggregate.max_lateness`. After that the day's pseudonyms cannot be reversed by trying
+//!   candidate plates or cards, nor linked to any other day's, by anyone, including someone
+//!   holding the box.
+//! - A sealing key is destroyed once every raw event that arrived on its day is past
+//!   `store.raw_retention` (the end of the day plus the retention): the subjects are then
+//!   unreadable wherever their bytes linger (redb's freed pages, a backup, worn flash cells).
 //! - A key is never made for a day whose key may already have been destroyed: such an event's
 //!   subject is not stored (`None`), rather than keyed with a fresh key.
-//! - A key is on disk (file and directory synced) before the first pseudonym made with it is
-//!   committed, so a restart keys the rest of the day the same way.
+//! - A key is on disk (file and directory synced) before the first subject protected with it
+//!   is committed, so a restart keys the rest of the day the same way.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -49,19 +55,63 @@ pub struct KeyError {
     pub source: std::io::Error,
 }
 
-/// The pseudonym keys of one box: loaded from `privacy.key_dir`, made on demand, destroyed when
-/// their period can no longer receive events. Owned by the store writer.
-pub struct SubjectKeys {
-    /// `None`: keys live only in memory (tests, benches), lost at exit.
-    dir: Option<PathBuf>,
+/// One family of daily (or fixed) keys: files `{prefix}-YYYY-MM-DD.key` (`{prefix}.key` when
+/// fixed), each destroyed `keep_ms` after its day ends.
+struct Family {
+    prefix: &'static str,
     rotate: Rotate,
-    /// Site UTC offset, ms.
-    offset_ms: i64,
-    /// How long after its day ends a daily key is kept (the accepted lateness), ms.
     keep_ms: i64,
     /// Period (local day number since 1970-01-01; 0 for `Never`) to key.
     keys: BTreeMap<i64, [u8; 32]>,
-    /// Warned once that a key could not be made (subjects of that period are not stored).
+}
+
+impl Family {
+    fn new(prefix: &'static str, rotate: Rotate, keep_ms: u64) -> Self {
+        Family {
+            prefix,
+            rotate,
+            keep_ms: keep_ms.min(i64::MAX as u64 / 4) as i64,
+            keys: BTreeMap::new(),
+        }
+    }
+
+    fn period(&self, offset_ms: i64, at_ms: i64) -> i64 {
+        match self.rotate {
+            Rotate::Daily => (at_ms + offset_ms).div_euclid(DAY_MS),
+            Rotate::Never => 0,
+        }
+    }
+
+    fn destroy_at(&self, offset_ms: i64, p: i64) -> i64 {
+        match self.rotate {
+            Rotate::Daily => ((p + 1) * DAY_MS - offset_ms).saturating_add(self.keep_ms),
+            Rotate::Never => i64::MAX,
+        }
+    }
+
+    fn file_name(&self, p: i64) -> String {
+        match self.rotate {
+            Rotate::Never => format!("{}.key", self.prefix),
+            Rotate::Daily => format!("{}-{}.key", self.prefix, day_label(p)),
+        }
+    }
+}
+
+/// The keys of one box, owned by the store writer: pseudonym keys (`subject-*.key`, for
+/// `privacy.subjects = "hashed"`) and sealing keys (`sealed-*.key`, for `"plain"`: the subject
+/// is kept encrypted with the key of the day it arrived, and that key is destroyed once
+/// `store.raw_retention` has passed after the day, so an expired subject is unreadable
+/// wherever its bytes linger: freed pages of the store, a backup, flash cells the card's wear
+/// levelling left behind). Loaded from `privacy.key_dir`, made on demand, destroyed when their
+/// day can no longer need them.
+pub struct SubjectKeys {
+    /// `None`: keys live only in memory (tests, benches), lost at exit.
+    dir: Option<PathBuf>,
+    /// Site UTC offset, ms.
+    offset_ms: i64,
+    pseudonym: Family,
+    seal: Family,
+    /// Warned once that a key could not be made (subjects are not stored meanwhile).
     warned: bool,
 }
 
@@ -70,27 +120,34 @@ impl std::fmt::Debug for SubjectKeys {
         // Never the key bytes.
         f.debug_struct("SubjectKeys")
             .field("dir", &self.dir)
-            .field("rotate", &self.rotate)
-            .field("periods", &self.keys.keys().collect::<Vec<_>>())
+            .field(
+                "pseudonym_days",
+                &self.pseudonym.keys.keys().collect::<Vec<_>>(),
+            )
+            .field("seal_days", &self.seal.keys.keys().collect::<Vec<_>>())
             .finish()
     }
 }
 
+/// What a sealed subject is: the day of its key, a random nonce, and the subject's UTF-8 bytes
+/// XORed with BLAKE3's keyed extendable output over (`"zhian sealed subject\0"`, nonce).
+pub type Sealed = (i64, [u8; 16], Vec<u8>);
+
 impl SubjectKeys {
-    /// Keys kept only in memory (nothing written; a restart starts new ones).
-    pub fn ephemeral(rotate: Rotate, offset_s: i32, keep_ms: u64) -> Self {
+    /// Keys kept only in memory (nothing written; a restart starts new ones). `keep_ms`: how
+    /// long a pseudonym key outlives its day; `seal_keep_ms`: how long a sealing key does.
+    pub fn ephemeral(rotate: Rotate, offset_s: i32, keep_ms: u64, seal_keep_ms: u64) -> Self {
         SubjectKeys {
             dir: None,
-            rotate,
             offset_ms: offset_s as i64 * 1000,
-            keep_ms: keep_ms.min(i64::MAX as u64 / 4) as i64,
-            keys: BTreeMap::new(),
+            pseudonym: Family::new("subject", rotate, keep_ms),
+            seal: Family::new("sealed", Rotate::Daily, seal_keep_ms),
             warned: false,
         }
     }
 
-    /// Open (creating it, mode 0700) the key directory and load its keys. Files of the other
-    /// rotation mode, and daily keys already past their life at `now_ms`, are destroyed.
+    /// Open (creating it, 0700) the key directory and load its keys. Pseudonym keys of the other
+    /// rotation mode, and keys already past their life at `now_ms`, are destroyed.
     ///
     /// Errors: the directory cannot be created, read or restricted to its owner.
     pub fn open(
@@ -98,6 +155,7 @@ impl SubjectKeys {
         rotate: Rotate,
         offset_s: i32,
         keep_ms: u64,
+        seal_keep_ms: u64,
         now_ms: i64,
     ) -> Result<Self, KeyError> {
         use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
@@ -119,35 +177,45 @@ impl SubjectKeys {
                 .map_err(|e| err("cannot restrict to its owner (chmod 700)", e))?;
             tracing::warn!(dir = %dir.display(), "privacy.key_dir was open to other users; restricted it to its owner (0700)");
         }
-        let mut k = SubjectKeys::ephemeral(rotate, offset_s, keep_ms);
+        let mut k = SubjectKeys::ephemeral(rotate, offset_s, keep_ms, seal_keep_ms);
         k.dir = Some(dir.to_path_buf());
         for entry in std::fs::read_dir(dir).map_err(|e| err("cannot list", e))? {
             let entry = entry.map_err(|e| err("cannot list", e))?;
             let name = entry.file_name();
             let Some(name) = name.to_str() else { continue };
-            let period = match (parse_name(name), rotate) {
-                (Some(Some(day)), Rotate::Daily) => day,
-                (Some(None), Rotate::Never) => 0,
+            let Some((prefix, day)) = parse_name(name) else {
+                continue;
+            };
+            let family = if prefix == "sealed" {
+                &mut k.seal
+            } else {
+                &mut k.pseudonym
+            };
+            let period = match (day, family.rotate) {
+                (Some(day), Rotate::Daily) => day,
+                (None, Rotate::Never) => 0,
                 // A key of the other mode: a fixed key left by `never` links days; a daily key
                 // left when switching to `never` is not needed. Either way, gone.
-                (Some(_), _) => {
+                _ => {
                     destroy_file(&entry.path());
                     tracing::info!(
                         file = name,
-                        "destroyed a pseudonym key of the other privacy.rotate mode"
+                        "destroyed a key of the other privacy.rotate mode"
                     );
                     continue;
                 }
-                (None, _) => continue,
             };
             match std::fs::read(entry.path()) {
                 Ok(b) if b.len() == 32 => {
                     let mut key = [0u8; 32];
                     key.copy_from_slice(&b);
-                    k.keys.insert(period, key);
+                    family.keys.insert(period, key);
                 }
                 Ok(_) => {
-                    tracing::warn!(file = name, "pseudonym key file is not 32 bytes; destroyed (that day's pseudonyms start again)");
+                    tracing::warn!(
+                        file = name,
+                        "key file is not 32 bytes; destroyed (that day's pseudonyms start again)"
+                    );
                     destroy_file(&entry.path());
                 }
                 Err(e) => return Err(err("cannot read a key file", e)),
@@ -157,22 +225,16 @@ impl SubjectKeys {
         Ok(k)
     }
 
-    /// The key period of an event stamped `ts_ms`: its local day number (0 when keys never
-    /// rotate).
+    /// The pseudonym key period of an event stamped `ts_ms`: its local day number (0 when
+    /// keys never rotate).
     pub fn period(&self, ts_ms: i64) -> i64 {
-        match self.rotate {
-            Rotate::Daily => (ts_ms + self.offset_ms).div_euclid(DAY_MS),
-            Rotate::Never => 0,
-        }
+        self.pseudonym.period(self.offset_ms, ts_ms)
     }
 
-    /// When period `p`'s key is destroyed (ms since the epoch): the end of its day plus the
-    /// accepted lateness. `i64::MAX` for `Never`.
+    /// When the pseudonym key of period `p` is destroyed (ms since the epoch): the end of its
+    /// day plus the accepted lateness. `i64::MAX` for `Never`.
     pub fn destroy_at(&self, p: i64) -> i64 {
-        match self.rotate {
-            Rotate::Daily => ((p + 1) * DAY_MS - self.offset_ms).saturating_add(self.keep_ms),
-            Rotate::Never => i64::MAX,
-        }
+        self.pseudonym.destroy_at(self.offset_ms, p)
     }
 
     /// The pseudonym of `subject` for an event stamped `ts_ms`, received at `now_ms`: the
@@ -181,18 +243,40 @@ impl SubjectKeys {
     /// is past its life or cannot be written: the subject is then not stored.
     pub fn pseudonym(&mut self, subject: &str, ts_ms: i64, now_ms: i64) -> Option<[u8; 16]> {
         let p = self.period(ts_ms);
-        let key = self.key(p, now_ms)?;
+        let key = self.key(false, p, now_ms)?;
         let h = blake3::keyed_hash(&key, subject.as_bytes());
         let mut short = [0u8; 16];
         short.copy_from_slice(&h.as_bytes()[..16]);
         Some(short)
     }
 
-    fn key(&mut self, p: i64, now_ms: i64) -> Option<[u8; 32]> {
-        if let Some(k) = self.keys.get(&p) {
-            return (self.destroy_at(p) > now_ms).then_some(*k);
+    /// `subject` sealed with the sealing key of the local day of `now_ms` (its arrival).
+    /// `None` when the key cannot be made: the subject is then not stored.
+    pub fn seal(&mut self, subject: &str, now_ms: i64) -> Option<Sealed> {
+        let p = self.seal.period(self.offset_ms, now_ms);
+        let key = self.key(true, p, now_ms)?;
+        let mut nonce = [0u8; 16];
+        getrandom::fill(&mut nonce).ok()?;
+        let mut bytes = subject.as_bytes().to_vec();
+        xor_stream(&key, &nonce, &mut bytes);
+        Some((p, nonce, bytes))
+    }
+
+    /// The subject a [`SubjectKeys::seal`] made, while its day's key lives.
+    pub fn unseal(&self, sealed: &Sealed) -> Option<String> {
+        let key = self.seal.keys.get(&sealed.0)?;
+        let mut bytes = sealed.2.clone();
+        xor_stream(key, &sealed.1, &mut bytes);
+        String::from_utf8(bytes).ok()
+    }
+
+    fn key(&mut self, seal: bool, p: i64, now_ms: i64) -> Option<[u8; 32]> {
+        let offset = self.offset_ms;
+        let family = if seal { &self.seal } else { &self.pseudonym };
+        if let Some(k) = family.keys.get(&p) {
+            return (family.destroy_at(offset, p) > now_ms).then_some(*k);
         }
-        if self.destroy_at(p) <= now_ms {
+        if family.destroy_at(offset, p) <= now_ms {
             return None;
         }
         let mut key = [0u8; 32];
@@ -201,84 +285,104 @@ impl SubjectKeys {
             return None;
         }
         if let Some(dir) = &self.dir {
-            let path = dir.join(self.file_name(p));
+            let path = dir.join(family.file_name(p));
             if let Err(e) = write_key(dir, &path, &key) {
                 self.warn_once(&format!("cannot write {}: {e}", path.display()));
                 return None;
             }
         }
         self.warned = false;
-        self.keys.insert(p, key);
+        let family = if seal {
+            &mut self.seal
+        } else {
+            &mut self.pseudonym
+        };
+        family.keys.insert(p, key);
         Some(key)
     }
 
     fn warn_once(&mut self, why: &str) {
         if !self.warned {
-            tracing::warn!(
-                why,
-                "cannot make today's pseudonym key; subjects are not stored until it can be made"
-            );
+            tracing::warn!(why, "cannot make today's key in privacy.key_dir; subjects are not stored until it can be made");
             self.warned = true;
-        }
-    }
-
-    fn file_name(&self, p: i64) -> String {
-        match self.rotate {
-            Rotate::Never => "subject.key".into(),
-            Rotate::Daily => format!("subject-{}.key", day_label(p)),
         }
     }
 
     /// Destroy every key past its life at `now_ms`: zeroed in memory, and its file overwritten
     /// with zeros, synced and removed. Returns how many.
     pub fn destroy_expired(&mut self, now_ms: i64) -> usize {
-        let doomed: Vec<i64> = self
-            .keys
-            .keys()
-            .copied()
-            .filter(|p| self.destroy_at(*p) <= now_ms)
-            .collect();
-        for p in &doomed {
-            if let Some(mut k) = self.keys.remove(p) {
-                k.fill(0);
-                std::hint::black_box(&k);
+        let offset = self.offset_ms;
+        let mut n = 0;
+        for family in [&mut self.pseudonym, &mut self.seal] {
+            let doomed: Vec<i64> = family
+                .keys
+                .keys()
+                .copied()
+                .filter(|p| family.destroy_at(offset, *p) <= now_ms)
+                .collect();
+            for p in &doomed {
+                if let Some(mut k) = family.keys.remove(p) {
+                    k.fill(0);
+                    std::hint::black_box(&k);
+                }
+                if let Some(dir) = &self.dir {
+                    destroy_file(&dir.join(family.file_name(*p)));
+                }
+                if family.prefix == "sealed" {
+                    tracing::info!(day = %day_label(*p), "sealing key destroyed: that day's raw subjects are unreadable wherever their bytes remain");
+                } else {
+                    tracing::info!(day = %day_label(*p), "pseudonym key destroyed: that day's pseudonyms can no longer be reversed or linked");
+                }
             }
-            if let Some(dir) = &self.dir {
-                destroy_file(&dir.join(self.file_name(*p)));
-            }
-            tracing::info!(
-                day = %day_label(*p),
-                "pseudonym key destroyed: that day's pseudonyms can no longer be reversed or linked"
-            );
+            n += doomed.len();
         }
-        doomed.len()
+        n
     }
 
-    /// Periods whose keys are held (for tests and `inspect`-like tools; never the bytes).
+    /// Days whose pseudonym keys are held (tests; never the bytes).
     pub fn periods(&self) -> Vec<i64> {
-        self.keys.keys().copied().collect()
+        self.pseudonym.keys.keys().copied().collect()
+    }
+}
+
+fn xor_stream(key: &[u8; 32], nonce: &[u8; 16], bytes: &mut [u8]) {
+    let mut h = blake3::Hasher::new_keyed(key);
+    h.update(b"zhian sealed subject\0");
+    h.update(nonce);
+    let mut stream = vec![0u8; bytes.len()];
+    h.finalize_xof().fill(&mut stream);
+    for (b, s) in bytes.iter_mut().zip(&stream) {
+        *b ^= s;
     }
 }
 
 impl Drop for SubjectKeys {
     fn drop(&mut self) {
-        for k in self.keys.values_mut() {
-            k.fill(0);
+        for family in [&mut self.pseudonym, &mut self.seal] {
+            for k in family.keys.values_mut() {
+                k.fill(0);
+            }
+            std::hint::black_box(&family.keys);
         }
-        std::hint::black_box(&self.keys);
     }
 }
 
-/// `subject-YYYY-MM-DD.key` → `Some(Some(day))`, `subject.key` → `Some(None)`, else `None`.
-fn parse_name(name: &str) -> Option<Option<i64>> {
+/// `{subject|sealed}-YYYY-MM-DD.key` → `Some((prefix, Some(day)))`, `subject.key` →
+/// `Some(("subject", None))`, anything else `None`.
+fn parse_name(name: &str) -> Option<(&'static str, Option<i64>)> {
     if name == "subject.key" {
-        return Some(None);
+        return Some(("subject", None));
     }
-    let date = name.strip_prefix("subject-")?.strip_suffix(".key")?;
+    let (prefix, rest) = if let Some(r) = name.strip_prefix("subject-") {
+        ("subject", r)
+    } else {
+        ("sealed", name.strip_prefix("sealed-")?)
+    };
+    let date = rest.strip_suffix(".key")?;
     let fmt = time::macros::format_description!("[year]-[month]-[day]");
     let d = time::Date::parse(date, &fmt).ok()?;
     let epoch = time::Date::from_calendar_date(1970, time::Month::January, 1).ok()?;
-    Some(Some((d - epoch).whole_days()))
+    Some((prefix, Some((d - epoch).whole_days())))
 }
 
 /// A local day number as `YYYY-MM-DD`.
@@ -341,7 +445,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let kd = dir.path().join("keys");
         let midnight = time::macros::datetime!(2026-11-30 00:00 +8).unix_timestamp() * 1000;
-        let mut k = SubjectKeys::open(&kd, Rotate::Daily, 8 * 3600, 24 * H as u64, 0).unwrap();
+        let mut k = SubjectKeys::open(
+            &kd,
+            Rotate::Daily,
+            8 * 3600,
+            24 * H as u64,
+            7 * 24 * H as u64,
+            0,
+        )
+        .unwrap();
         let before = midnight - 1;
         let at = midnight + H;
         let a = k.pseudonym("粤B12345", before, at).unwrap();
@@ -350,14 +462,22 @@ mod tests {
         assert_eq!(k.pseudonym("粤B12345", at + H, at + H).unwrap(), b);
         assert_eq!(std::fs::read_dir(&kd).unwrap().count(), 2);
         let mode = std::os::unix::fs::PermissionsExt::mode(
-            &std::fs::metadata(kd.join(k.file_name(k.period(at))))
+            &std::fs::metadata(kd.join(k.pseudonym.file_name(k.period(at))))
                 .unwrap()
                 .permissions(),
         );
         assert_eq!(mode & 0o777, 0o600);
         // Reopened: the same keys.
         drop(k);
-        let mut k = SubjectKeys::open(&kd, Rotate::Daily, 8 * 3600, 24 * H as u64, at).unwrap();
+        let mut k = SubjectKeys::open(
+            &kd,
+            Rotate::Daily,
+            8 * 3600,
+            24 * H as u64,
+            7 * 24 * H as u64,
+            at,
+        )
+        .unwrap();
         assert_eq!(k.pseudonym("粤B12345", at, at).unwrap(), b);
         // Yesterday's key lives until its day's end plus the lateness: this midnight + 24 h.
         let yesterday = k.period(before);
@@ -372,6 +492,7 @@ mod tests {
             Rotate::Daily,
             8 * 3600,
             24 * H as u64,
+            0,
             midnight + 25 * H,
         )
         .unwrap();
@@ -385,7 +506,7 @@ mod tests {
     fn never_rotating_key_and_mode_switch() {
         let dir = tempfile::tempdir().unwrap();
         let kd = dir.path().join("k");
-        let mut k = SubjectKeys::open(&kd, Rotate::Never, 0, 0, 0).unwrap();
+        let mut k = SubjectKeys::open(&kd, Rotate::Never, 0, 0, 0, 0).unwrap();
         let a = k.pseudonym("card:1", 0, 0).unwrap();
         assert_eq!(
             k.pseudonym("card:1", 400 * DAY_MS, 400 * DAY_MS).unwrap(),
@@ -394,8 +515,29 @@ mod tests {
         assert!(kd.join("subject.key").exists());
         drop(k);
         // Switching to daily destroys the fixed key.
-        let _k = SubjectKeys::open(&kd, Rotate::Daily, 0, 0, 0).unwrap();
+        let _k = SubjectKeys::open(&kd, Rotate::Daily, 0, 0, 0, 0).unwrap();
         assert!(!kd.join("subject.key").exists());
+    }
+
+    #[test]
+    fn sealed_subjects_open_while_their_day_key_lives() {
+        let dir = tempfile::tempdir().unwrap();
+        let kd = dir.path().join("k");
+        let day = 20_000 * DAY_MS;
+        let mut k = SubjectKeys::open(&kd, Rotate::Daily, 0, 0, 3 * DAY_MS as u64, day).unwrap();
+        let s = k.seal("card:MARKER-1", day + H).unwrap();
+        assert!(!s.2.windows(6).any(|w| w == b"MARKER"));
+        assert_eq!(k.unseal(&s).as_deref(), Some("card:MARKER-1"));
+        assert!(kd
+            .join(format!("sealed-{}.key", day_label(20_000)))
+            .exists());
+        // Reopened, it still opens; after the day plus the retention, the key is gone.
+        drop(k);
+        let mut k = SubjectKeys::open(&kd, Rotate::Daily, 0, 0, 3 * DAY_MS as u64, day).unwrap();
+        assert_eq!(k.unseal(&s).as_deref(), Some("card:MARKER-1"));
+        assert_eq!(k.destroy_expired(day + 4 * DAY_MS), 1);
+        assert_eq!(k.unseal(&s), None);
+        assert_eq!(std::fs::read_dir(&kd).unwrap().count(), 0);
     }
 
     #[test]
@@ -403,7 +545,11 @@ mod tests {
         for p in [0, 1, 20_000, 20_787] {
             assert_eq!(
                 parse_name(&format!("subject-{}.key", day_label(p))),
-                Some(Some(p))
+                Some(("subject", Some(p)))
+            );
+            assert_eq!(
+                parse_name(&format!("sealed-{}.key", day_label(p))),
+                Some(("sealed", Some(p)))
             );
         }
         assert_eq!(day_label(0), "1970-01-01");

@@ -223,7 +223,7 @@ pub async fn run_with_reload(
         }
     };
     tracing::info!(path = %store.path().display(), bytes = store.file_bytes(), "store open");
-    if cfg.privacy.subjects == config::SubjectMode::Hashed {
+    if cfg.privacy.subjects != config::SubjectMode::Drop {
         let dir = cfg.privacy.key_dir(&cfg.gateway.data_dir);
         let rotate = match cfg.privacy.rotate {
             config::KeyRotation::Daily => keys::Rotate::Daily,
@@ -231,8 +231,9 @@ pub async fn run_with_reload(
         };
         let offset = config::parse_utc_offset(&cfg.status.timezone).unwrap_or(8 * 3600);
         let keep = cfg.aggregate.max_lateness.as_millis_u64();
+        let seal_keep = cfg.store.raw_retention.as_millis_u64();
         let keys = tokio::task::spawn_blocking(move || {
-            keys::SubjectKeys::open(&dir, rotate, offset, keep, clock::now_ms())
+            keys::SubjectKeys::open(&dir, rotate, offset, keep, seal_keep, clock::now_ms())
         })
         .await
         .map_err(|_| RunError::TaskDied("pseudonym keys open"))??;

@@ -82,25 +82,11 @@ fn pseudonyms_cannot_be_reversed_from_the_data_dir_and_die_with_their_day() {
     fs::write(&cfg, text).unwrap();
 
     // The daemon's clock 60 s before the next local midnight (site time zone +08:00).
-    let real_s = now_ms() / 1000;
-    let day = 86_400;
-    let next_midnight = ((real_s + 8 * 3600) / day + 1) * day - 8 * 3600;
+    let (real_s, next_midnight) = to_next_midnight_s();
     let offset_s = next_midnight - 60 - real_s;
     let clock_file = scratch.path().join("faketime");
-    fs::write(&clock_file, format!("+{offset_s}\n")).unwrap();
-    let lib = libfaketime();
-    let clock_path = clock_file.display().to_string();
     let log = scratch.path().join("daemon.log");
-    let mut d = Daemon::start_with_env(
-        &cfg,
-        &log,
-        &[
-            ("LD_PRELOAD", lib.as_str()),
-            ("FAKETIME_TIMESTAMP_FILE", clock_path.as_str()),
-            ("FAKETIME_CACHE_DURATION", "1"),
-            ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
-        ],
-    );
+    let mut d = faked_daemon(&cfg, &log, &clock_file, offset_s);
     let fake_now = |off: i64| now_ms() + off * 1000;
 
     // Residents pass the doors before midnight: plates and cards a 110,000-candidate list
@@ -202,4 +188,106 @@ fn pseudonyms_cannot_be_reversed_from_the_data_dir_and_die_with_their_day() {
     assert!(up
         .subject_leaks(&subjects.iter().map(String::as_str).collect::<Vec<_>>())
         .is_empty());
+}
+
+/// The daemon under libfaketime, its clock `offset_s` seconds ahead of the real one (the test
+/// rewrites the file to step it).
+fn faked_daemon(cfg: &Path, log: &Path, clock_file: &Path, offset_s: i64) -> Daemon {
+    fs::write(clock_file, format!("+{offset_s}\n")).unwrap();
+    let lib = libfaketime();
+    let clock_path = clock_file.display().to_string();
+    Daemon::start_with_env(
+        cfg,
+        log,
+        &[
+            ("LD_PRELOAD", lib.as_str()),
+            ("FAKETIME_TIMESTAMP_FILE", clock_path.as_str()),
+            ("FAKETIME_CACHE_DURATION", "1"),
+            ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
+        ],
+    )
+}
+
+/// Seconds from now (real) to the next local midnight at UTC+8.
+fn to_next_midnight_s() -> (i64, i64) {
+    let real_s = now_ms() / 1000;
+    let day = 86_400;
+    let next = ((real_s + 8 * 3600) / day + 1) * day - 8 * 3600;
+    (real_s, next)
+}
+
+#[test]
+fn raw_events_past_retention_leave_no_readable_byte_of_their_subject() {
+    let scratch = tempfile::tempdir().unwrap();
+    let dir = scratch.path().join("data");
+    let key_dir = scratch.path().join("data.keys");
+    let site = Mosquitto::start(&scratch.path().join("site"), free_port(), false);
+    let district = Mosquitto::start(&scratch.path().join("district"), free_port(), false);
+    let up = Upstream::start(district.port, "retention-collector");
+    let cfg = scratch.path().join("gateway.toml");
+    fs::write(
+        &cfg,
+        config_text(&dir, site.port, district.port, "")
+            + "\n[privacy]\nsubjects = \"plain\"\n[store]\nraw_retention = \"3s\"\n",
+    )
+    .unwrap();
+    let (real_s, midnight) = to_next_midnight_s();
+    let offset = midnight - 60 - real_s;
+    let clock_file = scratch.path().join("faketime");
+    let log = scratch.path().join("daemon.log");
+    let mut d = faked_daemon(&cfg, &log, &clock_file, offset);
+    let mut p = Publisher::connect(site.port, "retention-pub");
+    let marker = |i: usize| format!("card:MARKER-{i:04}-浙A");
+    for i in 0..200 {
+        p.send(
+            &format!("zhian/access/door-{}", i % 4),
+            access(&format!("r-{i}"), now_ms() + offset * 1000, &marker(i)),
+        );
+    }
+    assert!(
+        wait_until(Duration::from_secs(30), || up
+            .totals()
+            .values()
+            .sum::<u64>()
+            == 200),
+        "{:?}; log:\n{}",
+        up.totals(),
+        tail(&log, 20)
+    );
+    let found = |dirs: &[&Path], needle: &str| -> Vec<String> {
+        dirs.iter()
+            .flat_map(|d| files(d))
+            .filter(|f| contains(&fs::read(f).unwrap_or_default(), needle.as_bytes()))
+            .map(|f| f.display().to_string())
+            .collect()
+    };
+    // Stored sealed with today's key: no marker byte in the data dir even now.
+    let sealed: Vec<PathBuf> = files(&key_dir);
+    assert_eq!(sealed.len(), 1, "{sealed:?}");
+    assert!(sealed[0]
+        .file_name()
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .starts_with("sealed-"));
+    assert!(found(&[&dir], "MARKER-").is_empty());
+    // Past the day and the retention: the raw events go and the day's key is destroyed, so
+    // whatever bytes of theirs remain in the file cannot be read.
+    let offset2 = midnight + 120 - real_s;
+    fs::write(&clock_file, format!("+{offset2}\n")).unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    p.send(
+        "zhian/access/door-0",
+        access("next-day", now_ms() + offset2 * 1000, "card:OTHER-1"),
+    );
+    assert!(
+        wait_until(Duration::from_secs(30), || !sealed[0].exists()),
+        "the sealing key of the expired day is destroyed; log:\n{}",
+        tail(&log, 20)
+    );
+    assert!(log_text(&log).contains("sealing key destroyed"));
+    let (status, _) = d.term();
+    assert!(status.success());
+    assert!(found(&[&dir, &key_dir], "MARKER-").is_empty());
+    assert!(!files(&key_dir).contains(&sealed[0]));
 }

@@ -10,7 +10,7 @@ use std::path::Path;
 pub fn check_start_needs(c: &Config) -> Vec<Problem> {
     let mut p = Vec::new();
     check_data_dir(&c.gateway.data_dir, &mut p);
-    if c.privacy.subjects == super::SubjectMode::Hashed
+    if c.privacy.subjects != super::SubjectMode::Drop
         && c.gateway.data_dir.is_absolute()
         && c.privacy.key_dir.as_ref().is_none_or(|k| k.is_absolute())
     {

@@ -20,6 +20,10 @@
 //! | `states` | `&str` "kind\0device\0point" | v1 [`StateRecordV1`]: the latest value of a Modbus state point and when it last changed | Modbus polls that changed |
 //! | `devices` | `&str` "kind\0device" | `i64`: when an event of this MQTT device was last accepted (ms), so devices known once stay known across restarts (contract: "Status page") | a new device at once (with any pending sightings); known ones together, at most every [`DEVICE_SEEN_EVERY_MS`] |
 //!
+//! A `plain` subject is stored sealed ([`StoredSubject::Sealed`]) with the key of the day it
+//! arrived, destroyed after `store.raw_retention`: deleting a row does not wipe its bytes from
+//! redb's free pages, destroying the key makes them unreadable.
+//!
 //! A hashed subject is the 16-byte pseudonym from [`crate::keys`]: keyed with the key of the
 //! event's local day, which is never in this file (`privacy.key_dir`) and is destroyed once
 //! that day can receive no more events.

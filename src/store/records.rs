@@ -21,6 +21,10 @@ pub enum StoredSubject {
     /// outside the store ([`crate::keys::SubjectKeys::pseudonym`]).
     Hashed([u8; 16]),
     Plain(String),
+    /// `privacy.subjects = "plain"`: the subject sealed with the key of the day it arrived
+    /// ([`crate::keys::SubjectKeys::seal`]): the key's day, the nonce, the encrypted bytes.
+    /// Unreadable once that key is destroyed (after `store.raw_retention`).
+    Sealed(i64, [u8; 16], Vec<u8>),
 }
 
 /// Raw accepted event, record version 1.

@@ -151,7 +151,7 @@ impl StoreWriter {
             subjects,
             dedup_key,
             // Until the daemon hands over the keys from `privacy.key_dir`: memory only.
-            keys: SubjectKeys::ephemeral(Rotate::Daily, 0, 86_400_000),
+            keys: SubjectKeys::ephemeral(Rotate::Daily, 0, 86_400_000, 7 * 86_400_000),
             mem: Mem::default(),
             budget: u64::MAX,
             dedup_ttl_ms,
@@ -1003,7 +1003,10 @@ impl Ledger for TxLedger<'_, '_> {
     fn record(&mut self, e: &Event, now_ms: i64) -> Result<(), StoreError> {
         let subject = match (&e.subject, self.subjects) {
             (None, _) | (Some(_), SubjectMode::Drop) => StoredSubject::None,
-            (Some(s), SubjectMode::Plain) => StoredSubject::Plain(s.clone()),
+            (Some(s), SubjectMode::Plain) => match self.keys.seal(s, now_ms) {
+                Some((day, nonce, bytes)) => StoredSubject::Sealed(day, nonce, bytes),
+                None => StoredSubject::None,
+            },
             (Some(s), SubjectMode::Hashed) => match self.keys.pseudonym(s, e.ts_ms, now_ms) {
                 Some(p) => StoredSubject::Hashed(p),
                 None => StoredSubject::None,
