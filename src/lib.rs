@@ -246,6 +246,9 @@ pub async fn run_with_reload(
                 cfg.broker.listen
             ))
         })?;
+        if !listen.ip().is_loopback() {
+            tracing::warn!(%listen, "the embedded broker has no per-device topic rules: any device holding the broker credential can read every device's events (card, face and plate ids) and publish as any device; where devices are not all trusted, use a site broker with contrib/mosquitto (README, \"Security and privacy\")");
+        }
         let creds = cfg
             .broker
             .username
