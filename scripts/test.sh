@@ -25,6 +25,8 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy --all-targets -- -D warnings"
 cargo clippy --all-targets --locked -- -D warnings
+echo "== cargo deny (bans, licenses, sources; advisories when GitHub answers)"
+bash scripts/deny.sh
 echo "== cargo test"
 # lib, bins and tests/ (no doc tests: the crate has none; benches run with `cargo bench`).
 set +e

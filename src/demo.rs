@@ -92,6 +92,10 @@ pub async fn run(
     println!("  embedded broker  mqtt://{}  (district view: mosquitto_sub -p {broker_port} -t 'zhian/district/#' -v)", cfg.broker.listen);
     println!("  simulated        door-1..door-4 and cam-1..cam-3 over MQTT; vehicle gate gate-east over Modbus TCP {GATE_ADDR}");
     println!("  store            {}", cfg.gateway.data_dir.display());
+    println!(
+        "  pseudonym keys   {}",
+        cfg.privacy.key_dir(&cfg.gateway.data_dir).display()
+    );
     println!("  the same site as a file: config/demo.toml; Ctrl-C stops");
     let r = crate::run(cfg, shutdown).await;
     stop.cancel();
