@@ -786,14 +786,17 @@ fn status_page_in_chromium() {
     );
 
     // On a phone (390 px wide, an iPhone 12-15): nothing runs off the side, chart labels stay
-    // readable. Measured in Chromium: the page in a 390 px iframe of a wrapper page (served
-    // from another loopback port) whose script reads the layout (web security off for that,
-    // in this throwaway profile only).
+    // readable. Measured in Chromium: the page's HTML, fetched by a wrapper page (served from
+    // another loopback port; web security off for that, in this throwaway profile only), laid
+    // out in a 390 px iframe's srcdoc, since the page itself refuses to be framed
+    // (X-Frame-Options, frame-ancestors) and runs no script (its CSP); it needs nothing from
+    // its origin (inline CSS and SVG).
     for (path, what) in [("/", "phone-zh"), ("/?lang=en", "phone-en")] {
         let wrapper = serve_once(
             format!(
-                "<html><body style=\"margin:0\"><iframe id=\"f\" style=\"width:390px;height:844px;border:0\" src=\"{base}{path}\"></iframe>\
-                 <script>document.getElementById('f').onload=function(){{var d=this.contentDocument;\
+                "<html><body style=\"margin:0\"><iframe id=\"f\" style=\"width:390px;height:844px;border:0\"></iframe>\
+                 <script>fetch('{base}{path}').then(function(r){{return r.text()}}).then(function(t){{document.getElementById('f').srcdoc=t}});\
+                 document.getElementById('f').onload=function(){{var d=this.contentDocument;\
                  var h=[].slice.call(d.querySelectorAll('svg text')).map(function(t){{return t.getBoundingClientRect().height}});\
                  document.body.setAttribute('data-scroll-width',d.documentElement.scrollWidth);\
                  document.body.setAttribute('data-min-label',h.length?Math.min.apply(null,h).toFixed(1):'none');}};</script></body></html>"
