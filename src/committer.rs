@@ -44,10 +44,12 @@ pub enum Intake {
         topic: String,
         ack: Option<Ack>,
     },
-    /// A message that broke a rule; counted and acknowledged, never stored.
+    /// A message that broke a rule; counted and acknowledged, never stored. `detail` says which
+    /// rule, where there is more to say than the reason (a vendor source's field, `unmapped`).
     Rejected {
         reason: Reject,
         topic: String,
+        detail: Option<String>,
         ack: Option<Ack>,
     },
     /// One Modbus poll's values that changed (or were read for the first time since start):
@@ -537,6 +539,7 @@ impl Committer {
             *intake = Intake::Rejected {
                 reason: Reject::TooManyDevices,
                 topic: std::mem::take(topic),
+                detail: None,
                 ack: ack.take(),
             };
         }
@@ -680,7 +683,14 @@ impl Committer {
                         Outcome::Counted(_) | Outcome::Glitch(_) => {}
                     }
                 }
-                Intake::Rejected { reason, topic, .. } => self.stats.rejected(*reason, topic, now),
+                Intake::Rejected {
+                    reason,
+                    topic,
+                    detail,
+                    ..
+                } => self
+                    .stats
+                    .rejected_because(*reason, topic, detail.as_deref(), now),
                 Intake::Reading { counters, .. } => {
                     for c in counters {
                         match outcomes.as_mut().and_then(|o| o.next()).copied() {

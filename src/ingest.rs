@@ -11,6 +11,7 @@ use crate::clock::now_ms;
 use crate::committer::{Ack, Intake};
 use crate::config::Config;
 use crate::core::event;
+use crate::core::mapping::{self, Source};
 use crate::mqtt::{options, ClientSettings};
 use crate::stats::LinkChange;
 use crate::stats::Stats;
@@ -22,6 +23,9 @@ use tokio_util::sync::CancellationToken;
 
 pub struct Ingest {
     pub cfg: Arc<Config>,
+    /// The vendor sources in force (`[[mqtt.sources]]`); SIGHUP sends new ones, and their
+    /// topic filters are subscribed (and old ones unsubscribed) on the running session.
+    pub sources: tokio::sync::watch::Receiver<Arc<Vec<Source>>>,
     /// Taken by `run`; dropped at shutdown so the committer sees the intake close.
     pub intake: Option<flume::Sender<Intake>>,
     pub stats: Arc<Stats>,
@@ -31,7 +35,8 @@ pub struct Ingest {
 
 impl Ingest {
     pub async fn run(mut self) {
-        let m = &self.cfg.mqtt;
+        let cfg = self.cfg.clone();
+        let m = &cfg.mqtt;
         let mut backoff = Backoff::new(m.reconnect_min.0, m.reconnect_max.0);
         let settings = ClientSettings {
             url: &m.url,
@@ -82,7 +87,7 @@ impl Ingest {
 
     /// One connection. Returns true when the input is finished (shutdown completed).
     async fn connection(
-        &self,
+        &mut self,
         client: AsyncClient,
         mut eventloop: rumqttc::EventLoop,
         intake: &mut Option<flume::Sender<Intake>>,
@@ -101,7 +106,10 @@ impl Ingest {
             }
             let _ = acker_client.disconnect().await;
         });
-        let topics: Vec<String> = self.cfg.mqtt.topics.clone();
+        // Every filter subscribed on this session, and the batches whose SUBACK is awaited.
+        let mut topics: Vec<String> = topic_filters(&self.cfg.mqtt.topics, &self.sources.borrow());
+        let mut sub_batches: std::collections::VecDeque<Vec<String>> = Default::default();
+        let offset_s = self.cfg.site_offset_s();
         let mut stopping = self.stop.is_cancelled();
         if stopping {
             intake.take();
@@ -119,6 +127,22 @@ impl Ingest {
                         stopping = true;
                         intake.take();
                         ack_tx.take();
+                        continue;
+                    }
+                    Ok(()) = self.sources.changed() => {
+                        let new = topic_filters(&self.cfg.mqtt.topics, &self.sources.borrow_and_update());
+                        let added: Vec<String> = new.iter().filter(|t| !topics.contains(t)).cloned().collect();
+                        for gone in topics.iter().filter(|t| !new.contains(t)) {
+                            let _ = client.try_unsubscribe(gone.clone());
+                        }
+                        if !added.is_empty() {
+                            let subs = added.iter().map(|t| rumqttc::SubscribeFilter::new(t.clone(), QoS::AtLeastOnce));
+                            if client.try_subscribe_many(subs).is_ok() {
+                                sub_batches.push_back(added.clone());
+                            }
+                        }
+                        tracing::info!(added = ?added, topics = ?new, "device input: sources reloaded");
+                        topics = new;
                         continue;
                     }
                     p = eventloop.poll() => p,
@@ -146,7 +170,10 @@ impl Ingest {
                     let subs = topics
                         .iter()
                         .map(|t| rumqttc::SubscribeFilter::new(t.clone(), QoS::AtLeastOnce));
+                    sub_batches.clear();
+                    sub_batches.push_back(topics.clone());
                     if let Err(e) = client.try_subscribe_many(subs) {
+                        sub_batches.clear();
                         tracing::warn!(error = %e, "device broker: cannot queue subscribe");
                     }
                 }
@@ -164,17 +191,29 @@ impl Ingest {
                             let _ = acks.send(slim);
                         })
                     });
-                    let item = match event::parse(&p.topic, &p.payload) {
+                    let sources = self.sources.borrow().clone();
+                    let parsed = match mapping::source_for(&sources, &p.topic) {
+                        Some(s) => mapping::map(s, &p.topic, &p.payload, offset_s)
+                            .map_err(|(r, u)| (r, u.map(|u| u.to_string()))),
+                        None => event::parse(&p.topic, &p.payload).map_err(|r| (r, None)),
+                    };
+                    let item = match parsed {
                         Ok(event) => Intake::Event {
                             event,
                             topic: p.topic.clone(),
                             ack,
                         },
-                        Err(reason) => {
-                            tracing::debug!(topic = %p.topic, %reason, "device message rejected");
+                        Err((reason, detail)) => {
+                            tracing::debug!(
+                                topic = %crate::logfmt::Clean(&p.topic),
+                                %reason,
+                                detail = detail.as_deref().unwrap_or(""),
+                                "device message rejected"
+                            );
                             Intake::Rejected {
                                 reason,
                                 topic: p.topic.clone(),
+                                detail,
                                 ack,
                             }
                         }
@@ -187,7 +226,8 @@ impl Ingest {
                 Ok(Event::Outgoing(Outgoing::Disconnect)) => break true,
                 Ok(Event::Incoming(Incoming::SubAck(s))) => {
                     let mut problems = Vec::new();
-                    for (topic, code) in topics.iter().zip(&s.return_codes) {
+                    let batch = sub_batches.pop_front().unwrap_or_default();
+                    for (topic, code) in batch.iter().zip(&s.return_codes) {
                         match code {
                             rumqttc::SubscribeReasonCode::Failure => {
                                 tracing::error!(%topic, url = %self.cfg.mqtt.url, "device broker refused the subscription; check its ACL");
@@ -259,3 +299,14 @@ impl Ingest {
 
 /// How long shutdown waits for the device input to flush acks and disconnect.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+
+/// `base` (the canonical `mqtt.topics`) and each source's filter, without repeats.
+fn topic_filters(base: &[String], sources: &[Source]) -> Vec<String> {
+    let mut t = base.to_vec();
+    for s in sources {
+        if !t.contains(&s.topic) {
+            t.push(s.topic.clone());
+        }
+    }
+    t
+}

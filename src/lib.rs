@@ -136,11 +136,17 @@ const LIVE_SECTIONS: [&str; 3] = ["alerts", "modbus", "health"];
 
 /// Top-level config sections that differ between `a` and `b`, other than [`LIVE_SECTIONS`].
 fn restart_sections(a: &Config, b: &Config) -> Vec<String> {
-    let (Ok(toml::Value::Table(a)), Ok(toml::Value::Table(b))) =
+    let (Ok(toml::Value::Table(mut a)), Ok(toml::Value::Table(mut b))) =
         (toml::Value::try_from(a), toml::Value::try_from(b))
     else {
         return vec!["(config could not be compared)".into()];
     };
+    // `mqtt.sources` is applied live; the rest of `[mqtt]` needs a restart.
+    for t in [&mut a, &mut b] {
+        if let Some(toml::Value::Table(m)) = t.get_mut("mqtt") {
+            m.remove("sources");
+        }
+    }
     let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
     keys.sort();
     keys.dedup();
@@ -344,10 +350,12 @@ pub async fn run_with_reload(
         committer.run()
     });
 
+    let (sources_tx, sources_rx) = tokio::sync::watch::channel(Arc::new(cfg.sources()));
     let mut ingest = cfg.mqtt.enabled.then(|| {
         let guard = stats.task_guard("device input", intake_stop.clone());
         let task = ingest::Ingest {
             cfg: cfg.clone(),
+            sources: sources_rx,
             intake: Some(intake_tx.clone()),
             stats: stats.clone(),
             stop: intake_stop.clone(),
@@ -441,8 +449,13 @@ pub async fn run_with_reload(
                 } else {
                     tracing::warn!(sections = ?restart, "reload: these sections changed in the file and take effect after a restart (systemctl restart zhian-gateway); they keep their running values");
                 }
+                if new.mqtt.sources != running.mqtt.sources {
+                    sources_tx.send_replace(Arc::new(new.sources()));
+                    tracing::info!(sources = new.mqtt.sources.len(), "reload: mqtt.sources applied");
+                }
                 // What runs now: the live sections from the new file, the rest as before.
                 let mut next = (*running).clone();
+                next.mqtt.sources = new.mqtt.sources.clone();
                 next.alerts = new.alerts.clone();
                 next.modbus = new.modbus.clone();
                 next.health = new.health.clone();

@@ -17,6 +17,9 @@ pub struct RejectNote {
     pub at_ms: i64,
     pub topic: String,
     pub reason: &'static str,
+    /// Which rule, when the reason alone does not say (`unmapped`: the source and field).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
 }
 
 /// What is known about one MQTT device.
@@ -325,6 +328,11 @@ impl Stats {
     }
 
     pub fn rejected(&self, reason: Reject, topic: &str, now_ms: i64) {
+        self.rejected_because(reason, topic, None, now_ms)
+    }
+
+    /// As [`Stats::rejected`], with the rule that failed.
+    pub fn rejected_because(&self, reason: Reject, topic: &str, detail: Option<&str>, now_ms: i64) {
         self.rejected[reason.index()].fetch_add(1, Relaxed);
         let parsed = crate::core::event::parse_topic(topic);
         let k = parsed.map_or(3, |(kind, _)| kind_index(kind));
@@ -346,6 +354,7 @@ impl Stats {
             at_ms: now_ms,
             topic: topic.chars().take(200).collect(),
             reason: reason.as_str(),
+            detail: detail.map(|d| d.chars().take(300).collect()),
         });
     }
 

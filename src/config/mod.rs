@@ -30,7 +30,9 @@ impl fmt::Display for Problem {
     }
 }
 
+pub mod sources;
 pub mod start;
+pub use sources::{FieldCfg, SourceCfg};
 pub use start::check_start_needs;
 
 /// A problem with `key`. The message is cleaned of secrets (a URL's password, the value of a
@@ -322,6 +324,8 @@ pub struct Mqtt {
     /// sends no more until they are acknowledged. 0 here: unknown, learned from the broker
     /// (a batch that stops growing at the same size).
     pub max_inflight: u32,
+    /// Vendor payload mappings (contract: "Vendor payloads"; see [`sources`]).
+    pub sources: Vec<SourceCfg>,
 }
 
 impl Default for Mqtt {
@@ -341,6 +345,7 @@ impl Default for Mqtt {
             reconnect_min: Dur::millis(500),
             reconnect_max: Dur::secs(30),
             max_inflight: 0,
+            sources: Vec::new(),
         }
     }
 }
@@ -1147,6 +1152,7 @@ pub fn validate(c: &Config) -> Vec<Problem> {
         }
         check_client_id(&mut p, "mqtt.client_id", c.mqtt.client_id.as_deref());
         check_backoff(&mut p, "mqtt", c.mqtt.reconnect_min, c.mqtt.reconnect_max);
+        sources::compile(&c.mqtt.sources, &mut p);
         check_file(&mut p, "mqtt.ca_file", c.mqtt.ca_file.as_deref());
         check_file(&mut p, "mqtt.client_cert", c.mqtt.client_cert.as_deref());
         check_file(&mut p, "mqtt.client_key", c.mqtt.client_key.as_deref());
@@ -1681,6 +1687,27 @@ impl Config {
             .client_id
             .clone()
             .unwrap_or_else(|| self.gateway.id.clone())
+    }
+
+    /// The vendor sources, compiled (a config that passed validation compiles whole).
+    pub fn sources(&self) -> Vec<crate::core::mapping::Source> {
+        sources::compile(&self.mqtt.sources, &mut Vec::new())
+    }
+
+    /// The site's UTC offset in seconds (`status.timezone`; +08:00 if unreadable).
+    pub fn site_offset_s(&self) -> i32 {
+        parse_utc_offset(&self.status.timezone).unwrap_or(8 * 3600)
+    }
+
+    /// Every topic filter the device input subscribes: `mqtt.topics` and each source's.
+    pub fn device_topics(&self) -> Vec<String> {
+        let mut t = self.mqtt.topics.clone();
+        for s in &self.mqtt.sources {
+            if !t.contains(&s.topic) {
+                t.push(s.topic.clone());
+            }
+        }
+        t
     }
 
     /// The effective config as TOML, secrets redacted (for `check-config`).

@@ -94,10 +94,12 @@ pub enum Reject {
     TooFarFuture,
     /// A device not seen before, while `health.max_devices` devices are already known.
     TooManyDevices,
+    /// A message on a vendor source's topic that its rules cannot map (`[[mqtt.sources]]`).
+    Unmapped,
 }
 
 impl Reject {
-    pub const ALL: [Reject; 13] = [
+    pub const ALL: [Reject; 14] = [
         Reject::TooLarge,
         Reject::InvalidUtf8,
         Reject::InvalidJson,
@@ -111,6 +113,7 @@ impl Reject {
         Reject::TooLate,
         Reject::TooFarFuture,
         Reject::TooManyDevices,
+        Reject::Unmapped,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -128,6 +131,7 @@ impl Reject {
             Reject::TooLate => "too_late",
             Reject::TooFarFuture => "too_far_future",
             Reject::TooManyDevices => "too_many_devices",
+            Reject::Unmapped => "unmapped",
         }
     }
 

@@ -1,7 +1,7 @@
 //! The pure core: payload validation, dedup decisions, window assignment, late re-issue and
 //! summary building.
 //!
-//! Also the Modbus value rules: register decoding and counter steps (baseline, increase, wrap,
+//! Also vendor payload mapping ([`mapping`]) and the Modbus value rules: register decoding and counter steps (baseline, increase, wrap,
 //! reset).
 //!
 //! Nothing in here imports tokio, redb or a network crate, and nothing reads a clock: every
@@ -14,6 +14,7 @@ pub mod commit_policy;
 pub mod counter;
 pub mod engine;
 pub mod event;
+pub mod mapping;
 pub mod summary;
 pub mod window;
 

@@ -653,7 +653,14 @@ pub(super) fn render(s: &StatusOut, en: bool, refresh: u64) -> String {
             "<tr><td>{}</td><td>{}</td><td>{}</td></tr>",
             local_rfc(&Some(r.at.clone()), s.tz_secs, en),
             esc(&r.topic),
-            reject_label(en, r.reason)
+            match &r.detail {
+                Some(d) => format!(
+                    "{}<br><small>{}</small>",
+                    reject_label(en, r.reason),
+                    esc(d)
+                ),
+                None => reject_label(en, r.reason),
+            }
         ));
     }
     h.push_str("</table></section></body></html>");

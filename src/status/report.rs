@@ -121,6 +121,9 @@ pub(super) struct RejectOut {
     pub(super) at: String,
     pub(super) topic: String,
     pub(super) reason: &'static str,
+    /// The rule that failed, for `unmapped` (source and field).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(super) detail: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -333,6 +336,7 @@ pub(super) fn snapshot(st: &AppState) -> Result<StatusOut, crate::store::StoreEr
                 at: rfc3339_utc(r.at_ms),
                 topic: r.topic,
                 reason: r.reason,
+                detail: r.detail,
             })
             .collect(),
         tz_secs: tz,

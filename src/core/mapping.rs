@@ -1,0 +1,537 @@
+//! Vendor payloads (`[[mqtt.sources]]`, contract: "Vendor payloads"): rules that map another
+//! topic layout and JSON shape onto the canonical [`Event`], without code. Pure: no I/O; the
+//! site's UTC offset is passed in.
+//!
+//! A [`Source`] has a topic filter and one [`Rule`] per canonical field. A rule takes its value
+//! from a JSON pointer into the payload (RFC 6901), a topic level, a constant, or the parts of a
+//! `join` (e.g. device + record number, for a stable event id when the device gives none);
+//! then optionally through a value `map` (numeric event codes to actions), with a `default` when
+//! the value is missing or not in the map. `ts` is read as `rfc3339`, `epoch_s`, `epoch_ms`,
+//! `local` (`YYYY-MM-DD hh:mm:ss[.fff]`, no offset, in the site's time zone) or `auto`.
+//!
+//! A message that cannot be mapped is rejected `unmapped`, with the rule it broke
+//! ([`Unmapped`]); the mapped event then passes the same checks as a canonical one.
+
+use super::event::{valid_device, valid_word, Event, Kind, Reject, MAX_PAYLOAD};
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::fmt;
+
+/// How a `ts` value is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TsFormat {
+    /// RFC 3339 / ISO 8601 with an offset (`2026-11-30T08:15:02+08:00`).
+    Rfc3339,
+    /// Unix seconds (number or numeric string; a fraction is kept to the millisecond).
+    EpochS,
+    /// Unix milliseconds.
+    EpochMs,
+    /// `YYYY-MM-DD hh:mm:ss` (or with `T`, and a fraction), no offset: the site's local time.
+    Local,
+    /// A number: milliseconds if above 10^11, else seconds; a string: RFC 3339, else local.
+    Auto,
+}
+
+impl TsFormat {
+    pub fn parse(s: &str) -> Option<TsFormat> {
+        Some(match s {
+            "rfc3339" | "iso8601" => TsFormat::Rfc3339,
+            "epoch_s" => TsFormat::EpochS,
+            "epoch_ms" => TsFormat::EpochMs,
+            "local" => TsFormat::Local,
+            "auto" => TsFormat::Auto,
+            _ => return None,
+        })
+    }
+}
+
+/// Where a value comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum From {
+    /// A JSON pointer into the payload (`/AccessControllerEvent/cardNo`).
+    Pointer(String),
+    /// A topic level, 0-based (`hik/acs/door-3/event`: level 2 is `door-3`).
+    Topic(usize),
+    /// A constant.
+    Const(String),
+    /// Parts joined with `sep`: each part a pointer (`/Data/RecNo`), `topic[N]`, or the name of
+    /// a field mapped before it (`device`, `kind`).
+    Join(Vec<Part>, String),
+}
+
+/// One part of a [`From::Join`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Part {
+    Pointer(String),
+    Topic(usize),
+    Field(&'static str),
+}
+
+/// How one canonical field is filled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rule {
+    pub from: From,
+    /// Value map (applied to the value's text): e.g. `{"1" = "granted", "9" = "denied"}`.
+    pub map: Option<BTreeMap<String, String>>,
+    /// Used when the value is missing, null, or not in `map`.
+    pub default: Option<String>,
+    /// For `ts` only.
+    pub format: TsFormat,
+}
+
+impl Rule {
+    pub fn constant(v: &str) -> Rule {
+        Rule {
+            from: From::Const(v.to_string()),
+            map: None,
+            default: None,
+            format: TsFormat::Auto,
+        }
+    }
+}
+
+/// A vendor source: a topic filter and the rules for each canonical field.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Source {
+    /// For rejects and logs.
+    pub name: String,
+    /// MQTT topic filter (`+` and `#` allowed).
+    pub topic: String,
+    pub kind: Rule,
+    pub device: Rule,
+    pub id: Rule,
+    pub ts: Rule,
+    pub action: Rule,
+    /// Default: constant `ok`.
+    pub result: Option<Rule>,
+    /// Default: none.
+    pub subject: Option<Rule>,
+}
+
+/// Why a message on a source's topic could not be mapped: the field and what went wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unmapped {
+    pub source: String,
+    pub field: &'static str,
+    pub why: String,
+}
+
+impl fmt::Display for Unmapped {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "source {:?}: {}: {}", self.source, self.field, self.why)
+    }
+}
+
+/// Whether `topic` matches the MQTT filter `filter` (`+` one level, `#` the rest).
+pub fn topic_matches(filter: &str, topic: &str) -> bool {
+    let mut f = filter.split('/');
+    let mut t = topic.split('/');
+    loop {
+        match (f.next(), t.next()) {
+            (Some("#"), _) => return true,
+            (Some("+"), Some(_)) => {}
+            (Some(a), Some(b)) if a == b => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+/// The first source whose filter matches `topic`.
+pub fn source_for<'a>(sources: &'a [Source], topic: &str) -> Option<&'a Source> {
+    sources.iter().find(|s| topic_matches(&s.topic, topic))
+}
+
+/// A JSON value as text: strings as they are, integers without a fraction, booleans as
+/// `true`/`false`; objects, arrays and null are not values.
+fn text_of(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        Value::Bool(b) => Some(b.to_string()),
+        _ => None,
+    }
+}
+
+struct Ctx<'a> {
+    source: &'a Source,
+    topic: Vec<&'a str>,
+    payload: &'a Value,
+    offset_s: i32,
+}
+
+impl Ctx<'_> {
+    fn fail(&self, field: &'static str, why: impl Into<String>) -> Unmapped {
+        Unmapped {
+            source: self.source.name.clone(),
+            field,
+            why: why.into(),
+        }
+    }
+
+    fn raw(
+        &self,
+        field: &'static str,
+        from: &From,
+        done: &[(&'static str, String)],
+    ) -> Result<Option<Value>, Unmapped> {
+        Ok(match from {
+            From::Pointer(p) => self.payload.pointer(p).cloned().filter(|v| !v.is_null()),
+            From::Topic(i) => self.topic.get(*i).map(|s| Value::String(s.to_string())),
+            From::Const(c) => Some(Value::String(c.clone())),
+            From::Join(parts, sep) => {
+                let mut out = Vec::with_capacity(parts.len());
+                for part in parts {
+                    let v = match part {
+                        Part::Pointer(p) => self.payload.pointer(p).and_then(text_of),
+                        Part::Topic(i) => self.topic.get(*i).map(|s| s.to_string()),
+                        Part::Field(name) => {
+                            done.iter().find(|(n, _)| n == name).map(|(_, v)| v.clone())
+                        }
+                    };
+                    match v {
+                        Some(v) if !v.is_empty() => out.push(v),
+                        _ => {
+                            return Err(self
+                                .fail(field, format!("join part {} is missing", part_name(part))));
+                        }
+                    }
+                }
+                Some(Value::String(out.join(sep)))
+            }
+        })
+    }
+
+    /// The field's text after map and default.
+    fn text(
+        &self,
+        field: &'static str,
+        rule: &Rule,
+        done: &[(&'static str, String)],
+    ) -> Result<String, Unmapped> {
+        let raw = self.raw(field, &rule.from, done)?;
+        let text = match &raw {
+            Some(v) => Some(text_of(v).ok_or_else(|| {
+                self.fail(
+                    field,
+                    format!(
+                        "{} is an object or array, not a value",
+                        from_name(&rule.from)
+                    ),
+                )
+            })?),
+            None => None,
+        };
+        let mapped = match (&rule.map, text) {
+            (Some(map), Some(t)) => map.get(&t).cloned().ok_or(t).map_err(Some),
+            (None, Some(t)) => Ok(t),
+            (_, None) => Err(None),
+        };
+        match (mapped, &rule.default) {
+            (Ok(v), _) => Ok(v),
+            (Err(_), Some(d)) => Ok(d.clone()),
+            (Err(Some(t)), None) => Err(self.fail(field, format!("{t:?} is not in its map"))),
+            (Err(None), None) => {
+                Err(self.fail(field, format!("{} is missing", from_name(&rule.from))))
+            }
+        }
+    }
+
+    fn ts(&self, rule: &Rule) -> Result<i64, Unmapped> {
+        let raw = self.raw("ts", &rule.from, &[])?;
+        let v = match (raw, &rule.default) {
+            (Some(v), _) => v,
+            (None, _) => {
+                return Err(self.fail("ts", format!("{} is missing", from_name(&rule.from))))
+            }
+        };
+        let bad = |what: &str| self.fail("ts", format!("{v} is not {what}"));
+        let ms = match (rule.format, &v) {
+            (TsFormat::EpochMs, _) => number(&v)
+                .map(|n| n as i64)
+                .ok_or_else(|| bad("epoch milliseconds"))?,
+            (TsFormat::EpochS, _) => number(&v)
+                .map(|n| (n * 1000.0).round() as i64)
+                .ok_or_else(|| bad("epoch seconds"))?,
+            (TsFormat::Auto, Value::Number(_)) => {
+                let n = number(&v).ok_or_else(|| bad("a time"))?;
+                if n > 1e11 {
+                    n as i64
+                } else {
+                    (n * 1000.0).round() as i64
+                }
+            }
+            (TsFormat::Rfc3339, Value::String(s)) => {
+                rfc3339_ms(s).ok_or_else(|| bad("RFC 3339 with an offset"))?
+            }
+            (TsFormat::Local, Value::String(s)) => {
+                local_ms(s, self.offset_s).ok_or_else(|| bad("local time YYYY-MM-DD hh:mm:ss"))?
+            }
+            (TsFormat::Auto, Value::String(s)) => rfc3339_ms(s)
+                .or_else(|| local_ms(s, self.offset_s))
+                .ok_or_else(|| bad("RFC 3339 or local time"))?,
+            _ => return Err(bad("a time in the configured format")),
+        };
+        if ms < 0 {
+            return Err(bad("a time after 1970"));
+        }
+        Ok(ms)
+    }
+}
+
+fn number(v: &Value) -> Option<f64> {
+    match v {
+        Value::Number(n) => n.as_f64(),
+        Value::String(s) => s.trim().parse::<f64>().ok(),
+        _ => None,
+    }
+    .filter(|n| n.is_finite())
+}
+
+fn rfc3339_ms(s: &str) -> Option<i64> {
+    let t = time::OffsetDateTime::parse(s.trim(), &time::format_description::well_known::Rfc3339)
+        .ok()?;
+    i64::try_from(t.unix_timestamp_nanos() / 1_000_000).ok()
+}
+
+/// `YYYY-MM-DD hh:mm:ss[.fff]` (or `T` between) read at UTC offset `offset_s`.
+pub fn local_ms(s: &str, offset_s: i32) -> Option<i64> {
+    let s = s.trim().replacen('T', " ", 1);
+    let (main, frac) = match s.split_once('.') {
+        Some((m, f)) => (m.to_string(), f.to_string()),
+        None => (s.clone(), String::new()),
+    };
+    let fmt = time::macros::format_description!("[year]-[month]-[day] [hour]:[minute]:[second]");
+    let dt = time::PrimitiveDateTime::parse(&main, &fmt).ok()?;
+    let frac_ms = if frac.is_empty() {
+        0
+    } else {
+        if !frac.chars().all(|c| c.is_ascii_digit()) {
+            return None;
+        }
+        let mut f = frac.chars().take(3).collect::<String>();
+        while f.len() < 3 {
+            f.push('0');
+        }
+        f.parse::<i64>().ok()?
+    };
+    let offset = time::UtcOffset::from_whole_seconds(offset_s).ok()?;
+    Some(dt.assume_offset(offset).unix_timestamp() * 1000 + frac_ms)
+}
+
+fn from_name(f: &From) -> String {
+    match f {
+        From::Pointer(p) => format!("pointer {p}"),
+        From::Topic(i) => format!("topic level {i}"),
+        From::Const(_) => "constant".into(),
+        From::Join(..) => "join".into(),
+    }
+}
+
+fn part_name(p: &Part) -> String {
+    match p {
+        Part::Pointer(p) => p.clone(),
+        Part::Topic(i) => format!("topic[{i}]"),
+        Part::Field(f) => f.to_string(),
+    }
+}
+
+/// What [`map`] gives: an event, or the reason it was not one.
+pub type Mapped = Result<Event, (Reject, Option<Unmapped>)>;
+
+/// Map one message of `source` onto the canonical event. `offset_s` is the site's UTC offset
+/// (for `local` times). A payload over 64 KiB is `too_large`; not UTF-8 JSON, `invalid_utf8` /
+/// `invalid_json`; a rule that fails, or a mapped value the contract does not allow, `unmapped`.
+pub fn map(source: &Source, topic: &str, payload: &[u8], offset_s: i32) -> Mapped {
+    if payload.len() > MAX_PAYLOAD {
+        return Err((Reject::TooLarge, None));
+    }
+    let text = std::str::from_utf8(payload).map_err(|_| (Reject::InvalidUtf8, None))?;
+    let value: Value = serde_json::from_str(text).map_err(|_| (Reject::InvalidJson, None))?;
+    let cx = Ctx {
+        source,
+        topic: topic.split('/').collect(),
+        payload: &value,
+        offset_s,
+    };
+    let un = |u: Unmapped| (Reject::Unmapped, Some(u));
+    let mut done: Vec<(&'static str, String)> = Vec::with_capacity(7);
+    let kind_text = cx.text("kind", &source.kind, &done).map_err(un)?;
+    let kind = Kind::parse(&kind_text).ok_or_else(|| {
+        un(cx.fail(
+            "kind",
+            format!("{kind_text:?} is not access, camera or vehicle"),
+        ))
+    })?;
+    done.push(("kind", kind_text));
+    let device = cx.text("device", &source.device, &done).map_err(un)?;
+    if !valid_device(&device) {
+        return Err(un(cx.fail(
+            "device",
+            format!("{device:?} is not 1-64 of [A-Za-z0-9_.-]"),
+        )));
+    }
+    done.push(("device", device.clone()));
+    let id = cx.text("id", &source.id, &done).map_err(un)?;
+    if id.is_empty() || id.chars().count() > 128 {
+        return Err(un(cx.fail("id", "must be 1-128 characters")));
+    }
+    let ts_ms = cx.ts(&source.ts).map_err(un)?;
+    let action = cx.text("action", &source.action, &done).map_err(un)?;
+    if !valid_word(&action) {
+        return Err(un(
+            cx.fail("action", format!("{action:?} is not 1-64 of [a-z0-9_]"))
+        ));
+    }
+    let result = match &source.result {
+        Some(r) => cx.text("result", r, &done).map_err(un)?,
+        None => "ok".to_string(),
+    };
+    if !valid_word(&result) {
+        return Err(un(
+            cx.fail("result", format!("{result:?} is not 1-64 of [a-z0-9_]"))
+        ));
+    }
+    let subject = match &source.subject {
+        None => None,
+        Some(r) => match cx.text("subject", r, &done) {
+            Ok(s) if s.is_empty() => None,
+            Ok(s) if s.chars().count() <= 128 => Some(s),
+            Ok(_) => return Err(un(cx.fail("subject", "longer than 128 characters"))),
+            // A subject is optional: a rule that finds none leaves the event without one.
+            Err(_) => None,
+        },
+    };
+    Ok(Event {
+        kind,
+        device,
+        id,
+        ts_ms,
+        action,
+        result,
+        subject,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ptr(p: &str) -> Rule {
+        Rule {
+            from: From::Pointer(p.into()),
+            map: None,
+            default: None,
+            format: TsFormat::Auto,
+        }
+    }
+
+    fn hik() -> Source {
+        Source {
+            name: "hik".into(),
+            topic: "hik/acs/+/event".into(),
+            kind: Rule::constant("access"),
+            device: Rule {
+                from: From::Topic(2),
+                ..Rule::constant("")
+            },
+            id: Rule {
+                from: From::Join(
+                    vec![
+                        Part::Field("device"),
+                        Part::Pointer("/AccessControllerEvent/serialNo".into()),
+                    ],
+                    "-".into(),
+                ),
+                ..Rule::constant("")
+            },
+            ts: Rule {
+                format: TsFormat::Rfc3339,
+                ..ptr("/dateTime")
+            },
+            action: Rule::constant("entry"),
+            result: Some(Rule {
+                map: Some(
+                    [
+                        ("1".to_string(), "granted".to_string()),
+                        ("9".into(), "denied".into()),
+                    ]
+                    .into(),
+                ),
+                ..ptr("/AccessControllerEvent/subEventType")
+            }),
+            subject: Some(ptr("/AccessControllerEvent/cardNo")),
+        }
+    }
+
+    #[test]
+    fn maps_a_nested_vendor_event() {
+        let p = br#"{"dateTime":"2026-11-30T08:15:02+08:00","eventType":"AccessControllerEvent",
+            "AccessControllerEvent":{"majorEventType":5,"subEventType":1,"cardNo":"3011223344","serialNo":4521}}"#;
+        let e = map(&hik(), "hik/acs/door-3/event", p, 8 * 3600).unwrap();
+        assert_eq!(
+            (e.kind, e.device.as_str(), e.id.as_str()),
+            (Kind::Access, "door-3", "door-3-4521")
+        );
+        assert_eq!(e.result, "granted");
+        assert_eq!(e.subject.as_deref(), Some("3011223344"));
+        assert_eq!(e.ts_ms, rfc3339_ms("2026-11-30T00:15:02Z").unwrap());
+        // A code not in the map names the rule.
+        let p = br#"{"dateTime":"2026-11-30T08:15:02+08:00","AccessControllerEvent":{"subEventType":77,"serialNo":1}}"#;
+        let (r, u) = map(&hik(), "hik/acs/door-3/event", p, 0).unwrap_err();
+        assert_eq!(r, Reject::Unmapped);
+        let u = u.unwrap();
+        assert_eq!(u.field, "result");
+        assert!(u.to_string().contains("\"77\" is not in its map"), "{u}");
+        // A missing serial number: the id's join part is named.
+        let p = br#"{"dateTime":"2026-11-30T08:15:02+08:00","AccessControllerEvent":{"subEventType":1}}"#;
+        let u = map(&hik(), "hik/acs/door-3/event", p, 0)
+            .unwrap_err()
+            .1
+            .unwrap();
+        assert_eq!(u.field, "id");
+        assert!(u.why.contains("/AccessControllerEvent/serialNo"), "{u}");
+    }
+
+    #[test]
+    fn times_in_every_format() {
+        assert_eq!(
+            local_ms("2026-11-30 08:16:40", 8 * 3600),
+            rfc3339_ms("2026-11-30T00:16:40Z")
+        );
+        assert_eq!(
+            local_ms("2026-11-30T08:16:40.5", 8 * 3600),
+            Some(rfc3339_ms("2026-11-30T00:16:40Z").unwrap() + 500)
+        );
+        assert_eq!(local_ms("30/11/2026 08:16", 0), None);
+        let mut s = hik();
+        let local_want = rfc3339_ms("2026-11-30T00:16:40Z").unwrap();
+        for (fmt, v, want) in [
+            (TsFormat::EpochS, "1796001400", 1_796_001_400_000),
+            (TsFormat::EpochS, "\"1796001400.25\"", 1_796_001_400_250),
+            (TsFormat::EpochMs, "1796001400123", 1_796_001_400_123),
+            (TsFormat::Auto, "1796001400", 1_796_001_400_000),
+            (TsFormat::Auto, "1796001400123", 1_796_001_400_123),
+            (TsFormat::Local, "\"2026-11-30 08:16:40\"", local_want),
+        ] {
+            s.ts = Rule {
+                format: fmt,
+                ..ptr("/t")
+            };
+            let p =
+                format!(r#"{{"t":{v},"AccessControllerEvent":{{"subEventType":1,"serialNo":1}}}}"#);
+            let e = map(&s, "hik/acs/d/event", p.as_bytes(), 8 * 3600).unwrap();
+            assert_eq!(e.ts_ms, want, "{fmt:?} {v}");
+        }
+    }
+
+    #[test]
+    fn filters_match_like_mqtt() {
+        assert!(topic_matches("a/+/c", "a/b/c"));
+        assert!(topic_matches("a/#", "a/b/c"));
+        assert!(topic_matches("#", "x"));
+        assert!(!topic_matches("a/+", "a/b/c"));
+        assert!(!topic_matches("a/b", "a/b/c"));
+        assert!(topic_matches("a/b/c", "a/b/c"));
+    }
+}
