@@ -229,6 +229,12 @@ pub async fn run_with_reload(
         }
     };
     tracing::info!(path = %store.path().display(), bytes = store.file_bytes(), "store open");
+    writer.set_day_cfg(core::daily::DayCfg {
+        offset_ms: cfg.site_offset_s() as i64 * 1000,
+        grace_ms: cfg.aggregate.grace.as_millis_u64() as i64,
+        lateness_ms: cfg.aggregate.max_lateness.as_millis_u64() as i64,
+        settle_ms: cfg.aggregate.window.as_millis_u64() as i64,
+    });
     if cfg.privacy.subjects != config::SubjectMode::Drop {
         let dir = cfg.privacy.key_dir(&cfg.gateway.data_dir);
         let rotate = match cfg.privacy.rotate {

@@ -46,9 +46,11 @@ impl WindowCfg {
     /// accepted ts is `now - max_lateness`, whose window starts up to one window earlier), so
     /// once summarised they may be forgotten. One extra hour covers a clock stepped back by NTP.
     /// Windows are kept at least 48 h in any case: the status page's "today" and its 24 h chart
-    /// are read from them.
+    /// are read from them; and a day longer than the lateness, since a day's `daily` message
+    /// (re-issued up to `max_lateness` after the day ends) sums the day's windows.
     pub fn forget_before(&self, now_ms: i64) -> i64 {
-        let keep = (self.max_lateness_ms + self.window_ms + 3_600_000).max(KEEP_WINDOWS_MS);
+        let keep =
+            (self.max_lateness_ms + 86_400_000 + self.window_ms + 3_600_000).max(KEEP_WINDOWS_MS);
         now_ms - keep as i64
     }
 }

@@ -57,6 +57,7 @@
 //!   open (or redb panics, which is caught) instead of being trusted.
 
 pub mod damage;
+mod days;
 pub mod pressure;
 mod reader;
 pub mod records;

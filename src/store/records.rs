@@ -44,6 +44,10 @@ pub struct EventRecordV1 {
 pub enum OutboxTopic {
     Summary,
     Alert,
+    /// `zhian.daily.v1`: a local day's distinct counts and totals.
+    Daily,
+    /// `zhian.care.v1`: a care-watch notice.
+    Care,
 }
 
 impl OutboxTopic {
@@ -52,6 +56,8 @@ impl OutboxTopic {
         match self {
             OutboxTopic::Summary => "summary",
             OutboxTopic::Alert => "alert",
+            OutboxTopic::Daily => "daily",
+            OutboxTopic::Care => "care",
         }
     }
 }

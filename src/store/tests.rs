@@ -5,7 +5,7 @@ use crate::core::engine::{Engine, Input, Outcome};
 use crate::core::event::{Event, Kind};
 use crate::core::summary::Site;
 use crate::core::window::WindowCfg;
-use redb::ReadableTable;
+use redb::{ReadableTable, ReadableTableMetadata};
 
 fn engine() -> Engine {
     Engine {
@@ -497,4 +497,131 @@ fn devices_are_remembered_new_at_once_known_ones_together_every_period() {
     }
     let (s, _w) = Store::open(dir.path(), SubjectMode::Hashed).unwrap();
     assert_eq!(seen(&s).len(), 2, "remembered across a reopen");
+}
+
+/// The day's distinct subjects and totals against a model: duplicates by id count once, the
+/// same card on two events once, a plate as a vehicle; issued after the day's end + grace; a
+/// late event re-issues with rev + 1 once settled; a reopen neither re-issues nor double-counts.
+#[test]
+fn daily_distinct_counts_follow_a_model_across_late_events_and_reopen() {
+    use crate::core::daily::{DayCfg, DAY_MS};
+    let dir = tempfile::tempdir().unwrap();
+    let mut en = engine();
+    en.window.max_lateness_ms = DAY_MS as u64;
+    let cfg = DayCfg {
+        offset_ms: 8 * 3_600_000,
+        grace_ms: 1_000,
+        lateness_ms: DAY_MS,
+        settle_ms: 10_000,
+    };
+    let day = 20_400; // a local day
+    let (start, end) = cfg.bounds(day);
+    let ret = Retention {
+        dedup_ttl_ms: 7 * DAY_MS as u64,
+        raw_retention_ms: 7 * DAY_MS as u64,
+        purge_batch: 1000,
+    };
+    let mk = |id: &str, ts: i64, kind: Kind, subject: &str| Event {
+        kind,
+        device: if kind == Kind::Vehicle {
+            "gate-1"
+        } else {
+            "door-1"
+        }
+        .into(),
+        id: id.into(),
+        ts_ms: ts,
+        action: "entry".into(),
+        result: "ok".into(),
+        subject: Some(subject.into()),
+    };
+    let dailies = |s: &Store| -> Vec<serde_json::Value> {
+        s.outbox_after(CLASS_SUMMARY, None, 10_000)
+            .unwrap()
+            .into_iter()
+            .filter(|(_, r)| r.topic == OutboxTopic::Daily)
+            .map(|(_, r)| serde_json::from_slice(&r.payload).unwrap())
+            .collect()
+    };
+    let kd = dir.path().join("keys");
+    let keys = || {
+        crate::keys::SubjectKeys::open(
+            &kd,
+            crate::keys::Rotate::Daily,
+            8 * 3600,
+            DAY_MS as u64,
+            7 * DAY_MS as u64,
+            start,
+        )
+        .unwrap()
+    };
+    {
+        let (s, mut w) = Store::open(dir.path(), SubjectMode::Hashed).unwrap();
+        w.set_day_cfg(cfg);
+        w.set_subject_keys(keys());
+        let t = start + 3_600_000;
+        let batch = [
+            mk("a1", t, Kind::Access, "card:1"),
+            mk("a2", t + 1, Kind::Access, "card:1"), // same card: one subject
+            mk("a1", t, Kind::Access, "card:1"),     // duplicate id: not counted
+            mk("a3", t + 2, Kind::Access, "face:7"),
+            mk("v1", t + 3, Kind::Vehicle, "浙A12345"),
+            mk("v2", t + 4, Kind::Vehicle, "浙A12345"),
+            mk("v3", t + 5, Kind::Vehicle, "浙B00001"),
+        ];
+        let refs: Vec<&Event> = batch.iter().collect();
+        w.commit(&en, &refs, &[], t + 10, None).unwrap();
+        // The day before it ends: nothing issued.
+        w.commit(&en, &[], &[], end - 1, Some(&ret)).unwrap();
+        assert!(dailies(&s).is_empty());
+        w.commit(&en, &[], &[], end + 1_000, Some(&ret)).unwrap();
+        let d = dailies(&s);
+        assert_eq!(d.len(), 1, "{d:?}");
+        assert_eq!(d[0]["schema"], "zhian.daily.v1");
+        assert_eq!(d[0]["rev"], 0);
+        assert_eq!(d[0]["tz"], "+08:00");
+        assert_eq!(d[0]["date"], crate::core::daily::date_label(day));
+        assert_eq!(d[0]["distinct"]["access_subjects"], 2);
+        assert_eq!(d[0]["distinct"]["vehicles"], 2);
+        let total: u64 = d[0]["counts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["n"].as_u64().unwrap())
+            .sum();
+        assert_eq!(total, 6);
+        assert!(!String::from_utf8_lossy(&serde_json::to_vec(&d[0]).unwrap()).contains("card:"));
+    }
+    // Reopened (with the same keys, as the daemon's key dir gives): nothing re-issued; a late
+    // event with a known card and one with a new card.
+    let (s, mut w) = Store::open(dir.path(), SubjectMode::Hashed).unwrap();
+    w.set_day_cfg(cfg);
+    w.set_subject_keys(keys());
+    w.commit(&en, &[], &[], end + 2_000, Some(&ret)).unwrap();
+    assert_eq!(dailies(&s).len(), 1);
+    let late = [
+        mk("a4", end - 5_000, Kind::Access, "card:1"),
+        mk("a5", end - 4_000, Kind::Access, "card:2"),
+    ];
+    let refs: Vec<&Event> = late.iter().collect();
+    let now = end + 60_000;
+    let r = w.commit(&en, &refs, &[], now, None).unwrap();
+    assert_eq!(r.outcomes, vec![Outcome::Accepted, Outcome::Accepted]);
+    w.commit(&en, &[], &[], now + 5_000, Some(&ret)).unwrap();
+    assert_eq!(dailies(&s).len(), 1, "not yet settled");
+    w.commit(&en, &[], &[], now + 10_000, Some(&ret)).unwrap();
+    let d = dailies(&s);
+    assert_eq!(d.len(), 2, "{d:?}");
+    assert_eq!(d[1]["rev"], 1);
+    assert_eq!(d[1]["distinct"]["access_subjects"], 3);
+    assert_eq!(d[1]["distinct"]["vehicles"], 2);
+    // Past the lateness the day is forgotten: its rows go.
+    w.commit(&en, &[], &[], end + DAY_MS + 2_000, Some(&ret))
+        .unwrap();
+    let txn = s.read().unwrap();
+    assert_eq!(txn.open_table(days::DAYS).unwrap().len().unwrap(), 0);
+    assert_eq!(
+        txn.open_table(days::DAY_SUBJECTS).unwrap().len().unwrap(),
+        0
+    );
 }

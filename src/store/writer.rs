@@ -2,6 +2,7 @@
 //! the in-memory state that lets a batch append instead of update (dedup hashes, open windows,
 //! sequence numbers, live bytes). See the module above for the layout and invariants.
 
+use super::days::{self, DayChanges};
 use super::pressure::{self, Pressure, Retention};
 use super::reader::read_u64;
 use super::records::{
@@ -16,8 +17,9 @@ use super::{
 };
 use crate::config::SubjectMode;
 use crate::core::counter::CounterState;
+use crate::core::daily::{daily_json, DayCfg, DayMem};
 use crate::core::engine::{Emit, Engine, Input, Ledger, Outcome};
-use crate::core::event::Event;
+use crate::core::event::{Event, Kind};
 use crate::core::summary::WindowState;
 use crate::keys::{Rotate, SubjectKeys};
 use redb::{Durability, ReadableTable, ReadableTableMetadata, Table};
@@ -70,6 +72,8 @@ struct Mem {
     /// Sightings of known devices not written yet, and when the oldest of them happened.
     devices_pending: HashMap<String, i64>,
     devices_pending_since: Option<i64>,
+    /// Local days still open (daily distinct counts; see `days`).
+    days: BTreeMap<i64, DayMem>,
 }
 
 /// Known devices' last-seen times are written together at most this often (ms): after a
@@ -101,6 +105,8 @@ pub struct StoreWriter {
     dedup_key: [u8; 32],
     /// Pseudonym keys for hashed subjects, kept outside the store ([`crate::keys`]).
     keys: SubjectKeys,
+    /// The site's days, for the daily distinct counts.
+    day_cfg: DayCfg,
     mem: Mem,
     /// Bytes the store may take: `store.max_size` less the data dir's other files.
     budget: u64,
@@ -152,6 +158,7 @@ impl StoreWriter {
             dedup_key,
             // Until the daemon hands over the keys from `privacy.key_dir`: memory only.
             keys: SubjectKeys::ephemeral(Rotate::Daily, 0, 86_400_000, 7 * 86_400_000),
+            day_cfg: DayCfg::default(),
             mem: Mem::default(),
             budget: u64::MAX,
             dedup_ttl_ms,
@@ -177,6 +184,11 @@ impl StoreWriter {
                 .iter()
                 .filter(|(k, t)| live(t) && !self.mem.devices.contains_key(*k))
                 .count()
+    }
+
+    /// The site's day rules (offset, grace, lateness, settle time) for the daily counts.
+    pub fn set_day_cfg(&mut self, cfg: DayCfg) {
+        self.day_cfg = cfg;
     }
 
     /// Hand the writer the pseudonym keys (from `privacy.key_dir`); until then it keeps
@@ -266,6 +278,10 @@ impl StoreWriter {
             bytes += k.value().len() as u64 + 8;
             mem.devices.insert(k.value().to_string(), v.value());
         }
+        let (day_mem, day_bytes, day_seq) = days::load(&txn)?;
+        mem.days = day_mem;
+        bytes += day_bytes;
+        max_seq = max_seq.max(day_seq);
         let reserved = read_u64(&txn.open_table(META)?, "seq_reserved")?;
         mem.next_seq = reserved.max(max_seq + 1);
         mem.seq_reserved = reserved;
@@ -368,6 +384,7 @@ impl StoreWriter {
         let txn = begin_immediate(guard.as_ref())?;
         let mut report = CommitReport::default();
         let mut seen: HashMap<String, i64> = HashMap::new();
+        let mut day_changes = DayChanges::default();
         let seen_pending;
         let changes = {
             let mut l = TxLedger {
@@ -388,6 +405,8 @@ impl StoreWriter {
                 subjects: self.subjects,
                 dedup_key: &self.dedup_key,
                 keys: &mut self.keys,
+                day_cfg: self.day_cfg,
+                day_subjects: Vec::new(),
                 now_ms,
                 emitted: 0,
             };
@@ -429,9 +448,19 @@ impl StoreWriter {
             for st in states {
                 l.put_state(st)?;
             }
+            days::note_batch(
+                &self.mem.days,
+                &self.day_cfg,
+                inputs,
+                &report.outcomes,
+                std::mem::take(&mut l.day_subjects),
+                now_ms,
+                &mut day_changes,
+            );
             if let Some(r) = maintain {
                 // apply() already closed due windows; maintenance also covers idle periods.
                 engine.close_due(&mut l, now_ms)?;
+                issue_days(&mut l, engine, &mut day_changes, now_ms)?;
                 report.purged_dedup =
                     l.purge_dedup(now_ms - r.dedup_ttl_ms as i64, r.purge_batch)?;
                 report.purged_events = l.purge_events(
@@ -457,6 +486,12 @@ impl StoreWriter {
                     }
                 }
             }
+            let mut seq = l.seq;
+            l.bytes += days::write(&txn, &day_changes, || {
+                seq += 1;
+                seq - 1
+            })?;
+            l.seq = seq;
             let mut reserved = self.mem.seq_reserved;
             if l.seq >= reserved {
                 reserved = l.seq + SEQ_BLOCK;
@@ -493,6 +528,7 @@ impl StoreWriter {
             }
         }
         self.mem.devices.extend(seen);
+        days::apply(&mut self.mem.days, day_changes);
         {
             let (pending, since) = seen_pending;
             self.mem.devices_pending = pending;
@@ -539,6 +575,12 @@ impl StoreWriter {
         let w = engine.window;
         let due_start = now_ms - w.window_ms as i64 - w.grace_ms as i64;
         if self.mem.open.range(..=due_start).next().is_some() || self.pressure() != Pressure::None {
+            return Ok(true);
+        }
+        let days = || self.mem.days.iter().map(|(d, m)| (*d, m.record()));
+        if !self.day_cfg.due(days(), now_ms).is_empty()
+            || !self.day_cfg.finished(days(), now_ms).is_empty()
+        {
             return Ok(true);
         }
         let txn = self.store.read()?;
@@ -643,6 +685,60 @@ impl StoreWriter {
     }
 }
 
+/// Issue the days that are due (a `daily` message in the outbox, after the summaries of the
+/// day's last windows, which `close_due` just emitted) and forget the final ones.
+fn issue_days(
+    l: &mut TxLedger<'_, '_>,
+    engine: &Engine,
+    ch: &mut DayChanges,
+    now_ms: i64,
+) -> Result<(), StoreError> {
+    let cfg = l.day_cfg;
+    let states = ch.states(&l.mem.days);
+    for (day, rev) in cfg.due(states.iter().copied(), now_ms) {
+        let (start, end) = cfg.bounds(day);
+        let mut counts = BTreeMap::new();
+        for row in l.windows.range(start..end)? {
+            let (_, v) = row?;
+            for (k, n) in decode_window(v.value())?.counts {
+                *counts.entry(k).or_insert(0u64) += n;
+            }
+        }
+        let distinct = (l.subjects != SubjectMode::Drop).then(|| ch.distinct(&l.mem.days, day));
+        let payload = daily_json(
+            &engine.gateway,
+            &engine.site,
+            &cfg,
+            day,
+            rev,
+            distinct,
+            &counts,
+        );
+        let rec = encode(&OutboxRecordV1 {
+            topic: OutboxTopic::Daily,
+            window: None,
+            created_ms: now_ms,
+            payload,
+        });
+        let seq = l.next_seq();
+        l.outbox.insert((CLASS_SUMMARY, seq), rec.as_slice())?;
+        l.bytes += 9 + rec.len() as i64;
+        l.emitted += 1;
+        ch.state.insert(
+            day,
+            Some(crate::core::daily::DayRecordV1 {
+                issued: Some(rev),
+                dirty_since: None,
+            }),
+        );
+    }
+    let states = ch.states(&l.mem.days);
+    for day in cfg.finished(states, now_ms) {
+        ch.state.insert(day, None);
+    }
+    Ok(())
+}
+
 /// Check the format (migrating formats 1 and 2), make the dedup key and every table. One
 /// commit.
 fn prepare(db: &redb::Database) -> Result<[u8; 32], StoreError> {
@@ -704,6 +800,8 @@ fn prepare(db: &redb::Database) -> Result<[u8; 32], StoreError> {
     txn.open_table(COUNTERS)?;
     txn.open_table(STATES)?;
     txn.open_table(DEVICES)?;
+    txn.open_table(days::DAYS)?;
+    txn.open_table(days::DAY_SUBJECTS)?;
     txn.commit()?;
     Ok(key)
 }
@@ -799,6 +897,9 @@ struct TxLedger<'t, 's> {
     subjects: SubjectMode,
     dedup_key: &'s [u8; 32],
     keys: &'s mut SubjectKeys,
+    day_cfg: DayCfg,
+    /// Pseudonyms of this batch's accepted access and vehicle events: (day, vehicle, p).
+    day_subjects: Vec<(i64, bool, crate::core::daily::Pseudonym)>,
     now_ms: i64,
     emitted: usize,
 }
@@ -1001,16 +1102,30 @@ impl Ledger for TxLedger<'_, '_> {
     }
 
     fn record(&mut self, e: &Event, now_ms: i64) -> Result<(), StoreError> {
+        // The day's pseudonym of an access or vehicle subject counts towards the day's distinct
+        // subjects (not kept at all with `drop`).
+        let pseudonym = match (&e.subject, self.subjects, e.kind) {
+            (Some(s), SubjectMode::Hashed | SubjectMode::Plain, Kind::Access | Kind::Vehicle) => {
+                self.keys.pseudonym(s, e.ts_ms, now_ms)
+            }
+            _ => None,
+        };
+        if let Some(p) = pseudonym {
+            self.day_subjects
+                .push((self.day_cfg.day_of(e.ts_ms), e.kind == Kind::Vehicle, p));
+        }
         let subject = match (&e.subject, self.subjects) {
             (None, _) | (Some(_), SubjectMode::Drop) => StoredSubject::None,
             (Some(s), SubjectMode::Plain) => match self.keys.seal(s, now_ms) {
                 Some((day, nonce, bytes)) => StoredSubject::Sealed(day, nonce, bytes),
                 None => StoredSubject::None,
             },
-            (Some(s), SubjectMode::Hashed) => match self.keys.pseudonym(s, e.ts_ms, now_ms) {
-                Some(p) => StoredSubject::Hashed(p),
-                None => StoredSubject::None,
-            },
+            (Some(s), SubjectMode::Hashed) => {
+                match pseudonym.or_else(|| self.keys.pseudonym(s, e.ts_ms, now_ms)) {
+                    Some(p) => StoredSubject::Hashed(p),
+                    None => StoredSubject::None,
+                }
+            }
         };
         let rec = EventRecordV1 {
             kind: e.kind,
