@@ -118,6 +118,8 @@ pub struct Committer {
     pub abandoned: bool,
     /// New `alerts.actions` from a config reload (SIGHUP).
     pub alert_updates: flume::Receiver<Vec<String>>,
+    /// A reloaded care list (SIGHUP).
+    pub care_updates: flume::Receiver<Vec<crate::config::CareResident>>,
     /// Cancelled at shutdown: a retry loop on a failing disk gives up (nothing it holds was
     /// acknowledged, so the broker redelivers it).
     pub stop: CancellationToken,
@@ -199,6 +201,10 @@ impl Committer {
             }
             if let Some(actions) = self.alert_updates.try_iter().last() {
                 self.engine.alert_actions = actions;
+            }
+            if let Some(care) = self.care_updates.try_iter().last() {
+                self.writer.set_care(&care);
+                self.stats.set_care(self.writer.care_overview());
             }
             to_park.extend(self.park.try_iter());
             if !to_park.is_empty() {
@@ -438,6 +444,7 @@ impl Committer {
             let attempt = if reopen_needed {
                 self.writer.reopen().and_then(|_| {
                     self.writer.set_max_bytes(self.cfg.max_bytes);
+                    self.stats.set_care(self.writer.care_overview());
                     self.commit_now(inputs, states, acked, maintain)
                 })
             } else {

@@ -13,6 +13,8 @@
 //!   for ever (pseudonyms link across days).
 //! - `sealed-YYYY-MM-DD.key`: the sealing key of the day an event *arrived*, with `"plain"`;
 //!   the subject is stored encrypted with it (see [`SubjectKeys::seal`]).
+//! - `care.key`: the care watch's key ([`SubjectKeys::care_pseudonym`]); it does not rotate, so
+//!   the watch list keeps matching, and only listed residents' pseudonyms are ever kept.
 //!
 //! # Invariants
 //! - No key is ever written into the store file (the store keeps only a separate dedup key, for
@@ -111,8 +113,13 @@ pub struct SubjectKeys {
     offset_ms: i64,
     pseudonym: Family,
     seal: Family,
+    /// `care.key`: keys the care watch's residents (never rotates: the watch list must keep
+    /// matching; only listed residents' pseudonyms are ever kept).
+    care: Family,
     /// Warned once that a key could not be made (subjects are not stored meanwhile).
     warned: bool,
+    /// When the held keys' files were last checked on disk.
+    checked_ms: i64,
 }
 
 impl std::fmt::Debug for SubjectKeys {
@@ -142,7 +149,9 @@ impl SubjectKeys {
             offset_ms: offset_s as i64 * 1000,
             pseudonym: Family::new("subject", rotate, keep_ms),
             seal: Family::new("sealed", Rotate::Daily, seal_keep_ms),
+            care: Family::new("care", Rotate::Never, 0),
             warned: false,
+            checked_ms: 0,
         }
     }
 
@@ -186,10 +195,10 @@ impl SubjectKeys {
             let Some((prefix, day)) = parse_name(name) else {
                 continue;
             };
-            let family = if prefix == "sealed" {
-                &mut k.seal
-            } else {
-                &mut k.pseudonym
+            let family = match prefix {
+                "sealed" => &mut k.seal,
+                "care" => &mut k.care,
+                _ => &mut k.pseudonym,
             };
             let period = match (day, family.rotate) {
                 (Some(day), Rotate::Daily) => day,
@@ -270,9 +279,25 @@ impl SubjectKeys {
         String::from_utf8(bytes).ok()
     }
 
+    /// The care-watch pseudonym of `subject`: the first 16 bytes of BLAKE3 keyed with the
+    /// box's care key (made on first use; never rotated). `None` when the key cannot be made.
+    pub fn care_pseudonym(&mut self, subject: &str) -> Option<[u8; 16]> {
+        let key = self.key_of(Which::Care, 0, 0)?;
+        let h = blake3::keyed_hash(&key, subject.as_bytes());
+        Some(h.as_bytes()[..16].try_into().expect("16 bytes"))
+    }
+
     fn key(&mut self, seal: bool, p: i64, now_ms: i64) -> Option<[u8; 32]> {
+        self.key_of(if seal { Which::Seal } else { Which::Pseudonym }, p, now_ms)
+    }
+
+    fn key_of(&mut self, which: Which, p: i64, now_ms: i64) -> Option<[u8; 32]> {
         let offset = self.offset_ms;
-        let family = if seal { &self.seal } else { &self.pseudonym };
+        let family = match which {
+            Which::Seal => &self.seal,
+            Which::Care => &self.care,
+            Which::Pseudonym => &self.pseudonym,
+        };
         if let Some(k) = family.keys.get(&p) {
             return (family.destroy_at(offset, p) > now_ms).then_some(*k);
         }
@@ -292,10 +317,10 @@ impl SubjectKeys {
             }
         }
         self.warned = false;
-        let family = if seal {
-            &mut self.seal
-        } else {
-            &mut self.pseudonym
+        let family = match which {
+            Which::Seal => &mut self.seal,
+            Which::Care => &mut self.care,
+            Which::Pseudonym => &mut self.pseudonym,
         };
         family.keys.insert(p, key);
         Some(key)
@@ -311,6 +336,10 @@ impl SubjectKeys {
     /// Destroy every key past its life at `now_ms`: zeroed in memory, and its file overwritten
     /// with zeros, synced and removed. Returns how many.
     pub fn destroy_expired(&mut self, now_ms: i64) -> usize {
+        if now_ms - self.checked_ms >= 60_000 {
+            self.checked_ms = now_ms;
+            self.restore_missing();
+        }
         let offset = self.offset_ms;
         let mut n = 0;
         for family in [&mut self.pseudonym, &mut self.seal] {
@@ -345,6 +374,46 @@ impl SubjectKeys {
     }
 }
 
+impl SubjectKeys {
+    /// A held key whose file is gone (the key dir removed by hand, a restore of another
+    /// backup): written again from memory, so the rest of its day keys subjects the same way
+    /// after a restart. Called at most once a minute.
+    fn restore_missing(&mut self) {
+        let Some(dir) = self.dir.clone() else { return };
+        let mut restored = Vec::new();
+        for family in [&self.pseudonym, &self.seal, &self.care] {
+            for (p, key) in &family.keys {
+                let path = dir.join(family.file_name(*p));
+                if path.exists() {
+                    continue;
+                }
+                use std::os::unix::fs::DirBuilderExt;
+                let made = std::fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o700)
+                    .create(&dir)
+                    .and_then(|_| write_key(&dir, &path, key));
+                match made {
+                    Ok(()) => restored.push(family.file_name(*p)),
+                    Err(e) => {
+                        tracing::error!(file = %path.display(), error = %e, "a pseudonym key file is gone and cannot be written again; after a restart today's pseudonyms will not match earlier ones")
+                    }
+                }
+            }
+        }
+        if !restored.is_empty() {
+            tracing::warn!(dir = %dir.display(), files = ?restored, "key files were missing from privacy.key_dir (removed by hand?); wrote them again from memory");
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Which {
+    Pseudonym,
+    Seal,
+    Care,
+}
+
 fn xor_stream(key: &[u8; 32], nonce: &[u8; 16], bytes: &mut [u8]) {
     let mut h = blake3::Hasher::new_keyed(key);
     h.update(b"zhian sealed subject\0");
@@ -358,7 +427,7 @@ fn xor_stream(key: &[u8; 32], nonce: &[u8; 16], bytes: &mut [u8]) {
 
 impl Drop for SubjectKeys {
     fn drop(&mut self) {
-        for family in [&mut self.pseudonym, &mut self.seal] {
+        for family in [&mut self.pseudonym, &mut self.seal, &mut self.care] {
             for k in family.keys.values_mut() {
                 k.fill(0);
             }
@@ -372,6 +441,9 @@ impl Drop for SubjectKeys {
 fn parse_name(name: &str) -> Option<(&'static str, Option<i64>)> {
     if name == "subject.key" {
         return Some(("subject", None));
+    }
+    if name == "care.key" {
+        return Some(("care", None));
     }
     let (prefix, rest) = if let Some(r) = name.strip_prefix("subject-") {
         ("subject", r)

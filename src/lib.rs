@@ -132,7 +132,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
 }
 
 /// The config sections that a reload applies live; every other change needs a restart.
-const LIVE_SECTIONS: [&str; 3] = ["alerts", "modbus", "health"];
+const LIVE_SECTIONS: [&str; 4] = ["alerts", "modbus", "health", "care"];
 
 /// Top-level config sections that differ between `a` and `b`, other than [`LIVE_SECTIONS`].
 fn restart_sections(a: &Config, b: &Config) -> Vec<String> {
@@ -235,8 +235,15 @@ pub async fn run_with_reload(
         lateness_ms: cfg.aggregate.max_lateness.as_millis_u64() as i64,
         settle_ms: cfg.aggregate.window.as_millis_u64() as i64,
     });
-    if cfg.privacy.subjects != config::SubjectMode::Drop {
+    if cfg.privacy.subjects != config::SubjectMode::Drop || !cfg.care.residents.is_empty() {
         let dir = cfg.privacy.key_dir(&cfg.gateway.data_dir);
+        if config::start::resolves_inside(&dir, &cfg.gateway.data_dir) {
+            return Err(RunError::Keys(keys::KeyError {
+                path: dir,
+                what: "is inside gateway.data_dir once symlinks are followed (a backup of the data dir would hold the keys)",
+                source: std::io::Error::other("refused"),
+            }));
+        }
         let rotate = match cfg.privacy.rotate {
             config::KeyRotation::Daily => keys::Rotate::Daily,
             config::KeyRotation::Never => keys::Rotate::Never,
@@ -251,6 +258,7 @@ pub async fn run_with_reload(
         .map_err(|_| RunError::TaskDied("pseudonym keys open"))??;
         writer.set_subject_keys(keys);
     }
+    writer.set_care(&cfg.care.residents);
     if cfg.broker.enabled {
         let listen: std::net::SocketAddr = cfg.broker.listen.parse().map_err(|_| {
             RunError::Broker(format!(
@@ -308,6 +316,7 @@ pub async fn run_with_reload(
 
     let intake_stop = CancellationToken::new();
     let (alerts_tx, alerts_rx) = flume::bounded(4);
+    let (care_tx, care_rx) = flume::bounded(4);
     // The store's latest record: a wall clock far behind it at start is a stale boot.
     let store_high = writer.latest_record_ms();
     let (park_tx, park_rx) = flume::unbounded();
@@ -315,6 +324,7 @@ pub async fn run_with_reload(
         writer,
         engine,
         alert_updates: alerts_rx,
+        care_updates: care_rx,
         park: park_rx,
         clock: core::clock::ClockTrust::new(
             cfg.aggregate.max_future_skew.as_millis_u64() as i64,
@@ -455,6 +465,10 @@ pub async fn run_with_reload(
                 } else {
                     tracing::warn!(sections = ?restart, "reload: these sections changed in the file and take effect after a restart (systemctl restart zhian-gateway); they keep their running values");
                 }
+                if new.care != running.care {
+                    let _ = care_tx.try_send(new.care.residents.clone());
+                    tracing::info!(residents = new.care.residents.len(), "reload: [care] applied");
+                }
                 if new.mqtt.sources != running.mqtt.sources {
                     sources_tx.send_replace(Arc::new(new.sources()));
                     tracing::info!(sources = new.mqtt.sources.len(), "reload: mqtt.sources applied");
@@ -462,6 +476,7 @@ pub async fn run_with_reload(
                 // What runs now: the live sections from the new file, the rest as before.
                 let mut next = (*running).clone();
                 next.mqtt.sources = new.mqtt.sources.clone();
+                next.care = new.care.clone();
                 next.alerts = new.alerts.clone();
                 next.modbus = new.modbus.clone();
                 next.health = new.health.clone();

@@ -22,6 +22,15 @@ impl fmt::Display for Clean<'_> {
     }
 }
 
+/// Line and paragraph separators, bidi embeddings, overrides, isolates and marks: they can
+/// forge or hide text in a log line without being control characters.
+fn is_invisible_format(c: char) -> bool {
+    matches!(
+        c,
+        '\u{2028}' | '\u{2029}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' | '\u{200e}' | '\u{200f}' | '\u{061c}'
+    )
+}
+
 /// `s` with control characters escaped, whole (for messages the program composed, which may
 /// quote a value from outside).
 pub fn escape_controls(s: &str) -> String {
@@ -36,7 +45,7 @@ fn write_escaped(f: &mut impl fmt::Write, s: &str, max: usize) -> fmt::Result {
             return f.write_str("…");
         }
         // Line and paragraph separators and bidi overrides can forge or hide text too.
-        if c.is_control() || matches!(c, '\u{2028}' | '\u{2029}' | '\u{202a}'..='\u{202e}') {
+        if c.is_control() || is_invisible_format(c) {
             for e in c.escape_default() {
                 f.write_char(e)?;
             }
@@ -63,16 +72,13 @@ pub struct EscapingWriter<W> {
 
 impl<W: std::io::Write> std::io::Write for EscapingWriter<W> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        // Fast path: printable ASCII (and its own final newline) needs nothing.
         let clean = buf.iter().enumerate().all(|(i, b)| {
-            !b.is_ascii_control()
+            (0x20..0x7f).contains(b)
                 || (*b == b'\n' && i + 1 == buf.len())
                 || (*b == 0x1b && self.keep_ansi)
         });
-        if clean
-            && !buf
-                .windows(3)
-                .any(|w| w[0] == 0xe2 && w[1] == 0x80 && (0xa8..=0xae).contains(&w[2]))
-        {
+        if clean {
             self.inner.write_all(buf)?;
             return Ok(buf.len());
         }
@@ -85,9 +91,7 @@ impl<W: std::io::Write> std::io::Write for EscapingWriter<W> {
         for c in body.chars() {
             if c == '\u{1b}' && self.keep_ansi {
                 out.push(c);
-            } else if c.is_control()
-                || matches!(c, '\u{2028}' | '\u{2029}' | '\u{202a}'..='\u{202e}')
-            {
+            } else if c.is_control() || is_invisible_format(c) {
                 out.extend(c.escape_default());
             } else {
                 out.push(c);
@@ -111,9 +115,11 @@ pub fn redact_url(s: &str) -> String {
     while let Some(i) = rest.find("://") {
         let (head, tail) = rest.split_at(i + 3);
         out.push_str(head);
-        // The authority ends at the first '/', '?', '#', whitespace or quote.
+        // The URL ends at whitespace or a quote. A password may hold '/', '?' or '#' (which a
+        // valid URL would escape, but a config may not): the userinfo ends at the last '@'
+        // before the URL's end, and a '@' later in a path only widens what is hidden.
         let end = tail
-            .find(|c: char| matches!(c, '/' | '?' | '#' | '"' | '\'' | '`') || c.is_whitespace())
+            .find(|c: char| matches!(c, '"' | '\'' | '`') || c.is_whitespace())
             .unwrap_or(tail.len());
         let authority = &tail[..end];
         match authority.rfind('@') {
@@ -140,7 +146,11 @@ pub fn redact_url(s: &str) -> String {
 /// `token`, and `database_url`/`url` are handled by [`redact_url`].
 fn secret_key(k: &str) -> bool {
     let k = k.trim().trim_matches('"').to_ascii_lowercase();
-    k.contains("password") || k.contains("secret") || k.contains("token") || k == "key"
+    // A TOML key (bare or dotted), not prose that happens to hold an '='.
+    let is_key = !k.is_empty()
+        && k.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | '"'));
+    is_key && (k.contains("password") || k.contains("secret") || k.contains("token") || k == "key")
 }
 
 /// [`redact_url`], and every line of the form `key = value` (TOML, or an error quoting one)
@@ -202,6 +212,14 @@ mod tests {
             "{s}"
         );
         assert!(s.contains("门禁\\u{202e}x"), "{s}");
+        let mut w = EscapingWriter {
+            inner: Vec::new(),
+            keep_ansi: false,
+        };
+        w.write_all("INFO topic=d\u{2066}ISOFORGE\u{2069}\n".as_bytes())
+            .unwrap();
+        let s = String::from_utf8(w.inner).unwrap();
+        assert!(s.contains("\\u{2066}ISOFORGE\\u{2069}"), "{s}");
     }
 
     #[test]
@@ -211,6 +229,12 @@ mod tests {
             "upstream.url: mqtts://gw:***@district.example:8883/x is bad"
         );
         assert_eq!(redact_url("mqtt://user@h:1"), "mqtt://user@h:1");
+        // Passwords holding URL delimiters (found by a break-it run).
+        assert_eq!(
+            redact_url("\"mqtt://gw:Top/Secret#9@127.0.0.1:33773\": bad"),
+            "\"mqtt://gw:***@127.0.0.1:33773\": bad"
+        );
+        assert!(!redact_url("mqtt://u:ENV#SECRET2@h:1").contains("SECRET2"));
         assert_eq!(redact_url("no url"), "no url");
         assert_eq!(
             redact_url("\"postgres://a:b@db/z\" and mqtt://c:d@e"),
@@ -226,5 +250,9 @@ mod tests {
         assert!(r.contains("3 | password = \"<redacted>\""), "{r}");
         assert!(!redact_secrets("password_hash = \"$argon2id$v=19$m=1\"").contains("argon2id"));
         assert_eq!(redact_secrets("id = \"gw-1\""), "id = \"gw-1\"");
+        // Prose with an '=' is not a key line.
+        let prose =
+            "pw/upstream.password is relative: run under systemd with LoadCredential= (it sets it)";
+        assert_eq!(redact_secrets(prose), prose);
     }
 }

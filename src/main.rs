@@ -42,6 +42,14 @@ enum Command {
     },
     /// Read a password on stdin and print its hash for `status.password_hash`.
     HashPassword,
+    /// Read a resident's card or face id on stdin and print its care pseudonym, for
+    /// `[[care.residents]] pseudonym = "..."` (so the config need not hold the id). Uses (and
+    /// on first use makes) the care key in `privacy.key_dir`: run it as the service user.
+    CarePseudonym {
+        /// Config file.
+        #[arg(long, value_name = "PATH")]
+        config: Option<PathBuf>,
+    },
     /// Show the canonical event (or the reject) a device message would give, through the
     /// config's `[[mqtt.sources]]` or the canonical payload rules: try a vendor's sample payload
     /// before wiring the device. Exit 0 mapped, 65 rejected, 78 bad config.
@@ -208,6 +216,59 @@ fn main() -> ExitCode {
     limit_malloc_arenas();
     let cli = Cli::parse();
     match cli.command {
+        Command::CarePseudonym { config } => match load(config, false) {
+            Ok(cfg) => {
+                use std::io::BufRead;
+                let mut line = String::new();
+                if std::io::stdin().lock().read_line(&mut line).is_err() {
+                    eprintln!("care-pseudonym: cannot read the subject from stdin");
+                    return ExitCode::FAILURE;
+                }
+                let subject = line.trim_end_matches(['\r', '\n']);
+                if subject.is_empty() {
+                    eprintln!(
+                        "care-pseudonym: give the card or face id on stdin, as devices send it"
+                    );
+                    return ExitCode::FAILURE;
+                }
+                let dir = cfg.privacy.key_dir(&cfg.gateway.data_dir);
+                let rotate = match cfg.privacy.rotate {
+                    config::KeyRotation::Daily => zhian_gateway::keys::Rotate::Daily,
+                    config::KeyRotation::Never => zhian_gateway::keys::Rotate::Never,
+                };
+                // Only the care key is used; nothing past its life is touched (now = 0).
+                match zhian_gateway::keys::SubjectKeys::open(
+                    &dir,
+                    rotate,
+                    0,
+                    u64::MAX / 4,
+                    u64::MAX / 4,
+                    0,
+                ) {
+                    Ok(mut keys) => match keys.care_pseudonym(subject) {
+                        Some(p) => {
+                            println!(
+                                "{}",
+                                p.iter().map(|b| format!("{b:02x}")).collect::<String>()
+                            );
+                            ExitCode::SUCCESS
+                        }
+                        None => {
+                            eprintln!(
+                                "care-pseudonym: cannot make the care key in {}",
+                                dir.display()
+                            );
+                            ExitCode::FAILURE
+                        }
+                    },
+                    Err(e) => {
+                        eprintln!("care-pseudonym: {e}");
+                        ExitCode::FAILURE
+                    }
+                }
+            }
+            Err(code) => code,
+        },
         Command::Map {
             config,
             topic,

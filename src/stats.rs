@@ -122,6 +122,8 @@ pub struct Stats {
     link_problems: Mutex<BTreeMap<&'static str, crate::link::Problem>>,
     /// A store file this run moved aside as damaged, and why.
     pub quarantined: Mutex<Option<crate::store::damage::Quarantined>>,
+    /// The care watch: (alias, last access event ms, silent, silence limit ms).
+    care: Mutex<Vec<(String, Option<i64>, bool, i64)>>,
     /// `health.max_devices` was reached (warned once per run).
     pub devices_full: AtomicBool,
     /// Status page: failed logins, and requests refused by the per-address rate limit.
@@ -249,6 +251,7 @@ impl Default for Stats {
             cadence: Default::default(),
             quarantined: Mutex::new(None),
             devices_full: AtomicBool::new(false),
+            care: Mutex::new(Vec::new()),
             http_auth_failures: AtomicU64::new(0),
             http_rate_limited: AtomicU64::new(0),
         }
@@ -490,6 +493,16 @@ impl Stats {
     /// The `[health]` rules in force.
     pub fn cadence(&self) -> std::sync::Arc<crate::health::Cadence> {
         self.cadence.read().expect("cadence lock").clone()
+    }
+
+    /// The care watch as the store has it (committer, each tick).
+    pub fn set_care(&self, list: Vec<(String, Option<i64>, bool, i64)>) {
+        *self.care.lock().expect("care lock") = list;
+    }
+
+    /// The care watch: (alias, last access event ms, silent, silence limit ms).
+    pub fn care(&self) -> Vec<(String, Option<i64>, bool, i64)> {
+        self.care.lock().expect("care lock").clone()
     }
 
     /// Put new `[health]` rules in force (start, SIGHUP).

@@ -529,15 +529,6 @@ fn a_message_the_district_keeps_refusing_is_parked_and_never_blocks_the_rest() {
 // ---------------------------------------------------------------------------------------------
 
 /// libfaketime's preload library (Debian: package `faketime`, multiarch path).
-fn libfaketime() -> String {
-    let found = fs::read_dir("/usr/lib")
-        .unwrap()
-        .flatten()
-        .map(|e| e.path().join("faketime/libfaketime.so.1"))
-        .find(|p| p.exists())
-        .expect("libfaketime (apt-get install faketime; scripts/test-deps.sh does)");
-    found.display().to_string()
-}
 
 #[test]
 fn a_gateway_clock_days_behind_pauses_intake_and_loses_nothing() {

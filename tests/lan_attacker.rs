@@ -288,7 +288,22 @@ fn secrets_never_reach_an_error_and_no_client_forges_a_log_line() {
     let (code, out) = run_check(&broken, scratch.path());
     assert_eq!(code, 78, "{out}");
     assert!(!out.contains("TopSecret2"), "{out}");
-    assert!(out.contains("<redacted>"), "{out}");
+    assert!(
+        out.contains("line 12") && out.contains("not shown"),
+        "the position, never the text: {out}"
+    );
+    // A multi-line string and an inline table (found by a break-it run).
+    for broken in [
+        base.replace("[upstream]\n", "[upstream]\npassword = \"\"\"\nTopSecret4\"\"\"x\n"),
+        base.replace(
+            "[upstream]\n",
+            "[extra]\nupstream2 = { url = \"mqtt://h\", password = \"TopSecret5\" x }\n[upstream]\n",
+        ),
+    ] {
+        let (code, out) = run_check(&broken, scratch.path());
+        assert_eq!(code, 78, "{out}");
+        assert!(!out.contains("TopSecret"), "{out}");
+    }
     // An environment password is redacted in check-config's effective config.
     let cfg = scratch.path().join("ok.toml");
     fs::write(&cfg, &base).unwrap();
@@ -356,4 +371,76 @@ fn secrets_never_reach_an_error_and_no_client_forges_a_log_line() {
     }
     let noise: Vec<&str> = text.lines().filter(|l| l.contains("rumqttd")).collect();
     assert!(noise.is_empty(), "embedded broker INFO noise: {noise:#?}");
+}
+
+/// Found by a break-it run: clients that send a wrong login and hang up at once left their
+/// argon2 runs going in parallel (2.3 GiB in 8 s) and uncounted. Now each attempt is charged
+/// before it runs, runs to the end one at a time, and is counted and logged.
+#[test]
+fn logins_abandoned_mid_verification_neither_pile_up_nor_go_uncounted() {
+    use std::io::Write;
+    let scratch = tempfile::tempdir().unwrap();
+    let out = hash_password("春江-guard-2026");
+    let hash = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let dir = scratch.path().join("data");
+    let status_port = free_port();
+    let cfg = scratch.path().join("gateway.toml");
+    let text = config_with_status(&dir, free_port(), free_port(), status_port).replace(
+        "[status]\nenabled = true\n",
+        &format!("[status]\nenabled = true\nusername = \"wuye\"\npassword_hash = \"{hash}\"\n"),
+    );
+    fs::write(&cfg, text).unwrap();
+    let log = scratch.path().join("daemon.log");
+    let mut d = Daemon::start(&cfg, &log);
+    assert!(wait_until(Duration::from_secs(30), || http(
+        status_port,
+        "GET",
+        "/healthz",
+        None
+    )
+    .is_ok()));
+    std::thread::sleep(Duration::from_secs(1));
+    let rss_before = vm_rss_kib(d.pid());
+    let token = base64(b"wuye:wrong-password-1");
+    let mut peak = rss_before;
+    for _ in 0..150 {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", status_port)).unwrap();
+        let _ = s.write_all(
+            format!("GET /api/status HTTP/1.1\r\nHost: x\r\nAuthorization: Basic {token}\r\n\r\n")
+                .as_bytes(),
+        );
+        drop(s); // hang up without reading
+        std::thread::sleep(Duration::from_millis(20));
+        peak = peak.max(vm_rss_kib(d.pid()));
+    }
+    // Let the charged attempts finish.
+    let failures = || {
+        http(
+            status_port,
+            "GET",
+            "/metrics",
+            Some(("wuye", "春江-guard-2026")),
+        )
+        .ok()
+        .and_then(|r| {
+            r.text()
+                .lines()
+                .find_map(|l| l.strip_prefix("zhian_http_auth_failures_total "))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        })
+    };
+    std::thread::sleep(Duration::from_secs(5));
+    let n = failures().expect("metrics");
+    assert!(
+        (1..=20).contains(&n),
+        "at most 20 charged attempts a minute ran: {n}"
+    );
+    assert!(
+        peak < rss_before + 48 * 1024,
+        "RSS peaked at {peak} KiB from {rss_before} KiB"
+    );
+    let logged = log_text(&log).matches("status page: failed login").count() as u64;
+    assert_eq!(logged, n, "every failure that ran is logged");
+    println!("150 abandoned logins: RSS {rss_before} -> peak {peak} KiB; {n} verified and counted");
+    d.term();
 }

@@ -10,16 +10,6 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-fn libfaketime() -> String {
-    let found = fs::read_dir("/usr/lib")
-        .unwrap()
-        .flatten()
-        .map(|e| e.path().join("faketime/libfaketime.so.1"))
-        .find(|p| p.exists())
-        .expect("libfaketime (apt-get install faketime; scripts/test-deps.sh does)");
-    found.display().to_string()
-}
-
 /// Every regular file under `dir`, recursively.
 fn files(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
@@ -188,32 +178,6 @@ fn pseudonyms_cannot_be_reversed_from_the_data_dir_and_die_with_their_day() {
     assert!(up
         .subject_leaks(&subjects.iter().map(String::as_str).collect::<Vec<_>>())
         .is_empty());
-}
-
-/// The daemon under libfaketime, its clock `offset_s` seconds ahead of the real one (the test
-/// rewrites the file to step it).
-fn faked_daemon(cfg: &Path, log: &Path, clock_file: &Path, offset_s: i64) -> Daemon {
-    fs::write(clock_file, format!("+{offset_s}\n")).unwrap();
-    let lib = libfaketime();
-    let clock_path = clock_file.display().to_string();
-    Daemon::start_with_env(
-        cfg,
-        log,
-        &[
-            ("LD_PRELOAD", lib.as_str()),
-            ("FAKETIME_TIMESTAMP_FILE", clock_path.as_str()),
-            ("FAKETIME_CACHE_DURATION", "1"),
-            ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
-        ],
-    )
-}
-
-/// Seconds from now (real) to the next local midnight at UTC+8.
-fn to_next_midnight_s() -> (i64, i64) {
-    let real_s = now_ms() / 1000;
-    let day = 86_400;
-    let next = ((real_s + 8 * 3600) / day + 1) * day - 8 * 3600;
-    (real_s, next)
 }
 
 #[test]

@@ -202,6 +202,100 @@ pub struct Config {
     pub modbus: Modbus,
     pub clock: Clock,
     pub health: Health,
+    pub care: Care,
+}
+
+/// `[care]`: the care watch (独居老人关怀, contract: "Care watch").
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Care {
+    pub residents: Vec<CareResident>,
+}
+
+/// One `[[care.residents]]` entry.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CareResident {
+    /// The card or face id as devices send it. Kept only in the config (printed redacted); the
+    /// daemon keeps its care pseudonym. Give `pseudonym` instead to keep it out of the config.
+    pub subject: Option<Secret>,
+    /// 32 hex digits from `zhian-gateway care-pseudonym`.
+    pub pseudonym: Option<String>,
+    /// A flat number (`3-2-601`), never a name: 1-32 of `[A-Za-z0-9_.#-]`.
+    pub alias: String,
+    /// A `silent` notice once no access event of the resident arrived for this long.
+    #[serde(default = "default_care_silence")]
+    pub silence: Dur,
+    /// Quiet hours, site time, `HH:MM-HH:MM` (may wrap midnight): no `silent` notice in them.
+    pub quiet: Option<String>,
+}
+
+fn default_care_silence() -> Dur {
+    Dur::secs(24 * 3600)
+}
+
+/// 32 hex digits → 16 bytes.
+pub fn parse_pseudonym(s: &str) -> Option<[u8; 16]> {
+    if s.len() != 32 {
+        return None;
+    }
+    let mut out = [0u8; 16];
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+fn validate_care(c: &Care, p: &mut Vec<Problem>) {
+    let mut aliases = std::collections::BTreeSet::new();
+    for (i, r) in c.residents.iter().enumerate() {
+        let key = format!("care.residents[{i}]");
+        match (&r.subject, &r.pseudonym) {
+            (Some(s), None) if s.0.is_empty() || s.0.chars().count() > 128 => p.push(problem(
+                format!("{key}.subject"),
+                "must be 1-128 characters",
+            )),
+            (None, Some(ps)) if parse_pseudonym(ps).is_none() => p.push(problem(
+                format!("{key}.pseudonym"),
+                "must be 32 hex digits, as `zhian-gateway care-pseudonym` prints",
+            )),
+            (Some(_), Some(_)) | (None, None) => p.push(problem(
+                key.clone(),
+                "give subject or pseudonym (one of them)",
+            )),
+            _ => {}
+        }
+        let ok_alias = !r.alias.is_empty()
+            && r.alias.chars().count() <= 32
+            && r.alias
+                .chars()
+                .all(|ch| ch.is_ascii_alphanumeric() || "_.#-".contains(ch));
+        if !ok_alias {
+            p.push(problem(
+                format!("{key}.alias"),
+                format!(
+                    "{:?}: a flat number such as \"3-2-601\", 1-32 of [A-Za-z0-9_.#-] (never a name)",
+                    r.alias
+                ),
+            ));
+        } else if !aliases.insert(r.alias.clone()) {
+            p.push(problem(
+                format!("{key}.alias"),
+                format!("{:?} is listed twice", r.alias),
+            ));
+        }
+        if r.silence.0 < Duration::from_secs(60) {
+            p.push(problem(format!("{key}.silence"), "at least 1m"));
+        }
+        if let Some(q) = &r.quiet {
+            if crate::core::care::Quiet::parse(q).is_none() {
+                p.push(problem(
+                    format!("{key}.quiet"),
+                    format!("{q:?} is not HH:MM-HH:MM (e.g. \"22:00-07:00\")"),
+                ));
+            }
+        }
+    }
 }
 
 /// `[health]`: when a device counts as offline, and how long the site link may be down before
@@ -931,6 +1025,10 @@ fn finish(
             strip_key_suffix(&inner.to_string()),
         )]
     })?;
+    // `data/.`, `a/../data`: one spelling per directory, so "is the key dir inside the data
+    // dir" and the default key dir beside it are decided on the path meant.
+    cfg.gateway.data_dir = normalize_path(&cfg.gateway.data_dir);
+    cfg.privacy.key_dir = cfg.privacy.key_dir.as_deref().map(normalize_path);
     let creds = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from);
     let mut problems = resolve_secrets(&mut cfg, creds.as_deref());
     problems.extend(validate(&cfg));
@@ -939,6 +1037,28 @@ fn finish(
     } else {
         Err(problems)
     }
+}
+
+/// `p` without `.` components and with `..` applied to what precedes it (lexically: a `..`
+/// after a symlink is resolved against the link's name, which `start` checks on disk).
+pub fn normalize_path(p: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for c in p.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                if !out.pop() {
+                    out.push("..");
+                }
+            }
+            other => out.push(other.as_os_str()),
+        }
+    }
+    if out.as_os_str().is_empty() && !p.as_os_str().is_empty() {
+        out.push(".");
+    }
+    out
 }
 
 /// Fill each password from its `password_file`, or from the systemd credential named
@@ -1054,10 +1174,32 @@ fn enum_choices(msg: &str) -> Option<String> {
 
 fn from_config_error(e: config::ConfigError) -> Problem {
     match e {
-        config::ConfigError::FileParse { uri, cause } => problem(
-            "config",
-            format!("cannot parse {}: {cause}", uri.unwrap_or_default()),
-        ),
+        // A TOML syntax error quotes the file around the error, which may be a password in any
+        // form (a multi-line string, an inline table): keep only the position and what was
+        // expected, never the file's text.
+        config::ConfigError::FileParse { uri, cause } => {
+            let text = cause.to_string();
+            let kept: Vec<&str> = text
+                .lines()
+                .filter(|l| {
+                    let t = l.trim_start();
+                    !(t.starts_with('|')
+                        || t.split_once('|')
+                            .is_some_and(|(n, _)| n.trim().chars().all(|c| c.is_ascii_digit())))
+                })
+                .collect();
+            problem(
+                "config",
+                format!(
+                    "cannot parse {}: {} (the file's text is not shown: it may hold secrets)",
+                    uri.unwrap_or_default(),
+                    kept.join(" ")
+                        .split_whitespace()
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                ),
+            )
+        }
         config::ConfigError::Foreign(cause) => problem("config", cause.to_string()),
         other => problem("config", other.to_string()),
     }
@@ -1075,6 +1217,7 @@ fn is_action_char(c: char) -> bool {
 pub fn validate(c: &Config) -> Vec<Problem> {
     let mut p = Vec::new();
     validate_health(&c.health, &mut p);
+    validate_care(&c.care, &mut p);
     let g = &c.gateway;
     if g.id.is_empty() {
         p.push(problem("gateway.id", "required (1-64 of [a-z0-9-])"));

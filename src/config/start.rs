@@ -10,15 +10,22 @@ use std::path::Path;
 pub fn check_start_needs(c: &Config) -> Vec<Problem> {
     let mut p = Vec::new();
     check_data_dir(&c.gateway.data_dir, &mut p);
-    if c.privacy.subjects != super::SubjectMode::Drop
+    if (c.privacy.subjects != super::SubjectMode::Drop || !c.care.residents.is_empty())
         && c.gateway.data_dir.is_absolute()
         && c.privacy.key_dir.as_ref().is_none_or(|k| k.is_absolute())
     {
-        check_dir_writable(
-            "privacy.key_dir",
-            &c.privacy.key_dir(&c.gateway.data_dir),
-            &mut p,
-        );
+        let keys = c.privacy.key_dir(&c.gateway.data_dir);
+        if resolves_inside(&keys, &c.gateway.data_dir) {
+            p.push(problem(
+                "privacy.key_dir",
+                format!(
+                    "{} is inside gateway.data_dir once symlinks are followed: a backup of the data dir would hold the keys",
+                    keys.display()
+                ),
+            ));
+        } else {
+            check_dir_writable("privacy.key_dir", &keys, &mut p);
+        }
     }
     let files = [
         ("mqtt.ca_file", c.mqtt.ca_file.as_deref()),
@@ -99,6 +106,30 @@ fn check_data_dir(dir: &Path, p: &mut Vec<Problem>) {
     check_dir_writable("gateway.data_dir", dir, p);
 }
 
+/// Whether `inner` is (or is under) `outer` once the existing part of each path has its
+/// symlinks followed.
+pub fn resolves_inside(inner: &Path, outer: &Path) -> bool {
+    fn resolve(p: &Path) -> std::path::PathBuf {
+        let mut existing = p;
+        let mut rest = Vec::new();
+        while !existing.exists() {
+            match (existing.parent(), existing.file_name()) {
+                (Some(parent), Some(name)) => {
+                    rest.push(name.to_os_string());
+                    existing = parent;
+                }
+                _ => return p.to_path_buf(),
+            }
+        }
+        let mut out = std::fs::canonicalize(existing).unwrap_or_else(|_| existing.to_path_buf());
+        for name in rest.into_iter().rev() {
+            out.push(name);
+        }
+        out
+    }
+    resolve(inner).starts_with(resolve(outer))
+}
+
 /// The directory `key` names exists and is writable, or its nearest existing ancestor is (the
 /// daemon creates the rest).
 fn check_dir_writable(key: &str, dir: &Path, p: &mut Vec<Problem>) {
@@ -161,6 +192,27 @@ fn whoami() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_key_dir_reached_through_a_symlink_or_dots_is_inside() {
+        let d = tempfile::tempdir().unwrap();
+        let data = d.path().join("data");
+        std::fs::create_dir(&data).unwrap();
+        std::os::unix::fs::symlink(&data, d.path().join("link")).unwrap();
+        assert!(resolves_inside(&d.path().join("link/keys"), &data));
+        assert!(resolves_inside(&data.join("keys"), &data));
+        assert!(!resolves_inside(&d.path().join("data.keys"), &data));
+        assert_eq!(
+            crate::config::normalize_path(std::path::Path::new("/a/x/../data/./keys/")),
+            std::path::PathBuf::from("/a/data/keys")
+        );
+        let mut c = Config::default();
+        c.gateway.data_dir = data.clone();
+        c.privacy.key_dir = Some(d.path().join("link/keys"));
+        let p = check_start_needs(&c);
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert_eq!(p[0].key, "privacy.key_dir");
+    }
 
     #[test]
     fn a_relative_or_unwritable_data_dir_and_an_unreadable_file_are_named() {

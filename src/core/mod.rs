@@ -9,6 +9,7 @@
 //! against the redb-backed [`engine::Ledger`]; the property tests drive it against an in-memory
 //! one and a simple model.
 
+pub mod care;
 pub mod clock;
 pub mod commit_policy;
 pub mod counter;

@@ -26,6 +26,8 @@ pub const MAX_FAILURES: u32 = 20;
 pub const FAILURE_WINDOW: Duration = Duration::from_secs(60);
 /// Addresses remembered at most; the oldest window is dropped first.
 const MAX_ADDRESSES: usize = 1024;
+/// Password verifications waiting at most (across addresses); more get 503 at once.
+const MAX_QUEUED: usize = 8;
 /// `hash-password` refuses shorter passwords (NIST SP 800-63B, 5.1.1.2: at least 8).
 pub const MIN_PASSWORD_CHARS: usize = 8;
 
@@ -47,6 +49,18 @@ impl Failures {
             return Some(first);
         }
         None
+    }
+
+    /// A charged attempt that succeeded.
+    fn forgive(&mut self, ip: IpAddr) {
+        if let Some(e) = self.0.get_mut(&ip) {
+            e.1 = e.1.saturating_sub(1);
+        }
+    }
+
+    /// Attempts charged to `ip` in its current window.
+    fn count(&self, ip: IpAddr) -> u32 {
+        self.0.get(&ip).map_or(0, |e| e.1)
     }
 
     fn failed(&mut self, ip: IpAddr, now: Instant) -> u32 {
@@ -130,27 +144,49 @@ pub(super) async fn auth(
         );
         return r;
     }
-    // One argon2 at a time (19 MiB each): a LAN client guessing passwords cannot exhaust the
-    // box's memory. The hash runs for a wrong user too (no timing hint).
-    let good = {
-        let _permit = st.verify_permits.clone().acquire_owned().await;
-        let (h, p) = (hash.0.clone(), p.to_string());
-        tokio::task::spawn_blocking(move || verify_password(&h, &p))
-            .await
-            .unwrap_or(false)
-            && u == user
-    };
-    if good {
-        *st.verified.lock().expect("auth cache") = Some(digest);
-        return next.run(req).await;
+    // Too many verifications waiting: refuse at once rather than queue argon2 runs a client
+    // that hangs up would leave behind.
+    if st.verify_queue.load(Relaxed) >= MAX_QUEUED {
+        return (StatusCode::SERVICE_UNAVAILABLE, "busy; try again\n").into_response();
     }
-    st.stats.http_auth_failures.fetch_add(1, Relaxed);
-    let n = st
-        .failures
+    // The attempt is charged before it runs and forgiven if it succeeds, so an address that
+    // hangs up before its answer still spends its 20 tries a minute.
+    st.failures
         .lock()
         .expect("failures lock")
         .failed(ip, Instant::now());
-    tracing::warn!(peer = %ip, path = %crate::logfmt::Clean(&path), failures = n, "status page: failed login");
+    // The verification is its own task: it finishes, and is counted and logged, even when the
+    // client hangs up (the request future is dropped). One argon2 at a time (19 MiB each): the
+    // permit moves into the blocking job and is released only when argon2 is done. The hash
+    // runs for a wrong user too (no timing hint).
+    let job = {
+        let st = st.clone();
+        let (h, p, u, user) = (hash.0.clone(), p.to_string(), u.to_string(), user.clone());
+        st.verify_queue.fetch_add(1, Relaxed);
+        tokio::spawn(async move {
+            let permit = st.verify_permits.clone().acquire_owned().await;
+            let good = tokio::task::spawn_blocking(move || {
+                let _permit = permit;
+                verify_password(&h, &p)
+            })
+            .await
+            .unwrap_or(false)
+                && u == user;
+            st.verify_queue.fetch_sub(1, Relaxed);
+            if good {
+                *st.verified.lock().expect("auth cache") = Some(digest);
+                st.failures.lock().expect("failures lock").forgive(ip);
+            } else {
+                st.stats.http_auth_failures.fetch_add(1, Relaxed);
+                let n = st.failures.lock().expect("failures lock").count(ip);
+                tracing::warn!(peer = %ip, path = %crate::logfmt::Clean(&path), failures = n, "status page: failed login");
+            }
+            good
+        })
+    };
+    if job.await.unwrap_or(false) {
+        return next.run(req).await;
+    }
     tokio::time::sleep(Duration::from_millis(250)).await;
     challenge()
 }

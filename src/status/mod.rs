@@ -65,6 +65,8 @@ pub(super) struct AppState {
     pub(super) verify_permits: Arc<Semaphore>,
     /// Failed logins per client address, for the rate limit.
     pub(super) failures: Arc<Mutex<auth::Failures>>,
+    /// Password verifications started and not finished.
+    pub(super) verify_queue: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// Bind the status listener (before anything else starts talking to the network).
@@ -109,6 +111,7 @@ pub async fn serve(
         verified: Arc::new(Mutex::new(None)),
         verify_permits: Arc::new(Semaphore::new(1)),
         failures: Default::default(),
+        verify_queue: Default::default(),
     };
     let app = Router::new()
         .route("/", get(page))

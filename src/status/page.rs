@@ -88,6 +88,13 @@ pub(super) fn t(en: bool, key: &str) -> &'static str {
         "raw_dropped" => ("原始事件", "raw events"),
         "alerts" => ("最近告警", "Recent alerts"),
         "rejects" => ("最近拒收", "Recent rejects"),
+        "care" => ("独居老人关怀", "Care watch (residents living alone)"),
+        "flat" => ("房号", "Flat"),
+        "last_pass" => ("最近通行", "Last passed a door"),
+        "care_state" => ("状态", "State"),
+        "care_ok" => ("正常", "OK"),
+        "care_silent" => ("超时未出现，请上门查看", "Silent: please check on them"),
+        "care_never" => ("关注以来未出现", "not seen since the watch began"),
         "time" => ("时间", "Time"),
         "device" => ("设备", "Device"),
         "type" => ("类型", "Type"),
@@ -641,6 +648,39 @@ pub(super) fn render(s: &StatusOut, en: bool, refresh: u64) -> String {
         ));
     }
     h.push_str("</table></section>");
+    if !s.care.is_empty() {
+        h.push_str(&format!(
+            "<section data-care><h2>{}</h2><table><tr><th>{}</th><th>{}</th><th>{}</th></tr>",
+            t(en, "care"),
+            t(en, "flat"),
+            t(en, "last_pass"),
+            t(en, "care_state")
+        ));
+        // Silent residents first.
+        let mut list: Vec<&super::report::CareOut> = s.care.iter().collect();
+        list.sort_by_key(|c| !c.silent);
+        for c in list {
+            let last = match (&c.last_seen, c.silent_for_secs) {
+                (Some(_), Some(secs)) => {
+                    format!("{} {}", age(secs, en), if en { "ago" } else { "前" })
+                }
+                _ => t(en, "care_never").to_string(),
+            };
+            h.push_str(&format!(
+                "<tr data-care-alias=\"{}\"{}><td>{}</td><td>{}</td><td>{}</td></tr>",
+                esc(&c.alias),
+                if c.silent { " class=\"bad\"" } else { "" },
+                esc(&c.alias),
+                last,
+                if c.silent {
+                    format!("<b class=\"bad\">{}</b>", t(en, "care_silent"))
+                } else {
+                    t(en, "care_ok").to_string()
+                }
+            ));
+        }
+        h.push_str("</table></section>");
+    }
     h.push_str(&format!(
         "<section><h2>{}</h2><table><tr><th>{}</th><th>{}</th><th>{}</th></tr>",
         t(en, "rejects"),

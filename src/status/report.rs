@@ -117,6 +117,18 @@ pub(super) struct AlertOut {
 }
 
 #[derive(Serialize)]
+pub(super) struct CareOut {
+    pub(super) alias: String,
+    /// The last access event (`null`: none since the watch began).
+    pub(super) last_seen: Option<String>,
+    /// Seconds since the last access event (or since the watch began).
+    pub(super) silent_for_secs: Option<i64>,
+    /// A `silent` notice is out and the resident has not been seen since.
+    pub(super) silent: bool,
+    pub(super) silence_secs: i64,
+}
+
+#[derive(Serialize)]
 pub(super) struct RejectOut {
     pub(super) at: String,
     pub(super) topic: String,
@@ -153,6 +165,8 @@ pub(super) struct StatusOut {
     pub(super) counters: crate::stats::CounterSnapshot,
     pub(super) recent_alerts: Vec<AlertOut>,
     pub(super) recent_rejects: Vec<RejectOut>,
+    /// The care watch (独居老人关怀): aliases only, never a subject.
+    pub(super) care: Vec<CareOut>,
     #[serde(skip)]
     pub(super) tz_secs: i32,
 }
@@ -325,6 +339,18 @@ pub(super) fn snapshot(st: &AppState) -> Result<StatusOut, crate::store::StoreEr
                 device: a.device,
                 action: a.action,
                 id: a.id,
+            })
+            .collect(),
+        care: st
+            .stats
+            .care()
+            .into_iter()
+            .map(|(alias, last, silent, limit)| CareOut {
+                alias,
+                last_seen: last.map(rfc3339_utc),
+                silent_for_secs: last.map(|l| (now - l) / 1000),
+                silent,
+                silence_secs: limit / 1000,
             })
             .collect(),
         recent_rejects: st

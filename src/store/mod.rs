@@ -56,6 +56,7 @@
 //! - Every open checks the whole file (`set_check_integrity_on_open`): a damaged file fails to
 //!   open (or redb panics, which is caught) instead of being trusted.
 
+mod care;
 pub mod damage;
 mod days;
 pub mod pressure;

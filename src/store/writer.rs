@@ -2,6 +2,7 @@
 //! the in-memory state that lets a batch append instead of update (dedup hashes, open windows,
 //! sequence numbers, live bytes). See the module above for the layout and invariants.
 
+use super::care::{self as care_store, CareChanges};
 use super::days::{self, DayChanges};
 use super::pressure::{self, Pressure, Retention};
 use super::reader::read_u64;
@@ -16,6 +17,7 @@ use super::{
     OPEN_WINDOWS_V1, OUTBOX, STATES, WINDOWS,
 };
 use crate::config::SubjectMode;
+use crate::core::care::{care_json, CarePseudonym, CareRecordV1, Resident};
 use crate::core::counter::CounterState;
 use crate::core::daily::{daily_json, DayCfg, DayMem};
 use crate::core::engine::{Emit, Engine, Input, Ledger, Outcome};
@@ -74,6 +76,8 @@ struct Mem {
     devices_pending_since: Option<i64>,
     /// Local days still open (daily distinct counts; see `days`).
     days: BTreeMap<i64, DayMem>,
+    /// Care-watch states by care pseudonym.
+    care: HashMap<CarePseudonym, CareRecordV1>,
 }
 
 /// Known devices' last-seen times are written together at most this often (ms): after a
@@ -107,6 +111,8 @@ pub struct StoreWriter {
     keys: SubjectKeys,
     /// The site's days, for the daily distinct counts.
     day_cfg: DayCfg,
+    /// The care watch's residents (`[[care.residents]]`, pseudonyms resolved).
+    care_list: Vec<Resident>,
     mem: Mem,
     /// Bytes the store may take: `store.max_size` less the data dir's other files.
     budget: u64,
@@ -159,6 +165,7 @@ impl StoreWriter {
             // Until the daemon hands over the keys from `privacy.key_dir`: memory only.
             keys: SubjectKeys::ephemeral(Rotate::Daily, 0, 86_400_000, 7 * 86_400_000),
             day_cfg: DayCfg::default(),
+            care_list: Vec::new(),
             mem: Mem::default(),
             budget: u64::MAX,
             dedup_ttl_ms,
@@ -184,6 +191,53 @@ impl StoreWriter {
                 .iter()
                 .filter(|(k, t)| live(t) && !self.mem.devices.contains_key(*k))
                 .count()
+    }
+
+    /// The care watch's residents (`[[care.residents]]`): a `subject` becomes its care
+    /// pseudonym here (with the care key, made on first use); the plain subject is not kept.
+    /// Residents whose pseudonym cannot be made are skipped, with a WARN.
+    pub fn set_care(&mut self, residents: &[crate::config::CareResident]) {
+        let mut list = Vec::new();
+        for r in residents {
+            let p = match (&r.subject, &r.pseudonym) {
+                (Some(s), _) => self.keys.care_pseudonym(&s.0),
+                (None, Some(p)) => crate::config::parse_pseudonym(p),
+                (None, None) => None,
+            };
+            match p {
+                Some(pseudonym) => list.push(Resident {
+                    pseudonym,
+                    alias: r.alias.clone(),
+                    silence_ms: r.silence.0.as_millis() as i64,
+                    quiet: r.quiet.as_deref().and_then(crate::core::care::Quiet::parse),
+                }),
+                None => {
+                    tracing::warn!(alias = %r.alias, "care watch: no care key for this resident; not watched")
+                }
+            }
+        }
+        self.care_list = list;
+    }
+
+    /// The care watch as it stands: (alias, last event time or `None`, silent, silence limit).
+    pub fn care_overview(&self) -> Vec<(String, Option<i64>, bool, i64)> {
+        self.care_list
+            .iter()
+            .map(|r| {
+                let st = self.mem.care.get(&r.pseudonym);
+                (
+                    r.alias.clone(),
+                    st.filter(|s| s.seen_ever).map(|s| s.last_seen_ms),
+                    st.is_some_and(|s| s.silent),
+                    r.silence_ms,
+                )
+            })
+            .collect()
+    }
+
+    /// The care pseudonym of `subject` (for `zhian-gateway care-pseudonym`).
+    pub fn care_pseudonym(&mut self, subject: &str) -> Option<[u8; 16]> {
+        self.keys.care_pseudonym(subject)
     }
 
     /// The site's day rules (offset, grace, lateness, settle time) for the daily counts.
@@ -278,6 +332,9 @@ impl StoreWriter {
             bytes += k.value().len() as u64 + 8;
             mem.devices.insert(k.value().to_string(), v.value());
         }
+        let (care_mem, care_bytes) = care_store::load(&txn)?;
+        mem.care = care_mem;
+        bytes += care_bytes;
         let (day_mem, day_bytes, day_seq) = days::load(&txn)?;
         mem.days = day_mem;
         bytes += day_bytes;
@@ -385,6 +442,7 @@ impl StoreWriter {
         let mut report = CommitReport::default();
         let mut seen: HashMap<String, i64> = HashMap::new();
         let mut day_changes = DayChanges::default();
+        let mut care_changes = CareChanges::default();
         let seen_pending;
         let changes = {
             let mut l = TxLedger {
@@ -407,6 +465,8 @@ impl StoreWriter {
                 keys: &mut self.keys,
                 day_cfg: self.day_cfg,
                 day_subjects: Vec::new(),
+                care_list: &self.care_list,
+                care_hits: Vec::new(),
                 now_ms,
                 emitted: 0,
             };
@@ -457,10 +517,24 @@ impl StoreWriter {
                 now_ms,
                 &mut day_changes,
             );
+            care_store::note_hits(
+                l.care_list,
+                &self.mem.care,
+                &std::mem::take(&mut l.care_hits),
+                now_ms,
+                &mut care_changes,
+            );
             if let Some(r) = maintain {
                 // apply() already closed due windows; maintenance also covers idle periods.
                 engine.close_due(&mut l, now_ms)?;
                 issue_days(&mut l, engine, &mut day_changes, now_ms)?;
+                care_store::check_all(
+                    l.care_list,
+                    &self.mem.care,
+                    now_ms,
+                    l.day_cfg.offset_ms,
+                    &mut care_changes,
+                );
                 report.purged_dedup =
                     l.purge_dedup(now_ms - r.dedup_ttl_ms as i64, r.purge_batch)?;
                 report.purged_events = l.purge_events(
@@ -486,6 +560,20 @@ impl StoreWriter {
                     }
                 }
             }
+            for n in &care_changes.notices {
+                tracing::info!(alias = %n.alias, state = n.state, silent_secs = n.silent_secs, "care watch notice");
+                let rec = encode(&OutboxRecordV1 {
+                    topic: OutboxTopic::Care,
+                    window: None,
+                    created_ms: now_ms,
+                    payload: care_json(&engine.gateway, n),
+                });
+                let seq = l.next_seq();
+                l.outbox.insert((CLASS_ALERT, seq), rec.as_slice())?;
+                l.bytes += 9 + rec.len() as i64;
+                l.emitted += 1;
+            }
+            l.bytes += care_store::write(&txn, &care_changes)?;
             let mut seq = l.seq;
             l.bytes += days::write(&txn, &day_changes, || {
                 seq += 1;
@@ -529,6 +617,7 @@ impl StoreWriter {
         }
         self.mem.devices.extend(seen);
         days::apply(&mut self.mem.days, day_changes);
+        care_store::apply(&mut self.mem.care, care_changes);
         {
             let (pending, since) = seen_pending;
             self.mem.devices_pending = pending;
@@ -575,6 +664,14 @@ impl StoreWriter {
         let w = engine.window;
         let due_start = now_ms - w.window_ms as i64 - w.grace_ms as i64;
         if self.mem.open.range(..=due_start).next().is_some() || self.pressure() != Pressure::None {
+            return Ok(true);
+        }
+        if care_store::due(
+            &self.care_list,
+            &self.mem.care,
+            now_ms,
+            self.day_cfg.offset_ms,
+        ) {
             return Ok(true);
         }
         let days = || self.mem.days.iter().map(|(d, m)| (*d, m.record()));
@@ -802,6 +899,7 @@ fn prepare(db: &redb::Database) -> Result<[u8; 32], StoreError> {
     txn.open_table(DEVICES)?;
     txn.open_table(days::DAYS)?;
     txn.open_table(days::DAY_SUBJECTS)?;
+    txn.open_table(care_store::CARE)?;
     txn.commit()?;
     Ok(key)
 }
@@ -900,6 +998,9 @@ struct TxLedger<'t, 's> {
     day_cfg: DayCfg,
     /// Pseudonyms of this batch's accepted access and vehicle events: (day, vehicle, p).
     day_subjects: Vec<(i64, bool, crate::core::daily::Pseudonym)>,
+    care_list: &'s [Resident],
+    /// Access events of watched residents: (care pseudonym, event time).
+    care_hits: Vec<(CarePseudonym, i64)>,
     now_ms: i64,
     emitted: usize,
 }
@@ -1113,6 +1214,13 @@ impl Ledger for TxLedger<'_, '_> {
         if let Some(p) = pseudonym {
             self.day_subjects
                 .push((self.day_cfg.day_of(e.ts_ms), e.kind == Kind::Vehicle, p));
+        }
+        if let (false, Kind::Access, Some(s)) = (self.care_list.is_empty(), e.kind, &e.subject) {
+            if let Some(p) = self.keys.care_pseudonym(s) {
+                if self.care_list.iter().any(|r| r.pseudonym == p) {
+                    self.care_hits.push((p, e.ts_ms));
+                }
+            }
         }
         let subject = match (&e.subject, self.subjects) {
             (None, _) | (Some(_), SubjectMode::Drop) => StoredSubject::None,

@@ -1696,3 +1696,40 @@ impl Site {
         self.daemon.as_mut().and_then(Daemon::try_wait)
     }
 }
+
+/// The libfaketime library (Debian package `faketime`).
+pub fn libfaketime() -> String {
+    let found = fs::read_dir("/usr/lib")
+        .unwrap()
+        .flatten()
+        .map(|e| e.path().join("faketime/libfaketime.so.1"))
+        .find(|p| p.exists())
+        .expect("libfaketime (apt-get install faketime; scripts/test-deps.sh does)");
+    found.display().to_string()
+}
+
+/// The daemon under libfaketime, its clock `offset_s` seconds ahead of the real one (the test
+/// rewrites the file to step it).
+pub fn faked_daemon(cfg: &Path, log: &Path, clock_file: &Path, offset_s: i64) -> Daemon {
+    fs::write(clock_file, format!("+{offset_s}\n")).unwrap();
+    let lib = libfaketime();
+    let clock_path = clock_file.display().to_string();
+    Daemon::start_with_env(
+        cfg,
+        log,
+        &[
+            ("LD_PRELOAD", lib.as_str()),
+            ("FAKETIME_TIMESTAMP_FILE", clock_path.as_str()),
+            ("FAKETIME_CACHE_DURATION", "1"),
+            ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
+        ],
+    )
+}
+
+/// Seconds from now (real) to the next local midnight at UTC+8.
+pub fn to_next_midnight_s() -> (i64, i64) {
+    let real_s = now_ms() / 1000;
+    let day = 86_400;
+    let next = ((real_s + 8 * 3600) / day + 1) * day - 8 * 3600;
+    (real_s, next)
+}
