@@ -122,8 +122,8 @@ pub struct Stats {
     link_problems: Mutex<BTreeMap<&'static str, crate::link::Problem>>,
     /// A store file this run moved aside as damaged, and why.
     pub quarantined: Mutex<Option<crate::store::damage::Quarantined>>,
-    /// The care watch: (alias, last access event ms, silent, silence limit ms).
-    care: Mutex<Vec<(String, Option<i64>, bool, i64)>>,
+    /// The care watch, as the page shows it.
+    care: Mutex<Vec<crate::core::care::CareLine>>,
     /// `health.max_devices` was reached (warned once per run).
     pub devices_full: AtomicBool,
     /// Status page: failed logins, and requests refused by the per-address rate limit.
@@ -496,12 +496,12 @@ impl Stats {
     }
 
     /// The care watch as the store has it (committer, each tick).
-    pub fn set_care(&self, list: Vec<(String, Option<i64>, bool, i64)>) {
+    pub fn set_care(&self, list: Vec<crate::core::care::CareLine>) {
         *self.care.lock().expect("care lock") = list;
     }
 
-    /// The care watch: (alias, last access event ms, silent, silence limit ms).
-    pub fn care(&self) -> Vec<(String, Option<i64>, bool, i64)> {
+    /// The care watch, as the page shows it.
+    pub fn care(&self) -> Vec<crate::core::care::CareLine> {
         self.care.lock().expect("care lock").clone()
     }
 

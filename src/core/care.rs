@@ -83,6 +83,16 @@ impl CareRecordV1 {
     }
 }
 
+/// One resident as the page shows them: alias, last access event (`None`: none since the watch
+/// began), whether a `silent` notice is out, and the silence limit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CareLine {
+    pub alias: String,
+    pub last_seen_ms: Option<i64>,
+    pub silent: bool,
+    pub silence_ms: i64,
+}
+
 /// A care-watch notice for upstream and the page.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Notice {

@@ -345,12 +345,12 @@ pub(super) fn snapshot(st: &AppState) -> Result<StatusOut, crate::store::StoreEr
             .stats
             .care()
             .into_iter()
-            .map(|(alias, last, silent, limit)| CareOut {
-                alias,
-                last_seen: last.map(rfc3339_utc),
-                silent_for_secs: last.map(|l| (now - l) / 1000),
-                silent,
-                silence_secs: limit / 1000,
+            .map(|c| CareOut {
+                alias: c.alias,
+                last_seen: c.last_seen_ms.map(rfc3339_utc),
+                silent_for_secs: c.last_seen_ms.map(|l| (now - l) / 1000),
+                silent: c.silent,
+                silence_secs: c.silence_ms / 1000,
             })
             .collect(),
         recent_rejects: st

@@ -219,18 +219,18 @@ impl StoreWriter {
         self.care_list = list;
     }
 
-    /// The care watch as it stands: (alias, last event time or `None`, silent, silence limit).
-    pub fn care_overview(&self) -> Vec<(String, Option<i64>, bool, i64)> {
+    /// The care watch as it stands, for the page.
+    pub fn care_overview(&self) -> Vec<crate::core::care::CareLine> {
         self.care_list
             .iter()
             .map(|r| {
                 let st = self.mem.care.get(&r.pseudonym);
-                (
-                    r.alias.clone(),
-                    st.filter(|s| s.seen_ever).map(|s| s.last_seen_ms),
-                    st.is_some_and(|s| s.silent),
-                    r.silence_ms,
-                )
+                crate::core::care::CareLine {
+                    alias: r.alias.clone(),
+                    last_seen_ms: st.filter(|s| s.seen_ever).map(|s| s.last_seen_ms),
+                    silent: st.is_some_and(|s| s.silent),
+                    silence_ms: r.silence_ms,
+                }
             })
             .collect()
     }
