@@ -444,7 +444,6 @@ impl Committer {
             let attempt = if reopen_needed {
                 self.writer.reopen().and_then(|_| {
                     self.writer.set_max_bytes(self.cfg.max_bytes);
-                    self.stats.set_care(self.writer.care_overview());
                     self.commit_now(inputs, states, acked, maintain)
                 })
             } else {
@@ -602,6 +601,7 @@ impl Committer {
                 tracing::debug!(error = %e, "store: cannot forget expired dedup hashes yet");
             }
             self.writer.set_max_bytes(self.cfg.max_bytes);
+            self.stats.set_care(self.writer.care_overview());
             self.stats
                 .store_bytes
                 .store(self.writer.store().file_bytes(), Relaxed);
