@@ -19,7 +19,8 @@ targets=(aarch64-unknown-linux-gnu)
 [ "${ARMV7:-0}" = 1 ] && targets+=(armv7-unknown-linux-gnueabihf)
 for t in "${targets[@]}"; do
   rustup target list --installed | grep -qx "$t" || rustup target add "$t"
-  cargo build --release --locked --target "$t"
+  # The box build (no district receiver, no database client): what the .deb ships.
+  cargo build --release --locked --no-default-features --features box --target "$t"
 done
 bin=target/aarch64-unknown-linux-gnu/release/zhian-gateway
 run() { qemu-aarch64 -L /usr/aarch64-linux-gnu "$bin" "$@"; }

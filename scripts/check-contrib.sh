@@ -26,3 +26,19 @@ if bad:
     sys.exit(1)
 print(f"dashboards: {len(glob.glob('contrib/grafana/*.json'))} files, every metric name exported")
 PY
+python3 - <<'PY'
+import json, re, sys
+sql = open("migrations/district/V1__init.sql").read()
+objects = set(re.findall(r"CREATE (?:TABLE|VIEW) (\w+)", sql))
+bad = []
+d = json.load(open("contrib/grafana/district/zhian-district.json"))
+for p in d["panels"]:
+    for t in p["targets"]:
+        for name in re.findall(r"\b(?:FROM|JOIN)\s+(\w+)", t["rawSql"]):
+            if name not in objects:
+                bad.append(f"panel {p['title']!r}: {name}")
+if bad:
+    print("the district dashboard reads what the schema does not have:\n" + "\n".join(bad))
+    sys.exit(1)
+print(f"district dashboard: {len(d['panels'])} panels, every table and view in the schema")
+PY

@@ -25,7 +25,8 @@ case "$target" in
   *) echo "package-deb.sh: no Debian architecture for $target" >&2; exit 2 ;;
 esac
 if [ -z "$binary" ]; then
-  cargo build --release --locked --target "$target"
+  # The box build: no district receiver (no database client on a gateway).
+  cargo build --release --locked --no-default-features --features box --target "$target"
   binary="target/$target/release/zhian-gateway"
 fi
 version=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)

@@ -16,6 +16,9 @@ command -v socat >/dev/null 2>&1 || need_apt+=(socat)
 command -v faketime >/dev/null 2>&1 || need_apt+=(faketime)
 [ -x /usr/bin/chromium ] || need_apt+=(chromium)
 [ -x /usr/bin/promtool ] || need_apt+=(prometheus)
+# PostgreSQL server binaries for the district receiver's tests (tests/district.rs starts its own
+# cluster in a temp dir; policy-rc.d below keeps the package's own cluster from starting).
+ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || need_apt+=(postgresql)
 # A CJK font, so the status page's Chinese renders in headless Chromium (screenshots).
 [ -f /usr/share/fonts/truetype/wqy/wqy-microhei.ttc ] || need_apt+=(fonts-wqy-microhei)
 if [ ${#need_apt[@]} -gt 0 ]; then

@@ -12,6 +12,8 @@ pub mod config;
 pub mod core;
 #[cfg(feature = "demo")]
 pub mod demo;
+#[cfg(feature = "district")]
+pub mod district;
 pub mod forwarder;
 pub mod health;
 pub mod ingest;

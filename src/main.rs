@@ -42,6 +42,13 @@ enum Command {
     },
     /// Read a password on stdin and print its hash for `status.password_hash`.
     HashPassword,
+    /// The district receiver: summaries, alerts, care notices, daily counts, status and
+    /// heartbeats from the district broker into PostgreSQL (feature `district`).
+    District {
+        /// Receiver config (`[district]` and `[mqtt]`).
+        #[arg(long, value_name = "PATH")]
+        config: Option<PathBuf>,
+    },
     /// Read a resident's card or face id on stdin and print its care pseudonym, for
     /// `[[care.residents]] pseudonym = "..."` (so the config need not hold the id). Uses (and
     /// on first use makes) the care key in `privacy.key_dir`: run it as the service user.
@@ -116,6 +123,74 @@ fn load(path: Option<PathBuf>, start_needs: bool) -> Result<config::Config, Exit
             );
             ExitCode::from(EX_CONFIG as u8)
         })
+}
+
+/// The receiver's default config path.
+const DEFAULT_DISTRICT_CONFIG: &str = "/etc/zhian-gateway/district.toml";
+
+#[cfg(feature = "district")]
+fn is_district(path: &std::path::Path) -> bool {
+    zhian_gateway::district::config::is_district_config(path)
+}
+
+#[cfg(not(feature = "district"))]
+fn is_district(_: &std::path::Path) -> bool {
+    false
+}
+
+#[cfg(feature = "district")]
+fn load_district(
+    path: &std::path::Path,
+) -> Result<zhian_gateway::district::config::DistrictConfig, ExitCode> {
+    zhian_gateway::district::config::load(path).map_err(|problems| {
+        for p in &problems {
+            eprintln!("{p}");
+        }
+        eprintln!(
+            "{}: {} problem(s); nothing started",
+            path.display(),
+            problems.len()
+        );
+        ExitCode::from(EX_CONFIG as u8)
+    })
+}
+
+#[cfg(feature = "district")]
+fn check_district(path: &std::path::Path, quiet: bool) -> ExitCode {
+    match load_district(path) {
+        Ok(cfg) => {
+            if !quiet {
+                print!("{}", cfg.to_redacted_toml());
+            }
+            ExitCode::SUCCESS
+        }
+        Err(code) => code,
+    }
+}
+
+#[cfg(not(feature = "district"))]
+fn check_district(_: &std::path::Path, _: bool) -> ExitCode {
+    ExitCode::FAILURE
+}
+
+#[cfg(feature = "district")]
+fn district(config: Option<PathBuf>) -> ExitCode {
+    let path = config.unwrap_or_else(|| PathBuf::from(DEFAULT_DISTRICT_CONFIG));
+    let cfg = match load_district(&path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    serve(move |shutdown| async move {
+        zhian_gateway::district::run(cfg, shutdown)
+            .await
+            .map_err(zhian_gateway::RunError::Broker)
+    })
+}
+
+#[cfg(not(feature = "district"))]
+fn district(_: Option<PathBuf>) -> ExitCode {
+    eprintln!("this build has no district receiver (cargo feature `district`; the gateway box build leaves it out)");
+    ExitCode::from(EX_CONFIG as u8)
 }
 
 /// `map`: one sample message through the config's sources (or the canonical rules).
@@ -278,6 +353,11 @@ fn main() -> ExitCode {
             Ok(cfg) => map_sample(&cfg, &topic, &payload, show_subject),
             Err(code) => code,
         },
+        Command::District { config } => district(config),
+        Command::CheckConfig {
+            config: Some(path),
+            quiet,
+        } if is_district(&path) => check_district(&path, quiet),
         Command::CheckConfig { config, quiet } => match load(config, true) {
             Ok(cfg) => {
                 if !quiet {

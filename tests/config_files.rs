@@ -33,3 +33,13 @@ fn reference_config_has_modbus_examples() {
         "{kinds:?}"
     );
 }
+
+#[cfg(feature = "district")]
+#[test]
+fn the_district_example_is_valid() {
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/district/district.toml");
+    assert!(zhian_gateway::district::config::is_district_config(&path));
+    let cfg = zhian_gateway::district::config::load(&path).unwrap_or_else(|p| panic!("{p:?}"));
+    assert_eq!(cfg.filter(), "$share/zhian-district/zhian/district/+/#");
+}

@@ -338,8 +338,12 @@ async fn exceptions_and_timeouts_go_offline_and_recover() {
     // Recovery.
     bad.set_mode(Mode::Normal);
     wait_for("bad online again", || r.stats.modbus()["bad"].online).await;
-    let polls_good = r.stats.modbus()["good"].polls;
-    assert!(polls_good >= 10, "good device kept polling: {polls_good}");
+    // The good device kept its turn all along (waited for, not timed: the bad one's phases can
+    // pass in under a second on a fast machine).
+    wait_for("the good device kept polling", || {
+        r.stats.modbus()["good"].polls >= 10
+    })
+    .await;
     // Both devices' baselines arrived.
     let mut seen = std::collections::BTreeSet::new();
     while let Ok(Intake::Reading { counters, .. }) = r.rx.try_recv() {

@@ -38,7 +38,7 @@ pub use start::check_start_needs;
 /// A problem with `key`. The message is cleaned of secrets (a URL's password, the value of a
 /// `password = ...` line a syntax error quotes) and of control characters, since it is printed
 /// and logged.
-fn problem(key: impl Into<String>, message: impl Into<String>) -> Problem {
+pub(crate) fn problem(key: impl Into<String>, message: impl Into<String>) -> Problem {
     let message = crate::logfmt::redact_secrets(&message.into());
     let message = message
         .split('\n')
@@ -1082,63 +1082,71 @@ fn resolve_secrets(c: &mut Config, creds: Option<&Path>) -> Vec<Problem> {
         ("status", &mut c.status.password_hash, None),
     ];
     for (section, slot, file) in slots {
-        let (key, name) = if section == "status" {
-            ("status.password_hash", "password_hash")
-        } else {
-            ("password_file", "password")
-        };
-        let key = if section == "status" {
-            key.to_string()
-        } else {
-            format!("{section}.{key}")
-        };
-        let path = match (file, &*slot) {
-            (Some(_), Some(_)) => {
-                p.push(problem(
-                    &key,
-                    format!("give {section}.password or {key}, not both"),
-                ));
-                continue;
-            }
-            (Some(f), None) if f.is_absolute() => f.clone(),
-            (Some(f), None) => match creds {
-                Some(dir) => dir.join(f),
-                None => {
-                    p.push(problem(
-                        &key,
-                        format!(
-                            "{} is relative: give an absolute path, or run under systemd with LoadCredential= (it sets $CREDENTIALS_DIRECTORY)",
-                            f.display()
-                        ),
-                    ));
-                    continue;
-                }
-            },
-            (None, None) => match creds.map(|d| d.join(format!("{section}.{name}"))) {
-                Some(f) if f.is_file() => f,
-                _ => continue,
-            },
-            (None, Some(_)) => continue,
-        };
-        match std::fs::read_to_string(&path) {
-            Ok(text) => {
-                let first = text.lines().next().unwrap_or("").trim_end_matches('\r');
-                if first.is_empty() {
-                    p.push(problem(&key, format!("{} is empty", path.display())));
-                } else {
-                    *slot = Some(Secret(first.to_string()));
-                }
-            }
-            Err(e) => p.push(problem(
-                &key,
-                format!("cannot read {}: {e}", path.display()),
-            )),
+        if let Err(e) = fill_secret(section, slot, file, creds) {
+            p.push(e);
         }
     }
     p
 }
 
-fn strip_key_suffix(msg: &str) -> String {
+/// One section's secret: from its `password_file` (relative: in `creds`), or, when neither it
+/// nor the value is given, from the credential `{section}.password` (`status.password_hash`
+/// for the page). The file's first line is the secret.
+pub(crate) fn fill_secret(
+    section: &str,
+    slot: &mut Option<Secret>,
+    file: Option<&PathBuf>,
+    creds: Option<&Path>,
+) -> Result<(), Problem> {
+    let (key, name) = if section == "status" {
+        ("status.password_hash".to_string(), "password_hash")
+    } else {
+        (format!("{section}.password_file"), "password")
+    };
+    let path = match (file, &*slot) {
+        (Some(_), Some(_)) => {
+            return Err(problem(
+                &key,
+                format!("give {section}.password or {key}, not both"),
+            ));
+        }
+        (Some(f), None) if f.is_absolute() => f.clone(),
+        (Some(f), None) => match creds {
+            Some(dir) => dir.join(f),
+            None => {
+                return Err(problem(
+                    &key,
+                    format!(
+                        "{} is relative: give an absolute path, or run under systemd with LoadCredential (it sets $CREDENTIALS_DIRECTORY)",
+                        f.display()
+                    ),
+                ));
+            }
+        },
+        (None, None) => match creds.map(|d| d.join(format!("{section}.{name}"))) {
+            Some(f) if f.is_file() => f,
+            _ => return Ok(()),
+        },
+        (None, Some(_)) => return Ok(()),
+    };
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            let first = text.lines().next().unwrap_or("").trim_end_matches('\r');
+            if first.is_empty() {
+                Err(problem(&key, format!("{} is empty", path.display())))
+            } else {
+                *slot = Some(Secret(first.to_string()));
+                Ok(())
+            }
+        }
+        Err(e) => Err(problem(
+            &key,
+            format!("cannot read {}: {e}", path.display()),
+        )),
+    }
+}
+
+pub(crate) fn strip_key_suffix(msg: &str) -> String {
     // config's own messages sometimes end with " for key `x`"; the path is already in front.
     let msg = match msg.find(" for key `") {
         Some(i) => &msg[..i],
@@ -1172,7 +1180,7 @@ fn enum_choices(msg: &str) -> Option<String> {
     Some(format!("{value:?} is not one of {choices}"))
 }
 
-fn from_config_error(e: config::ConfigError) -> Problem {
+pub(crate) fn from_config_error(e: config::ConfigError) -> Problem {
     match e {
         // A TOML syntax error quotes the file around the error, which may be a password in any
         // form (a multi-line string, an inline table): keep only the position and what was
@@ -1784,7 +1792,7 @@ fn validate_modbus(m: &Modbus, p: &mut Vec<Problem>) {
     }
 }
 
-fn check_client_id(p: &mut Vec<Problem>, key: &str, id: Option<&str>) {
+pub(crate) fn check_client_id(p: &mut Vec<Problem>, key: &str, id: Option<&str>) {
     if let Some(id) = id {
         if id.is_empty() || id.len() > 128 {
             p.push(problem(key, "must be 1-128 characters"));
@@ -1792,7 +1800,7 @@ fn check_client_id(p: &mut Vec<Problem>, key: &str, id: Option<&str>) {
     }
 }
 
-fn check_backoff(p: &mut Vec<Problem>, section: &str, min: Dur, max: Dur) {
+pub(crate) fn check_backoff(p: &mut Vec<Problem>, section: &str, min: Dur, max: Dur) {
     if min.0 < Duration::from_millis(10) {
         p.push(problem(format!("{section}.reconnect_min"), "at least 10ms"));
     }
@@ -1804,7 +1812,7 @@ fn check_backoff(p: &mut Vec<Problem>, section: &str, min: Dur, max: Dur) {
     }
 }
 
-fn check_file(p: &mut Vec<Problem>, key: &str, path: Option<&Path>) {
+pub(crate) fn check_file(p: &mut Vec<Problem>, key: &str, path: Option<&Path>) {
     if let Some(path) = path {
         if !path.is_file() {
             p.push(problem(

@@ -10,6 +10,7 @@
 
 pub mod http;
 pub use http::{base64, http, http_from, Reply};
+pub mod pg;
 pub mod pki;
 pub use pki::{make_ca, make_ca_with, make_leaf, make_leaf_with};
 

@@ -1,0 +1,228 @@
+//! `district.toml`: the receiver's config (contract: "District receiver"), loaded like the
+//! gateway's (defaults < file < `ZHIAN_<SECTION>__<KEY>`), validated before anything connects,
+//! every problem naming its key (exit 78).
+
+use crate::config::{
+    check_backoff, check_client_id, check_file, from_config_error, problem, strip_key_suffix,
+    BrokerUrl, Dur, Problem, Secret,
+};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DistrictConfig {
+    pub district: Db,
+    pub mqtt: Broker,
+}
+
+/// `[district]`: the database.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Db {
+    /// `postgres://user@host:5432/db` (libpq URL; `?sslmode=require` with `ca_file` for TLS).
+    pub database_url: String,
+    /// The database password: here, in `password_file`, as the systemd credential
+    /// `district.password`, or `ZHIAN_DISTRICT__PASSWORD`.
+    pub password: Option<Secret>,
+    pub password_file: Option<PathBuf>,
+    /// The database server's CA (PEM): connect over TLS and check its certificate.
+    pub ca_file: Option<PathBuf>,
+    /// A gateway with no heartbeat for this long is `silent` in `gateway_state`.
+    pub silent_after: Dur,
+    /// Messages per database transaction at most.
+    pub batch_max: u32,
+    /// How long a batch waits for more messages after its first.
+    pub linger: Dur,
+}
+
+impl Default for Db {
+    fn default() -> Self {
+        Db {
+            database_url: String::new(),
+            password: None,
+            password_file: None,
+            ca_file: None,
+            silent_after: Dur::secs(180),
+            batch_max: 500,
+            linger: Dur::millis(20),
+        }
+    }
+}
+
+/// `[mqtt]`: the district broker (the keys of the gateway's `[upstream]`, plus `group`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Broker {
+    pub url: String,
+    pub topic_prefix: String,
+    /// One per receiver: its persistent session.
+    pub client_id: String,
+    /// Shared subscription group: `$share/{group}/{prefix}/+/#`; receivers of one group split
+    /// the messages.
+    pub group: String,
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+    pub password_file: Option<PathBuf>,
+    pub ca_file: Option<PathBuf>,
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
+    pub keep_alive: Dur,
+    pub reconnect_min: Dur,
+    pub reconnect_max: Dur,
+}
+
+impl Default for Broker {
+    fn default() -> Self {
+        Broker {
+            url: "mqtt://127.0.0.1:1883".into(),
+            topic_prefix: "zhian/district".into(),
+            client_id: "zhian-district-1".into(),
+            group: "zhian-district".into(),
+            username: None,
+            password: None,
+            password_file: None,
+            ca_file: None,
+            client_cert: None,
+            client_key: None,
+            keep_alive: Dur::secs(30),
+            reconnect_min: Dur::millis(500),
+            reconnect_max: Dur::secs(30),
+        }
+    }
+}
+
+impl DistrictConfig {
+    /// The shared subscription filter.
+    pub fn filter(&self) -> String {
+        format!("$share/{}/{}/+/#", self.mqtt.group, self.mqtt.topic_prefix)
+    }
+
+    /// The effective config as TOML, secrets redacted.
+    pub fn to_redacted_toml(&self) -> String {
+        let text =
+            toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render: {e}\n"));
+        crate::logfmt::redact_url(&text)
+    }
+}
+
+/// Whether the file at `path` is a receiver config (it has a `[district]` table).
+pub fn is_district_config(path: &Path) -> bool {
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|t| t.parse::<toml::Table>().ok())
+        .is_some_and(|t| t.contains_key("district"))
+}
+
+/// Load and validate `path` with the process environment.
+pub fn load(path: &Path) -> Result<DistrictConfig, Vec<Problem>> {
+    if !path.exists() {
+        return Err(vec![problem(
+            "config",
+            format!(
+                "file {} does not exist (give the right --config PATH)",
+                path.display()
+            ),
+        )]);
+    }
+    let env: config::Map<String, String> = std::env::vars()
+        .filter(|(k, _)| k.starts_with("ZHIAN_DISTRICT__") || k.starts_with("ZHIAN_MQTT__"))
+        .collect();
+    let raw = config::Config::builder()
+        .add_source(config::File::from(path.to_path_buf()).format(config::FileFormat::Toml))
+        .add_source(
+            config::Environment::with_prefix("ZHIAN")
+                .prefix_separator("_")
+                .separator("__")
+                .try_parsing(true)
+                .source(Some(env)),
+        )
+        .build()
+        .map_err(|e| vec![from_config_error(e)])?;
+    let mut cfg: DistrictConfig = serde_path_to_error::deserialize(raw).map_err(|e| {
+        let path = e.path().to_string();
+        vec![problem(
+            if path == "." { "config".into() } else { path },
+            strip_key_suffix(&e.into_inner().to_string()),
+        )]
+    })?;
+    let creds = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from);
+    let mut p = Vec::new();
+    for (section, slot, file) in [
+        (
+            "district",
+            &mut cfg.district.password,
+            cfg.district.password_file.clone(),
+        ),
+        (
+            "mqtt",
+            &mut cfg.mqtt.password,
+            cfg.mqtt.password_file.clone(),
+        ),
+    ] {
+        if let Err(e) = crate::config::fill_secret(section, slot, file.as_ref(), creds.as_deref()) {
+            p.push(e);
+        }
+    }
+    p.extend(validate(&cfg));
+    if p.is_empty() {
+        Ok(cfg)
+    } else {
+        Err(p)
+    }
+}
+
+/// What serde cannot check.
+pub fn validate(c: &DistrictConfig) -> Vec<Problem> {
+    let mut p = Vec::new();
+    let d = &c.district;
+    if d.database_url.is_empty() {
+        p.push(problem(
+            "district.database_url",
+            "required (postgres://user@host:5432/db)",
+        ));
+    } else if let Err(e) = d.database_url.parse::<tokio_postgres::Config>() {
+        p.push(problem(
+            "district.database_url",
+            format!("not a PostgreSQL URL: {e}"),
+        ));
+    }
+    check_file(&mut p, "district.ca_file", d.ca_file.as_deref());
+    if d.batch_max == 0 || d.batch_max > 10_000 {
+        p.push(problem("district.batch_max", "between 1 and 10000"));
+    }
+    if d.silent_after.0 < std::time::Duration::from_secs(10) {
+        p.push(problem("district.silent_after", "at least 10s"));
+    }
+    let m = &c.mqtt;
+    if let Err(e) = BrokerUrl::parse(&m.url) {
+        p.push(problem("mqtt.url", e));
+    }
+    let prefix = &m.topic_prefix;
+    if prefix.is_empty() || prefix.contains(['+', '#']) || prefix.ends_with('/') {
+        p.push(problem(
+            "mqtt.topic_prefix",
+            "must be non-empty, without wildcards or a trailing '/'",
+        ));
+    }
+    check_client_id(&mut p, "mqtt.client_id", Some(&m.client_id));
+    if m.group.is_empty()
+        || !m
+            .group
+            .chars()
+            .all(|ch| ch.is_ascii_alphanumeric() || ch == '-' || ch == '_')
+    {
+        p.push(problem("mqtt.group", "1 or more of [A-Za-z0-9_-]"));
+    }
+    check_backoff(&mut p, "mqtt", m.reconnect_min, m.reconnect_max);
+    check_file(&mut p, "mqtt.ca_file", m.ca_file.as_deref());
+    check_file(&mut p, "mqtt.client_cert", m.client_cert.as_deref());
+    check_file(&mut p, "mqtt.client_key", m.client_key.as_deref());
+    if m.client_cert.is_some() != m.client_key.is_some() {
+        p.push(problem(
+            "mqtt.client_key",
+            "client_cert and client_key go together",
+        ));
+    }
+    p
+}

@@ -1,0 +1,159 @@
+//! A throwaway PostgreSQL server for tests: Debian's `postgresql` binaries, a cluster made with
+//! `initdb` in a temp dir, started on a loopback port as an unprivileged user (`nobody` when the
+//! tests run as root, as CI does: postgres refuses to run as root), trust auth for the `zhian`
+//! role on 127.0.0.1 only. Stopped (fast shutdown) on drop.
+
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// The directory holding `initdb`, `postgres` and `psql` for the installed major version.
+fn bin_dir() -> PathBuf {
+    let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .expect("PostgreSQL (apt-get install postgresql; scripts/test-deps.sh does)")
+        .flatten()
+        .map(|e| e.path().join("bin"))
+        .filter(|p| p.join("postgres").exists())
+        .collect();
+    versions.sort();
+    versions
+        .pop()
+        .expect("a PostgreSQL server in /usr/lib/postgresql/*/bin")
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid never fails.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// `cmd` as `nobody` when we are root.
+fn unprivileged(bin: &Path) -> Command {
+    if is_root() {
+        let mut c = Command::new("setpriv");
+        c.args(["--reuid=nobody", "--regid=nogroup", "--clear-groups"])
+            .arg(bin);
+        c
+    } else {
+        Command::new(bin)
+    }
+}
+
+pub struct Postgres {
+    pub port: u16,
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl Postgres {
+    /// initdb and start a server in `dir` on 127.0.0.1:`port`.
+    pub fn start(dir: &Path, port: u16) -> Postgres {
+        let bin = bin_dir();
+        std::fs::create_dir_all(dir).unwrap();
+        if is_root() {
+            let ok = Command::new("chown")
+                .args(["-R", "nobody:nogroup"])
+                .arg(dir)
+                .status()
+                .unwrap()
+                .success();
+            assert!(ok, "chown the cluster dir");
+            // nobody must reach the dir through its parents (a temp dir is 0700 root).
+            let mut p = dir.parent();
+            while let Some(d) = p {
+                if d == Path::new("/") || d == Path::new("/tmp") {
+                    break;
+                }
+                let _ = Command::new("chmod").arg("o+x").arg(d).status();
+                p = d.parent();
+            }
+        }
+        let data = dir.join("data");
+        let out = unprivileged(&bin.join("initdb"))
+            .arg("-D")
+            .arg(&data)
+            .args(["-U", "zhian", "--auth=trust", "-E", "UTF8", "--no-sync"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .output()
+            .expect("run initdb");
+        assert!(
+            out.status.success(),
+            "initdb: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut pg = Postgres {
+            port,
+            dir: dir.to_path_buf(),
+            child: None,
+        };
+        pg.spawn();
+        pg
+    }
+
+    fn spawn(&mut self) {
+        let bin = bin_dir();
+        let log = std::fs::File::create(self.dir.join("postgres.log")).unwrap();
+        let child = unprivileged(&bin.join("postgres"))
+            .arg("-D")
+            .arg(self.dir.join("data"))
+            .args(["-p", &self.port.to_string()])
+            .args(["-c", "listen_addresses=127.0.0.1"])
+            .arg("-c")
+            .arg(format!("unix_socket_directories={}", self.dir.display()))
+            .args(["-c", "fsync=off", "-c", "max_connections=50"])
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start postgres");
+        self.child = Some(child);
+        let up = super::wait_until(Duration::from_secs(30), || {
+            TcpStream::connect(("127.0.0.1", self.port)).is_ok() && self.psql("SELECT 1").is_some()
+        });
+        assert!(
+            up,
+            "postgres did not start:\n{}",
+            super::tail(&self.dir.join("postgres.log"), 20)
+        );
+    }
+
+    /// `postgres://zhian@127.0.0.1:PORT/postgres`
+    pub fn url(&self) -> String {
+        format!("postgres://zhian@127.0.0.1:{}/postgres", self.port)
+    }
+
+    /// Run `sql` with psql; the rows, `|`-separated, or `None` on an error.
+    pub fn psql(&self, sql: &str) -> Option<String> {
+        let out = Command::new(bin_dir().join("psql"))
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "zhian",
+                "-d",
+                "postgres",
+            ])
+            .args(["-At", "-v", "ON_ERROR_STOP=1", "-c", sql])
+            .output()
+            .ok()?;
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SIGINT: fast shutdown.
+            // SAFETY: kill(2) with a pid we spawned.
+            unsafe {
+                libc::kill(c.id() as i32, libc::SIGINT);
+            }
+            let _ = super::wait_child(&mut c, Duration::from_secs(10));
+            let _ = c.kill();
+        }
+    }
+}

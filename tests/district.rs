@@ -1,0 +1,447 @@
+//! The district side (issue 14): `zhian-gateway district` keeping a fleet's counts in a real
+//! PostgreSQL, exactly. Two receivers share the subscription on a real mosquitto; 20 real
+//! gateway processes with 2 s windows and a publisher playing 150 more gateways' upstream
+//! traffic (re-issued revs, split summaries, redeliveries, alerts, care notices, daily counts,
+//! heartbeats); the district broker is restarted once and one receiver is killed with -9
+//! mid-stream. The database's totals per gateway and window equal what the gateways counted.
+
+mod common;
+
+use common::pg::Postgres;
+use common::*;
+use rumqttc::{Client, Event as MqttEvent, Incoming, MqttOptions, QoS};
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+const PREFIX: &str = "zhian/district";
+
+fn receiver_config(path: &Path, db: &str, broker_port: u16, id: &str) {
+    fs::write(
+        path,
+        format!(
+            "[district]\ndatabase_url = \"{db}\"\nsilent_after = \"30s\"\n\
+             [mqtt]\nurl = \"mqtt://127.0.0.1:{broker_port}\"\ntopic_prefix = \"{PREFIX}\"\n\
+             client_id = \"{id}\"\ngroup = \"zhian-district\"\nreconnect_max = \"2s\"\n"
+        ),
+    )
+    .unwrap();
+}
+
+fn start_receiver(cfg: &Path, log: &Path) -> Child {
+    let out = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap();
+    Command::new(env!("CARGO_BIN_EXE_zhian-gateway"))
+        .args(["district", "--config"])
+        .arg(cfg)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .spawn()
+        .unwrap()
+}
+
+/// Every summary on the district broker, as (gateway, start, secs) -> rev -> (parts, part ->
+/// counts total): what the gateways sent, to compute what the database must hold.
+type Seen = Arc<Mutex<BTreeMap<(String, String, i64), BTreeMap<i64, (i64, BTreeMap<i64, i64>)>>>>;
+
+fn watch_summaries(port: u16) -> (Seen, std::thread::JoinHandle<()>) {
+    let seen: Seen = Default::default();
+    let mut opts = MqttOptions::new("fleet-watcher", "127.0.0.1", port);
+    opts.set_clean_session(false)
+        .set_keep_alive(Duration::from_secs(5))
+        .set_max_packet_size(16 << 20, 64 << 10);
+    let (client, mut conn) = Client::new(opts, 1024);
+    let s = seen.clone();
+    let h = std::thread::spawn(move || {
+        for ev in conn.iter() {
+            match ev {
+                Ok(MqttEvent::Incoming(Incoming::ConnAck(_))) => {
+                    let _ = client.subscribe(format!("{PREFIX}/+/summary"), QoS::AtLeastOnce);
+                }
+                Ok(MqttEvent::Incoming(Incoming::Publish(p))) => {
+                    let v: Value = match serde_json::from_slice(&p.payload) {
+                        Ok(v) => v,
+                        Err(_) => continue,
+                    };
+                    let g = v["gateway"].as_str().unwrap_or("").to_string();
+                    let start = v["window"]["start"].as_str().unwrap_or("").to_string();
+                    let secs = v["window"]["secs"].as_i64().unwrap_or(0);
+                    let rev = v["rev"].as_i64().unwrap_or(0);
+                    let parts = v["parts"].as_i64().unwrap_or(1);
+                    let part = v["part"].as_i64().unwrap_or(1);
+                    let n: i64 = v["counts"]
+                        .as_array()
+                        .map(|c| c.iter().map(|r| r["n"].as_i64().unwrap_or(0)).sum())
+                        .unwrap_or(0);
+                    s.lock()
+                        .unwrap()
+                        .entry((g, start, secs))
+                        .or_default()
+                        .entry(rev)
+                        .or_insert((parts, BTreeMap::new()))
+                        .1
+                        .insert(part, n);
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(200)),
+                _ => {}
+            }
+        }
+    });
+    (seen, h)
+}
+
+/// The highest complete rev's total per (gateway, window start RFC 3339).
+fn expected(seen: &Seen) -> BTreeMap<(String, String), i64> {
+    let mut out = BTreeMap::new();
+    for ((g, start, _secs), revs) in seen.lock().unwrap().iter() {
+        if start.is_empty() {
+            continue; // a malformed message the test sent on purpose
+        }
+        let best = revs
+            .iter()
+            .rev()
+            .find(|(_, (parts, got))| got.len() as i64 == *parts);
+        if let Some((_, (_, got))) = best {
+            out.insert((g.clone(), start.clone()), got.values().sum());
+        }
+    }
+    out
+}
+
+fn in_db(pg: &Postgres) -> BTreeMap<(String, String), i64> {
+    let rows = pg
+        .psql(
+            "SELECT gateway, to_char(window_start AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), sum(n)
+             FROM window_counts GROUP BY 1, 2",
+        )
+        .unwrap_or_default();
+    rows.lines()
+        .filter_map(|l| {
+            let mut f = l.split('|');
+            Some((
+                (f.next()?.to_string(), f.next()?.to_string()),
+                f.next()?.parse().ok()?,
+            ))
+        })
+        .collect()
+}
+
+fn rfc(ms: i64) -> String {
+    let t = time::OffsetDateTime::from_unix_timestamp(ms / 1000).unwrap();
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap()
+        .replace("+00:00", "Z")
+}
+
+/// A summary payload (one part of `parts`, or whole) with `n` events in one row per device.
+fn summary(
+    g: &str,
+    start_ms: i64,
+    rev: i64,
+    part: Option<(i64, i64)>,
+    rows: &[(&str, i64)],
+) -> Vec<u8> {
+    let mut v = json!({"schema": "zhian.summary.v1", "gateway": g,
+        "site": {"district": "富阳区", "compound": format!("小区-{g}")},
+        "window": {"start": rfc(start_ms), "secs": 60}, "rev": rev,
+        "counts": rows.iter().map(|(d, n)| json!({"kind": "access", "device": d, "action": "entry", "result": "granted", "n": n})).collect::<Vec<_>>()});
+    if let Some((i, n)) = part {
+        v["part"] = json!(i);
+        v["parts"] = json!(n);
+    }
+    serde_json::to_vec(&v).unwrap()
+}
+
+#[test]
+fn a_fleet_of_170_gateways_lands_exactly_in_postgresql() {
+    let scratch = tempfile::tempdir().unwrap();
+    let pg = Postgres::start(&scratch.path().join("pg"), free_port());
+    let mut district = Mosquitto::start(&scratch.path().join("district"), free_port(), true);
+    let site = Mosquitto::start(&scratch.path().join("site"), free_port(), true);
+    let (seen, _watcher) = watch_summaries(district.port);
+
+    // Two receivers sharing the subscription.
+    let rlog = scratch.path().join("receivers.log");
+    let (c1, c2) = (
+        scratch.path().join("r1.toml"),
+        scratch.path().join("r2.toml"),
+    );
+    receiver_config(&c1, &pg.url(), district.port, "zhian-district-1");
+    receiver_config(&c2, &pg.url(), district.port, "zhian-district-2");
+    let check = Command::new(env!("CARGO_BIN_EXE_zhian-gateway"))
+        .args(["check-config", "--config"])
+        .arg(&c1)
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    let mut r1 = start_receiver(&c1, &rlog);
+    let mut r2 = start_receiver(&c2, &rlog);
+    assert!(
+        wait_until(Duration::from_secs(30), || pg
+            .psql("SELECT count(*) FROM settings")
+            .is_some_and(|s| s.trim() == "2")),
+        "schema migrated:\n{}",
+        tail(&rlog, 20)
+    );
+
+    // 20 real gateways, one site broker, each on its own topic prefix.
+    let mut gateways = Vec::new();
+    for i in 0..20 {
+        let dir = scratch.path().join(format!("gw{i}"));
+        let cfg = scratch.path().join(format!("gw{i}.toml"));
+        let text = config_text(&dir, site.port, district.port, "")
+            .replace("id = \"test-gw\"", &format!("id = \"fleet-{i:02}\""))
+            .replace(
+                "client_id = \"zhian-test\"",
+                &format!("client_id = \"fleet-{i:02}-dev\"\ntopics = [\"g{i}/+/+\"]"),
+            );
+        assert!(
+            text.contains(&format!("fleet-{i:02}-dev")),
+            "config template changed:\n{text}"
+        );
+        fs::write(&cfg, text).unwrap();
+        gateways.push(Daemon::start(
+            &cfg,
+            &scratch.path().join(format!("gw{i}.log")),
+        ));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+
+    // Devices: 20 gateways x 40 events over a few windows, with redeliveries (same id).
+    let mut devices = Publisher::connect(site.port, "fleet-devices");
+    let mut sent_per_gateway = BTreeMap::new();
+    // The synthetic 150: the publisher's expected totals per (gateway, window).
+    let mut synth = Publisher::connect(district.port, "fleet-synth");
+    let mut synth_expected: BTreeMap<(String, String), i64> = BTreeMap::new();
+    let base = (now_ms() / 60_000 - 30) * 60_000;
+    let mut rng = Rng::new(14);
+    for round in 0..4 {
+        for i in 0..20 {
+            for k in 0..10 {
+                let e = Event::new(
+                    "access",
+                    &format!("door-{}", k % 3),
+                    &format!("r{round}-{k}"),
+                    "entry",
+                );
+                let topic = format!("g{i}/access/door-{}", k % 3);
+                devices.send(&topic, e.payload());
+                if k == 0 {
+                    devices.send(&topic, e.payload()); // redelivered: counted once
+                }
+                *sent_per_gateway
+                    .entry(format!("fleet-{i:02}"))
+                    .or_insert(0i64) += 1;
+            }
+        }
+        for g in 0..150 {
+            let gw = format!("syn-{g:03}");
+            let start = base + (round as i64) * 60_000;
+            let a = rng.below(50) as i64 + 1;
+            let b = rng.below(50) as i64;
+            match g % 4 {
+                // Whole, sent twice (redelivery).
+                0 => {
+                    let p = summary(&gw, start, 0, None, &[("door-1", a), ("door-2", b)]);
+                    synth.send(&format!("{PREFIX}/{gw}/summary"), p.clone());
+                    synth.send(&format!("{PREFIX}/{gw}/summary"), p);
+                    synth_expected.insert((gw.clone(), rfc(start)), a + b);
+                }
+                // Re-issued: rev 1 replaces rev 0; a stale rev 0 redelivered after it changes nothing.
+                1 => {
+                    let p0 = summary(&gw, start, 0, None, &[("door-1", a)]);
+                    synth.send(&format!("{PREFIX}/{gw}/summary"), p0.clone());
+                    synth.send(
+                        &format!("{PREFIX}/{gw}/summary"),
+                        summary(&gw, start, 1, None, &[("door-1", a + 1), ("door-2", b)]),
+                    );
+                    synth.send(&format!("{PREFIX}/{gw}/summary"), p0);
+                    synth_expected.insert((gw.clone(), rfc(start)), a + 1 + b);
+                }
+                // Split in two parts, second part first; then a rev 1 in three parts.
+                2 => {
+                    synth.send(
+                        &format!("{PREFIX}/{gw}/summary"),
+                        summary(&gw, start, 0, Some((2, 2)), &[("door-2", b)]),
+                    );
+                    synth.send(
+                        &format!("{PREFIX}/{gw}/summary"),
+                        summary(&gw, start, 0, Some((1, 2)), &[("door-1", a)]),
+                    );
+                    for (i, d) in ["door-1", "door-2", "door-3"].iter().enumerate() {
+                        synth.send(
+                            &format!("{PREFIX}/{gw}/summary"),
+                            summary(&gw, start, 1, Some((i as i64 + 1, 3)), &[(d, a)]),
+                        );
+                    }
+                    synth_expected.insert((gw.clone(), rfc(start)), 3 * a);
+                }
+                // A rev 1 with a missing part: rev 0 stays in force.
+                _ => {
+                    synth.send(
+                        &format!("{PREFIX}/{gw}/summary"),
+                        summary(&gw, start, 0, None, &[("door-1", a)]),
+                    );
+                    synth.send(
+                        &format!("{PREFIX}/{gw}/summary"),
+                        summary(&gw, start, 1, Some((1, 2)), &[("door-1", 999)]),
+                    );
+                    synth_expected.insert((gw.clone(), rfc(start)), a);
+                }
+            }
+            if round == 0 {
+                let hb = json!({"schema": "zhian.heartbeat.v1", "gateway": gw, "version": "0.1.0"});
+                synth.send(
+                    &format!("{PREFIX}/{gw}/heartbeat"),
+                    serde_json::to_vec(&hb).unwrap(),
+                );
+                let alert = json!({"schema": "zhian.alert.v1", "gateway": gw, "kind": "camera", "device": "cam-1",
+                    "action": "high_altitude_throw", "id": format!("a-{g}"), "ts": rfc(base)});
+                synth.send(
+                    &format!("{PREFIX}/{gw}/alert"),
+                    serde_json::to_vec(&alert).unwrap(),
+                );
+                synth.send(
+                    &format!("{PREFIX}/{gw}/alert"),
+                    serde_json::to_vec(&alert).unwrap(),
+                );
+                if g % 10 == 0 {
+                    let care = json!({"schema": "zhian.care.v1", "gateway": gw, "alias": "3-2-601",
+                        "state": "silent", "last_seen": null, "silent_secs": 90000});
+                    synth.send(
+                        &format!("{PREFIX}/{gw}/care"),
+                        serde_json::to_vec(&care).unwrap(),
+                    );
+                    synth.send(
+                        &format!("{PREFIX}/{gw}/care"),
+                        serde_json::to_vec(&care).unwrap(),
+                    );
+                }
+                let daily = json!({"schema": "zhian.daily.v1", "gateway": gw, "date": "2026-11-29", "tz": "+08:00",
+                    "rev": 0, "distinct": {"access_subjects": 100 + g, "vehicles": 20}, "counts": []});
+                synth.send(
+                    &format!("{PREFIX}/{gw}/daily"),
+                    serde_json::to_vec(&daily).unwrap(),
+                );
+            }
+        }
+        // Mid-stream faults: a receiver killed with -9 (and restarted), the broker restarted.
+        if round == 1 {
+            let _ = r1.kill();
+            let _ = r1.wait();
+            std::thread::sleep(Duration::from_millis(500));
+            r1 = start_receiver(&c1, &rlog);
+        }
+        if round == 2 {
+            synth.wait_all_acked(Duration::from_secs(30));
+            district.restart();
+        }
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    // Foreign and malformed messages: rejected, counted, never stopping anything.
+    synth.send(&format!("{PREFIX}/syn-000/summary"), b"{not json".to_vec());
+    synth.send(&format!("{PREFIX}/syn-001/bogus"), b"{}".to_vec());
+    synth.send(
+        &format!("{PREFIX}/syn-002/summary"),
+        br#"{"schema":"zhian.summary.v1","gateway":"someone-else"}"#.to_vec(),
+    );
+    devices.wait_all_acked(Duration::from_secs(60));
+    synth.wait_all_acked(Duration::from_secs(60));
+
+    // The 20 real gateways: what they counted (their own summaries, highest complete rev).
+    let real_done = || {
+        let exp = expected(&seen);
+        sent_per_gateway.iter().all(|(g, n)| {
+            exp.iter()
+                .filter(|((eg, _), _)| eg == g)
+                .map(|(_, v)| *v)
+                .sum::<i64>()
+                == *n
+        })
+    };
+    assert!(
+        wait_until(Duration::from_secs(60), real_done),
+        "the gateways' own summaries add up to what their devices sent"
+    );
+    let mut want = expected(&seen);
+    for (k, v) in &synth_expected {
+        want.insert(k.clone(), *v);
+    }
+    let converged = wait_until(Duration::from_secs(60), || in_db(&pg) == want);
+    let got = in_db(&pg);
+    assert!(
+        converged,
+        "database vs gateways:\n{}\nreceivers:\n{}",
+        map_diff(&want, &got),
+        tail(&rlog, 40)
+    );
+    let total: i64 = got.values().sum();
+    println!(
+        "fleet: {} gateways, {} windows, {} events in PostgreSQL, equal to the gateways' counts",
+        got.keys()
+            .map(|(g, _)| g)
+            .collect::<std::collections::BTreeSet<_>>()
+            .len(),
+        got.len(),
+        total
+    );
+    // Per real gateway, the database total is what its devices sent (no event twice).
+    for (g, n) in &sent_per_gateway {
+        let db: i64 = got
+            .iter()
+            .filter(|((eg, _), _)| eg == g)
+            .map(|(_, v)| *v)
+            .sum();
+        assert_eq!(db, *n, "{g}");
+    }
+    // Alerts once, care notices once, daily counts, heartbeats, rejects.
+    let one = |sql: &str| pg.psql(sql).unwrap().trim().to_string();
+    assert_eq!(
+        one("SELECT count(*) FROM alerts WHERE gateway LIKE 'syn-%'"),
+        "150"
+    );
+    assert_eq!(one("SELECT count(*) FROM open_care_notices"), "15");
+    assert_eq!(
+        one("SELECT count(*) FROM daily WHERE gateway LIKE 'syn-%'"),
+        "150"
+    );
+    assert_eq!(
+        one("SELECT count(*) FROM gateway_state WHERE gateway LIKE 'syn-%' AND NOT silent"),
+        "150"
+    );
+    assert_eq!(one("SELECT count(*) FROM rejects"), "3");
+    assert_eq!(
+        one("SELECT count(*) FROM summary_parts WHERE gateway LIKE 'syn-%' AND rev = 0"),
+        "0"
+    );
+    assert!(
+        one("SELECT count(*) FROM counts_hourly")
+            .parse::<i64>()
+            .unwrap()
+            > 0
+    );
+    assert_eq!(
+        one("SELECT count(DISTINCT gateway) FROM gateway_state WHERE gateway LIKE 'fleet-%' AND status = 'online'"),
+        "20"
+    );
+    for mut g in gateways {
+        g.term();
+    }
+    let _ = r1.kill();
+    let _ = r2.kill();
+    let _ = r1.wait();
+    let _ = r2.wait();
+}
