@@ -82,11 +82,19 @@ pub struct CommitterCfg {
     /// `store.max_size` in bytes.
     pub max_bytes: u64,
     pub on_damage: OnDamage,
+    /// MQTT device input is on: the care watch waits for the site link (see `care_hold`).
+    pub site_input: bool,
 }
 
 /// PUBACKed outbox entries wait this long for a batch to ride with before they get a commit of
 /// their own (a crash before it only re-sends them; the platform keeps the highest rev).
 pub const ACK_LINGER: Duration = Duration::from_secs(5);
+
+/// The care watch raises no `silent` notice until the site link has been up this long (and
+/// never while it is down or intake is paused): the messages queued on the site broker while
+/// the gateway was away arrive first. Found by a break-it run: a restart after downtime sent
+/// `silent` notices for residents whose passes were still queued, then `seen` ones.
+pub const CARE_SETTLE: Duration = Duration::from_secs(20);
 
 pub struct Committer {
     pub writer: StoreWriter,
@@ -113,6 +121,8 @@ pub struct Committer {
     /// A large batch was committed since the allocator last released freed memory.
     pub trim_due: bool,
     pub mono_origin: Instant,
+    /// Since when the site link has been up (for [`CARE_SETTLE`]).
+    pub site_up_since: Option<Instant>,
     /// Set when shutdown comes while the disk cannot be written: nothing more is tried, what
     /// remains stays unacknowledged (the site broker redelivers it after the restart).
     pub abandoned: bool,
@@ -602,6 +612,15 @@ impl Committer {
             }
             self.writer.set_max_bytes(self.cfg.max_bytes);
             self.stats.set_care(self.writer.care_overview());
+            let up = !self.cfg.site_input || self.stats.site_connected.load(Relaxed);
+            self.site_up_since = match (up, self.site_up_since) {
+                (false, _) => None,
+                (true, None) => Some(Instant::now()),
+                (true, s) => s,
+            };
+            let hold = self.stats.paused().is_some()
+                || self.site_up_since.is_none_or(|t| t.elapsed() < CARE_SETTLE);
+            self.writer.set_care_hold(hold);
             self.stats
                 .store_bytes
                 .store(self.writer.store().file_bytes(), Relaxed);

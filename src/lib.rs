@@ -340,6 +340,7 @@ pub async fn run_with_reload(
         committed_at: 0,
         trim_due: false,
         mono_origin: std::time::Instant::now(),
+        site_up_since: None,
         abandoned: false,
         stop: intake_stop.clone(),
         cfg: CommitterCfg {
@@ -354,6 +355,7 @@ pub async fn run_with_reload(
                 purge_batch: cfg.dedup.purge_batch as usize,
             },
             max_bytes: cfg.store.max_size.0,
+            site_input: cfg.mqtt.enabled,
         },
         intake: intake_rx,
         acked: acked_rx,

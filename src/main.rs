@@ -259,15 +259,15 @@ fn map_sample(
     }
 }
 
-/// A subject with its middle masked (`浙A12345` → `浙A***45`), so a sample run shows the
+/// A subject with its middle masked (`浙A12345` → `浙***5`), so a sample run shows the
 /// mapping found it without printing the whole identity.
 fn mask(s: &str) -> String {
     let chars: Vec<char> = s.chars().collect();
     if chars.len() <= 4 {
         return "*".repeat(chars.len());
     }
-    let head: String = chars[..2].iter().collect();
-    let tail: String = chars[chars.len() - 2..].iter().collect();
+    let head: String = chars[..1].iter().collect();
+    let tail: String = chars[chars.len() - 1..].iter().collect();
     format!("{head}***{tail}")
 }
 
@@ -299,7 +299,7 @@ fn main() -> ExitCode {
                     eprintln!("care-pseudonym: cannot read the subject from stdin");
                     return ExitCode::FAILURE;
                 }
-                let subject = line.trim_end_matches(['\r', '\n']);
+                let subject = line.trim();
                 if subject.is_empty() {
                     eprintln!(
                         "care-pseudonym: give the card or face id on stdin, as devices send it"

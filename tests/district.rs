@@ -32,7 +32,21 @@ fn receiver_config(path: &Path, db: &str, broker_port: u16, id: &str) {
     .unwrap();
 }
 
-fn start_receiver(cfg: &Path, log: &Path) -> Child {
+/// A receiver process, killed when dropped (a failing assertion must not leave it running).
+struct Receiver(Child);
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_receiver(cfg: &Path, log: &Path) -> Receiver {
+    Receiver(start_receiver_child(cfg, log))
+}
+
+fn start_receiver_child(cfg: &Path, log: &Path) -> Child {
     let out = fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -188,7 +202,7 @@ fn a_fleet_of_170_gateways_lands_exactly_in_postgresql() {
         String::from_utf8_lossy(&check.stderr)
     );
     let mut r1 = start_receiver(&c1, &rlog);
-    let mut r2 = start_receiver(&c2, &rlog);
+    let r2 = start_receiver(&c2, &rlog);
     assert!(
         wait_until(Duration::from_secs(30), || pg
             .psql("SELECT count(*) FROM settings")
@@ -340,8 +354,8 @@ fn a_fleet_of_170_gateways_lands_exactly_in_postgresql() {
         }
         // Mid-stream faults: a receiver killed with -9 (and restarted), the broker restarted.
         if round == 1 {
-            let _ = r1.kill();
-            let _ = r1.wait();
+            let _ = r1.0.kill(); // SIGKILL: -9
+            let _ = r1.0.wait();
             std::thread::sleep(Duration::from_millis(500));
             r1 = start_receiver(&c1, &rlog);
         }
@@ -440,8 +454,5 @@ fn a_fleet_of_170_gateways_lands_exactly_in_postgresql() {
     for mut g in gateways {
         g.term();
     }
-    let _ = r1.kill();
-    let _ = r2.kill();
-    let _ = r1.wait();
-    let _ = r2.wait();
+    drop((r1, r2));
 }

@@ -248,6 +248,7 @@ pub fn parse_pseudonym(s: &str) -> Option<[u8; 16]> {
 
 fn validate_care(c: &Care, p: &mut Vec<Problem>) {
     let mut aliases = std::collections::BTreeSet::new();
+    let mut idents = std::collections::BTreeSet::new();
     for (i, r) in c.residents.iter().enumerate() {
         let key = format!("care.residents[{i}]");
         match (&r.subject, &r.pseudonym) {
@@ -265,20 +266,29 @@ fn validate_care(c: &Care, p: &mut Vec<Problem>) {
             )),
             _ => {}
         }
+        let ident = match (&r.subject, &r.pseudonym) {
+            (Some(s), _) => format!("s:{}", s.0),
+            (None, Some(ps)) => format!("p:{}", ps.to_ascii_lowercase()),
+            _ => String::new(),
+        };
+        if !ident.is_empty() && !idents.insert(ident) {
+            p.push(problem(
+                key.clone(),
+                "the same resident is listed twice (one subject, one alias)",
+            ));
+        }
         let ok_alias = !r.alias.is_empty()
             && r.alias.chars().count() <= 32
             && r.alias
                 .chars()
                 .all(|ch| ch.is_ascii_alphanumeric() || "_.#-".contains(ch));
         if !ok_alias {
+            // The value is not echoed: a refused alias may be a resident's name.
             p.push(problem(
                 format!("{key}.alias"),
-                format!(
-                    "{:?}: a flat number such as \"3-2-601\", 1-32 of [A-Za-z0-9_.#-] (never a name)",
-                    r.alias
-                ),
+                "must be a flat number such as \"3-2-601\", 1-32 of [A-Za-z0-9_.#-] (never a name)",
             ));
-        } else if !aliases.insert(r.alias.clone()) {
+        } else if !aliases.insert(r.alias.to_ascii_lowercase()) {
             p.push(problem(
                 format!("{key}.alias"),
                 format!("{:?} is listed twice", r.alias),
@@ -1304,6 +1314,23 @@ pub fn validate(c: &Config) -> Vec<Problem> {
         check_client_id(&mut p, "mqtt.client_id", c.mqtt.client_id.as_deref());
         check_backoff(&mut p, "mqtt", c.mqtt.reconnect_min, c.mqtt.reconnect_max);
         sources::compile(&c.mqtt.sources, &mut p);
+        // A source must not take canonical messages (contract: "Canonical topics keep working").
+        for (i, s) in c.mqtt.sources.iter().enumerate() {
+            if let Some(t) = c
+                .mqtt
+                .topics
+                .iter()
+                .find(|t| sources::filters_overlap(&s.topic, t))
+            {
+                p.push(problem(
+                    format!("mqtt.sources[{i}].topic"),
+                    format!(
+                        "{:?} overlaps mqtt.topics {t:?}: canonical messages would be mapped by this source; give the source's devices a topic of their own",
+                        s.topic
+                    ),
+                ));
+            }
+        }
         check_file(&mut p, "mqtt.ca_file", c.mqtt.ca_file.as_deref());
         check_file(&mut p, "mqtt.client_cert", c.mqtt.client_cert.as_deref());
         check_file(&mut p, "mqtt.client_key", c.mqtt.client_key.as_deref());
@@ -1995,6 +2022,20 @@ mod tests {
         let rot = "[gateway]\nid = \"gw-1\"\n[privacy]\nrotate = \"hourly\"\n";
         let e = load_str(rot, &[]).unwrap_err();
         assert!(e[0].message.contains("\"daily\", \"never\""), "{e:?}");
+        let twice = "[gateway]\nid = \"gw-1\"\n[[care.residents]]\nsubject = \"card:1\"\nalias = \"A-601\"\n[[care.residents]]\nsubject = \"card:1\"\nalias = \"a-601\"\n";
+        let e = load_str(twice, &[]).unwrap_err();
+        let keys: Vec<&str> = e.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            ["care.residents[1]", "care.residents[1].alias"],
+            "{e:?}"
+        );
+        let named = "[gateway]\nid = \"gw-1\"\n[[care.residents]]\nsubject = \"card:1\"\nalias = \"王秀英\"\n";
+        let e = load_str(named, &[]).unwrap_err();
+        assert!(
+            !e[0].message.contains("王秀英"),
+            "a refused alias is not echoed: {e:?}"
+        );
         let bad_tz = "[gateway]\nid = \"gw-1\"\n[status]\ntimezone = \"CST\"\n";
         assert_eq!(load_str(bad_tz, &[]).unwrap_err()[0].key, "status.timezone");
     }

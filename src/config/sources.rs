@@ -126,6 +126,13 @@ fn compile_field(
             } else if let Some(i) = topic_index(s) {
                 From::Topic(i)
             } else {
+                if s.is_empty() {
+                    p.push(problem(
+                        key,
+                        "is empty (a JSON pointer, \"topic[N]\" or a constant)",
+                    ));
+                    return None;
+                }
                 From::Const(s.clone())
             };
             (from, FieldTable::default())
@@ -258,6 +265,20 @@ fn compile_field(
     })
 }
 
+/// Whether some topic matches both MQTT filters.
+pub fn filters_overlap(a: &str, b: &str) -> bool {
+    let (a, b): (Vec<&str>, Vec<&str>) = (a.split('/').collect(), b.split('/').collect());
+    let mut i = 0;
+    loop {
+        match (a.get(i), b.get(i)) {
+            (Some(&"#"), _) | (_, Some(&"#")) => return true,
+            (None, None) => return true,
+            (Some(x), Some(y)) if *x == "+" || *y == "+" || x == y => i += 1,
+            _ => return false,
+        }
+    }
+}
+
 /// Compile the sources, pushing one problem per mistake (named `mqtt.sources[i]...`).
 pub fn compile(sources: &[SourceCfg], p: &mut Vec<Problem>) -> Vec<Source> {
     let mut out = Vec::new();
@@ -287,6 +308,43 @@ pub fn compile(sources: &[SourceCfg], p: &mut Vec<Problem>) -> Vec<Source> {
         let action = f("action", &s.action, p);
         let result = s.result.as_ref().map(|c| f("result", c, p));
         let subject = s.subject.as_ref().map(|c| f("subject", c, p));
+        // The event id is what dedup keys on: a constant would make every event after the first
+        // a duplicate (found by a break-it run: `id = "serialNo"` without its `/`).
+        if let Some(id) = &id {
+            let varies = match &id.from {
+                From::Pointer(_) | From::Topic(_) => true,
+                From::Const(_) => false,
+                From::Join(parts, _) => parts
+                    .iter()
+                    .any(|x| matches!(x, Part::Pointer(_) | Part::Topic(_))),
+            };
+            if !varies {
+                p.push(problem(
+                    format!("{key}.id"),
+                    "must come from the payload or the topic (a JSON pointer starts with '/'): a constant id makes every later event a duplicate",
+                ));
+            }
+            // Alerts carry the event id upstream: it must not hold the subject.
+            if let Some(Rule {
+                from: From::Pointer(sp),
+                ..
+            }) = &subject.clone().flatten()
+            {
+                let uses = match &id.from {
+                    From::Pointer(ip) => ip == sp,
+                    From::Join(parts, _) => parts
+                        .iter()
+                        .any(|x| matches!(x, Part::Pointer(ip) if ip == sp)),
+                    _ => false,
+                };
+                if uses {
+                    p.push(problem(
+                        format!("{key}.id"),
+                        format!("uses the subject's pointer {sp}: event ids go upstream with alerts, subjects never do"),
+                    ));
+                }
+            }
+        }
         if p.len() > before {
             continue;
         }
@@ -357,6 +415,28 @@ result = { pointer = "/r", value = "x" }
         ] {
             assert!(joined.contains(key), "missing {key:?} in:\n{joined}");
         }
+        // Found by a break-it run: a constant id (a forgotten '/'), an id holding the subject, a
+        // source taking canonical topics.
+        let p = problems(concat!(
+            "[[mqtt.sources]]\ntopic = \"v/+/e\"\nkind = \"access\"\ndevice = \"topic[1]\"\nid = \"serialNo\"\nts = \"/ts\"\naction = \"entry\"\n",
+            "[[mqtt.sources]]\ntopic = \"w/+/e\"\nkind = \"camera\"\ndevice = \"topic[1]\"\nid = { join = [\"/plate\", \"/time\"] }\nts = \"/ts\"\naction = \"fire_lane_blocked\"\nsubject = \"/plate\"\n",
+            "[[mqtt.sources]]\ntopic = \"#\"\nkind = \"access\"\ndevice = \"topic[1]\"\nid = \"/id\"\nts = \"/ts\"\naction = \"entry\"\n",
+        ))
+        .join("\n");
+        assert!(
+            p.contains("mqtt.sources[0].id: must come from the payload"),
+            "{p}"
+        );
+        assert!(
+            p.contains("mqtt.sources[1].id: uses the subject's pointer /plate"),
+            "{p}"
+        );
+        assert!(
+            p.contains("mqtt.sources[2].topic: \"#\" overlaps mqtt.topics"),
+            "{p}"
+        );
+        assert!(super::filters_overlap("zhian/+/+", "zhian/access/door-1"));
+        assert!(!super::filters_overlap("hik/+/event", "zhian/+/+"));
         assert!(problems("[[mqtt.sources]]\ntopic = \"a/#/b\"\nkind = \"access\"\ndevice = \"topic[1]\"\nid = \"/id\"\nts = \"/ts\"\naction = \"entry\"\n")
             .iter()
             .any(|p| p.starts_with("mqtt.sources[0].topic")));

@@ -108,11 +108,14 @@ pub struct Notice {
 /// An access event of the resident, stamped `ts_ms`: updates the state; a `seen` notice when
 /// the resident had been reported silent.
 pub fn seen(r: &Resident, st: &mut CareRecordV1, ts_ms: i64) -> Option<Notice> {
-    let before = *st;
-    if ts_ms > st.last_seen_ms || !st.seen_ever {
-        st.last_seen_ms = st.last_seen_ms.max(ts_ms);
-        st.seen_ever = true;
+    // Only a pass after the last one (or after the watch began) says anything new: a late or
+    // redelivered older event neither clears a silence nor moves the last pass back.
+    if ts_ms <= st.last_seen_ms {
+        return None;
     }
+    let before = *st;
+    st.last_seen_ms = ts_ms;
+    st.seen_ever = true;
     if before.silent {
         st.silent = false;
         return Some(Notice {
@@ -191,6 +194,20 @@ mod tests {
         let json: serde_json::Value = serde_json::from_slice(&care_json("gw", &n)).unwrap();
         assert_eq!(json["alias"], "3-2-601");
         assert_eq!(json["state"], "seen");
+    }
+
+    #[test]
+    fn an_older_event_neither_clears_a_silence_nor_moves_the_last_pass_back() {
+        let r = resident(None);
+        let t0 = 1_796_000_000_000;
+        let mut st = CareRecordV1::start(t0);
+        assert!(seen(&r, &mut st, t0 + H).is_none());
+        assert!(check(&r, &mut st, t0 + 26 * H, 0).is_some());
+        assert_eq!(seen(&r, &mut st, t0 + H), None, "a redelivered old pass");
+        assert_eq!(seen(&r, &mut st, t0 - H), None, "a pass before the watch");
+        assert!(st.silent);
+        assert_eq!(st.last_seen_ms, t0 + H);
+        assert!(seen(&r, &mut st, t0 + 27 * H).is_some());
     }
 
     #[test]

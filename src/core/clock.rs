@@ -66,13 +66,22 @@ pub struct ClockTrust {
     ahead: BTreeMap<String, (i64, i64)>,
     /// The store's latest record (wall ms), from start-up.
     store_high_ms: Option<i64>,
+    /// The store had history, and the wall clock was not behind it: the clock agrees with what
+    /// the box saw before, so devices stamping far ahead of it are the wrong ones.
+    history: bool,
     pub max_future_skew_ms: i64,
 }
+
+/// With history in the store, events stamped further ahead than this are not evidence against
+/// the gateway clock (they are rejected `too_far_future`): found by a break-it run, two devices a
+/// year ahead (or a vendor source reading milliseconds as seconds) paused a whole site's intake.
+pub const IMPLAUSIBLE_AHEAD_MS: i64 = 30 * 86_400_000;
 
 impl ClockTrust {
     pub fn new(max_future_skew_ms: i64, store_high_ms: Option<i64>) -> Self {
         ClockTrust {
             ahead: BTreeMap::new(),
+            history: store_high_ms.is_some(),
             store_high_ms,
             max_future_skew_ms,
         }
@@ -80,6 +89,12 @@ impl ClockTrust {
 
     /// Note an event of `device` stamped `ts_ms`, seen at wall `wall_ms` and monotonic `mono_ms`.
     pub fn observe(&mut self, device: &str, ts_ms: i64, wall_ms: i64, mono_ms: i64) {
+        let behind_store = self
+            .store_high_ms
+            .is_some_and(|h| wall_ms + STALE_AT_START_MS < h);
+        if self.history && !behind_store && ts_ms - wall_ms > IMPLAUSIBLE_AHEAD_MS {
+            return;
+        }
         if ts_ms > wall_ms + self.max_future_skew_ms {
             let e = self
                 .ahead
@@ -261,6 +276,33 @@ mod tests {
         assert!(d.describe(stale).contains("ahead"));
         // NTP steps the clock: trusted again.
         assert_eq!(t.judge(real, 10, None), None);
+    }
+
+    #[test]
+    fn devices_a_year_ahead_of_a_clock_the_store_confirms_do_not_pause_intake() {
+        let now = 1_800_000_000_000;
+        // The store saw events yesterday; the clock agrees with it.
+        let mut t = ClockTrust::new(SKEW, Some(now - 86_400_000));
+        let year = 366 * 86_400_000;
+        t.observe("cam-7", now + year, now, 0);
+        t.observe("cam-8", now + year, now, 1);
+        assert_eq!(
+            t.judge(now, 2, None),
+            None,
+            "the two cameras are wrong, not the box"
+        );
+        // Days ahead are still evidence (a box that lost time while off).
+        t.observe("door-1", now + DAY3, now, 3);
+        t.observe("door-2", now + DAY3, now, 4);
+        assert!(matches!(
+            t.judge(now, 5, None),
+            Some(Distrust::DevicesAhead { devices: 2, .. })
+        ));
+        // Without history (a first boot at 1970), any distance counts.
+        let mut t = ClockTrust::new(SKEW, None);
+        t.observe("d1", now, 0, 0);
+        t.observe("d2", now, 0, 1);
+        assert!(t.judge(0, 2, None).is_some());
     }
 
     #[test]

@@ -174,17 +174,23 @@ pub fn parse_topic(topic: &str) -> Result<(Kind, &str), Reject> {
     Ok((kind, device))
 }
 
-/// Parse an RFC 3339 timestamp with offset, or integer Unix milliseconds.
+/// Event times after 2200-01-01 are not times any device means: `invalid_ts`.
+pub const MAX_TS_MS: i64 = 7_258_118_400_000;
+
+/// Parse an RFC 3339 timestamp with offset, or integer Unix milliseconds (1970 to 2200).
 pub fn parse_ts(v: &Value) -> Result<i64, Reject> {
     match v {
-        Value::Number(n) => n.as_i64().filter(|ms| *ms >= 0).ok_or(Reject::InvalidTs),
+        Value::Number(n) => n
+            .as_i64()
+            .filter(|ms| (0..=MAX_TS_MS).contains(ms))
+            .ok_or(Reject::InvalidTs),
         Value::String(s) => {
             let t = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
                 .map_err(|_| Reject::InvalidTs)?;
             let ms = t.unix_timestamp_nanos() / 1_000_000;
             i64::try_from(ms)
                 .ok()
-                .filter(|ms| *ms >= 0)
+                .filter(|ms| (0..=MAX_TS_MS).contains(ms))
                 .ok_or(Reject::InvalidTs)
         }
         _ => Err(Reject::InvalidTs),

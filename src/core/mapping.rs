@@ -272,8 +272,8 @@ impl Ctx<'_> {
                 .ok_or_else(|| bad("RFC 3339 or local time"))?,
             _ => return Err(bad("a time in the configured format")),
         };
-        if ms < 0 {
-            return Err(bad("a time after 1970"));
+        if !(0..=super::event::MAX_TS_MS).contains(&ms) {
+            return Err(bad("a time between 1970 and 2200"));
         }
         Ok(ms)
     }

@@ -42,14 +42,16 @@ pub(crate) fn note_hits(
     list: &[Resident],
     mem: &HashMap<CarePseudonym, CareRecordV1>,
     hits: &[(CarePseudonym, i64)],
-    now_ms: i64,
+    _now_ms: i64,
     ch: &mut CareChanges,
 ) {
     for (p, ts) in hits {
         let Some(r) = list.iter().find(|r| r.pseudonym == *p) else {
             continue;
         };
-        let mut st = ch.current(mem, p, now_ms);
+        // A resident whose watch has not started yet (just listed, checks held): this pass
+        // starts it.
+        let mut st = ch.current(mem, p, ts.saturating_sub(1));
         if let Some(n) = seen(r, &mut st, *ts) {
             ch.notices.push(n);
         }
@@ -57,20 +59,24 @@ pub(crate) fn note_hits(
     }
 }
 
-/// The silence check at `now_ms`; new residents start their watch, gone ones are dropped.
+/// The silence check at `now_ms` (not while `hold`); new residents start their watch (held or
+/// not: the watch starts when a resident is listed), gone ones are dropped.
 pub(crate) fn check_all(
     list: &[Resident],
     mem: &HashMap<CarePseudonym, CareRecordV1>,
     now_ms: i64,
     offset_ms: i64,
+    hold: bool,
     ch: &mut CareChanges,
 ) {
     for r in list {
         let known = mem.contains_key(&r.pseudonym) || ch.state.contains_key(&r.pseudonym);
         let mut st = ch.current(mem, &r.pseudonym, now_ms);
         let before = st;
-        if let Some(n) = check(r, &mut st, now_ms, offset_ms) {
-            ch.notices.push(n);
+        if !hold {
+            if let Some(n) = check(r, &mut st, now_ms, offset_ms) {
+                ch.notices.push(n);
+            }
         }
         if !known || st != before {
             ch.state.insert(r.pseudonym, Some(st));
@@ -90,10 +96,11 @@ pub(crate) fn due(
     mem: &HashMap<CarePseudonym, CareRecordV1>,
     now_ms: i64,
     offset_ms: i64,
+    hold: bool,
 ) -> bool {
     list.iter().any(|r| match mem.get(&r.pseudonym) {
         None => true,
-        Some(st) => check(r, &mut st.clone(), now_ms, offset_ms).is_some(),
+        Some(st) => !hold && check(r, &mut st.clone(), now_ms, offset_ms).is_some(),
     }) || mem.keys().any(|p| !list.iter().any(|r| r.pseudonym == *p))
 }
 

@@ -107,6 +107,17 @@ pub(crate) fn note_batch(
             None => {
                 ch.state.insert(d, Some(DayRecordV1::default()));
             }
+            // Dirty already: the settle time starts again, so a burst of late events re-issues
+            // the day once, after it.
+            Some(s) if s.issued.is_some() && s.dirty_since.is_some() => {
+                ch.state.insert(
+                    d,
+                    Some(DayRecordV1 {
+                        dirty_since: Some(now_ms),
+                        ..s
+                    }),
+                );
+            }
             Some(s) if s.issued.is_some() && s.dirty_since.is_none() => {
                 if cfg.open_to_late(d, now_ms) {
                     ch.state.insert(

@@ -113,6 +113,8 @@ pub struct StoreWriter {
     day_cfg: DayCfg,
     /// The care watch's residents (`[[care.residents]]`, pseudonyms resolved).
     care_list: Vec<Resident>,
+    /// No silence checks now (the committer's word: the site link not settled, or paused).
+    care_hold: bool,
     mem: Mem,
     /// Bytes the store may take: `store.max_size` less the data dir's other files.
     budget: u64,
@@ -166,6 +168,7 @@ impl StoreWriter {
             keys: SubjectKeys::ephemeral(Rotate::Daily, 0, 86_400_000, 7 * 86_400_000),
             day_cfg: DayCfg::default(),
             care_list: Vec::new(),
+            care_hold: true,
             mem: Mem::default(),
             budget: u64::MAX,
             dedup_ttl_ms,
@@ -217,6 +220,11 @@ impl StoreWriter {
             }
         }
         self.care_list = list;
+    }
+
+    /// Hold (or release) the care watch's silence checks.
+    pub fn set_care_hold(&mut self, hold: bool) {
+        self.care_hold = hold;
     }
 
     /// The care watch as it stands, for the page.
@@ -533,6 +541,7 @@ impl StoreWriter {
                     &self.mem.care,
                     now_ms,
                     l.day_cfg.offset_ms,
+                    self.care_hold,
                     &mut care_changes,
                 );
                 report.purged_dedup =
@@ -671,6 +680,7 @@ impl StoreWriter {
             &self.mem.care,
             now_ms,
             self.day_cfg.offset_ms,
+            self.care_hold,
         ) {
             return Ok(true);
         }

@@ -1,0 +1,211 @@
+//! The district receiver's sustained rate (issue 14): messages per second it commits to a real
+//! PostgreSQL, with one and with two receivers sharing the subscription, as ratios to
+//! `mosquitto_sub`'s rate draining the same kind of backlog from the same broker in the same
+//! run (these machines are noisy: only ratios are comparable). Also the database rows and bytes
+//! one compound costs per day (60 s windows, a day of traffic played through a receiver).
+//!
+//! `cargo bench --bench district` (BENCH_N messages per run, default 20000).
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use common::pg::Postgres;
+use common::*;
+use std::fs;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const PREFIX: &str = "zhian/district";
+
+fn receiver(dir: &Path, db: &str, port: u16, id: &str) -> Child {
+    let cfg = dir.join(format!("{id}.toml"));
+    fs::write(
+        &cfg,
+        format!(
+            "[district]\ndatabase_url = \"{db}\"\n[mqtt]\nurl = \"mqtt://127.0.0.1:{port}\"\n\
+             topic_prefix = \"{PREFIX}\"\nclient_id = \"{id}\"\ngroup = \"bench\"\n"
+        ),
+    )
+    .unwrap();
+    let log = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("receivers.log"))
+        .unwrap();
+    Command::new(env!("CARGO_BIN_EXE_zhian-gateway"))
+        .args(["district", "--config"])
+        .arg(&cfg)
+        .env("RUST_LOG", "warn")
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap()
+}
+
+fn stop(mut c: Child) {
+    // SAFETY: kill(2) on a child we spawned.
+    unsafe {
+        libc::kill(c.id() as i32, libc::SIGTERM);
+    }
+    let _ = c.wait();
+}
+
+fn summary(g: usize, window: usize) -> Vec<u8> {
+    let start = 1_796_000_000 + window as i64 * 60;
+    let t = time::OffsetDateTime::from_unix_timestamp(start).unwrap();
+    let rfc = t
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap()
+        .replace("+00:00", "Z");
+    serde_json::to_vec(&serde_json::json!({"schema": "zhian.summary.v1", "gateway": format!("b-{g:03}"),
+        "site": {"compound": format!("小区{g}")}, "window": {"start": rfc, "secs": 60}, "rev": 0,
+        "counts": [{"kind": "access", "device": "door-1", "action": "entry", "result": "granted", "n": 3},
+                   {"kind": "vehicle", "device": "gate-1", "action": "entry", "result": "ok", "n": 1}]}))
+    .unwrap()
+}
+
+/// Publish `n` summaries (distinct windows) with `offset` windows added.
+fn publish(port: u16, n: usize, offset: usize) {
+    let mut p = Publisher::connect(port, &format!("bench-pub-{offset}"));
+    for i in 0..n {
+        let g = i % 150;
+        p.send(
+            &format!("{PREFIX}/b-{g:03}/summary"),
+            summary(g, offset + i / 150),
+        );
+    }
+    p.wait_all_acked(Duration::from_secs(120));
+}
+
+fn windows(pg: &Postgres) -> usize {
+    pg.psql("SELECT count(*) FROM windows")
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn main() {
+    let n: usize = std::env::var("BENCH_N")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20_000);
+    let scratch = tempfile::tempdir().unwrap();
+    let pg = Postgres::start(&scratch.path().join("pg"), free_port());
+    let broker = Mosquitto::start(&scratch.path().join("broker"), free_port(), true);
+    let url = pg.url();
+    // Sessions and subscriptions exist, then the receivers go away and a backlog builds.
+    let (a, b) = (
+        receiver(scratch.path(), &url, broker.port, "r1"),
+        receiver(scratch.path(), &url, broker.port, "r2"),
+    );
+    assert!(wait_until(Duration::from_secs(30), || pg
+        .psql("SELECT 1 FROM settings LIMIT 1")
+        .is_some()));
+    std::thread::sleep(Duration::from_secs(1));
+    stop(a);
+    stop(b);
+
+    // Baseline: mosquitto_sub draining n queued QoS 1 messages from its persistent session.
+    let sub = |args: &[&str]| {
+        Command::new("mosquitto_sub")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &broker.port.to_string(),
+                "-q",
+                "1",
+                "-c",
+                "-i",
+                "bench-sub",
+            ])
+            .args(args)
+            .stdout(Stdio::null())
+            .status()
+            .unwrap()
+    };
+    sub(&["-t", &format!("{PREFIX}/+/#"), "-W", "1"]);
+    publish(broker.port, n, 1_000_000);
+    let t = Instant::now();
+    assert!(sub(&["-t", &format!("{PREFIX}/+/#"), "-C", &n.to_string()]).success());
+    let sub_rate = n as f64 / t.elapsed().as_secs_f64();
+    // The shared group also got those n: drain them through two receivers first (not timed).
+    let (a, b) = (
+        receiver(scratch.path(), &url, broker.port, "r1"),
+        receiver(scratch.path(), &url, broker.port, "r2"),
+    );
+    assert!(wait_until(Duration::from_secs(300), || windows(&pg) >= n));
+    stop(a);
+    stop(b);
+
+    let mut rates = Vec::new();
+    for (k, ids) in [(2usize, vec!["r1"]), (3, vec!["r1", "r2"])] {
+        let before = windows(&pg);
+        publish(broker.port, n, k * 1_000_000);
+        let t = Instant::now();
+        let rs: Vec<Child> = ids
+            .iter()
+            .map(|id| receiver(scratch.path(), &url, broker.port, id))
+            .collect();
+        assert!(
+            wait_until(Duration::from_secs(600), || windows(&pg) >= before + n),
+            "receivers did not drain: {}",
+            tail(&scratch.path().join("receivers.log"), 20)
+        );
+        rates.push(n as f64 / t.elapsed().as_secs_f64());
+        for r in rs {
+            stop(r);
+        }
+    }
+    // Rows and bytes per compound and day: a day of 60 s windows for one compound, two rows a
+    // window (as the summaries above), measured as the growth of the schema's tables.
+    let size = |pg: &Postgres| -> i64 {
+        pg.psql("SELECT sum(pg_total_relation_size(c.oid)) FROM pg_class c JOIN pg_namespace s ON s.oid = c.relnamespace WHERE s.nspname = 'public' AND c.relkind = 'r'")
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let rows = |pg: &Postgres| -> i64 {
+        pg.psql("SELECT (SELECT count(*) FROM windows) + (SELECT count(*) FROM window_rows)")
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let (b0, r0) = (size(&pg), rows(&pg));
+    {
+        let mut p = Publisher::connect(broker.port, "bench-day");
+        for w in 0..1440 {
+            p.send(&format!("{PREFIX}/b-day/summary"), {
+                let mut v: serde_json::Value =
+                    serde_json::from_slice(&summary(0, 5_000_000 + w)).unwrap();
+                v["gateway"] = "b-day".into();
+                serde_json::to_vec(&v).unwrap()
+            });
+        }
+        p.wait_all_acked(Duration::from_secs(120));
+    }
+    let r = receiver(scratch.path(), &url, broker.port, "r1");
+    assert!(wait_until(Duration::from_secs(300), || pg
+        .psql("SELECT count(*) FROM windows WHERE gateway = 'b-day'")
+        .is_some_and(|s| s.trim() == "1440")));
+    stop(r);
+    pg.psql("VACUUM ANALYZE");
+    let (b1, r1) = (size(&pg), rows(&pg));
+    println!(
+        "district receiver, {n} summaries per run (2 rows each), PostgreSQL fsync off, loopback:"
+    );
+    println!("  mosquitto_sub draining the same backlog: {sub_rate:.0} msg/s (baseline)");
+    println!(
+        "  one receiver:  {:.0} msg/s committed, ratio {:.2}",
+        rates[0],
+        rates[0] / sub_rate
+    );
+    println!(
+        "  two receivers: {:.0} msg/s committed, ratio {:.2}",
+        rates[1],
+        rates[1] / sub_rate
+    );
+    println!(
+        "  one compound-day (1440 windows of 60 s, 2 rows each): {} rows, {} KiB in the tables and indexes",
+        r1 - r0,
+        (b1 - b0) / 1024
+    );
+}
