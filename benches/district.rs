@@ -36,7 +36,7 @@ fn receiver(dir: &Path, db: &str, port: u16, id: &str) -> Child {
     Command::new(env!("CARGO_BIN_EXE_zhian-gateway"))
         .args(["district", "--config"])
         .arg(&cfg)
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", "info")
         .stdout(log.try_clone().unwrap())
         .stderr(log)
         .spawn()
@@ -84,6 +84,13 @@ fn windows(pg: &Postgres) -> usize {
         .unwrap_or(0)
 }
 
+fn signal(c: &Child, sig: i32) {
+    // SAFETY: kill(2) on a child we spawned.
+    unsafe {
+        libc::kill(c.id() as i32, sig);
+    }
+}
+
 fn main() {
     let n: usize = std::env::var("BENCH_N")
         .ok()
@@ -93,66 +100,63 @@ fn main() {
     let pg = Postgres::start(&scratch.path().join("pg"), free_port());
     let broker = Mosquitto::start(&scratch.path().join("broker"), free_port(), true);
     let url = pg.url();
-    // Sessions and subscriptions exist, then the receivers go away and a backlog builds.
-    let (a, b) = (
-        receiver(scratch.path(), &url, broker.port, "r1"),
-        receiver(scratch.path(), &url, broker.port, "r2"),
-    );
-    assert!(wait_until(Duration::from_secs(30), || pg
-        .psql("SELECT 1 FROM settings LIMIT 1")
-        .is_some()));
+    // Each reader is connected and subscribed, then frozen (SIGSTOP) while a backlog of n
+    // messages builds on the broker, then thawed: the time to drain it is its rate.
+    // Baseline: mosquitto_sub, a null subscriber, on the same broker in the same run.
+    let sub = Command::new("mosquitto_sub")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &broker.port.to_string(),
+            "-q",
+            "1",
+            "-c",
+            "-i",
+            "bench-sub",
+        ])
+        .args(["-t", &format!("{PREFIX}/+/#"), "-C", &n.to_string()])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
     std::thread::sleep(Duration::from_secs(1));
-    stop(a);
-    stop(b);
-
-    // Baseline: mosquitto_sub draining n queued QoS 1 messages from its persistent session.
-    let sub = |args: &[&str]| {
-        Command::new("mosquitto_sub")
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &broker.port.to_string(),
-                "-q",
-                "1",
-                "-c",
-                "-i",
-                "bench-sub",
-            ])
-            .args(args)
-            .stdout(Stdio::null())
-            .status()
-            .unwrap()
-    };
-    sub(&["-t", &format!("{PREFIX}/+/#"), "-W", "1"]);
+    signal(&sub, libc::SIGSTOP);
     publish(broker.port, n, 1_000_000);
     let t = Instant::now();
-    assert!(sub(&["-t", &format!("{PREFIX}/+/#"), "-C", &n.to_string()]).success());
+    signal(&sub, libc::SIGCONT);
+    let mut sub = sub;
+    assert!(sub.wait().unwrap().success());
     let sub_rate = n as f64 / t.elapsed().as_secs_f64();
-    // The shared group also got those n: drain them through two receivers first (not timed).
-    let (a, b) = (
-        receiver(scratch.path(), &url, broker.port, "r1"),
-        receiver(scratch.path(), &url, broker.port, "r2"),
-    );
-    assert!(wait_until(Duration::from_secs(300), || windows(&pg) >= n));
-    stop(a);
-    stop(b);
+    eprintln!("mosquitto_sub: {sub_rate:.0} msg/s");
 
     let mut rates = Vec::new();
     for (k, ids) in [(2usize, vec!["r1"]), (3, vec!["r1", "r2"])] {
-        let before = windows(&pg);
-        publish(broker.port, n, k * 1_000_000);
-        let t = Instant::now();
         let rs: Vec<Child> = ids
             .iter()
             .map(|id| receiver(scratch.path(), &url, broker.port, id))
             .collect();
+        assert!(wait_until(Duration::from_secs(30), || pg
+            .psql("SELECT 1 FROM settings LIMIT 1")
+            .is_some()));
+        std::thread::sleep(Duration::from_secs(2));
+        let before = windows(&pg);
+        for r in &rs {
+            signal(r, libc::SIGSTOP);
+        }
+        publish(broker.port, n, k * 1_000_000);
+        let t = Instant::now();
+        for r in &rs {
+            signal(r, libc::SIGCONT);
+        }
         assert!(
             wait_until(Duration::from_secs(600), || windows(&pg) >= before + n),
-            "receivers did not drain: {}",
+            "receivers did not drain: {} of {n}; {}",
+            windows(&pg) - before,
             tail(&scratch.path().join("receivers.log"), 20)
         );
-        rates.push(n as f64 / t.elapsed().as_secs_f64());
+        let rate = n as f64 / t.elapsed().as_secs_f64();
+        eprintln!("{} receiver(s): {rate:.0} msg/s", ids.len());
+        rates.push(rate);
         for r in rs {
             stop(r);
         }
@@ -169,20 +173,23 @@ fn main() {
             .and_then(|s| s.trim().parse().ok())
             .unwrap_or(0)
     };
+    pg.psql("VACUUM ANALYZE");
     let (b0, r0) = (size(&pg), rows(&pg));
+    let r = receiver(scratch.path(), &url, broker.port, "r1");
+    std::thread::sleep(Duration::from_secs(2));
     {
         let mut p = Publisher::connect(broker.port, "bench-day");
         for w in 0..1440 {
-            p.send(&format!("{PREFIX}/b-day/summary"), {
-                let mut v: serde_json::Value =
-                    serde_json::from_slice(&summary(0, 5_000_000 + w)).unwrap();
-                v["gateway"] = "b-day".into();
-                serde_json::to_vec(&v).unwrap()
-            });
+            let mut v: serde_json::Value =
+                serde_json::from_slice(&summary(0, 5_000_000 + w)).unwrap();
+            v["gateway"] = "b-day".into();
+            p.send(
+                &format!("{PREFIX}/b-day/summary"),
+                serde_json::to_vec(&v).unwrap(),
+            );
         }
         p.wait_all_acked(Duration::from_secs(120));
     }
-    let r = receiver(scratch.path(), &url, broker.port, "r1");
     assert!(wait_until(Duration::from_secs(300), || pg
         .psql("SELECT count(*) FROM windows WHERE gateway = 'b-day'")
         .is_some_and(|s| s.trim() == "1440")));
