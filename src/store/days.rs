@@ -17,6 +17,12 @@ use redb::{ReadableTable, TableDefinition};
 use std::collections::{BTreeMap, BTreeSet};
 
 pub(crate) const DAYS: TableDefinition<i64, &[u8]> = TableDefinition::new("days");
+
+/// Distinct pseudonyms kept per day and class at most (a compound of 5,000 residents and 3,000
+/// vehicles stays far below it): a device inventing a subject per event must not grow the store
+/// or the memory without bound (found by the bounded-store test: 300,000 distinct faces took the
+/// data dir past `store.max_size`). Past it the day's figure is a floor.
+pub const MAX_DISTINCT_PER_DAY: usize = 20_000;
 pub(crate) const DAY_SUBJECTS: TableDefinition<(i64, u64), &[u8]> =
     TableDefinition::new("day_subjects");
 
@@ -88,6 +94,7 @@ pub(crate) fn note_batch(
     outcomes: &[Outcome],
     subjects: Vec<(i64, bool, Pseudonym)>,
     now_ms: i64,
+    room: bool,
     ch: &mut DayChanges,
 ) {
     let mut touched = BTreeSet::new();
@@ -132,10 +139,19 @@ pub(crate) fn note_batch(
             Some(_) => {}
         }
     }
+    // Under disk pressure no new pseudonym is kept (derived figures yield to events).
+    if !room {
+        return;
+    }
     for (d, vehicle, p) in subjects {
-        if ch.current(mem, d).is_some() && !ch.has(mem, d, vehicle, &p) {
-            ch.add.push((d, vehicle, p));
+        if ch.current(mem, d).is_none() || ch.has(mem, d, vehicle, &p) {
+            continue;
         }
+        let (a, v) = ch.distinct(mem, d);
+        if (if vehicle { v } else { a }) >= MAX_DISTINCT_PER_DAY {
+            continue;
+        }
+        ch.add.push((d, vehicle, p));
     }
 }
 

@@ -523,6 +523,7 @@ impl StoreWriter {
                 &report.outcomes,
                 std::mem::take(&mut l.day_subjects),
                 now_ms,
+                pressure == Pressure::None,
                 &mut day_changes,
             );
             care_store::note_hits(
