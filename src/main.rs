@@ -126,6 +126,7 @@ fn load(path: Option<PathBuf>, start_needs: bool) -> Result<config::Config, Exit
 }
 
 /// The receiver's default config path.
+#[cfg(feature = "district")]
 const DEFAULT_DISTRICT_CONFIG: &str = "/etc/zhian-gateway/district.toml";
 
 #[cfg(feature = "district")]

@@ -456,3 +456,44 @@ fn a_fleet_of_170_gateways_lands_exactly_in_postgresql() {
     }
     drop((r1, r2));
 }
+
+/// Found by a break-it run: a NUL in a string, a time PostgreSQL cannot store, and counts that
+/// overflow a bigint each stopped a receiver for good (the batch retried for ever, or a panic),
+/// and the broker dropped what queued behind it. Now each is a reject and the next message lands.
+#[test]
+fn poison_messages_are_rejects_not_a_stalled_receiver() {
+    let scratch = tempfile::tempdir().unwrap();
+    let pg = Postgres::start(&scratch.path().join("pg"), free_port());
+    let district = Mosquitto::start(&scratch.path().join("district"), free_port(), true);
+    let cfg = scratch.path().join("r.toml");
+    receiver_config(&cfg, &pg.url(), district.port, "zhian-district-p");
+    let log = scratch.path().join("r.log");
+    let mut r = start_receiver(&cfg, &log);
+    assert!(wait_until(Duration::from_secs(30), || pg
+        .psql("SELECT count(*) FROM settings")
+        .is_some_and(|s| s.trim() == "2")));
+    std::thread::sleep(Duration::from_secs(1));
+    let mut p = Publisher::connect(district.port, "poison-pub");
+    let max = i64::MAX;
+    for (leaf, body) in [
+        ("alert", r#"{"schema":"zhian.alert.v1","gateway":"p1","kind":"camera","device":"cam\u0000x","action":"intrusion","id":"a1","ts":"2026-11-30T00:00:00Z"}"#.to_string()),
+        ("alert", r#"{"schema":"zhian.alert.v1","gateway":"p1","kind":"camera","device":"cam","action":"intrusion","id":"a2","ts":10000000000000000}"#.to_string()),
+        ("heartbeat", r#"{"schema":"zhian.heartbeat.v1","gateway":"p1","note":"a\u0000b"}"#.to_string()),
+        ("summary", format!(r#"{{"schema":"zhian.summary.v1","gateway":"p1","window":{{"start":"2026-11-30T00:00:00Z","secs":60}},"rev":0,"counts":[{{"kind":"access","device":"d","action":"entry","result":"ok","n":{max}}},{{"kind":"access","device":"d","action":"entry","result":"ok","n":{max}}}]}}"#)),
+    ] {
+        p.send(&format!("{PREFIX}/p1/{leaf}"), body.into_bytes());
+    }
+    p.send(
+        &format!("{PREFIX}/p1/summary"),
+        summary("p1", 1_796_000_000_000, 0, None, &[("door-1", 7)]),
+    );
+    p.wait_all_acked(Duration::from_secs(10));
+    assert!(
+        wait_until(Duration::from_secs(30), || in_db(&pg).values().sum::<i64>()
+            == 7),
+        "{}",
+        tail(&log, 20)
+    );
+    assert_eq!(pg.psql("SELECT count(*) FROM rejects").unwrap().trim(), "4");
+    assert!(r.0.try_wait().unwrap().is_none(), "the receiver runs on");
+}

@@ -98,12 +98,58 @@ impl DistrictConfig {
         format!("$share/{}/{}/+/#", self.mqtt.group, self.mqtt.topic_prefix)
     }
 
-    /// The effective config as TOML, secrets redacted.
+    /// The effective config as TOML, secrets redacted (the database URL's password in any
+    /// of libpq's forms: `user:pw@`, `?password=`, `password=` in key/value form).
     pub fn to_redacted_toml(&self) -> String {
+        let mut shown = self.clone();
+        shown.district.database_url = redact_conninfo(&shown.district.database_url);
         let text =
-            toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render: {e}\n"));
+            toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot render: {e}\n"));
         crate::logfmt::redact_url(&text)
     }
+}
+
+/// A libpq URL or key/value string with every password value replaced by `***`.
+pub fn redact_conninfo(s: &str) -> String {
+    // A URL: everything between the scheme and its last '@' is userinfo, whatever it holds
+    // (a quote or a space in a password must not end the redaction).
+    let s = match (s.find("://"), s.rfind('@')) {
+        (Some(i), Some(at)) if at > i + 3 => {
+            let userinfo = &s[i + 3..at];
+            match userinfo.find(':') {
+                Some(c) => format!("{}:***{}", &s[..i + 3 + c], &s[at..]),
+                None => s.to_string(),
+            }
+        }
+        _ => crate::logfmt::redact_url(s),
+    };
+    let lower = s.to_ascii_lowercase();
+    let mut out = String::with_capacity(s.len());
+    let mut at = 0;
+    while let Some(i) = lower[at..].find("password") {
+        let key_end = at + i + "password".len();
+        out.push_str(&s[at..key_end]);
+        let after = &s[key_end..];
+        let trimmed = after.trim_start();
+        match trimmed.strip_prefix('=') {
+            Some(v) => {
+                out.push_str("=***");
+                let v_start = s.len() - v.len();
+                let v = v.trim_start();
+                let v_start = v_start + (s.len() - v_start - v.len());
+                let len = if let Some(q) = v.strip_prefix('\'') {
+                    q.find('\'').map_or(v.len(), |j| j + 2)
+                } else {
+                    v.find(|c: char| c == '&' || c.is_whitespace())
+                        .unwrap_or(v.len())
+                };
+                at = v_start + len;
+            }
+            None => at = key_end,
+        }
+    }
+    out.push_str(&s[at..]);
+    out
 }
 
 /// Whether the file at `path` is a receiver config (it has a `[district]` table).
@@ -225,4 +271,32 @@ pub fn validate(c: &DistrictConfig) -> Vec<Problem> {
         ));
     }
     p
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact_conninfo;
+
+    #[test]
+    fn database_passwords_are_redacted_in_every_form() {
+        for (given, secret) in [
+            ("host=db user=zhian password=KvSecret dbname=x", "KvSecret"),
+            (
+                "postgresql://db:5432/x?user=zhian&password=QuerySecret",
+                "QuerySecret",
+            ),
+            ("postgres://zhian:Pass%20Word\"Q@db:5432/x", "Pass%20Word"),
+            (
+                "host=db password = 'Quoted Secret' dbname=x",
+                "Quoted Secret",
+            ),
+        ] {
+            let r = redact_conninfo(given);
+            assert!(!r.contains(secret), "{given} -> {r}");
+        }
+        assert_eq!(
+            redact_conninfo("host=db password=KvSecret dbname=x"),
+            "host=db password=*** dbname=x"
+        );
+    }
 }

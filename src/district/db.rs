@@ -115,6 +115,25 @@ pub async fn apply(
     Ok(a)
 }
 
+/// Keep one message the database refused (a value it cannot store) as a reject, in its own
+/// transaction, so it is acknowledged and never retried.
+pub async fn refuse(
+    client: &mut tokio_postgres::Client,
+    topic: &str,
+    detail: &str,
+) -> Result<(), tokio_postgres::Error> {
+    let tx = client.transaction().await?;
+    tx.execute(
+        "INSERT INTO rejects (topic, reason, detail) VALUES ($1, 'database_refused', $2)",
+        &[
+            &topic.chars().take(300).collect::<String>(),
+            &detail.chars().take(500).collect::<String>(),
+        ],
+    )
+    .await?;
+    tx.commit().await
+}
+
 /// Returns whether a summary rev came into force.
 async fn apply_one(tx: &Transaction<'_>, m: &Msg) -> Result<bool, tokio_postgres::Error> {
     tx.execute(
@@ -160,8 +179,9 @@ async fn apply_one(tx: &Transaction<'_>, m: &Msg) -> Result<bool, tokio_postgres
             let got = tx
                 .query(
                     "SELECT counts FROM summary_parts
-                     WHERE gateway = $1 AND window_start = $2 AND window_secs = $3 AND rev = $4",
-                    &[gateway, &start, secs, rev],
+                     WHERE gateway = $1 AND window_start = $2 AND window_secs = $3 AND rev = $4
+                       AND parts = $5",
+                    &[gateway, &start, secs, rev, parts],
                 )
                 .await?;
             if (got.len() as i32) < *parts {
@@ -173,8 +193,10 @@ async fn apply_one(tx: &Transaction<'_>, m: &Msg) -> Result<bool, tokio_postgres
                 let counts: serde_json::Value = r.get(0);
                 for c in counts.as_array().into_iter().flatten() {
                     let f = |k: &str| c.get(k).and_then(|v| v.as_str()).unwrap_or("").to_string();
-                    *sum.entry((f("kind"), f("device"), f("action"), f("result")))
-                        .or_insert(0) += c.get("n").and_then(|v| v.as_i64()).unwrap_or(0);
+                    let e = sum
+                        .entry((f("kind"), f("device"), f("action"), f("result")))
+                        .or_insert(0i64);
+                    *e = e.saturating_add(c.get("n").and_then(|v| v.as_i64()).unwrap_or(0));
                 }
             }
             tx.execute(

@@ -81,7 +81,7 @@ async fn connect(cfg: &DistrictConfig) -> Result<tokio_postgres::Client, String>
             let (client, conn) = pg
                 .connect(tokio_postgres_rustls::MakeRustlsConnect::new(tls))
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| pg_error(&e))?;
             tokio::spawn(async move {
                 if let Err(e) = conn.await {
                     tracing::warn!(error = %e, "database connection closed");
@@ -93,7 +93,7 @@ async fn connect(cfg: &DistrictConfig) -> Result<tokio_postgres::Client, String>
             let (client, conn) = pg
                 .connect(tokio_postgres::NoTls)
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| pg_error(&e))?;
             tokio::spawn(async move {
                 if let Err(e) = conn.await {
                     tracing::warn!(error = %e, "database connection closed");
@@ -199,7 +199,23 @@ pub async fn run(cfg: DistrictConfig, shutdown: impl Future<Output = ()>) -> Res
             }
         })
     };
-    shutdown.await;
+    // A task that ends before shutdown (a panic, a closed channel) ends the process with an
+    // error, so its supervisor restarts it: a receiver must never sit connected and idle.
+    let mut dbt = dbt;
+    let mut mqtt = mqtt;
+    tokio::select! {
+        _ = &mut shutdown => {}
+        r = &mut dbt => {
+            stop.cancel();
+            report.abort();
+            return Err(format!("the database task stopped: {r:?}"));
+        }
+        r = &mut mqtt => {
+            stop.cancel();
+            report.abort();
+            return Err(format!("the MQTT task stopped: {r:?}"));
+        }
+    }
     tracing::info!("district receiver: stopping");
     stop.cancel();
     // The MQTT task drops its sender; the database task finishes its batch and acks it.
@@ -344,6 +360,19 @@ async fn db_task(
                     backoff.reset();
                     break a;
                 }
+                // A value the database refuses (not a lost connection): the batch goes one message
+                // at a time, and a message it still refuses is kept as a reject and acknowledged,
+                // so one bad message never blocks the ones behind it.
+                Err(e) if e.as_db_error().is_some() && !client.is_closed() => {
+                    tracing::warn!(error = %pg_error(&e), batch = parsed.len(), "database refused the batch; applying its messages one at a time");
+                    match isolate(&mut client, &parsed).await {
+                        Ok(a) => break a,
+                        Err(e) => {
+                            tracing::error!(error = %pg_error(&e), "database write failed; the batch stays unacknowledged and is retried");
+                            tokio::time::sleep(backoff.next_delay()).await;
+                        }
+                    }
+                }
                 Err(e) => {
                     let delay = backoff.next_delay();
                     let e = pg_error(&e);
@@ -380,4 +409,38 @@ async fn db_task(
             }
         }
     }
+}
+
+/// Apply `parsed` one message per transaction; a message the database refuses becomes a
+/// `database_refused` reject. An error that is not the database refusing a value (a lost
+/// connection) is returned, and the whole batch is retried.
+async fn isolate(
+    client: &mut tokio_postgres::Client,
+    parsed: &[(String, Result<msg::Msg, msg::Reject>)],
+) -> Result<db::Applied, tokio_postgres::Error> {
+    let mut total = db::Applied::default();
+    for item in parsed {
+        let attempt = async {
+            let tx = client.transaction().await?;
+            let a = db::apply(&tx, std::slice::from_ref(item)).await?;
+            tx.commit().await?;
+            Ok::<_, tokio_postgres::Error>(a)
+        }
+        .await;
+        match attempt {
+            Ok(a) => {
+                total.kept += a.kept;
+                total.rejected += a.rejected;
+                total.windows_set += a.windows_set;
+            }
+            Err(e) if e.as_db_error().is_some() && !client.is_closed() => {
+                let detail = pg_error(&e);
+                tracing::warn!(topic = %crate::logfmt::Clean(&item.0), error = %detail, "district receiver: message refused by the database; kept as a reject");
+                db::refuse(client, &item.0, &detail).await?;
+                total.rejected += 1;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(total)
 }

@@ -111,11 +111,40 @@ fn int(v: &Value, key: &str) -> Result<i64, Reject> {
         .ok_or_else(|| reject("invalid_field", format!("{key}: an integer is required")))
 }
 
+/// Times the database keeps: 1970 to 2200 (PostgreSQL refuses far more, and a refused value
+/// must be a reject here, not a batch the database keeps refusing).
+const MAX_MS: i64 = crate::core::event::MAX_TS_MS;
+/// A count per row at most (a bigint sum over a year of windows stays far from overflow).
+const MAX_N: i64 = 1_000_000_000_000;
+
+fn bounded_ms(ms: i64, key: &str) -> Result<i64, Reject> {
+    if (0..=MAX_MS).contains(&ms) {
+        Ok(ms)
+    } else {
+        Err(reject(
+            "invalid_field",
+            format!("{key}: not a time between 1970 and 2200"),
+        ))
+    }
+}
+
 fn rfc3339_ms(text: &str, key: &str) -> Result<i64, Reject> {
-    time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
+    let ms = time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
         .ok()
         .and_then(|t| i64::try_from(t.unix_timestamp_nanos() / 1_000_000).ok())
-        .ok_or_else(|| reject("invalid_field", format!("{key}: not an RFC 3339 time")))
+        .ok_or_else(|| reject("invalid_field", format!("{key}: not an RFC 3339 time")))?;
+    bounded_ms(ms, key)
+}
+
+/// Whether any string in `v` (keys included) holds a NUL, which PostgreSQL text and jsonb
+/// refuse.
+fn has_nul(v: &Value) -> bool {
+    match v {
+        Value::String(s) => s.contains('\0'),
+        Value::Array(a) => a.iter().any(has_nul),
+        Value::Object(o) => o.iter().any(|(k, v)| k.contains('\0') || has_nul(v)),
+        _ => false,
+    }
 }
 
 fn rows(v: &Value) -> Result<Vec<Row>, Reject> {
@@ -128,10 +157,10 @@ fn rows(v: &Value) -> Result<Vec<Row>, Reject> {
         .map(|(i, r)| {
             let n =
                 int(r, "n").map_err(|e| reject(e.reason, format!("counts[{i}].{}", e.detail)))?;
-            if n < 0 {
+            if !(0..=MAX_N).contains(&n) {
                 return Err(reject(
                     "invalid_field",
-                    format!("counts[{i}].n is negative"),
+                    format!("counts[{i}].n is not 0 to 10^12"),
                 ));
             }
             let f = |k| {
@@ -171,6 +200,9 @@ pub fn parse(prefix: &str, topic: &str, payload: &[u8]) -> Result<Msg, Reject> {
         serde_json::from_slice(payload).map_err(|e| reject("invalid_json", e.to_string()))?;
     if !v.is_object() {
         return Err(reject("invalid_json", "not a JSON object"));
+    }
+    if has_nul(&v) {
+        return Err(reject("invalid_field", "a string holds a NUL character"));
     }
     let gateway = gateway.to_string();
     let same_gateway = |v: &Value| -> Result<(), Reject> {
@@ -228,9 +260,11 @@ pub fn parse(prefix: &str, topic: &str, payload: &[u8]) -> Result<Msg, Reject> {
             same_gateway(&v)?;
             let ts_ms = match v.get("ts") {
                 Some(Value::String(t)) => rfc3339_ms(t, "ts")?,
-                Some(Value::Number(n)) => n
-                    .as_i64()
-                    .ok_or_else(|| reject("invalid_field", "ts: not an integer"))?,
+                Some(Value::Number(n)) => bounded_ms(
+                    n.as_i64()
+                        .ok_or_else(|| reject("invalid_field", "ts: not an integer"))?,
+                    "ts",
+                )?,
                 _ => return Err(reject("invalid_field", "ts: a time is required")),
             };
             Ok(Msg::Alert {
@@ -270,11 +304,15 @@ pub fn parse(prefix: &str, topic: &str, payload: &[u8]) -> Result<Msg, Reject> {
             time::Date::parse(date, &fmt)
                 .map_err(|_| reject("invalid_field", "date: not YYYY-MM-DD"))?;
             let d = v.get("distinct").cloned().unwrap_or(Value::Null);
+            let rev = int(&v, "rev")?;
+            if !(0..=i32::MAX as i64).contains(&rev) {
+                return Err(reject("invalid_field", "rev out of range"));
+            }
             Ok(Msg::Daily {
                 site: v.get("site").cloned().unwrap_or(Value::Null),
                 date: date.into(),
-                tz: v.get("tz").and_then(Value::as_str).unwrap_or("").into(),
-                rev: int(&v, "rev")?.clamp(0, i32::MAX as i64) as i32,
+                tz: s(&v, "tz")?.into(),
+                rev: rev as i32,
                 access_subjects: d.get("access_subjects").and_then(Value::as_i64),
                 vehicles: d.get("vehicles").and_then(Value::as_i64),
                 rows: rows(&v)?,

@@ -87,6 +87,9 @@ impl DayChanges {
 /// Note what a batch's outcomes change: the days its counted events and counter steps fall in
 /// are tracked (a new day) or, when already issued and still open to late events, dirty; and
 /// `subjects` (the accepted events' pseudonyms, by day) adds the ones new to their day.
+// One call per batch, from the writer, with what the batch holds: a struct would only move
+// these names one level down.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn note_batch(
     mem: &BTreeMap<i64, DayMem>,
     cfg: &DayCfg,
