@@ -172,13 +172,9 @@ pub async fn run(cfg: DistrictConfig, shutdown: impl Future<Output = ()>) -> Res
         counters.clone(),
         stop.clone(),
     ));
-    let dbt = tokio::spawn(db_task(
-        cfg.clone(),
-        client,
-        rx,
-        current_rx,
-        counters.clone(),
-    ));
+    let (acks_tx, acks_rx) = tokio::sync::mpsc::unbounded_channel();
+    let acker = tokio::spawn(acker(acks_rx, current_rx));
+    let dbt = tokio::spawn(db_task(cfg.clone(), client, rx, acks_tx, counters.clone()));
     let report = {
         let counters = counters.clone();
         tokio::spawn(async move {
@@ -220,6 +216,8 @@ pub async fn run(cfg: DistrictConfig, shutdown: impl Future<Output = ()>) -> Res
     stop.cancel();
     // The MQTT task drops its sender; the database task finishes its batch and acks it.
     let _ = tokio::time::timeout(Duration::from_secs(4), dbt).await;
+    // The last acks go out before the MQTT task disconnects.
+    let _ = tokio::time::timeout(Duration::from_secs(1), acker).await;
     let _ = tokio::time::timeout(Duration::from_secs(1), mqtt).await;
     report.abort();
     Ok(())
@@ -323,7 +321,7 @@ async fn db_task(
     cfg: Arc<DistrictConfig>,
     mut client: tokio_postgres::Client,
     rx: flume::Receiver<Item>,
-    current: tokio::sync::watch::Receiver<Option<(u64, AsyncClient)>>,
+    acks: tokio::sync::mpsc::UnboundedSender<(u64, rumqttc::Publish)>,
     counters: Arc<Counters>,
 ) {
     let prefix = cfg.mqtt.topic_prefix.clone();
@@ -397,15 +395,30 @@ async fn db_task(
         counters.kept.fetch_add(applied.kept, Relaxed);
         counters.rejected.fetch_add(applied.rejected, Relaxed);
         counters.batches.fetch_add(1, Relaxed);
-        // Acks in arrival order, for the connection they came on.
-        let conn = current.borrow().clone();
-        if let Some((gen, client)) = conn {
-            for i in &items {
-                if let (true, Some(p)) = (i.gen == gen, &i.ack) {
-                    if client.ack(p).await.is_err() {
-                        break;
-                    }
+        // Acks in arrival order, handed to the acker: this task never waits on the MQTT
+        // client (its request queue is drained by the MQTT task, which may itself be waiting
+        // for this task to take messages: measured, that deadlocked after 6,500 messages).
+        for i in items {
+            if let Some(p) = i.ack {
+                if acks.send((i.gen, p)).is_err() {
+                    return;
                 }
+            }
+        }
+    }
+}
+
+/// Sends the database task's acks on the connection they belong to (an ack for an older
+/// connection is dropped: the broker redelivers that message, which the database makes a no-op).
+async fn acker(
+    mut acks: tokio::sync::mpsc::UnboundedReceiver<(u64, rumqttc::Publish)>,
+    current: tokio::sync::watch::Receiver<Option<(u64, AsyncClient)>>,
+) {
+    while let Some((gen, p)) = acks.recv().await {
+        let conn = current.borrow().clone();
+        if let Some((g, client)) = conn {
+            if g == gen {
+                let _ = client.ack(&p).await;
             }
         }
     }
