@@ -175,7 +175,11 @@ fn main() {
     };
     pg.psql("VACUUM ANALYZE");
     let (b0, r0) = (size(&pg), rows(&pg));
-    let r = receiver(scratch.path(), &url, broker.port, "r1");
+    // Both group members: a stopped one's share of the shared subscription waits in its session.
+    let rs: Vec<Child> = ["r1", "r2"]
+        .iter()
+        .map(|id| receiver(scratch.path(), &url, broker.port, id))
+        .collect();
     std::thread::sleep(Duration::from_secs(2));
     {
         let mut p = Publisher::connect(broker.port, "bench-day");
@@ -193,7 +197,9 @@ fn main() {
     assert!(wait_until(Duration::from_secs(300), || pg
         .psql("SELECT count(*) FROM windows WHERE gateway = 'b-day'")
         .is_some_and(|s| s.trim() == "1440")));
-    stop(r);
+    for r in rs {
+        stop(r);
+    }
     pg.psql("VACUUM ANALYZE");
     let (b1, r1) = (size(&pg), rows(&pg));
     println!(
