@@ -107,7 +107,8 @@ impl Ingest {
             let _ = acker_client.disconnect().await;
         });
         // Every filter subscribed on this session, and the batches whose SUBACK is awaited.
-        let mut topics: Vec<String> = topic_filters(&self.cfg.mqtt.topics, &self.sources.borrow());
+        let mut topics: Vec<String> =
+            mapping::subscriptions(&self.cfg.mqtt.topics, &self.sources.borrow());
         let mut sub_batches: std::collections::VecDeque<Vec<String>> = Default::default();
         let offset_s = self.cfg.site_offset_s();
         let mut stopping = self.stop.is_cancelled();
@@ -130,7 +131,7 @@ impl Ingest {
                         continue;
                     }
                     Ok(()) = self.sources.changed() => {
-                        let new = topic_filters(&self.cfg.mqtt.topics, &self.sources.borrow_and_update());
+                        let new = mapping::subscriptions(&self.cfg.mqtt.topics, &self.sources.borrow_and_update());
                         let added: Vec<String> = new.iter().filter(|t| !topics.contains(t)).cloned().collect();
                         for gone in topics.iter().filter(|t| !new.contains(t)) {
                             let _ = client.try_unsubscribe(gone.clone());
@@ -299,14 +300,3 @@ impl Ingest {
 
 /// How long shutdown waits for the device input to flush acks and disconnect.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
-
-/// `base` (the canonical `mqtt.topics`) and each source's filter, without repeats.
-fn topic_filters(base: &[String], sources: &[Source]) -> Vec<String> {
-    let mut t = base.to_vec();
-    for s in sources {
-        if !t.contains(&s.topic) {
-            t.push(s.topic.clone());
-        }
-    }
-    t
-}

@@ -367,11 +367,6 @@ impl SubjectKeys {
         }
         n
     }
-
-    /// Days whose pseudonym keys are held (tests; never the bytes).
-    pub fn periods(&self) -> Vec<i64> {
-        self.pseudonym.keys.keys().copied().collect()
-    }
 }
 
 impl SubjectKeys {

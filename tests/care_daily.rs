@@ -10,7 +10,7 @@ use serde_json::Value;
 use std::collections::BTreeSet;
 use std::fs;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 fn access(id: &str, ts_ms: i64, subject: &str) -> Vec<u8> {
@@ -27,21 +27,12 @@ fn vehicle(id: &str, ts_ms: i64, plate: &str) -> Vec<u8> {
 }
 
 fn care_pseudonym(cfg: &Path, subject: &str) -> String {
-    use std::io::Write;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_zhian-gateway"))
-        .args(["care-pseudonym", "--config"])
-        .arg(cfg)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(format!("{subject}\n").as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    let mut args = vec![
+        std::ffi::OsString::from("care-pseudonym"),
+        "--config".into(),
+    ];
+    args.push(cfg.into());
+    let out = run_with_stdin(&args, &format!("{subject}\n"));
     assert!(out.status.success());
     let p = String::from_utf8(out.stdout).unwrap().trim().to_string();
     assert_eq!(p.len(), 32, "{p}");

@@ -9,7 +9,7 @@ mod common;
 use common::*;
 use std::fs;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 fn vm_rss_kib(pid: u32) -> u64 {
@@ -22,21 +22,33 @@ fn vm_rss_kib(pid: u32) -> u64 {
 }
 
 fn hash_password(password: &str) -> std::process::Output {
-    use std::io::Write;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_zhian-gateway"))
-        .arg("hash-password")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(format!("{password}\n").as_bytes())
-        .unwrap();
-    child.wait_with_output().unwrap()
+    run_with_stdin(&["hash-password"], &format!("{password}\n"))
+}
+
+/// A daemon whose status page wants user `wuye` with `password`; returns it, its status port
+/// and its log once `/healthz` answers.
+fn auth_daemon(scratch: &Path, password: &str) -> (Daemon, u16, std::path::PathBuf) {
+    let out = hash_password(password);
+    assert!(out.status.success());
+    let hash = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let status_port = free_port();
+    let cfg = scratch.join("gateway.toml");
+    let text = config_with_status(&scratch.join("data"), free_port(), free_port(), status_port)
+        .replace(
+            "[status]\nenabled = true\n",
+            &format!("[status]\nenabled = true\nusername = \"wuye\"\npassword_hash = \"{hash}\"\n"),
+        );
+    fs::write(&cfg, text).unwrap();
+    let log = scratch.join("daemon.log");
+    let d = Daemon::start(&cfg, &log);
+    assert!(wait_until(Duration::from_secs(30), || http(
+        status_port,
+        "GET",
+        "/healthz",
+        None
+    )
+    .is_ok()));
+    (d, status_port, log)
 }
 
 #[test]
@@ -152,27 +164,7 @@ fn password_guessing_is_limited_logged_counted_and_memory_stays_flat() {
     assert!(!short.status.success());
     assert!(String::from_utf8_lossy(&short.stderr).contains("at least 8"));
     const PASSWORD: &str = "春江-guard-2026";
-    let out = hash_password(PASSWORD);
-    assert!(out.status.success());
-    let hash = String::from_utf8(out.stdout).unwrap().trim().to_string();
-
-    let dir = scratch.path().join("data");
-    let status_port = free_port();
-    let cfg = scratch.path().join("gateway.toml");
-    let text = config_with_status(&dir, free_port(), free_port(), status_port).replace(
-        "[status]\nenabled = true\n",
-        &format!("[status]\nenabled = true\nusername = \"wuye\"\npassword_hash = \"{hash}\"\n"),
-    );
-    fs::write(&cfg, text).unwrap();
-    let log = scratch.path().join("daemon.log");
-    let mut d = Daemon::start(&cfg, &log);
-    assert!(wait_until(Duration::from_secs(30), || http(
-        status_port,
-        "GET",
-        "/healthz",
-        None
-    )
-    .is_ok()));
+    let (mut d, status_port, log) = auth_daemon(scratch.path(), PASSWORD);
     let good = Some(("wuye", PASSWORD));
     let r = http(status_port, "GET", "/", good).unwrap();
     assert_eq!(r.status, 200);
@@ -380,25 +372,7 @@ fn secrets_never_reach_an_error_and_no_client_forges_a_log_line() {
 fn logins_abandoned_mid_verification_neither_pile_up_nor_go_uncounted() {
     use std::io::Write;
     let scratch = tempfile::tempdir().unwrap();
-    let out = hash_password("春江-guard-2026");
-    let hash = String::from_utf8(out.stdout).unwrap().trim().to_string();
-    let dir = scratch.path().join("data");
-    let status_port = free_port();
-    let cfg = scratch.path().join("gateway.toml");
-    let text = config_with_status(&dir, free_port(), free_port(), status_port).replace(
-        "[status]\nenabled = true\n",
-        &format!("[status]\nenabled = true\nusername = \"wuye\"\npassword_hash = \"{hash}\"\n"),
-    );
-    fs::write(&cfg, text).unwrap();
-    let log = scratch.path().join("daemon.log");
-    let mut d = Daemon::start(&cfg, &log);
-    assert!(wait_until(Duration::from_secs(30), || http(
-        status_port,
-        "GET",
-        "/healthz",
-        None
-    )
-    .is_ok()));
+    let (mut d, status_port, log) = auth_daemon(scratch.path(), "春江-guard-2026");
     std::thread::sleep(Duration::from_secs(1));
     let rss_before = vm_rss_kib(d.pid());
     let token = base64(b"wuye:wrong-password-1");

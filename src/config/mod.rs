@@ -1877,17 +1877,6 @@ impl Config {
         parse_utc_offset(&self.status.timezone).unwrap_or(8 * 3600)
     }
 
-    /// Every topic filter the device input subscribes: `mqtt.topics` and each source's.
-    pub fn device_topics(&self) -> Vec<String> {
-        let mut t = self.mqtt.topics.clone();
-        for s in &self.mqtt.sources {
-            if !t.contains(&s.topic) {
-                t.push(s.topic.clone());
-            }
-        }
-        t
-    }
-
     /// The effective config as TOML, secrets redacted (for `check-config`).
     pub fn to_redacted_toml(&self) -> String {
         let text =

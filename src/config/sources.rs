@@ -386,7 +386,8 @@ mod tests {
         .unwrap();
         let cfg = crate::config::load_str(&text).unwrap();
         assert_eq!(cfg.sources().len(), 3);
-        assert!(cfg.device_topics().contains(&"parking/+/plate".to_string()));
+        let subs = crate::core::mapping::subscriptions(&cfg.mqtt.topics, &cfg.sources());
+        assert!(subs.contains(&"parking/+/plate".to_string()), "{subs:?}");
     }
 
     #[test]

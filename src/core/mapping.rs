@@ -137,6 +137,18 @@ pub fn topic_matches(filter: &str, topic: &str) -> bool {
     }
 }
 
+/// Every filter the device input subscribes: `base` (the canonical `mqtt.topics`) and each
+/// source's filter, without repeats.
+pub fn subscriptions(base: &[String], sources: &[Source]) -> Vec<String> {
+    let mut t = base.to_vec();
+    for s in sources {
+        if !t.contains(&s.topic) {
+            t.push(s.topic.clone());
+        }
+    }
+    t
+}
+
 /// The first source whose filter matches `topic`.
 pub fn source_for<'a>(sources: &'a [Source], topic: &str) -> Option<&'a Source> {
     sources.iter().find(|s| topic_matches(&s.topic, topic))

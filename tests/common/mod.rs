@@ -1734,3 +1734,21 @@ pub fn to_next_midnight_s() -> (i64, i64) {
     let next = ((real_s + 8 * 3600) / day + 1) * day - 8 * 3600;
     (real_s, next)
 }
+
+/// `zhian-gateway ARGS` with `input` on stdin (`hash-password`, `care-pseudonym`).
+pub fn run_with_stdin<S: AsRef<OsStr>>(args: &[S], input: &str) -> std::process::Output {
+    let mut child = gateway_command()
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn zhian-gateway");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(input.as_bytes())
+        .expect("write stdin");
+    child.wait_with_output().expect("wait for zhian-gateway")
+}
