@@ -52,6 +52,8 @@ enum Sent {
 struct StatusMsg<'a> {
     state: &'a str,
     gateway: &'a str,
+    /// The connection's epoch ([`crate::epoch`]): orders this state among all others.
+    epoch: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     version: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -62,6 +64,9 @@ struct StatusMsg<'a> {
 struct Heartbeat<'a> {
     schema: &'static str,
     gateway: &'a str,
+    /// The connection's epoch: a heartbeat of a higher epoch than the district knows means
+    /// `online` (a receiver that starts on an empty database learns the state from it).
+    epoch: u64,
     version: &'static str,
     uptime_secs: u64,
     devices: DeviceCounts,
@@ -135,6 +140,8 @@ struct Conn {
     check_alerts: bool,
     status_pkid: Option<u16>,
     status_acked: bool,
+    /// This connection's epoch.
+    epoch: u64,
 }
 
 impl Conn {
@@ -160,10 +167,11 @@ impl Forwarder {
         )
     }
 
-    fn status_payload(&self, online: bool) -> Vec<u8> {
+    fn status_payload(&self, online: bool, epoch: u64) -> Vec<u8> {
         let msg = StatusMsg {
             state: if online { "online" } else { "offline" },
             gateway: &self.cfg.gateway.id,
+            epoch,
             version: online.then_some(env!("CARGO_PKG_VERSION")),
             since: online.then(|| rfc3339_utc(now_ms())),
         };
@@ -179,6 +187,7 @@ impl Forwarder {
         // Connections lost while this entry was the oldest unacknowledged one.
         let mut blamed: HashMap<OutboxKey, u32> = HashMap::new();
         self.stats.link_start("district", &u.url, now_ms());
+        let mut epochs = crate::epoch::Epochs::open(&self.cfg.gateway.data_dir);
         loop {
             if self.stop.is_cancelled() {
                 return;
@@ -195,8 +204,14 @@ impl Forwarder {
             };
             let finished = match options(&settings, "upstream") {
                 Ok(opts) => {
+                    let (epoch, err) = epochs.next(u64::try_from(now_ms() / 1000).unwrap_or(0));
+                    if let Some(e) = err {
+                        tracing::warn!(error = %e, epoch, "cannot persist the district connection epoch (used anyway)");
+                    }
+                    self.stats.upstream_epoch.store(epoch, Relaxed);
                     self.connect_once(
                         opts,
+                        epoch,
                         &mut acked_local,
                         &mut backoff,
                         &mut watch,
@@ -234,6 +249,7 @@ impl Forwarder {
     async fn connect_once(
         &self,
         mut opts: rumqttc::MqttOptions,
+        epoch: u64,
         acked_local: &mut BTreeSet<OutboxKey>,
         backoff: &mut Backoff,
         watch: &mut crate::link::TakeoverWatch,
@@ -250,13 +266,13 @@ impl Forwarder {
             );
             opts.set_last_will(LastWill::new(
                 self.topic("status"),
-                self.status_payload(false),
+                self.status_payload(false, epoch),
                 QoS::AtLeastOnce,
                 true,
             ));
             prune(&self.store, acked_local);
         }
-        self.connection(opts, acked_local, backoff, watch, blamed)
+        self.connection(opts, epoch, acked_local, backoff, watch, blamed)
             .await
     }
 
@@ -264,6 +280,7 @@ impl Forwarder {
     async fn connection(
         &self,
         opts: rumqttc::MqttOptions,
+        epoch: u64,
         acked_local: &mut BTreeSet<OutboxKey>,
         backoff: &mut Backoff,
         watch: &mut crate::link::TakeoverWatch,
@@ -294,6 +311,7 @@ impl Forwarder {
             check_alerts: true,
             status_pkid: None,
             status_acked: false,
+            epoch,
         };
         let mut connected = false;
         // A safety net: refill once a second even if a wake-up was missed.
@@ -312,7 +330,7 @@ impl Forwarder {
                             LinkChange::Up { down_ms, .. } => tracing::info!(url = %self.cfg.upstream.url, down_s = down_ms / 1000, "district broker link up"),
                             _ => {}
                         }
-                        let status = self.status_payload(true);
+                        let status = self.status_payload(true, c.epoch);
                         if c.client.try_publish(self.topic("status"), QoS::AtLeastOnce, true, status).is_ok() {
                             c.sent.push_back(Sent::Status);
                             c.queued_at.push_back(Instant::now());
@@ -513,6 +531,7 @@ impl Forwarder {
         let hb = Heartbeat {
             schema: "zhian.heartbeat.v1",
             gateway: &self.cfg.gateway.id,
+            epoch: c.epoch,
             version: env!("CARGO_PKG_VERSION"),
             uptime_secs: self.stats.started.elapsed().as_secs(),
             devices: DeviceCounts {
@@ -580,7 +599,7 @@ impl Forwarder {
                 self.topic("status"),
                 QoS::AtLeastOnce,
                 true,
-                self.status_payload(false),
+                self.status_payload(false, c.epoch),
             )
             .is_ok()
         {

@@ -14,6 +14,7 @@ pub mod core;
 pub mod demo;
 #[cfg(feature = "district")]
 pub mod district;
+pub mod epoch;
 pub mod forwarder;
 pub mod health;
 pub mod ingest;

@@ -48,6 +48,11 @@ enum Command {
         /// Receiver config (`[district]` and `[mqtt]`).
         #[arg(long, value_name = "PATH")]
         config: Option<PathBuf>,
+        /// Only create this receiver's persistent session with the shared subscription on the
+        /// district broker, then exit: run it before the first gateway publishes (messages
+        /// sent before any receiver subscribed are kept by no session).
+        #[arg(long)]
+        init: bool,
     },
     /// Read a resident's card or face id on stdin and print its care pseudonym, for
     /// `[[care.residents]] pseudonym = "..."` (so the config need not hold the id). Uses (and
@@ -175,12 +180,34 @@ fn check_district(_: &std::path::Path, _: bool) -> ExitCode {
 }
 
 #[cfg(feature = "district")]
-fn district(config: Option<PathBuf>) -> ExitCode {
+fn district(config: Option<PathBuf>, init: bool) -> ExitCode {
     let path = config.unwrap_or_else(|| PathBuf::from(DEFAULT_DISTRICT_CONFIG));
     let cfg = match load_district(&path) {
         Ok(c) => c,
         Err(code) => return code,
     };
+    if init {
+        let rt = match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(rt) => rt,
+            Err(e) => {
+                eprintln!("cannot start the runtime: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        return match rt.block_on(zhian_gateway::district::init_subscription(&cfg)) {
+            Ok(done) => {
+                println!("{done}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("district --init: {}", zhian_gateway::logfmt::redact_url(&e));
+                ExitCode::FAILURE
+            }
+        };
+    }
     serve(move |shutdown| async move {
         zhian_gateway::district::run(cfg, shutdown)
             .await
@@ -189,7 +216,7 @@ fn district(config: Option<PathBuf>) -> ExitCode {
 }
 
 #[cfg(not(feature = "district"))]
-fn district(_: Option<PathBuf>) -> ExitCode {
+fn district(_: Option<PathBuf>, _: bool) -> ExitCode {
     eprintln!("this build has no district receiver (cargo feature `district`; the gateway box build leaves it out)");
     ExitCode::from(EX_CONFIG as u8)
 }
@@ -354,7 +381,7 @@ fn main() -> ExitCode {
             Ok(cfg) => map_sample(&cfg, &topic, &payload, show_subject),
             Err(code) => code,
         },
-        Command::District { config } => district(config),
+        Command::District { config, init } => district(config, init),
         Command::CheckConfig {
             config: Some(path),
             quiet,

@@ -94,6 +94,8 @@ pub struct Stats {
     pub committer_alive: std::sync::atomic::AtomicI64,
     pub commit_micros_total: AtomicU64,
     pub upstream_connected: AtomicBool,
+    /// The district connection epoch in use (or last used): see [`crate::epoch`].
+    pub upstream_epoch: AtomicU64,
     /// 1 while connected to the site (device) broker.
     pub site_connected: AtomicBool,
     pub upstream_published: AtomicU64,
@@ -234,6 +236,7 @@ impl Default for Stats {
             committer_alive: std::sync::atomic::AtomicI64::new(0),
             commit_micros_total: AtomicU64::new(0),
             upstream_connected: AtomicBool::new(false),
+            upstream_epoch: AtomicU64::new(0),
             site_connected: AtomicBool::new(false),
             upstream_published: AtomicU64::new(0),
             outbox_pending: AtomicU64::new(0),

@@ -20,16 +20,52 @@ use std::time::Duration;
 
 const PREFIX: &str = "zhian/district";
 
-fn receiver_config(path: &Path, db: &str, broker_port: u16, id: &str) {
+/// A receiver config; returns its `/healthz` and `/metrics` port.
+fn receiver_config(path: &Path, db: &str, broker_port: u16, id: &str) -> u16 {
+    let status = free_port();
     fs::write(
         path,
         format!(
             "[district]\ndatabase_url = \"{db}\"\nsilent_after = \"30s\"\n\
+             rollcall_every = \"1s\"\nstale_after = \"5s\"\n\
              [mqtt]\nurl = \"mqtt://127.0.0.1:{broker_port}\"\ntopic_prefix = \"{PREFIX}\"\n\
-             client_id = \"{id}\"\ngroup = \"zhian-district\"\nreconnect_max = \"2s\"\n"
+             client_id = \"{id}\"\ngroup = \"zhian-district\"\nreconnect_max = \"2s\"\n\
+             [status]\nlisten = \"127.0.0.1:{status}\"\n"
         ),
     )
     .unwrap();
+    status
+}
+
+/// `GET /healthz` on a receiver: (HTTP status, body), or None when it does not answer.
+fn healthz(port: u16) -> Option<(u16, String)> {
+    let r = common::http::http(port, "GET", "/healthz", None).ok()?;
+    Some((r.status, r.text()))
+}
+
+/// Waits until the receiver on `port` is subscribed and its database takes writes.
+fn wait_healthy(port: u16, log: &Path) {
+    assert!(
+        wait_until(Duration::from_secs(60), || healthz(port)
+            .is_some_and(|(s, _)| s == 200)),
+        "receiver healthy: {:?}\n{}",
+        healthz(port),
+        tail(log, 30)
+    );
+}
+
+/// One sample of a receiver's `/metrics` (0 when absent).
+fn metric(port: u16, series: &str) -> f64 {
+    common::http::http(port, "GET", "/metrics", None)
+        .ok()
+        .and_then(|r| {
+            r.text().lines().find_map(|l| {
+                l.strip_prefix(series)
+                    .and_then(|v| v.strip_prefix(' '))
+                    .and_then(|v| v.trim().parse().ok())
+            })
+        })
+        .unwrap_or(0.0)
 }
 
 /// A receiver process, killed when dropped (a failing assertion must not leave it running).
@@ -69,6 +105,8 @@ type Seen = Arc<Mutex<BTreeMap<(String, String, i64), BTreeMap<i64, (i64, BTreeM
 
 fn watch_summaries(port: u16) -> (Seen, std::thread::JoinHandle<()>) {
     let seen: Seen = Default::default();
+    let subscribed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sub = subscribed.clone();
     let mut opts = MqttOptions::new("fleet-watcher", "127.0.0.1", port);
     opts.set_clean_session(false)
         .set_keep_alive(Duration::from_secs(5))
@@ -80,6 +118,9 @@ fn watch_summaries(port: u16) -> (Seen, std::thread::JoinHandle<()>) {
             match ev {
                 Ok(MqttEvent::Incoming(Incoming::ConnAck(_))) => {
                     let _ = client.subscribe(format!("{PREFIX}/+/summary"), QoS::AtLeastOnce);
+                }
+                Ok(MqttEvent::Incoming(Incoming::SubAck(_))) => {
+                    sub.store(true, std::sync::atomic::Ordering::SeqCst);
                 }
                 Ok(MqttEvent::Incoming(Incoming::Publish(p))) => {
                     let v: Value = match serde_json::from_slice(&p.payload) {
@@ -110,7 +151,32 @@ fn watch_summaries(port: u16) -> (Seen, std::thread::JoinHandle<()>) {
             }
         }
     });
+    assert!(
+        wait_until(Duration::from_secs(10), || subscribed
+            .load(std::sync::atomic::Ordering::SeqCst)),
+        "the summary watcher subscribed"
+    );
     (seen, h)
+}
+
+/// `gateway_state` of the fleet's real gateways: gateway -> (status, epoch).
+fn fleet_state(pg: &Postgres) -> BTreeMap<String, (String, i64)> {
+    pg.psql("SELECT gateway, coalesce(status, ''), coalesce(epoch, -1) FROM gateway_state WHERE gateway LIKE 'fleet-%'")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split('|');
+            Some((f.next()?.to_string(), (f.next()?.to_string(), f.next()?.parse().ok()?)))
+        })
+        .collect()
+}
+
+/// The epoch a gateway persisted for its current (or last) district connection.
+fn epoch_on_disk(dir: &Path) -> i64 {
+    fs::read_to_string(dir.join("upstream.epoch"))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(-2)
 }
 
 /// The highest complete rev's total per (gateway, window start RFC 3339).
@@ -189,8 +255,8 @@ fn a_fleet_of_170_gateways_lands_exactly_in_postgresql() {
         scratch.path().join("r1.toml"),
         scratch.path().join("r2.toml"),
     );
-    receiver_config(&c1, &pg.url(), district.port, "zhian-district-1");
-    receiver_config(&c2, &pg.url(), district.port, "zhian-district-2");
+    let h1 = receiver_config(&c1, &pg.url(), district.port, "zhian-district-1");
+    let h2 = receiver_config(&c2, &pg.url(), district.port, "zhian-district-2");
     let check = Command::new(env!("CARGO_BIN_EXE_zhian-gateway"))
         .args(["check-config", "--config"])
         .arg(&c1)
@@ -203,16 +269,13 @@ fn a_fleet_of_170_gateways_lands_exactly_in_postgresql() {
     );
     let mut r1 = start_receiver(&c1, &rlog);
     let r2 = start_receiver(&c2, &rlog);
-    assert!(
-        wait_until(Duration::from_secs(30), || pg
-            .psql("SELECT count(*) FROM settings")
-            .is_some_and(|s| s.trim() == "2")),
-        "schema migrated:\n{}",
-        tail(&rlog, 20)
-    );
+    // Both subscribed (their shared subscription exists) before anything is published.
+    wait_healthy(h1, &rlog);
+    wait_healthy(h2, &rlog);
 
     // 20 real gateways, one site broker, each on its own topic prefix.
     let mut gateways = Vec::new();
+    let mut dirs = Vec::new();
     for i in 0..20 {
         let dir = scratch.path().join(format!("gw{i}"));
         let cfg = scratch.path().join(format!("gw{i}.toml"));
@@ -227,12 +290,18 @@ fn a_fleet_of_170_gateways_lands_exactly_in_postgresql() {
             "config template changed:\n{text}"
         );
         fs::write(&cfg, text).unwrap();
+        // The gateway's device session exists before any device publishes.
+        seed_session(
+            site.port,
+            &format!("fleet-{i:02}-dev"),
+            &format!("g{i}/+/+"),
+        );
+        dirs.push(dir);
         gateways.push(Daemon::start(
             &cfg,
             &scratch.path().join(format!("gw{i}.log")),
         ));
     }
-    std::thread::sleep(Duration::from_secs(2));
 
     // Devices: 20 gateways x 40 events over a few windows, with redeliveries (same id).
     let mut devices = Publisher::connect(site.port, "fleet-devices");
@@ -356,7 +425,6 @@ fn a_fleet_of_170_gateways_lands_exactly_in_postgresql() {
         if round == 1 {
             let _ = r1.0.kill(); // SIGKILL: -9
             let _ = r1.0.wait();
-            std::thread::sleep(Duration::from_millis(500));
             r1 = start_receiver(&c1, &rlog);
         }
         if round == 2 {
@@ -447,11 +515,80 @@ fn a_fleet_of_170_gateways_lands_exactly_in_postgresql() {
             .unwrap()
             > 0
     );
-    assert_eq!(
-        one("SELECT count(DISTINCT gateway) FROM gateway_state WHERE gateway LIKE 'fleet-%' AND status = 'online'"),
-        "20"
+    // The state by epoch: every live gateway online at the epoch it persisted, whatever order
+    // the wills, retained states and heartbeats of the broker restart and the receiver kill
+    // arrived in.
+    let all_online = |pg: &Postgres, dirs: &[std::path::PathBuf]| {
+        let st = fleet_state(pg);
+        st.len() == 20
+            && dirs.iter().enumerate().all(|(i, d)| {
+                st.get(&format!("fleet-{i:02}")) == Some(&("online".to_string(), epoch_on_disk(d)))
+            })
+    };
+    assert!(
+        wait_until(Duration::from_secs(60), || all_online(&pg, &dirs)),
+        "gateway_state after a broker restart and a receiver kill -9: {:?}\nreceivers:\n{}",
+        fleet_state(&pg),
+        tail(&rlog, 40)
     );
-    for mut g in gateways {
+    // A gateway killed with -9 (its will: offline at its epoch), one stopped cleanly (its own
+    // offline), then the district broker restarted again: the other 18 come back online at a
+    // higher epoch, the two stay offline.
+    gateways[0].kill9();
+    let (stopped, _) = gateways[1].term();
+    assert!(stopped.success());
+    let before: BTreeMap<String, (String, i64)> = fleet_state(&pg);
+    assert!(
+        wait_until(Duration::from_secs(60), || {
+            let st = fleet_state(&pg);
+            ["fleet-00", "fleet-01"]
+                .iter()
+                .all(|g| st.get(*g).is_some_and(|(s, _)| s == "offline"))
+        }),
+        "offline after kill -9 and a clean stop: {:?}",
+        fleet_state(&pg)
+    );
+    district.restart();
+    let want_after = |st: &BTreeMap<String, (String, i64)>| {
+        (0..20).all(|i| {
+            let g = format!("fleet-{i:02}");
+            let (s, e) = st.get(&g).cloned().unwrap_or_default();
+            if i < 2 {
+                s == "offline" && e == epoch_on_disk(&dirs[i])
+            } else {
+                s == "online" && e == epoch_on_disk(&dirs[i]) && e > before[&g].1
+            }
+        })
+    };
+    assert!(
+        wait_until(Duration::from_secs(60), || want_after(&fleet_state(&pg))),
+        "gateway_state after the second broker restart: {:?}\nreceivers:\n{}",
+        fleet_state(&pg),
+        tail(&rlog, 40)
+    );
+    // Every message the restarts queued is in (nothing left unacknowledged at the receivers),
+    // and the state still holds: no stale message arriving late turned it.
+    assert!(
+        wait_until(Duration::from_secs(30), || metric(
+            h1,
+            "zhian_district_oldest_unacked_seconds"
+        ) < 1.0
+            && metric(h2, "zhian_district_oldest_unacked_seconds") < 1.0
+            && metric(h1, "zhian_district_gateways{state=\"offline\"}") == 2.0),
+        "receivers drained"
+    );
+    assert!(want_after(&fleet_state(&pg)), "{:?}", fleet_state(&pg));
+    assert_eq!(healthz(h1).map(|h| h.0), Some(200));
+    assert!(
+        metric(
+            h1,
+            "zhian_district_messages_total{topic_kind=\"summary\",outcome=\"kept\"}"
+        ) + metric(
+            h2,
+            "zhian_district_messages_total{topic_kind=\"summary\",outcome=\"kept\"}"
+        ) > 0.0
+    );
+    for mut g in gateways.drain(2..) {
         g.term();
     }
     drop((r1, r2));
@@ -466,13 +603,10 @@ fn poison_messages_are_rejects_not_a_stalled_receiver() {
     let pg = Postgres::start(&scratch.path().join("pg"), free_port());
     let district = Mosquitto::start(&scratch.path().join("district"), free_port(), true);
     let cfg = scratch.path().join("r.toml");
-    receiver_config(&cfg, &pg.url(), district.port, "zhian-district-p");
+    let hp = receiver_config(&cfg, &pg.url(), district.port, "zhian-district-p");
     let log = scratch.path().join("r.log");
     let mut r = start_receiver(&cfg, &log);
-    assert!(wait_until(Duration::from_secs(30), || pg
-        .psql("SELECT count(*) FROM settings")
-        .is_some_and(|s| s.trim() == "2")));
-    std::thread::sleep(Duration::from_secs(1));
+    wait_healthy(hp, &log);
     let mut p = Publisher::connect(district.port, "poison-pub");
     let max = i64::MAX;
     for (leaf, body) in [

@@ -14,6 +14,27 @@ use std::path::{Path, PathBuf};
 pub struct DistrictConfig {
     pub district: Db,
     pub mqtt: Broker,
+    pub status: Status,
+}
+
+/// `[status]`: the receiver's operations surface (contract: "Receiver operations").
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Status {
+    /// Serve `/healthz` and `/metrics`.
+    pub enabled: bool,
+    /// `host:port`; keep it on loopback or a management network (no auth: what it shows is
+    /// counts and states, no subject or secret).
+    pub listen: String,
+}
+
+impl Default for Status {
+    fn default() -> Self {
+        Status {
+            enabled: true,
+            listen: "127.0.0.1:9180".into(),
+        }
+    }
 }
 
 /// `[district]`: the database.
@@ -34,6 +55,12 @@ pub struct Db {
     pub batch_max: u32,
     /// How long a batch waits for more messages after its first.
     pub linger: Dur,
+    /// How often this receiver writes its row in the `receivers` roll-call (and refreshes the
+    /// gateway counts in `/metrics`).
+    pub rollcall_every: Dur,
+    /// A receiver of the group whose roll-call row is older than this is stale: gone, with its
+    /// broker session perhaps holding its share of the messages (WARN, metric).
+    pub stale_after: Dur,
 }
 
 impl Default for Db {
@@ -46,6 +73,8 @@ impl Default for Db {
             silent_after: Dur::secs(180),
             batch_max: 500,
             linger: Dur::millis(20),
+            rollcall_every: Dur::secs(15),
+            stale_after: Dur::secs(120),
         }
     }
 }
@@ -172,7 +201,11 @@ pub fn load(path: &Path) -> Result<DistrictConfig, Vec<Problem>> {
         )]);
     }
     let env: config::Map<String, String> = std::env::vars()
-        .filter(|(k, _)| k.starts_with("ZHIAN_DISTRICT__") || k.starts_with("ZHIAN_MQTT__"))
+        .filter(|(k, _)| {
+            k.starts_with("ZHIAN_DISTRICT__")
+                || k.starts_with("ZHIAN_MQTT__")
+                || k.starts_with("ZHIAN_STATUS__")
+        })
         .collect();
     let raw = config::Config::builder()
         .add_source(config::File::from(path.to_path_buf()).format(config::FileFormat::Toml))
@@ -237,6 +270,15 @@ pub fn validate(c: &DistrictConfig) -> Vec<Problem> {
     if d.batch_max == 0 || d.batch_max > 10_000 {
         p.push(problem("district.batch_max", "between 1 and 10000"));
     }
+    if d.rollcall_every.0 < std::time::Duration::from_millis(100) {
+        p.push(problem("district.rollcall_every", "at least 100ms"));
+    }
+    if d.stale_after.0 <= d.rollcall_every.0 * 2 {
+        p.push(problem(
+            "district.stale_after",
+            "more than twice district.rollcall_every",
+        ));
+    }
     if d.silent_after.0 < std::time::Duration::from_secs(10) {
         p.push(problem("district.silent_after", "at least 10s"));
     }
@@ -268,6 +310,15 @@ pub fn validate(c: &DistrictConfig) -> Vec<Problem> {
         p.push(problem(
             "mqtt.client_key",
             "client_cert and client_key go together",
+        ));
+    }
+    if c.status.enabled && c.status.listen.parse::<std::net::SocketAddr>().is_err() {
+        p.push(problem(
+            "status.listen",
+            format!(
+                "{:?} is not host:port (e.g. \"127.0.0.1:9180\")",
+                c.status.listen
+            ),
         ));
     }
     p

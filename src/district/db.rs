@@ -62,6 +62,15 @@ pub struct Applied {
     pub windows_set: u64,
 }
 
+impl Applied {
+    /// Add what another transaction of the same batch did.
+    pub fn add(&mut self, o: Applied) {
+        self.kept += o.kept;
+        self.rejected += o.rejected;
+        self.windows_set += o.windows_set;
+    }
+}
+
 /// Apply a batch in one transaction (the caller commits).
 pub async fn apply(
     tx: &Transaction<'_>,
@@ -299,20 +308,61 @@ async fn apply_one(tx: &Transaction<'_>, m: &Msg) -> Result<bool, tokio_postgres
             .await?;
             Ok(false)
         }
-        Msg::Status { gateway, state, .. } => {
+        // The state by epoch (contract: "Upstream", `status`; the model is
+        // `msg::next_state`): one conditional UPDATE, so two receivers writing one gateway's
+        // row serialise on its row lock and each re-checks the rule against the other's
+        // committed state. A gateway without epochs (an older version) is kept by arrival,
+        // until its first epoch arrives.
+        Msg::Status {
+            gateway,
+            state,
+            epoch: Some(epoch),
+            ..
+        } => {
             tx.execute(
-                "UPDATE gateways SET status = $2, status_at = now() WHERE gateway = $1",
+                "UPDATE gateways SET status = $2, epoch = $3, status_at = now()
+                 WHERE gateway = $1
+                   AND (epoch IS NULL OR $3 > epoch
+                        OR ($3 = epoch AND $2 = 'offline' AND status IS DISTINCT FROM 'offline'))",
+                &[gateway, state, epoch],
+            )
+            .await?;
+            Ok(false)
+        }
+        Msg::Status {
+            gateway,
+            state,
+            epoch: None,
+            ..
+        } => {
+            tx.execute(
+                "UPDATE gateways SET status = $2, status_at = now() WHERE gateway = $1 AND epoch IS NULL",
                 &[gateway, state],
             )
             .await?;
             Ok(false)
         }
-        Msg::Heartbeat { gateway, body } => {
+        Msg::Heartbeat {
+            gateway,
+            epoch,
+            body,
+        } => {
             tx.execute(
                 "UPDATE gateways SET last_heartbeat = now(), heartbeat = $2 WHERE gateway = $1",
                 &[gateway, body],
             )
             .await?;
+            // A heartbeat is sent only while connected: one of a higher epoch than the state
+            // in force means online at that epoch (how a receiver on an empty database, which
+            // never sees the retained status through a shared subscription, learns it).
+            if let Some(epoch) = epoch {
+                tx.execute(
+                    "UPDATE gateways SET status = 'online', epoch = $2, status_at = now()
+                     WHERE gateway = $1 AND (epoch IS NULL OR $2 > epoch)",
+                    &[gateway, epoch],
+                )
+                .await?;
+            }
             Ok(false)
         }
     }

@@ -9,18 +9,26 @@
 //!   redelivers that message, which the database rules make a no-op);
 //! - the database task gathers batches (`district.batch_max`, `district.linger`), parses them
 //!   ([`msg`]), applies each batch in one transaction ([`db`]), and after the commit asks for
-//!   the acks. A database error keeps the batch unacknowledged and retries it after
-//!   reconnecting (backoff), so nothing is lost and nothing counted twice.
+//!   the acks. An error that is the database's state ([`errors`]: down, restarting, disk full,
+//!   read-only, statement timeout) keeps the batch unacknowledged and retries it with jittered
+//!   backoff (one WARN per outage, one INFO at recovery); a value the database cannot store
+//!   makes that one message a reject. Nothing is lost and nothing counted twice.
+//! - `/healthz` and `/metrics` ([`ops`]) read what the tasks report; the database task also
+//!   keeps the receivers' roll-call, so a receiver gone for good (whose broker session holds its
+//!   share of the messages) is seen by the others.
 //!
 //! The schema is created and migrated by the receiver ([`db::migrate`]).
 
 pub mod config;
 pub mod db;
+pub mod errors;
 pub mod msg;
+pub mod ops;
 
 use crate::backoff::Backoff;
 use crate::mqtt::{options, ClientSettings};
 use config::DistrictConfig;
+use ops::Ops;
 use rumqttc::{AsyncClient, Event, Incoming, QoS};
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -105,61 +113,179 @@ async fn connect(cfg: &DistrictConfig) -> Result<tokio_postgres::Client, String>
     Ok(client)
 }
 
+/// Tracks one database outage: WARN once when it starts (with the reason), INFO once when
+/// writes succeed again, DEBUG for every retry in between; feeds `/healthz` and the metrics.
+struct Outage {
+    since: Option<(Instant, &'static str)>,
+}
+
+impl Outage {
+    fn failed(&mut self, ops: &Ops, fault: errors::Fault, detail: &str) {
+        let kind = fault.kind();
+        ops.db_error(kind);
+        ops.set_db_down(Some(format!("{kind}: {detail}")));
+        match self.since {
+            None => {
+                tracing::warn!(kind, error = %detail, "database does not take writes; nothing is acknowledged until it does (retrying with backoff)");
+                self.since = Some((Instant::now(), kind));
+            }
+            Some(_) => tracing::debug!(kind, error = %detail, "database still refuses writes"),
+        }
+    }
+
+    fn recovered(&mut self, ops: &Ops) {
+        if let Some((at, kind)) = self.since.take() {
+            tracing::info!(
+                kind,
+                down_ms = at.elapsed().as_millis() as u64,
+                "database takes writes again"
+            );
+        }
+        ops.set_db_down(None);
+    }
+}
+
+/// `zhian-gateway district --init`: create this receiver's persistent session with the shared
+/// subscription, then disconnect. Run once before the first gateway publishes: messages sent
+/// before any receiver subscribed are kept by no session (docs/district-operations.md).
+pub async fn init_subscription(cfg: &DistrictConfig) -> Result<String, String> {
+    crate::mqtt::install_crypto_provider();
+    let m = &cfg.mqtt;
+    let mut opts = options(&settings(cfg), "mqtt")?;
+    opts.set_clean_session(false);
+    let (client, mut eventloop) = AsyncClient::new(opts, 16);
+    let filter = cfg.filter();
+    let work = async {
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Incoming::ConnAck(_))) => {
+                    client
+                        .subscribe(filter.clone(), QoS::AtLeastOnce)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                }
+                Ok(Event::Incoming(Incoming::SubAck(s))) => {
+                    if s.return_codes.iter().all(|c| {
+                        matches!(c, rumqttc::SubscribeReasonCode::Success(QoS::AtLeastOnce))
+                    }) {
+                        let _ = client.disconnect().await;
+                        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                            while eventloop.poll().await.is_ok() {}
+                        })
+                        .await;
+                        return Ok(());
+                    }
+                    return Err(format!(
+                        "the broker did not grant {filter} at QoS 1: {:?}",
+                        s.return_codes
+                    ));
+                }
+                Ok(_) => {}
+                Err(e) => return Err(format!("{}: {e}", m.url)),
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), work)
+        .await
+        .map_err(|_| format!("{}: no SUBACK within 30 s", m.url))??;
+    Ok(format!(
+        "session {} on {} subscribed to {filter}: the broker keeps this receiver's share from now on",
+        m.client_id, m.url
+    ))
+}
+
+fn settings(cfg: &DistrictConfig) -> ClientSettings<'_> {
+    let m = &cfg.mqtt;
+    ClientSettings {
+        url: &m.url,
+        client_id: m.client_id.clone(),
+        username: m.username.as_deref(),
+        password: m.password.as_ref(),
+        ca_file: m.ca_file.as_deref(),
+        client_cert: m.client_cert.as_deref(),
+        client_key: m.client_key.as_deref(),
+        keep_alive: m.keep_alive.0,
+    }
+}
+
 /// Run the receiver until `shutdown`.
 pub async fn run(cfg: DistrictConfig, shutdown: impl Future<Output = ()>) -> Result<(), String> {
     crate::mqtt::install_crypto_provider();
     let cfg = Arc::new(cfg);
     let stop = CancellationToken::new();
+    let ops = Arc::new(Ops::default());
     tokio::pin!(shutdown);
+    // The operations surface first: /healthz says `migrating` (and why) while the database is
+    // not there yet.
+    let status = if cfg.status.enabled {
+        let listener = tokio::net::TcpListener::bind(&cfg.status.listen)
+            .await
+            .map_err(|e| format!("status.listen {}: {e}", cfg.status.listen))?;
+        Some(tokio::spawn(ops::serve(
+            listener,
+            ops.clone(),
+            stop.clone(),
+        )))
+    } else {
+        None
+    };
     // The database first: the schema must exist before anything is acknowledged.
     let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
-    let mut client = loop {
-        match connect(&cfg).await {
-            Ok(c) => break c,
-            Err(e) => {
-                tracing::error!(error = %crate::logfmt::redact_url(&e), "cannot connect to the database; retrying");
-                tokio::select! {
-                    _ = tokio::time::sleep(backoff.next_delay()) => {}
-                    _ = &mut shutdown => return Ok(()),
-                }
-            }
-        }
-    };
+    let mut outage = Outage { since: None };
+    let mut client: Option<tokio_postgres::Client> = None;
     // Receivers starting together migrate one at a time (a session advisory lock); a failed
     // migration is retried, it does not stop the receiver.
     let applied = loop {
+        if client.as_ref().is_none_or(|c| c.is_closed()) {
+            match connect(&cfg).await {
+                Ok(c) => client = Some(c),
+                Err(e) => {
+                    let e = crate::logfmt::redact_url(&e);
+                    outage.failed(&ops, errors::Fault::Database("connection"), &e);
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff.next_delay()) => {}
+                        _ = &mut shutdown => { stop.cancel(); return Ok(()) }
+                    }
+                    continue;
+                }
+            }
+        }
+        let c = client.as_mut().expect("connected");
         let r = async {
-            client
-                .execute("SELECT pg_advisory_lock(7431990)", &[])
+            c.execute("SELECT pg_advisory_lock(7431990)", &[])
                 .await
-                .map_err(|e| pg_error(&e))?;
-            let r = db::migrate(&mut client).await.map_err(|e| e.to_string());
-            let _ = client
-                .execute("SELECT pg_advisory_unlock(7431990)", &[])
-                .await;
+                .map_err(|e| (errors::of(&e), pg_error(&e)))?;
+            let r = db::migrate(c).await.map_err(|e| {
+                let fault = match std::error::Error::source(&e)
+                    .and_then(|s| s.downcast_ref::<tokio_postgres::Error>())
+                {
+                    Some(pe) => errors::of(pe),
+                    None => errors::Fault::Database("other"),
+                };
+                (fault, e.to_string())
+            });
+            let _ = c.execute("SELECT pg_advisory_unlock(7431990)", &[]).await;
             let n = r?;
-            db::set_silent_after(&client, cfg.district.silent_after.0.as_secs())
+            db::set_silent_after(c, cfg.district.silent_after.0.as_secs())
                 .await
-                .map_err(|e| pg_error(&e))?;
-            Ok::<_, String>(n)
+                .map_err(|e| (errors::of(&e), pg_error(&e)))?;
+            Ok::<_, (errors::Fault, String)>(n)
         }
         .await;
         match r {
             Ok(n) => break n,
-            Err(e) => {
-                tracing::error!(error = %e, "database migration failed; retrying");
+            Err((fault, e)) => {
+                outage.failed(&ops, fault, &e);
                 tokio::select! {
                     _ = tokio::time::sleep(backoff.next_delay()) => {}
-                    _ = &mut shutdown => return Ok(()),
-                }
-                if client.is_closed() {
-                    if let Ok(c) = connect(&cfg).await {
-                        client = c;
-                    }
+                    _ = &mut shutdown => { stop.cancel(); return Ok(()) }
                 }
             }
         }
     };
+    let client = client.expect("connected");
+    ops.migrating.store(false, Relaxed);
+    outage.recovered(&ops);
     tracing::info!(migrations_applied = applied, filter = %cfg.filter(), "district receiver: database ready");
 
     let counters = Arc::new(Counters::default());
@@ -170,11 +296,20 @@ pub async fn run(cfg: DistrictConfig, shutdown: impl Future<Output = ()>) -> Res
         tx,
         current_tx,
         counters.clone(),
+        ops.clone(),
         stop.clone(),
     ));
     let (acks_tx, acks_rx) = tokio::sync::mpsc::unbounded_channel();
     let acker = tokio::spawn(acker(acks_rx, current_rx));
-    let dbt = tokio::spawn(db_task(cfg.clone(), client, rx, acks_tx, counters.clone()));
+    let dbt = tokio::spawn(db_task(
+        cfg.clone(),
+        client,
+        rx,
+        acks_tx,
+        counters.clone(),
+        ops.clone(),
+        outage,
+    ));
     let report = {
         let counters = counters.clone();
         tokio::spawn(async move {
@@ -220,6 +355,9 @@ pub async fn run(cfg: DistrictConfig, shutdown: impl Future<Output = ()>) -> Res
     let _ = tokio::time::timeout(Duration::from_secs(1), acker).await;
     let _ = tokio::time::timeout(Duration::from_secs(1), mqtt).await;
     report.abort();
+    if let Some(s) = status {
+        let _ = tokio::time::timeout(Duration::from_secs(1), s).await;
+    }
     Ok(())
 }
 
@@ -228,24 +366,17 @@ async fn mqtt_task(
     tx: flume::Sender<Item>,
     current: tokio::sync::watch::Sender<Option<(u64, AsyncClient)>>,
     counters: Arc<Counters>,
+    ops: Arc<Ops>,
     stop: CancellationToken,
 ) {
     let m = &cfg.mqtt;
-    let settings = ClientSettings {
-        url: &m.url,
-        client_id: m.client_id.clone(),
-        username: m.username.as_deref(),
-        password: m.password.as_ref(),
-        ca_file: m.ca_file.as_deref(),
-        client_cert: m.client_cert.as_deref(),
-        client_key: m.client_key.as_deref(),
-        keep_alive: m.keep_alive.0,
-    };
     let mut backoff = Backoff::new(m.reconnect_min.0, m.reconnect_max.0);
     let filter = cfg.filter();
     let mut gen = 0u64;
+    // When the link went down (WARN once per outage, INFO when it is back).
+    let mut down_since: Option<Instant> = None;
     'connections: loop {
-        let mut opts = match options(&settings, "mqtt") {
+        let mut opts = match options(&settings(&cfg), "mqtt") {
             Ok(o) => o,
             Err(e) => {
                 tracing::error!(error = %e, "district receiver: MQTT cannot start");
@@ -272,7 +403,7 @@ async fn mqtt_task(
             match polled {
                 Ok(Event::Incoming(Incoming::ConnAck(_))) => {
                     backoff.reset();
-                    tracing::info!(url = %m.url, %filter, "district broker connected");
+                    tracing::debug!(url = %m.url, %filter, "district broker connected; subscribing");
                     if let Err(e) = client.try_subscribe(filter.clone(), QoS::AtLeastOnce) {
                         tracing::warn!(error = %e, "cannot queue the subscription");
                     }
@@ -281,11 +412,26 @@ async fn mqtt_task(
                     if s.return_codes.iter().any(|c| {
                         !matches!(c, rumqttc::SubscribeReasonCode::Success(QoS::AtLeastOnce))
                     }) {
+                        ops.set_broker_down(Some(format!(
+                            "subscription {filter} not granted at QoS 1: {:?}",
+                            s.return_codes
+                        )));
                         tracing::error!(%filter, codes = ?s.return_codes, "the district broker did not grant the shared subscription at QoS 1 (ACL? shared subscriptions enabled?)");
+                    } else {
+                        ops.set_broker_down(None);
+                        match down_since.take() {
+                            Some(at) => {
+                                tracing::info!(url = %m.url, %filter, down_ms = at.elapsed().as_millis() as u64, "district broker connected again")
+                            }
+                            None => {
+                                tracing::info!(url = %m.url, %filter, "district broker connected")
+                            }
+                        }
                     }
                 }
                 Ok(Event::Incoming(Incoming::Publish(p))) => {
                     counters.received.fetch_add(1, Relaxed);
+                    ops.received(crate::clock::now_ms() / 1000);
                     let ack = (p.qos != QoS::AtMostOnce).then(|| {
                         let mut slim = rumqttc::Publish::new("", p.qos, Vec::new());
                         slim.pkid = p.pkid;
@@ -304,7 +450,13 @@ async fn mqtt_task(
                 Ok(_) => {}
                 Err(e) => {
                     let delay = backoff.next_delay();
-                    tracing::warn!(error = %e, url = %m.url, delay_ms = delay.as_millis() as u64, "district broker connection lost; reconnecting");
+                    ops.set_broker_down(Some(e.to_string()));
+                    if down_since.is_none() {
+                        down_since = Some(Instant::now());
+                        tracing::warn!(error = %e, url = %m.url, "district broker connection lost; reconnecting with backoff");
+                    } else {
+                        tracing::debug!(error = %e, url = %m.url, delay_ms = delay.as_millis() as u64, "district broker still unreachable");
+                    }
                     current.send_replace(None);
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
@@ -317,20 +469,112 @@ async fn mqtt_task(
     }
 }
 
+/// The topic kind of a message, for the metrics (its leaf, when it is one we know).
+fn topic_kind(topic: &str) -> &'static str {
+    match topic.rsplit('/').next().unwrap_or("") {
+        "summary" => "summary",
+        "alert" => "alert",
+        "care" => "care",
+        "daily" => "daily",
+        "status" => "status",
+        "heartbeat" => "heartbeat",
+        _ => "other",
+    }
+}
+
+type Parsed = (String, Result<msg::Msg, msg::Reject>);
+
+/// One batch on its way into the database: how far it got, and which messages the database
+/// refused as values (indices into the batch).
+struct Progress {
+    done: usize,
+    applied: db::Applied,
+    refused: Vec<usize>,
+}
+
+/// Apply `parsed[p.done..]` in transactions of at most `*chunk` messages. A statement timeout
+/// halves the chunk (a batch larger than the database lets one statement run would otherwise
+/// time out for ever); a value the database refuses sends that chunk one message at a time.
+/// Returns the first error that is the database's state; `p` keeps what committed.
+async fn commit(
+    client: &mut tokio_postgres::Client,
+    parsed: &[Parsed],
+    p: &mut Progress,
+    chunk: &mut usize,
+    ops: &Ops,
+) -> Result<(), tokio_postgres::Error> {
+    while p.done < parsed.len() {
+        let end = (p.done + *chunk).min(parsed.len());
+        let slice = &parsed[p.done..end];
+        let attempt = async {
+            let tx = client.transaction().await?;
+            let a = db::apply(&tx, slice).await?;
+            tx.commit().await?;
+            Ok::<_, tokio_postgres::Error>(a)
+        }
+        .await;
+        match attempt {
+            Ok(a) => {
+                p.applied.add(a);
+                p.done = end;
+            }
+            Err(e) => match errors::of(&e) {
+                errors::Fault::Value if !client.is_closed() => {
+                    ops.db_error("refused_value");
+                    tracing::warn!(error = %pg_error(&e), batch = slice.len(), "database refused a value in the batch; applying its messages one at a time");
+                    isolate(client, parsed, p, end).await?;
+                }
+                errors::Fault::Database("timeout") if *chunk > 1 && !client.is_closed() => {
+                    ops.db_error("timeout");
+                    *chunk = (*chunk / 2).max(1);
+                    tracing::debug!(chunk = *chunk, error = %pg_error(&e), "statement timeout: smaller transactions");
+                }
+                _ => return Err(e),
+            },
+        }
+    }
+    Ok(())
+}
+
 async fn db_task(
     cfg: Arc<DistrictConfig>,
-    mut client: tokio_postgres::Client,
+    client: tokio_postgres::Client,
     rx: flume::Receiver<Item>,
     acks: tokio::sync::mpsc::UnboundedSender<(u64, rumqttc::Publish)>,
     counters: Arc<Counters>,
+    ops: Arc<Ops>,
+    mut outage: Outage,
 ) {
     let prefix = cfg.mqtt.topic_prefix.clone();
     let max = cfg.district.batch_max as usize;
     let linger = cfg.district.linger.0;
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
+    let mut client = Some(client);
+    let mut chunk = max;
+    let mut rollcall = Rollcall::new(&cfg);
     loop {
-        let Ok(first) = rx.recv_async().await else {
-            return; // the MQTT task stopped
+        // Between batches (and at least every `rollcall_every` when idle): the roll-call.
+        if rollcall.due() {
+            if let Some(c) = client.as_ref().filter(|c| !c.is_closed()) {
+                match rollcall.run(c, &ops).await {
+                    Ok(()) => {
+                        if outage.since.is_some() {
+                            outage.recovered(&ops);
+                        }
+                    }
+                    Err(e) => outage.failed(&ops, errors::of(&e), &pg_error(&e)),
+                }
+            }
+        }
+        let first = match tokio::time::timeout(rollcall.until_due(), rx.recv_async()).await {
+            Ok(Ok(i)) => i,
+            Ok(Err(_)) => {
+                if let Some(c) = client.as_ref() {
+                    rollcall.stopped(c).await;
+                }
+                return; // the MQTT task stopped
+            }
+            Err(_) => continue, // time for the roll-call
         };
         let mut items = vec![first];
         let deadline = tokio::time::Instant::now() + linger;
@@ -340,61 +584,61 @@ async fn db_task(
                 _ => break,
             }
         }
-        let parsed: Vec<(String, Result<msg::Msg, msg::Reject>)> = items
+        let parsed: Vec<Parsed> = items
             .iter()
             .map(|i| (i.topic.clone(), msg::parse(&prefix, &i.topic, &i.payload)))
             .collect();
-        // Commit, retrying through database trouble; nothing is acked until it commits.
-        let applied = loop {
-            let attempt = async {
-                let tx = client.transaction().await?;
-                let a = db::apply(&tx, &parsed).await?;
-                tx.commit().await?;
-                Ok::<_, tokio_postgres::Error>(a)
-            }
-            .await;
-            match attempt {
-                Ok(a) => {
-                    backoff.reset();
-                    break a;
-                }
-                // A value the database refuses (not a lost connection): the batch goes one message
-                // at a time, and a message it still refuses is kept as a reject and acknowledged,
-                // so one bad message never blocks the ones behind it.
-                Err(e) if e.as_db_error().is_some() && !client.is_closed() => {
-                    tracing::warn!(error = %pg_error(&e), batch = parsed.len(), "database refused the batch; applying its messages one at a time");
-                    match isolate(&mut client, &parsed).await {
-                        Ok(a) => break a,
-                        Err(e) => {
-                            tracing::error!(error = %pg_error(&e), "database write failed; the batch stays unacknowledged and is retried");
-                            tokio::time::sleep(backoff.next_delay()).await;
-                        }
+        let started = Instant::now();
+        // Commit, retrying through the database's bad days; nothing is acked until it commits.
+        let mut p = Progress {
+            done: 0,
+            applied: db::Applied::default(),
+            refused: Vec::new(),
+        };
+        loop {
+            let c = match client.as_mut().filter(|c| !c.is_closed()) {
+                Some(c) => c,
+                None => match connect(&cfg).await {
+                    Ok(c) => client.insert(c),
+                    Err(e) => {
+                        let e = crate::logfmt::redact_url(&e);
+                        outage.failed(&ops, errors::Fault::Database("connection"), &e);
+                        tokio::time::sleep(backoff.next_delay()).await;
+                        continue;
                     }
+                },
+            };
+            match commit(c, &parsed, &mut p, &mut chunk, &ops).await {
+                Ok(()) => {
+                    backoff.reset();
+                    outage.recovered(&ops);
+                    chunk = (chunk * 2).min(max);
+                    break;
                 }
                 Err(e) => {
-                    let delay = backoff.next_delay();
-                    let e = pg_error(&e);
-                    tracing::error!(error = %e, batch = parsed.len(), delay_ms = delay.as_millis() as u64, "database write failed; the batch stays unacknowledged and is retried");
-                    tokio::time::sleep(delay).await;
-                    if client.is_closed() {
-                        match connect(&cfg).await {
-                            Ok(c) => client = c,
-                            Err(e) => {
-                                tracing::warn!(error = %crate::logfmt::redact_url(&e), "database reconnect failed")
-                            }
-                        }
-                    }
+                    outage.failed(&ops, errors::of(&e), &pg_error(&e));
+                    tokio::time::sleep(backoff.next_delay()).await;
                 }
             }
-        };
-        for (topic, r) in &parsed {
-            if let Err(r) = r {
-                tracing::warn!(topic = %crate::logfmt::Clean(topic), reason = r.reason, detail = %crate::logfmt::Clean(&r.detail), "district receiver: message rejected");
+        }
+        ops.batch_took(started.elapsed().as_secs_f64());
+        ops.batches.fetch_add(1, Relaxed);
+        let applied = p.applied;
+        for (i, (topic, r)) in parsed.iter().enumerate() {
+            let kind = topic_kind(topic);
+            match r {
+                Err(r) => {
+                    ops.message(kind, "rejected");
+                    tracing::warn!(topic = %crate::logfmt::Clean(topic), reason = r.reason, detail = %crate::logfmt::Clean(&r.detail), "district receiver: message rejected");
+                }
+                Ok(_) if p.refused.contains(&i) => ops.message(kind, "rejected"),
+                Ok(_) => ops.message(kind, "kept"),
             }
         }
         counters.kept.fetch_add(applied.kept, Relaxed);
         counters.rejected.fetch_add(applied.rejected, Relaxed);
         counters.batches.fetch_add(1, Relaxed);
+        ops.done(items.len());
         // Acks in arrival order, handed to the acker: this task never waits on the MQTT
         // client (its request queue is drained by the MQTT task, which may itself be waiting
         // for this task to take messages: measured, that deadlocked after 6,500 messages).
@@ -405,6 +649,132 @@ async fn db_task(
                 }
             }
         }
+    }
+}
+
+/// The receivers' roll-call (`receivers` table): this receiver's row written every
+/// `district.rollcall_every`; receivers of the group whose row is older than
+/// `district.stale_after` are stale (WARN once each, `zhian_district_receivers{state}`); the
+/// gateway counts for `/metrics` are read at the same time.
+struct Rollcall {
+    every: Duration,
+    stale_after: Duration,
+    next: tokio::time::Instant,
+    client_id: String,
+    group: String,
+    host: String,
+    started: std::time::SystemTime,
+    warned: std::collections::BTreeSet<String>,
+}
+
+impl Rollcall {
+    fn new(cfg: &DistrictConfig) -> Rollcall {
+        Rollcall {
+            every: cfg.district.rollcall_every.0,
+            stale_after: cfg.district.stale_after.0,
+            next: tokio::time::Instant::now(),
+            client_id: cfg.mqtt.client_id.clone(),
+            group: cfg.mqtt.group.clone(),
+            host: std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_string())
+                .unwrap_or_default(),
+            started: std::time::SystemTime::now(),
+            warned: Default::default(),
+        }
+    }
+
+    fn due(&self) -> bool {
+        tokio::time::Instant::now() >= self.next
+    }
+
+    fn until_due(&self) -> Duration {
+        self.next
+            .saturating_duration_since(tokio::time::Instant::now())
+            .max(Duration::from_millis(1))
+    }
+
+    async fn run(
+        &mut self,
+        c: &tokio_postgres::Client,
+        ops: &Ops,
+    ) -> Result<(), tokio_postgres::Error> {
+        self.next = tokio::time::Instant::now() + self.every;
+        c.execute(
+            "INSERT INTO receivers (client_id, grp, host, version, started, last_seen)
+             VALUES ($1, $2, $3, $4, $5, now())
+             ON CONFLICT (client_id) DO UPDATE SET grp = EXCLUDED.grp, host = EXCLUDED.host,
+               version = EXCLUDED.version, started = EXCLUDED.started, last_seen = now(),
+               stopped = NULL",
+            &[
+                &self.client_id,
+                &self.group,
+                &self.host,
+                &env!("CARGO_PKG_VERSION"),
+                &self.started,
+            ],
+        )
+        .await?;
+        let stale_secs = self.stale_after.as_secs_f64();
+        let rows = c
+            .query(
+                "SELECT client_id, host, to_char(last_seen AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'),
+                        last_seen < now() - make_interval(secs => $2)
+                 FROM receivers WHERE grp = $1 ORDER BY client_id",
+                &[&self.group, &stale_secs],
+            )
+            .await?;
+        let (mut live, mut stale) = (0, 0);
+        let mut now_stale = std::collections::BTreeSet::new();
+        for r in &rows {
+            let (id, host, last, is_stale): (String, String, String, bool) =
+                (r.get(0), r.get(1), r.get(2), r.get(3));
+            if !is_stale {
+                live += 1;
+                continue;
+            }
+            stale += 1;
+            if !self.warned.contains(&id) {
+                tracing::warn!(receiver = %id, %host, last_seen = %last, group = %self.group,
+                    "a receiver of this group has been gone since last_seen: its broker session keeps queuing its share of the messages. Start a replacement with mqtt.client_id = {id:?} (it takes the session over and drains it), or expire the session on the broker (what it held is then lost); then DELETE its row from receivers (docs/district-operations.md)");
+            }
+            now_stale.insert(id);
+        }
+        for id in self.warned.difference(&now_stale) {
+            tracing::info!(receiver = %id, "a receiver of this group is back (or its row was removed)");
+        }
+        self.warned = now_stale;
+        ops.receivers_live.store(live, Relaxed);
+        ops.receivers_stale.store(stale, Relaxed);
+        let g = c
+            .query_one(
+                "SELECT count(*) FILTER (WHERE status = 'online'),
+                        count(*) FILTER (WHERE status = 'offline'),
+                        count(*) FILTER (WHERE silent)
+                 FROM gateway_state",
+                &[],
+            )
+            .await?;
+        ops.set_gateways(
+            [
+                ("online", g.get(0)),
+                ("offline", g.get(1)),
+                ("silent", g.get(2)),
+            ]
+            .into_iter()
+            .collect(),
+        );
+        Ok(())
+    }
+
+    /// A clean stop: the row says so (the broker session still holds this receiver's share
+    /// until it comes back).
+    async fn stopped(&self, c: &tokio_postgres::Client) {
+        let _ = c
+            .execute(
+                "UPDATE receivers SET stopped = now() WHERE client_id = $1",
+                &[&self.client_id],
+            )
+            .await;
     }
 }
 
@@ -424,15 +794,17 @@ async fn acker(
     }
 }
 
-/// Apply `parsed` one message per transaction; a message the database refuses becomes a
-/// `database_refused` reject. An error that is not the database refusing a value (a lost
-/// connection) is returned, and the whole batch is retried.
+/// Apply `parsed[p.done..end]` one message per transaction; a message the database refuses as
+/// a value becomes a `database_refused` reject (acknowledged, never retried). An error that is
+/// the database's state is returned, with `p` holding what committed.
 async fn isolate(
     client: &mut tokio_postgres::Client,
-    parsed: &[(String, Result<msg::Msg, msg::Reject>)],
-) -> Result<db::Applied, tokio_postgres::Error> {
-    let mut total = db::Applied::default();
-    for item in parsed {
+    parsed: &[Parsed],
+    p: &mut Progress,
+    end: usize,
+) -> Result<(), tokio_postgres::Error> {
+    while p.done < end {
+        let item = &parsed[p.done];
         let attempt = async {
             let tx = client.transaction().await?;
             let a = db::apply(&tx, std::slice::from_ref(item)).await?;
@@ -441,19 +813,17 @@ async fn isolate(
         }
         .await;
         match attempt {
-            Ok(a) => {
-                total.kept += a.kept;
-                total.rejected += a.rejected;
-                total.windows_set += a.windows_set;
-            }
-            Err(e) if e.as_db_error().is_some() && !client.is_closed() => {
+            Ok(a) => p.applied.add(a),
+            Err(e) if errors::of(&e) == errors::Fault::Value && !client.is_closed() => {
                 let detail = pg_error(&e);
                 tracing::warn!(topic = %crate::logfmt::Clean(&item.0), error = %detail, "district receiver: message refused by the database; kept as a reject");
                 db::refuse(client, &item.0, &detail).await?;
-                total.rejected += 1;
+                p.applied.rejected += 1;
+                p.refused.push(p.done);
             }
             Err(e) => return Err(e),
         }
+        p.done += 1;
     }
-    Ok(total)
+    Ok(())
 }

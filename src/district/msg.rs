@@ -62,10 +62,14 @@ pub enum Msg {
     Status {
         gateway: String,
         state: String,
+        /// The gateway's connection epoch (`None` from gateways older than epochs).
+        epoch: Option<i64>,
         body: Value,
     },
     Heartbeat {
         gateway: String,
+        /// The epoch of the connection the heartbeat was sent on.
+        epoch: Option<i64>,
         body: Value,
     },
 }
@@ -177,6 +181,40 @@ fn rows(v: &Value) -> Result<Vec<Row>, Reject> {
             })
         })
         .collect()
+}
+
+/// `epoch`, when present: a non-negative integer (a bigint in the database).
+fn epoch(v: &Value) -> Result<Option<i64>, Reject> {
+    match v.get("epoch") {
+        None | Some(Value::Null) => Ok(None),
+        Some(e) => e
+            .as_i64()
+            .filter(|e| *e >= 0)
+            .map(Some)
+            .ok_or_else(|| reject("invalid_field", "epoch: a non-negative integer is required")),
+    }
+}
+
+/// A gateway's link state as the district keeps it: the state of the highest epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LinkState {
+    pub epoch: i64,
+    pub online: bool,
+}
+
+/// The state after `msg` arrives on `current` (contract: "Upstream", `status`): a higher epoch
+/// is later than any lower one; within one epoch `offline` is later than `online`; a heartbeat of
+/// a higher epoch means `online` at that epoch. Whatever order a set of messages arrives in, the
+/// result is the same (the order is a join: [`tests::state_by_epoch_ignores_arrival_order`]).
+/// The database applies the same rule in one conditional `UPDATE` ([`super::db`]); this is its
+/// model.
+pub fn next_state(current: Option<LinkState>, msg: LinkState) -> LinkState {
+    match current {
+        None => msg,
+        Some(c) if msg.epoch > c.epoch => msg,
+        Some(c) if msg.epoch == c.epoch && !msg.online => msg,
+        Some(c) => c,
+    }
 }
 
 /// Parse one message from `topic` under `prefix`.
@@ -326,6 +364,7 @@ pub fn parse(prefix: &str, topic: &str, payload: &[u8]) -> Result<Msg, Reject> {
             }
             Ok(Msg::Status {
                 state: state.into(),
+                epoch: epoch(&v)?,
                 body: v.clone(),
                 gateway,
             })
@@ -333,7 +372,11 @@ pub fn parse(prefix: &str, topic: &str, payload: &[u8]) -> Result<Msg, Reject> {
         "heartbeat" => {
             schema("zhian.heartbeat.v1")?;
             same_gateway(&v)?;
-            Ok(Msg::Heartbeat { body: v, gateway })
+            Ok(Msg::Heartbeat {
+                epoch: epoch(&v)?,
+                body: v,
+                gateway,
+            })
         }
         other => Err(reject("foreign_topic", format!("unknown leaf {other:?}"))),
     }
@@ -383,6 +426,55 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn state_by_epoch_ignores_arrival_order() {
+        use proptest::prelude::*;
+        // Any sequence of (epoch, online) messages, in any order, ends in the same state: the
+        // highest epoch, offline if any message of that epoch said so.
+        proptest!(|(msgs in proptest::collection::vec((0i64..6, any::<bool>()), 1..12), seed in any::<u64>())| {
+            let fold = |ms: &[(i64, bool)]| ms.iter().fold(None, |s, &(epoch, online)| {
+                Some(next_state(s, LinkState { epoch, online }))
+            });
+            let mut shuffled = msgs.clone();
+            let mut r = seed;
+            for i in (1..shuffled.len()).rev() {
+                r = r.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                shuffled.swap(i, (r >> 33) as usize % (i + 1));
+            }
+            let top = msgs.iter().map(|m| m.0).max().unwrap();
+            let want = LinkState { epoch: top, online: !msgs.iter().any(|m| m.0 == top && !m.1) };
+            prop_assert_eq!(fold(&msgs), Some(want));
+            prop_assert_eq!(fold(&shuffled), Some(want));
+        });
+    }
+
+    #[test]
+    fn status_and_heartbeat_carry_the_epoch() {
+        let m = parse(
+            P,
+            "zhian/district/gw-1/status",
+            br#"{"state":"offline","gateway":"gw-1","epoch":7}"#,
+        )
+        .unwrap();
+        assert!(matches!(m, Msg::Status { epoch: Some(7), .. }));
+        let m = parse(
+            P,
+            "zhian/district/gw-1/heartbeat",
+            br#"{"schema":"zhian.heartbeat.v1","gateway":"gw-1","epoch":8}"#,
+        )
+        .unwrap();
+        assert!(matches!(m, Msg::Heartbeat { epoch: Some(8), .. }));
+        let m = parse(P, "zhian/district/gw-1/status", br#"{"state":"online"}"#).unwrap();
+        assert!(matches!(m, Msg::Status { epoch: None, .. }));
+        let e = parse(
+            P,
+            "zhian/district/gw-1/status",
+            br#"{"state":"online","epoch":-1}"#,
+        )
+        .unwrap_err();
+        assert_eq!(e.reason, "invalid_field");
     }
 
     #[test]

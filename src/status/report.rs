@@ -66,6 +66,8 @@ pub(super) struct LinkOut {
 #[derive(Serialize)]
 pub(super) struct UpstreamOut {
     pub(super) connected: bool,
+    /// The district connection epoch in use (0 before the first connection).
+    pub(super) epoch: u64,
     pub(super) pending_summaries: u64,
     pub(super) pending_alerts: u64,
     /// Messages the district broker kept refusing: kept on the box, not sent again.
@@ -307,6 +309,7 @@ pub(super) fn snapshot(st: &AppState) -> Result<StatusOut, crate::store::StoreEr
         link_problems: st.stats.link_problems(),
         upstream: UpstreamOut {
             connected: st.stats.upstream_connected.load(Relaxed),
+            epoch: st.stats.upstream_epoch.load(Relaxed),
             pending_summaries: o.pending_summaries,
             pending_alerts: o.pending_alerts,
             parked: o.parked,
