@@ -92,7 +92,7 @@ async fn connect(cfg: &DistrictConfig) -> Result<tokio_postgres::Client, String>
                 .map_err(|e| pg_error(&e))?;
             tokio::spawn(async move {
                 if let Err(e) = conn.await {
-                    tracing::warn!(error = %e, "database connection closed");
+                    tracing::debug!(error = %e, "database connection closed");
                 }
             });
             client
@@ -104,7 +104,7 @@ async fn connect(cfg: &DistrictConfig) -> Result<tokio_postgres::Client, String>
                 .map_err(|e| pg_error(&e))?;
             tokio::spawn(async move {
                 if let Err(e) = conn.await {
-                    tracing::warn!(error = %e, "database connection closed");
+                    tracing::debug!(error = %e, "database connection closed");
                 }
             });
             client
@@ -230,7 +230,7 @@ pub async fn run(cfg: DistrictConfig, shutdown: impl Future<Output = ()>) -> Res
         None
     };
     // The database first: the schema must exist before anything is acknowledged.
-    let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+    let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(10));
     let mut outage = Outage { since: None };
     let mut client: Option<tokio_postgres::Client> = None;
     // Receivers starting together migrate one at a time (a session advisory lock); a failed
@@ -548,7 +548,7 @@ async fn db_task(
     let prefix = cfg.mqtt.topic_prefix.clone();
     let max = cfg.district.batch_max as usize;
     let linger = cfg.district.linger.0;
-    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
     let mut client = Some(client);
     let mut chunk = max;
     let mut rollcall = Rollcall::new(&cfg);

@@ -8,6 +8,7 @@
 // Each integration-test crate that includes this module uses a different subset of it.
 #![allow(dead_code, unused_imports)]
 
+pub mod district;
 pub mod http;
 pub use http::{base64, http, http_from, Reply};
 pub mod pg;

@@ -42,21 +42,30 @@ fn unprivileged(bin: &Path) -> Command {
 pub struct Postgres {
     pub port: u16,
     dir: PathBuf,
+    /// The cluster's data directory (`dir/data` unless placed elsewhere, e.g. on a tmpfs).
+    data: PathBuf,
     child: Option<Child>,
 }
 
 impl Postgres {
     /// initdb and start a server in `dir` on 127.0.0.1:`port`.
     pub fn start(dir: &Path, port: u16) -> Postgres {
+        Self::start_with(dir, port, &dir.join("data"), &[])
+    }
+
+    /// As [`Postgres::start`], with the data directory at `data` (on a small tmpfs, say) and
+    /// extra `initdb` arguments (`--wal-segsize=1`).
+    pub fn start_with(dir: &Path, port: u16, data: &Path, initdb_extra: &[&str]) -> Postgres {
         let bin = bin_dir();
         std::fs::create_dir_all(dir).unwrap();
         if is_root() {
-            let ok = Command::new("chown")
-                .args(["-R", "nobody:nogroup"])
-                .arg(dir)
-                .status()
-                .unwrap()
-                .success();
+            let mut chown = Command::new("chown");
+            chown.args(["-R", "nobody:nogroup"]).arg(dir);
+            if let Some(parent) = data.parent() {
+                std::fs::create_dir_all(parent).unwrap();
+                chown.arg(parent);
+            }
+            let ok = chown.status().unwrap().success();
             assert!(ok, "chown the cluster dir");
             // nobody must reach the dir through its parents (a temp dir is 0700 root).
             let mut p = dir.parent();
@@ -68,11 +77,11 @@ impl Postgres {
                 p = d.parent();
             }
         }
-        let data = dir.join("data");
         let out = unprivileged(&bin.join("initdb"))
             .arg("-D")
-            .arg(&data)
+            .arg(data)
             .args(["-U", "zhian", "--auth=trust", "-E", "UTF8", "--no-sync"])
+            .args(initdb_extra)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .output()
@@ -85,6 +94,7 @@ impl Postgres {
         let mut pg = Postgres {
             port,
             dir: dir.to_path_buf(),
+            data: data.to_path_buf(),
             child: None,
         };
         pg.spawn();
@@ -93,10 +103,14 @@ impl Postgres {
 
     fn spawn(&mut self) {
         let bin = bin_dir();
-        let log = std::fs::File::create(self.dir.join("postgres.log")).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("postgres.log"))
+            .unwrap();
         let child = unprivileged(&bin.join("postgres"))
             .arg("-D")
-            .arg(self.dir.join("data"))
+            .arg(&self.data)
             .args(["-p", &self.port.to_string()])
             .args(["-c", "listen_addresses=127.0.0.1"])
             .arg("-c")
@@ -117,6 +131,47 @@ impl Postgres {
         );
     }
 
+    /// Fast shutdown (SIGINT: what `pg_ctl stop -m fast` sends), waiting for the exit.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: kill(2) with a pid we spawned.
+            unsafe {
+                libc::kill(c.id() as i32, libc::SIGINT);
+            }
+            if super::wait_child(&mut c, Duration::from_secs(20)).is_none() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+
+    /// Start a stopped server again (or one that exited by itself); no-op while it runs.
+    pub fn start_again(&mut self) {
+        if !self.is_running() {
+            self.child = None;
+            self.spawn();
+        }
+    }
+
+    /// `pg_ctl restart -m fast`, done by hand so the harness keeps the server process: a fast
+    /// shutdown (open transactions aborted, clients disconnected), then a start.
+    pub fn restart_fast(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+
+    /// Whether the server process is still running.
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().ok().flatten().is_none())
+    }
+
+    /// The server's log.
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.join("postgres.log")
+    }
+
     /// `postgres://zhian@127.0.0.1:PORT/postgres`
     pub fn url(&self) -> String {
         format!("postgres://zhian@127.0.0.1:{}/postgres", self.port)
@@ -124,7 +179,15 @@ impl Postgres {
 
     /// Run `sql` with psql; the rows, `|`-separated, or `None` on an error.
     pub fn psql(&self, sql: &str) -> Option<String> {
+        self.psql_with(sql, "")
+    }
+
+    /// As [`Postgres::psql`], with session settings in `pgoptions` (`PGOPTIONS`, e.g.
+    /// `-c default_transaction_read_only=off` to undo a read-only default).
+    pub fn psql_with(&self, sql: &str, pgoptions: &str) -> Option<String> {
         let out = Command::new(bin_dir().join("psql"))
+            .env("PGOPTIONS", pgoptions)
+            .env("PGCONNECT_TIMEOUT", "5")
             .args([
                 "-h",
                 "127.0.0.1",

@@ -1,0 +1,420 @@
+//! The district receiver through PostgreSQL's bad days and its own (issue 19), each provoked for
+//! real: a database down when the receiver starts (with the subscription made beforehand by
+//! `district --init`), stopped for 30 s mid-stream, restarted with a fast shutdown in the
+//! middle of a stream of batches, its data dir on a small tmpfs that fills, switched read-only
+//! (as after a failover to a standby), a `statement_timeout` shorter than a batch under lock
+//! contention; and one of two receivers gone for good, its share recovered by a replacement
+//! that takes over its client id.
+//!
+//! In every case: nothing acknowledged that is not committed (the database ends equal to what
+//! was published, nothing rejected), `/healthz` says `database` while it lasts, one WARN per
+//! outage and one INFO at recovery.
+
+mod common;
+
+use common::district::*;
+use common::pg::Postgres;
+use common::*;
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+/// A district: PostgreSQL, a persistent mosquitto, a receiver config and a publisher playing
+/// gateways' summaries, with what the database must end up holding.
+struct Rig {
+    scratch: tempfile::TempDir,
+    pg: Postgres,
+    broker: Mosquitto,
+    cfg: PathBuf,
+    health: u16,
+    log: PathBuf,
+    publisher: Publisher,
+    want: BTreeMap<(String, String), i64>,
+    windows: i64,
+    base_ms: i64,
+}
+
+impl Rig {
+    fn new(pg: impl FnOnce(&Path) -> Postgres, extra: &str) -> Rig {
+        let scratch = tempfile::tempdir().unwrap();
+        let pg = pg(scratch.path());
+        let broker = Mosquitto::start(&scratch.path().join("broker"), free_port(), true);
+        let cfg = scratch.path().join("district.toml");
+        let health = receiver_config_with(&cfg, &pg.url(), broker.port, "zhian-district-f", extra);
+        let log = scratch.path().join("receiver.log");
+        let publisher = Publisher::connect(broker.port, "fault-gateways");
+        Rig {
+            scratch,
+            pg,
+            broker,
+            cfg,
+            health,
+            log,
+            publisher,
+            want: BTreeMap::new(),
+            windows: 0,
+            base_ms: (now_ms() / 60_000 - 600) * 60_000,
+        }
+    }
+
+    /// `n` summaries for new windows of ten played gateways (each window one message).
+    fn publish(&mut self, n: usize) {
+        for _ in 0..n {
+            let i = self.windows;
+            self.windows += 1;
+            let gw = format!("pgf-{}", i % 10);
+            let start = self.base_ms + (i / 10) * 60_000;
+            let count = 1 + i % 7;
+            self.publisher.send(
+                &format!("{DISTRICT_PREFIX}/{gw}/summary"),
+                summary(&gw, start, 0, None, &[("door-1", count)]),
+            );
+            self.want.insert((gw, rfc(start)), count);
+        }
+    }
+
+    /// Waits until the database holds exactly what was published; panics with the difference.
+    fn converge(&self, what: &str) {
+        let t0 = std::time::Instant::now();
+        self.publisher.wait_all_acked(Duration::from_secs(60));
+        let ok = wait_until(Duration::from_secs(120), || in_db(&self.pg) == self.want);
+        assert!(
+            ok,
+            "{what}: database vs published:\n{}\nreceiver:\n{}",
+            map_diff(&self.want, &in_db(&self.pg)),
+            tail(&self.log, 40)
+        );
+        assert_eq!(
+            self.pg.psql("SELECT count(*) FROM rejects").unwrap().trim(),
+            "0",
+            "{what}: nothing rejected"
+        );
+        // The outcome, for the record (a failing equality above would have shown the loss).
+        let events: i64 = self.want.values().sum();
+        println!(
+            "{what}: {} windows, {events} events exact (lost 0, doubled 0), converged {:.1} s after the fault ended; WARN {} INFO {}; db errors: {}",
+            self.want.len(),
+            t0.elapsed().as_secs_f64(),
+            self.log_count("database does not take writes"),
+            self.log_count("database takes writes again"),
+            super_errors(self.health)
+        );
+    }
+
+    /// Waits until `/healthz` answers 503 naming the database (and `needle`).
+    fn wait_unhealthy(&self, needle: &str) {
+        assert!(
+            wait_until(Duration::from_secs(60), || healthz(self.health)
+                .is_some_and(|(s, b)| s == 503
+                    && b.contains("database")
+                    && b.contains(needle))),
+            "/healthz 503 with {needle:?}: {:?}\n{}",
+            healthz(self.health),
+            tail(&self.log, 20)
+        );
+        assert_eq!(metric(self.health, "zhian_district_database_up"), 0.0);
+    }
+
+    fn log_count(&self, needle: &str) -> usize {
+        log_text(&self.log).matches(needle).count()
+    }
+
+    /// One WARN when the outage began, one INFO when it ended.
+    fn one_warn_one_info(&self, what: &str) {
+        let warns = self.log_count("database does not take writes");
+        let infos = self.log_count("database takes writes again");
+        assert!(
+            warns == 1 && infos == 1,
+            "{what}: {warns} WARN and {infos} INFO lines for one outage:\n{}",
+            tail(&self.log, 40)
+        );
+        assert!(
+            !log_text(&self.log).lines().any(|l| l.starts_with("<3>")),
+            "{what}: no ERROR for an outage the receiver rides out:\n{}",
+            tail(&self.log, 40)
+        );
+        assert_eq!(healthz(self.health).map(|h| h.0), Some(200));
+        assert_eq!(metric(self.health, "zhian_district_database_up"), 1.0);
+    }
+}
+
+/// The receiver's `zhian_district_db_errors_total` series that are not zero.
+fn super_errors(port: u16) -> String {
+    let text = common::http::http(port, "GET", "/metrics", None)
+        .map(|r| r.text())
+        .unwrap_or_default();
+    text.lines()
+        .filter(|l| l.starts_with("zhian_district_db_errors_total{") && !l.ends_with(" 0"))
+        .map(|l| l.trim_start_matches("zhian_district_db_errors_total"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[test]
+fn database_down_at_start_with_the_subscription_made_first() {
+    let mut rig = Rig::new(|d| Postgres::start(&d.join("pg"), free_port()), "");
+    rig.pg.stop();
+    // The first start: the durable subscription exists before anything is published.
+    let init = Command::new(env!("CARGO_BIN_EXE_zhian-gateway"))
+        .args(["district", "--init", "--config"])
+        .arg(&rig.cfg)
+        .output()
+        .unwrap();
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    rig.publish(100);
+    let _r = start_receiver(&rig.cfg, &rig.log);
+    rig.wait_unhealthy("connection");
+    assert!(healthz(rig.health).unwrap().1.contains("migrating"));
+    rig.publish(100);
+    rig.pg.start_again();
+    rig.converge("database down at start");
+    rig.one_warn_one_info("database down at start");
+}
+
+#[test]
+fn database_stopped_30s_mid_stream() {
+    let mut rig = Rig::new(|d| Postgres::start(&d.join("pg"), free_port()), "");
+    let _r = start_receiver(&rig.cfg, &rig.log);
+    wait_healthy(rig.health, &rig.log);
+    rig.publish(150);
+    rig.converge("before the stop");
+    rig.pg.stop();
+    rig.publish(150);
+    rig.wait_unhealthy("connection");
+    // The outage lasts 30 s (the scenario), with messages arriving throughout.
+    for _ in 0..6 {
+        std::thread::sleep(Duration::from_secs(5));
+        rig.publish(20);
+    }
+    assert!(
+        metric(rig.health, "zhian_district_oldest_unacked_seconds") >= 25.0,
+        "the lag shows"
+    );
+    rig.pg.start_again();
+    rig.publish(50);
+    rig.converge("after a 30 s stop");
+    rig.one_warn_one_info("stopped 30 s");
+    assert!(
+        metric(
+            rig.health,
+            "zhian_district_db_errors_total{kind=\"connection\"}"
+        ) >= 1.0
+    );
+}
+
+#[test]
+fn database_restarted_fast_in_the_middle_of_batches() {
+    let mut rig = Rig::new(|d| Postgres::start(&d.join("pg"), free_port()), "");
+    let _r = start_receiver(&rig.cfg, &rig.log);
+    wait_healthy(rig.health, &rig.log);
+    rig.publish(4000);
+    // Restart while the stream is being written: some of it in, not all.
+    let total = rig.want.len();
+    assert!(
+        wait_until(Duration::from_secs(60), || {
+            let n = in_db(&rig.pg).len();
+            n > 0 && n < total
+        }),
+        "part of the stream in"
+    );
+    rig.pg.restart_fast();
+    rig.publish(200);
+    rig.converge("restarted mid-stream");
+    let warns = rig.log_count("database does not take writes");
+    let infos = rig.log_count("database takes writes again");
+    assert!(warns <= 1 && warns == infos, "{warns} WARN, {infos} INFO");
+}
+
+/// A tmpfs mounted for the test, unmounted on drop.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &Path, size: &str) -> Tmpfs {
+        fs::create_dir_all(at).unwrap();
+        let st = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(at)
+            .status()
+            .expect("run mount");
+        assert!(st.success(), "mount -t tmpfs needs root (CI runs as root)");
+        Tmpfs(at.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn database_disk_full_then_freed() {
+    let mut mnt = None;
+    let mut rig = Rig::new(
+        |d| {
+            let m = Tmpfs::mount(&d.join("pgdisk"), "96m");
+            let data = m.0.join("cluster").join("data");
+            mnt = Some(m);
+            Postgres::start_with(&d.join("pg"), free_port(), &data, &["--wal-segsize=1"])
+        },
+        "",
+    );
+    let mnt = mnt.unwrap();
+    let _r = start_receiver(&rig.cfg, &rig.log);
+    wait_healthy(rig.health, &rig.log);
+    rig.publish(100);
+    rig.converge("before the disk fills");
+    // Fill the database's filesystem to the last byte.
+    let filler = mnt.0.join("filler");
+    {
+        use std::io::Write;
+        let mut f = fs::File::create(&filler).unwrap();
+        let chunk = vec![0x5au8; 64 * 1024];
+        while f.write_all(&chunk).is_ok() {}
+        let small = vec![0x5au8; 512];
+        while f.write_all(&small).is_ok() {}
+    }
+    rig.publish(2000);
+    rig.wait_unhealthy("");
+    let reason = healthz(rig.health).unwrap().1;
+    // Freed, as an operator would; a server that stopped on it (a PANIC writing WAL) is started.
+    fs::remove_file(&filler).unwrap();
+    rig.pg.start_again();
+    rig.publish(100);
+    rig.converge(&format!("disk full ({})", reason.trim()));
+    let warns = rig.log_count("database does not take writes");
+    assert!(warns >= 1);
+    assert_eq!(warns, rig.log_count("database takes writes again"));
+}
+
+#[test]
+fn database_read_only_after_a_failover() {
+    let mut rig = Rig::new(|d| Postgres::start(&d.join("pg"), free_port()), "");
+    let _r = start_receiver(&rig.cfg, &rig.log);
+    wait_healthy(rig.health, &rig.log);
+    rig.publish(100);
+    rig.converge("before read-only");
+    // What a promoted standby that is not yet writable, or a primary demoted by hand, looks
+    // like to a client: every transaction read-only (SQLSTATE 25006).
+    rig.pg
+        .psql("ALTER SYSTEM SET default_transaction_read_only = on")
+        .unwrap();
+    rig.pg.psql("SELECT pg_reload_conf()").unwrap();
+    rig.publish(200);
+    rig.wait_unhealthy("read_only");
+    assert!(in_db(&rig.pg).len() < rig.want.len());
+    let off = "-c default_transaction_read_only=off";
+    rig.pg
+        .psql_with("ALTER SYSTEM RESET default_transaction_read_only", off)
+        .unwrap();
+    rig.pg.psql_with("SELECT pg_reload_conf()", off).unwrap();
+    rig.converge("after read-only");
+    rig.one_warn_one_info("read-only");
+    assert!(
+        metric(
+            rig.health,
+            "zhian_district_db_errors_total{kind=\"read_only\"}"
+        ) >= 1.0
+    );
+}
+
+#[test]
+fn statement_timeout_shorter_than_a_batch_under_lock_contention() {
+    let mut rig = Rig::new(
+        |d| {
+            let pg = Postgres::start(&d.join("pg"), free_port());
+            pg.psql("ALTER DATABASE postgres SET statement_timeout = '300ms'")
+                .unwrap();
+            pg
+        },
+        "",
+    );
+    let _r = start_receiver(&rig.cfg, &rig.log);
+    wait_healthy(rig.health, &rig.log);
+    rig.publish(100);
+    rig.converge("before contention");
+    // Another session holds the windows table for 5 s: every batch that reaches it times out.
+    let pg_bin = fs::read_dir("/usr/lib/postgresql")
+        .unwrap()
+        .flatten()
+        .map(|e| e.path().join("bin/psql"))
+        .find(|p| p.exists())
+        .unwrap();
+    let mut holder = Command::new(pg_bin)
+        .env("PGOPTIONS", "-c statement_timeout=0")
+        .args(["-h", "127.0.0.1", "-p", &rig.pg.port.to_string()])
+        .args(["-U", "zhian", "-d", "postgres", "-v", "ON_ERROR_STOP=1"])
+        .args([
+            "-c",
+            "BEGIN; LOCK TABLE windows IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep(5); COMMIT;",
+        ])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    assert!(wait_until(Duration::from_secs(10), || {
+        rig
+        .pg
+        .psql("SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation WHERE c.relname = 'windows' AND l.mode = 'AccessExclusiveLock' AND l.granted")
+        .is_some_and(|n| n.trim() == "1")
+    }));
+    rig.publish(300);
+    rig.wait_unhealthy("timeout");
+    assert!(holder.wait().unwrap().success());
+    rig.converge("after the lock is released");
+    rig.one_warn_one_info("statement timeout");
+    assert!(
+        metric(
+            rig.health,
+            "zhian_district_db_errors_total{kind=\"timeout\"}"
+        ) >= 1.0
+    );
+}
+
+#[test]
+fn a_receiver_gone_for_good_is_seen_and_its_share_recovered_by_a_replacement() {
+    let mut rig = Rig::new(|d| Postgres::start(&d.join("pg"), free_port()), "");
+    let log2 = rig.scratch.path().join("receiver2.log");
+    let cfg2 = rig.scratch.path().join("district2.toml");
+    let h2 = receiver_config(&cfg2, &rig.pg.url(), rig.broker.port, "zhian-district-gone");
+    let _r1 = start_receiver(&rig.cfg, &rig.log);
+    let mut r2 = start_receiver(&cfg2, &log2);
+    wait_healthy(rig.health, &rig.log);
+    wait_healthy(h2, &log2);
+    rig.publish(20);
+    rig.converge("both receivers");
+    let _ = r2.0.kill();
+    let _ = r2.0.wait();
+    rig.publish(200);
+    rig.publisher.wait_all_acked(Duration::from_secs(30));
+    // The survivor sees the other's roll-call go stale, says so, and its share is missing.
+    assert!(
+        wait_until(Duration::from_secs(60), || metric(
+            rig.health,
+            "zhian_district_receivers{state=\"stale\"}"
+        ) == 1.0),
+        "stale receiver in /metrics\n{}",
+        tail(&rig.log, 20)
+    );
+    assert!(log_text(&rig.log).contains("a receiver of this group has been gone"));
+    assert!(log_text(&rig.log).contains("zhian-district-gone"));
+    let held = rig.want.len() - in_db(&rig.pg).len();
+    assert!(held > 0, "the gone receiver's session holds its share");
+    // A replacement with the gone receiver's client id (another host, another status port)
+    // takes the session over and drains it.
+    let cfg3 = rig.scratch.path().join("district3.toml");
+    let h3 = receiver_config(&cfg3, &rig.pg.url(), rig.broker.port, "zhian-district-gone");
+    let _r3 = start_receiver(&cfg3, &log2);
+    wait_healthy(h3, &log2);
+    rig.converge(&format!("after the replacement ({held} held)"));
+    assert!(wait_until(Duration::from_secs(30), || metric(
+        rig.health,
+        "zhian_district_receivers{state=\"stale\"}"
+    ) == 0.0));
+    let _ = rig.broker.port;
+}
