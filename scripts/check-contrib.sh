@@ -44,8 +44,8 @@ if bad:
 print(f"dashboards: {len(glob.glob('contrib/grafana/*.json'))} files, every metric name exported")
 PY
 python3 - <<'PY'
-import json, re, sys
-sql = open("migrations/district/V1__init.sql").read()
+import glob, json, re, sys
+sql = "".join(open(f).read() for f in sorted(glob.glob("migrations/district/*.sql")))
 objects = set(re.findall(r"CREATE (?:TABLE|VIEW) (\w+)", sql))
 bad = []
 d = json.load(open("contrib/grafana/district/zhian-district.json"))

@@ -616,7 +616,14 @@ async fn db_task(
                     break;
                 }
                 Err(e) => {
-                    outage.failed(&ops, errors::of(&e), &pg_error(&e));
+                    let fault = errors::of(&e);
+                    outage.failed(&ops, fault, &pg_error(&e));
+                    // A read-only server (a primary demoted, a standby not yet promoted): the
+                    // next attempt reconnects, so a multi-host `database_url` with
+                    // `target_session_attrs=read-write` finds the new primary.
+                    if fault == errors::Fault::Database("read_only") {
+                        client = None;
+                    }
                     tokio::time::sleep(backoff.next_delay()).await;
                 }
             }
