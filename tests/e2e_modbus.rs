@@ -676,7 +676,6 @@ fn modbus_rtu_two_live_units_one_silent() {
         );
     }
 }
-}
 
 #[test]
 fn modbus_bad_config_names_key() {

@@ -217,17 +217,22 @@ pub async fn run(cfg: DistrictConfig, shutdown: impl Future<Output = ()>) -> Res
     tokio::pin!(shutdown);
     // The operations surface first: /healthz says `migrating` (and why) while the database is
     // not there yet.
-    let status = if cfg.status.enabled {
-        let listener = tokio::net::TcpListener::bind(&cfg.status.listen)
-            .await
-            .map_err(|e| format!("status.listen {}: {e}", cfg.status.listen))?;
-        Some(tokio::spawn(ops::serve(
-            listener,
-            ops.clone(),
-            stop.clone(),
-        )))
-    } else {
-        None
+    // A port already taken (a second receiver on one host with the default `listen`) costs
+    // the endpoint, not the receiver: the data path matters more (ERROR: an operator must
+    // give each receiver its own `status.listen`).
+    let status = match cfg.status.enabled {
+        true => match tokio::net::TcpListener::bind(&cfg.status.listen).await {
+            Ok(listener) => Some(tokio::spawn(ops::serve(
+                listener,
+                ops.clone(),
+                stop.clone(),
+            ))),
+            Err(e) => {
+                tracing::error!(listen = %cfg.status.listen, error = %e, "status.listen: cannot listen; running without /healthz and /metrics (give each receiver on a host its own status.listen)");
+                None
+            }
+        },
+        false => None,
     };
     // The database first: the schema must exist before anything is acknowledged.
     let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(10));
