@@ -8,18 +8,27 @@
 //! event loop with a clean session, so nothing from an earlier connection can be replayed under
 //! our feet; after a reconnect the outbox is resent from its start (the platform keeps the
 //! highest rev per window, so a resend never double-counts).
+//!
+//! The district broker's packet limit is learned: when the broker closes the connection with a
+//! publish unacknowledged that is larger than any it acknowledged on that connection, the limit
+//! drops to half that publish (never below [`MIN_LEARNED_PACKET`]) for the rest of the process,
+//! and summaries larger than it are split again at send time ([`crate::core::summary::resplit`]):
+//! a whole summary into parts, the pre-split parts of one rev (all still pending) merged and cut
+//! anew. Such a send unit's outbox keys are reported acked only after every publish of it is.
+//! A message is parked only when it cannot be made smaller (a single row, an alert, a rev with a
+//! part already delivered) and the broker still closes the connection on it `PARK_AFTER` times.
 
 use crate::backoff::Backoff;
 use crate::clock::now_ms;
 use crate::config::Config;
-use crate::core::summary::rfc3339_utc;
+use crate::core::summary::{resplit, rfc3339_utc, summary_part_of};
 use crate::mqtt::{options, ClientSettings};
 use crate::stats::LinkChange;
 use crate::stats::Stats;
-use crate::store::{OutboxKey, OutboxRecordV1, Store, CLASS_ALERT, CLASS_SUMMARY};
+use crate::store::{OutboxKey, OutboxRecordV1, OutboxTopic, Store, CLASS_ALERT, CLASS_SUMMARY};
 use rumqttc::{AsyncClient, Event, Incoming, LastWill, Outgoing, QoS};
 use serde::Serialize;
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -38,14 +47,91 @@ pub struct Forwarder {
     pub stop: CancellationToken,
 }
 
-/// A message the broker closed the connection on this many times in a row is parked.
+/// A message the broker closed the connection on this many times in a row, and that cannot be
+/// made smaller, is parked.
 pub const PARK_AFTER: u32 = 3;
+
+/// The smallest packet limit learned from the district broker (bytes). A summary row is a few
+/// hundred bytes at most: with site labels of usual length, any one row fits a part this size.
+pub const MIN_LEARNED_PACKET: usize = 1024;
+
+/// MQTT 3.1.1 QoS 1 PUBLISH overhead beyond topic and payload: fixed header up to 5 bytes,
+/// topic length 2, packet id 2.
+const PUBLISH_OVERHEAD: usize = 9;
+
+/// The district broker's packet limit as far as this process knows it: `upstream.max_packet_size`
+/// (summaries are issued split under it) or, once the broker closed the connection on a larger
+/// publish, a smaller limit learned from that.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct PacketLimit {
+    configured: usize,
+    learned: Option<usize>,
+}
+
+impl PacketLimit {
+    fn current(&self) -> usize {
+        self.learned.unwrap_or(self.configured)
+    }
+
+    /// The broker closed the connection with a publish of `refused` packet bytes not
+    /// acknowledged, after it had acknowledged one of `proven` bytes on that connection. A
+    /// publish no larger than one it took cannot be refused for its size; a larger one may be:
+    /// the limit drops to half of it (or to `proven`, known to pass, if that is more), never
+    /// below [`MIN_LEARNED_PACKET`]. Returns whether the limit dropped.
+    fn refused(&mut self, refused: usize, proven: usize) -> bool {
+        if refused <= proven {
+            return false;
+        }
+        let target = (refused / 2).max(proven).max(MIN_LEARNED_PACKET);
+        if target < refused && target < self.current() {
+            self.learned = Some(target);
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// What the forwarder keeps across connections about the broker refusing messages.
+struct Refusals {
+    /// Connections lost while this send unit (by its first key) was the suspect.
+    blamed: HashMap<OutboxKey, u32>,
+    limit: PacketLimit,
+}
 
 /// What a queued publish was, in issue order, to bind the pkid rumqttc assigns.
 enum Sent {
-    Outbox(OutboxKey),
+    /// Publish `idx` of send unit `unit`.
+    Outbox {
+        unit: u64,
+        idx: usize,
+    },
     Status,
     Other,
+}
+
+/// One send unit: one outbox entry, or the parts of one summary rev split again as one. Its
+/// keys are reported acked once every publish of it is.
+struct Unit {
+    keys: Vec<OutboxKey>,
+    pubs: Vec<Pub>,
+    unacked: usize,
+}
+
+struct Pub {
+    /// Packet bytes (payload, topic and MQTT header).
+    bytes: usize,
+    /// Whether a smaller packet limit would send these rows in smaller publishes.
+    shrinks: bool,
+    acked: bool,
+}
+
+/// A publish prepared but not yet taken by the client (its request queue was full).
+struct Queued {
+    unit: u64,
+    idx: usize,
+    topic: String,
+    payload: Vec<u8>,
 }
 
 #[derive(Serialize)]
@@ -130,9 +216,21 @@ fn prune(store: &Store, acked_local: &mut BTreeSet<OutboxKey>) {
 struct Conn {
     client: AsyncClient,
     sent: VecDeque<Sent>,
-    by_pkid: HashMap<u16, (OutboxKey, Instant)>,
+    /// pkid -> (unit, publish index, queued at).
+    by_pkid: HashMap<u16, (u64, usize, Instant)>,
     queued_at: VecDeque<Instant>,
-    inflight: BTreeSet<OutboxKey>,
+    /// Outbox keys in a send unit not yet acknowledged whole, and their unit.
+    inflight: BTreeMap<OutboxKey, u64>,
+    units: BTreeMap<u64, Unit>,
+    next_unit: u64,
+    /// Outbox publishes not yet acknowledged (what `upstream.max_inflight` bounds).
+    publishes: usize,
+    /// Publishes of a unit the client did not take yet, in order.
+    queue: VecDeque<Queued>,
+    /// The largest publish (packet bytes) the broker acknowledged on this connection.
+    proven: usize,
+    /// The packet limit summaries are sent under on this connection.
+    limit: usize,
     cursor: [Option<u64>; 2],
     /// Summaries read from the outbox, not yet sent (the cursor is past them).
     ahead: VecDeque<(OutboxKey, OutboxRecordV1)>,
@@ -149,13 +247,58 @@ impl Conn {
     fn bind(&mut self, pkid: u16) {
         let at = self.queued_at.pop_front().unwrap_or_else(Instant::now);
         match self.sent.pop_front() {
-            Some(Sent::Outbox(key)) => {
-                self.by_pkid.insert(pkid, (key, at));
+            Some(Sent::Outbox { unit, idx }) => {
+                self.by_pkid.insert(pkid, (unit, idx, at));
             }
             Some(Sent::Status) => self.status_pkid = Some(pkid),
             Some(Sent::Other) => {}
             None => tracing::warn!(pkid, "forwarder: publish event with nothing queued"),
         }
+    }
+
+    /// A PUBACK for an outbox publish: returns its unit's keys once the whole unit is
+    /// acknowledged, and the queue-to-PUBACK time. `None` if `pkid` is not an outbox publish.
+    fn puback(&mut self, pkid: u16) -> Option<(Option<Vec<OutboxKey>>, Duration)> {
+        let (unit_id, idx, at) = self.by_pkid.remove(&pkid)?;
+        self.publishes = self.publishes.saturating_sub(1);
+        let unit = self.units.get_mut(&unit_id)?;
+        let p = unit.pubs.get_mut(idx)?;
+        if !p.acked {
+            p.acked = true;
+            unit.unacked = unit.unacked.saturating_sub(1);
+            self.proven = self.proven.max(p.bytes);
+        }
+        if unit.unacked > 0 {
+            return Some((None, at.elapsed()));
+        }
+        let unit = self.units.remove(&unit_id)?;
+        for k in &unit.keys {
+            self.inflight.remove(k);
+        }
+        Some((Some(unit.keys), at.elapsed()))
+    }
+
+    /// The publish the broker most likely closed the connection on: the largest one written
+    /// (its pkid bound) and not acknowledged; the earliest unit of those as large. Returns its
+    /// unit, packet bytes and whether it would shrink under a smaller limit.
+    fn suspect(&self) -> Option<(u64, usize, bool)> {
+        let mut best: Option<(u64, usize, bool)> = None;
+        for &(unit, idx, _) in self.by_pkid.values() {
+            let Some(p) = self.units.get(&unit).and_then(|u| u.pubs.get(idx)) else {
+                continue;
+            };
+            if p.acked {
+                continue;
+            }
+            let better = match best {
+                None => true,
+                Some((bu, bb, _)) => p.bytes > bb || (p.bytes == bb && unit < bu),
+            };
+            if better {
+                best = Some((unit, p.bytes, p.shrinks));
+            }
+        }
+        best
     }
 }
 
@@ -184,8 +327,16 @@ impl Forwarder {
         // Keys PUBACKed but perhaps not yet deleted by the committer: never resend them.
         let mut acked_local: BTreeSet<OutboxKey> = BTreeSet::new();
         let mut watch = crate::link::TakeoverWatch::default();
-        // Connections lost while this entry was the oldest unacknowledged one.
-        let mut blamed: HashMap<OutboxKey, u32> = HashMap::new();
+        let mut refusals = Refusals {
+            blamed: HashMap::new(),
+            limit: PacketLimit {
+                configured: u.max_packet_size.0 as usize,
+                learned: None,
+            },
+        };
+        self.stats
+            .upstream_max_packet
+            .store(u.max_packet_size.0, Relaxed);
         self.stats.link_start("district", &u.url, now_ms());
         let mut epochs = crate::epoch::Epochs::open(&self.cfg.gateway.data_dir);
         loop {
@@ -215,7 +366,7 @@ impl Forwarder {
                         &mut acked_local,
                         &mut backoff,
                         &mut watch,
-                        &mut blamed,
+                        &mut refusals,
                     )
                     .await
                 }
@@ -253,13 +404,14 @@ impl Forwarder {
         acked_local: &mut BTreeSet<OutboxKey>,
         backoff: &mut Backoff,
         watch: &mut crate::link::TakeoverWatch,
-        blamed: &mut HashMap<OutboxKey, u32>,
+        refusals: &mut Refusals,
     ) -> bool {
         let u = &self.cfg.upstream;
         {
             opts.set_clean_session(true);
             opts.set_inflight(u.max_inflight.saturating_add(8));
-            // Refuse locally what the district broker would refuse (summaries are split under it).
+            // Refuse locally what the district broker would refuse (summaries are split under it,
+            // or under the smaller limit learned from the broker).
             opts.set_max_packet_size(
                 crate::mqtt::MAX_INCOMING_PACKET,
                 u.max_packet_size.0 as usize,
@@ -272,7 +424,7 @@ impl Forwarder {
             ));
             prune(&self.store, acked_local);
         }
-        self.connection(opts, epoch, acked_local, backoff, watch, blamed)
+        self.connection(opts, epoch, acked_local, backoff, watch, refusals)
             .await
     }
 
@@ -284,7 +436,7 @@ impl Forwarder {
         acked_local: &mut BTreeSet<OutboxKey>,
         backoff: &mut Backoff,
         watch: &mut crate::link::TakeoverWatch,
-        blamed: &mut HashMap<OutboxKey, u32>,
+        refusals: &mut Refusals,
     ) -> bool {
         let cap = usize::from(self.cfg.upstream.max_inflight) * 2 + 16;
         let (client, mut eventloop) = AsyncClient::new(opts, cap);
@@ -305,7 +457,13 @@ impl Forwarder {
             sent: VecDeque::new(),
             by_pkid: HashMap::new(),
             queued_at: VecDeque::new(),
-            inflight: BTreeSet::new(),
+            inflight: BTreeMap::new(),
+            units: BTreeMap::new(),
+            next_unit: 0,
+            publishes: 0,
+            queue: VecDeque::new(),
+            proven: 0,
+            limit: refusals.limit.current(),
             cursor: [None, None],
             ahead: VecDeque::new(),
             check_alerts: true,
@@ -339,14 +497,15 @@ impl Forwarder {
                     }
                     Some(Ok(Event::Outgoing(Outgoing::Publish(pkid)))) => c.bind(pkid),
                     Some(Ok(Event::Incoming(Incoming::PubAck(ack)))) => {
-                        if let Some((key, at)) = c.by_pkid.remove(&ack.pkid) {
-                            c.inflight.remove(&key);
-                            blamed.remove(&key);
-                            acked_local.insert(key);
+                        if let Some((done, latency)) = c.puback(ack.pkid) {
                             self.stats.upstream_published.fetch_add(1, Relaxed);
-                            self.stats.publish_seconds.observe(at.elapsed().as_secs_f64());
-                            tracing::debug!(class = key.0, seq = key.1, latency_ms = at.elapsed().as_millis() as u64, "upstream PUBACK");
-                            let _ = self.acked.send(key);
+                            self.stats.publish_seconds.observe(latency.as_secs_f64());
+                            for key in done.into_iter().flatten() {
+                                refusals.blamed.remove(&key);
+                                acked_local.insert(key);
+                                tracing::debug!(class = key.0, seq = key.1, latency_ms = latency.as_millis() as u64, "upstream PUBACK");
+                                let _ = self.acked.send(key);
+                            }
                             self.fill(&mut c, acked_local);
                         } else if c.status_pkid == Some(ack.pkid) {
                             c.status_acked = true;
@@ -362,20 +521,16 @@ impl Forwarder {
                     }
                     Some(Err(e)) => {
                         // The broker closing the connection on a message it will not take
-                        // (too large for its max_packet_size, say): the oldest unacknowledged
-                        // message is the suspect; after PARK_AFTER times it is parked.
-                        if let Some(&key) = c.inflight.iter().next() {
-                            let n = blamed.entry(key).or_insert(0);
-                            *n += 1;
-                            if *n >= PARK_AFTER {
-                                blamed.remove(&key);
-                                acked_local.insert(key);
-                                let _ = self.park.send(key);
-                                tracing::error!(class = key.0, seq = key.1, tries = PARK_AFTER, error = %e, url = %self.cfg.upstream.url, "district broker closed the connection on this message every time: parked (kept on the box, not sent again; see upstream.max_packet_size and the broker's limits)");
-                            }
-                        }
+                        // (too large for its max_packet_size, say).
+                        let explained = self.refused(&mut c, refusals, acked_local, &e);
                         let url = &self.cfg.upstream.url;
                         let problem = crate::link::classify(&e, "upstream", url).or_else(|| {
+                            if explained {
+                                // A message too large for the broker (a new limit learned),
+                                // not our identity taken by another box.
+                                watch.dropped_explained();
+                                return None;
+                            }
                             watch.dropped(Instant::now()).then(|| {
                                 crate::link::identity_taken(
                                     "upstream",
@@ -426,14 +581,79 @@ impl Forwarder {
         finished
     }
 
-    /// Publish outbox entries until `max_inflight` are unacknowledged; alerts before summaries.
+    /// The broker closed the connection. The suspect is the largest publish it did not
+    /// acknowledge: larger than any it took on this connection, it may be too large for the
+    /// broker, so the packet limit is learned from it and, if its rows can go in smaller parts,
+    /// it is simply sent again that way. Otherwise (it cannot shrink, or no publish is larger
+    /// than what passed: not a size refusal) the suspect, or else the oldest unacknowledged
+    /// entry, is blamed, and parked after `PARK_AFTER` times. Returns whether the limit dropped
+    /// (the connection's end is explained by a message too large for the broker).
+    fn refused(
+        &self,
+        c: &mut Conn,
+        refusals: &mut Refusals,
+        acked_local: &mut BTreeSet<OutboxKey>,
+        e: &rumqttc::ConnectionError,
+    ) -> bool {
+        let mut blame = None;
+        let mut explained = false;
+        match c.suspect() {
+            Some((unit, bytes, shrinks)) if bytes > c.proven => {
+                if refusals.limit.refused(bytes, c.proven) {
+                    explained = true;
+                    let limit = refusals.limit.current();
+                    self.stats
+                        .upstream_learned_max_packet
+                        .store(limit as u64, Relaxed);
+                    self.stats.upstream_max_packet.store(limit as u64, Relaxed);
+                    tracing::warn!(
+                        refused_bytes = bytes,
+                        acknowledged_bytes = c.proven,
+                        learned_max_packet = limit,
+                        configured = refusals.limit.configured,
+                        url = %self.cfg.upstream.url,
+                        "district broker closed the connection on a message this large: summaries go in parts of at most learned_max_packet bytes from now on (upstream.max_packet_size need not be set)"
+                    );
+                    if !shrinks {
+                        blame = Some(unit);
+                    }
+                } else {
+                    blame = Some(unit);
+                }
+            }
+            _ => blame = c.inflight.values().next().copied(),
+        }
+        let Some(keys) = blame.and_then(|u| c.units.get(&u)).map(|u| u.keys.clone()) else {
+            return explained;
+        };
+        let Some(&first) = keys.first() else {
+            return explained;
+        };
+        let n = refusals.blamed.entry(first).or_insert(0);
+        *n += 1;
+        if *n >= PARK_AFTER {
+            refusals.blamed.remove(&first);
+            for &key in &keys {
+                acked_local.insert(key);
+                let _ = self.park.send(key);
+            }
+            tracing::error!(class = first.0, seq = first.1, entries = keys.len(), tries = PARK_AFTER, error = %e, url = %self.cfg.upstream.url, learned_max_packet = refusals.limit.learned, "district broker closed the connection on this message every time and it cannot be made smaller: parked (kept on the box, not sent again; see the broker's limits)");
+        }
+        explained
+    }
+
+    /// Publish outbox entries until `max_inflight` publishes are unacknowledged; alerts before
+    /// summaries.
     fn fill(&self, c: &mut Conn, acked_local: &BTreeSet<OutboxKey>) {
         let max = usize::from(self.cfg.upstream.max_inflight);
+        if !self.flush(c) {
+            return;
+        }
         // Alerts first, looked for only when the committer said something new is in the
         // outbox (or at connect, or on the once-a-second refill).
         if c.check_alerts {
-            while c.inflight.len() < max {
-                let room = max - c.inflight.len();
+            while c.publishes < max {
+                let room = max - c.publishes;
                 let rows =
                     match self
                         .store
@@ -453,16 +673,18 @@ impl Forwarder {
                 }
                 for (key, rec) in rows {
                     c.cursor[CLASS_ALERT as usize] = Some(key.1);
-                    if !acked_local.contains(&key) && !self.send(c, key, rec) {
-                        c.cursor[CLASS_ALERT as usize] = key.1.checked_sub(1);
-                        return;
+                    if !acked_local.contains(&key) && !c.inflight.contains_key(&key) {
+                        self.send(c, key, rec, acked_local);
                     }
+                }
+                if !self.flush(c) {
+                    return;
                 }
             }
         }
         // Summaries from a read-ahead buffer: one read transaction per window's worth, not one
         // per PUBACK (a backlog drains at the broker's pace; BENCHMARKS.md, drain).
-        while c.inflight.len() < max {
+        while c.publishes < max {
             let Some((key, rec)) = c.ahead.pop_front() else {
                 let rows = match self.store.outbox_after(
                     CLASS_SUMMARY,
@@ -484,30 +706,181 @@ impl Forwarder {
                 c.ahead.extend(rows);
                 continue;
             };
-            if acked_local.contains(&key) {
+            if acked_local.contains(&key) || c.inflight.contains_key(&key) {
                 continue;
             }
-            if !self.send(c, key, rec.clone()) {
-                c.ahead.push_front((key, rec));
+            self.send(c, key, rec, acked_local);
+            if !self.flush(c) {
                 return;
             }
         }
     }
 
-    /// Queue one outbox entry; false when the client's request queue is full (try again on
-    /// the next event).
-    fn send(&self, c: &mut Conn, key: OutboxKey, rec: OutboxRecordV1) -> bool {
-        let topic = self.topic(rec.topic.suffix());
-        if c.client
-            .try_publish(topic, QoS::AtLeastOnce, false, rec.payload)
-            .is_err()
-        {
-            return false;
+    /// Hand queued publishes to the client; false when its request queue is full (the rest
+    /// waits for the next event).
+    fn flush(&self, c: &mut Conn) -> bool {
+        while let Some(q) = c.queue.pop_front() {
+            match c
+                .client
+                .try_publish(q.topic, QoS::AtLeastOnce, false, q.payload)
+            {
+                Ok(()) => {
+                    c.sent.push_back(Sent::Outbox {
+                        unit: q.unit,
+                        idx: q.idx,
+                    });
+                    c.queued_at.push_back(Instant::now());
+                }
+                Err(rumqttc::ClientError::TryRequest(rumqttc::Request::Publish(p))) => {
+                    c.queue.push_front(Queued {
+                        unit: q.unit,
+                        idx: q.idx,
+                        topic: p.topic,
+                        payload: p.payload.to_vec(),
+                    });
+                    return false;
+                }
+                Err(e) => {
+                    // Not a full queue: the client is gone (the connection is ending).
+                    tracing::debug!(error = %e, "forwarder: publish not queued");
+                    return false;
+                }
+            }
         }
-        c.sent.push_back(Sent::Outbox(key));
-        c.queued_at.push_back(Instant::now());
-        c.inflight.insert(key);
         true
+    }
+
+    /// Make one send unit of an outbox entry and queue its publishes: the entry as it is, or,
+    /// when it is a summary larger than the packet limit learned from the broker, its rows
+    /// (with those of the other parts of its rev, all still pending) split again under it.
+    fn send(
+        &self,
+        c: &mut Conn,
+        key: OutboxKey,
+        rec: OutboxRecordV1,
+        acked_local: &BTreeSet<OutboxKey>,
+    ) {
+        let topic = self.topic(rec.topic.suffix());
+        // Payload bytes a publish on this topic may carry (16 to spare, as at issue time).
+        let budget = c.limit.saturating_sub(topic.len() + 16);
+        let configured = self.cfg.upstream.max_packet_size.0 as usize;
+        let mut keys = vec![key];
+        // (payload, shrinks)
+        let mut payloads: Vec<(Vec<u8>, bool)> = Vec::new();
+        if rec.topic != OutboxTopic::Summary {
+            payloads.push((rec.payload, false));
+        } else if c.limit >= configured {
+            // Issued split under this very limit.
+            payloads.push((rec.payload, true));
+        } else {
+            let members = match summary_part_of(&rec.payload) {
+                None => Ok(vec![(key, rec)]),
+                Some((part, parts)) => self.rev_parts(c, key, rec, part, parts, acked_local),
+            };
+            match members {
+                Ok(members) if members.iter().any(|(_, r)| r.payload.len() > budget) => {
+                    let refs: Vec<&[u8]> =
+                        members.iter().map(|(_, r)| r.payload.as_slice()).collect();
+                    match resplit(&refs, budget) {
+                        Ok(parts) => {
+                            tracing::debug!(class = key.0, seq = key.1, window = ?members[0].1.window, entries = members.len(), parts = parts.len(), budget, "summary split again under the learned packet limit");
+                            keys = members.iter().map(|(k, _)| *k).collect();
+                            payloads = parts.into_iter().map(|p| (p.payload, p.rows > 1)).collect();
+                        }
+                        Err(e) => {
+                            tracing::warn!(class = key.0, seq = key.1, error = %e, "summary larger than the learned packet limit cannot be split again: sent as it is");
+                            let rec = members.into_iter().find(|(k, _)| *k == key).map(|(_, r)| r);
+                            payloads.extend(rec.map(|r| (r.payload, false)));
+                        }
+                    }
+                }
+                Ok(members) => {
+                    // Every part fits: this one goes as it is.
+                    let rec = members.into_iter().find(|(k, _)| *k == key).map(|(_, r)| r);
+                    payloads.extend(rec.map(|r| (r.payload, true)));
+                }
+                Err(rec) => {
+                    if rec.payload.len() > budget {
+                        tracing::warn!(class = key.0, seq = key.1, window = ?rec.window, bytes = rec.payload.len(), budget, "summary part larger than the learned packet limit, but other parts of its rev are already delivered (or parked, or dropped): a split now would break the rev, so it is sent as it is (parked if the district broker keeps refusing it)");
+                    }
+                    payloads.push((rec.payload, false));
+                }
+            }
+        }
+        if payloads.is_empty() {
+            // Not reached (the entry is always among its rev's parts); resent after a reconnect.
+            debug_assert!(false, "a send unit without publishes");
+            return;
+        }
+        let unit = c.next_unit;
+        c.next_unit += 1;
+        let mut pubs = Vec::with_capacity(payloads.len());
+        for (idx, (payload, shrinks)) in payloads.into_iter().enumerate() {
+            pubs.push(Pub {
+                bytes: payload.len() + topic.len() + PUBLISH_OVERHEAD,
+                shrinks,
+                acked: false,
+            });
+            c.queue.push_back(Queued {
+                unit,
+                idx,
+                topic: topic.clone(),
+                payload,
+            });
+        }
+        c.publishes += pubs.len();
+        for k in &keys {
+            c.inflight.insert(*k, unit);
+        }
+        c.units.insert(
+            unit,
+            Unit {
+                keys,
+                unacked: pubs.len(),
+                pubs,
+            },
+        );
+    }
+
+    /// All `parts` parts of the summary rev `key` is part `part` of, in order, if every one is
+    /// still pending (consecutive entries, as they were issued) and none is in flight or
+    /// acknowledged; else `Err` with the entry itself.
+    #[allow(clippy::result_large_err)]
+    fn rev_parts(
+        &self,
+        c: &Conn,
+        key: OutboxKey,
+        rec: OutboxRecordV1,
+        part: usize,
+        parts: usize,
+        acked_local: &BTreeSet<OutboxKey>,
+    ) -> Result<Vec<(OutboxKey, OutboxRecordV1)>, OutboxRecordV1> {
+        let Some(first) = (part as u64)
+            .checked_sub(1)
+            .and_then(|back| key.1.checked_sub(back))
+        else {
+            return Err(rec);
+        };
+        let Ok(rows) = self
+            .store
+            .outbox_after(CLASS_SUMMARY, first.checked_sub(1), parts)
+        else {
+            return Err(rec);
+        };
+        let complete = rows.len() == parts
+            && rows.iter().enumerate().all(|(i, (k, r))| {
+                *k == (CLASS_SUMMARY, first + i as u64)
+                    && r.topic == OutboxTopic::Summary
+                    && r.window == rec.window
+                    && !acked_local.contains(k)
+                    && (*k == key || !c.inflight.contains_key(k))
+                    && summary_part_of(&r.payload) == Some((i + 1, parts))
+            });
+        if complete {
+            Ok(rows)
+        } else {
+            Err(rec)
+        }
     }
 
     fn heartbeat(&self, c: &mut Conn) {
@@ -613,8 +986,10 @@ impl Forwarder {
                 Ok(Some(Ok(Event::Incoming(Incoming::PubAck(a))))) => {
                     if c.status_pkid == Some(a.pkid) {
                         c.status_acked = true;
-                    } else if let Some((key, _)) = c.by_pkid.remove(&a.pkid) {
-                        let _ = self.acked.send(key);
+                    } else if let Some((Some(keys), _)) = c.puback(a.pkid) {
+                        for key in keys {
+                            let _ = self.acked.send(key);
+                        }
                     }
                 }
                 Ok(Some(Ok(_))) => {}
@@ -631,5 +1006,121 @@ impl Forwarder {
         })
         .await;
         tracing::info!("district link closed (status offline)");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_packet_limit_is_learned_from_refusals_larger_than_what_passed() {
+        let mut l = PacketLimit {
+            configured: 256 << 10,
+            learned: None,
+        };
+        // Nothing larger than what the broker took: not a size refusal.
+        assert!(!l.refused(70_000, 70_000));
+        assert_eq!(l.current(), 256 << 10);
+        // A 70 KB publish refused after 300 bytes passed: half of it.
+        assert!(l.refused(70_000, 300));
+        assert_eq!(l.learned, Some(35_000));
+        // A size known to pass is kept when it is more than half.
+        assert!(l.refused(34_000, 20_000));
+        assert_eq!(l.current(), 20_000);
+        // Never up again, never below the floor.
+        assert!(!l.refused(60_000, 0));
+        assert_eq!(l.current(), 20_000);
+        assert!(l.refused(1_500, 0));
+        assert_eq!(l.current(), MIN_LEARNED_PACKET);
+        assert!(!l.refused(1_200, 0));
+        assert!(!l.refused(900, 0));
+        assert_eq!(l.current(), MIN_LEARNED_PACKET);
+    }
+
+    fn conn() -> Conn {
+        let (client, _eventloop) =
+            AsyncClient::new(rumqttc::MqttOptions::new("t", "127.0.0.1", 1), 10);
+        Conn {
+            client,
+            sent: VecDeque::new(),
+            by_pkid: HashMap::new(),
+            queued_at: VecDeque::new(),
+            inflight: BTreeMap::new(),
+            units: BTreeMap::new(),
+            next_unit: 0,
+            publishes: 0,
+            queue: VecDeque::new(),
+            proven: 0,
+            limit: 1 << 20,
+            cursor: [None, None],
+            ahead: VecDeque::new(),
+            check_alerts: false,
+            status_pkid: None,
+            status_acked: false,
+            epoch: 1,
+        }
+    }
+
+    fn add(c: &mut Conn, keys: &[OutboxKey], sizes: &[(usize, bool)]) -> u64 {
+        let unit = c.next_unit;
+        c.next_unit += 1;
+        for (idx, _) in sizes.iter().enumerate() {
+            c.sent.push_back(Sent::Outbox { unit, idx });
+            c.queued_at.push_back(Instant::now());
+        }
+        for k in keys {
+            c.inflight.insert(*k, unit);
+        }
+        c.publishes += sizes.len();
+        c.units.insert(
+            unit,
+            Unit {
+                keys: keys.to_vec(),
+                pubs: sizes
+                    .iter()
+                    .map(|&(bytes, shrinks)| Pub {
+                        bytes,
+                        shrinks,
+                        acked: false,
+                    })
+                    .collect(),
+                unacked: sizes.len(),
+            },
+        );
+        unit
+    }
+
+    #[test]
+    fn a_unit_is_acked_after_all_its_publishes_and_the_suspect_is_the_largest_written() {
+        let mut c = conn();
+        add(&mut c, &[(1, 10)], &[(500, true)]);
+        let b = add(
+            &mut c,
+            &[(1, 11), (1, 12), (1, 13)],
+            &[(30_000, true), (20_000, true)],
+        );
+        // Nothing written yet: no suspect.
+        assert_eq!(c.suspect(), None);
+        for pkid in 1..=3 {
+            c.bind(pkid);
+        }
+        assert_eq!(c.suspect(), Some((b, 30_000, true)));
+        assert_eq!(c.publishes, 3);
+        // Unit a: one publish.
+        let (done, _) = c.puback(1).unwrap();
+        assert_eq!(done, Some(vec![(1, 10)]));
+        assert_eq!(c.proven, 500);
+        // Unit b: its keys only after both publishes.
+        assert_eq!(c.puback(2).unwrap().0, None);
+        assert_eq!(c.suspect(), Some((b, 20_000, true)));
+        assert!(c.inflight.contains_key(&(1, 12)));
+        assert_eq!(
+            c.puback(3).unwrap().0,
+            Some(vec![(1, 11), (1, 12), (1, 13)])
+        );
+        assert!(c.inflight.is_empty() && c.units.is_empty());
+        assert_eq!((c.publishes, c.proven), (0, 30_000));
+        assert!(c.puback(3).is_none(), "a PUBACK counted once");
     }
 }

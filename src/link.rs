@@ -102,6 +102,12 @@ impl TakeoverWatch {
         self.quick_drops >= TAKEOVER_DROPS
     }
 
+    /// The connection ended for a reason that is not another client taking our identity (the
+    /// broker closed it on a message too large for it): not counted as a quick drop.
+    pub fn dropped_explained(&mut self) {
+        self.connected_at = None;
+    }
+
     /// The current connection has lived long enough to trust (clears the pattern).
     pub fn is_stable(&self, now: Instant) -> bool {
         self.connected_at

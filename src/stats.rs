@@ -99,6 +99,12 @@ pub struct Stats {
     /// 1 while connected to the site (device) broker.
     pub site_connected: AtomicBool,
     pub upstream_published: AtomicU64,
+    /// The packet limit summaries are sent under: `upstream.max_packet_size`, or the smaller
+    /// one learned from the district broker.
+    pub upstream_max_packet: AtomicU64,
+    /// The packet limit learned from the district broker (it closed the connection on a larger
+    /// publish), 0 while none was learned. Kept for the life of the process.
+    pub upstream_learned_max_packet: AtomicU64,
     pub outbox_pending: AtomicU64,
     /// Outbox entries parked (the district broker kept refusing them).
     pub outbox_parked: AtomicU64,
@@ -239,6 +245,8 @@ impl Default for Stats {
             upstream_epoch: AtomicU64::new(0),
             site_connected: AtomicBool::new(false),
             upstream_published: AtomicU64::new(0),
+            upstream_max_packet: AtomicU64::new(0),
+            upstream_learned_max_packet: AtomicU64::new(0),
             outbox_pending: AtomicU64::new(0),
             outbox_parked: AtomicU64::new(0),
             store_bytes: AtomicU64::new(0),

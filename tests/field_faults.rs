@@ -383,17 +383,20 @@ fn refused_district_credentials_are_an_error_on_the_page() {
 // A picky district broker
 // ---------------------------------------------------------------------------------------------
 
-/// A district broker with `max_packet_size 65536`, one 2 s window with 900 distinct devices (a
-/// summary of about 70 KB), then 5 events in a later window. `gateway_max` is the gateway's
-/// `upstream.max_packet_size`. Returns (collector, status port, daemon, log, broker).
+/// A district broker with `max_packet_size broker_max`, one 2 s window with 900 distinct devices
+/// (a summary of about 70 KB), then 5 events in a later window. `gateway_max` is the gateway's
+/// `upstream.max_packet_size` (`None`: not set, the default 256 KiB). Returns (collector, status
+/// port, daemon, log, the events sent, site broker, district broker).
 fn picky_district(
     scratch: &Path,
-    gateway_max: &str,
+    gateway_max: Option<&str>,
+    broker_max: usize,
 ) -> (
     Upstream,
     u16,
     Daemon,
     std::path::PathBuf,
+    Vec<Event>,
     Mosquitto,
     Mosquitto,
 ) {
@@ -402,19 +405,19 @@ fn picky_district(
         &scratch.join("district"),
         free_port(),
         false,
-        "max_packet_size 65536",
+        &format!("max_packet_size {broker_max}"),
     );
     let up = Upstream::start(district.port, "picky-collector");
     let status_port = free_port();
     let cfg = scratch.join("gateway.toml");
-    fs::write(
-        &cfg,
-        site_config(&scratch.join("data"), site.port, district.port, status_port).replace(
+    let mut text = site_config(&scratch.join("data"), site.port, district.port, status_port);
+    if let Some(max) = gateway_max {
+        text = text.replace(
             "[upstream]\n",
-            &format!("[upstream]\nmax_packet_size = \"{gateway_max}\"\n"),
-        ),
-    )
-    .unwrap();
+            &format!("[upstream]\nmax_packet_size = \"{max}\"\n"),
+        );
+    }
+    fs::write(&cfg, text).unwrap();
     let log = scratch.join("daemon.log");
     let d = Daemon::start(&cfg, &log);
     assert!(wait_until(Duration::from_secs(30), || api_status(
@@ -423,6 +426,7 @@ fn picky_district(
     .is_some()));
     let mut p = Publisher::connect(site.port, "picky-pub");
     let ts = now_ms();
+    let mut events = Vec::new();
     for i in 0..900 {
         let e = Event::new(
             "access",
@@ -432,21 +436,60 @@ fn picky_district(
         )
         .at(ts);
         p.send(&e.topic(), e.payload());
+        events.push(e);
     }
     p.wait_all_acked(Duration::from_secs(60));
-    std::thread::sleep(Duration::from_secs(4));
+    // The next events fall into a later window.
+    let next = window_start(ts) + 2_000;
+    assert!(wait_until(Duration::from_secs(10), || now_ms() >= next));
     for i in 0..5 {
         let e = Event::new("access", "door-0001", &format!("small-{i}"), "exit");
         p.send(&e.topic(), e.payload());
+        events.push(e);
     }
     p.wait_all_acked(Duration::from_secs(60));
-    (up, status_port, d, log, site, district)
+    (up, status_port, d, log, events, site, district)
+}
+
+/// Every summary publish the collector received fits a broker packet of `limit` bytes: payload,
+/// topic, 2 topic-length bytes, 2 packet id bytes and a fixed header of at most 5.
+fn assert_packets_within(up: &Upstream, limit: usize) {
+    for m in up.on("summary") {
+        assert!(
+            m.payload.len() + m.topic.len() + 9 <= limit,
+            "{} bytes",
+            m.payload.len()
+        );
+    }
+}
+
+/// (window start, rev, parts).
+type RevKey = (i64, u64, u64);
+/// A summary's rows.
+type Rows = Vec<(Key, u64)>;
+
+/// Per (window start, rev, parts): the rows of the revs that arrived whole (all parts
+/// `1..=parts`, each once), as the district receiver takes them (its key includes `parts`).
+fn complete_revs(up: &Upstream) -> Vec<(RevKey, Rows)> {
+    let mut revs: std::collections::BTreeMap<RevKey, HashMap<u64, Rows>> = Default::default();
+    for s in up.summaries() {
+        let parts = s.json["parts"].as_u64().unwrap_or(1);
+        let part = s.json["part"].as_u64().unwrap_or(1);
+        revs.entry((s.start_ms, s.rev, parts))
+            .or_default()
+            .insert(part, s.counts.clone());
+    }
+    revs.into_iter()
+        .filter(|((_, _, parts), got)| (1..=*parts).all(|p| got.contains_key(&p)))
+        .map(|(k, got)| (k, got.into_values().flatten().collect()))
+        .collect()
 }
 
 #[test]
 fn a_large_summary_is_split_under_the_district_packet_limit() {
     let scratch = tempfile::tempdir().unwrap();
-    let (up, _status, mut d, log, _s, _dist) = picky_district(scratch.path(), "64KiB");
+    let (up, _status, mut d, log, _events, _s, _dist) =
+        picky_district(scratch.path(), Some("64KiB"), 65_536);
     assert!(
         wait_until(Duration::from_secs(60), || up
             .totals()
@@ -464,15 +507,7 @@ fn a_large_summary_is_split_under_the_district_packet_limit() {
         .filter(|j| j["parts"].is_u64())
         .collect();
     assert!(parts.len() >= 2, "the big window went in parts");
-    // Every packet within the broker's limit: payload + topic + 2 topic-length bytes, 2 packet
-    // id bytes and a fixed header of at most 5.
-    for m in up.on("summary") {
-        assert!(
-            m.text().len() + m.topic.len() + 9 <= 65_536,
-            "{} bytes",
-            m.text().len()
-        );
-    }
+    assert_packets_within(&up, 65_536);
     assert!(
         up.summary_problems().is_empty(),
         "{:?}",
@@ -480,26 +515,185 @@ fn a_large_summary_is_split_under_the_district_packet_limit() {
     );
     let l = log_text(&log);
     assert!(
-        !l.contains("district broker connection lost"),
-        "{}",
+        !l.contains("district broker link down"),
+        "split at issue time: the broker never closed the connection\n{}",
         tail(&log, 30)
     );
     d.term();
 }
 
+/// Contract: "The district broker's packet limit need not be configured: a message the broker
+/// refuses (it closes the connection on it) is split into smaller parts and tried again, and is
+/// parked only when a single row will not fit."
 #[test]
-fn a_message_the_district_keeps_refusing_is_parked_and_never_blocks_the_rest() {
+fn the_district_packet_limit_is_learned_and_a_900_device_window_arrives_whole() {
     let scratch = tempfile::tempdir().unwrap();
-    // The gateway believes 1 MiB is fine; the broker closes the connection on the 70 KB summary.
-    let (up, status_port, mut d, log, _s, _dist) = picky_district(scratch.path(), "1MiB");
+    // No upstream.max_packet_size: the gateway issues the 70 KB summary whole (256 KiB).
+    let (up, status_port, mut d, log, events, _s, _dist) =
+        picky_district(scratch.path(), None, 65_536);
+    let want = collapse(&expected_windows(&events));
     assert!(
-        wait_until(Duration::from_secs(90), || up
-            .totals()
-            .values()
-            .sum::<u64>()
-            == 5),
-        "the window behind the refused one arrives: {:?}; log:\n{}",
-        up.totals(),
+        wait_until(Duration::from_secs(90), || up.totals() == want),
+        "every event counted once: {}; log:\n{}",
+        map_diff(&want, &up.totals()),
+        tail(&log, 40)
+    );
+    // The 900-device window arrived as one complete rev, in parts.
+    let big = window_start(events[0].ts_ms);
+    let revs = complete_revs(&up);
+    let (key, rows) = revs
+        .iter()
+        .filter(|((start, _, _), _)| *start == big)
+        .max_by_key(|((_, rev, _), _)| *rev)
+        .expect("a complete rev of the big window");
+    assert!(key.2 >= 2, "sent in parts: {key:?}");
+    assert_eq!(rows.len(), 900, "900 devices, each row once");
+    assert_eq!(rows.iter().map(|(_, n)| n).sum::<u64>(), 900);
+    assert_packets_within(&up, 65_536);
+    // Nothing parked; the learned limit shown.
+    let status = api_status(status_port).expect("/api/status");
+    assert_eq!(status["upstream"]["parked"], 0, "{}", status["upstream"]);
+    let learned = status["upstream"]["learned_max_packet"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("learned_max_packet: {}", status["upstream"]));
+    assert!((1024..65_536).contains(&learned), "{learned}");
+    assert!(
+        wait_until(Duration::from_secs(10), || up
+            .latest_heartbeat()
+            .is_some_and(|h| h["parked"] == 0 && h["pending_summaries"] == 0)),
+        "heartbeat: {:?}",
+        up.latest_heartbeat()
+    );
+    let metrics = http(status_port, "GET", "/metrics", None).unwrap().text();
+    assert!(
+        metrics.contains(&format!("zhian_upstream_max_packet_bytes {learned}")),
+        "{metrics}"
+    );
+    assert!(metrics.contains("zhian_outbox_parked 0"), "{metrics}");
+    let l = log_text(&log);
+    assert!(
+        l.contains("learned_max_packet") && !l.contains("parked (kept on the box"),
+        "{}",
+        tail(&log, 40)
+    );
+    d.term();
+}
+
+/// Parts issued under `upstream.max_packet_size` but still too large for the broker: the parts
+/// of the rev (all pending) are merged and split again under the learned limit.
+#[test]
+fn parts_too_large_for_the_district_are_merged_and_split_again() {
+    let scratch = tempfile::tempdir().unwrap();
+    // Issued as 2 parts of up to 64 KiB; the broker takes 32 KiB.
+    let (up, status_port, mut d, log, events, _s, _dist) =
+        picky_district(scratch.path(), Some("64KiB"), 32_768);
+    let want = collapse(&expected_windows(&events));
+    assert!(
+        wait_until(Duration::from_secs(90), || up.totals() == want),
+        "every event counted once: {}; log:\n{}",
+        map_diff(&want, &up.totals()),
+        tail(&log, 40)
+    );
+    let big = window_start(events[0].ts_ms);
+    let revs = complete_revs(&up);
+    let (key, rows) = revs
+        .iter()
+        .filter(|((start, _, _), _)| *start == big)
+        .max_by_key(|((_, rev, _), _)| *rev)
+        .expect("a complete rev of the big window");
+    assert!(key.2 >= 3, "split again into more parts: {key:?}");
+    assert_eq!(rows.iter().map(|(_, n)| n).sum::<u64>(), 900);
+    assert_packets_within(&up, 32_768);
+    let status = api_status(status_port).expect("/api/status");
+    assert_eq!(status["upstream"]["parked"], 0, "{}", status["upstream"]);
+    assert!(status["upstream"]["learned_max_packet"]
+        .as_u64()
+        .is_some_and(|b| b < 32_768));
+    let l = log_text(&log);
+    assert!(
+        l.contains("summary split again") && l.contains("entries=2"),
+        "{}",
+        tail(&log, 40)
+    );
+    d.term();
+}
+
+/// A summary whose single row will not fit the district broker's packet limit is parked after
+/// `PARK_AFTER` refusals (it cannot be made smaller) and never blocks the window after it. Long
+/// site labels make every summary a few KB, so that the broker's limit sits between a summary
+/// with one long row (device, action and result of 64 characters) and one with a short row.
+#[test]
+fn a_single_row_the_district_refuses_is_parked_and_never_blocks_the_rest() {
+    let scratch = tempfile::tempdir().unwrap();
+    let street = "富春街道".repeat(500);
+    let long = "x".repeat(64);
+    let window = "2026-12-05T10:00:02Z";
+    let summary = |device: &str, action: &str, result: &str, n: u64| {
+        let v = serde_json::json!({
+            "schema": "zhian.summary.v1", "gateway": GATEWAY_ID,
+            "site": {"district": "富阳区", "street": street, "compound": "春江花园"},
+            "window": {"start": window, "secs": 2}, "rev": 0,
+            "counts": [{"kind": "access", "device": device, "action": action, "result": result, "n": n}]
+        });
+        serde_json::to_vec(&v).unwrap().len() + format!("{PREFIX}/summary").len() + 9
+    };
+    let long_device = format!("door-{}", "x".repeat(59));
+    let refused = summary(&long_device, &long, &long, 1);
+    let fits = summary("door-0001", "exit", "ok", 5);
+    assert!(fits + 100 < refused, "{fits} {refused}");
+    let limit = (fits + refused) / 2;
+    let site = Mosquitto::start(&scratch.path().join("site"), free_port(), false);
+    let district = Mosquitto::start_with(
+        &scratch.path().join("district"),
+        free_port(),
+        false,
+        &format!("max_packet_size {limit}"),
+    );
+    let up = Upstream::start(district.port, "tiny-collector");
+    let status_port = free_port();
+    let cfg = scratch.path().join("gateway.toml");
+    let text = site_config(
+        &scratch.path().join("data"),
+        site.port,
+        district.port,
+        status_port,
+    );
+    assert!(text.contains("compound = \"春江花园\"\n"));
+    let text = text.replace(
+        "compound = \"春江花园\"\n",
+        &format!("compound = \"春江花园\"\nstreet = \"{street}\"\n"),
+    );
+    fs::write(&cfg, text).unwrap();
+    let log = scratch.path().join("daemon.log");
+    let mut d = Daemon::start(&cfg, &log);
+    assert!(wait_until(Duration::from_secs(30), || api_status(
+        status_port
+    )
+    .is_some()));
+    // The heartbeat and status fit the broker's limit: the link holds while nothing is sent.
+    assert!(
+        wait_until(Duration::from_secs(30), || up.latest_heartbeat().is_some()),
+        "heartbeat through a {limit}-byte limit; log:\n{}",
+        tail(&log, 30)
+    );
+    let mut p = Publisher::connect(site.port, "tiny-pub");
+    let big = Event::new("access", &long_device, "long-1", &long).result(&long);
+    p.send(&big.topic(), big.payload());
+    p.wait_all_acked(Duration::from_secs(30));
+    let next = window_start(big.ts_ms) + 2_000;
+    assert!(wait_until(Duration::from_secs(10), || now_ms() >= next));
+    let mut small = Vec::new();
+    for i in 0..5 {
+        let e = Event::new("access", "door-0001", &format!("small-{i}"), "exit");
+        p.send(&e.topic(), e.payload());
+        small.push(e);
+    }
+    p.wait_all_acked(Duration::from_secs(30));
+    let want = collapse(&expected_windows(&small));
+    assert!(
+        wait_until(Duration::from_secs(90), || up.totals() == want),
+        "the window behind the refused one arrives: {}; log:\n{}",
+        map_diff(&want, &up.totals()),
         tail(&log, 40)
     );
     assert!(
@@ -512,15 +706,28 @@ fn a_message_the_district_keeps_refusing_is_parked_and_never_blocks_the_rest() {
     assert!(l.contains("parked (kept on the box"), "{}", tail(&log, 40));
     let metrics = http(status_port, "GET", "/metrics", None).unwrap().text();
     assert!(metrics.contains("zhian_outbox_parked 1"), "{metrics}");
-    // Bounded flapping: at most a few offline/online flips, then quiet.
+    assert_packets_within(&up, limit);
+    assert!(
+        up.summaries()
+            .iter()
+            .all(|s| s.start_ms != window_start(big.ts_ms)),
+        "the refused window never arrived in pieces"
+    );
+    // Bounded flapping: the broker closed the connection a few times, then the link holds.
     let flips = up.on("status").len();
-    std::thread::sleep(Duration::from_secs(5));
+    assert!(flips <= 16, "{flips} status messages");
+    let beats = up.on("heartbeat").len();
+    assert!(
+        wait_until(Duration::from_secs(30), || up.on("heartbeat").len()
+            >= beats + 3),
+        "heartbeats go on"
+    );
     assert_eq!(
         up.on("status").len(),
         flips,
-        "the status topic stops flapping"
+        "no reconnect after parking: {}",
+        tail(&log, 20)
     );
-    assert!(flips <= 10, "{flips} status messages");
     d.term();
 }
 

@@ -149,28 +149,67 @@ pub fn summary_parts(
             n: *n,
         })
         .collect();
-    let render = |counts: Vec<CountOut>, part: Option<(usize, usize)>| {
+    let head = Head {
+        gateway,
+        site,
+        start: rfc3339_utc(w.start_ms),
+        secs: w.secs,
+        rev,
+    };
+    chunked(&head, rows, max_bytes)
+        .into_iter()
+        .map(|p| p.payload)
+        .collect()
+}
+
+/// What every part of one summary rev carries besides its rows.
+struct Head<'a> {
+    gateway: &'a str,
+    site: &'a Site,
+    start: String,
+    secs: u32,
+    rev: u32,
+}
+
+impl Head<'_> {
+    fn render(&self, counts: Vec<CountOut>, part: Option<(usize, usize)>) -> Vec<u8> {
         serde_json::to_vec(&SummaryOut {
             schema: "zhian.summary.v1",
-            gateway,
-            site,
+            gateway: self.gateway,
+            site: self.site,
             window: WindowOut {
-                start: rfc3339_utc(w.start_ms),
-                secs: w.secs,
+                start: self.start.clone(),
+                secs: self.secs,
             },
-            rev,
+            rev: self.rev,
             part: part.map(|p| p.0),
             parts: part.map(|p| p.1),
             counts,
         })
         .expect("summary serializes")
-    };
-    let whole = render(rows.clone(), None);
+    }
+}
+
+/// One payload of a summary rev and how many rows it holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SummaryPart {
+    pub payload: Vec<u8>,
+    pub rows: usize,
+}
+
+/// `rows` (sorted) as one payload when it fits `max_bytes`, else as parts `1..=n` of `n`, each
+/// at most `max_bytes` unless a single row alone is larger (it then travels alone).
+fn chunked(head: &Head, rows: Vec<CountOut>, max_bytes: usize) -> Vec<SummaryPart> {
+    let all = rows.len();
+    let whole = head.render(rows.clone(), None);
     if whole.len() <= max_bytes {
-        return vec![whole];
+        return vec![SummaryPart {
+            payload: whole,
+            rows: all,
+        }];
     }
     // The envelope of a part with the widest part numbers, and each row's bytes (plus a comma).
-    let envelope = render(Vec::new(), Some((rows.len(), rows.len()))).len();
+    let envelope = head.render(Vec::new(), Some((all, all))).len();
     let budget = max_bytes.saturating_sub(envelope).max(1);
     let mut chunks: Vec<Vec<CountOut>> = vec![Vec::new()];
     let mut used = 0;
@@ -185,11 +224,155 @@ pub fn summary_parts(
         chunks.last_mut().expect("a chunk").push(row);
     }
     let n = chunks.len();
+    if n == 1 {
+        // One row too large for any part: it goes whole, as it is.
+        return vec![SummaryPart {
+            payload: whole,
+            rows: all,
+        }];
+    }
     chunks
         .into_iter()
         .enumerate()
-        .map(|(i, c)| render(c, Some((i + 1, n))))
+        .map(|(i, c)| SummaryPart {
+            rows: c.len(),
+            payload: head.render(c, Some((i + 1, n))),
+        })
         .collect()
+}
+
+/// A `zhian.summary.v1` payload read back.
+#[derive(Deserialize)]
+struct SummaryIn {
+    schema: String,
+    gateway: String,
+    #[serde(default)]
+    site: Site,
+    window: WindowIn,
+    rev: u32,
+    part: Option<usize>,
+    parts: Option<usize>,
+    counts: Vec<CountIn>,
+}
+
+#[derive(Deserialize, PartialEq, Eq)]
+struct WindowIn {
+    start: String,
+    secs: u32,
+}
+
+#[derive(Deserialize)]
+struct CountIn {
+    kind: Kind,
+    device: String,
+    action: String,
+    result: String,
+    n: u64,
+}
+
+/// Why payloads cannot be split again as one summary rev.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ResplitError {
+    /// Not a `zhian.summary.v1` payload (or not JSON).
+    NotASummary(String),
+    /// Not exactly the parts `1..=n` of `n` of one window and rev (or one whole summary).
+    NotOneRev(String),
+}
+
+impl std::fmt::Display for ResplitError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ResplitError::NotASummary(e) => write!(f, "not a summary: {e}"),
+            ResplitError::NotOneRev(e) => write!(f, "not one complete rev: {e}"),
+        }
+    }
+}
+
+/// The `"part"`/`"parts"` numbers of a summary payload (`None` for a whole summary or anything
+/// that is not a summary).
+pub fn summary_part_of(payload: &[u8]) -> Option<(usize, usize)> {
+    #[derive(Deserialize)]
+    struct PartOnly {
+        part: Option<usize>,
+        parts: Option<usize>,
+    }
+    let p: PartOnly = serde_json::from_slice(payload).ok()?;
+    Some((p.part?, p.parts?))
+}
+
+/// Split one summary rev again under `max_bytes`: `payloads` are either one whole summary or
+/// all the parts `1..=n` of `n` of one window and rev (in any order), as [`summary_parts`] made
+/// them. Their rows are merged (they must be disjoint) and cut anew exactly as
+/// [`summary_parts`] would cut them: one payload without part fields when the rows fit, else
+/// parts `1..=m` of `m`, each at most `max_bytes` unless it holds a single row. For the
+/// forwarder, which learns a smaller packet limit from the district broker than the one the
+/// summary was issued under (contract: "Upstream").
+pub fn resplit(payloads: &[&[u8]], max_bytes: usize) -> Result<Vec<SummaryPart>, ResplitError> {
+    let mut docs = Vec::with_capacity(payloads.len());
+    for p in payloads {
+        let d: SummaryIn =
+            serde_json::from_slice(p).map_err(|e| ResplitError::NotASummary(e.to_string()))?;
+        if d.schema != "zhian.summary.v1" {
+            return Err(ResplitError::NotASummary(format!("schema {}", d.schema)));
+        }
+        docs.push(d);
+    }
+    let Some(first) = docs.first() else {
+        return Err(ResplitError::NotOneRev("no payload".into()));
+    };
+    let n = docs.len();
+    let mut numbers: Vec<usize> = Vec::with_capacity(n);
+    for d in &docs {
+        if d.gateway != first.gateway
+            || d.site != first.site
+            || d.window != first.window
+            || d.rev != first.rev
+        {
+            return Err(ResplitError::NotOneRev(
+                "payloads of different windows or revs".into(),
+            ));
+        }
+        match (d.part, d.parts) {
+            (None, None) if n == 1 => numbers.push(1),
+            (Some(p), Some(of)) if of == n => numbers.push(p),
+            (p, of) => {
+                return Err(ResplitError::NotOneRev(format!(
+                    "part {p:?} of {of:?} among {n} payloads"
+                )))
+            }
+        }
+    }
+    numbers.sort_unstable();
+    if numbers != (1..=n).collect::<Vec<_>>() {
+        return Err(ResplitError::NotOneRev(format!("parts {numbers:?} of {n}")));
+    }
+    let mut rows: Vec<CountOut> = docs
+        .iter()
+        .flat_map(|d| d.counts.iter())
+        .filter(|c| c.n > 0)
+        .map(|c| CountOut {
+            kind: c.kind,
+            device: &c.device,
+            action: &c.action,
+            result: &c.result,
+            n: c.n,
+        })
+        .collect();
+    fn key<'a>(c: &CountOut<'a>) -> (Kind, &'a str, &'a str, &'a str) {
+        (c.kind, c.device, c.action, c.result)
+    }
+    rows.sort_by(|a, b| key(a).cmp(&key(b)));
+    if rows.windows(2).any(|w| key(&w[0]) == key(&w[1])) {
+        return Err(ResplitError::NotOneRev("a row in two parts".into()));
+    }
+    let head = Head {
+        gateway: &first.gateway,
+        site: &first.site,
+        start: first.window.start.clone(),
+        secs: first.window.secs,
+        rev: first.rev,
+    };
+    Ok(chunked(&head, rows, max_bytes))
 }
 
 #[derive(Serialize)]
@@ -258,6 +441,172 @@ mod tests {
         // A summary that fits is one message without part fields.
         let one = summary_parts("gw", &Site::default(), &w, 3, usize::MAX);
         assert_eq!(one, vec![whole]);
+    }
+
+    fn window_of(devices: usize, long: bool) -> WindowState {
+        let mut w = WindowState::new(1_800_000_000_000, 10);
+        for d in 0..devices {
+            let word = if long { "x".repeat(64) } else { "entry".into() };
+            w.add(
+                CountKey {
+                    kind: Kind::Access,
+                    device: format!("door-{d:04}"),
+                    action: word.clone(),
+                    result: word,
+                },
+                d as u64 + 1,
+            );
+        }
+        w
+    }
+
+    /// Rows of `parts` (one rev), checked as the contract wants them: every part within `max`
+    /// unless it holds one row, part numbers `1..=m` of `m`, rows disjoint. Returns the rows.
+    fn check_parts(parts: &[SummaryPart], max: usize, rev: u32) -> Vec<(String, u64)> {
+        let m = parts.len();
+        let mut rows = Vec::new();
+        for (i, p) in parts.iter().enumerate() {
+            let v: serde_json::Value = serde_json::from_slice(&p.payload).unwrap();
+            assert!(
+                p.payload.len() <= max || p.rows == 1,
+                "part {} of {m}",
+                i + 1
+            );
+            assert_eq!(v["rev"], rev);
+            if m == 1 {
+                assert!(v.get("part").is_none() && v.get("parts").is_none());
+            } else {
+                assert_eq!(v["part"], i + 1);
+                assert_eq!(v["parts"], m);
+            }
+            let counts = v["counts"].as_array().unwrap();
+            assert_eq!(counts.len(), p.rows);
+            for c in counts {
+                rows.push((
+                    c["device"].as_str().unwrap().to_string(),
+                    c["n"].as_u64().unwrap(),
+                ));
+            }
+        }
+        let mut keys: Vec<_> = rows.iter().map(|r| r.0.clone()).collect();
+        keys.sort();
+        keys.dedup();
+        assert_eq!(keys.len(), rows.len(), "rows disjoint");
+        rows
+    }
+
+    #[test]
+    fn a_summary_splits_again_under_a_smaller_limit_as_it_would_have_been_issued() {
+        let w = window_of(900, false);
+        let site = Site {
+            district: Some("富阳区".into()),
+            ..Site::default()
+        };
+        let whole = summary_json("gw", &site, &w, 2);
+        // A whole summary, split again, is what issuing it under the smaller limit gives.
+        let again = resplit(&[&whole], 30_000).unwrap();
+        let issued = summary_parts("gw", &site, &w, 2, 30_000);
+        assert!(again.len() >= 3);
+        assert_eq!(
+            again.iter().map(|p| p.payload.clone()).collect::<Vec<_>>(),
+            issued
+        );
+        let rows = check_parts(&again, 30_000, 2);
+        assert_eq!(rows.len(), 900);
+        // Parts issued under 64 KB, merged and split under 8 KB, in any order.
+        let big: Vec<Vec<u8>> = summary_parts("gw", &site, &w, 2, 65_000);
+        assert_eq!(big.len(), 2);
+        let refs: Vec<&[u8]> = big.iter().rev().map(Vec::as_slice).collect();
+        let small = resplit(&refs, 8_000).unwrap();
+        assert_eq!(
+            small.iter().map(|p| p.payload.clone()).collect::<Vec<_>>(),
+            summary_parts("gw", &site, &w, 2, 8_000)
+        );
+        // And back into one payload when the limit allows it.
+        let one = resplit(&refs, usize::MAX).unwrap();
+        assert_eq!(one.len(), 1);
+        assert_eq!(one[0].payload, whole);
+        assert_eq!(one[0].rows, 900);
+    }
+
+    #[test]
+    fn a_single_row_too_large_goes_whole() {
+        let w = window_of(1, true);
+        let whole = summary_json("gw", &Site::default(), &w, 0);
+        let parts = resplit(&[&whole], 100).unwrap();
+        assert_eq!(
+            parts,
+            vec![SummaryPart {
+                payload: whole,
+                rows: 1
+            }]
+        );
+        // Two rows under a tiny limit: one row a part, each over the limit.
+        let w = window_of(2, true);
+        let parts = resplit(&[&summary_json("gw", &Site::default(), &w, 0)], 100).unwrap();
+        assert_eq!(parts.len(), 2);
+        check_parts(&parts, 100, 0);
+    }
+
+    #[test]
+    fn only_one_complete_rev_is_split_again() {
+        let w = window_of(300, false);
+        let parts = summary_parts("gw", &Site::default(), &w, 1, 8_000);
+        assert!(parts.len() >= 3);
+        assert_eq!(summary_part_of(&parts[1]), Some((2, parts.len())));
+        assert_eq!(
+            summary_part_of(&summary_json("gw", &Site::default(), &w, 1)),
+            None
+        );
+        // A part missing.
+        let some: Vec<&[u8]> = parts[1..].iter().map(Vec::as_slice).collect();
+        assert!(matches!(
+            resplit(&some, 4_000),
+            Err(ResplitError::NotOneRev(_))
+        ));
+        // A part of another rev.
+        let other = summary_parts("gw", &Site::default(), &w, 2, 8_000);
+        let mut mixed: Vec<&[u8]> = parts.iter().map(Vec::as_slice).collect();
+        mixed[0] = &other[0];
+        assert!(matches!(
+            resplit(&mixed, 4_000),
+            Err(ResplitError::NotOneRev(_))
+        ));
+        // The same part twice.
+        let mut twice: Vec<&[u8]> = parts.iter().map(Vec::as_slice).collect();
+        twice[1] = &parts[0];
+        assert!(resplit(&twice, 4_000).is_err());
+        // Not a summary.
+        assert!(matches!(
+            resplit(&[br#"{"schema":"zhian.alert.v1"}"#], 4_000),
+            Err(ResplitError::NotASummary(_))
+        ));
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+        /// Whatever the rows and limits: every part within the limit (or a single row), parts
+        /// numbered `1..=m` of `m`, rows disjoint and complete, from a whole summary or from
+        /// its parts issued under another limit.
+        #[test]
+        fn resplit_keeps_every_row_once_under_the_limit(
+            devices in 1usize..400,
+            long in proptest::bool::ANY,
+            issued_at in 2_000usize..200_000,
+            max in 200usize..100_000,
+        ) {
+            let w = window_of(devices, long);
+            let issued = summary_parts("gw", &Site::default(), &w, 4, issued_at);
+            let refs: Vec<&[u8]> = issued.iter().map(Vec::as_slice).collect();
+            let parts = resplit(&refs, max).unwrap();
+            let mut rows = check_parts(&parts, max, 4);
+            rows.sort();
+            let mut want: Vec<(String, u64)> = (0..devices)
+                .map(|d| (format!("door-{d:04}"), d as u64 + 1))
+                .collect();
+            want.sort();
+            proptest::prop_assert_eq!(rows, want);
+        }
     }
 
     #[test]

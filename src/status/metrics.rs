@@ -199,6 +199,12 @@ impl Collector for Metrics {
             "Messages the district broker kept refusing, kept on the box and not sent again",
             s.outbox_parked.load(Relaxed) as i64,
         )?;
+        gauge(
+            &mut e,
+            "zhian_upstream_max_packet_bytes",
+            "The packet size summaries are sent under: upstream.max_packet_size, or the smaller limit learned from the district broker (it closed the connection on a larger message)",
+            s.upstream_max_packet.load(Relaxed) as i64,
+        )?;
         counter(
             &mut e,
             "zhian_upstream_published",

@@ -75,6 +75,9 @@ pub(super) struct UpstreamOut {
     pub(super) oldest_pending_window: Option<String>,
     /// Age of the oldest pending window's start, seconds.
     pub(super) oldest_pending_secs: Option<i64>,
+    /// The district broker's packet limit as learned from it (it closed the connection on a
+    /// larger message; summaries are split under it), bytes; null while none was learned.
+    pub(super) learned_max_packet: Option<u64>,
 }
 
 #[derive(Serialize)]
@@ -315,6 +318,8 @@ pub(super) fn snapshot(st: &AppState) -> Result<StatusOut, crate::store::StoreEr
             parked: o.parked,
             oldest_pending_window: o.oldest_pending_window_ms.map(rfc3339_utc),
             oldest_pending_secs: o.oldest_pending_window_ms.map(|t| (now - t).max(0) / 1000),
+            learned_max_packet: Some(st.stats.upstream_learned_max_packet.load(Relaxed))
+                .filter(|b| *b > 0),
         },
         store: StoreOut {
             bytes: o.file_bytes,
