@@ -33,6 +33,33 @@ impl Ack {
     pub fn new(f: impl FnOnce() + Send + 'static) -> Self {
         Ack(Box::new(f))
     }
+
+    /// One ack per event of a message that holds `n` (a vendor batch, `each`): the message's
+    /// own ack runs when the last of them runs, i.e. once every event's outcome is committed.
+    /// One that is dropped unrun (intake stopping) leaves the message unacknowledged, and the
+    /// broker redelivers it (each event then deduplicated by its own id).
+    pub fn split(self, n: usize) -> Vec<Ack> {
+        if n <= 1 {
+            return vec![self];
+        }
+        let shared = std::sync::Arc::new((
+            std::sync::atomic::AtomicUsize::new(n),
+            std::sync::Mutex::new(Some(self)),
+        ));
+        (0..n)
+            .map(|_| {
+                let shared = shared.clone();
+                Ack::new(move || {
+                    if shared.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel) == 1 {
+                        let ack = shared.1.lock().unwrap_or_else(|e| e.into_inner()).take();
+                        if let Some(ack) = ack {
+                            (ack.0)();
+                        }
+                    }
+                })
+            })
+            .collect()
+    }
 }
 
 /// One message from an input.

@@ -193,35 +193,47 @@ impl Ingest {
                         })
                     });
                     let sources = self.sources.borrow().clone();
-                    let parsed = match mapping::source_for(&sources, &p.topic) {
-                        Some(s) => mapping::map(s, &p.topic, &p.payload, offset_s)
-                            .map_err(|(r, u)| (r, u.map(|u| u.to_string()))),
-                        None => event::parse(&p.topic, &p.payload).map_err(|r| (r, None)),
+                    let outcomes: Vec<Result<_, (_, Option<String>)>> =
+                        match mapping::source_for(&sources, &p.topic) {
+                            Some(s) => mapping::map_all(s, &p.topic, &p.payload, offset_s)
+                                .into_iter()
+                                .map(|m| m.map_err(|(r, u)| (r, u.map(|u| u.to_string()))))
+                                .collect(),
+                            None => vec![event::parse(&p.topic, &p.payload).map_err(|r| (r, None))],
+                        };
+                    // A batch message is acknowledged once all its events are committed.
+                    let mut acks: Vec<Option<Ack>> = match ack {
+                        Some(a) => a.split(outcomes.len()).into_iter().map(Some).collect(),
+                        None => (0..outcomes.len()).map(|_| None).collect(),
                     };
-                    let item = match parsed {
-                        Ok(event) => Intake::Event {
-                            event,
-                            topic: p.topic.clone(),
-                            ack,
-                        },
-                        Err((reason, detail)) => {
-                            tracing::debug!(
-                                topic = %crate::logfmt::Clean(&p.topic),
-                                %reason,
-                                detail = detail.as_deref().unwrap_or(""),
-                                "device message rejected"
-                            );
-                            Intake::Rejected {
-                                reason,
+                    for parsed in outcomes {
+                        let ack = acks.pop().flatten();
+                        let item = match parsed {
+                            Ok(event) => Intake::Event {
+                                event,
                                 topic: p.topic.clone(),
-                                detail,
                                 ack,
+                            },
+                            Err((reason, detail)) => {
+                                tracing::debug!(
+                                    topic = %crate::logfmt::Clean(&p.topic),
+                                    %reason,
+                                    detail = detail.as_deref().unwrap_or(""),
+                                    "device message rejected"
+                                );
+                                Intake::Rejected {
+                                    reason,
+                                    topic: p.topic.clone(),
+                                    detail,
+                                    ack,
+                                }
                             }
+                        };
+                        if tx.send_async(item).await.is_err() {
+                            tracing::warn!("device input: committer is gone");
+                            intake.take();
+                            break;
                         }
-                    };
-                    if tx.send_async(item).await.is_err() {
-                        tracing::warn!("device input: committer is gone");
-                        intake.take();
                     }
                 }
                 Ok(Event::Outgoing(Outgoing::Disconnect)) => break true,

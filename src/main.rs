@@ -247,20 +247,25 @@ fn map_sample(
     };
     let sources = cfg.sources();
     let source = mapping::source_for(&sources, topic);
-    let result = match source {
-        Some(s) => mapping::map(s, topic, &bytes, cfg.site_offset_s())
-            .map_err(|(r, u)| (r, u.map(|u| u.to_string()))),
-        None => zhian_gateway::core::event::parse(topic, &bytes).map_err(|r| (r, None)),
+    let results: Vec<Result<_, (_, Option<String>)>> = match source {
+        Some(s) => mapping::map_all(s, topic, &bytes, cfg.site_offset_s())
+            .into_iter()
+            .map(|m| m.map_err(|(r, u)| (r, u.map(|u| u.to_string()))))
+            .collect(),
+        None => vec![zhian_gateway::core::event::parse(topic, &bytes).map_err(|r| (r, None))],
     };
     let via = source.map_or("canonical".to_string(), |s| format!("source {:?}", s.name));
-    match result {
+    type Outcome = Result<
+        zhian_gateway::core::event::Event,
+        (zhian_gateway::core::event::Reject, Option<String>),
+    >;
+    let one = |result: &Outcome| match result {
         Ok(e) => {
             let subject = e
                 .subject
                 .as_deref()
                 .map(|s| if show { s.to_string() } else { mask(s) });
-            let out = serde_json::json!({
-                "mapped_by": via,
+            serde_json::json!({
                 "event": {
                     "kind": e.kind.as_str(),
                     "device": e.device,
@@ -271,19 +276,26 @@ fn map_sample(
                     "subject": subject,
                 },
                 "topic": format!("zhian/{}/{}", e.kind.as_str(), e.device),
-            });
-            println!("{}", serde_json::to_string_pretty(&out).expect("json"));
-            ExitCode::SUCCESS
+            })
         }
-        Err((reason, detail)) => {
-            let out = serde_json::json!({
-                "mapped_by": via,
-                "rejected": reason.as_str(),
-                "rule": detail,
-            });
-            println!("{}", serde_json::to_string_pretty(&out).expect("json"));
-            ExitCode::from(65)
-        }
+        Err((reason, detail)) => serde_json::json!({
+            "rejected": reason.as_str(),
+            "rule": detail,
+        }),
+    };
+    let all_ok = results.iter().all(|r| r.is_ok());
+    let mut out = if source.is_some_and(|s| s.each.is_some()) {
+        // A batch: one entry per element.
+        serde_json::json!({"events": results.iter().map(one).collect::<Vec<_>>()})
+    } else {
+        one(&results[0])
+    };
+    out["mapped_by"] = serde_json::Value::String(via);
+    println!("{}", serde_json::to_string_pretty(&out).expect("json"));
+    if all_ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(65)
     }
 }
 

@@ -24,6 +24,11 @@ pub struct SourceCfg {
     pub name: Option<String>,
     /// MQTT topic filter the source's devices publish on; subscribed at QoS 1.
     pub topic: String,
+    /// `utf-8` (default), `gb18030` / `gbk`, or `auto` (UTF-8, else GB18030).
+    pub encoding: Option<String>,
+    /// A JSON pointer to an array: one event per element (a batch upload). Field pointers are
+    /// read in the element first, then in the whole message.
+    pub each: Option<String>,
     pub kind: FieldCfg,
     pub device: FieldCfg,
     pub id: FieldCfg,
@@ -298,6 +303,32 @@ pub fn compile(sources: &[SourceCfg], p: &mut Vec<Problem>) -> Vec<Source> {
             ));
         }
         let lv = levels(&s.topic);
+        let encoding = match s
+            .encoding
+            .as_deref()
+            .map(crate::core::mapping::Encoding::parse)
+        {
+            None => crate::core::mapping::Encoding::Utf8,
+            Some(Some(e)) => e,
+            Some(None) => {
+                p.push(problem(
+                    format!("{key}.encoding"),
+                    format!(
+                        "{:?} is not one of \"utf-8\", \"gb18030\" (or \"gbk\"), \"auto\"",
+                        s.encoding.as_deref().unwrap_or("")
+                    ),
+                ));
+                crate::core::mapping::Encoding::Utf8
+            }
+        };
+        if let Some(each) = &s.each {
+            if each.is_empty() || !pointer_ok(each) {
+                p.push(problem(
+                    format!("{key}.each"),
+                    format!("{each:?} is not a JSON pointer to an array (\"/events\")"),
+                ));
+            }
+        }
         let f = |name: &'static str, c: &FieldCfg, p: &mut Vec<Problem>| {
             compile_field(&format!("{key}.{name}"), name, c, lv, p)
         };
@@ -354,6 +385,8 @@ pub fn compile(sources: &[SourceCfg], p: &mut Vec<Problem>) -> Vec<Source> {
             out.push(Source {
                 name: s.name.clone().unwrap_or_else(|| format!("sources[{i}]")),
                 topic: s.topic.clone(),
+                encoding,
+                each: s.each.clone(),
                 kind,
                 device,
                 id,

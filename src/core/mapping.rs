@@ -45,6 +45,52 @@ impl TsFormat {
     }
 }
 
+/// How a source's payload bytes are decoded before the JSON is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Encoding {
+    /// UTF-8 only (the default): anything else is `invalid_utf8`.
+    #[default]
+    Utf8,
+    /// GB18030, which covers GBK and GB2312 (most Chinese plate cameras and controllers).
+    Gb18030,
+    /// UTF-8 when the bytes are valid UTF-8, else GB18030.
+    Auto,
+}
+
+impl Encoding {
+    /// `utf-8`, `gb18030` (or `gbk`, `gb2312`: GB18030 decodes both), `auto`.
+    pub fn parse(s: &str) -> Option<Encoding> {
+        Some(match s.to_ascii_lowercase().as_str() {
+            "utf-8" | "utf8" => Encoding::Utf8,
+            "gb18030" | "gbk" | "gb2312" => Encoding::Gb18030,
+            "auto" => Encoding::Auto,
+            _ => return None,
+        })
+    }
+
+    /// The payload as text; `None` when the bytes are not text in this encoding. GB18030 is
+    /// decoded by encoding_rs (the WHATWG Encoding Standard's decoder, whose "gbk" label is the
+    /// same decoder) without replacement characters: an invalid sequence is an error, not a
+    /// silently changed id.
+    pub fn decode(self, bytes: &[u8]) -> Option<std::borrow::Cow<'_, str>> {
+        let gb = |b: &[u8]| {
+            encoding_rs::GB18030
+                .decode_without_bom_handling_and_without_replacement(b)
+                .map(|c| std::borrow::Cow::Owned(c.into_owned()))
+        };
+        match self {
+            Encoding::Utf8 => std::str::from_utf8(bytes)
+                .ok()
+                .map(std::borrow::Cow::Borrowed),
+            Encoding::Gb18030 => gb(bytes),
+            Encoding::Auto => match std::str::from_utf8(bytes) {
+                Ok(t) => Some(std::borrow::Cow::Borrowed(t)),
+                Err(_) => gb(bytes),
+            },
+        }
+    }
+}
+
 /// Where a value comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum From {
@@ -97,6 +143,11 @@ pub struct Source {
     pub name: String,
     /// MQTT topic filter (`+` and `#` allowed).
     pub topic: String,
+    /// How the payload bytes are decoded.
+    pub encoding: Encoding,
+    /// A JSON pointer to an array: each element is one event (a controller's batch upload).
+    /// Pointers are read in the element first, then in the whole message.
+    pub each: Option<String>,
     pub kind: Rule,
     pub device: Rule,
     pub id: Rule,
@@ -168,11 +219,22 @@ fn text_of(v: &Value) -> Option<String> {
 struct Ctx<'a> {
     source: &'a Source,
     topic: Vec<&'a str>,
+    /// The element being mapped (the whole message unless the source has `each`).
     payload: &'a Value,
+    /// The whole message: pointers not found in the element are read here.
+    root: &'a Value,
     offset_s: i32,
 }
 
 impl Ctx<'_> {
+    /// The value at pointer `p`: in the element, else in the whole message.
+    fn at(&self, p: &str) -> Option<&Value> {
+        self.payload
+            .pointer(p)
+            .filter(|v| !v.is_null())
+            .or_else(|| self.root.pointer(p))
+    }
+
     fn fail(&self, field: &'static str, why: impl Into<String>) -> Unmapped {
         Unmapped {
             source: self.source.name.clone(),
@@ -188,14 +250,14 @@ impl Ctx<'_> {
         done: &[(&'static str, String)],
     ) -> Result<Option<Value>, Unmapped> {
         Ok(match from {
-            From::Pointer(p) => self.payload.pointer(p).cloned().filter(|v| !v.is_null()),
+            From::Pointer(p) => self.at(p).cloned().filter(|v| !v.is_null()),
             From::Topic(i) => self.topic.get(*i).map(|s| Value::String(s.to_string())),
             From::Const(c) => Some(Value::String(c.clone())),
             From::Join(parts, sep) => {
                 let mut out = Vec::with_capacity(parts.len());
                 for part in parts {
                     let v = match part {
-                        Part::Pointer(p) => self.payload.pointer(p).and_then(text_of),
+                        Part::Pointer(p) => self.at(p).and_then(text_of),
                         Part::Topic(i) => self.topic.get(*i).map(|s| s.to_string()),
                         Part::Field(name) => {
                             done.iter().find(|(n, _)| n == name).map(|(_, v)| v.clone())
@@ -235,7 +297,7 @@ impl Ctx<'_> {
             None => None,
         };
         let mapped = match (&rule.map, text) {
-            (Some(map), Some(t)) => map.get(&t).cloned().ok_or(t).map_err(Some),
+            (Some(map), Some(t)) => lookup(map, &t).cloned().ok_or(t).map_err(Some),
             (None, Some(t)) => Ok(t),
             (_, None) => Err(None),
         };
@@ -279,9 +341,9 @@ impl Ctx<'_> {
             (TsFormat::Local, Value::String(s)) => {
                 local_ms(s, self.offset_s).ok_or_else(|| bad("local time YYYY-MM-DD hh:mm:ss"))?
             }
-            (TsFormat::Auto, Value::String(s)) => rfc3339_ms(s)
-                .or_else(|| local_ms(s, self.offset_s))
-                .ok_or_else(|| bad("RFC 3339 or local time"))?,
+            (TsFormat::Auto, Value::String(s)) => auto_ms(s, self.offset_s).ok_or_else(|| {
+                bad("RFC 3339 (an offset with or without its colon, an optional [zone] suffix), or local time with or without the site zone's abbreviation")
+            })?,
             _ => return Err(bad("a time in the configured format")),
         };
         if !(0..=super::event::MAX_TS_MS).contains(&ms) {
@@ -289,6 +351,31 @@ impl Ctx<'_> {
         }
         Ok(ms)
     }
+}
+
+/// A number's value, when `s` is one (`1`, `1.0`, `"1"`, `1e0` alike; not NaN or infinite).
+fn numeric(s: &str) -> Option<f64> {
+    let t = s.trim();
+    // Rust reads "inf" and "NaN" as floats; a value map never means those.
+    if t.is_empty()
+        || !t
+            .bytes()
+            .all(|b| b.is_ascii_digit() || b"+-.eE".contains(&b))
+    {
+        return None;
+    }
+    t.parse::<f64>().ok().filter(|n| n.is_finite())
+}
+
+/// `t`'s entry in a value map: the key with the same text, else the key with the same numeric
+/// value (a controller sending `0.0` or `"0"` for the code written `0`).
+fn lookup<'m>(map: &'m BTreeMap<String, String>, t: &str) -> Option<&'m String> {
+    map.get(t).or_else(|| {
+        let want = numeric(t)?;
+        map.iter()
+            .find(|(k, _)| numeric(k) == Some(want))
+            .map(|(_, v)| v)
+    })
 }
 
 fn number(v: &Value) -> Option<f64> {
@@ -304,6 +391,70 @@ fn rfc3339_ms(s: &str) -> Option<i64> {
     let t = time::OffsetDateTime::parse(s.trim(), &time::format_description::well_known::Rfc3339)
         .ok()?;
     i64::try_from(t.unix_timestamp_nanos() / 1_000_000).ok()
+}
+
+/// Zone abbreviations a vendor clock appends, and their UTC offsets (seconds). Read only when
+/// the offset is the site's (an abbreviation means different zones in different places: `CST` is
+/// China Standard Time at a site on +08:00, US Central elsewhere); `UTC`, `GMT` and `Z` always.
+const ZONE_ABBREVIATIONS: [(&str, i32); 12] = [
+    ("CST", 8 * 3600),
+    ("HKT", 8 * 3600),
+    ("SGT", 8 * 3600),
+    ("AWST", 8 * 3600),
+    ("PHT", 8 * 3600),
+    ("MYT", 8 * 3600),
+    ("JST", 9 * 3600),
+    ("KST", 9 * 3600),
+    ("ICT", 7 * 3600),
+    ("WIB", 7 * 3600),
+    ("IST", 5 * 3600 + 1800),
+    ("UTC", 0),
+];
+
+/// `ts = "auto"` for a string: RFC 3339; the same with a space for `T` or an offset without its
+/// colon (`+0800`); with an RFC 9557 zone suffix (`...+08:00[Asia/Shanghai]`, the offset
+/// decides); local time followed by the site zone's abbreviation (`2026-12-04 12:37:42 CST` at
+/// a +08:00 site), or by `UTC`/`GMT`/`Z`; else local time in the site's zone.
+pub fn auto_ms(s: &str, offset_s: i32) -> Option<i64> {
+    let mut t = s.trim();
+    // RFC 9557: a bracketed suffix after the offset; the offset is what counts.
+    if t.ends_with(']') {
+        if let Some(i) = t.rfind('[') {
+            t = t[..i].trim_end();
+        }
+    }
+    if let Some(ms) = rfc3339_ms(t) {
+        return Some(ms);
+    }
+    // A space between date and time, or `+HHMM` for `+HH:MM`.
+    let mut fixed = t.to_string();
+    if fixed.len() > 10 && fixed.as_bytes()[10] == b' ' {
+        fixed.replace_range(10..11, "T");
+    }
+    let b = fixed.as_bytes();
+    if b.len() > 5
+        && matches!(b[b.len() - 5], b'+' | b'-')
+        && b[b.len() - 4..].iter().all(u8::is_ascii_digit)
+    {
+        fixed.insert(fixed.len() - 2, ':');
+    }
+    if let Some(ms) = rfc3339_ms(&fixed) {
+        return Some(ms);
+    }
+    // A trailing zone abbreviation.
+    if let Some((rest, abbr)) = t.rsplit_once(' ') {
+        if !abbr.is_empty() && abbr.bytes().all(|c| c.is_ascii_uppercase()) {
+            let off = match abbr {
+                "UTC" | "GMT" | "Z" => Some(0),
+                _ => ZONE_ABBREVIATIONS
+                    .iter()
+                    .find(|(a, o)| *a == abbr && *o == offset_s)
+                    .map(|(_, o)| *o),
+            }?;
+            return local_ms(rest, off);
+        }
+    }
+    local_ms(t, offset_s)
 }
 
 /// `YYYY-MM-DD hh:mm:ss[.fff]` (or `T` between) read at UTC offset `offset_s`.
@@ -352,18 +503,79 @@ fn part_name(p: &Part) -> String {
 pub type Mapped = Result<Event, (Reject, Option<Unmapped>)>;
 
 /// Map one message of `source` onto the canonical event. `offset_s` is the site's UTC offset
-/// (for `local` times). A payload over 64 KiB is `too_large`; not UTF-8 JSON, `invalid_utf8` /
-/// `invalid_json`; a rule that fails, or a mapped value the contract does not allow, `unmapped`.
+/// (for `local` times). A payload over 64 KiB is `too_large`; not text in the source's
+/// encoding, `invalid_utf8`; not JSON, `invalid_json`; a rule that fails, or a mapped value the
+/// contract does not allow, `unmapped`. For a source with `each`, the first element's outcome
+/// ([`map_all`] gives every element's).
 pub fn map(source: &Source, topic: &str, payload: &[u8], offset_s: i32) -> Mapped {
+    map_all(source, topic, payload, offset_s)
+        .into_iter()
+        .next()
+        .unwrap_or(Err((Reject::Unmapped, None)))
+}
+
+/// Map one message of `source`: one outcome, or for a source with `each`, one per element of
+/// the array (in order; never empty: an empty or missing array is one `unmapped` outcome).
+pub fn map_all(source: &Source, topic: &str, payload: &[u8], offset_s: i32) -> Vec<Mapped> {
     if payload.len() > MAX_PAYLOAD {
-        return Err((Reject::TooLarge, None));
+        return vec![Err((Reject::TooLarge, None))];
     }
-    let text = std::str::from_utf8(payload).map_err(|_| (Reject::InvalidUtf8, None))?;
-    let value: Value = serde_json::from_str(text).map_err(|_| (Reject::InvalidJson, None))?;
+    let Some(text) = source.encoding.decode(payload) else {
+        return vec![Err((Reject::InvalidUtf8, None))];
+    };
+    let value: Value = match serde_json::from_str(&text) {
+        Ok(v) => v,
+        Err(_) => return vec![Err((Reject::InvalidJson, None))],
+    };
+    let levels: Vec<&str> = topic.split('/').collect();
+    let Some(each) = &source.each else {
+        return vec![map_value(source, levels, &value, &value, offset_s)];
+    };
+    let fail = |why: String| {
+        vec![Err((
+            Reject::Unmapped,
+            Some(Unmapped {
+                source: source.name.clone(),
+                field: "each",
+                why,
+            }),
+        ))]
+    };
+    match value.pointer(each) {
+        Some(Value::Array(items)) if !items.is_empty() => items
+            .iter()
+            .enumerate()
+            .map(|(i, item)| {
+                map_value(source, levels.clone(), item, &value, offset_s).map_err(|(r, u)| {
+                    (
+                        r,
+                        u.map(|mut u| {
+                            u.why = format!("element {i}: {}", u.why);
+                            u
+                        }),
+                    )
+                })
+            })
+            .collect(),
+        Some(Value::Array(_)) => fail(format!("{each} is an empty array")),
+        Some(_) => fail(format!("{each} is not an array")),
+        None => fail(format!("{each} is missing")),
+    }
+}
+
+/// Map one JSON value (the message, or one element of its `each` array) onto an event.
+fn map_value(
+    source: &Source,
+    topic: Vec<&str>,
+    value: &Value,
+    root: &Value,
+    offset_s: i32,
+) -> Mapped {
     let cx = Ctx {
         source,
-        topic: topic.split('/').collect(),
-        payload: &value,
+        topic,
+        payload: value,
+        root,
         offset_s,
     };
     let un = |u: Unmapped| (Reject::Unmapped, Some(u));
@@ -442,6 +654,8 @@ mod tests {
         Source {
             name: "hik".into(),
             topic: "hik/acs/+/event".into(),
+            encoding: Encoding::Utf8,
+            each: None,
             kind: Rule::constant("access"),
             device: Rule {
                 from: From::Topic(2),
@@ -535,6 +749,121 @@ mod tests {
             let e = map(&s, "hik/acs/d/event", p.as_bytes(), 8 * 3600).unwrap();
             assert_eq!(e.ts_ms, want, "{fmt:?} {v}");
         }
+    }
+
+    #[test]
+    fn gbk_payloads_keep_their_characters() {
+        let mut s = hik();
+        s.subject = Some(ptr("/plate"));
+        let text = r#"{"dateTime":"2026-12-04T12:37:42+08:00","plate":"浙A12345","AccessControllerEvent":{"subEventType":1,"serialNo":7}}"#;
+        let (gbk, _, bad) = encoding_rs::GBK.encode(text);
+        assert!(!bad);
+        assert!(
+            std::str::from_utf8(&gbk).is_err(),
+            "the sample is not UTF-8"
+        );
+        assert_eq!(
+            map(&s, "hik/acs/d/event", &gbk, 0).unwrap_err().0,
+            Reject::InvalidUtf8
+        );
+        for enc in [Encoding::Gb18030, Encoding::Auto] {
+            s.encoding = enc;
+            let e = map(&s, "hik/acs/d/event", &gbk, 0).unwrap();
+            assert_eq!(e.subject.as_deref(), Some("浙A12345"), "{enc:?}");
+        }
+        // auto still reads UTF-8 as UTF-8.
+        let e = map(&s, "hik/acs/d/event", text.as_bytes(), 0).unwrap();
+        assert_eq!(e.subject.as_deref(), Some("浙A12345"));
+        // Bytes that are neither: a reject, never a replacement character in an id.
+        s.encoding = Encoding::Gb18030;
+        assert_eq!(
+            map(&s, "hik/acs/d/event", b"{\"a\":\"\xff\xff\"}", 0)
+                .unwrap_err()
+                .0,
+            Reject::InvalidUtf8
+        );
+    }
+
+    #[test]
+    fn numbers_match_maps_by_value_and_ids_keep_their_text() {
+        let s = hik();
+        for code in ["1", "1.0", "\"1\"", "1e0", "\" 1 \""] {
+            let p = format!(
+                r#"{{"dateTime":"2026-11-30T08:15:02+08:00","AccessControllerEvent":{{"subEventType":{code},"serialNo":1}}}}"#
+            );
+            let e = map(&s, "hik/acs/d/event", p.as_bytes(), 0).unwrap();
+            assert_eq!(e.result, "granted", "{code}");
+        }
+        let p = br#"{"dateTime":"2026-11-30T08:15:02+08:00","AccessControllerEvent":{"subEventType":9.0,"serialNo":1}}"#;
+        assert_eq!(map(&s, "hik/acs/d/event", p, 0).unwrap().result, "denied");
+        // 1.5 is in no map and there is no default: unmapped, never a silent category.
+        let p = br#"{"dateTime":"2026-11-30T08:15:02+08:00","AccessControllerEvent":{"subEventType":1.5,"serialNo":1}}"#;
+        let u = map(&s, "hik/acs/d/event", p, 0).unwrap_err().1.unwrap();
+        assert_eq!(u.field, "result");
+        // Serial numbers past 2^64 (and with a fraction) keep their exact text.
+        let mut ids = std::collections::BTreeSet::new();
+        for serial in ["123456789012345678901", "123456789012345678902", "7.10"] {
+            let p = format!(
+                r#"{{"dateTime":"2026-11-30T08:15:02+08:00","AccessControllerEvent":{{"subEventType":1,"serialNo":{serial}}}}}"#
+            );
+            let e = map(&s, "hik/acs/d/event", p.as_bytes(), 0).unwrap();
+            assert_eq!(e.id, format!("d-{serial}"));
+            ids.insert(e.id);
+        }
+        assert_eq!(ids.len(), 3);
+    }
+
+    #[test]
+    fn a_batch_maps_each_element_with_the_message_around_it() {
+        let mut s = hik();
+        s.each = Some("/events".into());
+        s.ts = Rule {
+            format: TsFormat::Auto,
+            ..ptr("/dateTime")
+        };
+        let p = br#"{"dateTime":"2026-11-30T08:15:02+08:00","events":[
+            {"AccessControllerEvent":{"subEventType":1,"serialNo":1}},
+            {"AccessControllerEvent":{"subEventType":9,"serialNo":2},"dateTime":"2026-11-30T08:15:09+08:00"},
+            {"AccessControllerEvent":{"subEventType":77,"serialNo":3}}]}"#;
+        let out = map_all(&s, "hik/acs/d/event", p, 0);
+        assert_eq!(out.len(), 3);
+        let e0 = out[0].as_ref().unwrap();
+        let e1 = out[1].as_ref().unwrap();
+        assert_eq!((e0.id.as_str(), e0.result.as_str()), ("d-1", "granted"));
+        assert_eq!((e1.id.as_str(), e1.result.as_str()), ("d-2", "denied"));
+        // The element's own time wins over the message's.
+        assert_eq!(e1.ts_ms - e0.ts_ms, 7_000);
+        let u = out[2].as_ref().unwrap_err().1.clone().unwrap();
+        assert!(u.why.starts_with("element 2:"), "{u}");
+        for bad in [&br#"{"events":[]}"#[..], br#"{"events":{}}"#, br#"{}"#] {
+            let out = map_all(&s, "hik/acs/d/event", bad, 0);
+            assert_eq!(out.len(), 1);
+            assert_eq!(
+                out[0].as_ref().unwrap_err().1.as_ref().unwrap().field,
+                "each"
+            );
+        }
+    }
+
+    #[test]
+    fn vendor_time_stamps_in_auto() {
+        let want = rfc3339_ms("2026-12-04T04:37:42Z").unwrap();
+        let site = 8 * 3600;
+        for t in [
+            "2026-12-04T12:37:42+08:00",
+            "2026-12-04T12:37:42+0800",
+            "2026-12-04 12:37:42+0800",
+            "2026-12-04T12:37:42+08:00[Asia/Shanghai]",
+            "2026-12-04 12:37:42 CST",
+            "2026-12-04 04:37:42 UTC",
+            "2026-12-04 12:37:42",
+        ] {
+            assert_eq!(auto_ms(t, site), Some(want), "{t}");
+        }
+        // CST at a site that is not on +08:00 is not read as China time; nonsense is not a time.
+        assert_eq!(auto_ms("2026-12-04 12:37:42 CST", 0), None);
+        assert_eq!(auto_ms("2026-12-04 12:37:42 XYZ", site), None);
+        assert_eq!(auto_ms("yesterday", site), None);
     }
 
     #[test]
