@@ -287,3 +287,201 @@ fn vendor_samples_are_counted_exactly_through_a_real_broker() {
         up.summary_problems()
     );
 }
+
+/// The moment the issue-20 samples were taken, as they write it (site time, +08:00).
+const SAMPLE_LOCAL: [&str; 2] = ["2026-12-04T12:37:", "2026-12-04 12:37:"];
+
+/// An issue-20 sample with its times moved to the current minute (site time), re-encoded as it
+/// came (the GBK samples stay GBK). Seconds are kept, so a sample's events stay apart.
+fn sample(name: &str, now_ms: i64) -> Vec<u8> {
+    let bytes = fs::read(Path::new(FIXTURES).join(name)).unwrap();
+    let gbk = std::str::from_utf8(&bytes).is_err();
+    let mut text = if gbk {
+        encoding_rs::GBK.decode(&bytes).0.into_owned()
+    } else {
+        String::from_utf8(bytes).unwrap()
+    };
+    let local = time::OffsetDateTime::from_unix_timestamp(now_ms / 1000 - 60)
+        .unwrap()
+        .to_offset(time::UtcOffset::from_hms(8, 0, 0).unwrap());
+    let minute = |sep: &str| {
+        let fmt = time::macros::format_description!("[year]-[month]-[day] [hour]:[minute]:");
+        local.format(&fmt).unwrap().replacen(' ', sep, 1)
+    };
+    text = text
+        .replace(SAMPLE_LOCAL[0], &minute("T"))
+        .replace(SAMPLE_LOCAL[1], &minute(" "));
+    if gbk {
+        encoding_rs::GBK.encode(&text).0.into_owned()
+    } else {
+        text.into_bytes()
+    }
+}
+
+/// `map` on a sample: the parsed output and the exit code.
+fn map_cli(topic: &str, file: &str) -> (Value, Option<i32>) {
+    let out = Command::new(env!("CARGO_BIN_EXE_zhian-gateway"))
+        .args(["map", "--config", EXAMPLES, "--topic", topic, "--payload"])
+        .arg(Path::new(FIXTURES).join(file))
+        .output()
+        .unwrap();
+    let v = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{file}: {e}: {}", String::from_utf8_lossy(&out.stdout)));
+    (v, out.status.code())
+}
+
+/// Issue 20: payloads as real devices send them. A controller's batch upload (three events in
+/// one message, one of them with an RFC 9557 zone), an intercom sending its codes as floats
+/// with a colon-less offset and 21-digit record ids that differ only past a float's precision,
+/// a plate camera in GBK with Chinese direction labels and a `CST` time, and the first plate
+/// camera sending its direction as `4.0`: `map` shows each as a person would count it.
+#[test]
+fn map_reads_real_device_payloads() {
+    let (v, code) = map_cli("hik/acsevent/door-7/batch", "hik-acsevent-batch.json");
+    assert_eq!(code, Some(0), "{v}");
+    let events = v["events"].as_array().unwrap();
+    let got: Vec<(String, String, String)> = events
+        .iter()
+        .map(|e| {
+            (
+                e["event"]["id"].as_str().unwrap().to_string(),
+                e["event"]["result"].as_str().unwrap().to_string(),
+                e["event"]["ts"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("door-7-9001", "granted", "2026-12-04T04:37:42Z"),
+            ("door-7-9002", "granted", "2026-12-04T04:37:48Z"),
+            ("door-7-9003", "denied", "2026-12-04T04:37:55Z"),
+        ]
+        .map(|(a, b, c)| (a.to_string(), b.to_string(), c.to_string()))
+    );
+    for (file, id, action, result) in [
+        (
+            "talk-record-granted.json",
+            "unit-3-123456789012345678901",
+            "entry",
+            "granted",
+        ),
+        (
+            "talk-record-denied.json",
+            "unit-3-123456789012345678902",
+            "exit",
+            "denied",
+        ),
+    ] {
+        let (v, code) = map_cli("talk/unit-3/record", file);
+        assert_eq!(code, Some(0), "{file}: {v}");
+        assert_eq!(v["event"]["id"], id, "{file}");
+        assert_eq!(v["event"]["action"], action, "{file}");
+        assert_eq!(v["event"]["result"], result, "{file}");
+    }
+    let (v, _) = map_cli("talk/unit-3/record", "talk-record-granted.json");
+    assert_eq!(v["event"]["ts"], "2026-12-04T04:37:42Z");
+    for (file, action, plate) in [
+        ("its-plate-entry-gbk.json", "entry", "浙***8"),
+        ("its-plate-exit-gbk.json", "exit", "浙***6"),
+    ] {
+        let (v, code) = map_cli("its/gate-west/plate", file);
+        assert_eq!(code, Some(0), "{file}: {v}");
+        assert_eq!(v["event"]["action"], action, "{file}");
+        assert_eq!(
+            v["event"]["subject"], plate,
+            "{file}: the plate decoded from GBK"
+        );
+        assert_eq!(v["event"]["kind"], "vehicle");
+    }
+    let (v, _) = map_cli("its/gate-west/plate", "its-plate-entry-gbk.json");
+    assert_eq!(
+        v["event"]["ts"], "2026-12-04T04:37:42Z",
+        "CST at a +08:00 site"
+    );
+    let (v, code) = map_cli("parking/gate-east/plate", "plate-entry-float.json");
+    assert_eq!(code, Some(0), "{v}");
+    assert_eq!(v["event"]["action"], "entry", "direction 4.0 is the code 4");
+}
+
+/// The same samples through a real mosquitto and the daemon: every event counted once under
+/// the right result (the batch redelivered whole, counted once per element), nothing rejected,
+/// and no card or plate upstream.
+#[test]
+fn real_device_payloads_are_counted_exactly_through_a_real_broker() {
+    let scratch = tempfile::tempdir().unwrap();
+    let dir = scratch.path().join("data");
+    let site = Mosquitto::start(&scratch.path().join("site"), free_port(), true);
+    let district = Mosquitto::start(&scratch.path().join("district"), free_port(), false);
+    let up = Upstream::start(district.port, "vendor20-collector");
+    let status_port = free_port();
+    let cfg = scratch.path().join("gateway.toml");
+    let base = config_with_status(&dir, site.port, district.port, status_port);
+    fs::write(&cfg, format!("{base}\n{}", example_sources())).unwrap();
+    let log = scratch.path().join("daemon.log");
+    let mut d = Daemon::start(&cfg, &log);
+    assert!(wait_until(Duration::from_secs(30), || api_status(
+        status_port
+    )
+    .is_some_and(|s| s["links"]["site"]["connected"] == true)));
+    let mut p = Publisher::connect(site.port, "vendor20-pub");
+    let now = now_ms();
+    for (topic, file) in [
+        ("hik/acsevent/door-7/batch", "hik-acsevent-batch.json"),
+        ("hik/acsevent/door-7/batch", "hik-acsevent-batch.json"), // redelivered whole
+        ("talk/unit-3/record", "talk-record-granted.json"),
+        ("talk/unit-3/record", "talk-record-denied.json"),
+        ("its/gate-west/plate", "its-plate-entry-gbk.json"),
+        ("its/gate-west/plate", "its-plate-exit-gbk.json"),
+        ("its/gate-west/plate", "its-plate-exit-gbk.json"), // redelivered
+    ] {
+        p.send(topic, sample(file, now));
+    }
+    p.send(
+        "parking/gate-east/plate",
+        fixture("plate-entry-float.json", now),
+    );
+    p.wait_all_acked(Duration::from_secs(30));
+    let want: BTreeMap<(String, String, String, String), u64> = [
+        (("access", "door-7", "entry", "granted"), 2),
+        (("access", "door-7", "entry", "denied"), 1),
+        (("access", "unit-3", "entry", "granted"), 1),
+        (("access", "unit-3", "exit", "denied"), 1),
+        (("vehicle", "gate-west", "entry", "ok"), 1),
+        (("vehicle", "gate-west", "exit", "ok"), 1),
+        (("vehicle", "gate-east", "entry", "ok"), 1),
+    ]
+    .into_iter()
+    .map(|((k, dv, a, r), n)| ((k.into(), dv.into(), a.into(), r.into()), n))
+    .collect();
+    assert!(
+        wait_until(Duration::from_secs(30), || up.totals() == want),
+        "{}\nlog:\n{}",
+        map_diff(&want, &up.totals()),
+        tail(&log, 20)
+    );
+    let s = api_status(status_port).unwrap();
+    assert!(
+        s["counters"]["rejected_by_reason"]
+            .as_object()
+            .is_none_or(|r| r.values().all(|n| n == 0)),
+        "nothing rejected: {}",
+        s["counters"]
+    );
+    d.term();
+    let leaks = up.subject_leaks(&[
+        "3011223355",
+        "3011229999",
+        "C0FFEE01",
+        "C0FFEE02",
+        "浙A88888",
+        "浙B66666",
+        "浙A55555",
+    ]);
+    assert!(leaks.is_empty(), "{leaks:?}");
+    assert!(
+        up.summary_problems().is_empty(),
+        "{:?}",
+        up.summary_problems()
+    );
+}

@@ -418,7 +418,7 @@ mod tests {
         ))
         .unwrap();
         let cfg = crate::config::load_str(&text).unwrap();
-        assert_eq!(cfg.sources().len(), 3);
+        assert_eq!(cfg.sources().len(), 6);
         let subs = crate::core::mapping::subscriptions(&cfg.mqtt.topics, &cfg.sources());
         assert!(subs.contains(&"parking/+/plate".to_string()), "{subs:?}");
     }
