@@ -21,6 +21,9 @@ use std::path::{Path, PathBuf};
 /// File name of the epoch in the data dir.
 pub const FILE_NAME: &str = "upstream.epoch";
 
+/// The largest epoch: 2^53, the largest integer every JSON reader keeps exactly.
+pub const MAX_EPOCH: u64 = 1 << 53;
+
 /// The persisted epoch counter. One per process (the forwarder's).
 #[derive(Debug)]
 pub struct Epochs {
@@ -36,6 +39,9 @@ impl Epochs {
         let last = fs::read_to_string(&path)
             .ok()
             .and_then(|s| s.trim().parse::<u64>().ok())
+            // Past 2^53 a JSON reader may round it, and the receiver keeps a bigint: a file
+            // holding more is damaged, not a history to continue.
+            .filter(|e| *e <= MAX_EPOCH)
             .unwrap_or(0);
         Epochs { path, last }
     }
@@ -50,7 +56,7 @@ impl Epochs {
     /// returned beside it: the clock floor keeps the next life above it in all but the case of
     /// a clock stepped back across a restart.
     pub fn next(&mut self, now_secs: u64) -> (u64, Option<std::io::Error>) {
-        let epoch = self.last.saturating_add(1).max(now_secs);
+        let epoch = self.last.saturating_add(1).max(now_secs).min(MAX_EPOCH);
         self.last = epoch;
         (epoch, self.persist(epoch).err())
     }
@@ -101,5 +107,7 @@ mod tests {
         fs::write(dir.path().join(FILE_NAME), b"\x00garbage").unwrap();
         let mut e = Epochs::open(dir.path());
         assert_eq!(e.next(42).0, 42);
+        fs::write(dir.path().join(FILE_NAME), b"18446744073709551615\n").unwrap();
+        assert_eq!(Epochs::open(dir.path()).next(42).0, 42);
     }
 }

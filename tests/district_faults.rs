@@ -418,3 +418,95 @@ fn a_receiver_gone_for_good_is_seen_and_its_share_recovered_by_a_replacement() {
     ) == 0.0));
     let _ = rig.broker.port;
 }
+
+/// Found by a break-it run: a lock held elsewhere (or a hung server) makes no statement fail,
+/// so `/healthz` said 200 while nothing committed. A batch still writing after
+/// `district.stuck_after` is now `database: stuck`, and the heartbeats of 150 gateways in
+/// shuffled order to two receivers never deadlock (gateway rows locked in sorted order).
+#[test]
+fn a_batch_stuck_behind_a_lock_is_unhealthy_and_two_receivers_never_deadlock() {
+    let mut rig = Rig::new(
+        |d| Postgres::start(&d.join("pg"), free_port()),
+        "stuck_after = \"2s\"",
+    );
+    let cfg2 = rig.scratch.path().join("district2.toml");
+    let log2 = rig.scratch.path().join("receiver2.log");
+    let h2 = receiver_config_with(
+        &cfg2,
+        &rig.pg.url(),
+        rig.broker.port,
+        "zhian-district-f2",
+        "stuck_after = \"2s\"",
+    );
+    let _r1 = start_receiver(&rig.cfg, &rig.log);
+    let _r2 = start_receiver(&cfg2, &log2);
+    wait_healthy(rig.health, &rig.log);
+    wait_healthy(h2, &log2);
+    // Heartbeats with epochs, 150 gateways in a different order each round.
+    let mut rng = Rng::new(19);
+    let mut order: Vec<usize> = (0..150).collect();
+    for round in 0..20 {
+        for i in (1..order.len()).rev() {
+            order.swap(i, rng.below(i + 1));
+        }
+        for &g in &order {
+            let gw = format!("hb-{g:03}");
+            let hb = serde_json::json!({"schema": "zhian.heartbeat.v1", "gateway": gw, "epoch": 100 + round});
+            rig.publisher.send(
+                &format!("{DISTRICT_PREFIX}/{gw}/heartbeat"),
+                serde_json::to_vec(&hb).unwrap(),
+            );
+        }
+    }
+    rig.publisher.wait_all_acked(Duration::from_secs(60));
+    assert!(
+        wait_until(Duration::from_secs(60), || {
+            rig
+            .pg
+            .psql("SELECT count(*) FROM gateway_state WHERE gateway LIKE 'hb-%' AND status = 'online' AND epoch = 119")
+            .is_some_and(|n| n.trim() == "150")
+        }),
+        "every gateway online at its last epoch"
+    );
+    for log in [&rig.log, &log2] {
+        let text = log_text(log);
+        assert!(
+            !text.contains("deadlock") && !text.contains("does not take writes"),
+            "no deadlock, no outage:\n{}",
+            tail(log, 20)
+        );
+    }
+    // Another session holds the windows table; the next summaries wait behind it.
+    let pg_bin = fs::read_dir("/usr/lib/postgresql")
+        .unwrap()
+        .flatten()
+        .map(|e| e.path().join("bin/psql"))
+        .find(|p| p.exists())
+        .unwrap();
+    let mut holder = Command::new(pg_bin)
+        .args(["-h", "127.0.0.1", "-p", &rig.pg.port.to_string()])
+        .args(["-U", "zhian", "-d", "postgres", "-v", "ON_ERROR_STOP=1"])
+        .args([
+            "-c",
+            "BEGIN; LOCK TABLE windows IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep(8); COMMIT;",
+        ])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    rig.publish(50);
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            [rig.health, h2].iter().any(|&h| {
+                healthz(h).is_some_and(|(s, b)| s == 503 && b.contains("database: stuck"))
+            })
+        }),
+        "a receiver stuck behind the lock says so: {:?} {:?}",
+        healthz(rig.health),
+        healthz(h2)
+    );
+    assert!(holder.wait().unwrap().success());
+    rig.converge("after the lock");
+    assert!(wait_until(Duration::from_secs(30), || healthz(rig.health)
+        .is_some_and(|h| h.0 == 200)
+        && healthz(h2).is_some_and(|h| h.0 == 200)));
+}

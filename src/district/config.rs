@@ -61,6 +61,9 @@ pub struct Db {
     /// A receiver of the group whose roll-call row is older than this is stale: gone, with its
     /// broker session perhaps holding its share of the messages (WARN, metric).
     pub stale_after: Dur,
+    /// A batch still writing after this long makes `/healthz` answer 503 `database: stuck`
+    /// (a lock held elsewhere, a hung server): no statement has failed, but nothing commits.
+    pub stuck_after: Dur,
 }
 
 impl Default for Db {
@@ -75,6 +78,7 @@ impl Default for Db {
             linger: Dur::millis(20),
             rollcall_every: Dur::secs(15),
             stale_after: Dur::secs(120),
+            stuck_after: Dur::secs(30),
         }
     }
 }
@@ -279,6 +283,9 @@ pub fn validate(c: &DistrictConfig) -> Vec<Problem> {
             "more than twice district.rollcall_every",
         ));
     }
+    if d.stuck_after.0 < std::time::Duration::from_secs(1) {
+        p.push(problem("district.stuck_after", "at least 1s"));
+    }
     if d.silent_after.0 < std::time::Duration::from_secs(10) {
         p.push(problem("district.silent_after", "at least 10s"));
     }
@@ -312,7 +319,10 @@ pub fn validate(c: &DistrictConfig) -> Vec<Problem> {
             "client_cert and client_key go together",
         ));
     }
-    if c.status.enabled && c.status.listen.parse::<std::net::SocketAddr>().is_err() {
+    if c.status.enabled
+        && std::net::ToSocketAddrs::to_socket_addrs(c.status.listen.as_str())
+            .map_or(true, |mut a| a.next().is_none())
+    {
         p.push(problem(
             "status.listen",
             format!(

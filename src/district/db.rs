@@ -77,6 +77,28 @@ pub async fn apply(
     batch: &[(String, Result<Msg, Reject>)],
 ) -> Result<Applied, tokio_postgres::Error> {
     let mut a = Applied::default();
+    // Every gateway row this batch writes, created if new and locked in sorted order before
+    // anything else: status, heartbeat and site updates then take no new row locks, so two
+    // receivers' batches never deadlock on them (found by a break-it run: heartbeats of 150
+    // gateways in shuffled order deadlocked two receivers' drains).
+    let mut gateways: Vec<&str> = batch
+        .iter()
+        .filter_map(|(_, m)| m.as_ref().ok().map(Msg::gateway))
+        .collect();
+    gateways.sort_unstable();
+    gateways.dedup();
+    if !gateways.is_empty() {
+        tx.execute(
+            "INSERT INTO gateways (gateway) SELECT unnest($1::text[]) ORDER BY 1 ON CONFLICT DO NOTHING",
+            &[&gateways],
+        )
+        .await?;
+        tx.execute(
+            "SELECT 1 FROM gateways WHERE gateway = ANY($1) ORDER BY gateway FOR UPDATE",
+            &[&gateways],
+        )
+        .await?;
+    }
     // Lock every window this batch's summaries touch, in one order.
     let mut keys: Vec<String> = batch
         .iter()
@@ -145,11 +167,7 @@ pub async fn refuse(
 
 /// Returns whether a summary rev came into force.
 async fn apply_one(tx: &Transaction<'_>, m: &Msg) -> Result<bool, tokio_postgres::Error> {
-    tx.execute(
-        "INSERT INTO gateways (gateway) VALUES ($1) ON CONFLICT DO NOTHING",
-        &[&m.gateway()],
-    )
-    .await?;
+    // The gateway's row exists and is locked ([`apply`]).
     match m {
         Msg::Summary {
             gateway,

@@ -63,25 +63,45 @@ fn pg_error(e: &tokio_postgres::Error) -> String {
 }
 
 /// Connect to PostgreSQL: the URL, the password from the config, TLS when `ca_file` is set.
-async fn connect(cfg: &DistrictConfig) -> Result<tokio_postgres::Client, String> {
+/// A failed connection says whose fault it is ([`errors::Fault`]: an authentication failure or
+/// "too many connections" is not the same as a server that is down) and why.
+async fn connect(cfg: &DistrictConfig) -> Result<tokio_postgres::Client, (errors::Fault, String)> {
+    connect_inner(cfg)
+        .await
+        .map_err(|(f, e)| (f, crate::logfmt::redact_url(&e)))
+}
+
+async fn connect_inner(
+    cfg: &DistrictConfig,
+) -> Result<tokio_postgres::Client, (errors::Fault, String)> {
+    let other = |e: String| (errors::Fault::Database("other"), e);
     let mut pg: tokio_postgres::Config = cfg
         .district
         .database_url
         .parse()
-        .map_err(|e| format!("district.database_url: {e}"))?;
+        .map_err(|e| other(format!("district.database_url: {e}")))?;
+    // A server that stops answering (a partition without a reset) is noticed in about a
+    // minute, not after the kernel's 15 minutes of retransmissions; a connect never hangs.
+    if pg.get_connect_timeout().is_none() {
+        pg.connect_timeout(Duration::from_secs(10));
+    }
+    pg.keepalives(true)
+        .keepalives_idle(Duration::from_secs(30))
+        .keepalives_interval(Duration::from_secs(10))
+        .keepalives_retries(3);
     if let Some(p) = &cfg.district.password {
         pg.password(p.0.as_bytes());
     }
     let client = match &cfg.district.ca_file {
         Some(ca) => {
             use rustls::pki_types::{pem::PemObject, CertificateDer};
-            let pem = std::fs::read(ca).map_err(|e| format!("district.ca_file: {e}"))?;
+            let pem = std::fs::read(ca).map_err(|e| other(format!("district.ca_file: {e}")))?;
             let mut roots = rustls::RootCertStore::empty();
             for cert in CertificateDer::pem_slice_iter(&pem) {
-                let cert = cert.map_err(|e| format!("district.ca_file: {e:?}"))?;
+                let cert = cert.map_err(|e| other(format!("district.ca_file: {e:?}")))?;
                 roots
                     .add(cert)
-                    .map_err(|e| format!("district.ca_file: {e}"))?;
+                    .map_err(|e| other(format!("district.ca_file: {e}")))?;
             }
             let tls = rustls::ClientConfig::builder()
                 .with_root_certificates(roots)
@@ -89,7 +109,7 @@ async fn connect(cfg: &DistrictConfig) -> Result<tokio_postgres::Client, String>
             let (client, conn) = pg
                 .connect(tokio_postgres_rustls::MakeRustlsConnect::new(tls))
                 .await
-                .map_err(|e| pg_error(&e))?;
+                .map_err(|e| (errors::of(&e), pg_error(&e)))?;
             tokio::spawn(async move {
                 if let Err(e) = conn.await {
                     tracing::debug!(error = %e, "database connection closed");
@@ -101,7 +121,7 @@ async fn connect(cfg: &DistrictConfig) -> Result<tokio_postgres::Client, String>
             let (client, conn) = pg
                 .connect(tokio_postgres::NoTls)
                 .await
-                .map_err(|e| pg_error(&e))?;
+                .map_err(|e| (errors::of(&e), pg_error(&e)))?;
             tokio::spawn(async move {
                 if let Err(e) = conn.await {
                     tracing::debug!(error = %e, "database connection closed");
@@ -220,13 +240,15 @@ pub async fn run(cfg: DistrictConfig, shutdown: impl Future<Output = ()>) -> Res
     // A port already taken (a second receiver on one host with the default `listen`) costs
     // the endpoint, not the receiver: the data path matters more (ERROR: an operator must
     // give each receiver its own `status.listen`).
+    *ops.stuck_after.lock().unwrap_or_else(|e| e.into_inner()) = cfg.district.stuck_after.0;
     let status = match cfg.status.enabled {
         true => match tokio::net::TcpListener::bind(&cfg.status.listen).await {
-            Ok(listener) => Some(tokio::spawn(ops::serve(
-                listener,
-                ops.clone(),
-                stop.clone(),
-            ))),
+            Ok(listener) => Some({
+                if listener.local_addr().is_ok_and(|a| !a.ip().is_loopback()) {
+                    tracing::warn!(listen = %cfg.status.listen, "status.listen is beyond loopback: /healthz and /metrics have no authentication; keep them on a management network");
+                }
+                tokio::spawn(ops::serve(listener, ops.clone(), stop.clone()))
+            }),
             Err(e) => {
                 tracing::error!(listen = %cfg.status.listen, error = %e, "status.listen: cannot listen; running without /healthz and /metrics (give each receiver on a host its own status.listen)");
                 None
@@ -244,9 +266,8 @@ pub async fn run(cfg: DistrictConfig, shutdown: impl Future<Output = ()>) -> Res
         if client.as_ref().is_none_or(|c| c.is_closed()) {
             match connect(&cfg).await {
                 Ok(c) => client = Some(c),
-                Err(e) => {
-                    let e = crate::logfmt::redact_url(&e);
-                    outage.failed(&ops, errors::Fault::Database("connection"), &e);
+                Err((fault, e)) => {
+                    outage.failed(&ops, fault, &e);
                     tokio::select! {
                         _ = tokio::time::sleep(backoff.next_delay()) => {}
                         _ = &mut shutdown => { stop.cancel(); return Ok(()) }
@@ -261,13 +282,13 @@ pub async fn run(cfg: DistrictConfig, shutdown: impl Future<Output = ()>) -> Res
                 .await
                 .map_err(|e| (errors::of(&e), pg_error(&e)))?;
             let r = db::migrate(c).await.map_err(|e| {
-                let fault = match std::error::Error::source(&e)
+                // refinery's own message names the migration; the server's says why.
+                match std::error::Error::source(&e)
                     .and_then(|s| s.downcast_ref::<tokio_postgres::Error>())
                 {
-                    Some(pe) => errors::of(pe),
-                    None => errors::Fault::Database("other"),
-                };
-                (fault, e.to_string())
+                    Some(pe) => (errors::of(pe), format!("{e}: {}", pg_error(pe))),
+                    None => (errors::Fault::Database("other"), e.to_string()),
+                }
             });
             let _ = c.execute("SELECT pg_advisory_unlock(7431990)", &[]).await;
             let n = r?;
@@ -508,6 +529,7 @@ async fn commit(
     chunk: &mut usize,
     ops: &Ops,
 ) -> Result<(), tokio_postgres::Error> {
+    let mut conflicts = 0;
     while p.done < parsed.len() {
         let end = (p.done + *chunk).min(parsed.len());
         let slice = &parsed[p.done..end];
@@ -528,6 +550,13 @@ async fn commit(
                     ops.db_error("refused_value");
                     tracing::warn!(error = %pg_error(&e), batch = slice.len(), "database refused a value in the batch; applying its messages one at a time");
                     isolate(client, parsed, p, end).await?;
+                }
+                // Two receivers' transactions in a deadlock or a serialization failure: the
+                // database chose this one to roll back; a retry is the cure, not an outage.
+                errors::Fault::Database("conflict") if conflicts < 3 && !client.is_closed() => {
+                    conflicts += 1;
+                    ops.db_error("conflict");
+                    tracing::debug!(error = %pg_error(&e), "transaction conflict; retrying it");
                 }
                 errors::Fault::Database("timeout") if *chunk > 1 && !client.is_closed() => {
                     ops.db_error("timeout");
@@ -558,16 +587,34 @@ async fn db_task(
     let mut chunk = max;
     let mut rollcall = Rollcall::new(&cfg);
     loop {
-        // Between batches (and at least every `rollcall_every` when idle): the roll-call.
+        // Between batches (and at least every `rollcall_every` when idle): the roll-call. It
+        // reconnects an idle receiver whose connection was cut; a roll-call that fails is said
+        // once (WARN) and when it works again (INFO), apart from the batches' outages, which
+        // say whether the database takes the messages.
         if rollcall.due() {
+            if client.as_ref().is_none_or(|c| c.is_closed()) {
+                match connect(&cfg).await {
+                    Ok(c) => client = Some(c),
+                    Err((fault, e)) => outage.failed(&ops, fault, &e),
+                }
+            }
             if let Some(c) = client.as_ref().filter(|c| !c.is_closed()) {
                 match rollcall.run(c, &ops).await {
                     Ok(()) => {
-                        if outage.since.is_some() {
+                        if rollcall.failing.take().is_some() {
+                            tracing::info!("receivers roll-call works again");
+                        }
+                        if outage.since.is_some() && ops.db_down().is_some() {
+                            // Reconnected while idle: the database is back.
                             outage.recovered(&ops);
                         }
                     }
-                    Err(e) => outage.failed(&ops, errors::of(&e), &pg_error(&e)),
+                    Err(e) => {
+                        if rollcall.failing.is_none() {
+                            tracing::warn!(error = %pg_error(&e), "receivers roll-call failed (the receivers table or the gateway_state view?); retried every rollcall_every");
+                        }
+                        rollcall.failing = Some(pg_error(&e));
+                    }
                 }
             }
         }
@@ -594,6 +641,7 @@ async fn db_task(
             .map(|i| (i.topic.clone(), msg::parse(&prefix, &i.topic, &i.payload)))
             .collect();
         let started = Instant::now();
+        ops.batch_writing(true);
         // Commit, retrying through the database's bad days; nothing is acked until it commits.
         let mut p = Progress {
             done: 0,
@@ -605,9 +653,8 @@ async fn db_task(
                 Some(c) => c,
                 None => match connect(&cfg).await {
                     Ok(c) => client.insert(c),
-                    Err(e) => {
-                        let e = crate::logfmt::redact_url(&e);
-                        outage.failed(&ops, errors::Fault::Database("connection"), &e);
+                    Err((fault, e)) => {
+                        outage.failed(&ops, fault, &e);
                         tokio::time::sleep(backoff.next_delay()).await;
                         continue;
                     }
@@ -633,6 +680,7 @@ async fn db_task(
                 }
             }
         }
+        ops.batch_writing(false);
         ops.batch_took(started.elapsed().as_secs_f64());
         ops.batches.fetch_add(1, Relaxed);
         let applied = p.applied;
@@ -677,6 +725,8 @@ struct Rollcall {
     host: String,
     started: std::time::SystemTime,
     warned: std::collections::BTreeSet<String>,
+    /// The last roll-call's error, while it keeps failing.
+    failing: Option<String>,
 }
 
 impl Rollcall {
@@ -692,6 +742,7 @@ impl Rollcall {
                 .unwrap_or_default(),
             started: std::time::SystemTime::now(),
             warned: Default::default(),
+            failing: None,
         }
     }
 

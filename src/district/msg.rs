@@ -358,6 +358,11 @@ pub fn parse(prefix: &str, topic: &str, payload: &[u8]) -> Result<Msg, Reject> {
             })
         }
         "status" => {
+            // The gateway field is optional in a status (a will written by another client
+            // library, say), but when given it must be the topic's.
+            if v.get("gateway").is_some() {
+                same_gateway(&v)?;
+            }
             let state = s(&v, "state")?;
             if state != "online" && state != "offline" {
                 return Err(reject("invalid_field", format!("state {state:?}")));

@@ -49,6 +49,12 @@ pub struct Ops {
     pub receivers_stale: AtomicI64,
     /// Batches committed.
     pub batches: AtomicU64,
+    /// When the batch being written began (`None` between batches).
+    batch_started: Mutex<Option<Instant>>,
+    /// A batch writing longer than this makes `/healthz` say `database` (a lock held
+    /// elsewhere, a hung server, a partition without a reset: no statement fails, nothing
+    /// commits).
+    pub stuck_after: Mutex<std::time::Duration>,
 }
 
 impl Default for Ops {
@@ -67,6 +73,8 @@ impl Default for Ops {
             receivers_live: AtomicI64::new(0),
             receivers_stale: AtomicI64::new(0),
             batches: AtomicU64::new(0),
+            batch_started: Mutex::new(None),
+            stuck_after: Mutex::new(std::time::Duration::from_secs(30)),
         }
     }
 }
@@ -81,8 +89,28 @@ impl Ops {
         *lock(&self.db_down) = why;
     }
 
+    /// Why the database does not take writes: what the last error said, or a batch that has
+    /// been writing for longer than `stuck_after`.
     pub fn db_down(&self) -> Option<String> {
-        lock(&self.db_down).clone()
+        if let Some(why) = lock(&self.db_down).clone() {
+            return Some(why);
+        }
+        let started = *lock(&self.batch_started);
+        let limit = *lock(&self.stuck_after);
+        started
+            .map(|t| t.elapsed())
+            .filter(|e| *e > limit)
+            .map(|e| {
+                format!(
+                    "stuck: a batch has not committed for {} s (a lock held elsewhere? a hung server?)",
+                    e.as_secs()
+                )
+            })
+    }
+
+    /// A batch began writing (`true`) or finished (`false`).
+    pub fn batch_writing(&self, writing: bool) {
+        *lock(&self.batch_started) = writing.then(Instant::now);
     }
 
     pub fn set_broker_down(&self, why: Option<String>) {
@@ -317,9 +345,16 @@ pub async fn serve(listener: tokio::net::TcpListener, ops: Arc<Ops>, stop: Cance
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(listen = %addr, "district receiver: /healthz and /metrics listening");
     }
-    if let Err(e) = axum::serve(listener, app)
-        .with_graceful_shutdown(stop.cancelled_owned())
-        .await
+    // The status page's listener: at most 64 connections (8 per address), each answered within
+    // 5 s or closed, so idle connections cannot take the file descriptors the database
+    // connection needs (found by a break-it run: 1,100 idle sockets stopped the reconnect).
+    let limited = crate::status::Limited::new(listener, 64);
+    if let Err(e) = axum::serve(
+        limited,
+        app.into_make_service_with_connect_info::<crate::status::Peer>(),
+    )
+    .with_graceful_shutdown(stop.cancelled_owned())
+    .await
     {
         tracing::warn!(error = %e, "district receiver: status listener stopped");
     }
@@ -344,6 +379,13 @@ mod tests {
             o.health().unwrap_err(),
             "database: disk_full: could not extend file"
         );
+        o.set_db_down(None);
+        *lock(&o.stuck_after) = std::time::Duration::ZERO;
+        o.batch_writing(true);
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        assert!(o.health().unwrap_err().starts_with("database: stuck"));
+        o.batch_writing(false);
+        assert_eq!(o.health(), Ok(()));
     }
 
     #[test]

@@ -104,18 +104,31 @@ impl Registry {
 }
 
 /// The listener: admits connections through the [`Registry`].
-pub(super) struct Limited {
+pub(crate) struct Limited {
     pub(super) inner: tokio::net::TcpListener,
     pub(super) max: usize,
     pub(super) registry: Arc<Registry>,
 }
 
-pub(super) struct LimitedIo {
+pub(crate) struct LimitedIo {
     io: tokio::net::TcpStream,
     slot: Arc<Slot>,
     registry: Arc<Registry>,
     /// When the connection is closed unless answered (reset by each response).
     deadline: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl Limited {
+    /// `listener` with at most `max` connections (and [`PER_ADDRESS`] per address), each
+    /// answered within [`RESPONSE_DEADLINE`] or closed: for another HTTP endpoint of this
+    /// crate (the district receiver's `/healthz` and `/metrics`).
+    pub(crate) fn new(listener: tokio::net::TcpListener, max: usize) -> Limited {
+        Limited {
+            inner: listener,
+            max,
+            registry: Default::default(),
+        }
+    }
 }
 
 impl Drop for LimitedIo {

@@ -40,12 +40,12 @@ use tokio_util::sync::CancellationToken;
 
 mod auth;
 mod listener;
+pub(crate) use listener::{Limited, Peer};
 mod metrics;
 mod page;
 mod report;
 
 pub use auth::{hash_password, verify_password, MIN_PASSWORD_CHARS};
-use listener::Limited;
 use metrics::{to_prometheus_text, Metrics};
 use page::render;
 use report::{snapshot_blocking, StatusOut};
