@@ -252,6 +252,24 @@ fn compile_field(
         if map.is_empty() {
             p.push(problem(format!("{key}.map"), "is empty"));
         }
+        // Keys match numbers by value: two keys of one value must not say different things
+        // ("1" = "entry" and "1.0" = "exit" would make 1 and 1.0 differ).
+        let num = |k: &str| k.trim().parse::<f64>().ok().filter(|n| n.is_finite());
+        for (a, va) in map {
+            for (b, vb) in map.range::<String, _>((
+                std::ops::Bound::Excluded(a.clone()),
+                std::ops::Bound::Unbounded,
+            )) {
+                if va != vb && num(a).is_some() && num(a) == num(b) {
+                    p.push(problem(
+                        format!("{key}.map"),
+                        format!(
+                            "keys {a:?} and {b:?} are the same number but map to {va:?} and {vb:?}"
+                        ),
+                    ));
+                }
+            }
+        }
         for (k, v) in map {
             check(v, format!("{key}.map.{k:?}"), p);
         }
@@ -322,7 +340,8 @@ pub fn compile(sources: &[SourceCfg], p: &mut Vec<Problem>) -> Vec<Source> {
             }
         };
         if let Some(each) = &s.each {
-            if each.is_empty() || !pointer_ok(each) {
+            // "" is the whole payload (a message that is itself an array).
+            if !pointer_ok(each) {
                 p.push(problem(
                     format!("{key}.each"),
                     format!("{each:?} is not a JSON pointer to an array (\"/events\")"),
@@ -421,6 +440,25 @@ mod tests {
         assert_eq!(cfg.sources().len(), 6);
         let subs = crate::core::mapping::subscriptions(&cfg.mqtt.topics, &cfg.sources());
         assert!(subs.contains(&"parking/+/plate".to_string()), "{subs:?}");
+    }
+
+    #[test]
+    fn keys_of_one_number_must_agree() {
+        let p = problems(
+            r#"
+[[mqtt.sources]]
+topic = "v/+/e"
+kind = "access"
+device = "topic[1]"
+id = "/id"
+ts = "/t"
+action = { pointer = "/dir", map = { "1" = "entry", "1.0" = "exit", "2" = "exit", "02" = "exit" } }
+each = ""
+"#,
+        );
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(p[0].starts_with("mqtt.sources[0].action.map"), "{p:?}");
+        assert!(p[0].contains("\"1\" and \"1.0\""), "{p:?}");
     }
 
     #[test]

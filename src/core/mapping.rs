@@ -68,6 +68,15 @@ impl Encoding {
         })
     }
 
+    /// The name as in the config.
+    pub fn name(self) -> &'static str {
+        match self {
+            Encoding::Utf8 => "utf-8",
+            Encoding::Gb18030 => "gb18030",
+            Encoding::Auto => "utf-8 or gb18030",
+        }
+    }
+
     /// The payload as text; `None` when the bytes are not text in this encoding. GB18030 is
     /// decoded by encoding_rs (the WHATWG Encoding Standard's decoder, whose "gbk" label is the
     /// same decoder) without replacement characters: an invalid sequence is an error, not a
@@ -83,7 +92,16 @@ impl Encoding {
                 .ok()
                 .map(std::borrow::Cow::Borrowed),
             Encoding::Gb18030 => gb(bytes),
+            // Some GBK text is also valid UTF-8: a GBK pair with a lead byte C2-DF and a trail
+            // byte 80-BF reads as one 2-byte UTF-8 character (鲁 C2 B3 as "³", 豫 D4 A5 as "ԥ";
+            // found by a break-it run). A Chinese device's payload holds no characters in that
+            // range (U+0080-U+07FF: Latin-1 to Arabic) but such misreadings, so when the UTF-8
+            // reading has one and the bytes are also GB18030, GB18030 wins. A device that sends
+            // UTF-8 text in those scripts should be set to `utf-8`.
             Encoding::Auto => match std::str::from_utf8(bytes) {
+                Ok(t) if t.chars().any(|c| ('\u{80}'..='\u{7ff}').contains(&c)) => {
+                    gb(bytes).or(Some(std::borrow::Cow::Borrowed(t)))
+                }
                 Ok(t) => Some(std::borrow::Cow::Borrowed(t)),
                 Err(_) => gb(bytes),
             },
@@ -228,11 +246,20 @@ struct Ctx<'a> {
 
 impl Ctx<'_> {
     /// The value at pointer `p`: in the element, else in the whole message.
-    fn at(&self, p: &str) -> Option<&Value> {
-        self.payload
-            .pointer(p)
-            .filter(|v| !v.is_null())
-            .or_else(|| self.root.pointer(p))
+    /// The value at pointer `p` for `field`: in the element, else in the whole message; `id`
+    /// and `subject` only in the element (found by a break-it run: elements without an id took
+    /// the message's, and all but one were dropped as duplicates; a subject borrowed from the
+    /// message would name the wrong person).
+    fn at(&self, field: &str, p: &str) -> Option<&Value> {
+        let own = self.payload.pointer(p);
+        if field == "id" || field == "subject" || std::ptr::eq(self.payload, self.root) {
+            return own;
+        }
+        match own {
+            Some(v) if !v.is_null() => Some(v),
+            Some(_) => None,
+            None => self.root.pointer(p),
+        }
     }
 
     fn fail(&self, field: &'static str, why: impl Into<String>) -> Unmapped {
@@ -250,14 +277,14 @@ impl Ctx<'_> {
         done: &[(&'static str, String)],
     ) -> Result<Option<Value>, Unmapped> {
         Ok(match from {
-            From::Pointer(p) => self.at(p).cloned().filter(|v| !v.is_null()),
+            From::Pointer(p) => self.at(field, p).cloned().filter(|v| !v.is_null()),
             From::Topic(i) => self.topic.get(*i).map(|s| Value::String(s.to_string())),
             From::Const(c) => Some(Value::String(c.clone())),
             From::Join(parts, sep) => {
                 let mut out = Vec::with_capacity(parts.len());
                 for part in parts {
                     let v = match part {
-                        Part::Pointer(p) => self.at(p).and_then(text_of),
+                        Part::Pointer(p) => self.at(field, p).and_then(text_of),
                         Part::Topic(i) => self.topic.get(*i).map(|s| s.to_string()),
                         Part::Field(name) => {
                             done.iter().find(|(n, _)| n == name).map(|(_, v)| v.clone())
@@ -417,28 +444,21 @@ const ZONE_ABBREVIATIONS: [(&str, i32); 12] = [
 /// a +08:00 site), or by `UTC`/`GMT`/`Z`; else local time in the site's zone.
 pub fn auto_ms(s: &str, offset_s: i32) -> Option<i64> {
     let mut t = s.trim();
-    // RFC 9557: a bracketed suffix after the offset; the offset is what counts.
+    // RFC 9557: a bracketed suffix after the offset; the offset is what counts, so it must be
+    // there (a bare `...12:37:42[UTC]` is not read as site time), and a critical suffix (`[!`)
+    // asks for a zone check this reader does not do.
     if t.ends_with(']') {
-        if let Some(i) = t.rfind('[') {
-            t = t[..i].trim_end();
+        let i = t.rfind('[')?;
+        if t[i..].starts_with("[!") {
+            return None;
         }
+        t = t[..i].trim_end();
+        return rfc3339_ms(t).or_else(|| rfc3339_ms(&colon_offset(t)));
     }
     if let Some(ms) = rfc3339_ms(t) {
         return Some(ms);
     }
-    // A space between date and time, or `+HHMM` for `+HH:MM`.
-    let mut fixed = t.to_string();
-    if fixed.len() > 10 && fixed.as_bytes()[10] == b' ' {
-        fixed.replace_range(10..11, "T");
-    }
-    let b = fixed.as_bytes();
-    if b.len() > 5
-        && matches!(b[b.len() - 5], b'+' | b'-')
-        && b[b.len() - 4..].iter().all(u8::is_ascii_digit)
-    {
-        fixed.insert(fixed.len() - 2, ':');
-    }
-    if let Some(ms) = rfc3339_ms(&fixed) {
+    if let Some(ms) = rfc3339_ms(&colon_offset(t)) {
         return Some(ms);
     }
     // A trailing zone abbreviation.
@@ -455,6 +475,22 @@ pub fn auto_ms(s: &str, offset_s: i32) -> Option<i64> {
         }
     }
     local_ms(t, offset_s)
+}
+
+/// `t` with a space between date and time made a `T`, and `+HHMM` made `+HH:MM`.
+fn colon_offset(t: &str) -> String {
+    let mut fixed = t.to_string();
+    if fixed.len() > 10 && fixed.as_bytes()[10] == b' ' {
+        fixed.replace_range(10..11, "T");
+    }
+    let b = fixed.as_bytes();
+    if b.len() > 5
+        && matches!(b[b.len() - 5], b'+' | b'-')
+        && b[b.len() - 4..].iter().all(u8::is_ascii_digit)
+    {
+        fixed.insert(fixed.len() - 2, ':');
+    }
+    fixed
 }
 
 /// `YYYY-MM-DD hh:mm:ss[.fff]` (or `T` between) read at UTC offset `offset_s`.
@@ -520,12 +556,32 @@ pub fn map_all(source: &Source, topic: &str, payload: &[u8], offset_s: i32) -> V
     if payload.len() > MAX_PAYLOAD {
         return vec![Err((Reject::TooLarge, None))];
     }
-    let Some(text) = source.encoding.decode(payload) else {
-        return vec![Err((Reject::InvalidUtf8, None))];
+    let unmapped = |field: &'static str, why: String| {
+        Some(Unmapped {
+            source: source.name.clone(),
+            field,
+            why,
+        })
     };
-    let value: Value = match serde_json::from_str(&text) {
+    let Some(text) = source.encoding.decode(payload) else {
+        return vec![Err((
+            Reject::InvalidUtf8,
+            unmapped(
+                "encoding",
+                format!("the payload is not {} text", source.encoding.name()),
+            ),
+        ))];
+    };
+    // A byte-order mark some firmwares put before their JSON.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
+    let value: Value = match serde_json::from_str(text) {
         Ok(v) => v,
-        Err(_) => return vec![Err((Reject::InvalidJson, None))],
+        Err(e) => {
+            return vec![Err((
+                Reject::InvalidJson,
+                unmapped("payload", e.to_string()),
+            ))]
+        }
     };
     let levels: Vec<&str> = topic.split('/').collect();
     let Some(each) = &source.each else {
@@ -546,6 +602,16 @@ pub fn map_all(source: &Source, topic: &str, payload: &[u8], offset_s: i32) -> V
             .iter()
             .enumerate()
             .map(|(i, item)| {
+                if !item.is_object() {
+                    return Err((
+                        Reject::Unmapped,
+                        Some(Unmapped {
+                            source: source.name.clone(),
+                            field: "each",
+                            why: format!("element {i} is not an object"),
+                        }),
+                    ));
+                }
                 map_value(source, levels.clone(), item, &value, offset_s).map_err(|(r, u)| {
                     (
                         r,
@@ -774,6 +840,20 @@ mod tests {
         // auto still reads UTF-8 as UTF-8.
         let e = map(&s, "hik/acs/d/event", text.as_bytes(), 0).unwrap();
         assert_eq!(e.subject.as_deref(), Some("浙A12345"));
+        // GBK that is also valid UTF-8 (鲁 is C2 B3, "³" in UTF-8): auto reads it as GBK.
+        s.encoding = Encoding::Auto;
+        let lu = r#"{"dateTime":"2026-12-04T12:37:42+08:00","plate":"鲁A12345","AccessControllerEvent":{"subEventType":1,"serialNo":8}}"#;
+        let (lu_gbk, _, _) = encoding_rs::GBK.encode(lu);
+        assert!(
+            std::str::from_utf8(&lu_gbk).is_ok(),
+            "the trap: valid UTF-8"
+        );
+        let e = map(&s, "hik/acs/d/event", &lu_gbk, 0).unwrap();
+        assert_eq!(e.subject.as_deref(), Some("鲁A12345"));
+        // A byte-order mark is not an invalid payload.
+        let mut bom = b"\xef\xbb\xbf".to_vec();
+        bom.extend_from_slice(text.as_bytes());
+        assert!(map(&s, "hik/acs/d/event", &bom, 0).is_ok());
         // Bytes that are neither: a reject, never a replacement character in an id.
         s.encoding = Encoding::Gb18030;
         assert_eq!(
@@ -835,6 +915,17 @@ mod tests {
         assert_eq!(e1.ts_ms - e0.ts_ms, 7_000);
         let u = out[2].as_ref().unwrap_err().1.clone().unwrap();
         assert!(u.why.starts_with("element 2:"), "{u}");
+        // An element without an id does not borrow the message's (nor its subject).
+        let p = br#"{"dateTime":"2026-11-30T08:15:02+08:00","serialNo":77,"events":[
+            {"AccessControllerEvent":{"subEventType":1,"serialNo":1}},
+            {"AccessControllerEvent":{"subEventType":1}}, "not an object"]}"#;
+        let out = map_all(&s, "hik/acs/d/event", p, 0);
+        assert!(out[0].is_ok());
+        assert_eq!(out[1].as_ref().unwrap_err().1.as_ref().unwrap().field, "id");
+        assert_eq!(
+            out[2].as_ref().unwrap_err().1.as_ref().unwrap().field,
+            "each"
+        );
         for bad in [&br#"{"events":[]}"#[..], br#"{"events":{}}"#, br#"{}"#] {
             let out = map_all(&s, "hik/acs/d/event", bad, 0);
             assert_eq!(out.len(), 1);
@@ -860,6 +951,14 @@ mod tests {
         ] {
             assert_eq!(auto_ms(t, site), Some(want), "{t}");
         }
+        // A zone suffix needs its offset; a critical one asks for a check not done here.
+        assert_eq!(auto_ms("2026-12-04T12:37:42[UTC]", site), None);
+        assert_eq!(auto_ms("2026-12-04 12:37:42[Asia/Shanghai]", site), None);
+        assert_eq!(
+            auto_ms("2026-12-04T12:37:42+08:00[!Asia/Shanghai]", site),
+            None
+        );
+        assert_eq!(auto_ms("2026-12-04T04:37:42Z[UTC]", site), Some(want));
         // CST at a site that is not on +08:00 is not read as China time; nonsense is not a time.
         assert_eq!(auto_ms("2026-12-04 12:37:42 CST", 0), None);
         assert_eq!(auto_ms("2026-12-04 12:37:42 XYZ", site), None);
