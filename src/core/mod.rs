@@ -14,6 +14,7 @@ pub mod clock;
 pub mod commit_policy;
 pub mod counter;
 pub mod daily;
+pub mod devices;
 pub mod engine;
 pub mod event;
 pub mod mapping;

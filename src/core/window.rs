@@ -32,6 +32,9 @@ impl WindowCfg {
     }
 
     /// Events older than `now - max_lateness` or newer than `now + max_future_skew` are rejected.
+    /// The committer counts events stamped ahead of a trusted clock at receipt before they get
+    /// here ([`super::clock::ClockTrust::receive`]), so `TooFarFuture` is a guard, not a rule
+    /// any device meets.
     pub fn check_time(&self, ts_ms: i64, now_ms: i64) -> Result<(), Reject> {
         if ts_ms < now_ms - self.max_lateness_ms as i64 {
             Err(Reject::TooLate)
