@@ -12,11 +12,13 @@
 use crate::backoff::Backoff;
 use crate::clock::now_ms;
 use crate::config::OnDamage;
-use crate::core::clock::{ClockTrust, Step, StoreClock};
+use crate::core::clock::{ClockTrust, Flag, Step, StoreClock};
 use crate::core::commit_policy::{Batch, CommitPolicy, Trigger};
+use crate::core::devices::{device_key, split_key};
 use crate::core::engine::{CounterReading, Engine, Input, Outcome};
 use crate::core::event::{Event, Reject};
-use crate::stats::{AlertNote, Stats};
+use crate::devices::SourceMarks;
+use crate::stats::{AlertNote, Forgotten, Stats};
 use crate::store::{
     damage, CommitReport, OutboxKey, Retention, StateUpdate, StoreError, StoreWriter,
 };
@@ -160,7 +162,27 @@ pub struct Committer {
     /// Cancelled at shutdown: a retry loop on a failing disk gives up (nothing it holds was
     /// acknowledged, so the broker redelivers it).
     pub stop: CancellationToken,
+    /// The `[[mqtt.sources]]` in force, as marks: which source a device was learned through.
+    pub source_marks: SourceMarks,
+    /// New marks from a config reload (SIGHUP): devices that no longer map are forgotten.
+    pub source_updates: flume::Receiver<SourceMarks>,
+    /// Devices that no longer map are still to be forgotten (at start, after a reload, after
+    /// a write that failed).
+    pub unmapped_due: bool,
+    /// When devices were last forgotten at `health.max_devices` (one WARN per burst).
+    pub bound_burst: Option<Instant>,
+    /// `clock_skew` WARNs in the current [`BOUND_BURST`] period: since when, how many.
+    pub skew_warns: (Option<Instant>, u32),
 }
+
+/// Devices forgotten at the bound within this long of the previous ones are one burst: one
+/// WARN for it. Also the period of [`SKEW_WARNS`].
+pub const BOUND_BURST: Duration = Duration::from_secs(600);
+
+/// At most this many `clock_skew` WARNs (one per device) in a [`BOUND_BURST`] period; past it
+/// they are DEBUG (a flood of invented devices stamping ahead cannot flood the journal; the
+/// page and metrics still flag every one).
+pub const SKEW_WARNS: u32 = 20;
 
 /// Return freed heap memory to the system (glibc keeps it otherwise; RSS would stay at a
 /// burst's peak). Other C libraries: nothing to do.
@@ -283,10 +305,10 @@ impl Committer {
                 // Commit only with a clock we trust; else hold the batch, unacknowledged.
                 if self.clock_holds(&mut items, now) {
                     if closing {
-                        // Shutdown with an untrusted clock: committing now would reject the
-                        // held events as too far in the future and acknowledge them. Leave
-                        // them unacknowledged: the site broker redelivers them after the
-                        // restart.
+                        // Shutdown with an untrusted clock: committing now would count the
+                        // held events at a receive time nobody trusts and acknowledge them.
+                        // Leave them unacknowledged: the site broker redelivers them after
+                        // the restart.
                         if !items.is_empty() {
                             tracing::warn!(held = items.len(), "shutdown while the gateway clock is not trusted: the held messages stay unacknowledged for redelivery");
                         }
@@ -349,7 +371,8 @@ impl Committer {
         let wall = self.store_now();
         for i in items.iter() {
             if let Intake::Event { event, .. } = i {
-                self.clock.observe(&event.device, event.ts_ms, wall, mono);
+                let key = device_key(event.kind, &event.device);
+                self.clock.observe(&key, event.ts_ms, wall, mono);
             }
         }
         let synced = self.require_sync.then(crate::clock::kernel_synced);
@@ -549,42 +572,182 @@ impl Committer {
         }
     }
 
-    /// `health.max_devices`: an event of a device not known yet, while that many are, becomes
-    /// a `too_many_devices` reject (counted, acknowledged, not stored), so invented device ids
-    /// cannot grow the store, the page or the metrics.
-    fn bound_devices(&self, batch: &mut [Intake]) {
-        let cadence = self.stats.cadence();
-        let mut live: Option<usize> = None;
-        let mut admitted: Vec<String> = Vec::new();
+    /// Events stamped more than `max_future_skew` ahead of the trusted gateway clock count at
+    /// the gateway's receive time (the store clock now), and their devices are flagged
+    /// `clock_skew` (one WARN per device and run; contract: "Clocks"). Called only for a batch
+    /// the clock was trusted for, after the store clock saw the devices' own times. Returns,
+    /// per item, whether it was re-stamped and the device's flag to show.
+    fn stamp(&mut self, batch: &mut [Intake]) -> Vec<Option<(bool, Option<i64>)>> {
+        let mut now: Option<i64> = None;
+        let mut out = Vec::with_capacity(batch.len());
         for intake in batch.iter_mut() {
-            let Intake::Event { event, topic, ack } = intake else {
+            let Intake::Event { event, .. } = intake else {
+                out.push(None);
                 continue;
             };
-            let key = format!("{}\0{}", event.kind.as_str(), event.device);
-            if self.writer.knows_device(&key) || admitted.contains(&key) {
-                continue;
+            let now = *now.get_or_insert_with(|| self.store_now());
+            let key = device_key(event.kind, &event.device);
+            let r = self.clock.receive(&key, event.ts_ms, now);
+            let restamped = r.ts_ms != event.ts_ms;
+            let shown = match r.flag {
+                Flag::Raised { ahead_ms, warn } => {
+                    let (since, n) = &mut self.skew_warns;
+                    if since.is_none_or(|t| t.elapsed() >= BOUND_BURST) {
+                        *since = Some(Instant::now());
+                        *n = 0;
+                    }
+                    if warn && *n < SKEW_WARNS {
+                        *n += 1;
+                        tracing::warn!(
+                            kind = event.kind.as_str(),
+                            device = %crate::logfmt::Clean(&event.device),
+                            ahead_s = ahead_ms / 1000,
+                            max_future_skew_s = self.clock.max_future_skew_ms / 1000,
+                            "device clock ahead of the gateway clock: its events are counted at the gateway's receive time (clock_skew; set the device's clock or NTP)"
+                        );
+                        if *n == SKEW_WARNS {
+                            tracing::warn!("many devices stamp ahead of the gateway clock: the next ones this 10 minutes are logged at DEBUG (all are flagged clock_skew on the page and in the metrics)");
+                        }
+                    } else {
+                        tracing::debug!(
+                            kind = event.kind.as_str(),
+                            device = %crate::logfmt::Clean(&event.device),
+                            ahead_s = ahead_ms / 1000,
+                            "device clock ahead of the gateway clock (clock_skew)"
+                        );
+                    }
+                    Some(ahead_ms)
+                }
+                Flag::Same { ahead_ms } => ahead_ms,
+                Flag::Cleared => {
+                    tracing::info!(
+                        kind = event.kind.as_str(),
+                        device = %crate::logfmt::Clean(&event.device),
+                        "device clock agrees with the gateway clock again: its events count at their own time"
+                    );
+                    None
+                }
+            };
+            event.ts_ms = r.ts_ms;
+            out.push(Some((restamped, shown)));
+        }
+        out
+    }
+
+    /// Forget `keys` ("kind\0device") everywhere but in the store (the caller or the commit
+    /// did that): the page, API, metrics and heartbeat, and the clock's evidence.
+    fn forgotten(&mut self, keys: &[String], why: Forgotten) {
+        for key in keys {
+            self.clock.forget(key);
+            if let Some((kind, device)) = split_key(key) {
+                self.stats.forget_device(kind, device, why);
             }
-            let now = self.committed_at.max(now_ms());
-            let n = *live
-                .get_or_insert_with(|| self.writer.live_devices(now, cadence.forget_after_ms))
-                + admitted.len();
-            if n < cadence.max_devices {
-                admitted.push(key);
-                continue;
-            }
-            if n == cadence.max_devices && !self.stats.devices_full.swap(true, Relaxed) {
-                tracing::warn!(
-                    max_devices = cadence.max_devices,
-                    device = %crate::logfmt::Clean(&event.device),
-                    "health.max_devices reached: events of new devices are rejected too_many_devices (raise it if the compound has more devices)"
+        }
+    }
+
+    /// Devices were forgotten at `health.max_devices`: counted, and one WARN per burst.
+    fn forgotten_at_bound(&mut self, keys: &[String]) {
+        self.forgotten(keys, Forgotten::Bound);
+        let news = self.bound_burst.is_none_or(|t| t.elapsed() >= BOUND_BURST);
+        self.bound_burst = Some(Instant::now());
+        let first = keys
+            .first()
+            .and_then(|k| split_key(k))
+            .map(|(_, d)| crate::logfmt::Clean(d).to_string())
+            .unwrap_or_default();
+        if news {
+            tracing::warn!(
+                max_devices = self.stats.cadence().max_devices,
+                forgotten = keys.len(),
+                longest_silent = %first,
+                total = self.stats.forgotten_of(Forgotten::Bound),
+                "health.max_devices reached: the longest-silent devices are forgotten to make room; every event is still counted (raise it if the compound has more devices; zhian_devices_forgotten_total counts them)"
+            );
+        } else {
+            tracing::debug!(forgotten = keys.len(), longest_silent = %first, "devices forgotten at health.max_devices");
+        }
+    }
+
+    /// Forget the devices whose `[[mqtt.sources]]` entry is gone or changed (their stored mark
+    /// names no configured source). A failed write is tried again on the next tick.
+    fn forget_unmapped(&mut self) {
+        let gone: Vec<String> = self
+            .writer
+            .known_devices()
+            .into_iter()
+            .filter(|(_, _, mark)| !self.source_marks.still_maps(mark))
+            .map(|(key, _, _)| key)
+            .collect();
+        if gone.is_empty() {
+            self.unmapped_due = false;
+            return;
+        }
+        match self.writer.forget_devices(&gone) {
+            Ok(keys) => {
+                self.unmapped_due = false;
+                self.forgotten(&keys, Forgotten::Unmapped);
+                tracing::info!(
+                    forgotten = keys.len(),
+                    "devices learned through a [[mqtt.sources]] entry that is gone or changed no longer map: forgotten (a real device among them comes back with its next event)"
                 );
             }
-            *intake = Intake::Rejected {
-                reason: Reject::TooManyDevices,
-                topic: std::mem::take(topic),
-                detail: None,
-                ack: ack.take(),
+            Err(e) => {
+                self.unmapped_due = true;
+                tracing::warn!(error = %e, "cannot forget the devices that no longer map yet; trying again");
+            }
+        }
+    }
+
+    /// The installer's requests in the data dir (`zhian-gateway devices forget|list`).
+    fn serve_requests(&mut self) {
+        let dir = self.writer.store().data_dir().to_path_buf();
+        for (path, req) in crate::devices::pending_requests(&dir) {
+            let answer = match req {
+                Err(e) => crate::devices::Answer {
+                    op: crate::devices::Op::List,
+                    error: Some(format!("unreadable request: {e}")),
+                    devices: Vec::new(),
+                },
+                Ok(req) => self.request(req),
             };
+            if let Err(e) = crate::devices::answer(&path, &answer) {
+                tracing::warn!(request = %path.display(), error = %e, "cannot answer a devices request");
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+    }
+
+    fn request(&mut self, req: crate::devices::Request) -> crate::devices::Answer {
+        use crate::devices::{select, Answer, Op};
+        let known = self.writer.known_devices();
+        let picked = select(&known, &req.patterns, &self.source_marks);
+        if req.op == Op::List {
+            return Answer {
+                op: req.op,
+                error: None,
+                devices: picked.into_iter().map(|(_, d)| d).collect(),
+            };
+        }
+        let keys: Vec<String> = picked.iter().map(|(k, _)| k.clone()).collect();
+        match self.writer.forget_devices(&keys) {
+            Ok(done) => {
+                self.forgotten(&done, Forgotten::Installer);
+                tracing::info!(
+                    forgotten = done.len(),
+                    patterns = %crate::logfmt::Clean(&req.patterns.join(" ")),
+                    "devices forgotten by the installer (zhian-gateway devices forget)"
+                );
+                Answer {
+                    op: req.op,
+                    error: None,
+                    devices: picked.into_iter().map(|(_, d)| d).collect(),
+                }
+            }
+            Err(e) => Answer {
+                op: req.op,
+                error: Some(format!("the store cannot be written now ({e}); try again")),
+                devices: Vec::new(),
+            },
         }
     }
 
@@ -652,7 +815,33 @@ impl Committer {
                 .store_bytes
                 .store(self.writer.store().file_bytes(), Relaxed);
         }
-        self.bound_devices(batch);
+        if tick {
+            if let Some(marks) = self.source_updates.try_iter().last() {
+                self.source_marks = marks;
+                self.unmapped_due = true;
+            }
+            if self.unmapped_due && self.stats.paused().is_none() {
+                self.forget_unmapped();
+            }
+            if self.stats.paused().is_none() {
+                self.serve_requests();
+            }
+        }
+        self.writer
+            .set_max_devices(self.stats.cadence().max_devices);
+        self.witness(batch);
+        let stamps = self.stamp(batch);
+        let mut marks = std::collections::HashMap::new();
+        for i in batch.iter() {
+            if let Intake::Event { event, topic, .. } = i {
+                let key = device_key(event.kind, &event.device);
+                let mark = self.source_marks.mark_for(topic);
+                if self.writer.device_mark(&key) != mark {
+                    marks.insert(key, mark.to_string());
+                }
+            }
+        }
+        self.writer.stage_device_marks(marks);
         let mut inputs: Vec<Input> = Vec::with_capacity(batch.len());
         let mut states: Vec<&StateUpdate> = Vec::new();
         for i in batch.iter() {
@@ -669,7 +858,6 @@ impl Committer {
             }
         }
         let states: Vec<StateUpdate> = states.into_iter().cloned().collect();
-        self.witness(batch);
         let now = self.store_now();
         let maintain = tick
             && self
@@ -708,7 +896,7 @@ impl Committer {
         // The store's time of this commit: the devices' last seen agrees with the store's.
         let now = if wrote { self.committed_at } else { now_ms() };
         let mut outcomes = report.as_ref().map(|r| r.outcomes.iter());
-        for mut intake in batch.drain(..) {
+        for (mut intake, stamp) in batch.drain(..).zip(stamps) {
             let ack = intake.take_ack();
             match &intake {
                 Intake::Event { event, topic, .. } => {
@@ -720,6 +908,12 @@ impl Committer {
                     match outcome {
                         Outcome::Accepted => {
                             self.stats.accepted(event.kind, &event.device, now);
+                            if let Some((restamped, shown)) = stamp {
+                                if restamped {
+                                    self.stats.counted_at_receipt(event.kind);
+                                }
+                                self.stats.set_clock_skew(event.kind, &event.device, shown);
+                            }
                             if self.engine.is_alert(event) {
                                 self.stats.alert(AlertNote {
                                     at_ms: now,
@@ -734,6 +928,14 @@ impl Committer {
                         Outcome::Duplicate => self.stats.duplicate(event.kind),
                         Outcome::Rejected(reason) => self.stats.rejected(reason, topic, now),
                         Outcome::Counted(_) | Outcome::Glitch(_) => {}
+                    }
+                    if outcome != Outcome::Accepted {
+                        // The clock keeps flags only for devices in the table (a redelivered
+                        // duplicate of a forgotten device must not grow it).
+                        let key = device_key(event.kind, &event.device);
+                        if !self.writer.knows_device(&key) {
+                            self.clock.forget(&key);
+                        }
                     }
                 }
                 Intake::Rejected {
@@ -765,6 +967,9 @@ impl Committer {
             }
         }
         if let Some(r) = report {
+            if !r.forgotten.is_empty() {
+                self.forgotten_at_bound(&r.forgotten);
+            }
             if r.emitted > 0 || r.deleted_outbox > 0 {
                 if let Ok(n) = self.writer.store().outbox_len() {
                     self.stats.outbox_pending.store(n, Relaxed);

@@ -7,7 +7,10 @@
 //! no older than its cadence (per device, else per kind, else `health.silence`). A Modbus device
 //! is polled: it is offline after `offline_after` failed polls in a row (the Modbus input
 //! decides, see `modbus.rs`). Devices known once are remembered across restarts (the store's
-//! `devices` table) until silent for `health.forget_after`.
+//! `devices` table) until silent for `health.forget_after`, or until forgotten: at
+//! `health.max_devices` the longest silent makes room for a new one, a `[[mqtt.sources]]` change
+//! forgets the devices that no longer map, and the installer can forget devices by name
+//! (`zhian-gateway devices forget`); see `crate::devices`.
 
 use crate::config::Health;
 use crate::core::event::Kind;
@@ -107,6 +110,11 @@ pub struct DeviceHealth {
     pub glitches: u64,
     /// Latest value of each state point (Modbus).
     pub states: BTreeMap<String, serde_json::Value>,
+    /// Its latest event was stamped more than `aggregate.max_future_skew` ahead of the trusted
+    /// gateway clock and was counted at receipt (MQTT; contract: "Clocks").
+    pub clock_skew: bool,
+    /// How far ahead that event was (ms), while flagged.
+    pub clock_ahead_ms: Option<i64>,
 }
 
 /// Every known device, offline first, then by kind and name. MQTT devices that never had an
@@ -134,6 +142,8 @@ pub fn devices(stats: &Stats, now_ms: i64) -> Vec<DeviceHealth> {
                 last_error: d.last_error.map(str::to_string),
                 glitches: 0,
                 states: BTreeMap::new(),
+                clock_skew: d.clock_ahead_ms.is_some(),
+                clock_ahead_ms: d.clock_ahead_ms,
                 name,
             }
         })
@@ -154,6 +164,8 @@ pub fn devices(stats: &Stats, now_ms: i64) -> Vec<DeviceHealth> {
                 .iter()
                 .map(|(k, v)| (k.clone(), v.to_json()))
                 .collect(),
+            clock_skew: false,
+            clock_ahead_ms: None,
             name,
         }
     }));
@@ -194,10 +206,15 @@ pub async fn watch(stats: Arc<Stats>, stop: CancellationToken) {
             _ = tick.tick() => {}
         }
         let now = crate::clock::now_ms();
-        for d in devices(&stats, now)
-            .into_iter()
+        let list = devices(&stats, now);
+        // Forgotten devices leave the watch too (the device table's bound holds here as well).
+        let present: std::collections::HashSet<(Kind, &str)> = list
+            .iter()
             .filter(|d| d.source == "mqtt")
-        {
+            .map(|d| (d.kind, d.name.as_str()))
+            .collect();
+        was.retain(|(kind, name), _| present.contains(&(*kind, name.as_str())));
+        for d in list.into_iter().filter(|d| d.source == "mqtt") {
             let prev = was.insert((d.kind, d.name.clone()), d.online);
             match (prev, d.online) {
                 (Some(true), false) | (None, false)

@@ -12,6 +12,7 @@ pub mod config;
 pub mod core;
 #[cfg(feature = "demo")]
 pub mod demo;
+pub mod devices;
 #[cfg(feature = "district")]
 pub mod district;
 pub mod epoch;
@@ -323,6 +324,7 @@ pub async fn run_with_reload(
     // The store's latest record: a wall clock far behind it at start is a stale boot.
     let store_high = writer.latest_record_ms();
     let (park_tx, park_rx) = flume::unbounded();
+    let (marks_tx, marks_rx) = flume::unbounded();
     let committer = Committer {
         writer,
         engine,
@@ -344,6 +346,12 @@ pub async fn run_with_reload(
         site_up_since: None,
         abandoned: false,
         stop: intake_stop.clone(),
+        source_marks: devices::SourceMarks::of(&cfg.mqtt.sources),
+        source_updates: marks_rx,
+        // Sources may have changed while the daemon was stopped.
+        unmapped_due: true,
+        bound_burst: None,
+        skew_warns: (None, 0),
         cfg: CommitterCfg {
             batch_max: cfg.store.batch_max as usize,
             linger: cfg.store.batch_linger.0,
@@ -476,6 +484,7 @@ pub async fn run_with_reload(
                 }
                 if new.mqtt.sources != running.mqtt.sources {
                     sources_tx.send_replace(Arc::new(new.sources()));
+                    let _ = marks_tx.send(devices::SourceMarks::of(&new.mqtt.sources));
                     tracing::info!(sources = new.mqtt.sources.len(), "reload: mqtt.sources applied");
                 }
                 // What runs now: the live sections from the new file, the rest as before.

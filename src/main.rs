@@ -79,6 +79,13 @@ enum Command {
         #[arg(long)]
         show_subject: bool,
     },
+    /// The running daemon's device table: list the devices it tracks, or forget devices by
+    /// name or glob (a forgotten device's counted events stay; it comes back with its next
+    /// event). Exit 0 done, 1 nothing matched, 75 queued (no daemon answered within 10 s).
+    Devices {
+        #[command(subcommand)]
+        op: DevicesOp,
+    },
     /// Offline read of the store (stop the daemon first): pending summaries, open windows,
     /// device states, dedup keys held, disk use.
     Inspect {
@@ -445,6 +452,7 @@ fn main() -> ExitCode {
             }
         },
         Command::Demo { data_dir } => demo(data_dir),
+        Command::Devices { op } => devices(op),
         Command::HashPassword => {
             use std::io::{BufRead, IsTerminal};
             if std::io::stdin().is_terminal() {
@@ -526,6 +534,69 @@ where
             tracing::error!(error = %e, "zhian-gateway failed");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[derive(Subcommand)]
+enum DevicesOp {
+    /// List the devices the daemon tracks (all, or those the patterns name), with when each
+    /// was last seen and the source it was learned through.
+    List {
+        /// Config file (for gateway.data_dir).
+        #[arg(long, value_name = "PATH")]
+        config: Option<PathBuf>,
+        /// Print the daemon's answer as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Device names or globs (`*`, `?`); `kind/name` with a `/` (`camera/plate-*`).
+        patterns: Vec<String>,
+    },
+    /// Forget the devices the patterns name, from the page, API, metrics, heartbeat and store.
+    Forget {
+        /// Config file (for gateway.data_dir).
+        #[arg(long, value_name = "PATH")]
+        config: Option<PathBuf>,
+        /// Print the daemon's answer as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Device names or globs (`*`, `?`); `kind/name` with a `/` (`camera/plate-*`).
+        #[arg(required = true)]
+        patterns: Vec<String>,
+    },
+}
+
+/// `devices list|forget`: a request to the running daemon through its data dir.
+fn devices(op: DevicesOp) -> ExitCode {
+    use zhian_gateway::devices::{cli, Op, Request};
+    let (config, json, req) = match op {
+        DevicesOp::List {
+            config,
+            json,
+            patterns,
+        } => (
+            config,
+            json,
+            Request {
+                op: Op::List,
+                patterns,
+            },
+        ),
+        DevicesOp::Forget {
+            config,
+            json,
+            patterns,
+        } => (
+            config,
+            json,
+            Request {
+                op: Op::Forget,
+                patterns,
+            },
+        ),
+    };
+    match load(config, false) {
+        Ok(cfg) => ExitCode::from(cli(&cfg.gateway.data_dir, req, json)),
+        Err(code) => code,
     }
 }
 

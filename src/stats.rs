@@ -31,6 +31,32 @@ pub struct DeviceSeen {
     pub rejected: u64,
     /// The reason its last rejected message was rejected.
     pub last_error: Option<&'static str>,
+    /// Flagged `clock_skew`: its latest event was stamped this far (ms) beyond
+    /// `max_future_skew` ahead of the trusted gateway clock, and counted at receipt.
+    pub clock_ahead_ms: Option<i64>,
+}
+
+/// Why a device left the device table (`zhian_devices_forgotten_total{reason}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Forgotten {
+    /// `health.max_devices` was reached and it was the longest silent.
+    Bound,
+    /// The `[[mqtt.sources]]` entry it was learned through is gone or changed (SIGHUP, start).
+    Unmapped,
+    /// `zhian-gateway devices forget`.
+    Installer,
+}
+
+impl Forgotten {
+    pub const ALL: [Forgotten; 3] = [Forgotten::Bound, Forgotten::Unmapped, Forgotten::Installer];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Forgotten::Bound => "bound",
+            Forgotten::Unmapped => "unmapped",
+            Forgotten::Installer => "installer",
+        }
+    }
 }
 
 /// Health of one Modbus device: the one place the heartbeat and status page read it from.
@@ -132,8 +158,11 @@ pub struct Stats {
     pub quarantined: Mutex<Option<crate::store::damage::Quarantined>>,
     /// The care watch, as the page shows it.
     care: Mutex<Vec<crate::core::care::CareLine>>,
-    /// `health.max_devices` was reached (warned once per run).
-    pub devices_full: AtomicBool,
+    /// Devices forgotten since start, per [`Forgotten`] reason.
+    devices_forgotten: [AtomicU64; 3],
+    /// Events stamped beyond `max_future_skew` ahead of the trusted gateway clock and counted
+    /// at receipt, per kind.
+    counted_at_receipt: [AtomicU64; 3],
     /// Status page: failed logins, and requests refused by the per-address rate limit.
     pub http_auth_failures: AtomicU64,
     pub http_rate_limited: AtomicU64,
@@ -261,7 +290,8 @@ impl Default for Stats {
             links: Mutex::new(BTreeMap::new()),
             cadence: Default::default(),
             quarantined: Mutex::new(None),
-            devices_full: AtomicBool::new(false),
+            devices_forgotten: Default::default(),
+            counted_at_receipt: Default::default(),
             care: Mutex::new(Vec::new()),
             http_auth_failures: AtomicU64::new(0),
             http_rate_limited: AtomicU64::new(0),
@@ -282,6 +312,12 @@ pub struct CounterSnapshot {
     pub commit_avg_us: u64,
     /// The longest a device message waited for its commit and acknowledgement (ms).
     pub ack_wait_max_ms: u64,
+    /// Devices forgotten since start: `bound` (`health.max_devices`), `unmapped` (their source
+    /// changed), `installer` (`devices forget`).
+    pub devices_forgotten: BTreeMap<&'static str, u64>,
+    /// Events stamped beyond `max_future_skew` ahead of the trusted gateway clock, counted at
+    /// receipt (their devices are flagged `clock_skew`).
+    pub counted_at_receipt: u64,
 }
 
 impl Stats {
@@ -291,6 +327,42 @@ impl Stats {
         let e = d.entry((kind, device.to_string())).or_default();
         e.last_seen_ms = e.last_seen_ms.max(now_ms);
         e.accepted += 1;
+    }
+
+    /// `device` left the device table (page, API, metrics, heartbeat) for `why`.
+    pub fn forget_device(&self, kind: Kind, device: &str, why: Forgotten) {
+        self.devices_forgotten[why as usize].fetch_add(1, Relaxed);
+        self.devices
+            .lock()
+            .expect("devices lock")
+            .remove(&(kind, device.to_string()));
+    }
+
+    /// Devices forgotten since start for `why`.
+    pub fn forgotten_of(&self, why: Forgotten) -> u64 {
+        self.devices_forgotten[why as usize].load(Relaxed)
+    }
+
+    /// An accepted event of `kind` was counted at receipt (stamped too far ahead).
+    pub fn counted_at_receipt(&self, kind: Kind) {
+        self.counted_at_receipt[kind_index(kind)].fetch_add(1, Relaxed);
+    }
+
+    /// Events of `kind` counted at receipt since start.
+    pub fn counted_at_receipt_of(&self, kind: Kind) -> u64 {
+        self.counted_at_receipt[kind_index(kind)].load(Relaxed)
+    }
+
+    /// Flag a known device `clock_skew` (`Some(ms ahead)`) or lower its flag.
+    pub fn set_clock_skew(&self, kind: Kind, device: &str, ahead_ms: Option<i64>) {
+        if let Some(d) = self
+            .devices
+            .lock()
+            .expect("devices lock")
+            .get_mut(&(kind, device.to_string()))
+        {
+            d.clock_ahead_ms = ahead_ms;
+        }
     }
 
     /// `n` events produced by a Modbus counter of `device`.
@@ -460,6 +532,14 @@ impl Stats {
             commits,
             commit_avg_us: self.commit_micros_total.load(Relaxed) / commits.max(1),
             ack_wait_max_ms: self.ack_wait_max_ms.load(Relaxed),
+            devices_forgotten: Forgotten::ALL
+                .iter()
+                .map(|f| (f.as_str(), self.forgotten_of(*f)))
+                .collect(),
+            counted_at_receipt: Kind::ALL
+                .iter()
+                .map(|k| self.counted_at_receipt_of(*k))
+                .sum(),
         }
     }
 

@@ -732,11 +732,12 @@ fn a_single_row_the_district_refuses_is_parked_and_never_blocks_the_rest() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// A stale gateway clock
+// A stale gateway clock, and devices with wrong clocks
 // ---------------------------------------------------------------------------------------------
 
-/// libfaketime's preload library (Debian: package `faketime`, multiarch path).
-
+/// The gateway clock 3 days behind (libfaketime; a box without RTC before NTP): every recently
+/// active device (four doors, more than half and at least three) stamps ahead of it, so the
+/// gateway is the one that is wrong and intake pauses, as before issue 20.
 #[test]
 fn a_gateway_clock_days_behind_pauses_intake_and_loses_nothing() {
     let scratch = tempfile::tempdir().unwrap();
@@ -793,6 +794,14 @@ fn a_gateway_clock_days_behind_pauses_intake_and_loses_nothing() {
         "intake paused for the clock; log:\n{}",
         tail(&log, 30)
     );
+    let s = api_status(status_port).unwrap();
+    assert!(
+        s["intake"]["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("4 of 4 recently active devices")),
+        "most recently active devices agree: {}",
+        s["intake"]
+    );
     let health = http(status_port, "GET", "/healthz", None).unwrap();
     assert_eq!(health.status, 503, "{}", health.text());
     assert!(health.text().contains("clock"), "{}", health.text());
@@ -822,6 +831,19 @@ fn a_gateway_clock_days_behind_pauses_intake_and_loses_nothing() {
     assert!(
         s["counters"]["rejected_by_reason"]["too_far_future"].is_null(),
         "{s}"
+    );
+    assert_eq!(
+        s["counters"]["counted_at_receipt"], 0,
+        "held, then counted at their own times once the clock was right: {s}"
+    );
+    assert!(
+        s["devices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|d| d["clock_skew"] == false),
+        "no door is blamed for the gateway's clock: {}",
+        s["devices"]
     );
     assert!(
         up.summary_problems().is_empty(),
@@ -921,6 +943,173 @@ fn a_gateway_clock_days_behind_pauses_intake_and_loses_nothing() {
             )),
         "{}",
         api_status(status_port).unwrap()
+    );
+    d.term();
+}
+
+/// Two cameras stamping two minutes ahead of a correct gateway clock (`max_future_skew` 30 s)
+/// while four doors report normally (issue 20): intake never pauses, every event of both counts
+/// (the cameras' at the gateway's receive time, so their windows close now, not two minutes
+/// on), both cameras are flagged `clock_skew` on the page, the API and the metrics, with exactly
+/// one WARN each, and nothing is rejected.
+#[test]
+fn two_cameras_ahead_of_a_right_gateway_clock_count_at_receipt_and_never_pause_the_site() {
+    let scratch = tempfile::tempdir().unwrap();
+    let dir = scratch.path().join("data");
+    let site = Mosquitto::start(&scratch.path().join("site"), free_port(), false);
+    let district = Mosquitto::start(&scratch.path().join("district"), free_port(), false);
+    let up = Upstream::start(district.port, "skew-collector");
+    let status_port = free_port();
+    let cfg = scratch.path().join("gateway.toml");
+    let text = site_config(&dir, site.port, district.port, status_port);
+    assert!(text.contains("max_future_skew = \"5m\""));
+    fs::write(
+        &cfg,
+        text.replace("max_future_skew = \"5m\"", "max_future_skew = \"30s\""),
+    )
+    .unwrap();
+    let log = scratch.path().join("daemon.log");
+    let mut d = Daemon::start(&cfg, &log);
+    assert!(wait_until(Duration::from_secs(30), || api_status(
+        status_port
+    )
+    .is_some_and(|s| s["links"]["site"]["connected"] == true)));
+    // Watch the whole run for a pause.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let seen_pause = Arc::new(Mutex::new(None::<Value>));
+    let watcher = {
+        let (stop, seen_pause) = (stop.clone(), seen_pause.clone());
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Some(s) = api_status(status_port) {
+                    if s["intake"]["paused"] == true {
+                        *seen_pause.lock().unwrap() = Some(s["intake"].clone());
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        })
+    };
+    let mut p = Publisher::connect(site.port, "skew-pub");
+    let (mut doors, mut cams) = (0u64, 0u64);
+    for i in 0..40 {
+        let door = Event::new(
+            "access",
+            &format!("door-{}", i % 4),
+            &format!("d-{i}"),
+            "entry",
+        )
+        .at(now_ms());
+        p.send(&door.topic(), door.payload());
+        doors += 1;
+        if i % 2 == 0 {
+            let cam = Event::new(
+                "camera",
+                &format!("cam-{}", 1 + (i / 2) % 2),
+                &format!("c-{i}"),
+                "loitering",
+            )
+            .at(now_ms() + 120_000);
+            p.send(&cam.topic(), cam.payload());
+            cams += 1;
+        }
+        // Spread over several batches and windows.
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    p.wait_all_acked(Duration::from_secs(30));
+    // Every event counted and delivered within seconds: a camera event counted at its own
+    // time (two minutes ahead) could not be summarised before its window closed.
+    let total = || up.totals().values().sum::<u64>();
+    assert!(
+        wait_until(Duration::from_secs(30), || total() == doors + cams),
+        "all {} events counted upstream: {:?}; log:\n{}",
+        doors + cams,
+        up.totals(),
+        tail(&log, 30)
+    );
+    let newest_window = up.summaries().iter().map(|s| s.start_ms).max().unwrap();
+    assert!(
+        newest_window <= now_ms(),
+        "no window from the cameras' future: {}",
+        up.dump()
+    );
+    let cam_total: u64 = up
+        .totals()
+        .iter()
+        .filter(|(k, _)| k.0 == "camera")
+        .map(|(_, n)| *n)
+        .sum();
+    assert_eq!(cam_total, cams);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    watcher.join().unwrap();
+    assert_eq!(
+        *seen_pause.lock().unwrap(),
+        None,
+        "intake never paused; log:\n{}",
+        tail(&log, 30)
+    );
+    let s = api_status(status_port).unwrap();
+    assert_eq!(
+        s["counters"]["counted_at_receipt"], cams,
+        "{}",
+        s["counters"]
+    );
+    assert_eq!(s["counters"]["rejected"], 0, "{}", s["counters"]);
+    assert_eq!(s["counters"]["accepted"], doors + cams, "{}", s["counters"]);
+    for dev in s["devices"].as_array().unwrap() {
+        let camera = dev["kind"] == "camera";
+        assert_eq!(dev["clock_skew"], camera, "{dev}");
+        if camera {
+            let ahead = dev["clock_ahead_secs"].as_i64().unwrap();
+            assert!((100..=121).contains(&ahead), "{dev}");
+        }
+    }
+    let metrics = http(status_port, "GET", "/metrics", None).unwrap().text();
+    for cam in ["cam-1", "cam-2"] {
+        assert!(
+            metrics.contains(&format!(
+                "zhian_device_clock_skew{{device=\"{cam}\",kind=\"camera\"}} 1"
+            )),
+            "{metrics}"
+        );
+    }
+    assert!(metrics.contains("zhian_device_clock_skew{device=\"door-0\",kind=\"access\"} 0"));
+    assert!(
+        metrics.contains(&format!(
+            "zhian_events_counted_at_receipt_total{{kind=\"camera\"}} {cams}"
+        )),
+        "{metrics}"
+    );
+    assert!(metrics.contains("zhian_intake_paused{reason=\"clock_untrusted\"} 0"));
+    let page = http(status_port, "GET", "/", None).unwrap().text();
+    assert_eq!(
+        page.matches("data-clock-skew=").count(),
+        2,
+        "both cameras flagged on the page"
+    );
+    let text = log_text(&log);
+    for cam in ["cam-1", "cam-2"] {
+        let warns = text
+            .lines()
+            .filter(|l| l.contains("device clock ahead of the gateway clock"))
+            .filter(|l| l.contains(&format!("device={cam} ")))
+            .count();
+        assert_eq!(warns, 1, "one WARN for {cam}; log:\n{}", tail(&log, 40));
+    }
+    assert!(!text.contains("gateway clock not trusted"));
+    // A camera whose clock is put right counts at its own time again and loses its flag.
+    let e = Event::new("camera", "cam-1", "fixed-1", "loitering").at(now_ms());
+    p.send(&e.topic(), e.payload());
+    p.wait_all_acked(Duration::from_secs(30));
+    assert!(
+        wait_until(Duration::from_secs(10), || api_status(status_port)
+            .is_some_and(|s| s["devices"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|d| d["name"] == "cam-1" && d["clock_skew"] == false))),
+        "{}",
+        api_status(status_port).unwrap()["devices"]
     );
     d.term();
 }

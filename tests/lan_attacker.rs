@@ -1,6 +1,7 @@
 //! The box as a LAN attacker and a careless installer meet it (issue 12, rows 5-9): invented
-//! devices cannot grow the page, password guessing neither grows memory nor goes unnoticed,
-//! secrets never reach an error or a log, and nothing a client sends can forge a log line.
+//! devices cannot grow the page (nor cost a real device's events: issue 20), password guessing
+//! neither grows memory nor goes unnoticed, secrets never reach an error or a log, and nothing a
+//! client sends can forge a log line.
 //! Real daemon processes, a real mosquitto, the embedded broker, raw HTTP from several
 //! loopback addresses.
 
@@ -91,7 +92,8 @@ fn invented_devices_are_bounded_and_rejected_messages_create_none() {
         "{}",
         s["devices"]
     );
-    // 20 devices with valid events: the first 5 are learned, the other 15 refused, counted.
+    // 20 devices with valid events: every event counts; the table keeps 5, forgetting the
+    // longest silent to make room (the bound protects memory, never events).
     for i in 0..20 {
         let e = Event::new(
             "access",
@@ -103,33 +105,57 @@ fn invented_devices_are_bounded_and_rejected_messages_create_none() {
     }
     p.wait_all_acked(Duration::from_secs(30));
     assert!(
+        wait_until(Duration::from_secs(15), || up
+            .totals()
+            .values()
+            .sum::<u64>()
+            == 20),
+        "every event counted: {:?}",
+        up.totals()
+    );
+    assert!(
         wait_until(Duration::from_secs(15), || api_status(status_port)
-            .is_some_and(|s| s["counters"]["rejected_by_reason"]
-                ["too_many_devices"]
-                == 15)),
+            .is_some_and(|s| s["counters"]["devices_forgotten"]["bound"] == 15)),
         "{}",
         api_status(status_port).unwrap()["counters"]
     );
-    assert!(wait_until(Duration::from_secs(15), || up
-        .totals()
-        .values()
-        .sum::<u64>()
-        == 5));
     let s = api_status(status_port).unwrap();
-    assert_eq!(s["devices"].as_array().unwrap().len(), 5);
+    assert!(
+        s["counters"]["rejected_by_reason"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .all(|k| k == "invalid_json"),
+        "no event rejected for the bound: {}",
+        s["counters"]
+    );
+    let names: Vec<&str> = s["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names.len(), 5, "{names:?}");
+    assert!(names.contains(&"door-19"), "the latest stays: {names:?}");
     let metrics = http(status_port, "GET", "/metrics", None).unwrap().text();
     assert_eq!(metrics.matches("zhian_device_up{").count(), 5);
+    assert!(
+        metrics.contains("zhian_devices_forgotten_total{reason=\"bound\"} 15"),
+        "{metrics}"
+    );
     let page = http(status_port, "GET", "/", None).unwrap();
     assert!(page.body.len() < 200_000, "page {} bytes", page.body.len());
     assert!(
-        page.text().contains("设备数超过上限"),
-        "the reason is shown"
+        page.text().contains("data-forgotten-bound=\"15\""),
+        "the page shows it"
     );
     assert_eq!(
         log_text(&log).matches("health.max_devices reached").count(),
-        1
+        1,
+        "logged once for the burst"
     );
-    // A known device keeps counting; the bound holds across a restart (devices remembered).
+    // The bound holds across a restart (devices remembered); a forgotten device's events
+    // count again and it comes back, a known one keeps counting.
     let (st, _) = d.term();
     assert!(st.success());
     let mut d = Daemon::start(&cfg, &log);
@@ -137,6 +163,13 @@ fn invented_devices_are_bounded_and_rejected_messages_create_none() {
         status_port
     )
     .is_some_and(|s| s["links"]["site"]["connected"] == true)));
+    let s = api_status(status_port).unwrap();
+    assert_eq!(
+        s["devices"].as_array().unwrap().len(),
+        5,
+        "{}",
+        s["devices"]
+    );
     for (dev, id) in [("door-00", "k-1"), ("door-19", "k-2")] {
         let e = Event::new("access", dev, id, "entry");
         p.send(&e.topic(), e.payload());
@@ -146,13 +179,18 @@ fn invented_devices_are_bounded_and_rejected_messages_create_none() {
         .totals()
         .values()
         .sum::<u64>()
-        == 6));
+        == 22));
     assert!(wait_until(Duration::from_secs(10), || api_status(
         status_port
     )
-    .is_some_and(|s| s["counters"]["rejected_by_reason"]
-        ["too_many_devices"]
-        == 1)));
+    .is_some_and(|s| s["counters"]["devices_forgotten"]["bound"] == 1
+        && s["devices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|d| d["name"] == "door-00"))));
+    let s = api_status(status_port).unwrap();
+    assert_eq!(s["devices"].as_array().unwrap().len(), 5);
     d.term();
 }
 

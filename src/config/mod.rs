@@ -325,9 +325,11 @@ pub struct Health {
     /// An MQTT device silent this long is forgotten (page, API, heartbeat, metrics). Default
     /// 30 days.
     pub forget_after: Dur,
-    /// Most MQTT devices learned from traffic (remembered ones included). An event of a new
-    /// device beyond it is rejected `too_many_devices`, so a flood of invented device ids
-    /// cannot grow the store, the page, the API or the metrics. Default 2000.
+    /// Most MQTT devices learned from traffic (remembered ones included): it bounds the device
+    /// table, never the events counted. A new device past it is learned and its events count;
+    /// the longest-silent device is forgotten instead (counted, logged once per burst, shown),
+    /// so a flood of invented device ids cannot grow the store, the page, the API or the
+    /// metrics. Default 2000.
     pub max_devices: u32,
 }
 

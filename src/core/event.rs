@@ -92,14 +92,12 @@ pub enum Reject {
     TopicMismatch,
     TooLate,
     TooFarFuture,
-    /// A device not seen before, while `health.max_devices` devices are already known.
-    TooManyDevices,
     /// A message on a vendor source's topic that its rules cannot map (`[[mqtt.sources]]`).
     Unmapped,
 }
 
 impl Reject {
-    pub const ALL: [Reject; 14] = [
+    pub const ALL: [Reject; 13] = [
         Reject::TooLarge,
         Reject::InvalidUtf8,
         Reject::InvalidJson,
@@ -112,7 +110,6 @@ impl Reject {
         Reject::TopicMismatch,
         Reject::TooLate,
         Reject::TooFarFuture,
-        Reject::TooManyDevices,
         Reject::Unmapped,
     ];
 
@@ -130,7 +127,6 @@ impl Reject {
             Reject::TopicMismatch => "topic_mismatch",
             Reject::TooLate => "too_late",
             Reject::TooFarFuture => "too_far_future",
-            Reject::TooManyDevices => "too_many_devices",
             Reject::Unmapped => "unmapped",
         }
     }

@@ -150,6 +150,31 @@ impl Collector for Metrics {
                 ConstCounter::new(s.rejected_of(r)).encode(m.encode_family(&labels)?)?;
             }
         }
+        {
+            let mut m = e.encode_descriptor(
+                "zhian_devices_forgotten",
+                "Devices forgotten from the device table, by reason: bound (health.max_devices reached, the longest silent made room; its events still counted), unmapped (its [[mqtt.sources]] entry is gone or changed), installer (zhian-gateway devices forget)",
+                None,
+                prometheus_client::metrics::MetricType::Counter,
+            )?;
+            for f in crate::stats::Forgotten::ALL {
+                let labels = [("reason", f.as_str())];
+                ConstCounter::new(s.forgotten_of(f)).encode(m.encode_family(&labels)?)?;
+            }
+        }
+        {
+            let mut m = e.encode_descriptor(
+                "zhian_events_counted_at_receipt",
+                "Accepted events stamped more than aggregate.max_future_skew ahead of the trusted gateway clock, counted at the gateway's receive time (their devices are flagged clock_skew)",
+                None,
+                prometheus_client::metrics::MetricType::Counter,
+            )?;
+            for kind in Kind::ALL {
+                let labels = [("kind", kind.as_str())];
+                ConstCounter::new(s.counted_at_receipt_of(kind))
+                    .encode(m.encode_family(&labels)?)?;
+            }
+        }
         counter(
             &mut e,
             "zhian_commits",
@@ -385,6 +410,18 @@ impl Collector for Metrics {
                     ("source", d.source),
                 ];
                 ConstGauge::new(t / 1000).encode(m.encode_family(&labels)?)?;
+            }
+        }
+        {
+            let mut m = e.encode_descriptor(
+                "zhian_device_clock_skew",
+                "1 while the MQTT device's latest event was stamped more than aggregate.max_future_skew ahead of the trusted gateway clock (counted at receipt)",
+                None,
+                prometheus_client::metrics::MetricType::Gauge,
+            )?;
+            for d in devices.iter().filter(|d| d.source == "mqtt") {
+                let labels = [("device", d.name.as_str()), ("kind", d.kind.as_str())];
+                ConstGauge::new(i64::from(d.clock_skew)).encode(m.encode_family(&labels)?)?;
             }
         }
         {

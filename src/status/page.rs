@@ -139,6 +139,18 @@ pub(super) fn t(en: bool, key: &str) -> &'static str {
         "backlog" => ("待发送积压", "backlog"),
         "vehicle" => ("车辆", "Vehicle"),
         "camera_k" => ("摄像头", "Camera"),
+        "clock_skew" => ("设备时钟超前", "device clock ahead"),
+        "clock_skew_note" => (
+            "（事件按网关接收时间计数）",
+            "(its events count at the gateway's receive time)",
+        ),
+        "forgotten" => ("已遗忘的设备", "Devices forgotten"),
+        "forgotten_bound" => (
+            "达到上限（health.max_devices）后最久未上报的",
+            "longest silent at health.max_devices",
+        ),
+        "forgotten_unmapped" => ("接入映射变更后不再对应的", "no longer mapped by a source"),
+        "forgotten_installer" => ("安装人员手动遗忘的", "forgotten by the installer"),
         _ => ("?", "?"),
     };
     if en {
@@ -181,7 +193,6 @@ pub(super) fn reject_label(en: bool, reason: &str) -> String {
         "too_late" => "太迟（窗口已关闭太久）",
         "too_far_future" => "时间超前太多",
         "too_large" => "消息过大",
-        "too_many_devices" => "设备数超过上限（health.max_devices）",
         "unmapped" => "无法映射",
         _ => return reason.replace('_', " "),
     };
@@ -588,8 +599,17 @@ pub(super) fn render(s: &StatusOut, en: bool, refresh: u64) -> String {
             (Some(e), _) if en => esc(e),
             (Some(_), _) => t(en, "poll_failed").to_string(),
         };
+        let skew = match d.clock_ahead_secs.filter(|_| d.clock_skew) {
+            Some(a) => format!(
+                " <span class=\"bad\" data-clock-skew=\"{a}\" title=\"{}\">{} {}</span>",
+                t(en, "clock_skew_note"),
+                t(en, "clock_skew"),
+                age(a, en)
+            ),
+            None => String::new(),
+        };
         h.push_str(&format!(
-            "<tr data-device=\"{name}\" data-online=\"{online}\"><td>{name}</td><td class=\"{cls}\">{state}</td><td>{seen}</td><td data-today=\"{today}\">{today}</td><td class=\"wide\">{kind} · {src}</td><td>{err}</td><td class=\"wide\">{states}</td></tr>",
+            "<tr data-device=\"{name}\" data-online=\"{online}\"><td>{name}{skew}</td><td class=\"{cls}\">{state}</td><td>{seen}</td><td data-today=\"{today}\">{today}</td><td class=\"wide\">{kind} · {src}</td><td>{err}</td><td class=\"wide\">{states}</td></tr>",
             name = esc(&d.name),
             online = d.online,
             kind = kind_label(en, d.kind),
@@ -600,7 +620,25 @@ pub(super) fn render(s: &StatusOut, en: bool, refresh: u64) -> String {
             states = states.join(" "),
         ));
     }
-    h.push_str("</table></div></section>");
+    h.push_str("</table></div>");
+    let f = &s.counters.devices_forgotten;
+    let n = |k: &str| f.get(k).copied().unwrap_or(0);
+    if f.values().any(|v| *v > 0) {
+        h.push_str(&format!(
+            "<p class=\"small muted\" data-forgotten-bound=\"{}\" data-forgotten-unmapped=\"{}\" data-forgotten-installer=\"{}\">{}：{} {}，{} {}，{} {}</p>",
+            n("bound"),
+            n("unmapped"),
+            n("installer"),
+            t(en, "forgotten"),
+            t(en, "forgotten_bound"),
+            n("bound"),
+            t(en, "forgotten_unmapped"),
+            n("unmapped"),
+            t(en, "forgotten_installer"),
+            n("installer"),
+        ));
+    }
+    h.push_str("</section>");
     // Upstream.
     let u = &s.upstream;
     h.push_str(&format!(

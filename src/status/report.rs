@@ -45,6 +45,11 @@ pub(super) struct DeviceOut {
     /// Modbus: counter readings dropped as misreads (glitch rule) since start.
     pub(super) glitches: u64,
     pub(super) states: serde_json::Map<String, serde_json::Value>,
+    /// Its latest event was stamped more than `aggregate.max_future_skew` ahead of the trusted
+    /// gateway clock and counted at receipt (MQTT).
+    pub(super) clock_skew: bool,
+    /// How far ahead, seconds, while flagged.
+    pub(super) clock_ahead_secs: Option<i64>,
 }
 
 #[derive(Serialize)]
@@ -251,6 +256,8 @@ pub(super) fn snapshot(st: &AppState) -> Result<StatusOut, crate::store::StoreEr
             online: d.online,
             last_error: d.last_error,
             glitches: d.glitches,
+            clock_skew: d.clock_skew,
+            clock_ahead_secs: d.clock_ahead_ms.map(|ms| ms / 1000),
         })
         .collect();
     let o = st.store.overview().unwrap_or_else(|e| {

@@ -18,7 +18,8 @@
 //! | `outbox` | `(u8 class, u64 seq)` | v1 [`OutboxRecordV1`]: an upstream message waiting for its PUBACK; class 0 alerts, 1 summaries, so alerts go first; class 2 parked (the district broker kept refusing it) | when windows close, alerts, PUBACKs, parking |
 //! | `counters` | `&str` "kind\0device\0point" | v2 [`CounterRecordV2`] (v1 [`CounterRecordV1`] still read): the last value of a Modbus counter that counted and a reading held by the glitch rule, written in the same transaction as the counts it produced | Modbus polls that moved |
 //! | `states` | `&str` "kind\0device\0point" | v1 [`StateRecordV1`]: the latest value of a Modbus state point and when it last changed | Modbus polls that changed |
-//! | `devices` | `&str` "kind\0device" | `i64`: when an event of this MQTT device was last accepted (ms), so devices known once stay known across restarts (contract: "Status page") | a new device at once (with any pending sightings); known ones together, at most every [`DEVICE_SEEN_EVERY_MS`] |
+//! | `devices` | `&str` "kind\0device" | `i64`: when an event of this MQTT device was last accepted (ms), so devices known once stay known across restarts (contract: "Status page") | a new device at once (with any pending sightings); known ones together, at most every [`DEVICE_SEEN_EVERY_MS`]; deleted when the device is forgotten (at most `health.max_devices` rows: past it the longest silent goes, in the batch's transaction; a source change; the installer's `devices forget`) |
+//! | `device_sources` | `&str` "kind\0device" | `&str`: the mark of the `[[mqtt.sources]]` entry the device was last learned through (a hash of its topic, `each`, `kind` and `device` rules); none for canonical topics (and for devices stored before this table existed). A device whose mark no longer names a configured source is forgotten (SIGHUP, start) | with the batch that learns the device or changes its source; deleted with the device |
 //!
 //! A `plain` subject is stored sealed ([`StoredSubject::Sealed`]) with the key of the day it
 //! arrived, destroyed after `store.raw_retention`: deleting a row does not wipe its bytes from
@@ -86,6 +87,8 @@ pub(crate) const OUTBOX: TableDefinition<(u8, u64), &[u8]> = TableDefinition::ne
 pub(crate) const COUNTERS: TableDefinition<&str, &[u8]> = TableDefinition::new("counters");
 pub(crate) const STATES: TableDefinition<&str, &[u8]> = TableDefinition::new("states");
 pub(crate) const DEVICES: TableDefinition<&str, i64> = TableDefinition::new("devices");
+pub(crate) const DEVICE_SOURCES: TableDefinition<&str, &str> =
+    TableDefinition::new("device_sources");
 // Format 1 tables, read once by the migration and then deleted.
 pub(crate) const DEDUP_V1: TableDefinition<&str, i64> = TableDefinition::new("dedup");
 pub(crate) const DEDUP_BY_TIME_V1: TableDefinition<(i64, &str), ()> =

@@ -499,6 +499,101 @@ fn devices_are_remembered_new_at_once_known_ones_together_every_period() {
     assert_eq!(seen(&s).len(), 2, "remembered across a reopen");
 }
 
+/// `health.max_devices` bounds the table, never the events: past it the longest silent goes,
+/// in the batch's transaction (rows and marks), across a reopen; forgetting by name and a
+/// source's mark work the same way.
+#[test]
+fn the_device_table_forgets_the_longest_silent_at_its_bound_and_counts_every_event() {
+    let dir = tempfile::tempdir().unwrap();
+    let en = engine();
+    let now = 1_000_000_000;
+    let on = |device: &str, id: &str| Event {
+        device: device.into(),
+        ..ev(id, now)
+    };
+    let names = |s: &Store| -> Vec<String> {
+        let mut v: Vec<_> = s
+            .devices()
+            .unwrap()
+            .into_iter()
+            .map(|(_, d, _)| d)
+            .collect();
+        v.sort();
+        v
+    };
+    let marks = |w: &StoreWriter| -> Vec<(String, String)> {
+        w.known_devices()
+            .into_iter()
+            .map(|(k, _, m)| (k.split_once('\0').unwrap().1.to_string(), m))
+            .collect()
+    };
+    {
+        let (s, mut w) = Store::open(dir.path(), SubjectMode::Drop).unwrap();
+        w.set_max_devices(3);
+        for (i, d) in ["door-1", "door-2", "plate-a"].iter().enumerate() {
+            let mut staged = std::collections::HashMap::new();
+            if d.starts_with("plate") {
+                staged.insert(format!("access\0{d}"), "m-old".to_string());
+            }
+            w.stage_device_marks(staged);
+            let r = w
+                .commit(&en, &[&on(d, &format!("e{i}"))], &[], now + i as i64, None)
+                .unwrap();
+            assert!(r.forgotten.is_empty());
+        }
+        assert_eq!(names(&s), ["door-1", "door-2", "plate-a"]);
+        assert_eq!(marks(&w)[2], ("plate-a".to_string(), "m-old".to_string()));
+        // door-1 is seen again (pending, not written): door-2 is now the longest silent.
+        w.commit(&en, &[&on("door-1", "e3")], &[], now + 10, None)
+            .unwrap();
+        // Two new devices in one batch: both counted, the two longest silent forgotten.
+        let r = w
+            .commit(
+                &en,
+                &[&on("door-9", "e4"), &on("door-8", "e5")],
+                &[],
+                now + 20,
+                None,
+            )
+            .unwrap();
+        assert_eq!(r.outcomes, vec![Outcome::Accepted, Outcome::Accepted]);
+        assert_eq!(r.forgotten, ["access\0door-2", "access\0plate-a"]);
+        assert_eq!(names(&s), ["door-1", "door-8", "door-9"]);
+        assert!(
+            marks(&w).iter().all(|(_, m)| m.is_empty()),
+            "the mark went with its device"
+        );
+        // A batch larger than the bound: the table still holds 3.
+        let evs: Vec<Event> = (0..5).map(|i| on(&format!("cam-{i}"), "x")).collect();
+        let refs: Vec<&Event> = evs.iter().collect();
+        let r = w.commit(&en, &refs, &[], now + 30, None).unwrap();
+        assert!(r.outcomes.iter().all(|o| *o == Outcome::Accepted));
+        assert_eq!(r.forgotten.len(), 5);
+        assert_eq!(names(&s), ["cam-2", "cam-3", "cam-4"]);
+        // The installer forgets by key; unknown keys are ignored.
+        let gone = w
+            .forget_devices(&["access\0cam-3".into(), "access\0nope".into()])
+            .unwrap();
+        assert_eq!(gone, ["access\0cam-3"]);
+        assert_eq!(names(&s), ["cam-2", "cam-4"]);
+        // A device's source mark changes when its events come through another source.
+        let mut staged = std::collections::HashMap::new();
+        staged.insert("access\0cam-4".to_string(), "m-new".to_string());
+        w.stage_device_marks(staged);
+        w.commit(&en, &[&on("cam-4", "y")], &[], now + 40, None)
+            .unwrap();
+        assert_eq!(w.device_mark("access\0cam-4"), "m-new");
+    }
+    let (s, w) = Store::open(dir.path(), SubjectMode::Drop).unwrap();
+    assert_eq!(
+        names(&s),
+        ["cam-2", "cam-4"],
+        "the bound held across a reopen"
+    );
+    assert_eq!(w.device_mark("access\0cam-4"), "m-new", "marks are kept");
+    assert_eq!(s.raw_events().unwrap().len(), 12, "every event counted");
+}
+
 /// The day's distinct subjects and totals against a model: duplicates by id count once, the
 /// same card on two events once, a plate as a vehicle; issued after the day's end + grace; a
 /// late event re-issues with rev + 1 once settled; a reopen neither re-issues nor double-counts.

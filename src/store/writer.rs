@@ -13,13 +13,14 @@ use super::records::{
 };
 use super::{
     damage, decode_window, Db, OutboxKey, Store, StoreError, CLASS_ALERT, CLASS_PARKED,
-    CLASS_SUMMARY, COUNTERS, DEDUP_BY_TIME_V1, DEDUP_LOG, DEDUP_V1, DEVICES, EVENTS, FORMAT, META,
-    OPEN_WINDOWS_V1, OUTBOX, STATES, WINDOWS,
+    CLASS_SUMMARY, COUNTERS, DEDUP_BY_TIME_V1, DEDUP_LOG, DEDUP_V1, DEVICES, DEVICE_SOURCES,
+    EVENTS, FORMAT, META, OPEN_WINDOWS_V1, OUTBOX, STATES, WINDOWS,
 };
 use crate::config::SubjectMode;
 use crate::core::care::{care_json, CarePseudonym, CareRecordV1, Resident};
 use crate::core::counter::CounterState;
 use crate::core::daily::{daily_json, DayCfg, DayMem};
+use crate::core::devices::{device_key, longest_silent};
 use crate::core::engine::{Emit, Engine, Input, Ledger, Outcome};
 use crate::core::event::{Event, Kind};
 use crate::core::summary::WindowState;
@@ -74,6 +75,9 @@ struct Mem {
     /// Sightings of known devices not written yet, and when the oldest of them happened.
     devices_pending: HashMap<String, i64>,
     devices_pending_since: Option<i64>,
+    /// "kind\0device" -> the mark of the `[[mqtt.sources]]` entry it was last learned through
+    /// (devices of canonical topics have none).
+    device_marks: HashMap<String, String>,
     /// Local days still open (daily distinct counts; see `days`).
     days: BTreeMap<i64, DayMem>,
     /// Care-watch states by care pseudonym.
@@ -99,6 +103,9 @@ pub struct CommitReport {
     pub dropped_dedup_keys: u64,
     pub dropped_summaries: u64,
     pub dropped_alerts: u64,
+    /// Devices ("kind\0device") forgotten to keep the table within `health.max_devices`, the
+    /// longest silent first.
+    pub forgotten: Vec<String>,
 }
 
 /// The store's only writer. Not `Clone`: [`Store::open`] hands out one per open file.
@@ -120,6 +127,10 @@ pub struct StoreWriter {
     budget: u64,
     /// `dedup.ttl` when known: `load` skips the hashes of raw events older than the TTL.
     dedup_ttl_ms: Option<u64>,
+    /// `health.max_devices`: the device table holds at most this many MQTT devices.
+    max_devices: usize,
+    /// The source marks of the next batch's devices, where they differ from what is stored.
+    staged_marks: HashMap<String, String>,
 }
 
 /// A write transaction on the writer's open database: fsync'ed at commit
@@ -172,28 +183,89 @@ impl StoreWriter {
             mem: Mem::default(),
             budget: u64::MAX,
             dedup_ttl_ms,
+            max_devices: usize::MAX,
+            staged_marks: HashMap::new(),
         };
         w.load()?;
         Ok(w)
     }
 
     /// Whether an MQTT device ("kind\0device") is known: accepted before (this run or an
-    /// earlier one).
+    /// earlier one) and not forgotten since.
     pub fn knows_device(&self, key: &str) -> bool {
-        self.mem.devices.contains_key(key) || self.mem.devices_pending.contains_key(key)
+        self.mem.devices.contains_key(key)
     }
 
-    /// Known MQTT devices seen within `forget_after_ms` of `now_ms` (forgotten ones do not
-    /// count against `health.max_devices`).
-    pub fn live_devices(&self, now_ms: i64, forget_after_ms: i64) -> usize {
-        let live = |t: &i64| now_ms - *t < forget_after_ms;
-        self.mem.devices.values().filter(|t| live(t)).count()
-            + self
-                .mem
-                .devices_pending
-                .iter()
-                .filter(|(k, t)| live(t) && !self.mem.devices.contains_key(*k))
-                .count()
+    /// `health.max_devices`: a batch that brings the table past it forgets the longest-silent
+    /// devices in its own transaction ([`CommitReport::forgotten`]).
+    pub fn set_max_devices(&mut self, max: usize) {
+        self.max_devices = max.max(1);
+    }
+
+    /// The source mark a device is stored with ("" for none).
+    pub fn device_mark(&self, key: &str) -> &str {
+        self.mem.device_marks.get(key).map_or("", String::as_str)
+    }
+
+    /// The marks of the next batch's devices whose mark differs from the stored one; written
+    /// with the batch for the devices it accepts (kept until a commit succeeds).
+    pub fn stage_device_marks(&mut self, marks: HashMap<String, String>) {
+        self.staged_marks = marks;
+    }
+
+    /// Every device in the table: key, last seen (ms) and source mark, by key.
+    pub fn known_devices(&self) -> Vec<(String, i64, String)> {
+        let mut out: Vec<(String, i64, String)> = self
+            .mem
+            .devices
+            .iter()
+            .map(|(k, t)| {
+                let seen = self.mem.devices_pending.get(k).map_or(*t, |p| (*p).max(*t));
+                (k.clone(), seen, self.device_mark(k).to_string())
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// Forget devices (a source change, the installer): their rows go in a transaction of
+    /// their own; the events they sent stay counted. Returns the keys that were known.
+    pub fn forget_devices(&mut self, keys: &[String]) -> Result<Vec<String>, StoreError> {
+        let known: Vec<String> = keys
+            .iter()
+            .filter(|k| self.mem.devices.contains_key(k.as_str()))
+            .cloned()
+            .collect();
+        if known.is_empty() {
+            return Ok(known);
+        }
+        let guard = self.store.db.read().expect("store lock");
+        let txn = begin_immediate(guard.as_ref())?;
+        let mut freed = 0u64;
+        {
+            let mut t = txn.open_table(DEVICES)?;
+            let mut m = txn.open_table(DEVICE_SOURCES)?;
+            for key in &known {
+                if t.remove(key.as_str())?.is_some() {
+                    freed += key.len() as u64 + 8;
+                }
+                if let Some(v) = m.remove(key.as_str())? {
+                    freed += (key.len() + v.value().len()) as u64;
+                }
+            }
+        }
+        txn.commit()?;
+        drop(guard);
+        for key in &known {
+            self.mem.devices.remove(key);
+            self.mem.devices_pending.remove(key);
+            self.mem.device_marks.remove(key);
+        }
+        if self.mem.devices_pending.is_empty() {
+            self.mem.devices_pending_since = None;
+        }
+        self.mem.row_bytes = self.mem.row_bytes.saturating_sub(freed);
+        Ok(known)
     }
 
     /// The care watch's residents (`[[care.residents]]`): a `subject` becomes its care
@@ -340,6 +412,12 @@ impl StoreWriter {
             bytes += k.value().len() as u64 + 8;
             mem.devices.insert(k.value().to_string(), v.value());
         }
+        for row in txn.open_table(DEVICE_SOURCES)?.iter()? {
+            let (k, v) = row?;
+            bytes += (k.value().len() + v.value().len()) as u64;
+            mem.device_marks
+                .insert(k.value().to_string(), v.value().to_string());
+        }
         let (care_mem, care_bytes) = care_store::load(&txn)?;
         mem.care = care_mem;
         bytes += care_bytes;
@@ -449,6 +527,7 @@ impl StoreWriter {
         let txn = begin_immediate(guard.as_ref())?;
         let mut report = CommitReport::default();
         let mut seen: HashMap<String, i64> = HashMap::new();
+        let mut marks_changed: Vec<(String, String)> = Vec::new();
         let mut day_changes = DayChanges::default();
         let mut care_changes = CareChanges::default();
         let seen_pending;
@@ -490,16 +569,79 @@ impl StoreWriter {
             // so the table costs at most one touch per period however many devices there are.
             let mut pending = self.mem.devices_pending.clone();
             let mut pending_since = self.mem.devices_pending_since;
-            let mut new_device = false;
+            let mut new_keys: Vec<String> = Vec::new();
+            let mut batch_keys: BTreeSet<String> = BTreeSet::new();
             for (input, outcome) in inputs.iter().zip(&report.outcomes) {
                 let (Input::Event(e), Outcome::Accepted) = (input, outcome) else {
                     continue;
                 };
-                let key = format!("{}\0{}", e.kind.as_str(), e.device);
-                new_device |= !self.mem.devices.contains_key(&key);
+                let key = device_key(e.kind, &e.device);
+                if !self.mem.devices.contains_key(&key) && !pending.contains_key(&key) {
+                    new_keys.push(key.clone());
+                }
+                batch_keys.insert(key.clone());
                 pending.insert(key, now_ms);
                 pending_since.get_or_insert(now_ms);
             }
+            // health.max_devices bounds the table, never the events: past it, the longest
+            // silent devices are forgotten (their rows deleted in this transaction).
+            let len = self.mem.devices.len() + new_keys.len();
+            if len > self.max_devices {
+                let candidates = self
+                    .mem
+                    .devices
+                    .iter()
+                    .map(|(k, t)| (k.as_str(), pending.get(k).map_or(*t, |p| (*p).max(*t))))
+                    .chain(new_keys.iter().map(|k| (k.as_str(), now_ms)));
+                report.forgotten = longest_silent(candidates, len, self.max_devices)
+                    .into_iter()
+                    .map(str::to_string)
+                    .collect();
+                let mut t = txn.open_table(DEVICES)?;
+                let mut m = txn.open_table(DEVICE_SOURCES)?;
+                for key in &report.forgotten {
+                    pending.remove(key);
+                    batch_keys.remove(key);
+                    if t.remove(key.as_str())?.is_some() {
+                        l.bytes -= key.len() as i64 + 8;
+                    }
+                    if let Some(v) = m.remove(key.as_str())? {
+                        l.bytes -= (key.len() + v.value().len()) as i64;
+                    }
+                }
+                let gone: BTreeSet<&String> = report.forgotten.iter().collect();
+                new_keys.retain(|k| !gone.contains(k));
+                if pending.is_empty() {
+                    pending_since = None;
+                }
+            }
+            // The source each device was learned through, where it changed.
+            for key in &batch_keys {
+                let Some(mark) = self.staged_marks.get(key) else {
+                    continue;
+                };
+                let stored = self.mem.device_marks.get(key).map_or("", String::as_str);
+                if mark.as_str() != stored {
+                    marks_changed.push((key.clone(), mark.clone()));
+                }
+            }
+            if !marks_changed.is_empty() {
+                let mut m = txn.open_table(DEVICE_SOURCES)?;
+                for (key, mark) in &marks_changed {
+                    let old = if mark.is_empty() {
+                        m.remove(key.as_str())?
+                    } else {
+                        m.insert(key.as_str(), mark.as_str())?
+                    };
+                    if let Some(v) = old {
+                        l.bytes -= (key.len() + v.value().len()) as i64;
+                    }
+                    if !mark.is_empty() {
+                        l.bytes += (key.len() + mark.len()) as i64;
+                    }
+                }
+            }
+            let new_device = !new_keys.is_empty();
             let flush =
                 new_device || pending_since.is_some_and(|t| now_ms - t >= DEVICE_SEEN_EVERY_MS);
             if flush && !pending.is_empty() {
@@ -626,6 +768,18 @@ impl StoreWriter {
             }
         }
         self.mem.devices.extend(seen);
+        for key in &report.forgotten {
+            self.mem.devices.remove(key);
+            self.mem.device_marks.remove(key);
+        }
+        for (key, mark) in marks_changed {
+            if mark.is_empty() {
+                self.mem.device_marks.remove(&key);
+            } else {
+                self.mem.device_marks.insert(key, mark);
+            }
+        }
+        self.staged_marks.clear();
         days::apply(&mut self.mem.days, day_changes);
         care_store::apply(&mut self.mem.care, care_changes);
         {
@@ -908,6 +1062,7 @@ fn prepare(db: &redb::Database) -> Result<[u8; 32], StoreError> {
     txn.open_table(COUNTERS)?;
     txn.open_table(STATES)?;
     txn.open_table(DEVICES)?;
+    txn.open_table(DEVICE_SOURCES)?;
     txn.open_table(days::DAYS)?;
     txn.open_table(days::DAY_SUBJECTS)?;
     txn.open_table(care_store::CARE)?;
