@@ -23,14 +23,16 @@ rustup component list --installed 2>/dev/null | grep -q rustfmt || rustup compon
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
-echo "== cargo clippy --all-targets -- -D warnings"
-cargo clippy --all-targets --locked -- -D warnings
+echo "== cargo clippy --workspace --all-targets -- -D warnings"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "== the pure core's tree: no tokio, redb or network crate"
+bash scripts/check-core.sh
 echo "== cargo deny (bans, licenses, sources; advisories when GitHub answers)"
 bash scripts/deny.sh
 echo "== cargo test"
 # lib, bins and tests/ (no doc tests: the crate has none; benches run with `cargo bench`).
 set +e
-cargo test --locked --lib --bins --tests 2>&1 | tee target/test-output.txt
+cargo test --workspace --locked --lib --bins --tests 2>&1 | tee target/test-output.txt
 status=${PIPESTATUS[0]}
 set -e
 # One closing line over every test binary.

@@ -9,7 +9,8 @@ pub mod broker;
 pub mod clock;
 pub mod committer;
 pub mod config;
-pub mod core;
+/// The pure core, its own crate (`crates/zhian-core`): `crate::core::...` paths name it.
+pub use zhian_core as core;
 #[cfg(feature = "demo")]
 pub mod demo;
 pub mod devices;

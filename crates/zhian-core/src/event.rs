@@ -194,7 +194,7 @@ pub fn parse_ts(v: &Value) -> Result<i64, Reject> {
 }
 
 /// Validate one device message against the contract. Time-window checks (too late, too far in
-/// the future) need `now` and happen in [`crate::core::window::check_time`].
+/// the future) need `now` and happen in [`crate::window::check_time`].
 pub fn parse(topic: &str, payload: &[u8]) -> Result<Event, Reject> {
     if payload.len() > MAX_PAYLOAD {
         return Err(Reject::TooLarge);

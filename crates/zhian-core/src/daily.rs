@@ -20,7 +20,7 @@ use std::collections::{BTreeMap, HashSet};
 
 pub const DAY_MS: i64 = 86_400_000;
 
-/// A 16-byte keyed pseudonym of a subject ([`crate::keys::SubjectKeys::pseudonym`]).
+/// A 16-byte keyed pseudonym of a subject (`zhian_gateway::keys::SubjectKeys::pseudonym`).
 pub type Pseudonym = [u8; 16];
 
 /// What is kept of one day between commits (and, as [`DayRecordV1`], in the store).
