@@ -25,6 +25,8 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy --workspace --all-targets -- -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "== cargo clippy, the box build (--no-default-features --features box: what the .deb ships)"
+cargo clippy --locked --no-default-features --features box --all-targets -- -D warnings
 echo "== the pure core's tree: no tokio, redb or network crate"
 bash scripts/check-core.sh
 echo "== cargo deny (bans, licenses, sources; advisories when GitHub answers)"

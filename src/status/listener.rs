@@ -118,6 +118,7 @@ pub(crate) struct LimitedIo {
     deadline: Pin<Box<tokio::time::Sleep>>,
 }
 
+#[cfg(feature = "district")]
 impl Limited {
     /// `listener` with at most `max` connections (and [`PER_ADDRESS`] per address), each
     /// answered within [`RESPONSE_DEADLINE`] or closed: for another HTTP endpoint of this

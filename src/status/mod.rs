@@ -40,7 +40,9 @@ use tokio_util::sync::CancellationToken;
 
 mod auth;
 mod listener;
-pub(crate) use listener::{Limited, Peer};
+pub(crate) use listener::Limited;
+#[cfg(feature = "district")]
+pub(crate) use listener::Peer;
 mod metrics;
 mod page;
 mod report;
