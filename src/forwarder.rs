@@ -243,6 +243,29 @@ struct Conn {
 }
 
 impl Conn {
+    /// A connection's state at connect: nothing sent, the packet limit known so far, its epoch.
+    fn new(client: AsyncClient, limit: usize, epoch: u64) -> Conn {
+        Conn {
+            client,
+            sent: VecDeque::new(),
+            by_pkid: HashMap::new(),
+            queued_at: VecDeque::new(),
+            inflight: BTreeMap::new(),
+            units: BTreeMap::new(),
+            next_unit: 0,
+            publishes: 0,
+            queue: VecDeque::new(),
+            proven: 0,
+            limit,
+            cursor: [None, None],
+            ahead: VecDeque::new(),
+            check_alerts: true,
+            status_pkid: None,
+            status_acked: false,
+            epoch,
+        }
+    }
+
     /// rumqttc reports publishes in the order they were queued: bind the pkid to what we queued.
     fn bind(&mut self, pkid: u16) {
         let at = self.queued_at.pop_front().unwrap_or_else(Instant::now);
@@ -452,25 +475,7 @@ impl Forwarder {
                 }
             }
         });
-        let mut c = Conn {
-            client,
-            sent: VecDeque::new(),
-            by_pkid: HashMap::new(),
-            queued_at: VecDeque::new(),
-            inflight: BTreeMap::new(),
-            units: BTreeMap::new(),
-            next_unit: 0,
-            publishes: 0,
-            queue: VecDeque::new(),
-            proven: 0,
-            limit: refusals.limit.current(),
-            cursor: [None, None],
-            ahead: VecDeque::new(),
-            check_alerts: true,
-            status_pkid: None,
-            status_acked: false,
-            epoch,
-        };
+        let mut c = Conn::new(client, refusals.limit.current(), epoch);
         let mut connected = false;
         // A safety net: refill once a second even if a wake-up was missed.
         let mut refill = tokio::time::interval(Duration::from_secs(1));
@@ -1041,25 +1046,9 @@ mod tests {
     fn conn() -> Conn {
         let (client, _eventloop) =
             AsyncClient::new(rumqttc::MqttOptions::new("t", "127.0.0.1", 1), 10);
-        Conn {
-            client,
-            sent: VecDeque::new(),
-            by_pkid: HashMap::new(),
-            queued_at: VecDeque::new(),
-            inflight: BTreeMap::new(),
-            units: BTreeMap::new(),
-            next_unit: 0,
-            publishes: 0,
-            queue: VecDeque::new(),
-            proven: 0,
-            limit: 1 << 20,
-            cursor: [None, None],
-            ahead: VecDeque::new(),
-            check_alerts: false,
-            status_pkid: None,
-            status_acked: false,
-            epoch: 1,
-        }
+        let mut c = Conn::new(client, 1 << 20, 1);
+        c.check_alerts = false;
+        c
     }
 
     fn add(c: &mut Conn, keys: &[OutboxKey], sizes: &[(usize, bool)]) -> u64 {

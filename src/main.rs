@@ -194,15 +194,9 @@ fn district(config: Option<PathBuf>, init: bool) -> ExitCode {
         Err(code) => return code,
     };
     if init {
-        let rt = match tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-        {
+        let rt = match runtime() {
             Ok(rt) => rt,
-            Err(e) => {
-                eprintln!("cannot start the runtime: {e}");
-                return ExitCode::FAILURE;
-            }
+            Err(code) => return code,
         };
         return match rt.block_on(zhian_gateway::district::init_subscription(&cfg)) {
             Ok(done) => {
@@ -499,16 +493,9 @@ where
     F: std::future::Future<Output = Result<(), zhian_gateway::RunError>>,
 {
     init_logging();
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
+    let rt = match runtime() {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     // Register the signal handlers before anything starts: a SIGTERM during start-up then
     // still means a clean stop, not the default kill.
@@ -678,6 +665,18 @@ where
         write!(writer, "<{n}>")?;
         self.0.format_event(ctx, writer, event)
     }
+}
+
+/// The daemons' runtime: two worker threads (the boxes have two to four cores).
+fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| {
+            eprintln!("cannot start the runtime: {e}");
+            ExitCode::FAILURE
+        })
 }
 
 type Shutdown = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;

@@ -140,6 +140,28 @@ impl Rig {
     }
 }
 
+/// Another session holding the `windows` table for `secs` (ACCESS EXCLUSIVE, no statement
+/// timeout of its own): every batch that reaches the table waits behind it.
+fn hold_windows_lock(pg: &Postgres, secs: u32) -> std::process::Child {
+    let psql = fs::read_dir("/usr/lib/postgresql")
+        .unwrap()
+        .flatten()
+        .map(|e| e.path().join("bin/psql"))
+        .find(|p| p.exists())
+        .unwrap();
+    Command::new(psql)
+        .env("PGOPTIONS", "-c statement_timeout=0")
+        .args(["-h", "127.0.0.1", "-p", &pg.port.to_string()])
+        .args(["-U", "zhian", "-d", "postgres", "-v", "ON_ERROR_STOP=1"])
+        .args([
+            "-c",
+            &format!("BEGIN; LOCK TABLE windows IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep({secs}); COMMIT;"),
+        ])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
 /// The receiver's `zhian_district_db_errors_total` series that are not zero.
 fn super_errors(port: u16) -> String {
     let text = common::http::http(port, "GET", "/metrics", None)
@@ -231,28 +253,6 @@ fn database_restarted_fast_in_the_middle_of_batches() {
     assert!(warns <= 1 && warns == infos, "{warns} WARN, {infos} INFO");
 }
 
-/// A tmpfs mounted for the test, unmounted on drop.
-struct Tmpfs(PathBuf);
-
-impl Tmpfs {
-    fn mount(at: &Path, size: &str) -> Tmpfs {
-        fs::create_dir_all(at).unwrap();
-        let st = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(at)
-            .status()
-            .expect("run mount");
-        assert!(st.success(), "mount -t tmpfs needs root (CI runs as root)");
-        Tmpfs(at.to_path_buf())
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
-
 #[test]
 fn database_disk_full_then_freed() {
     let mut mnt = None;
@@ -340,23 +340,7 @@ fn statement_timeout_shorter_than_a_batch_under_lock_contention() {
     rig.publish(100);
     rig.converge("before contention");
     // Another session holds the windows table for 5 s: every batch that reaches it times out.
-    let pg_bin = fs::read_dir("/usr/lib/postgresql")
-        .unwrap()
-        .flatten()
-        .map(|e| e.path().join("bin/psql"))
-        .find(|p| p.exists())
-        .unwrap();
-    let mut holder = Command::new(pg_bin)
-        .env("PGOPTIONS", "-c statement_timeout=0")
-        .args(["-h", "127.0.0.1", "-p", &rig.pg.port.to_string()])
-        .args(["-U", "zhian", "-d", "postgres", "-v", "ON_ERROR_STOP=1"])
-        .args([
-            "-c",
-            "BEGIN; LOCK TABLE windows IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep(5); COMMIT;",
-        ])
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut holder = hold_windows_lock(&rig.pg, 5);
     assert!(wait_until(Duration::from_secs(10), || {
         rig
         .pg
@@ -477,22 +461,7 @@ fn a_batch_stuck_behind_a_lock_is_unhealthy_and_two_receivers_never_deadlock() {
         );
     }
     // Another session holds the windows table; the next summaries wait behind it.
-    let pg_bin = fs::read_dir("/usr/lib/postgresql")
-        .unwrap()
-        .flatten()
-        .map(|e| e.path().join("bin/psql"))
-        .find(|p| p.exists())
-        .unwrap();
-    let mut holder = Command::new(pg_bin)
-        .args(["-h", "127.0.0.1", "-p", &rig.pg.port.to_string()])
-        .args(["-U", "zhian", "-d", "postgres", "-v", "ON_ERROR_STOP=1"])
-        .args([
-            "-c",
-            "BEGIN; LOCK TABLE windows IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep(8); COMMIT;",
-        ])
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut holder = hold_windows_lock(&rig.pg, 8);
     rig.publish(50);
     assert!(
         wait_until(Duration::from_secs(30), || {

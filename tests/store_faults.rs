@@ -11,7 +11,6 @@ use common::*;
 use serde_json::Value;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 use zhian_gateway::config::SubjectMode;
 use zhian_gateway::core::engine::Engine;
@@ -349,28 +348,6 @@ fn inspect_reads_the_store_after_kill9_without_changing_it() {
 // ---------------------------------------------------------------------------------------------
 // A full disk
 // ---------------------------------------------------------------------------------------------
-
-/// A tmpfs mounted for the test, unmounted on drop.
-struct Tmpfs(PathBuf);
-
-impl Tmpfs {
-    fn mount(at: &Path, size: &str) -> Tmpfs {
-        fs::create_dir_all(at).unwrap();
-        let st = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(at)
-            .status()
-            .expect("run mount");
-        assert!(st.success(), "mount -t tmpfs needs root (CI runs as root)");
-        Tmpfs(at.to_path_buf())
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
 
 /// Fill the filesystem of `dir` with `dir/filler` until it is full.
 fn fill(dir: &Path) {

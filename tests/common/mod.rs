@@ -1753,3 +1753,26 @@ pub fn run_with_stdin<S: AsRef<OsStr>>(args: &[S], input: &str) -> std::process:
         .expect("write stdin");
     child.wait_with_output().expect("wait for zhian-gateway")
 }
+
+/// A tmpfs mounted for a test (a filesystem that fills for real), unmounted on drop. Needs root
+/// (CI runs as root).
+pub struct Tmpfs(pub PathBuf);
+
+impl Tmpfs {
+    pub fn mount(at: &Path, size: &str) -> Tmpfs {
+        fs::create_dir_all(at).unwrap();
+        let st = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(at)
+            .status()
+            .expect("run mount");
+        assert!(st.success(), "mount -t tmpfs needs root (CI runs as root)");
+        Tmpfs(at.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
