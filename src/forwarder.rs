@@ -21,19 +21,19 @@
 use crate::backoff::Backoff;
 use crate::clock::now_ms;
 use crate::config::Config;
-use crate::core::summary::{resplit, rfc3339_utc, summary_part_of};
+use crate::core::summary::{resplit, summary_part_of};
 use crate::mqtt::{options, ClientSettings};
 use crate::stats::LinkChange;
 use crate::stats::Stats;
 use crate::store::{OutboxKey, OutboxRecordV1, OutboxTopic, Store, CLASS_ALERT, CLASS_SUMMARY};
 use rumqttc::{AsyncClient, Event, Incoming, LastWill, Outgoing, QoS};
-use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
+use zhian_proto::{self as proto, Message};
 
 pub struct Forwarder {
     pub cfg: Arc<Config>,
@@ -132,75 +132,6 @@ struct Queued {
     idx: usize,
     topic: String,
     payload: Vec<u8>,
-}
-
-#[derive(Serialize)]
-struct StatusMsg<'a> {
-    state: &'a str,
-    gateway: &'a str,
-    /// The connection's epoch ([`crate::epoch`]): orders this state among all others.
-    epoch: u64,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    version: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    since: Option<String>,
-}
-
-#[derive(Serialize)]
-struct Heartbeat<'a> {
-    schema: &'static str,
-    gateway: &'a str,
-    /// The connection's epoch: a heartbeat of a higher epoch than the district knows means
-    /// `online` (a receiver that starts on an empty database learns the state from it).
-    epoch: u64,
-    version: &'static str,
-    uptime_secs: u64,
-    devices: DeviceCounts,
-    pending_summaries: u64,
-    pending_alerts: u64,
-    /// Messages the district broker kept refusing (parked on the box).
-    parked: u64,
-    oldest_pending_window: Option<String>,
-    store_bytes: u64,
-    counters: crate::stats::CounterSnapshot,
-    dropped: Dropped,
-    /// Why intake is paused (disk full or failing), if it is.
-    intake_paused: Option<crate::stats::Paused>,
-    /// Damaged store files moved aside, kept until an operator removes them from the data dir.
-    store_quarantined: Vec<crate::store::damage::Quarantined>,
-    /// Links failing for a reason that needs an operator (the site link, here).
-    link_problems: std::collections::BTreeMap<&'static str, crate::link::Problem>,
-    modbus: Vec<ModbusOut>,
-}
-
-#[derive(Serialize)]
-struct ModbusOut {
-    name: String,
-    kind: crate::core::event::Kind,
-    online: bool,
-    polls: u64,
-    errors: u64,
-    last_error: Option<String>,
-    last_seen: Option<String>,
-    counted: u64,
-    /// Counter readings dropped as misreads (glitch rule) since start.
-    glitches: u64,
-    states: serde_json::Map<String, serde_json::Value>,
-}
-
-#[derive(Serialize)]
-struct DeviceCounts {
-    online: usize,
-    offline: usize,
-}
-
-#[derive(Serialize)]
-struct Dropped {
-    summaries: u64,
-    alerts: u64,
-    /// Dedup keys and raw events dropped early under disk pressure.
-    dedup_keys: u64,
-    raw_events: u64,
 }
 
 /// Above this many remembered PUBACKed keys, drop the ones the committer already deleted.
@@ -326,22 +257,24 @@ impl Conn {
 }
 
 impl Forwarder {
-    fn topic(&self, suffix: &str) -> String {
-        format!(
-            "{}/{}/{}",
-            self.cfg.upstream.topic_prefix, self.cfg.gateway.id, suffix
-        )
+    fn topic(&self, leaf: proto::Leaf) -> String {
+        proto::topic(&self.cfg.upstream.topic_prefix, &self.cfg.gateway.id, leaf)
     }
 
     fn status_payload(&self, online: bool, epoch: u64) -> Vec<u8> {
-        let msg = StatusMsg {
-            state: if online { "online" } else { "offline" },
-            gateway: &self.cfg.gateway.id,
-            epoch,
-            version: online.then_some(env!("CARGO_PKG_VERSION")),
-            since: online.then(|| rfc3339_utc(now_ms())),
-        };
-        serde_json::to_vec(&msg).expect("status serializes")
+        proto::Status {
+            schema: proto::StatusV1,
+            state: if online {
+                proto::LinkState::Online
+            } else {
+                proto::LinkState::Offline
+            },
+            gateway: Some(self.cfg.gateway.id.clone()),
+            epoch: Some(epoch),
+            version: online.then(|| env!("CARGO_PKG_VERSION").to_string()),
+            since: online.then(|| proto::Timestamp(now_ms())),
+        }
+        .to_bytes()
     }
 
     pub async fn run(self) {
@@ -440,7 +373,7 @@ impl Forwarder {
                 u.max_packet_size.0 as usize,
             );
             opts.set_last_will(LastWill::new(
-                self.topic("status"),
+                self.topic(proto::Leaf::Status),
                 self.status_payload(false, epoch),
                 QoS::AtLeastOnce,
                 true,
@@ -494,7 +427,7 @@ impl Forwarder {
                             _ => {}
                         }
                         let status = self.status_payload(true, c.epoch);
-                        if c.client.try_publish(self.topic("status"), QoS::AtLeastOnce, true, status).is_ok() {
+                        if c.client.try_publish(self.topic(proto::Leaf::Status), QoS::AtLeastOnce, true, status).is_ok() {
                             c.sent.push_back(Sent::Status);
                             c.queued_at.push_back(Instant::now());
                         }
@@ -765,7 +698,7 @@ impl Forwarder {
         rec: OutboxRecordV1,
         acked_local: &BTreeSet<OutboxKey>,
     ) {
-        let topic = self.topic(rec.topic.suffix());
+        let topic = self.topic(rec.topic.leaf());
         // Payload bytes a publish on this topic may carry (16 to spare, as at issue time).
         let budget = c.limit.saturating_sub(topic.len() + 16);
         let configured = self.cfg.upstream.max_packet_size.0 as usize;
@@ -906,43 +839,67 @@ impl Forwarder {
         let devices = crate::health::devices(&self.stats, now);
         let online = devices.iter().filter(|d| d.online).count();
         let total = devices.len();
-        let hb = Heartbeat {
-            schema: "zhian.heartbeat.v1",
-            gateway: &self.cfg.gateway.id,
-            epoch: c.epoch,
-            version: env!("CARGO_PKG_VERSION"),
+        let hb = proto::Heartbeat {
+            schema: proto::HeartbeatV1,
+            gateway: self.cfg.gateway.id.clone(),
+            epoch: Some(c.epoch),
+            version: env!("CARGO_PKG_VERSION").to_string(),
             uptime_secs: self.stats.started.elapsed().as_secs(),
-            devices: DeviceCounts {
-                online,
-                offline: total - online,
+            devices: proto::DeviceCounts {
+                online: online as u64,
+                offline: (total - online) as u64,
             },
             pending_summaries: overview.pending_summaries,
             pending_alerts: overview.pending_alerts,
             parked: overview.parked,
-            oldest_pending_window: overview.oldest_pending_window_ms.map(rfc3339_utc),
+            oldest_pending_window: overview.oldest_pending_window_ms.map(proto::Timestamp),
             store_bytes: overview.file_bytes,
-            counters: self.stats.counters(),
-            dropped: Dropped {
+            counters: self.stats.counters().into(),
+            dropped: proto::Dropped {
                 summaries: overview.dropped_summaries,
                 alerts: overview.dropped_alerts,
                 dedup_keys: overview.dropped_dedup_keys,
                 raw_events: overview.evicted_events,
             },
-            intake_paused: self.stats.paused(),
-            store_quarantined: quarantined,
-            link_problems: self.stats.link_problems(),
+            intake_paused: self.stats.paused().map(|p| proto::Paused {
+                reason: p.reason.to_string(),
+                detail: p.detail,
+                since_ms: p.since_ms,
+            }),
+            store_quarantined: quarantined
+                .into_iter()
+                .map(|q| proto::Quarantined {
+                    file: q.file,
+                    bytes: q.bytes,
+                    reason: q.reason,
+                })
+                .collect(),
+            link_problems: self
+                .stats
+                .link_problems()
+                .into_iter()
+                .map(|(link, p)| {
+                    (
+                        link.to_string(),
+                        proto::Problem {
+                            reason: p.reason.to_string(),
+                            detail: p.detail,
+                        },
+                    )
+                })
+                .collect(),
             modbus: self
                 .stats
                 .modbus()
                 .into_iter()
-                .map(|(name, h)| ModbusOut {
+                .map(|(name, h)| proto::ModbusDevice {
                     name,
-                    kind: h.kind,
+                    kind: h.kind.as_str().to_string(),
                     online: h.online,
                     polls: h.polls,
                     errors: h.errors,
                     last_error: h.last_error,
-                    last_seen: h.last_seen_ms.map(rfc3339_utc),
+                    last_seen: h.last_seen_ms.map(proto::Timestamp),
                     counted: h.counted,
                     glitches: h.glitches,
                     states: h
@@ -953,9 +910,14 @@ impl Forwarder {
                 })
                 .collect(),
         };
-        let payload = serde_json::to_vec(&hb).expect("heartbeat serializes");
+        let payload = hb.to_bytes();
         if c.client
-            .try_publish(self.topic("heartbeat"), QoS::AtLeastOnce, false, payload)
+            .try_publish(
+                self.topic(proto::Leaf::Heartbeat),
+                QoS::AtLeastOnce,
+                false,
+                payload,
+            )
             .is_ok()
         {
             c.sent.push_back(Sent::Other);
@@ -974,7 +936,7 @@ impl Forwarder {
         c.status_acked = false;
         if c.client
             .try_publish(
-                self.topic("status"),
+                self.topic(proto::Leaf::Status),
                 QoS::AtLeastOnce,
                 true,
                 self.status_payload(false, c.epoch),

@@ -320,6 +320,27 @@ pub struct CounterSnapshot {
     pub counted_at_receipt: u64,
 }
 
+impl From<CounterSnapshot> for zhian_proto::Counters {
+    /// The heartbeat's `counters` (contract: "Upstream", heartbeat).
+    fn from(c: CounterSnapshot) -> Self {
+        let names = |m: BTreeMap<&'static str, u64>| {
+            m.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
+        };
+        zhian_proto::Counters {
+            received: c.received,
+            accepted: c.accepted,
+            duplicate: c.duplicate,
+            rejected: c.rejected,
+            rejected_by_reason: names(c.rejected_by_reason),
+            commits: c.commits,
+            commit_avg_us: c.commit_avg_us,
+            ack_wait_max_ms: c.ack_wait_max_ms,
+            devices_forgotten: names(c.devices_forgotten),
+            counted_at_receipt: c.counted_at_receipt,
+        }
+    }
+}
+
 impl Stats {
     pub fn accepted(&self, kind: Kind, device: &str, now_ms: i64) {
         self.accepted[kind_index(kind)].fetch_add(1, Relaxed);

@@ -7,6 +7,7 @@
 //! receiver.
 
 use serde_json::Value;
+use zhian_proto::{self as proto, Leaf, Message};
 
 /// One counted row of a summary or daily message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -102,19 +103,6 @@ fn reject(reason: &'static str, detail: impl Into<String>) -> Reject {
     }
 }
 
-fn s<'a>(v: &'a Value, key: &str) -> Result<&'a str, Reject> {
-    v.get(key)
-        .and_then(Value::as_str)
-        .filter(|s| !s.is_empty() && s.len() <= 256)
-        .ok_or_else(|| reject("invalid_field", format!("{key}: a string is required")))
-}
-
-fn int(v: &Value, key: &str) -> Result<i64, Reject> {
-    v.get(key)
-        .and_then(Value::as_i64)
-        .ok_or_else(|| reject("invalid_field", format!("{key}: an integer is required")))
-}
-
 /// Times the database keeps: 1970 to 2200 (PostgreSQL refuses far more, and a refused value
 /// must be a reject here, not a batch the database keeps refusing).
 const MAX_MS: i64 = crate::core::event::MAX_TS_MS;
@@ -132,14 +120,6 @@ fn bounded_ms(ms: i64, key: &str) -> Result<i64, Reject> {
     }
 }
 
-fn rfc3339_ms(text: &str, key: &str) -> Result<i64, Reject> {
-    let ms = time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
-        .ok()
-        .and_then(|t| i64::try_from(t.unix_timestamp_nanos() / 1_000_000).ok())
-        .ok_or_else(|| reject("invalid_field", format!("{key}: not an RFC 3339 time")))?;
-    bounded_ms(ms, key)
-}
-
 /// Whether any string in `v` (keys included) holds a NUL, which PostgreSQL text and jsonb
 /// refuse.
 fn has_nul(v: &Value) -> bool {
@@ -151,48 +131,13 @@ fn has_nul(v: &Value) -> bool {
     }
 }
 
-fn rows(v: &Value) -> Result<Vec<Row>, Reject> {
-    let arr = v
-        .get("counts")
-        .and_then(Value::as_array)
-        .ok_or_else(|| reject("invalid_field", "counts: an array is required"))?;
-    arr.iter()
-        .enumerate()
-        .map(|(i, r)| {
-            let n =
-                int(r, "n").map_err(|e| reject(e.reason, format!("counts[{i}].{}", e.detail)))?;
-            if !(0..=MAX_N).contains(&n) {
-                return Err(reject(
-                    "invalid_field",
-                    format!("counts[{i}].n is not 0 to 10^12"),
-                ));
-            }
-            let f = |k| {
-                s(r, k)
-                    .map(str::to_string)
-                    .map_err(|e| reject(e.reason, format!("counts[{i}].{}", e.detail)))
-            };
-            Ok(Row {
-                kind: f("kind")?,
-                device: f("device")?,
-                action: f("action")?,
-                result: f("result")?,
-                n,
-            })
-        })
-        .collect()
-}
-
-/// `epoch`, when present: a non-negative integer (a bigint in the database).
-fn epoch(v: &Value) -> Result<Option<i64>, Reject> {
-    match v.get("epoch") {
-        None | Some(Value::Null) => Ok(None),
-        Some(e) => e
-            .as_i64()
-            .filter(|e| *e >= 0)
-            .map(Some)
-            .ok_or_else(|| reject("invalid_field", "epoch: a non-negative integer is required")),
-    }
+/// `epoch`, when present: at most `i64::MAX` (a bigint in the database).
+fn epoch(e: Option<u64>) -> Result<Option<i64>, Reject> {
+    e.map(|e| {
+        i64::try_from(e)
+            .map_err(|_| reject("invalid_field", "epoch: a non-negative integer is required"))
+    })
+    .transpose()
 }
 
 /// A gateway's link state as the district keeps it: the state of the highest epoch.
@@ -217,23 +162,68 @@ pub fn next_state(current: Option<LinkState>, msg: LinkState) -> LinkState {
     }
 }
 
-/// Parse one message from `topic` under `prefix`.
-pub fn parse(prefix: &str, topic: &str, payload: &[u8]) -> Result<Msg, Reject> {
-    let rest = topic
-        .strip_prefix(prefix)
-        .and_then(|r| r.strip_prefix('/'))
-        .ok_or_else(|| reject("foreign_topic", format!("not under {prefix}/")))?;
-    let (gateway, leaf) = rest
-        .split_once('/')
-        .filter(|(g, l)| !g.is_empty() && !l.contains('/'))
-        .ok_or_else(|| reject("foreign_topic", "not {prefix}/{gateway}/{leaf}"))?;
-    if gateway.len() > 64
-        || !gateway
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
-    {
-        return Err(reject("foreign_topic", "gateway is not 1-64 of [a-z0-9-]"));
+/// A typed message from `v`, its serde error as an `invalid_field` reject.
+fn typed<M: Message>(v: &Value) -> Result<M, Reject> {
+    M::deserialize(v).map_err(|e| reject("invalid_field", e.to_string()))
+}
+
+/// The counted rows, each `n` at most [`MAX_N`] and each label 1-256 bytes.
+fn rows(counts: Vec<proto::Count>) -> Result<Vec<Row>, Reject> {
+    counts
+        .into_iter()
+        .enumerate()
+        .map(|(i, c)| {
+            if c.n > MAX_N as u64 {
+                return Err(reject(
+                    "invalid_field",
+                    format!("counts[{i}].n is not 0 to 10^12"),
+                ));
+            }
+            for (k, f) in [
+                ("kind", &c.kind),
+                ("device", &c.device),
+                ("action", &c.action),
+                ("result", &c.result),
+            ] {
+                label(f).map_err(|_| {
+                    reject(
+                        "invalid_field",
+                        format!("counts[{i}].{k}: a string is required"),
+                    )
+                })?;
+            }
+            Ok(Row {
+                kind: c.kind,
+                device: c.device,
+                action: c.action,
+                result: c.result,
+                n: c.n as i64,
+            })
+        })
+        .collect()
+}
+
+/// A label the database keeps: 1 to 256 bytes.
+fn label(s: &str) -> Result<&str, ()> {
+    if s.is_empty() || s.len() > 256 {
+        Err(())
+    } else {
+        Ok(s)
     }
+}
+
+fn text(s: String, key: &str) -> Result<String, Reject> {
+    label(&s).map_err(|_| reject("invalid_field", format!("{key}: a string is required")))?;
+    Ok(s)
+}
+
+/// Parse one message from `topic` under `prefix`, through the protocol's types
+/// ([`zhian_proto`]), then narrow it to what the database keeps.
+pub fn parse(prefix: &str, topic: &str, payload: &[u8]) -> Result<Msg, Reject> {
+    let (gateway, leaf) = proto::parse_topic(prefix, topic).map_err(|e| match e {
+        proto::TopicError::UnknownLeaf(l) => reject("foreign_topic", format!("unknown leaf {l:?}")),
+        e => reject("foreign_topic", e.to_string()),
+    })?;
     let v: Value =
         serde_json::from_slice(payload).map_err(|e| reject("invalid_json", e.to_string()))?;
     if !v.is_object() {
@@ -262,21 +252,19 @@ pub fn parse(prefix: &str, topic: &str, payload: &[u8]) -> Result<Msg, Reject> {
             )),
         }
     };
+    let site = |s: &proto::Site| serde_json::to_value(s).unwrap_or(Value::Null);
     match leaf {
-        "summary" => {
-            schema("zhian.summary.v1")?;
+        Leaf::Summary => {
+            schema(proto::Summary::SCHEMA)?;
             same_gateway(&v)?;
-            let w = v
-                .get("window")
-                .ok_or_else(|| reject("invalid_field", "window: an object is required"))?;
-            let start_ms = rfc3339_ms(s(w, "start")?, "window.start")?;
-            let secs = int(w, "secs")?;
-            let rev = int(&v, "rev")?;
-            let (part, parts) = match (v.get("part"), v.get("parts")) {
+            let m: proto::Summary = typed(&v)?;
+            let start_ms = bounded_ms(m.window.start.0, "window.start")?;
+            let (part, parts) = match (m.part, m.parts) {
                 (None, None) => (1, 1),
-                _ => (int(&v, "part")?, int(&v, "parts")?),
+                (Some(p), Some(n)) => (p as i64, n as i64),
+                _ => return Err(reject("invalid_field", "part and parts go together")),
             };
-            if !(1..=86_400).contains(&secs) || !(0..=i32::MAX as i64).contains(&rev) {
+            if !(1..=86_400).contains(&m.window.secs) || m.rev > i32::MAX as u32 {
                 return Err(reject("invalid_field", "window.secs or rev out of range"));
             }
             if !(1..=10_000).contains(&parts) || !(1..=parts).contains(&part) {
@@ -284,106 +272,89 @@ pub fn parse(prefix: &str, topic: &str, payload: &[u8]) -> Result<Msg, Reject> {
             }
             Ok(Msg::Summary {
                 gateway,
-                site: v.get("site").cloned().unwrap_or(Value::Null),
+                site: site(&m.site),
                 start_ms,
-                secs: secs as i32,
-                rev: rev as i32,
+                secs: m.window.secs as i32,
+                rev: m.rev as i32,
                 part: part as i32,
                 parts: parts as i32,
-                rows: rows(&v)?,
+                rows: rows(m.counts)?,
             })
         }
-        "alert" => {
-            schema("zhian.alert.v1")?;
+        Leaf::Alert => {
+            schema(proto::Alert::SCHEMA)?;
             same_gateway(&v)?;
-            let ts_ms = match v.get("ts") {
-                Some(Value::String(t)) => rfc3339_ms(t, "ts")?,
-                Some(Value::Number(n)) => bounded_ms(
-                    n.as_i64()
-                        .ok_or_else(|| reject("invalid_field", "ts: not an integer"))?,
-                    "ts",
-                )?,
-                _ => return Err(reject("invalid_field", "ts: a time is required")),
-            };
+            let m: proto::Alert = typed(&v)?;
             Ok(Msg::Alert {
-                kind: s(&v, "kind")?.into(),
-                device: s(&v, "device")?.into(),
-                action: s(&v, "action")?.into(),
-                id: s(&v, "id")?.into(),
-                ts_ms,
+                ts_ms: bounded_ms(m.ts.0, "ts")?,
+                kind: text(m.kind, "kind")?,
+                device: text(m.device, "device")?,
+                action: text(m.action, "action")?,
+                id: text(m.id, "id")?,
                 gateway,
             })
         }
-        "care" => {
-            schema("zhian.care.v1")?;
+        Leaf::Care => {
+            schema(proto::Care::SCHEMA)?;
             same_gateway(&v)?;
-            let state = s(&v, "state")?;
-            if state != "silent" && state != "seen" {
-                return Err(reject("invalid_field", format!("state {state:?}")));
-            }
-            let last_seen_ms = match v.get("last_seen") {
-                None | Some(Value::Null) => None,
-                Some(Value::String(t)) => Some(rfc3339_ms(t, "last_seen")?),
-                _ => return Err(reject("invalid_field", "last_seen: a time or null")),
-            };
+            let m: proto::Care = typed(&v)?;
             Ok(Msg::Care {
-                alias: s(&v, "alias")?.into(),
-                state: state.into(),
-                last_seen_ms,
-                silent_secs: int(&v, "silent_secs")?,
+                alias: text(m.alias, "alias")?,
+                state: m.state.as_str().into(),
+                last_seen_ms: m
+                    .last_seen
+                    .map(|t| bounded_ms(t.0, "last_seen"))
+                    .transpose()?,
+                silent_secs: m.silent_secs,
                 gateway,
             })
         }
-        "daily" => {
-            schema("zhian.daily.v1")?;
+        Leaf::Daily => {
+            schema(proto::Daily::SCHEMA)?;
             same_gateway(&v)?;
-            let date = s(&v, "date")?;
+            let m: proto::Daily = typed(&v)?;
             let fmt = time::macros::format_description!("[year]-[month]-[day]");
-            time::Date::parse(date, &fmt)
+            time::Date::parse(&m.date, &fmt)
                 .map_err(|_| reject("invalid_field", "date: not YYYY-MM-DD"))?;
-            let d = v.get("distinct").cloned().unwrap_or(Value::Null);
-            let rev = int(&v, "rev")?;
-            if !(0..=i32::MAX as i64).contains(&rev) {
+            if m.rev > i32::MAX as u32 {
                 return Err(reject("invalid_field", "rev out of range"));
             }
+            let bigint = |n: Option<u64>| n.and_then(|n| i64::try_from(n).ok());
             Ok(Msg::Daily {
-                site: v.get("site").cloned().unwrap_or(Value::Null),
-                date: date.into(),
-                tz: s(&v, "tz")?.into(),
-                rev: rev as i32,
-                access_subjects: d.get("access_subjects").and_then(Value::as_i64),
-                vehicles: d.get("vehicles").and_then(Value::as_i64),
-                rows: rows(&v)?,
+                site: site(&m.site),
+                date: m.date,
+                tz: text(m.tz, "tz")?,
+                rev: m.rev as i32,
+                access_subjects: bigint(m.distinct.access_subjects),
+                vehicles: bigint(m.distinct.vehicles),
+                rows: rows(m.counts)?,
                 gateway,
             })
         }
-        "status" => {
+        Leaf::Status => {
             // The gateway field is optional in a status (a will written by another client
             // library, say), but when given it must be the topic's.
             if v.get("gateway").is_some() {
                 same_gateway(&v)?;
             }
-            let state = s(&v, "state")?;
-            if state != "online" && state != "offline" {
-                return Err(reject("invalid_field", format!("state {state:?}")));
-            }
+            let m: proto::Status = typed(&v)?;
             Ok(Msg::Status {
-                state: state.into(),
-                epoch: epoch(&v)?,
-                body: v.clone(),
-                gateway,
-            })
-        }
-        "heartbeat" => {
-            schema("zhian.heartbeat.v1")?;
-            same_gateway(&v)?;
-            Ok(Msg::Heartbeat {
-                epoch: epoch(&v)?,
+                state: m.state.as_str().into(),
+                epoch: epoch(m.epoch)?,
                 body: v,
                 gateway,
             })
         }
-        other => Err(reject("foreign_topic", format!("unknown leaf {other:?}"))),
+        Leaf::Heartbeat => {
+            schema(proto::Heartbeat::SCHEMA)?;
+            same_gateway(&v)?;
+            let m: proto::Heartbeat = typed(&v)?;
+            Ok(Msg::Heartbeat {
+                epoch: epoch(m.epoch)?,
+                body: v,
+                gateway,
+            })
+        }
     }
 }
 

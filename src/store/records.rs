@@ -51,13 +51,13 @@ pub enum OutboxTopic {
 }
 
 impl OutboxTopic {
-    /// The last topic level: `{prefix}/{gateway}/{suffix}`.
-    pub fn suffix(self) -> &'static str {
+    /// The upstream topic's leaf: `{prefix}/{gateway}/{leaf}`.
+    pub fn leaf(self) -> zhian_proto::Leaf {
         match self {
-            OutboxTopic::Summary => "summary",
-            OutboxTopic::Alert => "alert",
-            OutboxTopic::Daily => "daily",
-            OutboxTopic::Care => "care",
+            OutboxTopic::Summary => zhian_proto::Leaf::Summary,
+            OutboxTopic::Alert => zhian_proto::Leaf::Alert,
+            OutboxTopic::Daily => zhian_proto::Leaf::Daily,
+            OutboxTopic::Care => zhian_proto::Leaf::Care,
         }
     }
 }

@@ -713,7 +713,7 @@ impl StoreWriter {
                 }
             }
             for n in &care_changes.notices {
-                tracing::info!(alias = %n.alias, state = n.state, silent_secs = n.silent_secs, "care watch notice");
+                tracing::info!(alias = %n.alias, state = n.state.as_str(), silent_secs = n.silent_secs, "care watch notice");
                 let rec = encode(&OutboxRecordV1 {
                     topic: OutboxTopic::Care,
                     window: None,

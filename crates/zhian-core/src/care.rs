@@ -97,8 +97,8 @@ pub struct CareLine {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Notice {
     pub alias: String,
-    /// `"silent"` or `"seen"`.
-    pub state: &'static str,
+    /// `silent` or `seen`.
+    pub state: zhian_proto::CareState,
     /// The last access event's time (`None`: never seen since the watch began).
     pub last_seen_ms: Option<i64>,
     /// How long the resident was (or has been) silent, seconds.
@@ -120,7 +120,7 @@ pub fn seen(r: &Resident, st: &mut CareRecordV1, ts_ms: i64) -> Option<Notice> {
         st.silent = false;
         return Some(Notice {
             alias: r.alias.clone(),
-            state: "seen",
+            state: zhian_proto::CareState::Seen,
             last_seen_ms: Some(st.last_seen_ms),
             silent_secs: ((ts_ms - before.last_seen_ms) / 1000).max(0),
         });
@@ -140,7 +140,7 @@ pub fn check(r: &Resident, st: &mut CareRecordV1, now_ms: i64, offset_ms: i64) -
     st.silent = true;
     Some(Notice {
         alias: r.alias.clone(),
-        state: "silent",
+        state: zhian_proto::CareState::Silent,
         last_seen_ms: st.seen_ever.then_some(st.last_seen_ms),
         silent_secs: (now_ms - st.last_seen_ms) / 1000,
     })
@@ -148,15 +148,16 @@ pub fn check(r: &Resident, st: &mut CareRecordV1, now_ms: i64, offset_ms: i64) -
 
 /// The `zhian.care.v1` payload (contract: "Upstream"): alias only, never a subject.
 pub fn care_json(gateway: &str, n: &Notice) -> Vec<u8> {
-    serde_json::to_vec(&serde_json::json!({
-        "schema": "zhian.care.v1",
-        "gateway": gateway,
-        "alias": n.alias,
-        "state": n.state,
-        "last_seen": n.last_seen_ms.map(super::summary::rfc3339_utc),
-        "silent_secs": n.silent_secs,
-    }))
-    .expect("care serializes")
+    use zhian_proto::Message;
+    zhian_proto::Care {
+        schema: zhian_proto::CareV1,
+        gateway: gateway.to_string(),
+        alias: n.alias.clone(),
+        state: n.state,
+        last_seen: n.last_seen_ms.map(zhian_proto::Timestamp),
+        silent_secs: n.silent_secs,
+    }
+    .to_bytes()
 }
 
 #[cfg(test)]
@@ -184,11 +185,14 @@ mod tests {
         let n = check(&r, &mut st, t0 + 24 * H, 0).unwrap();
         assert_eq!(
             (n.state, n.last_seen_ms, n.silent_secs),
-            ("silent", None, 24 * 3600)
+            (zhian_proto::CareState::Silent, None, 24 * 3600)
         );
         assert_eq!(check(&r, &mut st, t0 + 30 * H, 0), None, "one notice");
         let n = seen(&r, &mut st, t0 + 31 * H).unwrap();
-        assert_eq!((n.state, n.last_seen_ms), ("seen", Some(t0 + 31 * H)));
+        assert_eq!(
+            (n.state, n.last_seen_ms),
+            (zhian_proto::CareState::Seen, Some(t0 + 31 * H))
+        );
         assert_eq!(n.silent_secs, 31 * 3600);
         assert_eq!(seen(&r, &mut st, t0 + 32 * H), None, "one notice");
         let json: serde_json::Value = serde_json::from_slice(&care_json("gw", &n)).unwrap();
@@ -238,13 +242,13 @@ mod tests {
             let r = resident(None);
             let mut st = CareRecordV1::start(0);
             let mut now = 0;
-            let mut last: Option<&str> = None;
+            let mut last: Option<zhian_proto::CareState> = None;
             for (is_event, dt) in steps {
                 now += dt;
                 let n = if is_event { seen(&r, &mut st, now) } else { check(&r, &mut st, now, 0) };
                 if let Some(n) = n {
                     prop_assert_ne!(Some(n.state), last);
-                    prop_assert!(last.is_some() || n.state == "silent");
+                    prop_assert!(last.is_some() || n.state == zhian_proto::CareState::Silent);
                     last = Some(n.state);
                 }
             }

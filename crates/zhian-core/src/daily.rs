@@ -14,7 +14,6 @@
 //! plus the grace.
 
 use super::summary::{CountKey, Site};
-use super::Kind;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashSet};
 
@@ -138,33 +137,6 @@ pub fn tz_label(offset_ms: i64) -> String {
     format!("{sign}{:02}:{:02}", s / 3600, (s % 3600) / 60)
 }
 
-#[derive(Serialize)]
-struct DailyOut<'a> {
-    schema: &'static str,
-    gateway: &'a str,
-    site: &'a Site,
-    date: String,
-    tz: String,
-    rev: u32,
-    distinct: DistinctOut,
-    counts: Vec<CountOut<'a>>,
-}
-
-#[derive(Serialize)]
-struct DistinctOut {
-    access_subjects: Option<usize>,
-    vehicles: Option<usize>,
-}
-
-#[derive(Serialize)]
-struct CountOut<'a> {
-    kind: Kind,
-    device: &'a str,
-    action: &'a str,
-    result: &'a str,
-    n: u64,
-}
-
 /// The `zhian.daily.v1` payload: `distinct` is `None` where subjects are not kept at all
 /// (`privacy.subjects = "drop"`), sent as `null`. `counts` rows sorted as in summaries.
 #[allow(clippy::too_many_arguments)]
@@ -177,29 +149,30 @@ pub fn daily_json(
     distinct: Option<(usize, usize)>,
     counts: &BTreeMap<CountKey, u64>,
 ) -> Vec<u8> {
-    let out = DailyOut {
-        schema: "zhian.daily.v1",
-        gateway,
-        site,
+    use zhian_proto::Message;
+    zhian_proto::Daily {
+        schema: zhian_proto::DailyV1,
+        gateway: gateway.to_string(),
+        site: site.clone(),
         date: date_label(day),
         tz: tz_label(cfg.offset_ms),
         rev,
-        distinct: DistinctOut {
-            access_subjects: distinct.map(|d| d.0),
-            vehicles: distinct.map(|d| d.1),
+        distinct: zhian_proto::Distinct {
+            access_subjects: distinct.map(|d| d.0 as u64),
+            vehicles: distinct.map(|d| d.1 as u64),
         },
         counts: counts
             .iter()
-            .map(|(k, n)| CountOut {
-                kind: k.kind,
-                device: &k.device,
-                action: &k.action,
-                result: &k.result,
+            .map(|(k, n)| zhian_proto::Count {
+                kind: k.kind.as_str().to_string(),
+                device: k.device.clone(),
+                action: k.action.clone(),
+                result: k.result.clone(),
                 n: *n,
             })
             .collect(),
-    };
-    serde_json::to_vec(&out).expect("daily serializes")
+    }
+    .to_bytes()
 }
 
 #[cfg(test)]

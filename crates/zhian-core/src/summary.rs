@@ -62,61 +62,23 @@ impl WindowState {
     }
 }
 
-/// Site labels copied into every summary.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Site {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub district: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub street: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub community: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub compound: Option<String>,
-}
+/// Site labels copied into every summary: the protocol's type (contract: "The five layers").
+pub use zhian_proto::Site;
 
-/// RFC 3339 UTC with a `Z`, milliseconds only when not whole seconds.
-pub fn rfc3339_utc(ms: i64) -> String {
-    let t = time::OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000)
-        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
-    let (y, mo, d) = (t.year(), u8::from(t.month()), t.day());
-    let (h, mi, s) = (t.hour(), t.minute(), t.second());
-    let milli = ms.rem_euclid(1000);
-    if milli == 0 {
-        format!("{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}Z")
-    } else {
-        format!("{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}.{milli:03}Z")
+/// RFC 3339 UTC with a `Z`, milliseconds only when not whole seconds (the protocol's format).
+pub use zhian_proto::rfc3339_utc;
+
+use zhian_proto::{Count, Message, Summary, SummaryV1, Timestamp, Window};
+
+/// The wire row of a count.
+fn count_out(k: &CountKey, n: u64) -> Count {
+    Count {
+        kind: k.kind.as_str().to_string(),
+        device: k.device.clone(),
+        action: k.action.clone(),
+        result: k.result.clone(),
+        n,
     }
-}
-
-#[derive(Serialize)]
-struct SummaryOut<'a> {
-    schema: &'static str,
-    gateway: &'a str,
-    site: &'a Site,
-    window: WindowOut,
-    rev: u32,
-    /// 1-based part number, when the summary is split (contract: "Upstream").
-    #[serde(skip_serializing_if = "Option::is_none")]
-    part: Option<usize>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    parts: Option<usize>,
-    counts: Vec<CountOut<'a>>,
-}
-
-#[derive(Serialize)]
-struct WindowOut {
-    start: String,
-    secs: u32,
-}
-
-#[derive(Serialize, Clone)]
-struct CountOut<'a> {
-    kind: Kind,
-    device: &'a str,
-    action: &'a str,
-    result: &'a str,
-    n: u64,
 }
 
 /// The `zhian.summary.v1` payload for revision `rev` of a window.
@@ -137,23 +99,19 @@ pub fn summary_parts(
     rev: u32,
     max_bytes: usize,
 ) -> Vec<Vec<u8>> {
-    let rows: Vec<CountOut> = w
+    let rows: Vec<Count> = w
         .counts
         .iter()
         .filter(|(_, n)| **n > 0)
-        .map(|(k, n)| CountOut {
-            kind: k.kind,
-            device: &k.device,
-            action: &k.action,
-            result: &k.result,
-            n: *n,
-        })
+        .map(|(k, n)| count_out(k, *n))
         .collect();
     let head = Head {
         gateway,
         site,
-        start: rfc3339_utc(w.start_ms),
-        secs: w.secs,
+        window: Window {
+            start: Timestamp(w.start_ms),
+            secs: w.secs,
+        },
         rev,
     };
     chunked(&head, rows, max_bytes)
@@ -166,27 +124,23 @@ pub fn summary_parts(
 struct Head<'a> {
     gateway: &'a str,
     site: &'a Site,
-    start: String,
-    secs: u32,
+    window: Window,
     rev: u32,
 }
 
 impl Head<'_> {
-    fn render(&self, counts: Vec<CountOut>, part: Option<(usize, usize)>) -> Vec<u8> {
-        serde_json::to_vec(&SummaryOut {
-            schema: "zhian.summary.v1",
-            gateway: self.gateway,
-            site: self.site,
-            window: WindowOut {
-                start: self.start.clone(),
-                secs: self.secs,
-            },
+    fn render(&self, counts: Vec<Count>, part: Option<(usize, usize)>) -> Vec<u8> {
+        Summary {
+            schema: SummaryV1,
+            gateway: self.gateway.to_string(),
+            site: self.site.clone(),
+            window: self.window,
             rev: self.rev,
-            part: part.map(|p| p.0),
-            parts: part.map(|p| p.1),
+            part: part.map(|p| p.0 as u32),
+            parts: part.map(|p| p.1 as u32),
             counts,
-        })
-        .expect("summary serializes")
+        }
+        .to_bytes()
     }
 }
 
@@ -199,7 +153,7 @@ pub struct SummaryPart {
 
 /// `rows` (sorted) as one payload when it fits `max_bytes`, else as parts `1..=n` of `n`, each
 /// at most `max_bytes` unless a single row alone is larger (it then travels alone).
-fn chunked(head: &Head, rows: Vec<CountOut>, max_bytes: usize) -> Vec<SummaryPart> {
+fn chunked(head: &Head, rows: Vec<Count>, max_bytes: usize) -> Vec<SummaryPart> {
     let all = rows.len();
     let whole = head.render(rows.clone(), None);
     if whole.len() <= max_bytes {
@@ -211,7 +165,7 @@ fn chunked(head: &Head, rows: Vec<CountOut>, max_bytes: usize) -> Vec<SummaryPar
     // The envelope of a part with the widest part numbers, and each row's bytes (plus a comma).
     let envelope = head.render(Vec::new(), Some((all, all))).len();
     let budget = max_bytes.saturating_sub(envelope).max(1);
-    let mut chunks: Vec<Vec<CountOut>> = vec![Vec::new()];
+    let mut chunks: Vec<Vec<Count>> = vec![Vec::new()];
     let mut used = 0;
     for row in rows {
         let len = serde_json::to_vec(&row).map_or(0, |v| v.len()) + 1;
@@ -239,35 +193,6 @@ fn chunked(head: &Head, rows: Vec<CountOut>, max_bytes: usize) -> Vec<SummaryPar
             payload: head.render(c, Some((i + 1, n))),
         })
         .collect()
-}
-
-/// A `zhian.summary.v1` payload read back.
-#[derive(Deserialize)]
-struct SummaryIn {
-    schema: String,
-    gateway: String,
-    #[serde(default)]
-    site: Site,
-    window: WindowIn,
-    rev: u32,
-    part: Option<usize>,
-    parts: Option<usize>,
-    counts: Vec<CountIn>,
-}
-
-#[derive(Deserialize, PartialEq, Eq)]
-struct WindowIn {
-    start: String,
-    secs: u32,
-}
-
-#[derive(Deserialize)]
-struct CountIn {
-    kind: Kind,
-    device: String,
-    action: String,
-    result: String,
-    n: u64,
 }
 
 /// Why payloads cannot be split again as one summary rev.
@@ -310,11 +235,8 @@ pub fn summary_part_of(payload: &[u8]) -> Option<(usize, usize)> {
 pub fn resplit(payloads: &[&[u8]], max_bytes: usize) -> Result<Vec<SummaryPart>, ResplitError> {
     let mut docs = Vec::with_capacity(payloads.len());
     for p in payloads {
-        let d: SummaryIn =
+        let d: Summary =
             serde_json::from_slice(p).map_err(|e| ResplitError::NotASummary(e.to_string()))?;
-        if d.schema != "zhian.summary.v1" {
-            return Err(ResplitError::NotASummary(format!("schema {}", d.schema)));
-        }
         docs.push(d);
     }
     let Some(first) = docs.first() else {
@@ -334,7 +256,7 @@ pub fn resplit(payloads: &[&[u8]], max_bytes: usize) -> Result<Vec<SummaryPart>,
         }
         match (d.part, d.parts) {
             (None, None) if n == 1 => numbers.push(1),
-            (Some(p), Some(of)) if of == n => numbers.push(p),
+            (Some(p), Some(of)) if of as usize == n => numbers.push(p as usize),
             (p, of) => {
                 return Err(ResplitError::NotOneRev(format!(
                     "part {p:?} of {of:?} among {n} payloads"
@@ -346,20 +268,14 @@ pub fn resplit(payloads: &[&[u8]], max_bytes: usize) -> Result<Vec<SummaryPart>,
     if numbers != (1..=n).collect::<Vec<_>>() {
         return Err(ResplitError::NotOneRev(format!("parts {numbers:?} of {n}")));
     }
-    let mut rows: Vec<CountOut> = docs
+    let mut rows: Vec<Count> = docs
         .iter()
         .flat_map(|d| d.counts.iter())
         .filter(|c| c.n > 0)
-        .map(|c| CountOut {
-            kind: c.kind,
-            device: &c.device,
-            action: &c.action,
-            result: &c.result,
-            n: c.n,
-        })
+        .cloned()
         .collect();
-    fn key<'a>(c: &CountOut<'a>) -> (Kind, &'a str, &'a str, &'a str) {
-        (c.kind, c.device, c.action, c.result)
+    fn key(c: &Count) -> (&str, &str, &str, &str) {
+        (&c.kind, &c.device, &c.action, &c.result)
     }
     rows.sort_by(|a, b| key(a).cmp(&key(b)));
     if rows.windows(2).any(|w| key(&w[0]) == key(&w[1])) {
@@ -368,36 +284,24 @@ pub fn resplit(payloads: &[&[u8]], max_bytes: usize) -> Result<Vec<SummaryPart>,
     let head = Head {
         gateway: &first.gateway,
         site: &first.site,
-        start: first.window.start.clone(),
-        secs: first.window.secs,
+        window: first.window,
         rev: first.rev,
     };
     Ok(chunked(&head, rows, max_bytes))
 }
 
-#[derive(Serialize)]
-struct AlertOut<'a> {
-    schema: &'static str,
-    gateway: &'a str,
-    kind: Kind,
-    device: &'a str,
-    action: &'a str,
-    id: &'a str,
-    ts: String,
-}
-
 /// The `zhian.alert.v1` payload for a camera incident. Carries no subject.
 pub fn alert_json(gateway: &str, e: &Event) -> Vec<u8> {
-    let out = AlertOut {
-        schema: "zhian.alert.v1",
-        gateway,
-        kind: e.kind,
-        device: &e.device,
-        action: &e.action,
-        id: &e.id,
-        ts: rfc3339_utc(e.ts_ms),
-    };
-    serde_json::to_vec(&out).expect("alert serializes")
+    zhian_proto::Alert {
+        schema: zhian_proto::AlertV1,
+        gateway: gateway.to_string(),
+        kind: e.kind.as_str().to_string(),
+        device: e.device.clone(),
+        action: e.action.clone(),
+        id: e.id.clone(),
+        ts: Timestamp(e.ts_ms),
+    }
+    .to_bytes()
 }
 
 #[cfg(test)]
