@@ -64,7 +64,7 @@ fn a_resident_goes_silent_and_is_seen_again_across_a_restart() {
         ),
     )
     .unwrap();
-    let check = Command::new(env!("CARGO_BIN_EXE_zhian-gateway"))
+    let check = Command::new(common::gateway_bin())
         .args(["check-config", "--config"])
         .arg(&cfg)
         .output()

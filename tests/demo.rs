@@ -22,14 +22,17 @@ fn get(path: &str) -> Option<String> {
 #[test]
 fn demo_site_fills_its_status_page() {
     let dir = tempfile::tempdir().unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_zhian-gateway"))
-        .args(["demo", "--data-dir"])
-        .arg(dir.path())
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = Command::new(
+        std::env::var_os("ZHIAN_GATEWAY_BIN")
+            .unwrap_or_else(|| env!("CARGO_BIN_EXE_zhian-gateway").into()),
+    )
+    .args(["demo", "--data-dir"])
+    .arg(dir.path())
+    .env("RUST_LOG", "warn")
+    .stdout(Stdio::piped())
+    .stderr(Stdio::null())
+    .spawn()
+    .unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut last = serde_json::Value::Null;
     let ok = loop {

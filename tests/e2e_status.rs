@@ -1023,7 +1023,7 @@ fn basic_auth_and_non_loopback_rule() {
     // hash-password: one line on stdin, a PHC argon2 string on stdout.
     let (status, stdout, stderr) = run_with_timeout(
         {
-            let mut cmd = Command::new(env!("CARGO_BIN_EXE_zhian-gateway"));
+            let mut cmd = Command::new(common::gateway_bin());
             cmd.arg("hash-password");
             cmd
         },

@@ -27,11 +27,14 @@ fn engine() -> Engine {
 }
 
 fn inspect(dir: &std::path::Path) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_zhian-gateway"))
-        .args(["inspect", "--json", "--data-dir"])
-        .arg(dir)
-        .output()
-        .unwrap()
+    Command::new(
+        std::env::var_os("ZHIAN_GATEWAY_BIN")
+            .unwrap_or_else(|| env!("CARGO_BIN_EXE_zhian-gateway").into()),
+    )
+    .args(["inspect", "--json", "--data-dir"])
+    .arg(dir)
+    .output()
+    .unwrap()
 }
 
 #[test]

@@ -284,7 +284,7 @@ fn run_check(cfg_text: &str, scratch: &Path) -> (i32, String) {
     let mut all = String::new();
     let mut code = 0;
     for cmd in ["check-config", "run"] {
-        let out = Command::new(env!("CARGO_BIN_EXE_zhian-gateway"))
+        let out = Command::new(common::gateway_bin())
             .args([cmd, "--config"])
             .arg(&cfg)
             .output()
@@ -337,7 +337,7 @@ fn secrets_never_reach_an_error_and_no_client_forges_a_log_line() {
     // An environment password is redacted in check-config's effective config.
     let cfg = scratch.path().join("ok.toml");
     fs::write(&cfg, &base).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_zhian-gateway"))
+    let out = Command::new(common::gateway_bin())
         .args(["check-config", "--config"])
         .arg(&cfg)
         .env("ZHIAN_UPSTREAM__PASSWORD", "TopSecret3")

@@ -402,7 +402,7 @@ fn check_config_names_what_installers_get_wrong() {
         fs::set_permissions(&cfg, fs::Permissions::from_mode(0o644)).unwrap();
         let out = std::process::Command::new("setpriv")
             .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups"])
-            .arg(env!("CARGO_BIN_EXE_zhian-gateway"))
+            .arg(common::gateway_bin())
             .args(["check-config", "--quiet", "--config"])
             .arg(&cfg)
             .output()

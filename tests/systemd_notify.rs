@@ -21,15 +21,18 @@ fn notifies_ready_watchdog_and_stopping() {
         ),
     )
     .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_zhian-gateway"))
-        .args(["run", "--config"])
-        .arg(&cfg)
-        .env("NOTIFY_SOCKET", &sock_path)
-        .env("WATCHDOG_USEC", "1000000")
-        .env_remove("WATCHDOG_PID")
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = Command::new(
+        std::env::var_os("ZHIAN_GATEWAY_BIN")
+            .unwrap_or_else(|| env!("CARGO_BIN_EXE_zhian-gateway").into()),
+    )
+    .args(["run", "--config"])
+    .arg(&cfg)
+    .env("NOTIFY_SOCKET", &sock_path)
+    .env("WATCHDOG_USEC", "1000000")
+    .env_remove("WATCHDOG_PID")
+    .stderr(Stdio::null())
+    .spawn()
+    .unwrap();
     let mut got: Vec<String> = Vec::new();
     let mut buf = [0u8; 512];
     let deadline = Instant::now() + Duration::from_secs(10);

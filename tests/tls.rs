@@ -104,7 +104,7 @@ fn both_links_over_mutual_tls_with_passwords_from_files_and_credentials_count_ex
     fs::write(&cfg, cfg_text).unwrap();
     let creds_s = creds.display().to_string();
     // check-config sees the same credentials and never prints a password.
-    let out = Command::new(env!("CARGO_BIN_EXE_zhian-gateway"))
+    let out = Command::new(common::gateway_bin())
         .args(["check-config", "--config"])
         .arg(&cfg)
         .env("CREDENTIALS_DIRECTORY", &creds_s)

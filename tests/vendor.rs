@@ -97,7 +97,7 @@ fn map_shows_each_sample_as_the_gateway_would_count_it() {
         ),
     ];
     for (topic, file, want) in cases {
-        let out = Command::new(env!("CARGO_BIN_EXE_zhian-gateway"))
+        let out = Command::new(common::gateway_bin())
             .args(["map", "--config", EXAMPLES, "--topic", topic, "--payload"])
             .arg(Path::new(FIXTURES).join(file))
             .output()
@@ -123,7 +123,7 @@ fn map_shows_each_sample_as_the_gateway_would_count_it() {
         }
     }
     // The intercom's local time is read in the site's zone (+08:00).
-    let out = Command::new(env!("CARGO_BIN_EXE_zhian-gateway"))
+    let out = Command::new(common::gateway_bin())
         .args([
             "map",
             "--config",
@@ -320,7 +320,7 @@ fn sample(name: &str, now_ms: i64) -> Vec<u8> {
 
 /// `map` on a sample: the parsed output and the exit code.
 fn map_cli(topic: &str, file: &str) -> (Value, Option<i32>) {
-    let out = Command::new(env!("CARGO_BIN_EXE_zhian-gateway"))
+    let out = Command::new(common::gateway_bin())
         .args(["map", "--config", EXAMPLES, "--topic", topic, "--payload"])
         .arg(Path::new(FIXTURES).join(file))
         .output()

@@ -59,6 +59,14 @@ const PUBLISH_WINDOW: usize = 500;
 // ---------------------------------------------------------------------------------------------
 
 /// A TCP port that was free a moment ago (bind 127.0.0.1:0, read the port, drop the listener).
+/// The gateway binary under test: `ZHIAN_GATEWAY_BIN` when set (the test command points it at
+/// the box build, `--no-default-features --features box`, which the `.deb` ships), else the one
+/// cargo built for this test (default features).
+pub fn gateway_bin() -> std::ffi::OsString {
+    std::env::var_os("ZHIAN_GATEWAY_BIN")
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_zhian-gateway").into())
+}
+
 pub fn free_port() -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
     listener.local_addr().expect("local address").port()
@@ -348,7 +356,7 @@ impl Drop for Mosquitto {
 // ---------------------------------------------------------------------------------------------
 
 fn gateway_command() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_zhian-gateway"));
+    let mut cmd = Command::new(gateway_bin());
     // Configuration must come from the file only: drop any ZHIAN_* overrides of the caller.
     for (key, _) in std::env::vars_os() {
         if key.to_string_lossy().starts_with("ZHIAN_") {
