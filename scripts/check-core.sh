@@ -14,3 +14,16 @@ for crate in zhian-core zhian-proto; do
   fi
   echo "$crate: $(printf '%s\n' "$tree" | awk '{print $1}' | sort -u | wc -l) crates in its tree, none of tokio, redb or a network crate"
 done
+# Module floors inside the gateway crate (no cycles): config is the floor (it imports no module
+# that reads a config), and stats (the shared counters) imports no module that reads stats.
+floor() { # floor DIR_OR_FILE MODULES...
+  local what=$1; shift
+  local pat; pat=$(printf 'crate::%s\\b|' "$@"); pat=${pat%|}
+  if grep -rnE "$pat" "$what" | grep -vE "^[^:]+:[0-9]+:\s*//"; then
+    echo "check-core.sh: $what imports a module above it ($*)"
+    exit 1
+  fi
+}
+floor src/config store stats health committer forwarder ingest status district preflight
+floor src/stats.rs health committer forwarder ingest status
+echo "module floors: config imports no module above it; stats imports neither health nor a task"

@@ -12,7 +12,6 @@
 //! forgets the devices that no longer map, and the installer can forget devices by name
 //! (`zhian-gateway devices forget`); see `crate::devices`.
 
-use crate::config::Health;
 use crate::core::event::Kind;
 use crate::stats::Stats;
 use serde::Serialize;
@@ -20,71 +19,6 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
-
-/// The `[health]` rules in the form lookups want (ms).
-#[derive(Debug, Clone)]
-pub struct Cadence {
-    default_ms: i64,
-    kinds: [Option<i64>; 3],
-    /// Lower-cased device id -> ms.
-    devices: HashMap<String, i64>,
-    pub forget_after_ms: i64,
-    pub link_grace_ms: i64,
-    /// `health.max_devices`.
-    pub max_devices: usize,
-}
-
-fn kind_slot(k: Kind) -> usize {
-    match k {
-        Kind::Access => 0,
-        Kind::Camera => 1,
-        Kind::Vehicle => 2,
-    }
-}
-
-impl Default for Cadence {
-    fn default() -> Self {
-        Cadence::new(&Health::default())
-    }
-}
-
-impl Cadence {
-    pub fn new(h: &Health) -> Self {
-        let ms = |d: &crate::config::Dur| d.0.as_millis() as i64;
-        let mut kinds = [None; 3];
-        for (k, d) in &h.kinds {
-            if let Some(k) = Kind::parse(k) {
-                kinds[kind_slot(k)] = Some(ms(d));
-            }
-        }
-        Cadence {
-            default_ms: ms(&h.silence),
-            kinds,
-            devices: h
-                .devices
-                .iter()
-                .map(|(k, d)| (k.to_ascii_lowercase(), ms(d)))
-                .collect(),
-            forget_after_ms: ms(&h.forget_after),
-            link_grace_ms: ms(&h.link_grace),
-            max_devices: h.max_devices as usize,
-        }
-    }
-
-    /// How long `device` may be silent before it is offline (ms).
-    pub fn silence_ms(&self, kind: Kind, device: &str) -> i64 {
-        self.devices
-            .get(&device.to_ascii_lowercase())
-            .copied()
-            .or(self.kinds[kind_slot(kind)])
-            .unwrap_or(self.default_ms)
-    }
-
-    /// The one "online" rule for an MQTT device last seen at `last_seen_ms` (0: never).
-    pub fn online(&self, kind: Kind, device: &str, last_seen_ms: i64, now_ms: i64) -> bool {
-        last_seen_ms > 0 && now_ms - last_seen_ms <= self.silence_ms(kind, device)
-    }
-}
 
 /// One device as every surface shows it.
 #[derive(Debug, Clone, Serialize)]
@@ -240,24 +174,6 @@ pub async fn watch(stats: Arc<Stats>, stop: CancellationToken) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Dur;
-
-    #[test]
-    fn the_cadence_is_per_device_then_per_kind_then_the_default() {
-        let mut h = Health::default();
-        h.kinds
-            .insert("camera".into(), Dur(Duration::from_secs(86_400)));
-        h.devices
-            .insert("Gate-East".into(), Dur(Duration::from_secs(7_200)));
-        let c = Cadence::new(&h);
-        assert_eq!(c.silence_ms(Kind::Access, "door-1"), 900_000);
-        assert_eq!(c.silence_ms(Kind::Camera, "cam-1"), 86_400_000);
-        assert_eq!(c.silence_ms(Kind::Vehicle, "gate-east"), 7_200_000);
-        let now = 1_800_000_000_000;
-        assert!(c.online(Kind::Camera, "cam-1", now - 3_600_000, now));
-        assert!(!c.online(Kind::Access, "door-1", now - 3_600_000, now));
-        assert!(!c.online(Kind::Access, "door-1", 0, now), "never seen");
-    }
 
     #[test]
     fn offline_devices_come_first_and_the_forgotten_are_left_out() {

@@ -26,6 +26,7 @@ pub mod link;
 pub mod logfmt;
 pub mod modbus;
 pub mod mqtt;
+pub mod preflight;
 pub mod stats;
 pub mod status;
 pub mod store;
@@ -242,7 +243,7 @@ pub async fn run_with_reload(
     });
     if cfg.privacy.subjects != config::SubjectMode::Drop || !cfg.care.residents.is_empty() {
         let dir = cfg.privacy.key_dir(&cfg.gateway.data_dir);
-        if config::start::resolves_inside(&dir, &cfg.gateway.data_dir) {
+        if preflight::resolves_inside(&dir, &cfg.gateway.data_dir) {
             return Err(RunError::Keys(keys::KeyError {
                 path: dir,
                 what: "is inside gateway.data_dir once symlinks are followed (a backup of the data dir would hold the keys)",
@@ -300,7 +301,7 @@ pub async fn run_with_reload(
     };
     let stats = Arc::new(Stats::default());
     *stats.quarantined.lock().expect("lock") = quarantined;
-    stats.set_cadence(health::Cadence::new(&cfg.health));
+    stats.set_cadence(config::Cadence::new(&cfg.health));
     // Devices known once stay known across restarts.
     for (kind, device, last_seen) in store.devices()? {
         stats.remember_device(kind, &device, last_seen);
@@ -471,7 +472,7 @@ pub async fn run_with_reload(
                     tracing::info!(devices = new.modbus.devices.len(), "reload: Modbus devices applied");
                 }
                 if toml::Value::try_from(&new.health).ok() != toml::Value::try_from(&running.health).ok() {
-                    stats.set_cadence(health::Cadence::new(&new.health));
+                    stats.set_cadence(config::Cadence::new(&new.health));
                     tracing::info!("reload: [health] applied");
                 }
                 if restart.is_empty() {

@@ -114,7 +114,7 @@ fn load(path: Option<PathBuf>, start_needs: bool) -> Result<config::Config, Exit
     config::load(&path, explicit)
         .and_then(|cfg| {
             let problems = if start_needs {
-                config::check_start_needs(&cfg)
+                zhian_gateway::preflight::check_start_needs(&cfg)
             } else {
                 Vec::new()
             };

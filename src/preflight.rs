@@ -3,14 +3,14 @@
 //! file a key names is readable; all as the user running the check. `sudo -u zhian
 //! zhian-gateway check-config` therefore answers for the service user.
 
-use super::{problem, Config, Problem};
+use crate::config::{problem, Config, Problem};
 use std::path::Path;
 
 /// Problems with the data dir and the files the config names, one per key.
 pub fn check_start_needs(c: &Config) -> Vec<Problem> {
     let mut p = Vec::new();
     check_data_dir(&c.gateway.data_dir, &mut p);
-    if (c.privacy.subjects != super::SubjectMode::Drop || !c.care.residents.is_empty())
+    if (c.privacy.subjects != crate::config::SubjectMode::Drop || !c.care.residents.is_empty())
         && c.gateway.data_dir.is_absolute()
         && c.privacy.key_dir.as_ref().is_none_or(|k| k.is_absolute())
     {

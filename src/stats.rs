@@ -149,7 +149,7 @@ pub struct Stats {
     /// What is wrong with the site (device) broker's answer to our subscription, if anything.
     site_problem: Mutex<Option<String>>,
     /// The `[health]` rules (replaced on SIGHUP).
-    cadence: std::sync::RwLock<std::sync::Arc<crate::health::Cadence>>,
+    cadence: std::sync::RwLock<std::sync::Arc<crate::config::Cadence>>,
     /// Per link ("site", "district"): connected or not, since when, why.
     links: Mutex<BTreeMap<&'static str, LinkState>>,
     /// Per link ("site", "district"): a connection failure that needs an operator.
@@ -603,7 +603,7 @@ impl Stats {
     }
 
     /// The `[health]` rules in force.
-    pub fn cadence(&self) -> std::sync::Arc<crate::health::Cadence> {
+    pub fn cadence(&self) -> std::sync::Arc<crate::config::Cadence> {
         self.cadence.read().expect("cadence lock").clone()
     }
 
@@ -618,7 +618,7 @@ impl Stats {
     }
 
     /// Put new `[health]` rules in force (start, SIGHUP).
-    pub fn set_cadence(&self, c: crate::health::Cadence) {
+    pub fn set_cadence(&self, c: crate::config::Cadence) {
         *self.cadence.write().expect("cadence lock") = std::sync::Arc::new(c);
     }
 

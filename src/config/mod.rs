@@ -9,8 +9,8 @@
 //! smaller sections' types and defaults), `care.rs`, `health.rs`, `modbus.rs` (a section each:
 //! types, defaults and validation together), `sources.rs` (`[[mqtt.sources]]`, compiled into
 //! core mapping rules), `load.rs` (layering, secrets, error translation, check-config's notes),
-//! `validate.rs` (the rules serde cannot check, across sections), `start.rs` (what a start
-//! needs from the machine: ports, dirs, devices), `tests.rs`.
+//! `validate.rs` (the rules serde cannot check, across sections), `tests.rs`. What a start needs
+//! from the machine (dirs, key dir, files) is `crate::preflight`, above both config and store.
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::collections::BTreeMap;
@@ -44,7 +44,6 @@ mod load;
 mod modbus;
 mod sections;
 pub mod sources;
-pub mod start;
 mod validate;
 mod values;
 
@@ -54,7 +53,6 @@ pub use load::*;
 pub use modbus::*;
 pub use sections::*;
 pub use sources::{FieldCfg, SourceCfg};
-pub use start::check_start_needs;
 pub use validate::*;
 pub use values::*;
 
