@@ -7,15 +7,14 @@
 //! `offline` over `online`) whatever order the messages arrive in.
 //!
 //! On disk: `<data_dir>/upstream.epoch`, one decimal number and a newline, replaced atomically
-//! (written to a temporary file, fsync'd, renamed over, the directory fsync'd) before the
-//! connection that uses it is opened. The next epoch is `max(last + 1, now in Unix seconds)`: the
-//! clock floor keeps a box whose data dir was wiped or replaced (a fresh store) above every epoch
-//! its earlier life used, as long as its clock was right; the `last + 1` keeps it increasing when
-//! the clock steps back. Kept outside the redb store, which has one writer (the committer): this
-//! file has one writer too, the forwarder.
+//! ([`crate::durable_file`]: written to a temporary file, fsync'd, renamed over, the directory
+//! fsync'd) before the connection that uses it is opened. The next epoch is
+//! `max(last + 1, now in Unix seconds)`: the clock floor keeps a box whose data dir was wiped or
+//! replaced (a fresh store) above every epoch its earlier life used, as long as its clock was
+//! right; the `last + 1` keeps it increasing when the clock steps back. Kept outside the redb
+//! store, which has one writer (the committer): this file has one writer too, the forwarder.
 
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 /// File name of the epoch in the data dir.
@@ -62,15 +61,7 @@ impl Epochs {
     }
 
     fn persist(&self, epoch: u64) -> std::io::Result<()> {
-        let dir = self.path.parent().unwrap_or(Path::new("."));
-        let tmp = dir.join(format!("{FILE_NAME}.tmp"));
-        {
-            let mut f = fs::File::create(&tmp)?;
-            f.write_all(format!("{epoch}\n").as_bytes())?;
-            f.sync_all()?;
-        }
-        fs::rename(&tmp, &self.path)?;
-        fs::File::open(dir)?.sync_all()
+        crate::durable_file::write(&self.path, format!("{epoch}\n").as_bytes())
     }
 }
 

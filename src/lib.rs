@@ -17,6 +17,7 @@ pub mod demo;
 pub mod devices;
 #[cfg(feature = "district")]
 pub mod district;
+pub mod durable_file;
 pub mod epoch;
 pub mod forwarder;
 pub mod health;
