@@ -48,12 +48,33 @@ pub(crate) fn catch<T>(f: impl FnOnce() -> T) -> Result<T, String> {
 
 /// Open (or create) the redb file at `path` for writing, checking every page.
 pub(crate) fn create_db(path: &Path) -> Result<Database, StoreError> {
+    open_with(path, |b| b.create(path))
+}
+
+/// As [`create_db`], on the storage `backend` instead of the file (power-cut tests: the same
+/// settings, checks and errors; `path` only names it in errors).
+#[cfg(test)]
+pub(crate) fn create_db_on(
+    path: &Path,
+    backend: impl redb::StorageBackend,
+) -> Result<Database, StoreError> {
+    open_with(path, |b| b.create_with_backend(backend))
+}
+
+/// Open with the store's settings (cache, integrity check on open) through `open`, a panic in
+/// redb caught, and every failure that is not "busy" or "the disk failed" made
+/// [`StoreError::Damaged`].
+fn open_with(
+    path: &Path,
+    open: impl FnOnce(&redb::Builder) -> Result<Database, redb::DatabaseError>,
+) -> Result<Database, StoreError> {
     let damaged = |reason: String| StoreError::Damaged {
         path: path.to_path_buf(),
         reason,
     };
     let opened = catch(|| {
-        Database::builder()
+        let mut builder = Database::builder();
+        builder
             .set_cache_size(super::CACHE_BYTES)
             .set_check_integrity_on_open(true)
             .set_repair_callback(|s| {
@@ -63,8 +84,8 @@ pub(crate) fn create_db(path: &Path) -> Result<Database, StoreError> {
                     progress = format!("{:.0}%", s.progress() * 100.0),
                     "store: checking every page"
                 );
-            })
-            .create(path)
+            });
+        open(&builder)
     });
     match opened {
         Ok(Ok(db)) => Ok(db),

@@ -58,6 +58,8 @@
 //!   open (or redb panics, which is caught) instead of being trusted.
 
 mod care;
+#[cfg(test)]
+mod crash;
 pub mod damage;
 mod days;
 pub mod pressure;
@@ -268,6 +270,32 @@ impl Store {
         })?;
         let path = data_dir.join(FILE_NAME);
         let db = damage::create_db(&path)?;
+        Self::open_db(data_dir, path, db, subjects, dedup_ttl_ms)
+    }
+
+    /// As [`Store::open_with_ttl`], on the storage `backend` instead of the file in `data_dir`
+    /// (power-cut tests, [`crash`]): the same settings and checks ([`damage::create_db_on`]),
+    /// the same writer start. `data_dir` only names the store.
+    #[cfg(test)]
+    pub(crate) fn open_on_backend(
+        data_dir: &Path,
+        backend: impl redb::StorageBackend,
+        subjects: crate::config::SubjectMode,
+        dedup_ttl_ms: Option<u64>,
+    ) -> Result<(std::sync::Arc<Store>, StoreWriter), StoreError> {
+        let path = data_dir.join(FILE_NAME);
+        let db = damage::create_db_on(&path, backend)?;
+        Self::open_db(data_dir, path, db, subjects, dedup_ttl_ms)
+    }
+
+    /// The read side and the writer over an opened database.
+    fn open_db(
+        data_dir: &Path,
+        path: PathBuf,
+        db: Database,
+        subjects: crate::config::SubjectMode,
+        dedup_ttl_ms: Option<u64>,
+    ) -> Result<(std::sync::Arc<Store>, StoreWriter), StoreError> {
         let store = std::sync::Arc::new(Store {
             db: RwLock::new(Some(Db::ReadWrite(db))),
             path,
