@@ -158,9 +158,22 @@ pub fn quarantine(path: &Path, now_ms: i64) -> Result<PathBuf, StoreError> {
     Ok(to)
 }
 
-/// True when the file holds nothing at all: empty, or only zero bytes (what an open that failed
-/// on a full disk leaves: the file was sized but never written). Such a file is no store and
-/// no damage: it is removed and created again. Files over 64 MiB are not read to find out.
+/// redb writes its magic number in the first bytes of a file it creates, and this is the page
+/// its header lives in.
+const MAGIC_BYTES: usize = 9;
+const HEADER_PAGE: u64 = 4096;
+
+/// True when the file holds no store and never did, so removing it loses nothing:
+/// - empty, or only zero bytes (what an open that failed on a full disk leaves: the file was
+///   sized but never written);
+/// - a store whose creation never finished: redb sizes a new file, writes and syncs its header
+///   *without* the magic number, and only then writes the magic number and syncs again. A power
+///   cut between the two leaves a header with no magic number and zeros past it, which redb
+///   then refuses ("Not a redb database"). No transaction commits before the magic number is
+///   on disk, and every commit writes past the header page, so such a file never held data.
+///
+/// A store that lost its first bytes to damage still holds its pages past the header: that is
+/// not this, and is quarantined. Files over 64 MiB are not read to find out.
 fn never_written(path: &Path) -> bool {
     use std::io::Read;
     let Ok(mut f) = std::fs::File::open(path) else {
@@ -170,12 +183,22 @@ fn never_written(path: &Path) -> bool {
         return false;
     }
     let mut buf = vec![0u8; 64 << 10];
+    let mut at = 0u64;
     loop {
-        match f.read(&mut buf) {
+        let n = match f.read(&mut buf) {
             Ok(0) => return true,
-            Ok(n) if buf[..n].iter().all(|b| *b == 0) => {}
-            _ => return false,
+            Ok(n) => n,
+            Err(_) => return false,
+        };
+        for (i, b) in buf[..n].iter().enumerate() {
+            let offset = at + i as u64;
+            // The header redb wrote before its magic number may hold anything.
+            let header = offset >= MAGIC_BYTES as u64 && offset < HEADER_PAGE;
+            if *b != 0 && !header {
+                return false;
+            }
         }
+        at += n as u64;
     }
 }
 
@@ -191,7 +214,7 @@ pub fn open_or_quarantine(
     match Store::open_with_ttl(data_dir, subjects, dedup_ttl_ms) {
         Ok((s, w)) => Ok((s, w, None)),
         Err(StoreError::Damaged { path, .. }) if never_written(&path) => {
-            tracing::warn!(file = %path.display(), "store file holds nothing (an earlier start ran out of disk?): creating it again");
+            tracing::warn!(file = %path.display(), "store file holds nothing (an earlier start ran out of disk, or lost power while creating it?): creating it again");
             std::fs::remove_file(&path).map_err(|source| StoreError::Io {
                 what: "cannot remove the empty",
                 path: path.clone(),

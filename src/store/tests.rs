@@ -720,3 +720,51 @@ fn daily_distinct_counts_follow_a_model_across_late_events_and_reopen() {
         0
     );
 }
+
+/// A power cut while redb creates the file (the daemon's first start, or the one after a
+/// quarantine) leaves its header synced without the magic number, which redb then refuses.
+/// That file never held a store: the next start creates it again instead of quarantining it
+/// (or, with `on_damage = "refuse"`, refusing to start). A store that lost its magic number to
+/// damage still holds pages past its header and is moved aside as before.
+#[test]
+fn a_power_cut_while_the_file_is_created_is_no_damage() {
+    use super::crash::{CrashDisk, Cut};
+    use crate::config::OnDamage;
+    let dir = tempfile::tempdir().unwrap();
+    // redb's second sync writes the magic number: cut there.
+    let disk = CrashDisk::cut_at(2, Cut::Drop);
+    assert!(Store::open_on_backend(dir.path(), disk.clone(), SubjectMode::Hashed, None).is_err());
+    let image = disk.survived().unwrap();
+    assert!(image.len() > 4096 && image[..9] == [0; 9]);
+    assert!(
+        image[..4096].iter().any(|b| *b != 0),
+        "a header was written"
+    );
+    let file = dir.path().join(FILE_NAME);
+    std::fs::write(&file, &image).unwrap();
+    let (s, mut w, q) =
+        damage::open_or_quarantine(dir.path(), SubjectMode::Hashed, OnDamage::Refuse, 0, None)
+            .unwrap();
+    assert!(q.is_none() && damage::quarantined(dir.path()).is_empty());
+    let now = 1_000_000_000;
+    w.commit(&engine(), &[&ev("a", now)], &[], now, None)
+        .unwrap();
+    drop((s, w));
+
+    // The same first bytes zeroed in a store that holds data: damaged.
+    let mut bytes = std::fs::read(&file).unwrap();
+    bytes[..9].fill(0);
+    std::fs::write(&file, bytes).unwrap();
+    let refused =
+        damage::open_or_quarantine(dir.path(), SubjectMode::Hashed, OnDamage::Refuse, 0, None);
+    assert!(matches!(refused, Err(StoreError::Damaged { .. })));
+    let (_s, _w, q) = damage::open_or_quarantine(
+        dir.path(),
+        SubjectMode::Hashed,
+        OnDamage::Quarantine,
+        0,
+        None,
+    )
+    .unwrap();
+    assert!(q.is_some());
+}
