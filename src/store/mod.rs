@@ -416,4 +416,6 @@ pub const CLASS_SUMMARY: u8 = 1;
 pub const CLASS_PARKED: u8 = 2;
 
 #[cfg(test)]
+mod crash_sweep;
+#[cfg(test)]
 mod tests;
