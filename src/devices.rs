@@ -11,12 +11,12 @@
 //!
 //! **Requests.** The status page is read-only and the daemon holds the store's lock, so an
 //! installer's request travels as a file in the data dir: the command writes
-//! `devices-request-<id>.json` (atomically: a temporary name, then a rename), the committer
-//! picks it up on its next tick (at most a second), acts, writes `devices-request-<id>.answer`
-//! and removes the request; the command prints the answer and removes it. A request made while
-//! the daemon is stopped waits there and is applied when it starts (the command says so after
-//! [`ANSWER_WAIT`] and exits 75). Only root and the service user can write the data dir, which
-//! is also who may change the store.
+//! `devices-request-<id>.json` (durably, through a temporary name: [`crate::durable_file`]),
+//! the committer picks it up on its next tick (at most a second), acts, writes
+//! `devices-request-<id>.answer` (the same way) and removes the request; the command prints the
+//! answer and removes it. A request made while the daemon is stopped waits there and is applied
+//! when it starts (the command says so after [`ANSWER_WAIT`] and exits 75). Only root and the
+//! service user can write the data dir, which is also who may change the store.
 
 use crate::config::sources::SourceCfg;
 use crate::core::devices::{pattern_names, split_key};
@@ -201,9 +201,10 @@ pub fn pending_requests(data_dir: &Path) -> Vec<(PathBuf, Result<Request, String
 /// Write the answer beside `request` and remove the request.
 pub fn answer(request: &Path, answer: &Answer) -> std::io::Result<()> {
     let target = request.with_extension("answer");
-    let tmp = request.with_extension("answer.tmp");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(answer).unwrap_or_default())?;
-    std::fs::rename(&tmp, &target)?;
+    crate::durable_file::write(
+        &target,
+        &serde_json::to_vec_pretty(answer).unwrap_or_default(),
+    )?;
     std::fs::remove_file(request)
 }
 
@@ -218,11 +219,9 @@ pub fn cli(data_dir: &Path, req: Request, json: bool) -> u8 {
         std::process::id()
     );
     let path = data_dir.join(format!("{id}.json"));
-    let tmp = data_dir.join(format!("{id}.json.tmp"));
-    let written = std::fs::write(&tmp, serde_json::to_vec(&req).unwrap_or_default())
-        .and_then(|_| std::fs::rename(&tmp, &path));
+    let written = crate::durable_file::write(&path, &serde_json::to_vec(&req).unwrap_or_default());
     if let Err(e) = written {
-        let _ = std::fs::remove_file(&tmp);
+        let _ = std::fs::remove_file(crate::durable_file::tmp_path(&path));
         eprintln!(
             "cannot write the request into {}: {e} (run as root or as the service user)",
             data_dir.display()

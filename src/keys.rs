@@ -29,8 +29,8 @@
 //!   unreadable wherever their bytes linger (redb's freed pages, a backup, worn flash cells).
 //! - A key is never made for a day whose key may already have been destroyed: such an event's
 //!   subject is not stored (`None`), rather than keyed with a fresh key.
-//! - A key is on disk (file and directory synced) before the first subject protected with it
-//!   is committed, so a restart keys the rest of the day the same way.
+//! - A key is on disk (file and directory synced: [`crate::durable_file`]) before the first
+//!   subject protected with it is committed, so a restart keys the rest of the day the same way.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -311,7 +311,7 @@ impl SubjectKeys {
         }
         if let Some(dir) = &self.dir {
             let path = dir.join(family.file_name(p));
-            if let Err(e) = write_key(dir, &path, &key) {
+            if let Err(e) = write_key(&path, &key) {
                 self.warn_once(&format!("cannot write {}: {e}", path.display()));
                 return None;
             }
@@ -387,7 +387,7 @@ impl SubjectKeys {
                     .recursive(true)
                     .mode(0o700)
                     .create(&dir)
-                    .and_then(|_| write_key(&dir, &path, key));
+                    .and_then(|_| write_key(&path, key));
                 match made {
                     Ok(()) => restored.push(family.file_name(*p)),
                     Err(e) => {
@@ -461,21 +461,9 @@ pub fn day_label(p: i64) -> String {
     }
 }
 
-fn write_key(dir: &Path, path: &Path, key: &[u8; 32]) -> std::io::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
-    {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        f.write_all(key)?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)?;
-    std::fs::File::open(dir)?.sync_all()
+/// Write a key file durably, 0600 from its creation ([`crate::durable_file`]).
+fn write_key(path: &Path, key: &[u8; 32]) -> std::io::Result<()> {
+    crate::durable_file::write_private(path, key)
 }
 
 /// Overwrite a key file with zeros, sync, remove it and sync its directory. Best effort: a
