@@ -27,13 +27,16 @@ use crate::stats::LinkChange;
 use crate::stats::Stats;
 use crate::store::{OutboxKey, OutboxRecordV1, OutboxTopic, Store, CLASS_ALERT, CLASS_SUMMARY};
 use rumqttc::{AsyncClient, Event, Incoming, LastWill, Outgoing, QoS};
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use session::{PacketLimit, Pub, Queued, Refusals, Sent, Session};
+use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 use zhian_proto::{self as proto, Message};
+
+mod session;
 
 pub struct Forwarder {
     pub cfg: Arc<Config>,
@@ -59,81 +62,6 @@ pub const MIN_LEARNED_PACKET: usize = 1024;
 /// topic length 2, packet id 2.
 const PUBLISH_OVERHEAD: usize = 9;
 
-/// The district broker's packet limit as far as this process knows it: `upstream.max_packet_size`
-/// (summaries are issued split under it) or, once the broker closed the connection on a larger
-/// publish, a smaller limit learned from that.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct PacketLimit {
-    configured: usize,
-    learned: Option<usize>,
-}
-
-impl PacketLimit {
-    fn current(&self) -> usize {
-        self.learned.unwrap_or(self.configured)
-    }
-
-    /// The broker closed the connection with a publish of `refused` packet bytes not
-    /// acknowledged, after it had acknowledged one of `proven` bytes on that connection. A
-    /// publish no larger than one it took cannot be refused for its size; a larger one may be:
-    /// the limit drops to half of it (or to `proven`, known to pass, if that is more), never
-    /// below [`MIN_LEARNED_PACKET`]. Returns whether the limit dropped.
-    fn refused(&mut self, refused: usize, proven: usize) -> bool {
-        if refused <= proven {
-            return false;
-        }
-        let target = (refused / 2).max(proven).max(MIN_LEARNED_PACKET);
-        if target < refused && target < self.current() {
-            self.learned = Some(target);
-            true
-        } else {
-            false
-        }
-    }
-}
-
-/// What the forwarder keeps across connections about the broker refusing messages.
-struct Refusals {
-    /// Connections lost while this send unit (by its first key) was the suspect.
-    blamed: HashMap<OutboxKey, u32>,
-    limit: PacketLimit,
-}
-
-/// What a queued publish was, in issue order, to bind the pkid rumqttc assigns.
-enum Sent {
-    /// Publish `idx` of send unit `unit`.
-    Outbox {
-        unit: u64,
-        idx: usize,
-    },
-    Status,
-    Other,
-}
-
-/// One send unit: one outbox entry, or the parts of one summary rev split again as one. Its
-/// keys are reported acked once every publish of it is.
-struct Unit {
-    keys: Vec<OutboxKey>,
-    pubs: Vec<Pub>,
-    unacked: usize,
-}
-
-struct Pub {
-    /// Packet bytes (payload, topic and MQTT header).
-    bytes: usize,
-    /// Whether a smaller packet limit would send these rows in smaller publishes.
-    shrinks: bool,
-    acked: bool,
-}
-
-/// A publish prepared but not yet taken by the client (its request queue was full).
-struct Queued {
-    unit: u64,
-    idx: usize,
-    topic: String,
-    payload: Vec<u8>,
-}
-
 /// Above this many remembered PUBACKed keys, drop the ones the committer already deleted.
 const ACKED_PRUNE_AT: usize = 4096;
 
@@ -144,115 +72,32 @@ fn prune(store: &Store, acked_local: &mut BTreeSet<OutboxKey>) {
     }
 }
 
+/// One connection: its client and its [`Session`] (what was sent on it; `c.field` reads the
+/// session through `Deref`).
 struct Conn {
     client: AsyncClient,
-    sent: VecDeque<Sent>,
-    /// pkid -> (unit, publish index, queued at).
-    by_pkid: HashMap<u16, (u64, usize, Instant)>,
-    queued_at: VecDeque<Instant>,
-    /// Outbox keys in a send unit not yet acknowledged whole, and their unit.
-    inflight: BTreeMap<OutboxKey, u64>,
-    units: BTreeMap<u64, Unit>,
-    next_unit: u64,
-    /// Outbox publishes not yet acknowledged (what `upstream.max_inflight` bounds).
-    publishes: usize,
-    /// Publishes of a unit the client did not take yet, in order.
-    queue: VecDeque<Queued>,
-    /// The largest publish (packet bytes) the broker acknowledged on this connection.
-    proven: usize,
-    /// The packet limit summaries are sent under on this connection.
-    limit: usize,
-    cursor: [Option<u64>; 2],
-    /// Summaries read from the outbox, not yet sent (the cursor is past them).
-    ahead: VecDeque<(OutboxKey, OutboxRecordV1)>,
-    /// Whether the alerts class may hold something unsent.
-    check_alerts: bool,
-    status_pkid: Option<u16>,
-    status_acked: bool,
-    /// This connection's epoch.
-    epoch: u64,
+    session: Session,
 }
 
 impl Conn {
-    /// A connection's state at connect: nothing sent, the packet limit known so far, its epoch.
     fn new(client: AsyncClient, limit: usize, epoch: u64) -> Conn {
         Conn {
             client,
-            sent: VecDeque::new(),
-            by_pkid: HashMap::new(),
-            queued_at: VecDeque::new(),
-            inflight: BTreeMap::new(),
-            units: BTreeMap::new(),
-            next_unit: 0,
-            publishes: 0,
-            queue: VecDeque::new(),
-            proven: 0,
-            limit,
-            cursor: [None, None],
-            ahead: VecDeque::new(),
-            check_alerts: true,
-            status_pkid: None,
-            status_acked: false,
-            epoch,
+            session: Session::new(limit, epoch),
         }
     }
+}
 
-    /// rumqttc reports publishes in the order they were queued: bind the pkid to what we queued.
-    fn bind(&mut self, pkid: u16) {
-        let at = self.queued_at.pop_front().unwrap_or_else(Instant::now);
-        match self.sent.pop_front() {
-            Some(Sent::Outbox { unit, idx }) => {
-                self.by_pkid.insert(pkid, (unit, idx, at));
-            }
-            Some(Sent::Status) => self.status_pkid = Some(pkid),
-            Some(Sent::Other) => {}
-            None => tracing::warn!(pkid, "forwarder: publish event with nothing queued"),
-        }
+impl std::ops::Deref for Conn {
+    type Target = Session;
+    fn deref(&self) -> &Session {
+        &self.session
     }
+}
 
-    /// A PUBACK for an outbox publish: returns its unit's keys once the whole unit is
-    /// acknowledged, and the queue-to-PUBACK time. `None` if `pkid` is not an outbox publish.
-    fn puback(&mut self, pkid: u16) -> Option<(Option<Vec<OutboxKey>>, Duration)> {
-        let (unit_id, idx, at) = self.by_pkid.remove(&pkid)?;
-        self.publishes = self.publishes.saturating_sub(1);
-        let unit = self.units.get_mut(&unit_id)?;
-        let p = unit.pubs.get_mut(idx)?;
-        if !p.acked {
-            p.acked = true;
-            unit.unacked = unit.unacked.saturating_sub(1);
-            self.proven = self.proven.max(p.bytes);
-        }
-        if unit.unacked > 0 {
-            return Some((None, at.elapsed()));
-        }
-        let unit = self.units.remove(&unit_id)?;
-        for k in &unit.keys {
-            self.inflight.remove(k);
-        }
-        Some((Some(unit.keys), at.elapsed()))
-    }
-
-    /// The publish the broker most likely closed the connection on: the largest one written
-    /// (its pkid bound) and not acknowledged; the earliest unit of those as large. Returns its
-    /// unit, packet bytes and whether it would shrink under a smaller limit.
-    fn suspect(&self) -> Option<(u64, usize, bool)> {
-        let mut best: Option<(u64, usize, bool)> = None;
-        for &(unit, idx, _) in self.by_pkid.values() {
-            let Some(p) = self.units.get(&unit).and_then(|u| u.pubs.get(idx)) else {
-                continue;
-            };
-            if p.acked {
-                continue;
-            }
-            let better = match best {
-                None => true,
-                Some((bu, bb, _)) => p.bytes > bb || (p.bytes == bb && unit < bu),
-            };
-            if better {
-                best = Some((unit, p.bytes, p.shrinks));
-            }
-        }
-        best
+impl std::ops::DerefMut for Conn {
+    fn deref_mut(&mut self) -> &mut Session {
+        &mut self.session
     }
 }
 
@@ -428,14 +273,13 @@ impl Forwarder {
                         }
                         let status = self.status_payload(true, c.epoch);
                         if c.client.try_publish(self.topic(proto::Leaf::Status), QoS::AtLeastOnce, true, status).is_ok() {
-                            c.sent.push_back(Sent::Status);
-                            c.queued_at.push_back(Instant::now());
+                            c.record_sent(Sent::Status, Instant::now());
                         }
                         self.fill(&mut c, acked_local);
                     }
-                    Some(Ok(Event::Outgoing(Outgoing::Publish(pkid)))) => c.bind(pkid),
+                    Some(Ok(Event::Outgoing(Outgoing::Publish(pkid)))) => c.bind(pkid, Instant::now()),
                     Some(Ok(Event::Incoming(Incoming::PubAck(ack)))) => {
-                        if let Some((done, latency)) = c.puback(ack.pkid) {
+                        if let Some((done, latency)) = c.puback(ack.pkid, Instant::now()) {
                             self.stats.upstream_published.fetch_add(1, Relaxed);
                             self.stats.publish_seconds.observe(latency.as_secs_f64());
                             for key in done.into_iter().flatten() {
@@ -533,48 +377,36 @@ impl Forwarder {
         acked_local: &mut BTreeSet<OutboxKey>,
         e: &rumqttc::ConnectionError,
     ) -> bool {
-        let mut blame = None;
-        let mut explained = false;
-        match c.suspect() {
-            Some((unit, bytes, shrinks)) if bytes > c.proven => {
-                if refusals.limit.refused(bytes, c.proven) {
-                    explained = true;
-                    let limit = refusals.limit.current();
-                    self.stats
-                        .upstream_learned_max_packet
-                        .store(limit as u64, Relaxed);
-                    self.stats.upstream_max_packet.store(limit as u64, Relaxed);
-                    tracing::warn!(
-                        refused_bytes = bytes,
-                        acknowledged_bytes = c.proven,
-                        learned_max_packet = limit,
-                        configured = refusals.limit.configured,
-                        url = %self.cfg.upstream.url,
-                        "district broker closed the connection on a message this large: summaries go in parts of at most learned_max_packet bytes from now on (upstream.max_packet_size need not be set)"
-                    );
-                    if !shrinks {
-                        blame = Some(unit);
-                    }
-                } else {
-                    blame = Some(unit);
-                }
-            }
-            _ => blame = c.inflight.values().next().copied(),
+        let verdict = c.judge_refusal(&mut refusals.limit);
+        if let Some(refused_bytes) = verdict.learned_from {
+            let limit = refusals.limit.current();
+            self.stats
+                .upstream_learned_max_packet
+                .store(limit as u64, Relaxed);
+            self.stats.upstream_max_packet.store(limit as u64, Relaxed);
+            tracing::warn!(
+                refused_bytes,
+                acknowledged_bytes = c.proven,
+                learned_max_packet = limit,
+                configured = refusals.limit.configured,
+                url = %self.cfg.upstream.url,
+                "district broker closed the connection on a message this large: summaries go in parts of at most learned_max_packet bytes from now on (upstream.max_packet_size need not be set)"
+            );
         }
-        let Some(keys) = blame.and_then(|u| c.units.get(&u)).map(|u| u.keys.clone()) else {
+        let explained = verdict.learned_from.is_some();
+        let Some(keys) = verdict
+            .blame
+            .and_then(|u| c.units.get(&u))
+            .map(|u| u.keys.clone())
+        else {
             return explained;
         };
-        let Some(&first) = keys.first() else {
-            return explained;
-        };
-        let n = refusals.blamed.entry(first).or_insert(0);
-        *n += 1;
-        if *n >= PARK_AFTER {
-            refusals.blamed.remove(&first);
+        if refusals.charge(&keys) {
             for &key in &keys {
                 acked_local.insert(key);
                 let _ = self.park.send(key);
             }
+            let first = keys[0];
             tracing::error!(class = first.0, seq = first.1, entries = keys.len(), tries = PARK_AFTER, error = %e, url = %self.cfg.upstream.url, learned_max_packet = refusals.limit.learned, "district broker closed the connection on this message every time and it cannot be made smaller: parked (kept on the box, not sent again; see the broker's limits)");
         }
         explained
@@ -663,11 +495,13 @@ impl Forwarder {
                 .try_publish(q.topic, QoS::AtLeastOnce, false, q.payload)
             {
                 Ok(()) => {
-                    c.sent.push_back(Sent::Outbox {
-                        unit: q.unit,
-                        idx: q.idx,
-                    });
-                    c.queued_at.push_back(Instant::now());
+                    c.record_sent(
+                        Sent::Outbox {
+                            unit: q.unit,
+                            idx: q.idx,
+                        },
+                        Instant::now(),
+                    );
                 }
                 Err(rumqttc::ClientError::TryRequest(rumqttc::Request::Publish(p))) => {
                     c.queue.push_front(Queued {
@@ -750,8 +584,7 @@ impl Forwarder {
             debug_assert!(false, "a send unit without publishes");
             return;
         }
-        let unit = c.next_unit;
-        c.next_unit += 1;
+        let unit = c.next_unit();
         let mut pubs = Vec::with_capacity(payloads.len());
         for (idx, (payload, shrinks)) in payloads.into_iter().enumerate() {
             pubs.push(Pub {
@@ -766,18 +599,7 @@ impl Forwarder {
                 payload,
             });
         }
-        c.publishes += pubs.len();
-        for k in &keys {
-            c.inflight.insert(*k, unit);
-        }
-        c.units.insert(
-            unit,
-            Unit {
-                keys,
-                unacked: pubs.len(),
-                pubs,
-            },
-        );
+        c.open_unit(unit, keys, pubs);
     }
 
     /// All `parts` parts of the summary rev `key` is part `part` of, in order, if every one is
@@ -920,8 +742,7 @@ impl Forwarder {
             )
             .is_ok()
         {
-            c.sent.push_back(Sent::Other);
-            c.queued_at.push_back(Instant::now());
+            c.record_sent(Sent::Other, Instant::now());
         }
     }
 
@@ -943,17 +764,18 @@ impl Forwarder {
             )
             .is_ok()
         {
-            c.sent.push_back(Sent::Status);
-            c.queued_at.push_back(Instant::now());
+            c.record_sent(Sent::Status, Instant::now());
         }
         let deadline = tokio::time::Instant::now() + Duration::from_millis(1500);
         while !c.status_acked {
             match tokio::time::timeout_at(deadline, ev_rx.recv()).await {
-                Ok(Some(Ok(Event::Outgoing(Outgoing::Publish(pkid))))) => c.bind(pkid),
+                Ok(Some(Ok(Event::Outgoing(Outgoing::Publish(pkid))))) => {
+                    c.bind(pkid, Instant::now())
+                }
                 Ok(Some(Ok(Event::Incoming(Incoming::PubAck(a))))) => {
                     if c.status_pkid == Some(a.pkid) {
                         c.status_acked = true;
-                    } else if let Some((Some(keys), _)) = c.puback(a.pkid) {
+                    } else if let Some((Some(keys), _)) = c.puback(a.pkid, Instant::now()) {
                         for key in keys {
                             let _ = self.acked.send(key);
                         }
@@ -973,105 +795,5 @@ impl Forwarder {
         })
         .await;
         tracing::info!("district link closed (status offline)");
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_packet_limit_is_learned_from_refusals_larger_than_what_passed() {
-        let mut l = PacketLimit {
-            configured: 256 << 10,
-            learned: None,
-        };
-        // Nothing larger than what the broker took: not a size refusal.
-        assert!(!l.refused(70_000, 70_000));
-        assert_eq!(l.current(), 256 << 10);
-        // A 70 KB publish refused after 300 bytes passed: half of it.
-        assert!(l.refused(70_000, 300));
-        assert_eq!(l.learned, Some(35_000));
-        // A size known to pass is kept when it is more than half.
-        assert!(l.refused(34_000, 20_000));
-        assert_eq!(l.current(), 20_000);
-        // Never up again, never below the floor.
-        assert!(!l.refused(60_000, 0));
-        assert_eq!(l.current(), 20_000);
-        assert!(l.refused(1_500, 0));
-        assert_eq!(l.current(), MIN_LEARNED_PACKET);
-        assert!(!l.refused(1_200, 0));
-        assert!(!l.refused(900, 0));
-        assert_eq!(l.current(), MIN_LEARNED_PACKET);
-    }
-
-    fn conn() -> Conn {
-        let (client, _eventloop) =
-            AsyncClient::new(rumqttc::MqttOptions::new("t", "127.0.0.1", 1), 10);
-        let mut c = Conn::new(client, 1 << 20, 1);
-        c.check_alerts = false;
-        c
-    }
-
-    fn add(c: &mut Conn, keys: &[OutboxKey], sizes: &[(usize, bool)]) -> u64 {
-        let unit = c.next_unit;
-        c.next_unit += 1;
-        for (idx, _) in sizes.iter().enumerate() {
-            c.sent.push_back(Sent::Outbox { unit, idx });
-            c.queued_at.push_back(Instant::now());
-        }
-        for k in keys {
-            c.inflight.insert(*k, unit);
-        }
-        c.publishes += sizes.len();
-        c.units.insert(
-            unit,
-            Unit {
-                keys: keys.to_vec(),
-                pubs: sizes
-                    .iter()
-                    .map(|&(bytes, shrinks)| Pub {
-                        bytes,
-                        shrinks,
-                        acked: false,
-                    })
-                    .collect(),
-                unacked: sizes.len(),
-            },
-        );
-        unit
-    }
-
-    #[test]
-    fn a_unit_is_acked_after_all_its_publishes_and_the_suspect_is_the_largest_written() {
-        let mut c = conn();
-        add(&mut c, &[(1, 10)], &[(500, true)]);
-        let b = add(
-            &mut c,
-            &[(1, 11), (1, 12), (1, 13)],
-            &[(30_000, true), (20_000, true)],
-        );
-        // Nothing written yet: no suspect.
-        assert_eq!(c.suspect(), None);
-        for pkid in 1..=3 {
-            c.bind(pkid);
-        }
-        assert_eq!(c.suspect(), Some((b, 30_000, true)));
-        assert_eq!(c.publishes, 3);
-        // Unit a: one publish.
-        let (done, _) = c.puback(1).unwrap();
-        assert_eq!(done, Some(vec![(1, 10)]));
-        assert_eq!(c.proven, 500);
-        // Unit b: its keys only after both publishes.
-        assert_eq!(c.puback(2).unwrap().0, None);
-        assert_eq!(c.suspect(), Some((b, 20_000, true)));
-        assert!(c.inflight.contains_key(&(1, 12)));
-        assert_eq!(
-            c.puback(3).unwrap().0,
-            Some(vec![(1, 11), (1, 12), (1, 13)])
-        );
-        assert!(c.inflight.is_empty() && c.units.is_empty());
-        assert_eq!((c.publishes, c.proven), (0, 30_000));
-        assert!(c.puback(3).is_none(), "a PUBACK counted once");
     }
 }
