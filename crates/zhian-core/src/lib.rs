@@ -12,6 +12,7 @@
 pub mod care;
 pub mod clock;
 pub mod commit_policy;
+pub mod commit_schedule;
 pub mod counter;
 pub mod daily;
 pub mod devices;

@@ -13,7 +13,8 @@ use crate::backoff::Backoff;
 use crate::clock::now_ms;
 use crate::config::OnDamage;
 use crate::core::clock::{ClockTrust, Flag, Step, StoreClock};
-use crate::core::commit_policy::{Batch, CommitPolicy, Trigger};
+use crate::core::commit_policy::{Batch, CommitPolicy};
+use crate::core::commit_schedule::{ClockCheck, Schedule};
 use crate::core::devices::{device_key, split_key};
 use crate::core::engine::{CounterReading, Engine, Input, Outcome};
 use crate::core::event::{Event, Reject};
@@ -207,34 +208,26 @@ impl Committer {
     /// cannot read, a damaged store with `on_damage = "refuse"`) are returned.
     pub fn run(mut self) -> Result<(), StoreError> {
         let clock = Instant::now();
-        let mut policy = CommitPolicy::new(
-            self.cfg.linger.as_millis() as i64,
-            self.cfg.batch_max,
-            self.cfg.max_inflight,
+        let mut sched = Schedule::new(
+            CommitPolicy::new(
+                self.cfg.linger.as_millis() as i64,
+                self.cfg.batch_max,
+                self.cfg.max_inflight,
+            ),
+            self.cfg.tick.as_millis() as i64,
+            ACK_LINGER.as_millis() as i64,
         );
-        let tick_ms = self.cfg.tick.as_millis() as i64;
-        let mut next_tick = 0i64;
         let mut items: Vec<Intake> = Vec::with_capacity(self.cfg.batch_max);
         let mut shape = Batch::default();
         let mut acked: Vec<OutboxKey> = Vec::new();
-        let mut acked_since: Option<i64> = None;
         let mut to_park: Vec<OutboxKey> = Vec::new();
-        let mut closing = false;
-        // While the clock is not trusted the batch is held, looked at again at this time.
-        let mut held_until: Option<i64> = None;
         loop {
             let now = mono_ms(clock);
-            let batch_at = match (held_until, policy.decide(&shape, now)) {
-                (Some(at), _) => at,
-                (None, Ok(_)) => now,
-                (None, Err(at)) => at,
-            };
-            let ack_at = acked_since.map_or(i64::MAX, |t| t + ACK_LINGER.as_millis() as i64);
-            let wake = batch_at.min(ack_at).min(next_tick);
-            if held_until.is_some() && items.len() >= self.cfg.batch_max {
+            let wake = sched.wake_at(&shape, now);
+            if sched.held() && items.len() >= self.cfg.batch_max {
                 // Held and full: take nothing more (the broker keeps the rest).
                 std::thread::sleep(Duration::from_millis((wake - now).clamp(0, 1000) as u64));
-            } else if !closing && wake > now {
+            } else if !sched.closing && wake > now {
                 let deadline = Instant::now() + Duration::from_millis((wake - now) as u64);
                 match self.intake.recv_deadline(deadline) {
                     Ok(first) => {
@@ -248,9 +241,9 @@ impl Committer {
                         }
                     }
                     Err(flume::RecvTimeoutError::Timeout) => {}
-                    Err(flume::RecvTimeoutError::Disconnected) => closing = true,
+                    Err(flume::RecvTimeoutError::Disconnected) => sched.closing = true,
                 }
-            } else if closing {
+            } else if sched.closing {
                 while items.len() < self.cfg.batch_max {
                     match self.intake.try_recv() {
                         Ok(i) => self.take(&mut items, &mut shape, i, mono_ms(clock)),
@@ -285,60 +278,37 @@ impl Committer {
             }
             let before = acked.len();
             acked.extend(self.acked.try_iter());
-            if acked.len() > before && acked_since.is_none() {
-                acked_since = Some(mono_ms(clock));
+            if acked.len() > before {
+                sched.acks_arrived(mono_ms(clock));
             }
             self.stats.committer_turned();
             let now = mono_ms(clock);
-            let tick = now >= next_tick;
-            if tick {
-                next_tick = now + tick_ms;
+            let require_check = self.require_sync || !self.stats.clock_trusted.load(Relaxed);
+            let turn = sched.turn(
+                now,
+                &shape,
+                !acked.is_empty(),
+                require_check,
+                |check| match check {
+                    ClockCheck::Batch => self.clock_holds(&mut items, now),
+                    ClockCheck::Idle => self.clock_holds(&mut [], now),
+                },
+            );
+            if turn.drop_held {
+                // Shutdown with an untrusted clock: committing now would count the held events
+                // at a receive time nobody trusts and acknowledge them. Leave them
+                // unacknowledged: the site broker redelivers them after the restart.
+                tracing::warn!(held = items.len(), "shutdown while the gateway clock is not trusted: the held messages stay unacknowledged for redelivery");
+                items.clear();
+                shape = Batch::default();
             }
-            let mut trigger = if closing && shape.items > 0 {
-                Some(Trigger::Full)
-            } else {
-                policy.decide(&shape, now).ok()
-            };
-            if held_until.is_some_and(|at| now < at) && !closing {
-                trigger = None;
-            } else if trigger.is_some() || held_until.is_some() {
-                // Commit only with a clock we trust; else hold the batch, unacknowledged.
-                if self.clock_holds(&mut items, now) {
-                    if closing {
-                        // Shutdown with an untrusted clock: committing now would count the
-                        // held events at a receive time nobody trusts and acknowledge them.
-                        // Leave them unacknowledged: the site broker redelivers them after
-                        // the restart.
-                        if !items.is_empty() {
-                            tracing::warn!(held = items.len(), "shutdown while the gateway clock is not trusted: the held messages stay unacknowledged for redelivery");
-                        }
-                        items.clear();
-                        shape = Batch::default();
-                        trigger = None;
-                    } else {
-                        held_until = Some(now + 1000);
-                        trigger = None;
-                    }
-                } else if held_until.take().is_some() {
-                    trigger = trigger.or(Some(Trigger::Linger));
-                }
-            } else if tick && (self.require_sync || !self.stats.clock_trusted.load(Relaxed)) {
-                // Nothing to commit: still say on the page when the clock is not trusted.
-                self.clock_holds(&mut [], now);
-            }
-            let acks_due = acked_since.is_some_and(|t| now >= t + ACK_LINGER.as_millis() as i64)
-                || (closing && !acked.is_empty());
-            let tick = tick && held_until.is_none();
-            if trigger.is_some() || acks_due || tick {
-                let commit_batch = trigger.is_some() || closing;
+            if turn.writes() {
+                let commit_batch = turn.trigger.is_some() || sched.closing;
                 let mut none = Vec::new();
                 let batch = if commit_batch { &mut items } else { &mut none };
-                let wrote = self.commit(batch, &mut acked, tick, acks_due)?;
-                if wrote || acked.is_empty() {
-                    acked_since = None;
-                }
-                if let Some(why) = trigger {
-                    policy.committed(&shape, why);
+                let wrote = self.commit(batch, &mut acked, turn.tick, turn.acks_due)?;
+                sched.done(&turn, &shape, wrote, !acked.is_empty());
+                if let Some(why) = turn.trigger {
                     // The batch's first message waited this long for its acknowledgement.
                     let waited_ms = mono_ms(clock) - shape.first_ms;
                     self.stats.ack_wait(waited_ms);
@@ -354,7 +324,7 @@ impl Committer {
                     shape = Batch::default();
                 }
             }
-            if closing && items.is_empty() && self.intake.is_empty() {
+            if sched.closing && items.is_empty() && self.intake.is_empty() {
                 tracing::debug!("committer: intake closed and drained");
                 return self.finish_acked(acked);
             }
