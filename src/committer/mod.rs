@@ -29,6 +29,9 @@ use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+mod clock;
+mod devices;
+
 /// Called once the message's outcome is committed (for MQTT: sends the PUBACK).
 pub struct Ack(Box<dyn FnOnce() + Send>);
 
@@ -331,90 +334,6 @@ impl Committer {
         }
     }
 
-    /// Look at the batch's events and the clock: true (and intake paused) while the gateway
-    /// clock cannot be trusted, so the batch is held unacknowledged. When trust returns, Modbus
-    /// readings stamped meanwhile get the trusted time.
-    fn clock_holds(&mut self, items: &mut [Intake], mono: i64) -> bool {
-        // The store's clock, which a step back does not move back: after a step back the
-        // devices are not "ahead" of it, so nothing pauses and nothing reopens.
-        self.witness(items);
-        let wall = self.store_now();
-        for i in items.iter() {
-            if let Intake::Event { event, .. } = i {
-                let key = device_key(event.kind, &event.device);
-                self.clock.observe(&key, event.ts_ms, wall, mono);
-            }
-        }
-        let synced = self.require_sync.then(crate::clock::kernel_synced);
-        match self.clock.judge(wall, mono, synced) {
-            Some(d) => {
-                let detail = d.describe(wall);
-                if self.stats.paused().map(|p| p.reason) != Some("clock_untrusted") {
-                    tracing::error!(%detail, "gateway clock not trusted: intake paused, nothing acknowledged, Modbus readings not stamped, until it is");
-                }
-                self.stats.pause("clock_untrusted", detail, wall);
-                self.stats.clock_trusted.store(false, Relaxed);
-                true
-            }
-            None => {
-                if !self.stats.clock_trusted.swap(true, Relaxed) {
-                    for i in items.iter_mut() {
-                        if let Intake::Reading { counters, states } = i {
-                            counters.iter_mut().for_each(|c| c.ts_ms = wall);
-                            states.iter_mut().for_each(|s| s.ts_ms = wall);
-                        }
-                    }
-                }
-                if self
-                    .stats
-                    .paused()
-                    .is_some_and(|p| p.reason == "clock_untrusted")
-                {
-                    self.stats.resume();
-                    tracing::warn!("gateway clock trusted again: intake resumed");
-                }
-                false
-            }
-        }
-    }
-
-    /// Show the store clock the batch's device timestamps: evidence for or against a held
-    /// forward step of the wall clock.
-    fn witness(&mut self, items: &[Intake]) {
-        let (wall, mono) = (now_ms(), mono_ms(self.mono_origin));
-        for i in items {
-            if let Intake::Event { event, .. } = i {
-                self.store_clock.witness(event.ts_ms, wall, mono);
-            }
-        }
-    }
-
-    /// The time for the store and the windows ([`StoreClock`]): never earlier than what was
-    /// handed over before, and across a step of the wall clock (back, or forward until a
-    /// device vouches for it) advancing at the monotonic clock's pace. So a step neither
-    /// reopens windows nor closes them early. Publishes the offset for the Modbus input.
-    fn store_now(&mut self) -> i64 {
-        let wall = now_ms();
-        let (t, step) = self.store_clock.now(wall, mono_ms(self.mono_origin));
-        self.stats.clock_offset_ms.store(t - wall, Relaxed);
-        let kind = |s: &Step| std::mem::discriminant(s);
-        if kind(&step) != kind(&self.clock_step) {
-            match step {
-                Step::None => tracing::info!("store clock follows the wall clock again"),
-                Step::Back { by_ms } => tracing::warn!(
-                    behind_s = by_ms / 1000,
-                    "wall clock stepped back: windows keep the monotonic pace until it catches up (none reopens)"
-                ),
-                Step::ForwardHeld { by_ms } => tracing::warn!(
-                    ahead_s = by_ms / 1000,
-                    "wall clock stepped forward: not believed until a device's events agree (windows keep the monotonic pace, none closes early)"
-                ),
-            }
-        }
-        self.clock_step = step;
-        t
-    }
-
     /// Add an item to the batch.
     fn take(&self, items: &mut Vec<Intake>, shape: &mut Batch, i: Intake, now: i64) {
         let unacked = matches!(
@@ -602,123 +521,6 @@ impl Committer {
             out.push(Some((restamped, shown)));
         }
         out
-    }
-
-    /// Forget `keys` ("kind\0device") everywhere but in the store (the caller or the commit
-    /// did that): the page, API, metrics and heartbeat, and the clock's evidence.
-    fn forgotten(&mut self, keys: &[String], why: Forgotten) {
-        for key in keys {
-            self.clock.forget(key);
-            if let Some((kind, device)) = split_key(key) {
-                self.stats.forget_device(kind, device, why);
-            }
-        }
-    }
-
-    /// Devices were forgotten at `health.max_devices`: counted, and one WARN per burst.
-    fn forgotten_at_bound(&mut self, keys: &[String]) {
-        self.forgotten(keys, Forgotten::Bound);
-        let news = self.bound_burst.is_none_or(|t| t.elapsed() >= BOUND_BURST);
-        self.bound_burst = Some(Instant::now());
-        let first = keys
-            .first()
-            .and_then(|k| split_key(k))
-            .map(|(_, d)| crate::logfmt::Clean(d).to_string())
-            .unwrap_or_default();
-        if news {
-            tracing::warn!(
-                max_devices = self.stats.cadence().max_devices,
-                forgotten = keys.len(),
-                longest_silent = %first,
-                total = self.stats.forgotten_of(Forgotten::Bound),
-                "health.max_devices reached: the longest-silent devices are forgotten to make room; every event is still counted (raise it if the compound has more devices; zhian_devices_forgotten_total counts them)"
-            );
-        } else {
-            tracing::debug!(forgotten = keys.len(), longest_silent = %first, "devices forgotten at health.max_devices");
-        }
-    }
-
-    /// Forget the devices whose `[[mqtt.sources]]` entry is gone or changed (their stored mark
-    /// names no configured source). A failed write is tried again on the next tick.
-    fn forget_unmapped(&mut self) {
-        let gone: Vec<String> = self
-            .writer
-            .known_devices()
-            .into_iter()
-            .filter(|(_, _, mark)| !self.source_marks.still_maps(mark))
-            .map(|(key, _, _)| key)
-            .collect();
-        if gone.is_empty() {
-            self.unmapped_due = false;
-            return;
-        }
-        match self.writer.forget_devices(&gone) {
-            Ok(keys) => {
-                self.unmapped_due = false;
-                self.forgotten(&keys, Forgotten::Unmapped);
-                tracing::info!(
-                    forgotten = keys.len(),
-                    "devices learned through a [[mqtt.sources]] entry that is gone or changed no longer map: forgotten (a real device among them comes back with its next event)"
-                );
-            }
-            Err(e) => {
-                self.unmapped_due = true;
-                tracing::warn!(error = %e, "cannot forget the devices that no longer map yet; trying again");
-            }
-        }
-    }
-
-    /// The installer's requests in the data dir (`zhian-gateway devices forget|list`).
-    fn serve_requests(&mut self) {
-        let dir = self.writer.store().data_dir().to_path_buf();
-        for (path, req) in crate::devices::pending_requests(&dir) {
-            let answer = match req {
-                Err(e) => crate::devices::Answer {
-                    op: crate::devices::Op::List,
-                    error: Some(format!("unreadable request: {e}")),
-                    devices: Vec::new(),
-                },
-                Ok(req) => self.request(req),
-            };
-            if let Err(e) = crate::devices::answer(&path, &answer) {
-                tracing::warn!(request = %path.display(), error = %e, "cannot answer a devices request");
-                let _ = std::fs::remove_file(&path);
-            }
-        }
-    }
-
-    fn request(&mut self, req: crate::devices::Request) -> crate::devices::Answer {
-        use crate::devices::{select, Answer, Op};
-        let known = self.writer.known_devices();
-        let picked = select(&known, &req.patterns, &self.source_marks);
-        if req.op == Op::List {
-            return Answer {
-                op: req.op,
-                error: None,
-                devices: picked.into_iter().map(|(_, d)| d).collect(),
-            };
-        }
-        let keys: Vec<String> = picked.iter().map(|(k, _)| k.clone()).collect();
-        match self.writer.forget_devices(&keys) {
-            Ok(done) => {
-                self.forgotten(&done, Forgotten::Installer);
-                tracing::info!(
-                    forgotten = done.len(),
-                    patterns = %crate::logfmt::Clean(&req.patterns.join(" ")),
-                    "devices forgotten by the installer (zhian-gateway devices forget)"
-                );
-                Answer {
-                    op: req.op,
-                    error: None,
-                    devices: picked.into_iter().map(|(_, d)| d).collect(),
-                }
-            }
-            Err(e) => Answer {
-                op: req.op,
-                error: Some(format!("the store cannot be written now ({e}); try again")),
-                devices: Vec::new(),
-            },
-        }
     }
 
     fn commit_now(
