@@ -56,7 +56,7 @@ pub async fn run(
         )
     })?;
     let stop = CancellationToken::new();
-    let tz = config::parse_utc_offset(&cfg.status.timezone).unwrap_or(8 * 3600);
+    let tz = cfg.site_offset_s();
     let gate = Arc::new(Mutex::new(GateState::default()));
     {
         // Continue the simulated controller's counters from what an earlier demo run in the

@@ -113,9 +113,9 @@ impl Config {
         sources::compile(&self.mqtt.sources, &mut Vec::new())
     }
 
-    /// The site's UTC offset in seconds (`status.timezone`; +08:00 if unreadable).
+    /// The site's UTC offset in seconds (`status.timezone`, parsed when the config was read).
     pub fn site_offset_s(&self) -> i32 {
-        parse_utc_offset(&self.status.timezone).unwrap_or(8 * 3600)
+        self.status.timezone.seconds()
     }
 
     /// The effective config as TOML, secrets redacted (for `check-config`).

@@ -246,7 +246,7 @@ pub struct Status {
     /// PHC string (argon2) from `zhian-gateway hash-password`.
     pub password_hash: Option<Secret>,
     /// The compound's UTC offset, for "today" and the hourly chart (China: +08:00, no DST).
-    pub timezone: String,
+    pub timezone: UtcOffset,
     /// Most concurrent HTTP connections; more wait until one closes.
     pub max_connections: u32,
     /// How often the page reloads itself.
@@ -260,7 +260,7 @@ impl Default for Status {
             listen: "127.0.0.1:8080".into(),
             username: None,
             password_hash: None,
-            timezone: "+08:00".into(),
+            timezone: UtcOffset(8 * 3600),
             max_connections: 32,
             refresh: Dur::secs(30),
         }

@@ -269,15 +269,6 @@ pub fn validate(c: &Config) -> Vec<Problem> {
             ));
         }
     }
-    if parse_utc_offset(&c.status.timezone).is_none() {
-        p.push(problem(
-            "status.timezone",
-            format!(
-                "{:?} is not a UTC offset like \"+08:00\"",
-                c.status.timezone
-            ),
-        ));
-    }
     if c.status.max_connections == 0 || c.status.max_connections > 1024 {
         p.push(problem("status.max_connections", "between 1 and 1024"));
     }

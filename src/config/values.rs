@@ -203,3 +203,39 @@ impl BrokerUrl {
         Ok(BrokerUrl { tls, host, port })
     }
 }
+
+/// A UTC offset, parsed when the config is read (`"+08:00"`, `"-03:30"`; hours 0-14): seconds
+/// east of UTC. A config that loaded holds a valid one, so no reader re-parses it with a
+/// fallback. Serialized back as written (`+08:00`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UtcOffset(pub i32);
+
+impl UtcOffset {
+    /// Seconds east of UTC.
+    pub fn seconds(self) -> i32 {
+        self.0
+    }
+}
+
+impl fmt::Display for UtcOffset {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let sign = if self.0 < 0 { '-' } else { '+' };
+        let a = self.0.unsigned_abs();
+        write!(f, "{sign}{:02}:{:02}", a / 3600, a % 3600 / 60)
+    }
+}
+
+impl<'de> Deserialize<'de> for UtcOffset {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        parse_utc_offset(&s).map(UtcOffset).ok_or_else(|| {
+            serde::de::Error::custom(format!("{s:?} is not a UTC offset like \"+08:00\""))
+        })
+    }
+}
+
+impl Serialize for UtcOffset {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}

@@ -9,7 +9,7 @@
 //! blocking threads.
 
 use crate::clock::now_ms;
-use crate::config::{parse_utc_offset, Config};
+use crate::config::Config;
 use crate::core::event::Kind;
 use crate::core::summary::rfc3339_utc;
 use crate::stats::Stats;

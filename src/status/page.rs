@@ -22,142 +22,157 @@ pub(super) fn esc(s: &str) -> String {
     out
 }
 
-/// Labels, Chinese first.
-pub(super) fn t(en: bool, key: &str) -> &'static str {
-    let (zh, e) = match key {
-        "title" => ("智安小区网关", "Smart-compound gateway"),
-        "today" => ("今日统计", "Today"),
-        "people" => ("人员进出", "People"),
-        "vehicles" => ("车辆进出", "Vehicles"),
-        "camera" => ("摄像头事件", "Camera incidents"),
-        "entry_p" => ("进入", "Entries"),
-        "exit_p" => ("离开", "Exits"),
-        "entry_v" => ("驶入", "Vehicles in"),
-        "exit_v" => ("驶出", "Vehicles out"),
-        "none" => ("无", "none"),
-        "hourly" => ("近24小时（每小时）", "Last 24 hours (hourly)"),
-        "devices" => ("设备", "Devices"),
-        "name" => ("名称", "Name"),
-        "kind" => ("类型", "Kind"),
-        "source" => ("接入", "Source"),
-        "state" => ("状态", "State"),
-        "online" => ("在线", "Online"),
-        "offline" => ("离线", "Offline"),
-        "last_seen" => ("最后上报", "Last seen"),
-        "last_error" => ("最近错误", "Last error"),
-        "values" => ("状态值", "Values"),
-        "never" => ("从未", "never"),
-        "upstream" => ("上级平台", "District platform"),
-        "link" => ("连接", "Link"),
-        "connected" => ("已连接", "Connected"),
-        "disconnected" => ("未连接", "Disconnected"),
-        "pending" => ("待发送汇总", "Pending summaries"),
-        "pending_alerts" => ("待发送告警", "Pending alerts"),
-        "oldest" => ("最早待发送窗口", "Oldest pending window"),
-        "store" => ("本地存储", "Local store"),
-        "attention" => ("需要处理", "Needs attention"),
-        "site_problem" => ("现场代理订阅异常：", "Site broker subscription problem:"),
-        "parked" => (
-            "区级代理多次拒收、已搁置在本机的消息：",
-            "Messages the district broker kept refusing, parked on the box:",
-        ),
-        "site_link" => ("现场代理连接需要处理：", "Site broker link needs action:"),
-        "district_link" => ("区级平台连接需要处理：", "District link needs action:"),
-        "paused" => (
-            "数据接收已暂停，设备消息在现场代理中等待",
-            "Intake paused: device messages wait in the site broker",
-        ),
-        "disk_full" => ("磁盘已满", "disk full"),
-        "disk_error" => ("磁盘写入失败", "disk write failing"),
-        "clock_untrusted" => ("网关时钟不可信", "gateway clock not trusted"),
-        "clock_back" => (
-            "网关时钟被调慢，窗口按单调时钟继续计时，差值：",
-            "Gateway clock stepped back; windows keep the monotonic pace, off by",
-        ),
-        "clock_ahead" => (
-            "网关时钟向前跳变，设备时间未证实，窗口按单调时钟计时，差值：",
-            "Gateway clock jumped ahead, not confirmed by devices; windows keep the monotonic pace, off by",
-        ),
-        "since" => ("自", "since"),
-        "quarantined" => (
-            "存储文件损坏，已移至一旁并启用新存储：",
-            "Damaged store file moved aside, fresh store started:",
-        ),
-        "dropped" => ("存储空间不足，已丢弃：", "Dropped for lack of space:"),
-        "dedup_dropped" => ("去重记录", "dedup keys"),
-        "raw_dropped" => ("原始事件", "raw events"),
-        "alerts" => ("最近告警", "Recent alerts"),
-        "rejects" => ("最近拒收", "Recent rejects"),
-        "care" => ("独居老人关怀", "Care watch (residents living alone)"),
-        "flat" => ("房号", "Flat"),
-        "last_pass" => ("最近通行", "Last passed a door"),
-        "care_state" => ("状态", "State"),
-        "care_ok" => ("正常", "OK"),
-        "care_silent" => ("超时未出现，请上门查看", "Silent: please check on them"),
-        "care_never" => ("关注以来未出现", "not seen since the watch began"),
-        "time" => ("时间", "Time"),
-        "device" => ("设备", "Device"),
-        "type" => ("类型", "Type"),
-        "topic" => ("主题", "Topic"),
-        "reason" => ("原因", "Reason"),
-        "updated" => ("更新于", "Updated"),
-        "other_lang" => ("English", "中文"),
-        "access" => ("门禁", "Access"),
-        "links" => ("连接", "Links"),
-        "site_broker" => ("现场代理（设备）", "Site broker (devices)"),
-        "district_broker" => ("区级平台", "District platform"),
-        "connecting" => ("正在连接", "connecting"),
-        "unreachable" => ("无法连接", "unreachable"),
-        "closed" => ("连接中断", "connection lost"),
-        "refused" => ("拒绝登录（用户名/密码或权限）", "refused (credentials or ACL)"),
-        "tls" => ("TLS 证书问题", "TLS certificate problem"),
-        "identity_taken" => ("客户端ID被另一台设备占用", "client id taken by another client"),
-        "fix_refused" => ("请检查用户名和密码", "check the username and password"),
-        "fix_tls" => (
-            "请检查 ca_file、client_cert、client_key",
-            "check ca_file, client_cert, client_key",
-        ),
-        "fix_identity_taken" => (
-            "两台网关用了同一份配置？请为每台设置不同的 gateway.id",
-            "two boxes from one config? give each its own gateway.id",
-        ),
-        "site_problem_zh" => (
-            "现场代理未按 QoS 1 授予订阅（重启时可能丢消息）：请允许本客户端使用 QoS 1",
-            "",
-        ),
-        "for" => ("已持续", "for"),
-        "attempts" => ("次重试", "attempts"),
-        "today_n" => ("今日", "Today"),
-        "offline_for" => ("离线", "offline for"),
-        "ago" => ("前", "ago"),
-        "undelivered" => ("未送达", "not delivered yet"),
-        "state_ok" => ("运行正常", "All is well"),
-        "state_attention" => ("需要关注", "Needs attention"),
-        "state_broken" => ("故障：数据未在采集", "Broken: nothing is being collected"),
-        "devices_offline" => ("台设备离线", "devices offline"),
-        "poll_failed" => ("通信失败", "polls failing"),
-        "backlog" => ("待发送积压", "backlog"),
-        "vehicle" => ("车辆", "Vehicle"),
-        "camera_k" => ("摄像头", "Camera"),
-        "clock_skew" => ("设备时钟超前", "device clock ahead"),
-        "clock_skew_note" => (
-            "（事件按网关接收时间计数）",
-            "(its events count at the gateway's receive time)",
-        ),
-        "forgotten" => ("已遗忘的设备", "Devices forgotten"),
-        "forgotten_bound" => (
-            "达到上限（health.max_devices）后最久未上报的",
-            "longest silent at health.max_devices",
-        ),
-        "forgotten_unmapped" => ("接入映射变更后不再对应的", "no longer mapped by a source"),
-        "forgotten_installer" => ("安装人员手动遗忘的", "forgotten by the installer"),
-        _ => ("?", "?"),
+/// Every label on the page, Chinese first: one typed table (a label the code names and the
+/// table lacks does not compile). `key` is its name in `data-` attributes and for the values
+/// that arrive as strings (pause reasons, link reasons, states): [`tk`].
+macro_rules! labels {
+    ($($v:ident = $key:literal => ($zh:expr, $en:expr),)*) => {
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        pub(super) enum L { $($v,)* }
+
+        impl L {
+            /// Every label (the tests walk it).
+            #[cfg(test)]
+            pub(super) const ALL: &'static [L] = &[$(L::$v,)*];
+
+            /// Its key (the tests check it finds the label again).
+            #[cfg(test)]
+            pub(super) fn key(self) -> &'static str {
+                match self { $(L::$v => $key,)* }
+            }
+
+            /// Its text in Chinese, or English when `en`.
+            pub(super) fn text(self, en: bool) -> &'static str {
+                match self { $(L::$v => if en { $en } else { $zh },)* }
+            }
+
+            /// The label named `key`, if there is one.
+            pub(super) fn from_key(key: &str) -> Option<L> {
+                match key { $($key => Some(L::$v),)* _ => None }
+            }
+        }
     };
-    if en {
-        e
-    } else {
-        zh
-    }
+}
+
+labels! {
+    Title = "title" => ("智安小区网关", "Smart-compound gateway"),
+    Today = "today" => ("今日统计", "Today"),
+    People = "people" => ("人员进出", "People"),
+    Vehicles = "vehicles" => ("车辆进出", "Vehicles"),
+    Camera = "camera" => ("摄像头事件", "Camera incidents"),
+    EntryP = "entry_p" => ("进入", "Entries"),
+    ExitP = "exit_p" => ("离开", "Exits"),
+    EntryV = "entry_v" => ("驶入", "Vehicles in"),
+    ExitV = "exit_v" => ("驶出", "Vehicles out"),
+    None = "none" => ("无", "none"),
+    Hourly = "hourly" => ("近24小时（每小时）", "Last 24 hours (hourly)"),
+    Devices = "devices" => ("设备", "Devices"),
+    Name = "name" => ("名称", "Name"),
+    Kind = "kind" => ("类型", "Kind"),
+    Source = "source" => ("接入", "Source"),
+    State = "state" => ("状态", "State"),
+    Online = "online" => ("在线", "Online"),
+    Offline = "offline" => ("离线", "Offline"),
+    LastSeen = "last_seen" => ("最后上报", "Last seen"),
+    LastError = "last_error" => ("最近错误", "Last error"),
+    Values = "values" => ("状态值", "Values"),
+    Never = "never" => ("从未", "never"),
+    Upstream = "upstream" => ("上级平台", "District platform"),
+    Link = "link" => ("连接", "Link"),
+    Connected = "connected" => ("已连接", "Connected"),
+    Disconnected = "disconnected" => ("未连接", "Disconnected"),
+    Pending = "pending" => ("待发送汇总", "Pending summaries"),
+    PendingAlerts = "pending_alerts" => ("待发送告警", "Pending alerts"),
+    Oldest = "oldest" => ("最早待发送窗口", "Oldest pending window"),
+    Store = "store" => ("本地存储", "Local store"),
+    Attention = "attention" => ("需要处理", "Needs attention"),
+    SiteProblem = "site_problem" => ("现场代理订阅异常：", "Site broker subscription problem:"),
+    Parked = "parked" => ("区级代理多次拒收、已搁置在本机的消息：",
+            "Messages the district broker kept refusing, parked on the box:"),
+    SiteLink = "site_link" => ("现场代理连接需要处理：", "Site broker link needs action:"),
+    DistrictLink = "district_link" => ("区级平台连接需要处理：", "District link needs action:"),
+    Paused = "paused" => ("数据接收已暂停，设备消息在现场代理中等待",
+            "Intake paused: device messages wait in the site broker"),
+    DiskFull = "disk_full" => ("磁盘已满", "disk full"),
+    DiskError = "disk_error" => ("磁盘写入失败", "disk write failing"),
+    ClockUntrusted = "clock_untrusted" => ("网关时钟不可信", "gateway clock not trusted"),
+    ClockBack = "clock_back" => ("网关时钟被调慢，窗口按单调时钟继续计时，差值：",
+            "Gateway clock stepped back; windows keep the monotonic pace, off by"),
+    ClockAhead = "clock_ahead" => ("网关时钟向前跳变，设备时间未证实，窗口按单调时钟计时，差值：",
+            "Gateway clock jumped ahead, not confirmed by devices; windows keep the monotonic pace, off by"),
+    Since = "since" => ("自", "since"),
+    Quarantined = "quarantined" => ("存储文件损坏，已移至一旁并启用新存储：",
+            "Damaged store file moved aside, fresh store started:"),
+    Dropped = "dropped" => ("存储空间不足，已丢弃：", "Dropped for lack of space:"),
+    DedupDropped = "dedup_dropped" => ("去重记录", "dedup keys"),
+    RawDropped = "raw_dropped" => ("原始事件", "raw events"),
+    Alerts = "alerts" => ("最近告警", "Recent alerts"),
+    Rejects = "rejects" => ("最近拒收", "Recent rejects"),
+    Care = "care" => ("独居老人关怀", "Care watch (residents living alone)"),
+    Flat = "flat" => ("房号", "Flat"),
+    LastPass = "last_pass" => ("最近通行", "Last passed a door"),
+    CareState = "care_state" => ("状态", "State"),
+    CareOk = "care_ok" => ("正常", "OK"),
+    CareSilent = "care_silent" => ("超时未出现，请上门查看", "Silent: please check on them"),
+    CareNever = "care_never" => ("关注以来未出现", "not seen since the watch began"),
+    Time = "time" => ("时间", "Time"),
+    Device = "device" => ("设备", "Device"),
+    Type = "type" => ("类型", "Type"),
+    Topic = "topic" => ("主题", "Topic"),
+    Reason = "reason" => ("原因", "Reason"),
+    Updated = "updated" => ("更新于", "Updated"),
+    OtherLang = "other_lang" => ("English", "中文"),
+    Access = "access" => ("门禁", "Access"),
+    Links = "links" => ("连接", "Links"),
+    SiteBroker = "site_broker" => ("现场代理（设备）", "Site broker (devices)"),
+    DistrictBroker = "district_broker" => ("区级平台", "District platform"),
+    Connecting = "connecting" => ("正在连接", "connecting"),
+    Unreachable = "unreachable" => ("无法连接", "unreachable"),
+    Closed = "closed" => ("连接中断", "connection lost"),
+    Refused = "refused" => ("拒绝登录（用户名/密码或权限）", "refused (credentials or ACL)"),
+    Tls = "tls" => ("TLS 证书问题", "TLS certificate problem"),
+    IdentityTaken = "identity_taken" => ("客户端ID被另一台设备占用", "client id taken by another client"),
+    FixRefused = "fix_refused" => ("请检查用户名和密码", "check the username and password"),
+    FixTls = "fix_tls" => ("请检查 ca_file、client_cert、client_key",
+            "check ca_file, client_cert, client_key"),
+    FixIdentityTaken = "fix_identity_taken" => ("两台网关用了同一份配置？请为每台设置不同的 gateway.id",
+            "two boxes from one config? give each its own gateway.id"),
+    SiteProblemZh = "site_problem_zh" => ("现场代理未按 QoS 1 授予订阅（重启时可能丢消息）：请允许本客户端使用 QoS 1",
+            ""),
+    For = "for" => ("已持续", "for"),
+    Attempts = "attempts" => ("次重试", "attempts"),
+    TodayN = "today_n" => ("今日", "Today"),
+    OfflineFor = "offline_for" => ("离线", "offline for"),
+    Ago = "ago" => ("前", "ago"),
+    Undelivered = "undelivered" => ("未送达", "not delivered yet"),
+    StateOk = "state_ok" => ("运行正常", "All is well"),
+    StateAttention = "state_attention" => ("需要关注", "Needs attention"),
+    StateBroken = "state_broken" => ("故障：数据未在采集", "Broken: nothing is being collected"),
+    DevicesOffline = "devices_offline" => ("台设备离线", "devices offline"),
+    PollFailed = "poll_failed" => ("通信失败", "polls failing"),
+    Backlog = "backlog" => ("待发送积压", "backlog"),
+    Vehicle = "vehicle" => ("车辆", "Vehicle"),
+    CameraK = "camera_k" => ("摄像头", "Camera"),
+    ClockSkew = "clock_skew" => ("设备时钟超前", "device clock ahead"),
+    ClockSkewNote = "clock_skew_note" => ("（事件按网关接收时间计数）",
+            "(its events count at the gateway's receive time)"),
+    Forgotten = "forgotten" => ("已遗忘的设备", "Devices forgotten"),
+    ForgottenBound = "forgotten_bound" => ("达到上限（health.max_devices）后最久未上报的",
+            "longest silent at health.max_devices"),
+    ForgottenUnmapped = "forgotten_unmapped" => ("接入映射变更后不再对应的", "no longer mapped by a source"),
+    ForgottenInstaller = "forgotten_installer" => ("安装人员手动遗忘的", "forgotten by the installer"),
+}
+
+/// The label `l`, Chinese unless `en`.
+pub(super) fn t(en: bool, l: L) -> &'static str {
+    l.text(en)
+}
+
+/// The label for a value that arrives as a string (a pause reason, a link's reason, a state):
+/// its table entry, or the value itself when the table has none (never a bare "?"; the tests
+/// check every value the gateway can produce has one).
+pub(super) fn tk(en: bool, key: &str) -> String {
+    L::from_key(key).map_or_else(|| key.to_string(), |l| l.text(en).to_string())
 }
 
 /// An age in words: "5 s", "3 min", "2 h", "4 d" (en) or "5 秒", "3 分钟", "2 小时", "4 天".
@@ -205,9 +220,9 @@ pub(super) fn reject_label(en: bool, reason: &str) -> String {
 
 pub(super) fn kind_label(en: bool, k: Kind) -> &'static str {
     match k {
-        Kind::Access => t(en, "access"),
-        Kind::Vehicle => t(en, "vehicle"),
-        Kind::Camera => t(en, "camera_k"),
+        Kind::Access => t(en, L::Access),
+        Kind::Vehicle => t(en, L::Vehicle),
+        Kind::Camera => t(en, L::CameraK),
     }
 }
 
@@ -245,7 +260,7 @@ pub(super) fn local_rfc(rfc: &Option<String>, tz: i32, en: bool) -> String {
         time::OffsetDateTime::parse(r, &time::format_description::well_known::Rfc3339).ok()
     }) {
         Some(t) => local((t.unix_timestamp_nanos() / 1_000_000) as i64, tz, true),
-        None => t(en, "never").to_string(),
+        None => t(en, L::Never).to_string(),
     }
 }
 
@@ -262,7 +277,7 @@ pub(super) fn chart(s: &StatusOut, en: bool) -> String {
     let mut out = format!(
         "<svg data-chart=\"hourly\" viewBox=\"0 0 {w} {}\" role=\"img\" aria-label=\"{}\" preserveAspectRatio=\"none\">",
         h + 20.0,
-        t(en, "hourly")
+        t(en, L::Hourly)
     );
     out.push_str(&format!(
         "<line x1=\"{pad}\" y1=\"{h}\" x2=\"{w}\" y2=\"{h}\" class=\"axis\"/><text x=\"0\" y=\"12\" class=\"lbl\">{}</text>",
@@ -311,21 +326,21 @@ pub(super) fn render(s: &StatusOut, en: bool, refresh: u64) -> String {
          <meta http-equiv=\"refresh\" content=\"{refresh}\">\
          <title>{title} · {name}</title><style>{css}</style></head><body>",
         lang = if en { "en" } else { "zh-CN" },
-        title = t(en, "title"),
+        title = t(en, L::Title),
         name = esc(&name),
         css = CSS,
     ));
     h.push_str(&format!(
         "<header><h1>{} <small>{}</small></h1><p>{}{} · v{} · {} {}</p><a class=\"lang\" href=\"?lang={}\">{}</a></header>",
         esc(&name),
-        t(en, "title"),
+        t(en, L::Title),
         if site.is_empty() { String::new() } else { format!("{} · ", esc(&site.join(" "))) },
         esc(&s.gateway.id),
         s.version,
-        t(en, "updated"),
+        t(en, L::Updated),
         local_rfc(&Some(s.now.clone()), s.tz_secs, en),
         if en { "zh" } else { "en" },
-        t(en, "other_lang"),
+        t(en, L::OtherLang),
     ));
     // What needs attention: paused intake, quarantined store files, drops under pressure.
     let mut alarms: Vec<String> = Vec::new();
@@ -333,9 +348,9 @@ pub(super) fn render(s: &StatusOut, en: bool, refresh: u64) -> String {
         alarms.push(format!(
             "<li data-intake-paused=\"{}\"><b>{}</b> ({}) {} {} · {}</li>",
             s.intake.reason.unwrap_or(""),
-            t(en, "paused"),
-            t(en, s.intake.reason.unwrap_or("disk_error")),
-            t(en, "since"),
+            t(en, L::Paused),
+            tk(en, s.intake.reason.unwrap_or("disk_error")),
+            t(en, L::Since),
             local_rfc(&s.intake.since, s.tz_secs, en),
             if en {
                 esc(s.intake.detail.as_deref().unwrap_or(""))
@@ -351,9 +366,9 @@ pub(super) fn render(s: &StatusOut, en: bool, refresh: u64) -> String {
             t(
                 en,
                 if s.clock_offset_ms > 0 {
-                    "clock_back"
+                    L::ClockBack
                 } else {
-                    "clock_ahead"
+                    L::ClockAhead
                 }
             ),
             s.clock_offset_ms.abs() / 1000
@@ -362,11 +377,11 @@ pub(super) fn render(s: &StatusOut, en: bool, refresh: u64) -> String {
     if let Some(p) = &s.site_problem {
         alarms.push(format!(
             "<li data-site-problem><b>{}</b> {}</li>",
-            t(en, "site_problem"),
+            t(en, L::SiteProblem),
             if en {
                 esc(p)
             } else {
-                t(en, "site_problem_zh").to_string()
+                t(en, L::SiteProblemZh).to_string()
             }
         ));
     }
@@ -377,9 +392,9 @@ pub(super) fn render(s: &StatusOut, en: bool, refresh: u64) -> String {
             t(
                 en,
                 if *link == "site" {
-                    "site_link"
+                    L::SiteLink
                 } else {
-                    "district_link"
+                    L::DistrictLink
                 }
             ),
             if en {
@@ -387,8 +402,8 @@ pub(super) fn render(s: &StatusOut, en: bool, refresh: u64) -> String {
             } else {
                 format!(
                     "{}：{}",
-                    t(en, p.reason),
-                    t(en, &format!("fix_{}", p.reason))
+                    tk(en, p.reason),
+                    tk(en, &format!("fix_{}", p.reason))
                 )
             }
         ));
@@ -397,7 +412,7 @@ pub(super) fn render(s: &StatusOut, en: bool, refresh: u64) -> String {
         alarms.push(format!(
             "<li data-quarantined=\"{}\"><b>{}</b> {} ({:.1} MiB){}</li>",
             esc(&q.file),
-            t(en, "quarantined"),
+            t(en, L::Quarantined),
             esc(&q.file),
             q.bytes as f64 / 1048576.0,
             q.reason
@@ -411,7 +426,7 @@ pub(super) fn render(s: &StatusOut, en: bool, refresh: u64) -> String {
         alarms.push(format!(
             "<li data-parked=\"{}\"><b>{}</b> {}</li>",
             s.upstream.parked,
-            t(en, "parked"),
+            t(en, L::Parked),
             s.upstream.parked
         ));
     }
@@ -420,14 +435,14 @@ pub(super) fn render(s: &StatusOut, en: bool, refresh: u64) -> String {
         alarms.push(format!(
             "<li data-dropped=\"{}\"><b>{}</b> {} {} · {} {} · {} {} · {} {}</li>",
             d.summaries + d.alerts,
-            t(en, "dropped"),
-            t(en, "pending"),
+            t(en, L::Dropped),
+            t(en, L::Pending),
             d.summaries,
-            t(en, "pending_alerts"),
+            t(en, L::PendingAlerts),
             d.alerts,
-            t(en, "dedup_dropped"),
+            t(en, L::DedupDropped),
             d.dedup_keys,
-            t(en, "raw_dropped"),
+            t(en, L::RawDropped),
             d.raw_events,
         ));
     }
@@ -437,7 +452,7 @@ pub(super) fn render(s: &StatusOut, en: bool, refresh: u64) -> String {
     let offline = s.devices.iter().filter(|d| !d.online).count();
     let district_down = s.links.get("district").filter(|l| !l.connected);
     let (state, first) = if s.intake.paused {
-        ("broken", t(en, "paused").to_string())
+        ("broken", t(en, L::Paused).to_string())
     } else if let Some(l) = site_down {
         (
             // A moment's reconnect is worth a look; longer, nothing is being collected.
@@ -448,58 +463,58 @@ pub(super) fn render(s: &StatusOut, en: bool, refresh: u64) -> String {
             },
             format!(
                 "{}：{} {} {}",
-                t(en, "site_broker"),
-                t(en, l.reason.unwrap_or("closed")),
-                t(en, "for"),
+                t(en, L::SiteBroker),
+                tk(en, l.reason.unwrap_or("closed")),
+                t(en, L::For),
                 age(l.for_secs, en)
             ),
         )
     } else if !alarms.is_empty() {
-        ("attention", t(en, "attention").to_string())
+        ("attention", t(en, L::Attention).to_string())
     } else if let Some(l) = district_down.filter(|l| l.for_secs >= 10) {
         (
             "attention",
             format!(
                 "{}：{} {} {}",
-                t(en, "district_broker"),
-                t(en, l.reason.unwrap_or("closed")),
-                t(en, "for"),
+                t(en, L::DistrictBroker),
+                tk(en, l.reason.unwrap_or("closed")),
+                t(en, L::For),
                 age(l.for_secs, en)
             ),
         )
     } else if offline > 0 {
         (
             "attention",
-            format!("{offline} {}", t(en, "devices_offline")),
+            format!("{offline} {}", t(en, L::DevicesOffline)),
         )
     } else {
         ("ok", String::new())
     };
     h.push_str(&format!(
         "<div class=\"banner {state}\" data-state=\"{state}\"><b>{}</b> {}</div>",
-        t(en, &format!("state_{state}")),
+        tk(en, &format!("state_{state}")),
         esc(&first)
     ));
     if !alarms.is_empty() {
         h.push_str(&format!(
             "<section class=\"alarm\"><h2>{}</h2><ul>{}</ul></section>",
-            t(en, "attention"),
+            t(en, L::Attention),
             alarms.join("")
         ));
     }
     // Both links: connected or not, for how long, why not.
     h.push_str(&format!(
         "<section><h2>{}</h2><div class=\"cards\">",
-        t(en, "links")
+        t(en, L::Links)
     ));
-    for (key, label) in [("site", "site_broker"), ("district", "district_broker")] {
+    for (key, label) in [("site", L::SiteBroker), ("district", L::DistrictBroker)] {
         let Some(l) = s.links.get(key) else { continue };
         let why = if l.connected {
             String::new()
         } else {
-            let mut w = format!(" · {}", t(en, l.reason.unwrap_or("closed")));
+            let mut w = format!(" · {}", tk(en, l.reason.unwrap_or("closed")));
             if l.attempts > 0 {
-                w.push_str(&format!(" · {} {}", l.attempts, t(en, "attempts")));
+                w.push_str(&format!(" · {} {}", l.attempts, t(en, L::Attempts)));
             }
             if en {
                 if let Some(e) = &l.error {
@@ -513,8 +528,8 @@ pub(super) fn render(s: &StatusOut, en: bool, refresh: u64) -> String {
             l.connected,
             t(en, label),
             if l.connected { "ok" } else { "bad" },
-            t(en, if l.connected { "connected" } else { "disconnected" }),
-            t(en, "for"),
+            t(en, if l.connected { L::Connected } else { L::Disconnected }),
+            t(en, L::For),
             age(l.for_secs, en),
             esc(&l.url),
             why,
@@ -524,11 +539,11 @@ pub(super) fn render(s: &StatusOut, en: bool, refresh: u64) -> String {
     // Today.
     h.push_str(&format!(
         "<section><h2>{}</h2><div class=\"cards\">",
-        t(en, "today")
+        t(en, L::Today)
     ));
     for (kind, group, entry, exit) in [
-        ("access", "people", "entry_p", "exit_p"),
-        ("vehicle", "vehicles", "entry_v", "exit_v"),
+        ("access", L::People, L::EntryP, L::ExitP),
+        ("vehicle", L::Vehicles, L::EntryV, L::ExitV),
     ] {
         let m = s.today.get(kind).cloned().unwrap_or_default();
         h.push_str(&format!("<div class=\"card\"><h3>{}</h3>", t(en, group)));
@@ -548,10 +563,13 @@ pub(super) fn render(s: &StatusOut, en: bool, refresh: u64) -> String {
         }
         h.push_str("</div>");
     }
-    h.push_str(&format!("<div class=\"card\"><h3>{}</h3>", t(en, "camera")));
+    h.push_str(&format!(
+        "<div class=\"card\"><h3>{}</h3>",
+        t(en, L::Camera)
+    ));
     let cam = s.today.get("camera").cloned().unwrap_or_default();
     if cam.is_empty() {
-        h.push_str(&format!("<p class=\"muted\">{}</p>", t(en, "none")));
+        h.push_str(&format!("<p class=\"muted\">{}</p>", t(en, L::None)));
     }
     for (action, n) in &cam {
         h.push_str(&format!(
@@ -564,23 +582,23 @@ pub(super) fn render(s: &StatusOut, en: bool, refresh: u64) -> String {
     // Chart.
     h.push_str(&format!(
         "<section><h2>{}</h2>{}<p class=\"legend\"><i class=\"a\"></i>{} <i class=\"v\"></i>{} <i class=\"c\"></i>{}</p></section>",
-        t(en, "hourly"),
+        t(en, L::Hourly),
         chart(s, en),
-        t(en, "access"),
-        t(en, "vehicle"),
-        t(en, "camera_k")
+        t(en, L::Access),
+        t(en, L::Vehicle),
+        t(en, L::CameraK)
     ));
     // Devices: offline first (the list comes sorted), with ages and today's counts.
     h.push_str(&format!(
         "<section><h2>{}</h2><div class=\"scroll\"><table class=\"dev\"><tr><th>{}</th><th>{}</th><th>{}</th><th>{}</th><th class=\"wide\">{}</th><th>{}</th><th class=\"wide\">{}</th></tr>",
-        t(en, "devices"),
-        t(en, "name"),
-        t(en, "state"),
-        t(en, "last_seen"),
-        t(en, "today_n"),
-        t(en, "kind"),
-        t(en, "last_error"),
-        t(en, "values")
+        t(en, L::Devices),
+        t(en, L::Name),
+        t(en, L::State),
+        t(en, L::LastSeen),
+        t(en, L::TodayN),
+        t(en, L::Kind),
+        t(en, L::LastError),
+        t(en, L::Values)
     ));
     for d in &s.devices {
         let states: Vec<String> = d
@@ -589,21 +607,21 @@ pub(super) fn render(s: &StatusOut, en: bool, refresh: u64) -> String {
             .map(|(k, v)| format!("{}={}", esc(k), esc(&v.to_string())))
             .collect();
         let seen = match d.last_seen_secs_ago {
-            Some(a) if en => format!("{} {}", age(a, en), t(en, "ago")),
-            Some(a) => format!("{}{}", age(a, en), t(en, "ago")),
-            None => t(en, "never").to_string(),
+            Some(a) if en => format!("{} {}", age(a, en), t(en, L::Ago)),
+            Some(a) => format!("{}{}", age(a, en), t(en, L::Ago)),
+            None => t(en, L::Never).to_string(),
         };
         let err = match (&d.last_error, d.source) {
             (None, _) => String::new(),
             (Some(e), "mqtt") => reject_label(en, e),
             (Some(e), _) if en => esc(e),
-            (Some(_), _) => t(en, "poll_failed").to_string(),
+            (Some(_), _) => t(en, L::PollFailed).to_string(),
         };
         let skew = match d.clock_ahead_secs.filter(|_| d.clock_skew) {
             Some(a) => format!(
                 " <span class=\"bad\" data-clock-skew=\"{a}\" title=\"{}\">{} {}</span>",
-                t(en, "clock_skew_note"),
-                t(en, "clock_skew"),
+                t(en, L::ClockSkewNote),
+                t(en, L::ClockSkew),
                 age(a, en)
             ),
             None => String::new(),
@@ -615,7 +633,7 @@ pub(super) fn render(s: &StatusOut, en: bool, refresh: u64) -> String {
             kind = kind_label(en, d.kind),
             src = if d.source == "mqtt" { "MQTT" } else { "Modbus" },
             cls = if d.online { "ok" } else { "bad" },
-            state = t(en, if d.online { "online" } else { "offline" }),
+            state = t(en, if d.online { L::Online } else { L::Offline }),
             today = d.today,
             states = states.join(" "),
         ));
@@ -629,12 +647,12 @@ pub(super) fn render(s: &StatusOut, en: bool, refresh: u64) -> String {
             n("bound"),
             n("unmapped"),
             n("installer"),
-            t(en, "forgotten"),
-            t(en, "forgotten_bound"),
+            t(en, L::Forgotten),
+            t(en, L::ForgottenBound),
             n("bound"),
-            t(en, "forgotten_unmapped"),
+            t(en, L::ForgottenUnmapped),
             n("unmapped"),
-            t(en, "forgotten_installer"),
+            t(en, L::ForgottenInstaller),
             n("installer"),
         ));
     }
@@ -647,30 +665,30 @@ pub(super) fn render(s: &StatusOut, en: bool, refresh: u64) -> String {
          <div class=\"small\"><span>{}</span><b>{}</b></div>\
          <div class=\"small\"><span>{}</span><b>{}</b></div>\
          <div class=\"small\"><span>{}</span><b>{:.1} MiB</b></div></div></div></section>",
-        t(en, "upstream"),
-        t(en, "link"),
+        t(en, L::Upstream),
+        t(en, L::Link),
         if u.connected { "connected" } else { "disconnected" },
         if u.connected { "ok" } else { "bad" },
-        t(en, if u.connected { "connected" } else { "disconnected" }),
-        t(en, "pending"),
+        t(en, if u.connected { L::Connected } else { L::Disconnected }),
+        t(en, L::Pending),
         u.pending_summaries,
         u.pending_summaries,
-        t(en, "pending_alerts"),
+        t(en, L::PendingAlerts),
         u.pending_alerts,
-        t(en, "oldest"),
+        t(en, L::Oldest),
         u.oldest_pending_secs
-            .map(|a| if en { format!("{} {}", age(a, en), t(en, "ago")) } else { format!("{}{}", age(a, en), t(en, "ago")) })
+            .map(|a| if en { format!("{} {}", age(a, en), t(en, L::Ago)) } else { format!("{}{}", age(a, en), t(en, L::Ago)) })
             .unwrap_or_else(|| "—".into()),
-        t(en, "store"),
+        t(en, L::Store),
         s.store.bytes as f64 / 1048576.0,
     ));
     // Alerts and rejects.
     h.push_str(&format!(
         "<section><h2>{}</h2><table><tr><th>{}</th><th>{}</th><th>{}</th></tr>",
-        t(en, "alerts"),
-        t(en, "time"),
-        t(en, "device"),
-        t(en, "type")
+        t(en, L::Alerts),
+        t(en, L::Time),
+        t(en, L::Device),
+        t(en, L::Type)
     ));
     // Alerts leave oldest first, so the newest `pending_alerts` ones are the undelivered.
     let undelivered = s.upstream.pending_alerts as usize;
@@ -682,17 +700,17 @@ pub(super) fn render(s: &StatusOut, en: bool, refresh: u64) -> String {
             local_rfc(&Some(a.at.clone()), s.tz_secs, en),
             esc(&a.device),
             esc(&action_label(en, &a.action)),
-            if pending { format!(" <b class=\"bad\">{}</b>", t(en, "undelivered")) } else { String::new() }
+            if pending { format!(" <b class=\"bad\">{}</b>", t(en, L::Undelivered)) } else { String::new() }
         ));
     }
     h.push_str("</table></section>");
     if !s.care.is_empty() {
         h.push_str(&format!(
             "<section data-care><h2>{}</h2><table><tr><th>{}</th><th>{}</th><th>{}</th></tr>",
-            t(en, "care"),
-            t(en, "flat"),
-            t(en, "last_pass"),
-            t(en, "care_state")
+            t(en, L::Care),
+            t(en, L::Flat),
+            t(en, L::LastPass),
+            t(en, L::CareState)
         ));
         // Silent residents first.
         let mut list: Vec<&super::report::CareOut> = s.care.iter().collect();
@@ -702,7 +720,7 @@ pub(super) fn render(s: &StatusOut, en: bool, refresh: u64) -> String {
                 (Some(_), Some(secs)) => {
                     format!("{} {}", age(secs, en), if en { "ago" } else { "前" })
                 }
-                _ => t(en, "care_never").to_string(),
+                _ => t(en, L::CareNever).to_string(),
             };
             h.push_str(&format!(
                 "<tr data-care-alias=\"{}\"{}><td>{}</td><td>{}</td><td>{}</td></tr>",
@@ -711,9 +729,9 @@ pub(super) fn render(s: &StatusOut, en: bool, refresh: u64) -> String {
                 esc(&c.alias),
                 last,
                 if c.silent {
-                    format!("<b class=\"bad\">{}</b>", t(en, "care_silent"))
+                    format!("<b class=\"bad\">{}</b>", t(en, L::CareSilent))
                 } else {
-                    t(en, "care_ok").to_string()
+                    t(en, L::CareOk).to_string()
                 }
             ));
         }
@@ -721,10 +739,10 @@ pub(super) fn render(s: &StatusOut, en: bool, refresh: u64) -> String {
     }
     h.push_str(&format!(
         "<section><h2>{}</h2><table><tr><th>{}</th><th>{}</th><th>{}</th></tr>",
-        t(en, "rejects"),
-        t(en, "time"),
-        t(en, "topic"),
-        t(en, "reason")
+        t(en, L::Rejects),
+        t(en, L::Time),
+        t(en, L::Topic),
+        t(en, L::Reason)
     ));
     for r in s.recent_rejects.iter().take(20) {
         h.push_str(&format!(
@@ -759,3 +777,38 @@ rect.v,.legend i.v{fill:#f29900;background:#f29900}rect.c,.legend i.c{fill:#d930
 .banner.attention{background:#fef7e0;color:#8a5a00;border:1px solid #f29900}.banner.broken{background:#fce8e6;color:#a50e0e;border:2px solid #c5221f}\
 .scroll{overflow-x:auto}\
 @media(max-width:600px){section,.banner{margin:8px;padding:8px}table{font-size:.85em}.wide{display:none}.lbl{font-size:26px}.cards{gap:8px}.card{flex-basis:100%}header .lang{position:static;display:inline-block;margin-top:4px}}";
+
+#[cfg(test)]
+mod label_tests {
+    use super::*;
+
+    /// Every string value the gateway can put where a label is looked up by key has a label in
+    /// both languages: pause reasons, link reasons and their fixes, the overall states.
+    #[test]
+    fn every_value_the_gateway_produces_has_a_label() {
+        let mut keys: Vec<String> = crate::stats::PAUSE_REASONS
+            .iter()
+            .map(|r| r.to_string())
+            .collect();
+        keys.extend(crate::link::DOWN_REASONS.iter().map(|r| r.to_string()));
+        keys.extend(
+            crate::link::PROBLEM_REASONS
+                .iter()
+                .map(|r| format!("fix_{r}")),
+        );
+        keys.extend(["ok", "attention", "broken"].map(|s| format!("state_{s}")));
+        for k in &keys {
+            let l = L::from_key(k).unwrap_or_else(|| panic!("no label for {k:?}"));
+            assert!(!l.text(false).is_empty() && !l.text(true).is_empty(), "{k}");
+            assert_ne!(tk(false, k), *k, "{k} shows its key");
+        }
+    }
+
+    #[test]
+    fn every_label_is_found_by_its_key() {
+        for &l in L::ALL {
+            assert_eq!(L::from_key(l.key()), Some(l));
+            assert!(!l.text(false).is_empty(), "{:?} has no Chinese", l);
+        }
+    }
+}

@@ -183,7 +183,7 @@ pub(super) struct StatusOut {
 
 pub(super) fn snapshot(st: &AppState) -> Result<StatusOut, crate::store::StoreError> {
     let now = now_ms();
-    let tz = parse_utc_offset(&st.cfg.status.timezone).unwrap_or(8 * 3600);
+    let tz = st.cfg.site_offset_s();
     let tz_ms = i64::from(tz) * 1000;
     const DAY: i64 = 86_400_000;
     const HOUR: i64 = 3_600_000;
