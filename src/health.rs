@@ -111,7 +111,7 @@ pub fn devices(stats: &Stats, now_ms: i64) -> Vec<DeviceHealth> {
 /// longer than `health.link_grace`.
 pub fn site_link_too_long_down(stats: &Stats, now_ms: i64) -> Option<String> {
     let links = stats.links();
-    let l = links.get("site")?;
+    let l = links.get(&crate::link::Link::Site)?;
     let grace = stats.cadence().link_grace_ms;
     (!l.connected && now_ms - l.since_ms > grace).then(|| {
         format!(

@@ -50,7 +50,8 @@ impl Ingest {
         };
         let mut intake = self.intake.take();
         let mut watch = crate::link::TakeoverWatch::default();
-        self.stats.link_start("site", &m.url, now_ms());
+        self.stats
+            .link_start(crate::link::Link::Site, &m.url, now_ms());
         loop {
             let mut opts = match options(&settings, "mqtt") {
                 Ok(o) => o,
@@ -69,7 +70,11 @@ impl Ingest {
                 return;
             }
             // A problem that needs an operator is retried with the long backoff.
-            let delay = if self.stats.link_problems().contains_key("site") {
+            let delay = if self
+                .stats
+                .link_problems()
+                .contains_key(&crate::link::Link::Site)
+            {
                 m.reconnect_max.0
             } else {
                 backoff.next_delay()
@@ -154,7 +159,7 @@ impl Ingest {
                     backoff.reset();
                     watch.connected(std::time::Instant::now());
                     let url = &self.cfg.mqtt.url;
-                    match self.stats.link_up("site", now_ms()) {
+                    match self.stats.link_up(crate::link::Link::Site, now_ms()) {
                         LinkChange::Up { first: true, .. } => {
                             tracing::info!(%url, session_present = ack.session_present, "site broker connected")
                         }
@@ -259,7 +264,7 @@ impl Ingest {
                 }
                 Ok(_) => {
                     if watch.is_stable(std::time::Instant::now())
-                        && self.stats.set_link_problem("site", None)
+                        && self.stats.set_link_problem(crate::link::Link::Site, None)
                     {
                         watch.reset();
                         tracing::info!(url = %self.cfg.mqtt.url, "device broker: the connection holds again");
@@ -282,20 +287,26 @@ impl Ingest {
                         })
                     });
                     let reason = crate::link::down_reason(&e, problem.as_ref());
-                    let change = self
-                        .stats
-                        .link_down("site", reason, e.to_string(), now_ms());
+                    let change = self.stats.link_down(
+                        crate::link::Link::Site,
+                        reason,
+                        e.to_string(),
+                        now_ms(),
+                    );
                     match problem {
                         Some(p) => {
-                            if self.stats.set_link_problem("site", Some(p.clone())) {
-                                tracing::error!(link = "site", %url, reason = p.reason, error = %e, "{}", p.detail);
+                            if self
+                                .stats
+                                .set_link_problem(crate::link::Link::Site, Some(p.clone()))
+                            {
+                                tracing::error!(link = crate::link::Link::Site.as_str(), %url, reason = p.reason, error = %e, "{}", p.detail);
                             }
                         }
                         None if change == LinkChange::Down => {
-                            tracing::warn!(link = "site", %url, reason, error = %e, "site broker link down")
+                            tracing::warn!(link = crate::link::Link::Site.as_str(), %url, reason, error = %e, "site broker link down")
                         }
                         None => {
-                            tracing::debug!(link = "site", %url, reason, error = %e, "site broker still down")
+                            tracing::debug!(link = crate::link::Link::Site.as_str(), %url, reason, error = %e, "site broker still down")
                         }
                     }
                     break false;

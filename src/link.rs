@@ -17,6 +17,35 @@ pub struct Problem {
 }
 
 /// Every `reason` a [`Problem`] can have (the metric's label values).
+/// One of the gateway's two MQTT links.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Link {
+    /// The site (device) broker.
+    Site,
+    /// The district broker (upstream).
+    District,
+}
+
+impl Link {
+    /// Both links, site first.
+    pub const ALL: [Link; 2] = [Link::Site, Link::District];
+
+    /// `site` or `district` (log fields, metric labels, the API's keys).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Link::Site => "site",
+            Link::District => "district",
+        }
+    }
+}
+
+impl std::fmt::Display for Link {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 pub const PROBLEM_REASONS: [&str; 3] = ["refused", "tls", "identity_taken"];
 
 /// The operator-facing meaning of a connection error, if it has one.

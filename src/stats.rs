@@ -150,10 +150,10 @@ pub struct Stats {
     site_problem: Mutex<Option<String>>,
     /// The `[health]` rules (replaced on SIGHUP).
     cadence: std::sync::RwLock<std::sync::Arc<crate::config::Cadence>>,
-    /// Per link ("site", "district"): connected or not, since when, why.
-    links: Mutex<BTreeMap<&'static str, LinkState>>,
-    /// Per link ("site", "district"): a connection failure that needs an operator.
-    link_problems: Mutex<BTreeMap<&'static str, crate::link::Problem>>,
+    /// Per link (site, district): connected or not, since when, why.
+    links: Mutex<BTreeMap<crate::link::Link, LinkState>>,
+    /// Per link (site, district): a connection failure that needs an operator.
+    link_problems: Mutex<BTreeMap<crate::link::Link, crate::link::Problem>>,
     /// A store file this run moved aside as damaged, and why.
     pub quarantined: Mutex<Option<crate::store::damage::Quarantined>>,
     /// The care watch, as the page shows it.
@@ -206,19 +206,56 @@ pub enum LinkChange {
     Up { down_ms: i64, first: bool },
 }
 
+/// Why intake pauses (the `reason` label of `zhian_intake_paused`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PauseReason {
+    /// The store's disk is full (ENOSPC, EDQUOT).
+    DiskFull,
+    /// The store's disk fails writes (EIO, EROFS, ...).
+    DiskError,
+    /// The gateway clock cannot be trusted.
+    ClockUntrusted,
+}
+
+impl PauseReason {
+    /// Every reason, in label order.
+    pub const ALL: [PauseReason; 3] = [
+        PauseReason::DiskFull,
+        PauseReason::DiskError,
+        PauseReason::ClockUntrusted,
+    ];
+
+    /// The label value: `disk_full`, `disk_error`, `clock_untrusted`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PauseReason::DiskFull => "disk_full",
+            PauseReason::DiskError => "disk_error",
+            PauseReason::ClockUntrusted => "clock_untrusted",
+        }
+    }
+
+    /// A disk's fault (full or failing): one pause while the errno moves between them.
+    pub fn is_disk(self) -> bool {
+        matches!(self, PauseReason::DiskFull | PauseReason::DiskError)
+    }
+}
+
+impl std::fmt::Display for PauseReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Intake paused: devices' messages wait unacknowledged in the site broker.
 #[derive(Debug, Clone, Serialize)]
 pub struct Paused {
-    /// `disk_full` or `disk_error` (the `reason` label of `zhian_intake_paused`).
-    pub reason: &'static str,
+    pub reason: PauseReason,
     /// The error, as the store reported it.
     pub detail: String,
     /// Wall clock (Unix ms) when intake paused.
     pub since_ms: i64,
 }
-
-/// Every reason intake can pause for (the `zhian_intake_paused` label values).
-pub const PAUSE_REASONS: [&str; 3] = ["disk_full", "disk_error", "clock_untrusted"];
 
 /// Marks its task down when dropped before the stop token was cancelled.
 pub struct TaskGuard {
@@ -569,12 +606,11 @@ impl Stats {
     }
 
     /// Pause intake for `reason` (kept from the first failure while it lasts).
-    pub fn pause(&self, reason: &'static str, detail: String, now_ms: i64) {
+    pub fn pause(&self, reason: PauseReason, detail: String, now_ms: i64) {
         let mut p = self.paused.lock().expect("paused lock");
-        let disk = |r: &str| r.starts_with("disk_");
         match p.as_mut() {
             // One pause, even as the errno moves between ENOSPC and EIO: keep its start.
-            Some(cur) if cur.reason == reason || (disk(cur.reason) && disk(reason)) => {
+            Some(cur) if cur.reason == reason || (cur.reason.is_disk() && reason.is_disk()) => {
                 cur.reason = reason;
                 cur.detail = detail;
             }
@@ -589,16 +625,20 @@ impl Stats {
     }
 
     /// Set (or clear) `link`'s problem. Returns true if it changed (log it at ERROR then).
-    pub fn set_link_problem(&self, link: &'static str, p: Option<crate::link::Problem>) -> bool {
+    pub fn set_link_problem(
+        &self,
+        link: crate::link::Link,
+        p: Option<crate::link::Problem>,
+    ) -> bool {
         let mut m = self.link_problems.lock().expect("links lock");
         match p {
             Some(p) => m.insert(link, p.clone()).as_ref() != Some(&p),
-            None => m.remove(link).is_some(),
+            None => m.remove(&link).is_some(),
         }
     }
 
     /// Links with a problem that needs an operator.
-    pub fn link_problems(&self) -> BTreeMap<&'static str, crate::link::Problem> {
+    pub fn link_problems(&self) -> BTreeMap<crate::link::Link, crate::link::Problem> {
         self.link_problems.lock().expect("links lock").clone()
     }
 
@@ -630,7 +670,7 @@ impl Stats {
     }
 
     /// A link starts (before its first attempt): down, `connecting`, since `now_ms`.
-    pub fn link_start(&self, link: &'static str, url: &str, now_ms: i64) {
+    pub fn link_start(&self, link: crate::link::Link, url: &str, now_ms: i64) {
         self.links.lock().expect("links lock").insert(
             link,
             LinkState {
@@ -647,14 +687,14 @@ impl Stats {
     }
 
     /// `link` connected (CONNACK).
-    pub fn link_up(&self, link: &'static str, now_ms: i64) -> LinkChange {
-        if link == "site" {
+    pub fn link_up(&self, link: crate::link::Link, now_ms: i64) -> LinkChange {
+        if link == crate::link::Link::Site {
             self.site_connected.store(true, Relaxed);
         } else {
             self.upstream_connected.store(true, Relaxed);
         }
         let mut m = self.links.lock().expect("links lock");
-        let Some(l) = m.get_mut(link) else {
+        let Some(l) = m.get_mut(&link) else {
             return LinkChange::Same;
         };
         if l.connected {
@@ -674,18 +714,18 @@ impl Stats {
     /// A connection attempt of `link` failed, or the connection was lost.
     pub fn link_down(
         &self,
-        link: &'static str,
+        link: crate::link::Link,
         reason: &'static str,
         error: String,
         now_ms: i64,
     ) -> LinkChange {
-        if link == "site" {
+        if link == crate::link::Link::Site {
             self.site_connected.store(false, Relaxed);
         } else {
             self.upstream_connected.store(false, Relaxed);
         }
         let mut m = self.links.lock().expect("links lock");
-        let Some(l) = m.get_mut(link) else {
+        let Some(l) = m.get_mut(&link) else {
             return LinkChange::Same;
         };
         let change = if l.connected
@@ -711,7 +751,7 @@ impl Stats {
     }
 
     /// Both links' state.
-    pub fn links(&self) -> BTreeMap<&'static str, LinkState> {
+    pub fn links(&self) -> BTreeMap<crate::link::Link, LinkState> {
         self.links.lock().expect("links lock").clone()
     }
 

@@ -3,6 +3,7 @@
 //! clocks witnessed in a batch.
 
 use super::*;
+use crate::stats::PauseReason;
 
 impl Committer {
     /// Look at the batch's events and the clock: true (and intake paused) while the gateway
@@ -23,10 +24,10 @@ impl Committer {
         match self.clock.judge(wall, mono, synced) {
             Some(d) => {
                 let detail = d.describe(wall);
-                if self.stats.paused().map(|p| p.reason) != Some("clock_untrusted") {
+                if self.stats.paused().map(|p| p.reason) != Some(PauseReason::ClockUntrusted) {
                     tracing::error!(%detail, "gateway clock not trusted: intake paused, nothing acknowledged, Modbus readings not stamped, until it is");
                 }
-                self.stats.pause("clock_untrusted", detail, wall);
+                self.stats.pause(PauseReason::ClockUntrusted, detail, wall);
                 self.stats.clock_trusted.store(false, Relaxed);
                 true
             }
@@ -42,7 +43,7 @@ impl Committer {
                 if self
                     .stats
                     .paused()
-                    .is_some_and(|p| p.reason == "clock_untrusted")
+                    .is_some_and(|p| p.reason == PauseReason::ClockUntrusted)
                 {
                     self.stats.resume();
                     tracing::warn!("gateway clock trusted again: intake resumed");

@@ -400,14 +400,10 @@ impl Committer {
             };
             let e = match attempt {
                 Ok(r) => {
-                    if self
-                        .stats
-                        .paused()
-                        .is_some_and(|p| p.reason.starts_with("disk_"))
-                    {
+                    if self.stats.paused().is_some_and(|p| p.reason.is_disk()) {
                         if let Some(p) = self.stats.resume() {
                             tracing::warn!(
-                                reason = p.reason,
+                                reason = p.reason.as_str(),
                                 paused_secs = (now_ms() - p.since_ms) / 1000,
                                 "store writes succeed again: intake resumed"
                             );
@@ -421,7 +417,7 @@ impl Committer {
                 (StoreError::AlreadyOpen(_), _) => {} // a reader still holds the old handle
                 (_, Some(fault)) => {
                     if self.stats.paused().is_none() {
-                        tracing::error!(error = %e, reason = fault.reason(), "store write failed: intake paused, nothing of the batch acknowledged; retrying until the disk takes writes again");
+                        tracing::error!(error = %e, reason = fault.reason().as_str(), "store write failed: intake paused, nothing of the batch acknowledged; retrying until the disk takes writes again");
                     }
                     self.stats.pause(fault.reason(), e.to_string(), now_ms());
                 }

@@ -138,7 +138,8 @@ impl Forwarder {
         self.stats
             .upstream_max_packet
             .store(u.max_packet_size.0, Relaxed);
-        self.stats.link_start("district", &u.url, now_ms());
+        self.stats
+            .link_start(crate::link::Link::District, &u.url, now_ms());
         let mut epochs = crate::epoch::Epochs::open(&self.cfg.gateway.data_dir);
         loop {
             if self.stop.is_cancelled() {
@@ -182,7 +183,11 @@ impl Forwarder {
                 return;
             }
             // A problem that needs an operator is retried with the long backoff.
-            let delay = if self.stats.link_problems().contains_key("district") {
+            let delay = if self
+                .stats
+                .link_problems()
+                .contains_key(&crate::link::Link::District)
+            {
                 u.reconnect_max.0
             } else {
                 backoff.next_delay()
@@ -266,7 +271,7 @@ impl Forwarder {
                         connected = true;
                         backoff.reset();
                         watch.connected(Instant::now());
-                        match self.stats.link_up("district", now_ms()) {
+                        match self.stats.link_up(crate::link::Link::District, now_ms()) {
                             LinkChange::Up { first: true, .. } => tracing::info!(url = %self.cfg.upstream.url, "district broker connected"),
                             LinkChange::Up { down_ms, .. } => tracing::info!(url = %self.cfg.upstream.url, down_s = down_ms / 1000, "district broker link up"),
                             _ => {}
@@ -295,7 +300,7 @@ impl Forwarder {
                     }
                     Some(Ok(_)) => {
                         if watch.is_stable(Instant::now())
-                            && self.stats.set_link_problem("district", None)
+                            && self.stats.set_link_problem(crate::link::Link::District, None)
                         {
                             watch.reset();
                             tracing::info!(url = %self.cfg.upstream.url, "district broker: the connection holds again");
@@ -323,17 +328,17 @@ impl Forwarder {
                             })
                         });
                         let reason = crate::link::down_reason(&e, problem.as_ref());
-                        let change = self.stats.link_down("district", reason, e.to_string(), now_ms());
+                        let change = self.stats.link_down(crate::link::Link::District, reason, e.to_string(), now_ms());
                         match problem {
                             Some(p) => {
-                                if self.stats.set_link_problem("district", Some(p.clone())) {
-                                    tracing::error!(link = "district", %url, reason = p.reason, error = %e, "{}", p.detail);
+                                if self.stats.set_link_problem(crate::link::Link::District, Some(p.clone())) {
+                                    tracing::error!(link = crate::link::Link::District.as_str(), %url, reason = p.reason, error = %e, "{}", p.detail);
                                 }
                             }
                             None if change == LinkChange::Down => {
-                                tracing::warn!(link = "district", %url, reason, error = %e, "district broker link down")
+                                tracing::warn!(link = crate::link::Link::District.as_str(), %url, reason, error = %e, "district broker link down")
                             }
-                            None => tracing::debug!(link = "district", %url, reason, error = %e, "district broker still down"),
+                            None => tracing::debug!(link = crate::link::Link::District.as_str(), %url, reason, error = %e, "district broker still down"),
                         }
                         break false;
                     }
@@ -684,7 +689,7 @@ impl Forwarder {
                 raw_events: overview.evicted_events,
             },
             intake_paused: self.stats.paused().map(|p| proto::Paused {
-                reason: p.reason.to_string(),
+                reason: p.reason.as_str().to_string(),
                 detail: p.detail,
                 since_ms: p.since_ms,
             }),

@@ -294,7 +294,7 @@ impl Collector for Metrics {
             )?;
             for (link, l) in s.links() {
                 ConstGauge::new(i64::from(l.connected))
-                    .encode(m.encode_family(&[("link", link)])?)?;
+                    .encode(m.encode_family(&[("link", link.as_str())])?)?;
             }
         }
         {
@@ -308,7 +308,7 @@ impl Collector for Metrics {
                 for reason in crate::link::DOWN_REASONS {
                     let v = i64::from(!l.connected && l.reason == Some(reason));
                     ConstGauge::new(v)
-                        .encode(m.encode_family(&[("link", link), ("reason", reason)])?)?;
+                        .encode(m.encode_family(&[("link", link.as_str()), ("reason", reason)])?)?;
                 }
             }
         }
@@ -356,11 +356,11 @@ impl Collector for Metrics {
                 None,
                 prometheus_client::metrics::MetricType::Gauge,
             )?;
-            for link in ["site", "district"] {
+            for link in crate::link::Link::ALL {
                 for reason in crate::link::PROBLEM_REASONS {
-                    let v = i64::from(problems.get(link).is_some_and(|p| p.reason == reason));
+                    let v = i64::from(problems.get(&link).is_some_and(|p| p.reason == reason));
                     ConstGauge::new(v)
-                        .encode(m.encode_family(&[("link", link), ("reason", reason)])?)?;
+                        .encode(m.encode_family(&[("link", link.as_str()), ("reason", reason)])?)?;
                 }
             }
         }
@@ -372,9 +372,9 @@ impl Collector for Metrics {
                 None,
                 prometheus_client::metrics::MetricType::Gauge,
             )?;
-            for reason in crate::stats::PAUSE_REASONS {
+            for reason in crate::stats::PauseReason::ALL {
                 let v = i64::from(paused.as_ref().is_some_and(|p| p.reason == reason));
-                ConstGauge::new(v).encode(m.encode_family(&[("reason", reason)])?)?;
+                ConstGauge::new(v).encode(m.encode_family(&[("reason", reason.as_str())])?)?;
             }
         }
         let now = now_ms();

@@ -391,7 +391,7 @@ pub(super) fn render(s: &StatusOut, en: bool, refresh: u64) -> String {
             p.reason,
             t(
                 en,
-                if *link == "site" {
+                if *link == crate::link::Link::Site {
                     L::SiteLink
                 } else {
                     L::DistrictLink
@@ -448,9 +448,15 @@ pub(super) fn render(s: &StatusOut, en: bool, refresh: u64) -> String {
     }
     // The overall state first: broken when nothing is being collected, attention when
     // something needs a look, ok otherwise; with the first reason.
-    let site_down = s.links.get("site").filter(|l| !l.connected);
+    let site_down = s
+        .links
+        .get(&crate::link::Link::Site)
+        .filter(|l| !l.connected);
     let offline = s.devices.iter().filter(|d| !d.online).count();
-    let district_down = s.links.get("district").filter(|l| !l.connected);
+    let district_down = s
+        .links
+        .get(&crate::link::Link::District)
+        .filter(|l| !l.connected);
     let (state, first) = if s.intake.paused {
         ("broken", t(en, L::Paused).to_string())
     } else if let Some(l) = site_down {
@@ -507,8 +513,11 @@ pub(super) fn render(s: &StatusOut, en: bool, refresh: u64) -> String {
         "<section><h2>{}</h2><div class=\"cards\">",
         t(en, L::Links)
     ));
-    for (key, label) in [("site", L::SiteBroker), ("district", L::DistrictBroker)] {
-        let Some(l) = s.links.get(key) else { continue };
+    for (key, label) in [
+        (crate::link::Link::Site, L::SiteBroker),
+        (crate::link::Link::District, L::DistrictBroker),
+    ] {
+        let Some(l) = s.links.get(&key) else { continue };
         let why = if l.connected {
             String::new()
         } else {
@@ -786,9 +795,9 @@ mod label_tests {
     /// both languages: pause reasons, link reasons and their fixes, the overall states.
     #[test]
     fn every_value_the_gateway_produces_has_a_label() {
-        let mut keys: Vec<String> = crate::stats::PAUSE_REASONS
+        let mut keys: Vec<String> = crate::stats::PauseReason::ALL
             .iter()
-            .map(|r| r.to_string())
+            .map(|r| r.as_str().to_string())
             .collect();
         keys.extend(crate::link::DOWN_REASONS.iter().map(|r| r.to_string()));
         keys.extend(

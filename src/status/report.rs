@@ -164,12 +164,12 @@ pub(super) struct StatusOut {
     pub(super) clock_offset_ms: i64,
     /// Both links: `site` (the device broker) and `district` (upstream), each connected or
     /// not, since when, why not.
-    pub(super) links: BTreeMap<&'static str, LinkOut>,
+    pub(super) links: BTreeMap<crate::link::Link, LinkOut>,
     /// What is wrong with the site broker's subscription (refused, or granted QoS 0).
     pub(super) site_problem: Option<String>,
     /// Per link (`site`, `district`): a connection failure that needs an operator (refused
     /// credentials, TLS, another client holding our client id).
-    pub(super) link_problems: BTreeMap<&'static str, crate::link::Problem>,
+    pub(super) link_problems: BTreeMap<crate::link::Link, crate::link::Problem>,
     pub(super) upstream: UpstreamOut,
     pub(super) store: StoreOut,
     pub(super) counters: crate::stats::CounterSnapshot,
@@ -291,7 +291,7 @@ pub(super) fn snapshot(st: &AppState) -> Result<StatusOut, crate::store::StoreEr
         devices,
         intake: IntakeOut {
             paused: paused.is_some(),
-            reason: paused.as_ref().map(|p| p.reason),
+            reason: paused.as_ref().map(|p| p.reason.as_str()),
             detail: paused.as_ref().map(|p| p.detail.clone()),
             since: paused.as_ref().map(|p| rfc3339_utc(p.since_ms)),
         },

@@ -175,11 +175,11 @@ pub enum DiskFault {
 }
 
 impl DiskFault {
-    /// The `reason` label of `zhian_intake_paused`.
-    pub fn reason(self) -> &'static str {
+    /// Why intake pauses for it.
+    pub fn reason(self) -> crate::stats::PauseReason {
         match self {
-            DiskFault::Full => "disk_full",
-            DiskFault::Error => "disk_error",
+            DiskFault::Full => crate::stats::PauseReason::DiskFull,
+            DiskFault::Error => crate::stats::PauseReason::DiskError,
         }
     }
 }
