@@ -262,7 +262,6 @@ async fn page(
 
 #[cfg(test)]
 mod tests {
-    use super::page::esc;
     use super::*;
     use crate::core::counter::Value;
 
@@ -277,9 +276,11 @@ mod tests {
 
     #[test]
     fn escaping() {
+        // The page's templates escape every value (maud): text and attributes.
+        let v = "<a href=\"x\">&'";
         assert_eq!(
-            esc("<a href=\"x\">&'"),
-            "&lt;a href=&quot;x&quot;&gt;&amp;&#39;"
+            maud::html! { b title=(v) { (v) } }.into_string(),
+            "<b title=\"&lt;a href=&quot;x&quot;&gt;&amp;'\">&lt;a href=&quot;x&quot;&gt;&amp;'</b>"
         );
     }
 

@@ -1,26 +1,14 @@
 //! The HTML page: server-rendered from a [`StatusOut`] snapshot, Chinese first (`?lang=en`
 //! English), inline CSS and an inline SVG chart, nothing from the internet; readable at 390 px.
+//! Templates are maud's `html!` (compile-time checked, every value escaped), one function per
+//! section; labels are one typed table ([`L`]).
 
 use super::*;
+use maud::{html, Markup, PreEscaped};
 
 // ---------------------------------------------------------------------------------------------
 // HTML
 // ---------------------------------------------------------------------------------------------
-
-pub(super) fn esc(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            c => out.push(c),
-        }
-    }
-    out
-}
 
 /// Every label on the page, Chinese first: one typed table (a label the code names and the
 /// table lacks does not compile). `key` is its name in `data-` attributes and for the values
@@ -264,7 +252,11 @@ pub(super) fn local_rfc(rfc: &Option<String>, tz: i32, en: bool) -> String {
     }
 }
 
-pub(super) fn chart(s: &StatusOut, en: bool) -> String {
+/// One bar of the chart: y, height, count, class.
+type Bar = (f64, f64, u64, &'static str);
+
+/// The hourly chart: an inline SVG of stacked bars (access, vehicles, camera) per hour.
+pub(super) fn chart(s: &StatusOut, en: bool) -> Markup {
     let (w, h, pad) = (720.0f64, 200.0f64, 28.0f64);
     let max = s
         .hourly
@@ -274,41 +266,177 @@ pub(super) fn chart(s: &StatusOut, en: bool) -> String {
         .unwrap_or(0)
         .max(1) as f64;
     let bw = (w - pad) / 24.0;
-    let mut out = format!(
-        "<svg data-chart=\"hourly\" viewBox=\"0 0 {w} {}\" role=\"img\" aria-label=\"{}\" preserveAspectRatio=\"none\">",
-        h + 20.0,
-        t(en, L::Hourly)
-    );
-    out.push_str(&format!(
-        "<line x1=\"{pad}\" y1=\"{h}\" x2=\"{w}\" y2=\"{h}\" class=\"axis\"/><text x=\"0\" y=\"12\" class=\"lbl\">{}</text>",
-        max as u64
-    ));
-    for (i, b) in s.hourly.iter().enumerate() {
-        let x = pad + i as f64 * bw + 2.0;
-        let mut y = h;
-        for (n, class) in [(b.access, "a"), (b.vehicle, "v"), (b.camera, "c")] {
-            if n == 0 {
-                continue;
+    let f1 = |v: f64| format!("{v:.1}");
+    // Per hour: its x, and its stacked bars bottom up.
+    let hours: Vec<(f64, Vec<Bar>)> = s
+        .hourly
+        .iter()
+        .enumerate()
+        .map(|(i, b)| {
+            let x = pad + i as f64 * bw + 2.0;
+            let mut y = h;
+            let mut bars = Vec::new();
+            for (n, class) in [(b.access, "a"), (b.vehicle, "v"), (b.camera, "c")] {
+                if n > 0 {
+                    let bh = (n as f64 / max) * (h - 16.0);
+                    y -= bh;
+                    bars.push((y, bh, n, class));
+                }
             }
-            let bh = (n as f64 / max) * (h - 16.0);
-            y -= bh;
-            out.push_str(&format!(
-                "<rect x=\"{x:.1}\" y=\"{y:.1}\" width=\"{:.1}\" height=\"{bh:.1}\" class=\"{class}\"><title>{n}</title></rect>",
-                bw - 4.0
-            ));
-        }
-        if i % 3 == 0 {
-            out.push_str(&format!(
-                "<text x=\"{x:.1}\" y=\"{}\" class=\"lbl\">{}</text>",
-                h + 16.0,
-                local(b.start_ms, s.tz_secs, false)
-            ));
+            (x, bars)
+        })
+        .collect();
+    html! {
+        svg data-chart="hourly" viewBox=(format!("0 0 {w} {}", h + 20.0)) role="img"
+            aria-label=(t(en, L::Hourly)) preserveAspectRatio="none" {
+            line x1=(pad) y1=(h) x2=(w) y2=(h) class="axis" {}
+            text x="0" y="12" class="lbl" { (max as u64) }
+            @for (i, (x, bars)) in hours.iter().enumerate() {
+                @for (y, bh, n, class) in bars {
+                    rect x=(f1(*x)) y=(f1(*y)) width=(f1(bw - 4.0)) height=(f1(*bh)) class=(class) {
+                        title { (n) }
+                    }
+                }
+                @if i % 3 == 0 {
+                    text x=(f1(*x)) y=(h + 16.0) class="lbl" { (local(s.hourly[i].start_ms, s.tz_secs, false)) }
+                }
+            }
         }
     }
-    out.push_str("</svg>");
+}
+
+/// "5 min ago" (en) or "5 分钟前".
+fn ago(secs: i64, en: bool) -> String {
+    if en {
+        format!("{} {}", age(secs, en), t(en, L::Ago))
+    } else {
+        format!("{}{}", age(secs, en), t(en, L::Ago))
+    }
+}
+
+/// The overall state (`broken`, `attention`, `ok`) and its first reason: broken when nothing is
+/// being collected, attention when something needs a look.
+fn overall(s: &StatusOut, en: bool, alarms: bool) -> (&'static str, String) {
+    let site_down = s
+        .links
+        .get(&crate::link::Link::Site)
+        .filter(|l| !l.connected);
+    let offline = s.devices.iter().filter(|d| !d.online).count();
+    let district_down = s
+        .links
+        .get(&crate::link::Link::District)
+        .filter(|l| !l.connected);
+    let down = |label: L, l: &super::report::LinkOut| {
+        format!(
+            "{}：{} {} {}",
+            t(en, label),
+            tk(en, l.reason.unwrap_or("closed")),
+            t(en, L::For),
+            age(l.for_secs, en)
+        )
+    };
+    if s.intake.paused {
+        ("broken", t(en, L::Paused).to_string())
+    } else if let Some(l) = site_down {
+        // A moment's reconnect is worth a look; longer, nothing is being collected.
+        let state = if l.for_secs >= 10 {
+            "broken"
+        } else {
+            "attention"
+        };
+        (state, down(L::SiteBroker, l))
+    } else if alarms {
+        ("attention", t(en, L::Attention).to_string())
+    } else if let Some(l) = district_down.filter(|l| l.for_secs >= 10) {
+        ("attention", down(L::DistrictBroker, l))
+    } else if offline > 0 {
+        (
+            "attention",
+            format!("{offline} {}", t(en, L::DevicesOffline)),
+        )
+    } else {
+        ("ok", String::new())
+    }
+}
+
+/// What needs attention: paused intake, clock steps, link problems, quarantined store files,
+/// parked messages, drops under pressure. One `li` each.
+fn alarms(s: &StatusOut, en: bool) -> Vec<Markup> {
+    let mut out = Vec::new();
+    if s.intake.paused {
+        out.push(html! {
+            li data-intake-paused=(s.intake.reason.unwrap_or("")) {
+                b { (t(en, L::Paused)) } " (" (tk(en, s.intake.reason.unwrap_or("disk_error"))) ") "
+                (t(en, L::Since)) " " (local_rfc(&s.intake.since, s.tz_secs, en)) " · "
+                @if en { (s.intake.detail.as_deref().unwrap_or("")) }
+            }
+        });
+    }
+    if s.clock_offset_ms.abs() > crate::core::clock::STEP_MS {
+        let l = if s.clock_offset_ms > 0 {
+            L::ClockBack
+        } else {
+            L::ClockAhead
+        };
+        out.push(html! {
+            li data-clock-step=(s.clock_offset_ms) {
+                b { (t(en, l)) } " " (s.clock_offset_ms.abs() / 1000) " s"
+            }
+        });
+    }
+    if let Some(p) = &s.site_problem {
+        out.push(html! {
+            li data-site-problem {
+                b { (t(en, L::SiteProblem)) } " "
+                @if en { (p) } @else { (t(en, L::SiteProblemZh)) }
+            }
+        });
+    }
+    for (link, p) in &s.link_problems {
+        let l = if *link == crate::link::Link::Site {
+            L::SiteLink
+        } else {
+            L::DistrictLink
+        };
+        out.push(html! {
+            li data-link-problem=(link) data-reason=(p.reason) {
+                b { (t(en, l)) } " "
+                @if en { (p.detail) } @else {
+                    (tk(en, p.reason)) "：" (tk(en, &format!("fix_{}", p.reason)))
+                }
+            }
+        });
+    }
+    for q in &s.store.quarantined {
+        out.push(html! {
+            li data-quarantined=(q.file) {
+                b { (t(en, L::Quarantined)) } " " (q.file) " (" (format!("{:.1}", q.bytes as f64 / 1048576.0)) " MiB)"
+                @if let Some(r) = q.reason.as_ref().filter(|_| en) { " · " (r) }
+            }
+        });
+    }
+    if s.upstream.parked > 0 {
+        out.push(html! {
+            li data-parked=(s.upstream.parked) {
+                b { (t(en, L::Parked)) } " " (s.upstream.parked)
+            }
+        });
+    }
+    let d = &s.store.dropped;
+    if d.summaries + d.alerts + d.dedup_keys + d.raw_events > 0 {
+        out.push(html! {
+            li data-dropped=(d.summaries + d.alerts) {
+                b { (t(en, L::Dropped)) } " " (t(en, L::Pending)) " " (d.summaries)
+                " · " (t(en, L::PendingAlerts)) " " (d.alerts)
+                " · " (t(en, L::DedupDropped)) " " (d.dedup_keys)
+                " · " (t(en, L::RawDropped)) " " (d.raw_events)
+            }
+        });
+    }
     out
 }
 
+/// The page (maud templates below, one function per section; every value is escaped by maud).
 pub(super) fn render(s: &StatusOut, en: bool, refresh: u64) -> String {
     let site: Vec<&str> = [&s.gateway.district, &s.gateway.street, &s.gateway.community]
         .into_iter()
@@ -319,457 +447,305 @@ pub(super) fn render(s: &StatusOut, en: bool, refresh: u64) -> String {
         .compound
         .clone()
         .unwrap_or_else(|| s.gateway.id.clone());
-    let mut h = String::with_capacity(16 * 1024);
-    h.push_str(&format!(
-        "<!doctype html><html lang=\"{lang}\"><head><meta charset=\"utf-8\">\
-         <meta name=\"viewport\" content=\"width=device-width,initial-scale=1\">\
-         <meta http-equiv=\"refresh\" content=\"{refresh}\">\
-         <title>{title} · {name}</title><style>{css}</style></head><body>",
-        lang = if en { "en" } else { "zh-CN" },
-        title = t(en, L::Title),
-        name = esc(&name),
-        css = CSS,
-    ));
-    h.push_str(&format!(
-        "<header><h1>{} <small>{}</small></h1><p>{}{} · v{} · {} {}</p><a class=\"lang\" href=\"?lang={}\">{}</a></header>",
-        esc(&name),
-        t(en, L::Title),
-        if site.is_empty() { String::new() } else { format!("{} · ", esc(&site.join(" "))) },
-        esc(&s.gateway.id),
-        s.version,
-        t(en, L::Updated),
-        local_rfc(&Some(s.now.clone()), s.tz_secs, en),
-        if en { "zh" } else { "en" },
-        t(en, L::OtherLang),
-    ));
-    // What needs attention: paused intake, quarantined store files, drops under pressure.
-    let mut alarms: Vec<String> = Vec::new();
-    if s.intake.paused {
-        alarms.push(format!(
-            "<li data-intake-paused=\"{}\"><b>{}</b> ({}) {} {} · {}</li>",
-            s.intake.reason.unwrap_or(""),
-            t(en, L::Paused),
-            tk(en, s.intake.reason.unwrap_or("disk_error")),
-            t(en, L::Since),
-            local_rfc(&s.intake.since, s.tz_secs, en),
-            if en {
-                esc(s.intake.detail.as_deref().unwrap_or(""))
-            } else {
-                String::new()
-            },
-        ));
-    }
-    if s.clock_offset_ms.abs() > crate::core::clock::STEP_MS {
-        alarms.push(format!(
-            "<li data-clock-step=\"{}\"><b>{}</b> {} s</li>",
-            s.clock_offset_ms,
-            t(
-                en,
-                if s.clock_offset_ms > 0 {
-                    L::ClockBack
-                } else {
-                    L::ClockAhead
-                }
-            ),
-            s.clock_offset_ms.abs() / 1000
-        ));
-    }
-    if let Some(p) = &s.site_problem {
-        alarms.push(format!(
-            "<li data-site-problem><b>{}</b> {}</li>",
-            t(en, L::SiteProblem),
-            if en {
-                esc(p)
-            } else {
-                t(en, L::SiteProblemZh).to_string()
+    let alarms = alarms(s, en);
+    let (state, first) = overall(s, en, !alarms.is_empty());
+    let page = html! {
+        (PreEscaped("<!doctype html>"))
+        html lang=(if en { "en" } else { "zh-CN" }) {
+            head {
+                meta charset="utf-8";
+                meta name="viewport" content="width=device-width,initial-scale=1";
+                meta http-equiv="refresh" content=(refresh);
+                title { (t(en, L::Title)) " · " (name) }
+                style { (PreEscaped(CSS)) }
             }
-        ));
-    }
-    for (link, p) in &s.link_problems {
-        alarms.push(format!(
-            "<li data-link-problem=\"{link}\" data-reason=\"{}\"><b>{}</b> {}</li>",
-            p.reason,
-            t(
-                en,
-                if *link == crate::link::Link::Site {
-                    L::SiteLink
-                } else {
-                    L::DistrictLink
+            body {
+                header {
+                    h1 { (name) " " small { (t(en, L::Title)) } }
+                    p {
+                        @if !site.is_empty() { (site.join(" ")) " · " }
+                        (s.gateway.id) " · v" (s.version) " · " (t(en, L::Updated)) " "
+                        (local_rfc(&Some(s.now.clone()), s.tz_secs, en))
+                    }
+                    a class="lang" href=(format!("?lang={}", if en { "zh" } else { "en" })) { (t(en, L::OtherLang)) }
                 }
-            ),
-            if en {
-                esc(&p.detail)
-            } else {
-                format!(
-                    "{}：{}",
-                    tk(en, p.reason),
-                    tk(en, &format!("fix_{}", p.reason))
-                )
+                div class=(format!("banner {state}")) data-state=(state) {
+                    b { (tk(en, &format!("state_{state}"))) } " " (first)
+                }
+                @if !alarms.is_empty() {
+                    section class="alarm" {
+                        h2 { (t(en, L::Attention)) }
+                        ul { @for a in &alarms { (a) } }
+                    }
+                }
+                (links(s, en))
+                (today(s, en))
+                section {
+                    h2 { (t(en, L::Hourly)) }
+                    (chart(s, en))
+                    p class="legend" {
+                        i class="a" {} (t(en, L::Access)) " " i class="v" {} (t(en, L::Vehicle)) " "
+                        i class="c" {} (t(en, L::CameraK))
+                    }
+                }
+                (devices(s, en))
+                (upstream(s, en))
+                (alerts(s, en))
+                @if !s.care.is_empty() { (care(s, en)) }
+                (rejects(s, en))
             }
-        ));
-    }
-    for q in &s.store.quarantined {
-        alarms.push(format!(
-            "<li data-quarantined=\"{}\"><b>{}</b> {} ({:.1} MiB){}</li>",
-            esc(&q.file),
-            t(en, L::Quarantined),
-            esc(&q.file),
-            q.bytes as f64 / 1048576.0,
-            q.reason
-                .as_ref()
-                .filter(|_| en)
-                .map(|r| format!(" · {}", esc(r)))
-                .unwrap_or_default(),
-        ));
-    }
-    if s.upstream.parked > 0 {
-        alarms.push(format!(
-            "<li data-parked=\"{}\"><b>{}</b> {}</li>",
-            s.upstream.parked,
-            t(en, L::Parked),
-            s.upstream.parked
-        ));
-    }
-    let d = &s.store.dropped;
-    if d.summaries + d.alerts + d.dedup_keys + d.raw_events > 0 {
-        alarms.push(format!(
-            "<li data-dropped=\"{}\"><b>{}</b> {} {} · {} {} · {} {} · {} {}</li>",
-            d.summaries + d.alerts,
-            t(en, L::Dropped),
-            t(en, L::Pending),
-            d.summaries,
-            t(en, L::PendingAlerts),
-            d.alerts,
-            t(en, L::DedupDropped),
-            d.dedup_keys,
-            t(en, L::RawDropped),
-            d.raw_events,
-        ));
-    }
-    // The overall state first: broken when nothing is being collected, attention when
-    // something needs a look, ok otherwise; with the first reason.
-    let site_down = s
-        .links
-        .get(&crate::link::Link::Site)
-        .filter(|l| !l.connected);
-    let offline = s.devices.iter().filter(|d| !d.online).count();
-    let district_down = s
-        .links
-        .get(&crate::link::Link::District)
-        .filter(|l| !l.connected);
-    let (state, first) = if s.intake.paused {
-        ("broken", t(en, L::Paused).to_string())
-    } else if let Some(l) = site_down {
-        (
-            // A moment's reconnect is worth a look; longer, nothing is being collected.
-            if l.for_secs >= 10 {
-                "broken"
-            } else {
-                "attention"
-            },
-            format!(
-                "{}：{} {} {}",
-                t(en, L::SiteBroker),
-                tk(en, l.reason.unwrap_or("closed")),
-                t(en, L::For),
-                age(l.for_secs, en)
-            ),
-        )
-    } else if !alarms.is_empty() {
-        ("attention", t(en, L::Attention).to_string())
-    } else if let Some(l) = district_down.filter(|l| l.for_secs >= 10) {
-        (
-            "attention",
-            format!(
-                "{}：{} {} {}",
-                t(en, L::DistrictBroker),
-                tk(en, l.reason.unwrap_or("closed")),
-                t(en, L::For),
-                age(l.for_secs, en)
-            ),
-        )
-    } else if offline > 0 {
-        (
-            "attention",
-            format!("{offline} {}", t(en, L::DevicesOffline)),
-        )
-    } else {
-        ("ok", String::new())
+        }
     };
-    h.push_str(&format!(
-        "<div class=\"banner {state}\" data-state=\"{state}\"><b>{}</b> {}</div>",
-        tk(en, &format!("state_{state}")),
-        esc(&first)
-    ));
-    if !alarms.is_empty() {
-        h.push_str(&format!(
-            "<section class=\"alarm\"><h2>{}</h2><ul>{}</ul></section>",
-            t(en, L::Attention),
-            alarms.join("")
-        ));
-    }
-    // Both links: connected or not, for how long, why not.
-    h.push_str(&format!(
-        "<section><h2>{}</h2><div class=\"cards\">",
-        t(en, L::Links)
-    ));
-    for (key, label) in [
-        (crate::link::Link::Site, L::SiteBroker),
-        (crate::link::Link::District, L::DistrictBroker),
-    ] {
-        let Some(l) = s.links.get(&key) else { continue };
-        let why = if l.connected {
-            String::new()
-        } else {
-            let mut w = format!(" · {}", tk(en, l.reason.unwrap_or("closed")));
-            if l.attempts > 0 {
-                w.push_str(&format!(" · {} {}", l.attempts, t(en, L::Attempts)));
-            }
-            if en {
-                if let Some(e) = &l.error {
-                    w.push_str(&format!(" · {}", esc(e)));
+    page.into_string()
+}
+
+/// Both links: connected or not, for how long, why not.
+fn links(s: &StatusOut, en: bool) -> Markup {
+    html! {
+        section {
+            h2 { (t(en, L::Links)) }
+            div class="cards" {
+                @for (key, label) in [
+                    (crate::link::Link::Site, L::SiteBroker),
+                    (crate::link::Link::District, L::DistrictBroker),
+                ] {
+                    @if let Some(l) = s.links.get(&key) {
+                        div class="card" data-link=(key) data-connected=(l.connected) {
+                            h3 { (t(en, label)) }
+                            div class="small" {
+                                b class=(if l.connected { "ok" } else { "bad" }) {
+                                    (t(en, if l.connected { L::Connected } else { L::Disconnected }))
+                                }
+                                span { (t(en, L::For)) " " (age(l.for_secs, en)) }
+                            }
+                            p class="muted" {
+                                (l.url)
+                                @if !l.connected {
+                                    " · " (tk(en, l.reason.unwrap_or("closed")))
+                                    @if l.attempts > 0 { " · " (l.attempts) " " (t(en, L::Attempts)) }
+                                    @if en { @if let Some(e) = &l.error { " · " (e) } }
+                                }
+                            }
+                        }
+                    }
                 }
             }
-            w
-        };
-        h.push_str(&format!(
-            "<div class=\"card\" data-link=\"{key}\" data-connected=\"{}\"><h3>{}</h3><div class=\"small\"><b class=\"{}\">{}</b><span>{} {}</span></div><p class=\"muted\">{}{}</p></div>",
-            l.connected,
-            t(en, label),
-            if l.connected { "ok" } else { "bad" },
-            t(en, if l.connected { L::Connected } else { L::Disconnected }),
-            t(en, L::For),
-            age(l.for_secs, en),
-            esc(&l.url),
-            why,
-        ));
-    }
-    h.push_str("</div></section>");
-    // Today.
-    h.push_str(&format!(
-        "<section><h2>{}</h2><div class=\"cards\">",
-        t(en, L::Today)
-    ));
-    for (kind, group, entry, exit) in [
-        ("access", L::People, L::EntryP, L::ExitP),
-        ("vehicle", L::Vehicles, L::EntryV, L::ExitV),
-    ] {
-        let m = s.today.get(kind).cloned().unwrap_or_default();
-        h.push_str(&format!("<div class=\"card\"><h3>{}</h3>", t(en, group)));
-        for (action, label) in [("entry", entry), ("exit", exit)] {
-            h.push_str(&format!(
-                "<div class=\"big\"><span>{}</span><b data-count=\"{kind}:{action}\">{}</b></div>",
-                t(en, label),
-                m.get(action).copied().unwrap_or(0)
-            ));
         }
-        for (action, n) in m.iter().filter(|(a, _)| *a != "entry" && *a != "exit") {
-            h.push_str(&format!(
-                "<div class=\"small\"><span>{}</span><b data-count=\"{kind}:{}\">{n}</b></div>",
-                esc(&action_label(en, action)),
-                esc(action)
-            ));
-        }
-        h.push_str("</div>");
     }
-    h.push_str(&format!(
-        "<div class=\"card\"><h3>{}</h3>",
-        t(en, L::Camera)
-    ));
+}
+
+/// Today's counts: people and vehicles in and out, camera incidents.
+fn today(s: &StatusOut, en: bool) -> Markup {
     let cam = s.today.get("camera").cloned().unwrap_or_default();
-    if cam.is_empty() {
-        h.push_str(&format!("<p class=\"muted\">{}</p>", t(en, L::None)));
+    html! {
+        section {
+            h2 { (t(en, L::Today)) }
+            div class="cards" {
+                @for (kind, group, entry, exit) in [
+                    ("access", L::People, L::EntryP, L::ExitP),
+                    ("vehicle", L::Vehicles, L::EntryV, L::ExitV),
+                ] {
+                    @let m = s.today.get(kind).cloned().unwrap_or_default();
+                    div class="card" {
+                        h3 { (t(en, group)) }
+                        @for (action, label) in [("entry", entry), ("exit", exit)] {
+                            div class="big" {
+                                span { (t(en, label)) }
+                                b data-count=(format!("{kind}:{action}")) { (m.get(action).copied().unwrap_or(0)) }
+                            }
+                        }
+                        @for (action, n) in m.iter().filter(|(a, _)| *a != "entry" && *a != "exit") {
+                            div class="small" {
+                                span { (action_label(en, action)) }
+                                b data-count=(format!("{kind}:{action}")) { (n) }
+                            }
+                        }
+                    }
+                }
+                div class="card" {
+                    h3 { (t(en, L::Camera)) }
+                    @if cam.is_empty() { p class="muted" { (t(en, L::None)) } }
+                    @for (action, n) in &cam {
+                        div class="small" {
+                            span { (action_label(en, action)) }
+                            b data-count=(format!("camera:{action}")) { (n) }
+                        }
+                    }
+                }
+            }
+        }
     }
-    for (action, n) in &cam {
-        h.push_str(&format!(
-            "<div class=\"small\"><span>{}</span><b data-count=\"camera:{}\">{n}</b></div>",
-            esc(&action_label(en, action)),
-            esc(action)
-        ));
-    }
-    h.push_str("</div></div></section>");
-    // Chart.
-    h.push_str(&format!(
-        "<section><h2>{}</h2>{}<p class=\"legend\"><i class=\"a\"></i>{} <i class=\"v\"></i>{} <i class=\"c\"></i>{}</p></section>",
-        t(en, L::Hourly),
-        chart(s, en),
-        t(en, L::Access),
-        t(en, L::Vehicle),
-        t(en, L::CameraK)
-    ));
-    // Devices: offline first (the list comes sorted), with ages and today's counts.
-    h.push_str(&format!(
-        "<section><h2>{}</h2><div class=\"scroll\"><table class=\"dev\"><tr><th>{}</th><th>{}</th><th>{}</th><th>{}</th><th class=\"wide\">{}</th><th>{}</th><th class=\"wide\">{}</th></tr>",
-        t(en, L::Devices),
-        t(en, L::Name),
-        t(en, L::State),
-        t(en, L::LastSeen),
-        t(en, L::TodayN),
-        t(en, L::Kind),
-        t(en, L::LastError),
-        t(en, L::Values)
-    ));
-    for d in &s.devices {
-        let states: Vec<String> = d
-            .states
-            .iter()
-            .map(|(k, v)| format!("{}={}", esc(k), esc(&v.to_string())))
-            .collect();
-        let seen = match d.last_seen_secs_ago {
-            Some(a) if en => format!("{} {}", age(a, en), t(en, L::Ago)),
-            Some(a) => format!("{}{}", age(a, en), t(en, L::Ago)),
-            None => t(en, L::Never).to_string(),
-        };
-        let err = match (&d.last_error, d.source) {
-            (None, _) => String::new(),
-            (Some(e), "mqtt") => reject_label(en, e),
-            (Some(e), _) if en => esc(e),
-            (Some(_), _) => t(en, L::PollFailed).to_string(),
-        };
-        let skew = match d.clock_ahead_secs.filter(|_| d.clock_skew) {
-            Some(a) => format!(
-                " <span class=\"bad\" data-clock-skew=\"{a}\" title=\"{}\">{} {}</span>",
-                t(en, L::ClockSkewNote),
-                t(en, L::ClockSkew),
-                age(a, en)
-            ),
-            None => String::new(),
-        };
-        h.push_str(&format!(
-            "<tr data-device=\"{name}\" data-online=\"{online}\"><td>{name}{skew}</td><td class=\"{cls}\">{state}</td><td>{seen}</td><td data-today=\"{today}\">{today}</td><td class=\"wide\">{kind} · {src}</td><td>{err}</td><td class=\"wide\">{states}</td></tr>",
-            name = esc(&d.name),
-            online = d.online,
-            kind = kind_label(en, d.kind),
-            src = if d.source == "mqtt" { "MQTT" } else { "Modbus" },
-            cls = if d.online { "ok" } else { "bad" },
-            state = t(en, if d.online { L::Online } else { L::Offline }),
-            today = d.today,
-            states = states.join(" "),
-        ));
-    }
-    h.push_str("</table></div>");
+}
+
+/// Devices: offline first (the list comes sorted), with ages and today's counts; then how many
+/// were forgotten and why.
+fn devices(s: &StatusOut, en: bool) -> Markup {
     let f = &s.counters.devices_forgotten;
     let n = |k: &str| f.get(k).copied().unwrap_or(0);
-    if f.values().any(|v| *v > 0) {
-        h.push_str(&format!(
-            "<p class=\"small muted\" data-forgotten-bound=\"{}\" data-forgotten-unmapped=\"{}\" data-forgotten-installer=\"{}\">{}：{} {}，{} {}，{} {}</p>",
-            n("bound"),
-            n("unmapped"),
-            n("installer"),
-            t(en, L::Forgotten),
-            t(en, L::ForgottenBound),
-            n("bound"),
-            t(en, L::ForgottenUnmapped),
-            n("unmapped"),
-            t(en, L::ForgottenInstaller),
-            n("installer"),
-        ));
-    }
-    h.push_str("</section>");
-    // Upstream.
-    let u = &s.upstream;
-    h.push_str(&format!(
-        "<section><h2>{}</h2><div class=\"cards\"><div class=\"card\"><div class=\"small\"><span>{}</span><b data-upstream=\"{}\" class=\"{}\">{}</b></div>\
-         <div class=\"small\"><span>{}</span><b data-pending-summaries=\"{}\">{}</b></div>\
-         <div class=\"small\"><span>{}</span><b>{}</b></div>\
-         <div class=\"small\"><span>{}</span><b>{}</b></div>\
-         <div class=\"small\"><span>{}</span><b>{:.1} MiB</b></div></div></div></section>",
-        t(en, L::Upstream),
-        t(en, L::Link),
-        if u.connected { "connected" } else { "disconnected" },
-        if u.connected { "ok" } else { "bad" },
-        t(en, if u.connected { L::Connected } else { L::Disconnected }),
-        t(en, L::Pending),
-        u.pending_summaries,
-        u.pending_summaries,
-        t(en, L::PendingAlerts),
-        u.pending_alerts,
-        t(en, L::Oldest),
-        u.oldest_pending_secs
-            .map(|a| if en { format!("{} {}", age(a, en), t(en, L::Ago)) } else { format!("{}{}", age(a, en), t(en, L::Ago)) })
-            .unwrap_or_else(|| "—".into()),
-        t(en, L::Store),
-        s.store.bytes as f64 / 1048576.0,
-    ));
-    // Alerts and rejects.
-    h.push_str(&format!(
-        "<section><h2>{}</h2><table><tr><th>{}</th><th>{}</th><th>{}</th></tr>",
-        t(en, L::Alerts),
-        t(en, L::Time),
-        t(en, L::Device),
-        t(en, L::Type)
-    ));
-    // Alerts leave oldest first, so the newest `pending_alerts` ones are the undelivered.
-    let undelivered = s.upstream.pending_alerts as usize;
-    for (i, a) in s.recent_alerts.iter().take(20).enumerate() {
-        let pending = i < undelivered;
-        h.push_str(&format!(
-            "<tr data-alert=\"{}\" data-pending=\"{pending}\"><td>{}</td><td>{}</td><td>{}{}</td></tr>",
-            esc(&a.action),
-            local_rfc(&Some(a.at.clone()), s.tz_secs, en),
-            esc(&a.device),
-            esc(&action_label(en, &a.action)),
-            if pending { format!(" <b class=\"bad\">{}</b>", t(en, L::Undelivered)) } else { String::new() }
-        ));
-    }
-    h.push_str("</table></section>");
-    if !s.care.is_empty() {
-        h.push_str(&format!(
-            "<section data-care><h2>{}</h2><table><tr><th>{}</th><th>{}</th><th>{}</th></tr>",
-            t(en, L::Care),
-            t(en, L::Flat),
-            t(en, L::LastPass),
-            t(en, L::CareState)
-        ));
-        // Silent residents first.
-        let mut list: Vec<&super::report::CareOut> = s.care.iter().collect();
-        list.sort_by_key(|c| !c.silent);
-        for c in list {
-            let last = match (&c.last_seen, c.silent_for_secs) {
-                (Some(_), Some(secs)) => {
-                    format!("{} {}", age(secs, en), if en { "ago" } else { "前" })
+    html! {
+        section {
+            h2 { (t(en, L::Devices)) }
+            div class="scroll" {
+                table class="dev" {
+                    tr {
+                        th { (t(en, L::Name)) } th { (t(en, L::State)) } th { (t(en, L::LastSeen)) }
+                        th { (t(en, L::TodayN)) } th class="wide" { (t(en, L::Kind)) }
+                        th { (t(en, L::LastError)) } th class="wide" { (t(en, L::Values)) }
+                    }
+                    @for d in &s.devices {
+                        @let seen = match d.last_seen_secs_ago {
+                            Some(a) => ago(a, en),
+                            None => t(en, L::Never).to_string(),
+                        };
+                        @let err = match (&d.last_error, d.source) {
+                            (None, _) => String::new(),
+                            (Some(e), "mqtt") => reject_label(en, e),
+                            (Some(e), _) if en => e.clone(),
+                            (Some(_), _) => t(en, L::PollFailed).to_string(),
+                        };
+                        @let states: Vec<String> = d.states.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                        tr data-device=(d.name) data-online=(d.online) {
+                            td {
+                                (d.name)
+                                @if let Some(a) = d.clock_ahead_secs.filter(|_| d.clock_skew) {
+                                    " "
+                                    span class="bad" data-clock-skew=(a) title=(t(en, L::ClockSkewNote)) {
+                                        (t(en, L::ClockSkew)) " " (age(a, en))
+                                    }
+                                }
+                            }
+                            td class=(if d.online { "ok" } else { "bad" }) {
+                                (t(en, if d.online { L::Online } else { L::Offline }))
+                            }
+                            td { (seen) }
+                            td data-today=(d.today) { (d.today) }
+                            td class="wide" {
+                                (kind_label(en, d.kind)) " · " (if d.source == "mqtt" { "MQTT" } else { "Modbus" })
+                            }
+                            td { (err) }
+                            td class="wide" { (states.join(" ")) }
+                        }
+                    }
                 }
-                _ => t(en, L::CareNever).to_string(),
-            };
-            h.push_str(&format!(
-                "<tr data-care-alias=\"{}\"{}><td>{}</td><td>{}</td><td>{}</td></tr>",
-                esc(&c.alias),
-                if c.silent { " class=\"bad\"" } else { "" },
-                esc(&c.alias),
-                last,
-                if c.silent {
-                    format!("<b class=\"bad\">{}</b>", t(en, L::CareSilent))
-                } else {
-                    t(en, L::CareOk).to_string()
-                }
-            ));
-        }
-        h.push_str("</table></section>");
-    }
-    h.push_str(&format!(
-        "<section><h2>{}</h2><table><tr><th>{}</th><th>{}</th><th>{}</th></tr>",
-        t(en, L::Rejects),
-        t(en, L::Time),
-        t(en, L::Topic),
-        t(en, L::Reason)
-    ));
-    for r in s.recent_rejects.iter().take(20) {
-        h.push_str(&format!(
-            "<tr><td>{}</td><td>{}</td><td>{}</td></tr>",
-            local_rfc(&Some(r.at.clone()), s.tz_secs, en),
-            esc(&r.topic),
-            match &r.detail {
-                Some(d) => format!(
-                    "{}<br><small>{}</small>",
-                    reject_label(en, r.reason),
-                    esc(d)
-                ),
-                None => reject_label(en, r.reason),
             }
-        ));
+            @if f.values().any(|v| *v > 0) {
+                p class="small muted" data-forgotten-bound=(n("bound"))
+                    data-forgotten-unmapped=(n("unmapped")) data-forgotten-installer=(n("installer")) {
+                    (t(en, L::Forgotten)) "：" (t(en, L::ForgottenBound)) " " (n("bound")) "，"
+                    (t(en, L::ForgottenUnmapped)) " " (n("unmapped")) "，"
+                    (t(en, L::ForgottenInstaller)) " " (n("installer"))
+                }
+            }
+        }
     }
-    h.push_str("</table></section></body></html>");
-    h
+}
+
+/// The district link, the backlog and the store's size.
+fn upstream(s: &StatusOut, en: bool) -> Markup {
+    let u = &s.upstream;
+    html! {
+        section {
+            h2 { (t(en, L::Upstream)) }
+            div class="cards" {
+                div class="card" {
+                    div class="small" {
+                        span { (t(en, L::Link)) }
+                        b data-upstream=(if u.connected { "connected" } else { "disconnected" })
+                            class=(if u.connected { "ok" } else { "bad" }) {
+                            (t(en, if u.connected { L::Connected } else { L::Disconnected }))
+                        }
+                    }
+                    div class="small" {
+                        span { (t(en, L::Pending)) }
+                        b data-pending-summaries=(u.pending_summaries) { (u.pending_summaries) }
+                    }
+                    div class="small" { span { (t(en, L::PendingAlerts)) } b { (u.pending_alerts) } }
+                    div class="small" {
+                        span { (t(en, L::Oldest)) }
+                        b { (u.oldest_pending_secs.map(|a| ago(a, en)).unwrap_or_else(|| "—".into())) }
+                    }
+                    div class="small" {
+                        span { (t(en, L::Store)) }
+                        b { (format!("{:.1}", s.store.bytes as f64 / 1048576.0)) " MiB" }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Recent alerts; alerts leave oldest first, so the newest `pending_alerts` are undelivered.
+fn alerts(s: &StatusOut, en: bool) -> Markup {
+    let undelivered = s.upstream.pending_alerts as usize;
+    html! {
+        section {
+            h2 { (t(en, L::Alerts)) }
+            table {
+                tr { th { (t(en, L::Time)) } th { (t(en, L::Device)) } th { (t(en, L::Type)) } }
+                @for (i, a) in s.recent_alerts.iter().take(20).enumerate() {
+                    @let pending = i < undelivered;
+                    tr data-alert=(a.action) data-pending=(pending) {
+                        td { (local_rfc(&Some(a.at.clone()), s.tz_secs, en)) }
+                        td { (a.device) }
+                        td {
+                            (action_label(en, &a.action))
+                            @if pending { " " b class="bad" { (t(en, L::Undelivered)) } }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The care watch: silent residents first.
+fn care(s: &StatusOut, en: bool) -> Markup {
+    let mut list: Vec<&super::report::CareOut> = s.care.iter().collect();
+    list.sort_by_key(|c| !c.silent);
+    html! {
+        section data-care {
+            h2 { (t(en, L::Care)) }
+            table {
+                tr { th { (t(en, L::Flat)) } th { (t(en, L::LastPass)) } th { (t(en, L::CareState)) } }
+                @for c in list {
+                    tr data-care-alias=(c.alias) class=[c.silent.then_some("bad")] {
+                        td { (c.alias) }
+                        td {
+                            @match (&c.last_seen, c.silent_for_secs) {
+                                (Some(_), Some(secs)) => { (age(secs, en)) " " (if en { "ago" } else { "前" }) }
+                                _ => { (t(en, L::CareNever)) }
+                            }
+                        }
+                        td {
+                            @if c.silent { b class="bad" { (t(en, L::CareSilent)) } } @else { (t(en, L::CareOk)) }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Recent rejects, with the reason in the page's language.
+fn rejects(s: &StatusOut, en: bool) -> Markup {
+    html! {
+        section {
+            h2 { (t(en, L::Rejects)) }
+            table {
+                tr { th { (t(en, L::Time)) } th { (t(en, L::Topic)) } th { (t(en, L::Reason)) } }
+                @for r in s.recent_rejects.iter().take(20) {
+                    tr {
+                        td { (local_rfc(&Some(r.at.clone()), s.tz_secs, en)) }
+                        td { (r.topic) }
+                        td {
+                            (reject_label(en, r.reason))
+                            @if let Some(d) = &r.detail { br; small { (d) } }
+                        }
+                    }
+                }
+            }
+        }
+    }
 }
 
 pub(super) const CSS: &str = "body{font-family:system-ui,-apple-system,'PingFang SC','Noto Sans CJK SC','Microsoft YaHei',sans-serif;margin:0;background:#f4f6f8;color:#1d2329}\
