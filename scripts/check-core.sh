@@ -27,3 +27,10 @@ floor() { # floor DIR_OR_FILE MODULES...
 floor src/config store stats health committer forwarder ingest status district preflight
 floor src/stats.rs health committer forwarder ingest status
 echo "module floors: config imports no module above it; stats imports neither health nor a task"
+# The receiver has no store of the box's: no redb, no embedded broker in its tree.
+rtree=$(cargo tree --locked -p zhian-district --edges normal,build --prefix none --format '{p}' | awk '{print $1}' | sort -u)
+if printf '%s\n' "$rtree" | grep -qE '^(redb|rumqttd|zhian-gateway)$'; then
+  echo "check-core.sh: zhian-district's tree holds the box's store, broker or package"
+  exit 1
+fi
+echo "zhian-district: $(printf '%s\n' "$rtree" | wc -l) crates in its tree, no redb, embedded broker or gateway package"

@@ -4,7 +4,9 @@
 //! [`run`] is the daemon as a library function: `main` only parses the command line, loads the
 //! config and calls it with a shutdown future. Tests drive it the same way.
 
-pub mod backoff;
+/// Shared with the district receiver: `zhian-common` (re-exported so `crate::backoff`,
+/// `crate::logfmt` and `crate::mqtt` paths stay).
+pub use zhian_common::{backoff, logfmt, mqtt};
 pub mod broker;
 pub mod clock;
 pub mod committer;
@@ -15,8 +17,10 @@ pub use zhian_core as core;
 #[cfg(feature = "demo")]
 pub mod demo;
 pub mod devices;
+/// The district receiver, a crate of its own (`crates/zhian-district`), behind the `district`
+/// feature: `crate::district::...` paths name it.
 #[cfg(feature = "district")]
-pub mod district;
+pub use zhian_district as district;
 pub mod durable_file;
 pub mod epoch;
 pub mod forwarder;
@@ -25,9 +29,7 @@ pub mod ingest;
 pub mod inspect;
 pub mod keys;
 pub mod link;
-pub mod logfmt;
 pub mod modbus;
-pub mod mqtt;
 pub mod preflight;
 pub mod stats;
 pub mod status;

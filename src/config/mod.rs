@@ -12,9 +12,8 @@
 //! `validate.rs` (the rules serde cannot check, across sections), `tests.rs`. What a start needs
 //! from the machine (dirs, key dir, files) is `crate::preflight`, above both config and store.
 
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -25,19 +24,6 @@ pub const EX_CONFIG: i32 = 78;
 /// Default config path used when `--config` is not given.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/zhian-gateway/gateway.toml";
 
-/// One configuration problem, tied to a key path.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Problem {
-    pub key: String,
-    pub message: String,
-}
-
-impl fmt::Display for Problem {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.key, self.message)
-    }
-}
-
 mod care;
 mod health;
 mod load;
@@ -45,7 +31,6 @@ mod modbus;
 mod sections;
 pub mod sources;
 mod validate;
-mod values;
 
 pub use care::*;
 pub use health::*;
@@ -54,23 +39,9 @@ pub use modbus::*;
 pub use sections::*;
 pub use sources::{FieldCfg, SourceCfg};
 pub use validate::*;
-pub use values::*;
-
-/// A problem with `key`. The message is cleaned of secrets (a URL's password, the value of a
-/// `password = ...` line a syntax error quotes) and of control characters, since it is printed
-/// and logged.
-pub(crate) fn problem(key: impl Into<String>, message: impl Into<String>) -> Problem {
-    let message = crate::logfmt::redact_secrets(&message.into());
-    let message = message
-        .split('\n')
-        .map(crate::logfmt::escape_controls)
-        .collect::<Vec<_>>()
-        .join("\n");
-    Problem {
-        key: crate::logfmt::escape_controls(&key.into()),
-        message,
-    }
-}
+/// The value types, [`Problem`] and the shared helpers live in `zhian-common` (the district
+/// receiver uses them too); re-exported so every `crate::config::X` path stays.
+pub use zhian_common::config::*;
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]

@@ -286,34 +286,3 @@ pub fn validate(c: &Config) -> Vec<Problem> {
     validate_modbus(&c.modbus, &mut p);
     p
 }
-
-pub(crate) fn check_client_id(p: &mut Vec<Problem>, key: &str, id: Option<&str>) {
-    if let Some(id) = id {
-        if id.is_empty() || id.len() > 128 {
-            p.push(problem(key, "must be 1-128 characters"));
-        }
-    }
-}
-
-pub(crate) fn check_backoff(p: &mut Vec<Problem>, section: &str, min: Dur, max: Dur) {
-    if min.0 < Duration::from_millis(10) {
-        p.push(problem(format!("{section}.reconnect_min"), "at least 10ms"));
-    }
-    if max < min {
-        p.push(problem(
-            format!("{section}.reconnect_max"),
-            format!("must be at least {section}.reconnect_min"),
-        ));
-    }
-}
-
-pub(crate) fn check_file(p: &mut Vec<Problem>, key: &str, path: Option<&Path>) {
-    if let Some(path) = path {
-        if !path.is_file() {
-            p.push(problem(
-                key,
-                format!("{} is not a readable file", path.display()),
-            ));
-        }
-    }
-}

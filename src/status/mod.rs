@@ -28,21 +28,17 @@ use prometheus_client::registry::Registry;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::io;
-use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 mod auth;
-mod listener;
-pub(crate) use listener::Limited;
-#[cfg(feature = "district")]
-pub(crate) use listener::Peer;
+/// The listener's connection limits live in `zhian-common` (the district receiver's endpoints
+/// use them too).
+pub(crate) use zhian_common::listener;
+pub(crate) use zhian_common::listener::Limited;
 mod metrics;
 mod page;
 mod report;
@@ -131,11 +127,7 @@ pub async fn serve(
         Ok(addr) => tracing::info!(listen = %addr, "status page listening"),
         Err(e) => tracing::warn!(error = %e, "status page listening (address unknown)"),
     }
-    let limited = Limited {
-        inner: listener,
-        max: cfg.status.max_connections as usize,
-        registry: Default::default(),
-    };
+    let limited = Limited::new(listener, cfg.status.max_connections as usize);
     if let Err(e) = axum::serve(
         limited,
         app.into_make_service_with_connect_info::<listener::Peer>(),

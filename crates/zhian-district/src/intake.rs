@@ -74,7 +74,7 @@ pub(super) async fn mqtt_task(
                 }
                 Ok(Event::Incoming(Incoming::Publish(p))) => {
                     counters.received.fetch_add(1, Relaxed);
-                    ops.received(crate::clock::now_ms() / 1000);
+                    ops.received(now_ms() / 1000);
                     let ack = (p.qos != QoS::AtMostOnce).then(|| {
                         let mut slim = rumqttc::Publish::new("", p.qos, Vec::new());
                         slim.pkid = p.pkid;

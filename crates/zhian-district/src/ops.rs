@@ -348,10 +348,10 @@ pub async fn serve(listener: tokio::net::TcpListener, ops: Arc<Ops>, stop: Cance
     // The status page's listener: at most 64 connections (8 per address), each answered within
     // 5 s or closed, so idle connections cannot take the file descriptors the database
     // connection needs (found by a break-it run: 1,100 idle sockets stopped the reconnect).
-    let limited = crate::status::Limited::new(listener, 64);
+    let limited = zhian_common::listener::Limited::new(listener, 64);
     if let Err(e) = axum::serve(
         limited,
-        app.into_make_service_with_connect_info::<crate::status::Peer>(),
+        app.into_make_service_with_connect_info::<zhian_common::listener::Peer>(),
     )
     .with_graceful_shutdown(stop.cancelled_owned())
     .await

@@ -105,7 +105,7 @@ fn reject(reason: &'static str, detail: impl Into<String>) -> Reject {
 
 /// Times the database keeps: 1970 to 2200 (PostgreSQL refuses far more, and a refused value
 /// must be a reject here, not a batch the database keeps refusing).
-const MAX_MS: i64 = crate::core::event::MAX_TS_MS;
+const MAX_MS: i64 = zhian_core::event::MAX_TS_MS;
 /// A count per row at most (a bigint sum over a year of windows stays far from overflow).
 const MAX_N: i64 = 1_000_000_000_000;
 

@@ -14,20 +14,27 @@
 //!   `/healthz` among them, gets a slot at once. Only when every slot is held by a connection
 //!   that has been answered is the new one turned away.
 
-use super::*;
 use std::collections::VecDeque;
+use std::io;
 use std::net::IpAddr;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::{Arc, Mutex};
 use std::task::Waker;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// Connections one address may hold at once.
-pub(super) const PER_ADDRESS: usize = 8;
+pub const PER_ADDRESS: usize = 8;
 /// A connection not answered within this long (from being accepted, or from its last
 /// response) is closed.
-pub(super) const RESPONSE_DEADLINE: Duration = Duration::from_secs(5);
+pub const RESPONSE_DEADLINE: Duration = Duration::from_secs(5);
 
 /// One live connection, as the registry and its I/O both see it.
-pub(super) struct Slot {
+pub struct Slot {
     id: u64,
     ip: IpAddr,
     /// A response byte has been written on it.
@@ -49,7 +56,7 @@ impl Slot {
 
 /// Every live connection, oldest first.
 #[derive(Default)]
-pub(super) struct Registry {
+pub struct Registry {
     live: Mutex<VecDeque<Arc<Slot>>>,
     next_id: AtomicU64,
 }
@@ -104,13 +111,13 @@ impl Registry {
 }
 
 /// The listener: admits connections through the [`Registry`].
-pub(crate) struct Limited {
-    pub(super) inner: tokio::net::TcpListener,
-    pub(super) max: usize,
-    pub(super) registry: Arc<Registry>,
+pub struct Limited {
+    inner: tokio::net::TcpListener,
+    max: usize,
+    registry: Arc<Registry>,
 }
 
-pub(crate) struct LimitedIo {
+pub struct LimitedIo {
     io: tokio::net::TcpStream,
     slot: Arc<Slot>,
     registry: Arc<Registry>,
@@ -118,12 +125,11 @@ pub(crate) struct LimitedIo {
     deadline: Pin<Box<tokio::time::Sleep>>,
 }
 
-#[cfg(feature = "district")]
 impl Limited {
     /// `listener` with at most `max` connections (and [`PER_ADDRESS`] per address), each
     /// answered within [`RESPONSE_DEADLINE`] or closed: for another HTTP endpoint of this
-    /// crate (the district receiver's `/healthz` and `/metrics`).
-    pub(crate) fn new(listener: tokio::net::TcpListener, max: usize) -> Limited {
+    /// the gateway's status page, the district receiver's `/healthz` and `/metrics`.
+    pub fn new(listener: tokio::net::TcpListener, max: usize) -> Limited {
         Limited {
             inner: listener,
             max,
@@ -265,7 +271,7 @@ mod tests {
 
 /// The client's address, for the access log and the login rate limit (axum's `ConnectInfo`).
 #[derive(Clone, Copy, Debug)]
-pub(crate) struct Peer(pub SocketAddr);
+pub struct Peer(pub SocketAddr);
 
 impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, Limited>> for Peer {
     fn connect_info(stream: axum::serve::IncomingStream<'_, Limited>) -> Self {

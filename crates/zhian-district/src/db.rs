@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 use tokio_postgres::Transaction;
 
 mod embedded {
-    refinery::embed_migrations!("migrations/district");
+    refinery::embed_migrations!("../../migrations/district");
 }
 
 /// Create or migrate the schema (versioned migrations; each runs once, in order).

@@ -2,12 +2,12 @@
 //! gateway's (defaults < file < `ZHIAN_<SECTION>__<KEY>`), validated before anything connects,
 //! every problem naming its key (exit 78).
 
-use crate::config::{
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use zhian_common::config::{
     check_backoff, check_client_id, check_file, from_config_error, problem, strip_key_suffix,
     BrokerUrl, Dur, Problem, Secret,
 };
-use serde::{Deserialize, Serialize};
-use std::path::{Path, PathBuf};
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -138,7 +138,7 @@ impl DistrictConfig {
         shown.district.database_url = redact_conninfo(&shown.district.database_url);
         let text =
             toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot render: {e}\n"));
-        crate::logfmt::redact_url(&text)
+        zhian_common::logfmt::redact_url(&text)
     }
 }
 
@@ -154,7 +154,7 @@ pub fn redact_conninfo(s: &str) -> String {
                 None => s.to_string(),
             }
         }
-        _ => crate::logfmt::redact_url(s),
+        _ => zhian_common::logfmt::redact_url(s),
     };
     let lower = s.to_ascii_lowercase();
     let mut out = String::with_capacity(s.len());
@@ -243,7 +243,9 @@ pub fn load(path: &Path) -> Result<DistrictConfig, Vec<Problem>> {
             cfg.mqtt.password_file.clone(),
         ),
     ] {
-        if let Err(e) = crate::config::fill_secret(section, slot, file.as_ref(), creds.as_deref()) {
+        if let Err(e) =
+            zhian_common::config::fill_secret(section, slot, file.as_ref(), creds.as_deref())
+        {
             p.push(e);
         }
     }

@@ -214,7 +214,7 @@ pub(super) async fn db_task(
             match r {
                 Err(r) => {
                     ops.message(kind, "rejected");
-                    tracing::warn!(topic = %crate::logfmt::Clean(topic), reason = r.reason, detail = %crate::logfmt::Clean(&r.detail), "district receiver: message rejected");
+                    tracing::warn!(topic = %zhian_common::logfmt::Clean(topic), reason = r.reason, detail = %zhian_common::logfmt::Clean(&r.detail), "district receiver: message rejected");
                 }
                 Ok(_) if p.refused.contains(&i) => ops.message(kind, "rejected"),
                 Ok(_) => ops.message(kind, "kept"),

@@ -24,6 +24,13 @@
 //! statements), `errors.rs` (whose fault an error is; pure), `ops.rs` (`/healthz`, `/metrics`),
 //! `config.rs` (`district.toml`); here: `run`, the connection and the acker.
 
+/// Wall clock, Unix ms.
+pub(crate) fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
 pub mod config;
 pub mod db;
 mod db_task;
@@ -37,8 +44,6 @@ use db_task::*;
 use intake::*;
 use rollcall::*;
 
-use crate::backoff::Backoff;
-use crate::mqtt::{options, ClientSettings};
 use config::DistrictConfig;
 use ops::Ops;
 use rumqttc::{AsyncClient, Event, Incoming, QoS};
@@ -47,6 +52,8 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
+use zhian_common::backoff::Backoff;
+use zhian_common::mqtt::{options, ClientSettings};
 
 /// One received message: topic, payload, and what acknowledges it.
 struct Item {
@@ -80,7 +87,7 @@ fn pg_error(e: &tokio_postgres::Error) -> String {
 async fn connect(cfg: &DistrictConfig) -> Result<tokio_postgres::Client, (errors::Fault, String)> {
     connect_inner(cfg)
         .await
-        .map_err(|(f, e)| (f, crate::logfmt::redact_url(&e)))
+        .map_err(|(f, e)| (f, zhian_common::logfmt::redact_url(&e)))
 }
 
 async fn connect_inner(
@@ -149,7 +156,7 @@ async fn connect_inner(
 /// subscription, then disconnect. Run once before the first gateway publishes: messages sent
 /// before any receiver subscribed are kept by no session (docs/district-operations.md).
 pub async fn init_subscription(cfg: &DistrictConfig) -> Result<String, String> {
-    crate::mqtt::install_crypto_provider();
+    zhian_common::mqtt::install_crypto_provider();
     let m = &cfg.mqtt;
     let mut opts = options(&settings(cfg), "mqtt")?;
     opts.set_clean_session(false);
@@ -210,7 +217,7 @@ fn settings(cfg: &DistrictConfig) -> ClientSettings<'_> {
 
 /// Run the receiver until `shutdown`.
 pub async fn run(cfg: DistrictConfig, shutdown: impl Future<Output = ()>) -> Result<(), String> {
-    crate::mqtt::install_crypto_provider();
+    zhian_common::mqtt::install_crypto_provider();
     let cfg = Arc::new(cfg);
     let stop = CancellationToken::new();
     let ops = Arc::new(Ops::default());
@@ -405,7 +412,7 @@ async fn isolate(
             Ok(a) => p.applied.add(a),
             Err(e) if errors::of(&e) == errors::Fault::Value && !client.is_closed() => {
                 let detail = pg_error(&e);
-                tracing::warn!(topic = %crate::logfmt::Clean(&item.0), error = %detail, "district receiver: message refused by the database; kept as a reject");
+                tracing::warn!(topic = %zhian_common::logfmt::Clean(&item.0), error = %detail, "district receiver: message refused by the database; kept as a reject");
                 db::refuse(client, &item.0, &detail).await?;
                 p.applied.rejected += 1;
                 p.refused.push(p.done);
