@@ -160,6 +160,7 @@ pub fn daily_json(
         distinct: zhian_proto::Distinct {
             access_subjects: distinct.map(|d| d.0 as u64),
             vehicles: distinct.map(|d| d.1 as u64),
+            key_generations: None,
         },
         counts: counts
             .iter()
