@@ -95,6 +95,18 @@ pub(super) fn t(en: bool, key: &str) -> &'static str {
         "care_ok" => ("正常", "OK"),
         "care_silent" => ("超时未出现，请上门查看", "Silent: please check on them"),
         "care_never" => ("关注以来未出现", "not seen since the watch began"),
+        "care_key_lost" => (
+            "关怀密钥已丢失，无法匹配，请重新登记",
+            "care key lost: cannot be matched, relist",
+        ),
+        "keys_lost_day" => (
+            "密钥目录丢失了密钥：当日去重人数无法跨越丢失前后关联同一人（日报按密钥分别计数并标注），日期：",
+            "The key dir lost keys: the day's distinct counts cannot link people across the loss (the daily message counts per key and says so), day:",
+        ),
+        "keys_lost_care" => (
+            "关怀密钥丢失：以下按化名登记的住户再也无法匹配（不会误报未出现），请用新密钥重新登记：",
+            "Care key lost: these residents listed by pseudonym can never be matched (no false silent notice); relist them with the new key:",
+        ),
         "time" => ("时间", "Time"),
         "device" => ("设备", "Device"),
         "type" => ("类型", "Type"),
@@ -407,6 +419,25 @@ pub(super) fn render(s: &StatusOut, en: bool, refresh: u64) -> String {
                 .unwrap_or_default(),
         ));
     }
+    for k in &s.keys_lost {
+        alarms.push(if k.kind == "care" {
+            format!(
+                "<li data-keys-lost=\"{}\"><b>{}</b> {}</li>",
+                esc(&k.key),
+                t(en, "keys_lost_care"),
+                esc(&k.unmatched.join(" "))
+            )
+        } else {
+            format!(
+                "<li data-keys-lost=\"{}\"><b>{}</b> {} · {} {}</li>",
+                esc(&k.key),
+                t(en, "keys_lost_day"),
+                esc(k.date.as_deref().unwrap_or("")),
+                t(en, "since"),
+                local_rfc(&Some(k.detected.clone()), s.tz_secs, en),
+            )
+        });
+    }
     if s.upstream.parked > 0 {
         alarms.push(format!(
             "<li data-parked=\"{}\"><b>{}</b> {}</li>",
@@ -705,12 +736,17 @@ pub(super) fn render(s: &StatusOut, en: bool, refresh: u64) -> String {
                 _ => t(en, "care_never").to_string(),
             };
             h.push_str(&format!(
-                "<tr data-care-alias=\"{}\"{}><td>{}</td><td>{}</td><td>{}</td></tr>",
+                "<tr data-care-alias=\"{}\"{}{}><td>{}</td><td>{}</td><td>{}</td></tr>",
                 esc(&c.alias),
                 if c.silent { " class=\"bad\"" } else { "" },
+                c.unmatched
+                    .map(|u| format!(" data-unmatched=\"{u}\""))
+                    .unwrap_or_default(),
                 esc(&c.alias),
                 last,
-                if c.silent {
+                if c.unmatched.is_some() {
+                    format!("<b class=\"bad\">{}</b>", t(en, "care_key_lost"))
+                } else if c.silent {
                     format!("<b class=\"bad\">{}</b>", t(en, "care_silent"))
                 } else {
                     t(en, "care_ok").to_string()
