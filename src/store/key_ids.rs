@@ -142,7 +142,9 @@ impl KeyBook {
 
     /// Stage the ids of the keys `keys` holds where the records do not have them as the key in
     /// use: a new name starts at generation 0; a key new to its name becomes its next
-    /// generation. Cheap when no key was made or loaded since the last call.
+    /// generation. A lost key found again (the key dir put back) before any other key was made
+    /// under its name is not lost after all: its loss and its orphans are forgotten. Cheap when
+    /// no key was made or loaded since the last call.
     pub fn register(&mut self, keys: &SubjectKeys) {
         if !keys.persistent() || self.registered == Some(keys.changes()) {
             return;
@@ -150,7 +152,13 @@ impl KeyBook {
         for (name, id) in keys.held_ids() {
             let mut r = self.get(&name).cloned().unwrap_or_default();
             let idx = match r.ids.iter().position(|x| *x == id) {
-                Some(i) => i,
+                Some(i) => {
+                    if r.current.is_none() && i + 1 == r.ids.len() {
+                        r.lost_at_ms = None;
+                        r.orphans.clear();
+                    }
+                    i
+                }
                 None => {
                     r.ids.push(id);
                     r.ids.len() - 1
@@ -366,6 +374,72 @@ mod tests {
             now,
         )
         .unwrap()
+    }
+
+    #[test]
+    fn a_key_dir_put_back_before_a_new_key_was_made_is_not_lost() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let kd = dir.path().join("data.keys");
+        let moved = dir.path().join("moved");
+        let t = 20_400 * DAY_MS;
+        let p;
+        {
+            let (_s, mut w) = Store::open(&data, SubjectMode::Hashed).unwrap();
+            w.set_subject_keys(open_keys(&kd, t), t);
+            p = hex(w.care_pseudonym("card:ELDER-2").unwrap());
+            w.set_care(&[resident("5-1-302", None, Some(p.clone()))]);
+            // The watch of them starts (a maintenance commit).
+            w.commit(&engine_for_due(), &[], &[], t, Some(&retention()))
+                .unwrap();
+        }
+        std::fs::rename(&kd, &moved).unwrap();
+        // Started without it: lost (the loss is written with the first commit).
+        {
+            let (_s, mut w) = Store::open(&data, SubjectMode::Hashed).unwrap();
+            assert_eq!(
+                w.set_subject_keys(open_keys(&kd, t + 1), t + 1),
+                ["care.key"]
+            );
+            w.set_care(&[resident("5-1-302", None, Some(p.clone()))]);
+            assert_eq!(w.keys_lost(t + 1).len(), 1);
+            assert!(w
+                .maintenance_due(&engine_for_due(), &retention(), t + 2)
+                .unwrap());
+            w.commit(&engine_for_due(), &[], &[], t + 2, None).unwrap();
+        }
+        // Put back before any new care key was made: found again, nothing lost.
+        std::fs::remove_dir_all(&kd).unwrap();
+        std::fs::rename(&moved, &kd).unwrap();
+        let (_s, mut w) = Store::open(&data, SubjectMode::Hashed).unwrap();
+        assert!(w.set_subject_keys(open_keys(&kd, t + 3), t + 3).is_empty());
+        w.set_care(&[resident("5-1-302", None, Some(p))]);
+        assert!(w.keys_lost(t + 3).is_empty(), "{:?}", w.keys_lost(t + 3));
+        assert!(w.care_overview().iter().all(|l| !l.key_lost));
+    }
+
+    fn engine_for_due() -> Engine {
+        Engine {
+            window: WindowCfg {
+                window_ms: 10_000,
+                grace_ms: 1_000,
+                max_lateness_ms: 3_600_000,
+                max_future_skew_ms: 60_000,
+            },
+            dedup_ttl_ms: 600_000,
+            gateway: "gw".into(),
+            site: Site::default(),
+            alert_actions: Vec::new(),
+            max_summary_bytes: usize::MAX,
+        }
+    }
+
+    fn retention() -> Retention {
+        Retention {
+            dedup_ttl_ms: 7 * DAY_MS as u64,
+            raw_retention_ms: 7 * DAY_MS as u64,
+            purge_batch: 1000,
+        }
     }
 
     #[test]

@@ -359,7 +359,7 @@ impl StoreWriter {
             .key_book
             .detect(&self.keys, self.mem.care.keys().copied(), now_ms);
         if !lost.is_empty() {
-            tracing::error!(keys = ?lost, "the key dir lost keys the store had used (privacy.key_dir emptied or replaced while the daemon was stopped): the day's distinct count cannot link people across the loss (the daily message counts per key and says it spans several), and care residents listed by a pseudonym of a lost care key must be relisted; restore the key dir from where it was moved if you can, before any event arrives, or accept the marked day");
+            tracing::error!(keys = ?lost, "the key dir lost keys the store had used (privacy.key_dir emptied or replaced while the daemon was stopped): the day's distinct count cannot link people across the loss (the daily message counts per key and says it spans several), and care residents listed by a pseudonym of a lost care key must be relisted; if the key dir was only moved, stop the daemon and put it back (a key found again before a new one was made is not lost)");
         }
         lost
     }
