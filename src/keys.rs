@@ -31,12 +31,55 @@
 //!   subject is not stored (`None`), rather than keyed with a fresh key.
 //! - A key is on disk (file and directory synced: [`crate::durable_file`]) before the first
 //!   subject protected with it is committed, so a restart keys the rest of the day the same way.
+//!
+//! # A key dir lost while the daemon was stopped
+//!
+//! The store remembers a [`KeyId`] of every pseudonym and care key it used (never the key: a
+//! BLAKE3 derivation under a fixed context, which no one can turn back into the key), so a start
+//! that finds a key the store used missing from the key dir, or replaced by another, knows it
+//! was lost (`crate::store`'s `key_ids` table). What that costs is said in README ("Security
+//! and privacy") and docs/install.md ("Pseudonym keys"); [`KeyLoss`] is how the page shows it.
 
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
 const DAY_MS: i64 = 86_400_000;
+
+/// The fingerprint of a key that the store keeps: the first 16 bytes of BLAKE3's key derivation
+/// under [`KEY_ID_CONTEXT`] from the key. It names a key; it neither is one nor yields one.
+pub type KeyId = [u8; 16];
+
+/// The BLAKE3 `derive_key` context of a [`KeyId`].
+pub const KEY_ID_CONTEXT: &str = "zhian-gateway 2026-12-05 key fingerprint v1";
+
+/// The [`KeyId`] of `key`.
+pub fn key_id(key: &[u8; 32]) -> KeyId {
+    let d = blake3::derive_key(KEY_ID_CONTEXT, key);
+    d[..16].try_into().expect("16 bytes")
+}
+
+/// The file name of the care key in the key dir.
+pub const CARE_KEY: &str = "care.key";
+
+/// A key the store had used that the key dir lost, while it still matters (status page,
+/// `/api/status`, `zhian_keys_lost`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct KeyLoss {
+    /// The key's file name: `subject-2026-11-30.key`, `subject.key` or `care.key`.
+    pub key: String,
+    /// The local day whose distinct counts span two keys (pseudonym keys; `None` for the care
+    /// key).
+    pub date: Option<String>,
+    /// When the daemon found the key missing (ms since the epoch).
+    pub detected_ms: i64,
+    /// Until when it is shown (ms; `None`: the care key, shown while residents listed by a
+    /// pseudonym of the lost key are still listed).
+    pub until_ms: Option<i64>,
+    /// Care key: the aliases of the residents listed by a pseudonym made with the lost key,
+    /// which can never be matched again (relist them).
+    pub unmatched: Vec<String>,
+}
 
 /// How often the pseudonym key changes (`privacy.rotate`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -120,6 +163,9 @@ pub struct SubjectKeys {
     warned: bool,
     /// When the held keys' files were last checked on disk.
     checked_ms: i64,
+    /// Bumped whenever a key is made or loaded: the store registers the held keys' ids again
+    /// when it changed ([`SubjectKeys::changes`]).
+    changes: u64,
 }
 
 impl std::fmt::Debug for SubjectKeys {
@@ -152,6 +198,7 @@ impl SubjectKeys {
             care: Family::new("care", Rotate::Never, 0),
             warned: false,
             checked_ms: 0,
+            changes: 0,
         }
     }
 
@@ -231,7 +278,86 @@ impl SubjectKeys {
             }
         }
         k.destroy_expired(now_ms);
+        k.changes += 1;
         Ok(k)
+    }
+
+    /// Whether the keys live in a key dir (false: [`SubjectKeys::ephemeral`], nothing to lose).
+    pub fn persistent(&self) -> bool {
+        self.dir.is_some()
+    }
+
+    /// A number that changes whenever a key is made or loaded.
+    pub fn changes(&self) -> u64 {
+        self.changes
+    }
+
+    /// The file names and [`KeyId`]s of the pseudonym and care keys held now.
+    pub fn held_ids(&self) -> Vec<(String, KeyId)> {
+        let mut out = Vec::new();
+        for family in [&self.pseudonym, &self.care] {
+            for (p, key) in &family.keys {
+                out.push((family.file_name(*p), key_id(key)));
+            }
+        }
+        out
+    }
+
+    /// The [`KeyId`] of the pseudonym or care key held under file name `name`, if one is.
+    pub fn id_of(&self, name: &str) -> Option<KeyId> {
+        let (family, p) = self.family_of(name)?;
+        family.keys.get(&p).map(key_id)
+    }
+
+    /// The local day (days since 1970-01-01 in the site's zone) of an instant.
+    pub fn local_day(&self, ms: i64) -> i64 {
+        (ms + self.offset_ms).div_euclid(DAY_MS)
+    }
+
+    /// The file name of the pseudonym key that keys an event stamped `ts_ms`.
+    pub fn pseudonym_name(&self, ts_ms: i64) -> String {
+        self.pseudonym.file_name(self.period(ts_ms))
+    }
+
+    /// Whether a pseudonym or care key named `name` should be in the key dir at `now_ms`: the
+    /// care key always; a pseudonym key of this rotation mode until its day's life ends.
+    pub fn tracks(&self, name: &str, now_ms: i64) -> bool {
+        match self.family_of(name) {
+            Some((f, p)) if f.prefix == "subject" => self.destroy_at(p) > now_ms,
+            Some(_) => true,
+            None => false,
+        }
+    }
+
+    /// Until when a loss of the key `name` found at `lost_at_ms` is shown: a pseudonym key's
+    /// loss until its day can no longer change (the day's end plus `aggregate.max_lateness`:
+    /// the key would have died then); with `rotate = "never"`, the day of the loss's. `None`
+    /// for the care key (shown while its unmatched residents are listed).
+    pub fn loss_shown_until(&self, name: &str, lost_at_ms: i64) -> Option<i64> {
+        let (f, p) = self.family_of(name)?;
+        if f.prefix != "subject" {
+            return None;
+        }
+        let day = match f.rotate {
+            Rotate::Daily => p,
+            Rotate::Never => (lost_at_ms + self.offset_ms).div_euclid(DAY_MS),
+        };
+        Some(((day + 1) * DAY_MS - self.offset_ms).saturating_add(f.keep_ms))
+    }
+
+    /// The family and period a pseudonym or care key file name belongs to, in this rotation
+    /// mode (`None` for sealing keys, other names, and pseudonym keys of the other mode).
+    fn family_of(&self, name: &str) -> Option<(&Family, i64)> {
+        match parse_name(name)? {
+            ("care", None) => Some((&self.care, 0)),
+            ("subject", Some(day)) if self.pseudonym.rotate == Rotate::Daily => {
+                Some((&self.pseudonym, day))
+            }
+            ("subject", None) if self.pseudonym.rotate == Rotate::Never => {
+                Some((&self.pseudonym, 0))
+            }
+            _ => None,
+        }
     }
 
     /// The pseudonym key period of an event stamped `ts_ms`: its local day number (0 when
@@ -317,6 +443,7 @@ impl SubjectKeys {
             }
         }
         self.warned = false;
+        self.changes += 1;
         let family = match which {
             Which::Seal => &mut self.seal,
             Which::Care => &mut self.care,

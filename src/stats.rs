@@ -158,6 +158,8 @@ pub struct Stats {
     pub quarantined: Mutex<Option<crate::store::damage::Quarantined>>,
     /// The care watch, as the page shows it.
     care: Mutex<Vec<crate::core::care::CareLine>>,
+    /// Keys the key dir lost that still matter (committer, each tick).
+    keys_lost: Mutex<Vec<crate::keys::KeyLoss>>,
     /// Devices forgotten since start, per [`Forgotten`] reason.
     devices_forgotten: [AtomicU64; 3],
     /// Events stamped beyond `max_future_skew` ahead of the trusted gateway clock and counted
@@ -330,6 +332,7 @@ impl Default for Stats {
             devices_forgotten: Default::default(),
             counted_at_receipt: Default::default(),
             care: Mutex::new(Vec::new()),
+            keys_lost: Mutex::new(Vec::new()),
             http_auth_failures: AtomicU64::new(0),
             http_rate_limited: AtomicU64::new(0),
         }
@@ -655,6 +658,17 @@ impl Stats {
     /// The care watch, as the page shows it.
     pub fn care(&self) -> Vec<crate::core::care::CareLine> {
         self.care.lock().expect("care lock").clone()
+    }
+
+    /// The keys the key dir lost that still matter, as the store has them (committer, each
+    /// tick).
+    pub fn set_keys_lost(&self, lost: Vec<crate::keys::KeyLoss>) {
+        *self.keys_lost.lock().expect("keys lock") = lost;
+    }
+
+    /// The keys the key dir lost that still matter (page, `/api/status`, metrics).
+    pub fn keys_lost(&self) -> Vec<crate::keys::KeyLoss> {
+        self.keys_lost.lock().expect("keys lock").clone()
     }
 
     /// Put new `[health]` rules in force (start, SIGHUP).

@@ -260,6 +260,7 @@ impl Committer {
             if let Some(care) = self.care_updates.try_iter().last() {
                 self.writer.set_care(&care);
                 self.stats.set_care(self.writer.care_overview());
+                self.stats.set_keys_lost(self.writer.keys_lost(now_ms()));
             }
             to_park.extend(self.park.try_iter());
             if !to_park.is_empty() {
@@ -570,6 +571,7 @@ impl Committer {
             }
             self.writer.set_max_bytes(self.cfg.max_bytes);
             self.stats.set_care(self.writer.care_overview());
+            self.stats.set_keys_lost(self.writer.keys_lost(now));
             let up = !self.cfg.site_input || self.stats.site_connected.load(Relaxed);
             self.site_up_since = match (up, self.site_up_since) {
                 (false, _) => None,

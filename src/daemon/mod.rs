@@ -106,12 +106,14 @@ pub async fn prepare_writer(cfg: &Config, writer: &mut StoreWriter) -> Result<()
         let offset = cfg.site_offset_s();
         let keep = cfg.aggregate.max_lateness.as_millis_u64();
         let seal_keep = cfg.store.raw_retention.as_millis_u64();
+        let now = clock::now_ms();
         let keys = tokio::task::spawn_blocking(move || {
-            keys::SubjectKeys::open(&dir, rotate, offset, keep, seal_keep, clock::now_ms())
+            keys::SubjectKeys::open(&dir, rotate, offset, keep, seal_keep, now)
         })
         .await
         .map_err(|_| RunError::TaskDied("pseudonym keys open"))??;
-        writer.set_subject_keys(keys);
+        // A key the store used that the key dir lost is logged (ERROR) and shown from here on.
+        writer.set_subject_keys(keys, now);
     }
     writer.set_care(&cfg.care.residents);
     writer.set_max_bytes(cfg.store.max_size.0);

@@ -199,6 +199,21 @@ impl Collector for Metrics {
             "Store clock less wall clock, whole seconds: positive after a wall-clock step back, negative while a step forward is not believed (windows keep the monotonic pace)",
             s.clock_offset_ms.load(Relaxed) / 1000,
         )?;
+        {
+            let lost = s.keys_lost();
+            gauge(
+                &mut e,
+                "zhian_keys_lost",
+                "Keys the key dir lost while the daemon was stopped that still matter: days whose distinct counts span two keys (until the day can no longer change), and the care key while residents listed by its pseudonyms are listed",
+                lost.len() as i64,
+            )?;
+            gauge(
+                &mut e,
+                "zhian_care_unmatched",
+                "Care residents listed by a pseudonym of a lost care key: never matched again (no silent notice) until relisted",
+                lost.iter().map(|k| k.unmatched.len()).sum::<usize>() as i64,
+            )?;
+        }
         gauge(
             &mut e,
             "zhian_site_connected",

@@ -14,7 +14,7 @@ use maud::{html, Markup, PreEscaped};
 /// table lacks does not compile). `key` is its name in `data-` attributes and for the values
 /// that arrive as strings (pause reasons, link reasons, states): [`tk`].
 macro_rules! labels {
-    ($($v:ident = $key:literal => ($zh:expr, $en:expr),)*) => {
+    ($($v:ident = $key:literal => ($zh:expr, $en:expr $(,)?),)*) => {
         #[derive(Debug, Clone, Copy, PartialEq, Eq)]
         pub(super) enum L { $($v,)* }
 
@@ -103,6 +103,18 @@ labels! {
     CareOk = "care_ok" => ("正常", "OK"),
     CareSilent = "care_silent" => ("超时未出现，请上门查看", "Silent: please check on them"),
     CareNever = "care_never" => ("关注以来未出现", "not seen since the watch began"),
+    CareKeyLost = "care_key_lost" => (
+        "关怀密钥已丢失，无法匹配，请重新登记",
+        "care key lost: cannot be matched, relist",
+    ),
+    KeysLostDay = "keys_lost_day" => (
+        "密钥目录丢失了密钥：当日去重人数无法跨越丢失前后关联同一人（日报按密钥分别计数并标注），日期：",
+        "The key dir lost keys: the day's distinct counts cannot link people across the loss (the daily message counts per key and says so), day:",
+    ),
+    KeysLostCare = "keys_lost_care" => (
+        "关怀密钥丢失：以下按化名登记的住户再也无法匹配（不会误报未出现），请用新密钥重新登记：",
+        "Care key lost: these residents listed by pseudonym can never be matched (no false silent notice); relist them with the new key:",
+    ),
     Time = "time" => ("时间", "Time"),
     Device = "device" => ("设备", "Device"),
     Type = "type" => ("类型", "Type"),
@@ -415,6 +427,22 @@ fn alarms(s: &StatusOut, en: bool) -> Vec<Markup> {
             }
         });
     }
+    for k in &s.keys_lost {
+        out.push(if k.kind == "care" {
+            html! {
+                li data-keys-lost=(k.key) {
+                    b { (t(en, L::KeysLostCare)) } " " (k.unmatched.join(" "))
+                }
+            }
+        } else {
+            html! {
+                li data-keys-lost=(k.key) {
+                    b { (t(en, L::KeysLostDay)) } " " (k.date.as_deref().unwrap_or("")) " · "
+                    (t(en, L::Since)) " " (local_rfc(&Some(k.detected.clone()), s.tz_secs, en))
+                }
+            }
+        });
+    }
     if s.upstream.parked > 0 {
         out.push(html! {
             li data-parked=(s.upstream.parked) {
@@ -708,7 +736,7 @@ fn care(s: &StatusOut, en: bool) -> Markup {
             table {
                 tr { th { (t(en, L::Flat)) } th { (t(en, L::LastPass)) } th { (t(en, L::CareState)) } }
                 @for c in list {
-                    tr data-care-alias=(c.alias) class=[c.silent.then_some("bad")] {
+                    tr data-care-alias=(c.alias) class=[c.silent.then_some("bad")] data-unmatched=[c.unmatched] {
                         td { (c.alias) }
                         td {
                             @match (&c.last_seen, c.silent_for_secs) {
@@ -717,7 +745,11 @@ fn care(s: &StatusOut, en: bool) -> Markup {
                             }
                         }
                         td {
-                            @if c.silent { b class="bad" { (t(en, L::CareSilent)) } } @else { (t(en, L::CareOk)) }
+                            @if c.unmatched.is_some() {
+                                b class="bad" { (t(en, L::CareKeyLost)) }
+                            } @else if c.silent {
+                                b class="bad" { (t(en, L::CareSilent)) }
+                            } @else { (t(en, L::CareOk)) }
                         }
                     }
                 }

@@ -136,6 +136,27 @@ pub(super) struct CareOut {
     /// A `silent` notice is out and the resident has not been seen since.
     pub(super) silent: bool,
     pub(super) silence_secs: i64,
+    /// Why the resident cannot be matched: `care_key_lost` (listed by a pseudonym made with a
+    /// care key the key dir lost: relist them); `null` while the watch can match them.
+    pub(super) unmatched: Option<&'static str>,
+}
+
+/// A key the key dir lost while the daemon was stopped, while it still matters.
+#[derive(Serialize)]
+pub(super) struct KeyLostOut {
+    /// The key's file name in `privacy.key_dir`.
+    pub(super) key: String,
+    /// `day` (a pseudonym key: the day's distinct counts span two keys) or `care`.
+    pub(super) kind: &'static str,
+    /// The local day whose distinct counts cannot link people across the loss.
+    pub(super) date: Option<String>,
+    /// When the start found it missing.
+    pub(super) detected: String,
+    /// Shown until (the day can no longer change); `null` for the care key, shown while
+    /// `unmatched` residents are listed.
+    pub(super) until: Option<String>,
+    /// Care key: aliases of the residents to relist.
+    pub(super) unmatched: Vec<String>,
 }
 
 #[derive(Serialize)]
@@ -177,6 +198,10 @@ pub(super) struct StatusOut {
     pub(super) recent_rejects: Vec<RejectOut>,
     /// The care watch (独居老人关怀): aliases only, never a subject.
     pub(super) care: Vec<CareOut>,
+    /// Keys the key dir lost while the daemon was stopped (README "Security and privacy"):
+    /// each day whose distinct counts span two keys, until the day can no longer change, and
+    /// the care key while residents listed by its pseudonyms are listed. Empty when none.
+    pub(super) keys_lost: Vec<KeyLostOut>,
     #[serde(skip)]
     pub(super) tz_secs: i32,
 }
@@ -366,6 +391,24 @@ pub(super) fn snapshot(st: &AppState) -> Result<StatusOut, crate::store::StoreEr
                 silent_for_secs: c.last_seen_ms.map(|l| (now - l) / 1000),
                 silent: c.silent,
                 silence_secs: c.silence_ms / 1000,
+                unmatched: c.key_lost.then_some("care_key_lost"),
+            })
+            .collect(),
+        keys_lost: st
+            .stats
+            .keys_lost()
+            .into_iter()
+            .map(|k| KeyLostOut {
+                kind: if k.key == crate::keys::CARE_KEY {
+                    "care"
+                } else {
+                    "day"
+                },
+                key: k.key,
+                date: k.date,
+                detected: rfc3339_utc(k.detected_ms),
+                until: k.until_ms.map(rfc3339_utc),
+                unmatched: k.unmatched,
             })
             .collect(),
         recent_rejects: st

@@ -3,6 +3,10 @@
 //! resident passes a door (at most once per batch per resident) or a notice is due; rows of
 //! residents no longer listed are deleted. Notices go to the outbox with the alerts (ahead of
 //! any summary backlog), in the same transaction as the state that produced them.
+//!
+//! `orphans` are care pseudonyms keyed with a care key the key dir lost (`key_ids`): such a
+//! resident can never be matched again, so they are never judged silent (no false `silent`
+//! notice); their row stays as it was until the installer relists them.
 
 use super::records::{decode, encode};
 use super::StoreError;
@@ -40,6 +44,7 @@ impl CareChanges {
 /// Access events of watched residents in this batch: (care pseudonym, event time).
 pub(crate) fn note_hits(
     list: &[Resident],
+    orphans: &[CarePseudonym],
     mem: &HashMap<CarePseudonym, CareRecordV1>,
     hits: &[(CarePseudonym, i64)],
     _now_ms: i64,
@@ -49,6 +54,9 @@ pub(crate) fn note_hits(
         let Some(r) = list.iter().find(|r| r.pseudonym == *p) else {
             continue;
         };
+        if orphans.contains(p) {
+            continue;
+        }
         // A resident whose watch has not started yet (just listed, checks held): this pass
         // starts it.
         let mut st = ch.current(mem, p, ts.saturating_sub(1));
@@ -59,10 +67,12 @@ pub(crate) fn note_hits(
     }
 }
 
-/// The silence check at `now_ms` (not while `hold`); new residents start their watch (held or
-/// not: the watch starts when a resident is listed), gone ones are dropped.
+/// The silence check at `now_ms` (not while `hold`, never for `orphans`); new residents start
+/// their watch (held or not: the watch starts when a resident is listed), gone ones are
+/// dropped.
 pub(crate) fn check_all(
     list: &[Resident],
+    orphans: &[CarePseudonym],
     mem: &HashMap<CarePseudonym, CareRecordV1>,
     now_ms: i64,
     offset_ms: i64,
@@ -73,7 +83,7 @@ pub(crate) fn check_all(
         let known = mem.contains_key(&r.pseudonym) || ch.state.contains_key(&r.pseudonym);
         let mut st = ch.current(mem, &r.pseudonym, now_ms);
         let before = st;
-        if !hold {
+        if !hold && !orphans.contains(&r.pseudonym) {
             if let Some(n) = check(r, &mut st, now_ms, offset_ms) {
                 ch.notices.push(n);
             }
@@ -93,6 +103,7 @@ pub(crate) fn check_all(
 /// nothing).
 pub(crate) fn due(
     list: &[Resident],
+    orphans: &[CarePseudonym],
     mem: &HashMap<CarePseudonym, CareRecordV1>,
     now_ms: i64,
     offset_ms: i64,
@@ -100,8 +111,15 @@ pub(crate) fn due(
 ) -> bool {
     list.iter().any(|r| match mem.get(&r.pseudonym) {
         None => true,
-        Some(st) => !hold && check(r, &mut st.clone(), now_ms, offset_ms).is_some(),
+        Some(st) => {
+            !hold
+                && !orphans.contains(&r.pseudonym)
+                && check(r, &mut st.clone(), now_ms, offset_ms).is_some()
+        }
     }) || mem.keys().any(|p| !list.iter().any(|r| r.pseudonym == *p))
+        || orphans
+            .iter()
+            .any(|p| !list.iter().any(|r| r.pseudonym == *p))
 }
 
 /// Write the staged states. Returns the change in row bytes.

@@ -6,12 +6,16 @@
 //! - `days`: `i64` local day → v1 [`DayRecordV1`] (last rev issued, dirty since): written when a
 //!   day is first touched, issued, or changed by a late event after issue; deleted when final.
 //! - `day_subjects`: `(i64 day, u64 seq)` → the day's new distinct pseudonyms of one batch,
-//!   packed as 17-byte records (1 byte: 0 access, 1 vehicle; 16 bytes pseudonym). Appended
-//!   (sequential keys batch well on flash); all of a day's rows go when the day is final.
+//!   packed as 17-byte records (1 byte: the key generation shifted left by one, or'd with 1 for
+//!   a vehicle, 0 for an access subject; 16 bytes pseudonym). Rows written before key
+//!   generations (bytes 0 and 1) are generation 0. Appended (sequential keys batch well on
+//!   flash); all of a day's rows go when the day is final.
 
 use super::records::{decode, encode};
 use super::StoreError;
-use crate::core::daily::{DayCfg, DayMem, DayRecordV1, Pseudonym};
+use crate::core::daily::{
+    DayCfg, DayDistinct, DayMem, DayRecordV1, KeyGen, Pseudonym, MAX_KEY_GENERATIONS,
+};
 use crate::core::engine::{Input, Outcome};
 use redb::{ReadableTable, TableDefinition};
 use std::collections::{BTreeMap, BTreeSet};
@@ -29,8 +33,8 @@ pub(crate) const DAY_SUBJECTS: TableDefinition<(i64, u64), &[u8]> =
 /// What a batch changes about days; applied to memory after the commit.
 #[derive(Debug, Default)]
 pub(crate) struct DayChanges {
-    /// New distinct pseudonyms: (day, vehicle, pseudonym).
-    pub add: Vec<(i64, bool, Pseudonym)>,
+    /// New distinct pseudonyms: (day, key generation, vehicle, pseudonym).
+    pub add: Vec<(i64, KeyGen, bool, Pseudonym)>,
     /// A day's new state; `None`: the day is final and forgotten.
     pub state: BTreeMap<i64, Option<DayRecordV1>>,
 }
@@ -43,19 +47,32 @@ impl DayChanges {
         }
     }
 
-    fn has(&self, mem: &BTreeMap<i64, DayMem>, day: i64, vehicle: bool, p: &Pseudonym) -> bool {
-        let in_mem = mem.get(&day).is_some_and(|m| {
-            if vehicle {
-                m.vehicles.contains(p)
-            } else {
-                m.access.contains(p)
-            }
-        });
+    fn has(
+        &self,
+        mem: &BTreeMap<i64, DayMem>,
+        day: i64,
+        gen: KeyGen,
+        vehicle: bool,
+        p: &Pseudonym,
+    ) -> bool {
+        let in_mem = mem
+            .get(&day)
+            .is_some_and(|m| m.sets.contains(gen, vehicle, p));
         in_mem
             || self
                 .add
                 .iter()
-                .any(|(d, v, q)| *d == day && *v == vehicle && q == p)
+                .any(|(d, g, v, q)| *d == day && *g == gen && *v == vehicle && q == p)
+    }
+
+    /// How many pseudonyms of a class generation `gen` of `day` holds after this batch.
+    fn len(&self, mem: &BTreeMap<i64, DayMem>, day: i64, gen: KeyGen, vehicle: bool) -> usize {
+        mem.get(&day).map_or(0, |m| m.sets.len(gen, vehicle))
+            + self
+                .add
+                .iter()
+                .filter(|(d, g, v, _)| *d == day && *g == gen && *v == vehicle)
+                .count()
     }
 
     /// Every day's state as it will be after this batch.
@@ -66,27 +83,33 @@ impl DayChanges {
             .collect()
     }
 
-    /// (distinct access subjects, distinct vehicles) of `day` after this batch.
-    pub fn distinct(&self, mem: &BTreeMap<i64, DayMem>, day: i64) -> (usize, usize) {
-        let (mut a, mut v) = mem
-            .get(&day)
-            .map_or((0, 0), |m| (m.access.len(), m.vehicles.len()));
-        for (d, veh, _) in &self.add {
+    /// The distinct figures of `day` after this batch (per key generation, see
+    /// [`DayDistinct::of`]).
+    pub fn distinct(&self, mem: &BTreeMap<i64, DayMem>, day: i64) -> DayDistinct {
+        let mut per_gen: BTreeMap<KeyGen, (usize, usize)> = BTreeMap::new();
+        if let Some(m) = mem.get(&day) {
+            for (g, a, v) in m.sets.per_gen() {
+                per_gen.insert(g, (a, v));
+            }
+        }
+        for (d, g, veh, _) in &self.add {
             if *d == day {
+                let e = per_gen.entry(*g).or_default();
                 if *veh {
-                    v += 1
+                    e.1 += 1
                 } else {
-                    a += 1
+                    e.0 += 1
                 }
             }
         }
-        (a, v)
+        DayDistinct::of(per_gen.into_values())
     }
 }
 
 /// Note what a batch's outcomes change: the days its counted events and counter steps fall in
 /// are tracked (a new day) or, when already issued and still open to late events, dirty; and
-/// `subjects` (the accepted events' pseudonyms, by day) adds the ones new to their day.
+/// `subjects` (the accepted events' pseudonyms, by day and key generation) adds the ones new to
+/// their day and generation.
 // One call per batch, from the writer, with what the batch holds: a struct would only move
 // these names one level down.
 #[allow(clippy::too_many_arguments)]
@@ -95,7 +118,7 @@ pub(crate) fn note_batch(
     cfg: &DayCfg,
     inputs: &[Input],
     outcomes: &[Outcome],
-    subjects: Vec<(i64, bool, Pseudonym)>,
+    subjects: Vec<(i64, KeyGen, bool, Pseudonym)>,
     now_ms: i64,
     room: bool,
     ch: &mut DayChanges,
@@ -146,15 +169,17 @@ pub(crate) fn note_batch(
     if !room {
         return;
     }
-    for (d, vehicle, p) in subjects {
-        if ch.current(mem, d).is_none() || ch.has(mem, d, vehicle, &p) {
+    for (d, gen, vehicle, p) in subjects {
+        if gen >= MAX_KEY_GENERATIONS
+            || ch.current(mem, d).is_none()
+            || ch.has(mem, d, gen, vehicle, &p)
+        {
             continue;
         }
-        let (a, v) = ch.distinct(mem, d);
-        if (if vehicle { v } else { a }) >= MAX_DISTINCT_PER_DAY {
+        if ch.len(mem, d, gen, vehicle) >= MAX_DISTINCT_PER_DAY {
             continue;
         }
-        ch.add.push((d, vehicle, p));
+        ch.add.push((d, gen, vehicle, p));
     }
 }
 
@@ -195,9 +220,9 @@ pub(crate) fn write(
     if !ch.add.is_empty() {
         let mut subjects = txn.open_table(DAY_SUBJECTS)?;
         let mut by_day: BTreeMap<i64, Vec<u8>> = BTreeMap::new();
-        for (d, vehicle, p) in &ch.add {
+        for (d, gen, vehicle, p) in &ch.add {
             let row = by_day.entry(*d).or_default();
-            row.push(*vehicle as u8);
+            row.push(gen << 1 | *vehicle as u8);
             row.extend_from_slice(p);
         }
         for (d, row) in by_day {
@@ -222,13 +247,9 @@ pub(crate) fn apply(mem: &mut BTreeMap<i64, DayMem>, ch: DayChanges) {
             }
         }
     }
-    for (d, vehicle, p) in ch.add {
+    for (d, gen, vehicle, p) in ch.add {
         if let Some(m) = mem.get_mut(&d) {
-            if vehicle {
-                m.vehicles.insert(p);
-            } else {
-                m.access.insert(p);
-            }
+            m.sets.insert(gen, vehicle, p);
         }
     }
 }
@@ -257,11 +278,7 @@ pub(crate) fn load(
         let Some(m) = mem.get_mut(&d) else { continue };
         for rec in v.value().chunks_exact(17) {
             let p: Pseudonym = rec[1..].try_into().expect("16 bytes");
-            if rec[0] == 1 {
-                m.vehicles.insert(p);
-            } else {
-                m.access.insert(p);
-            }
+            m.sets.insert(rec[0] >> 1, rec[0] & 1 == 1, p);
         }
     }
     Ok((mem, bytes, max_seq))

@@ -20,6 +20,9 @@
 //! | `states` | `&str` "kind\0device\0point" | v1 [`StateRecordV1`]: the latest value of a Modbus state point and when it last changed | Modbus polls that changed |
 //! | `devices` | `&str` "kind\0device" | `i64`: when an event of this MQTT device was last accepted (ms), so devices known once stay known across restarts (contract: "Status page") | a new device at once (with any pending sightings); known ones together, at most every [`DEVICE_SEEN_EVERY_MS`]; deleted when the device is forgotten (at most `health.max_devices` rows: past it the longest silent goes, in the batch's transaction; a source change; the installer's `devices forget`) |
 //! | `device_sources` | `&str` "kind\0device" | `&str`: the mark of the `[[mqtt.sources]]` entry the device was last learned through (a hash of its topic, `each`, `kind` and `device` rules); none for canonical topics (and for devices stored before this table existed). A device whose mark no longer names a configured source is forgotten (SIGHUP, start) | with the batch that learns the device or changes its source; deleted with the device |
+//! | `days`, `day_subjects` | `i64` local day; `(i64 day, u64 seq)` | the daily distinct counts: a day's issue state; its distinct pseudonyms by key generation, 17 bytes each (`days.rs`) | when a day is touched, issued or final; per batch, appended |
+//! | `care` | `&[u8]` care pseudonym | v1 care-watch state (`care.rs`) | when a watched resident passes or a notice is due |
+//! | `key_ids` | `&str` key file name in `privacy.key_dir` | v1 `KeyRecordV1`: the ids (a BLAKE3 derivation, never the key) of the pseudonym or care keys used under that name, which one is in use, when a start found it lost, care pseudonyms keyed with a lost care key (`key_ids.rs`) | when a key is first used, found lost at start, or its life ends |
 //!
 //! A `plain` subject is stored sealed ([`StoredSubject::Sealed`]) with the key of the day it
 //! arrived, destroyed after `store.raw_retention`: deleting a row does not wipe its bytes from
@@ -28,6 +31,11 @@
 //! A hashed subject is the 16-byte pseudonym from [`crate::keys`]: keyed with the key of the
 //! event's local day, which is never in this file (`privacy.key_dir`) and is destroyed once
 //! that day can receive no more events.
+//!
+//! The store knows which keys it used, never the keys: `key_ids` holds 16-byte ids (BLAKE3's
+//! key derivation under a fixed context, [`crate::keys::key_id`]), so a start that finds a key
+//! it used missing from the key dir says so (ERROR, page, `/api/status`, `zhian_keys_lost`)
+//! and counts the day's distinct subjects per key generation instead of twice.
 //!
 //! A dedup hash is the first 8 bytes of BLAKE3 keyed with `dedup_key` over
 //! `"dedup\0" kind "\0" device "\0" id`. The writer holds every live hash in memory (built
@@ -62,6 +70,7 @@ mod care;
 mod crash;
 pub mod damage;
 mod days;
+mod key_ids;
 pub mod pressure;
 mod reader;
 pub mod records;

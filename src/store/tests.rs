@@ -653,7 +653,7 @@ fn daily_distinct_counts_follow_a_model_across_late_events_and_reopen() {
     {
         let (s, mut w) = Store::open(dir.path(), SubjectMode::Hashed).unwrap();
         w.set_day_cfg(cfg);
-        w.set_subject_keys(keys());
+        w.set_subject_keys(keys(), start);
         let t = start + 3_600_000;
         let batch = [
             mk("a1", t, Kind::Access, "card:1"),
@@ -691,7 +691,7 @@ fn daily_distinct_counts_follow_a_model_across_late_events_and_reopen() {
     // event with a known card and one with a new card.
     let (s, mut w) = Store::open(dir.path(), SubjectMode::Hashed).unwrap();
     w.set_day_cfg(cfg);
-    w.set_subject_keys(keys());
+    w.set_subject_keys(keys(), start);
     w.commit(&en, &[], &[], end + 2_000, Some(&ret)).unwrap();
     assert_eq!(dailies(&s).len(), 1);
     let late = [

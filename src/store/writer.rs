@@ -4,6 +4,7 @@
 
 use super::care::{self as care_store, CareChanges};
 use super::days::{self, DayChanges};
+use super::key_ids::{self, KeyBook};
 use super::pressure::{self, Pressure, Retention};
 use super::reader::read_u64;
 use super::records::{
@@ -131,6 +132,10 @@ pub struct StoreWriter {
     max_devices: usize,
     /// The source marks of the next batch's devices, where they differ from what is stored.
     staged_marks: HashMap<String, String>,
+    /// The ids of the pseudonym and care keys the store used, and what a start found lost.
+    key_book: KeyBook,
+    /// The care aliases last logged as unmatched (care key lost), so each set is logged once.
+    unmatched_logged: Vec<String>,
 }
 
 /// A write transaction on the writer's open database: fsync'ed at commit
@@ -185,6 +190,8 @@ impl StoreWriter {
             dedup_ttl_ms,
             max_devices: usize::MAX,
             staged_marks: HashMap::new(),
+            key_book: KeyBook::default(),
+            unmatched_logged: Vec::new(),
         };
         w.load()?;
         Ok(w)
@@ -292,6 +299,17 @@ impl StoreWriter {
             }
         }
         self.care_list = list;
+        let orphans = self.key_book.orphans();
+        let unmatched: Vec<String> = self
+            .care_list
+            .iter()
+            .filter(|r| orphans.contains(&r.pseudonym))
+            .map(|r| r.alias.clone())
+            .collect();
+        if !unmatched.is_empty() && unmatched != self.unmatched_logged {
+            tracing::warn!(aliases = ?unmatched, "care watch: these residents are listed by a pseudonym made with the care key the key dir lost; it can never match again, so no silent notice is sent for them; relist them (a new pseudonym from `zhian-gateway care-pseudonym`, or by subject)");
+        }
+        self.unmatched_logged = unmatched;
     }
 
     /// Hold (or release) the care watch's silence checks.
@@ -310,6 +328,7 @@ impl StoreWriter {
                     last_seen_ms: st.filter(|s| s.seen_ever).map(|s| s.last_seen_ms),
                     silent: st.is_some_and(|s| s.silent),
                     silence_ms: r.silence_ms,
+                    key_lost: self.key_book.orphans().contains(&r.pseudonym),
                 }
             })
             .collect()
@@ -325,15 +344,39 @@ impl StoreWriter {
         self.day_cfg = cfg;
     }
 
-    /// Hand the writer the pseudonym keys (from `privacy.key_dir`); until then it keeps
-    /// memory-only keys.
-    pub fn set_subject_keys(&mut self, keys: SubjectKeys) {
+    /// Hand the writer the pseudonym keys (from `privacy.key_dir`, opened at `now_ms`); until
+    /// then it keeps memory-only keys. A key the store used that the key dir no longer has
+    /// (emptied or replaced while the daemon was stopped) is logged at ERROR, once, and kept as
+    /// lost (written with the next commit): the day's distinct sets then count per key
+    /// ([`crate::core::daily::DaySets`]), and residents the care watch held under a lost care
+    /// key are unmatched. Returns the lost keys' file names.
+    pub fn set_subject_keys(&mut self, keys: SubjectKeys, now_ms: i64) -> Vec<String> {
         self.keys = keys;
+        if !self.keys.persistent() {
+            return Vec::new();
+        }
+        let lost = self
+            .key_book
+            .detect(&self.keys, self.mem.care.keys().copied(), now_ms);
+        if !lost.is_empty() {
+            tracing::error!(keys = ?lost, "the key dir lost keys the store had used (privacy.key_dir emptied or replaced while the daemon was stopped): the day's distinct count cannot link people across the loss (the daily message counts per key and says it spans several), and care residents listed by a pseudonym of a lost care key must be relisted; if the key dir was only moved, stop the daemon and put it back (a key found again before a new one was made is not lost)");
+        }
+        lost
     }
 
-    /// Destroy the pseudonym keys past their life at `now_ms` (see [`crate::keys`]).
+    /// Destroy the pseudonym keys past their life at `now_ms` (see [`crate::keys`]); their
+    /// ids go from the store with the next commit.
     pub fn destroy_expired_keys(&mut self, now_ms: i64) -> usize {
-        self.keys.destroy_expired(now_ms)
+        let n = self.keys.destroy_expired(now_ms);
+        self.key_book.forget_expired(&self.keys, now_ms);
+        n
+    }
+
+    /// The keys the key dir lost that still matter at `now_ms` (page, `/api/status`,
+    /// metrics): a pseudonym key until its day can no longer change, the care key while
+    /// residents keyed with it are listed.
+    pub fn keys_lost(&self, now_ms: i64) -> Vec<crate::keys::KeyLoss> {
+        self.key_book.losses(&self.keys, &self.care_list, now_ms)
     }
 
     /// The read side of this store.
@@ -421,6 +464,9 @@ impl StoreWriter {
         let (care_mem, care_bytes) = care_store::load(&txn)?;
         mem.care = care_mem;
         bytes += care_bytes;
+        let (key_mem, key_bytes) = key_ids::load(&txn)?;
+        self.key_book.set_committed(key_mem);
+        bytes += key_bytes;
         let (day_mem, day_bytes, day_seq) = days::load(&txn)?;
         mem.days = day_mem;
         bytes += day_bytes;
@@ -564,6 +610,19 @@ impl StoreWriter {
                 }
             }
             report.outcomes = engine.apply_inputs(&mut l, inputs.iter().copied(), now_ms)?;
+            // The ids of keys made for this batch go with it; each pseudonym counts under the
+            // generation of the key that made it.
+            self.key_book.register(l.keys);
+            let mut gens: BTreeMap<i64, crate::core::daily::KeyGen> = BTreeMap::new();
+            let day_subjects: Vec<_> = std::mem::take(&mut l.day_subjects)
+                .into_iter()
+                .map(|(day, ts, vehicle, p)| {
+                    let g = *gens
+                        .entry(l.keys.period(ts))
+                        .or_insert_with(|| self.key_book.gen_of(&l.keys.pseudonym_name(ts)));
+                    (day, g, vehicle, p)
+                })
+                .collect();
             // Devices seen: a new one is written at once; known ones collect in memory and are
             // written together once the oldest unwritten sighting is DEVICE_SEEN_EVERY_MS old,
             // so the table costs at most one touch per period however many devices there are.
@@ -663,13 +722,14 @@ impl StoreWriter {
                 &self.day_cfg,
                 inputs,
                 &report.outcomes,
-                std::mem::take(&mut l.day_subjects),
+                day_subjects,
                 now_ms,
                 pressure == Pressure::None,
                 &mut day_changes,
             );
             care_store::note_hits(
                 l.care_list,
+                self.key_book.orphans(),
                 &self.mem.care,
                 &std::mem::take(&mut l.care_hits),
                 now_ms,
@@ -681,12 +741,14 @@ impl StoreWriter {
                 issue_days(&mut l, engine, &mut day_changes, now_ms)?;
                 care_store::check_all(
                     l.care_list,
+                    self.key_book.orphans(),
                     &self.mem.care,
                     now_ms,
                     l.day_cfg.offset_ms,
                     self.care_hold,
                     &mut care_changes,
                 );
+                self.key_book.prune_orphans(l.care_list);
                 report.purged_dedup =
                     l.purge_dedup(now_ms - r.dedup_ttl_ms as i64, r.purge_batch)?;
                 report.purged_events = l.purge_events(
@@ -726,6 +788,7 @@ impl StoreWriter {
                 l.emitted += 1;
             }
             l.bytes += care_store::write(&txn, &care_changes)?;
+            l.bytes += self.key_book.write(&txn)?;
             let mut seq = l.seq;
             l.bytes += days::write(&txn, &day_changes, || {
                 seq += 1;
@@ -782,6 +845,7 @@ impl StoreWriter {
         self.staged_marks.clear();
         days::apply(&mut self.mem.days, day_changes);
         care_store::apply(&mut self.mem.care, care_changes);
+        self.key_book.committed();
         {
             let (pending, since) = seen_pending;
             self.mem.devices_pending = pending;
@@ -830,8 +894,12 @@ impl StoreWriter {
         if self.mem.open.range(..=due_start).next().is_some() || self.pressure() != Pressure::None {
             return Ok(true);
         }
+        if self.key_book.has_staged() {
+            return Ok(true);
+        }
         if care_store::due(
             &self.care_list,
+            self.key_book.orphans(),
             &self.mem.care,
             now_ms,
             self.day_cfg.offset_ms,
@@ -1066,6 +1134,7 @@ fn prepare(db: &redb::Database) -> Result<[u8; 32], StoreError> {
     txn.open_table(days::DAYS)?;
     txn.open_table(days::DAY_SUBJECTS)?;
     txn.open_table(care_store::CARE)?;
+    txn.open_table(key_ids::KEY_IDS)?;
     txn.commit()?;
     Ok(key)
 }
@@ -1162,8 +1231,9 @@ struct TxLedger<'t, 's> {
     dedup_key: &'s [u8; 32],
     keys: &'s mut SubjectKeys,
     day_cfg: DayCfg,
-    /// Pseudonyms of this batch's accepted access and vehicle events: (day, vehicle, p).
-    day_subjects: Vec<(i64, bool, crate::core::daily::Pseudonym)>,
+    /// Pseudonyms of this batch's accepted access and vehicle events: (day, event time,
+    /// vehicle, p); the event time names the key (and so its generation).
+    day_subjects: Vec<(i64, i64, bool, crate::core::daily::Pseudonym)>,
     care_list: &'s [Resident],
     /// Access events of watched residents: (care pseudonym, event time).
     care_hits: Vec<(CarePseudonym, i64)>,
@@ -1378,8 +1448,12 @@ impl Ledger for TxLedger<'_, '_> {
             _ => None,
         };
         if let Some(p) = pseudonym {
-            self.day_subjects
-                .push((self.day_cfg.day_of(e.ts_ms), e.kind == Kind::Vehicle, p));
+            self.day_subjects.push((
+                self.day_cfg.day_of(e.ts_ms),
+                e.ts_ms,
+                e.kind == Kind::Vehicle,
+                p,
+            ));
         }
         if let (false, Kind::Access, Some(s)) = (self.care_list.is_empty(), e.kind, &e.subject) {
             if let Some(p) = self.keys.care_pseudonym(s) {

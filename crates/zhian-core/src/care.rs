@@ -84,13 +84,16 @@ impl CareRecordV1 {
 }
 
 /// One resident as the page shows them: alias, last access event (`None`: none since the watch
-/// began), whether a `silent` notice is out, and the silence limit.
+/// began), whether a `silent` notice is out, the silence limit, and whether they are listed by
+/// a pseudonym of a care key the box lost (never matched again until relisted; never judged
+/// silent).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CareLine {
     pub alias: String,
     pub last_seen_ms: Option<i64>,
     pub silent: bool,
     pub silence_ms: i64,
+    pub key_lost: bool,
 }
 
 /// A care-watch notice for upstream and the page.

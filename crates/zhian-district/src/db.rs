@@ -297,6 +297,7 @@ async fn apply_one(tx: &Transaction<'_>, m: &Msg) -> Result<bool, tokio_postgres
             rev,
             access_subjects,
             vehicles,
+            key_generations,
             rows,
         } => {
             if !site.is_null() {
@@ -307,11 +308,13 @@ async fn apply_one(tx: &Transaction<'_>, m: &Msg) -> Result<bool, tokio_postgres
                 .await?;
             }
             tx.execute(
-                "INSERT INTO daily (gateway, date, tz, rev, access_subjects, vehicles, counts)
-                 VALUES ($1, $2::text::date, $3, $4, $5, $6, $7)
+                "INSERT INTO daily (gateway, date, tz, rev, access_subjects, vehicles, counts,
+                                    key_generations)
+                 VALUES ($1, $2::text::date, $3, $4, $5, $6, $7, $8)
                  ON CONFLICT (gateway, date) DO UPDATE SET tz = EXCLUDED.tz, rev = EXCLUDED.rev,
                    access_subjects = EXCLUDED.access_subjects, vehicles = EXCLUDED.vehicles,
-                   counts = EXCLUDED.counts, received = now()
+                   counts = EXCLUDED.counts, key_generations = EXCLUDED.key_generations,
+                   received = now()
                  WHERE daily.rev < EXCLUDED.rev",
                 &[
                     gateway,
@@ -321,6 +324,7 @@ async fn apply_one(tx: &Transaction<'_>, m: &Msg) -> Result<bool, tokio_postgres
                     access_subjects,
                     vehicles,
                     &rows_json(rows),
+                    key_generations,
                 ],
             )
             .await?;

@@ -58,6 +58,9 @@ pub enum Msg {
         rev: i32,
         access_subjects: Option<i64>,
         vehicles: Option<i64>,
+        /// How many pseudonym keys the day's figures span, when more than one (the box's key
+        /// dir was lost that day: the figures are the largest count under one key).
+        key_generations: Option<i32>,
         rows: Vec<Row>,
     },
     Status {
@@ -327,6 +330,14 @@ pub fn parse(prefix: &str, topic: &str, payload: &[u8]) -> Result<Msg, Reject> {
                 rev: m.rev as i32,
                 access_subjects: bigint(m.distinct.access_subjects),
                 vehicles: bigint(m.distinct.vehicles),
+                key_generations: m
+                    .distinct
+                    .key_generations
+                    .map(|g| {
+                        i32::try_from(g)
+                            .map_err(|_| reject("invalid_field", "key_generations out of range"))
+                    })
+                    .transpose()?,
                 rows: rows(m.counts)?,
                 gateway,
             })
@@ -402,6 +413,48 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn dailies_keep_the_key_generations_a_day_spans() {
+        let daily = |distinct: &str| {
+            parse(
+                P,
+                "zhian/district/gw-1/daily",
+                format!(
+                    r#"{{"schema":"zhian.daily.v1","gateway":"gw-1","date":"2026-11-30","tz":"+08:00",
+                        "rev":0,"distinct":{distinct},"counts":[]}}"#
+                )
+                .as_bytes(),
+            )
+        };
+        let Ok(Msg::Daily {
+            access_subjects,
+            key_generations,
+            ..
+        }) = daily(r#"{"access_subjects":3,"vehicles":0,"key_generations":2}"#)
+        else {
+            panic!()
+        };
+        assert_eq!((access_subjects, key_generations), (Some(3), Some(2)));
+        let Ok(Msg::Daily {
+            key_generations, ..
+        }) = daily(r#"{"access_subjects":3,"vehicles":0}"#)
+        else {
+            panic!()
+        };
+        assert_eq!(key_generations, None, "one key: the column stays NULL");
+        let e = daily(r#"{"access_subjects":3,"vehicles":0,"key_generations":4294967295}"#);
+        assert!(
+            matches!(
+                e,
+                Err(Reject {
+                    reason: "invalid_field",
+                    ..
+                })
+            ),
+            "{e:?}"
+        );
     }
 
     #[test]

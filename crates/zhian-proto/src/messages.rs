@@ -184,6 +184,13 @@ impl Message for Care {
 pub struct Distinct {
     pub access_subjects: Option<u64>,
     pub vehicles: Option<u64>,
+    /// How many pseudonym keys the day's figures span, when more than one (absent otherwise, so
+    /// payloads of a day under one key are as they always were). The box's key dir lost the
+    /// day's key while the daemon was stopped, so a person who passed before and after the loss
+    /// has two unlinkable pseudonyms: the figures are then the largest count under any one key,
+    /// a lower bound that never counts anyone twice.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_generations: Option<u32>,
 }
 
 /// `{prefix}/{gateway}/daily`: one local day's distinct counts and totals, re-issued with

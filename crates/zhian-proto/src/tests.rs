@@ -88,12 +88,20 @@ proptest! {
     #[test]
     fn dailies_round_trip(gateway in "[a-z0-9-]{1,64}", site in site(), rev in any::<u32>(),
                           distinct in proptest::option::of((any::<u64>(), any::<u64>())),
+                          key_generations in proptest::option::of(2u32..=64),
                           counts in proptest::collection::vec(count(), 0..6)) {
-        round_trip(&Daily {
+        let d = Daily {
             schema: DailyV1, gateway, site, date: "2026-11-30".into(), tz: "+08:00".into(), rev,
-            distinct: Distinct { access_subjects: distinct.map(|d| d.0), vehicles: distinct.map(|d| d.1) },
+            distinct: Distinct {
+                access_subjects: distinct.map(|d| d.0), vehicles: distinct.map(|d| d.1),
+                key_generations,
+            },
             counts,
-        });
+        };
+        round_trip(&d);
+        // One key: the field is left out, so the payload is what it was before the field.
+        let v: serde_json::Value = serde_json::from_slice(&d.to_bytes()).unwrap();
+        prop_assert_eq!(v["distinct"].get("key_generations").is_some(), key_generations.is_some());
     }
 
     #[test]
@@ -166,6 +174,21 @@ fn a_summary_is_the_contracts_shape() {
         String::from_utf8(s.to_bytes()).unwrap(),
         r#"{"schema":"zhian.summary.v1","gateway":"fy-fuchun-jiangbin-01","site":{"compound":"春江花园"},"window":{"start":"2026-11-28T00:00:00Z","secs":60},"rev":0,"counts":[{"kind":"access","device":"door-3","action":"entry","result":"granted","n":42}]}"#
     );
+}
+
+#[test]
+fn a_daily_without_key_generations_parses_and_one_with_them_says_so() {
+    let old = br#"{"schema":"zhian.daily.v1","gateway":"g","site":{},"date":"2026-11-30","tz":"+08:00","rev":0,"distinct":{"access_subjects":3,"vehicles":null},"counts":[]}"#;
+    let d: Daily = serde_json::from_slice(old).unwrap();
+    assert_eq!(d.distinct.key_generations, None);
+    assert_eq!(
+        d.to_bytes(),
+        old.to_vec(),
+        "an old payload is written back unchanged"
+    );
+    let new = br#"{"schema":"zhian.daily.v1","gateway":"g","date":"2026-11-30","tz":"+08:00","rev":0,"distinct":{"access_subjects":3,"vehicles":0,"key_generations":2},"counts":[]}"#;
+    let d: Daily = serde_json::from_slice(new).unwrap();
+    assert_eq!(d.distinct.key_generations, Some(2));
 }
 
 #[test]
