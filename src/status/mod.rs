@@ -39,6 +39,7 @@ mod auth;
 /// use them too).
 pub(crate) use zhian_common::listener;
 pub(crate) use zhian_common::listener::Limited;
+mod labels;
 mod metrics;
 mod page;
 mod report;
