@@ -19,6 +19,8 @@ use serde_json::{json, Map, Value};
 use time::format_description::well_known::Rfc3339;
 use time::{OffsetDateTime, UtcOffset};
 
+use zhian_gateway::config::{Config, Dur};
+
 use super::*;
 
 /// `gateway.id` in the test config.
@@ -35,6 +37,111 @@ pub const DEVICE_CLIENT_ID: &str = "zhian-test";
 pub const DEVICE_FILTER: &str = "zhian/+/+";
 /// Strings that only ever occur inside `subject` values the tests send: none may appear upstream.
 pub const SUBJECT_MARKERS: &[&str] = &["SUBJ", "card:", "face:", "plate:", "浙A"];
+
+/// The test config, typed: gateway [`GATEWAY_ID`] in 富阳区 / 春江花园 with its data in
+/// `data_dir`, the site broker on `device_port` (client id [`DEVICE_CLIENT_ID`]), the district
+/// broker on `district_port` (heartbeat every second, reconnects within 2 s), windows of
+/// [`WINDOW_MS`] with [`GRACE_MS`] of grace, no status page. Tests change fields in Rust.
+pub fn test_config(data_dir: &Path, device_port: u16, district_port: u16) -> Config {
+    let mut c = Config::default();
+    c.gateway.id = GATEWAY_ID.into();
+    c.gateway.data_dir = data_dir.to_path_buf();
+    c.gateway.district = Some("富阳区".into());
+    c.gateway.compound = Some("春江花园".into());
+    c.mqtt.url = format!("mqtt://127.0.0.1:{device_port}");
+    c.mqtt.client_id = Some(DEVICE_CLIENT_ID.into());
+    c.upstream.url = format!("mqtt://127.0.0.1:{district_port}");
+    c.upstream.topic_prefix = "zhian/district".into();
+    c.upstream.heartbeat = Dur::secs(1);
+    c.upstream.reconnect_max = Dur::secs(2);
+    c.aggregate.window = Dur::millis(WINDOW_MS as u64);
+    c.aggregate.grace = Dur::millis(GRACE_MS as u64);
+    c.aggregate.max_lateness = Dur::secs(3600);
+    c.aggregate.max_future_skew = Dur::secs(300);
+    c.status.enabled = false;
+    c
+}
+
+/// The status page of `c` on 127.0.0.1:`port`.
+pub fn enable_status(c: &mut Config, port: u16) {
+    c.status.enabled = true;
+    c.status.listen = format!("127.0.0.1:{port}");
+}
+
+/// The port of `c`'s status page (None when it is off).
+pub fn status_port_of(c: &Config) -> Option<u16> {
+    if !c.status.enabled {
+        return None;
+    }
+    let addr: SocketAddr = c
+        .status
+        .listen
+        .parse()
+        .unwrap_or_else(|e| panic!("status.listen {:?}: {e}", c.status.listen));
+    Some(addr.port())
+}
+
+/// `c` as a TOML table, with its secrets written out: a [`Config`] serializes every secret as
+/// `<redacted>` (what `check-config` prints), a test writes the real value.
+pub fn config_table(c: &Config) -> toml::Table {
+    let mut table = toml::Table::try_from(c).expect("the config serializes to TOML");
+    let secrets = [
+        ("mqtt", "password", &c.mqtt.password),
+        ("upstream", "password", &c.upstream.password),
+        ("broker", "password", &c.broker.password),
+        ("status", "password_hash", &c.status.password_hash),
+    ];
+    for (section, key, secret) in secrets {
+        if let Some(s) = secret {
+            table[section]
+                .as_table_mut()
+                .expect("a section is a table")
+                .insert(key.into(), toml::Value::String(s.0.clone()));
+        }
+    }
+    for (i, r) in c.care.residents.iter().enumerate() {
+        if let Some(s) = &r.subject {
+            table["care"]["residents"][i]
+                .as_table_mut()
+                .expect("a resident is a table")
+                .insert("subject".into(), toml::Value::String(s.0.clone()));
+        }
+    }
+    table
+}
+
+/// `c` as the TOML text of a config file, secrets written out. Checked: the text reads back
+/// as the same config, so a field the rendering would drop or change fails here, not in a
+/// test's assertion.
+pub fn render_config(c: &Config) -> String {
+    let text = toml::to_string(&config_table(c)).expect("the config renders as TOML");
+    let back: Config = toml::from_str(&text)
+        .unwrap_or_else(|e| panic!("the rendered config does not read back ({e}):\n{text}"));
+    let redacted = |c: &Config| toml::to_string(c).expect("the config renders as TOML");
+    assert_eq!(
+        redacted(&back),
+        redacted(c),
+        "the rendered config reads back differently"
+    );
+    assert!(
+        config_table(&back) == config_table(c),
+        "a secret of the rendered config reads back differently"
+    );
+    text
+}
+
+/// Writes `c` to `path` as a config file (secrets written out).
+pub fn write_config(path: &Path, c: &Config) {
+    fs::write(path, render_config(c))
+        .unwrap_or_else(|e| panic!("write config {}: {e}", path.display()));
+}
+
+/// Writes a TOML table to `path`: a config with a key no [`Config`] has (an unknown key, a
+/// misspelt one), made from [`config_table`].
+pub fn write_table(path: &Path, table: &toml::Table) {
+    let text = toml::to_string(table).expect("the table renders as TOML");
+    fs::write(path, text).unwrap_or_else(|e| panic!("write config {}: {e}", path.display()));
+}
 
 /// The test config (see the brief); `upstream_extra` is appended to the `[upstream]` table.
 pub fn config_text(

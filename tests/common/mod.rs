@@ -6,7 +6,9 @@
 //! that polls the event loop.
 //!
 //! One file per job:
-//! - `site.rs`: a whole site (brokers, collector, the daemon) in one scratch dir;
+//! - `site.rs`: a whole site (brokers, collector, the daemon) in one scratch dir, built the way
+//!   a test asks for it; `gateway.rs`: one gateway (typed config, log, process); `checks.rs`:
+//!   what a site's tests check upstream;
 //! - `config.rs`: the test config and its constants;
 //! - `broker.rs`: a real mosquitto; `collector.rs`: what arrives upstream, summaries parsed;
 //!   `publisher.rs`: a device publisher and a seeded gateway session;
@@ -20,11 +22,13 @@
 #![allow(dead_code, unused_imports)]
 
 pub mod broker;
+pub mod checks;
 pub mod collector;
 pub mod config;
 pub mod daemon;
 pub mod district;
 pub mod events;
+pub mod gateway;
 pub mod http;
 pub mod pg;
 pub mod pki;
@@ -38,6 +42,7 @@ pub use collector::*;
 pub use config::*;
 pub use daemon::*;
 pub use events::*;
+pub use gateway::*;
 pub use http::{base64, http, http_from, Reply};
 pub use pki::{make_ca, make_ca_with, make_leaf, make_leaf_with};
 pub use publisher::*;

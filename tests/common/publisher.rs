@@ -168,12 +168,32 @@ impl Drop for Publisher {
 /// Creates a persistent session `client_id` subscribed to `filter` at QoS 1, then disconnects:
 /// the broker queues every matching message for that session until its owner connects.
 pub fn seed_session(port: u16, client_id: &str, filter: &str) {
+    seed_session_as(port, client_id, &[filter.to_string()], None);
+}
+
+/// As [`seed_session`], for every filter of `filters`, logged in as `creds` (user, password).
+pub fn seed_session_as(
+    port: u16,
+    client_id: &str,
+    filters: &[String],
+    creds: Option<(&str, &str)>,
+) {
+    if filters.is_empty() {
+        return;
+    }
     let mut opts = MqttOptions::new(client_id, "127.0.0.1", port);
     opts.set_clean_session(false)
         .set_keep_alive(Duration::from_secs(1));
+    if let Some((user, pw)) = creds {
+        opts.set_credentials(user, pw);
+    }
     let (client, mut conn) = Client::new(opts, 10);
     client
-        .subscribe(filter, QoS::AtLeastOnce)
+        .subscribe_many(
+            filters
+                .iter()
+                .map(|f| rumqttc::SubscribeFilter::new(f.clone(), QoS::AtLeastOnce)),
+        )
         .expect("queue subscribe");
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {

@@ -21,8 +21,26 @@ use time::{OffsetDateTime, UtcOffset};
 
 use super::*;
 
+/// How long a harness wait lasts before it fails the test. It only exists to end a broken test
+/// with a message: no test is paced by it (a healthy condition holds long before).
+pub const DEADLINE: Duration = Duration::from_secs(120);
+
+/// Waits until `cond` holds; fails the test naming `what` after [`DEADLINE`].
+pub fn eventually(what: &str, cond: impl FnMut() -> bool) {
+    assert!(
+        wait_until(DEADLINE, cond),
+        "still waiting after {DEADLINE:?} for {what}"
+    );
+}
+
 /// Polls `cond` every 100 ms until it holds (true) or `timeout` passes (false).
-pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+pub fn wait_until(timeout: Duration, cond: impl FnMut() -> bool) -> bool {
+    wait_every(Duration::from_millis(100), timeout, cond)
+}
+
+/// Polls `cond` every `every` until it holds (true) or `timeout` passes (false): for a test
+/// that must act within milliseconds of a condition (a kill while a stream is in flight).
+pub fn wait_every(every: Duration, timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
     loop {
         if cond() {
@@ -31,17 +49,23 @@ pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
         if Instant::now() >= deadline {
             return false;
         }
-        thread::sleep(Duration::from_millis(100));
+        thread::sleep(every);
     }
 }
 
-/// Sends SIGTERM to a process (libc is not a dependency: use kill(1)).
+/// Sends SIGTERM to a process.
 pub fn sigterm(pid: u32) {
+    signal(pid, "TERM");
+}
+
+/// Sends signal `sig` (`"TERM"`, `"HUP"`, ...) to a process (libc is not a dependency of the
+/// tests: kill(1)).
+pub fn signal(pid: u32, sig: &str) {
     let status = Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
+        .args([&format!("-{sig}"), &pid.to_string()])
         .status()
-        .expect("run kill -TERM");
-    assert!(status.success(), "kill -TERM {pid} failed: {status}");
+        .expect("run kill");
+    assert!(status.success(), "kill -{sig} {pid} failed: {status}");
 }
 
 /// Waits up to `timeout` for a child to exit.
