@@ -27,7 +27,7 @@ fn last_close(events: &[Event]) -> i64 {
 
 #[test]
 fn duplicates_counted_once() {
-    let mut site = Site::build("dups").start();
+    let site = Site::build("dups").start();
     let mut rng = Rng::new(0x00D0_0001);
     let mut events = mixed_events(&mut rng, 2_000);
     let plan = plan_with_duplicates(&mut rng, events.len(), 200);
@@ -147,7 +147,7 @@ fn malformed_messages(now: i64) -> Vec<(&'static str, String, Vec<u8>)> {
 
 #[test]
 fn malformed_inputs_rejected_rest_counted() {
-    let mut site = Site::build("malformed").start();
+    let site = Site::build("malformed").start();
     let mut publisher = site.publisher();
     let malformed = malformed_messages(now_ms());
     let mut bad = malformed.iter();
@@ -215,7 +215,7 @@ fn malformed_inputs_rejected_rest_counted() {
 
 #[test]
 fn late_event_reissues_window() {
-    let mut site = Site::build("late").start();
+    let site = Site::build("late").start();
     // Start early in a window so all five events land in it well before it closes (a sleep
     // to a wall-clock instant: what it waits for is the clock, not the daemon).
     if now_ms() - window_start(now_ms()) > 500 {
@@ -300,7 +300,7 @@ fn late_event_reissues_window() {
 
 #[test]
 fn kill9_mid_stream_no_loss_no_double_count() {
-    let mut site = Site::build("kill9").start();
+    let site = Site::build("kill9").start();
     let mut rng = Rng::new(0x0009_0009);
     let mut events = mixed_events(&mut rng, 18_000);
     let plan = plan_with_duplicates(&mut rng, events.len(), 2_000);
@@ -437,7 +437,7 @@ fn district_outage_every_summary_arrives() {
 
 #[test]
 fn no_subject_ever_upstream() {
-    let mut site = Site::build("privacy").start();
+    let site = Site::build("privacy").start();
     let mut events = Vec::new();
     for i in 0..10 {
         events.push(

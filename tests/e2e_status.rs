@@ -40,7 +40,7 @@ fn try_status(port: u16, auth: Option<(&str, &str)>) -> Option<Value> {
 /// Starts a site whose daemon serves the status page on a fresh port (`edit` changes the
 /// config); returns once `/healthz` answers 200 and the gateway is online upstream.
 fn status_site(name: &str, edit: impl FnOnce(&mut Config)) -> (Site, u16) {
-    let mut site = Site::build(name)
+    let site = Site::build(name)
         .status()
         .config(edit)
         .ready(Ready::Healthz)
@@ -521,7 +521,7 @@ fn f(n: u64) -> f64 {
 #[test]
 fn status_page_in_chromium() {
     require_tool(CHROMIUM, "chromium");
-    let (mut site, port) = status_site("status-page", |c| {
+    let (site, port) = status_site("status-page", |c| {
         c.status.timezone = "+08:00".into();
         c.status.max_connections = 32;
     });
@@ -817,7 +817,7 @@ fn status_page_in_chromium() {
 #[test]
 fn metrics_pass_promtool() {
     require_tool(PROMTOOL, "prometheus");
-    let (mut site, port) = status_site("status-metrics", |_| {});
+    let (site, port) = status_site("status-metrics", |_| {});
     let scratch = site.root.join("metrics-test");
     fs::create_dir_all(&scratch).expect("create scratch dir");
 
@@ -1053,7 +1053,7 @@ fn basic_auth_and_non_loopback_rule() {
     );
 
     // A running daemon with credentials.
-    let (mut site, port) = status_site("status-auth", creds);
+    let (site, port) = status_site("status-auth", creds);
     let right = Some((USER, PASSWORD));
     let wrong_password = Some((USER, "not-the-password"));
     let wrong_user = Some(("admin", PASSWORD));

@@ -19,7 +19,10 @@ use serde_json::{json, Map, Value};
 use time::format_description::well_known::Rfc3339;
 use time::{OffsetDateTime, UtcOffset};
 
-use zhian_gateway::config::{Config, Dur};
+use zhian_gateway::config::{
+    Config, Dur, ModbusDevice, ModbusPoint, PointType, Role, Table, WordOrder,
+};
+use zhian_gateway::core::event::Kind;
 
 use super::*;
 
@@ -128,6 +131,46 @@ pub fn render_config(c: &Config) -> String {
         "a secret of the rendered config reads back differently"
     );
     text
+}
+
+/// A Modbus TCP device at `addr` (`host:port`) with the defaults a config file gets (unit 1,
+/// polled every second, 500 ms timeout, offline after 3 failed polls) and no points.
+pub fn modbus_tcp(name: &str, kind: Kind, addr: &str) -> ModbusDevice {
+    ModbusDevice {
+        name: name.into(),
+        example: false,
+        kind,
+        tcp: Some(addr.into()),
+        rtu: None,
+        unit: 1,
+        poll: Dur::secs(1),
+        timeout: Dur::millis(500),
+        offline_after: 3,
+        points: Vec::new(),
+    }
+}
+
+/// A counter point counting `action` (result `ok`), with the defaults a config file gets
+/// (high word first, no wrap, a glitch bound of 1000).
+pub fn counter_point(
+    name: &str,
+    table: Table,
+    address: u32,
+    ty: PointType,
+    action: &str,
+) -> ModbusPoint {
+    ModbusPoint {
+        name: name.into(),
+        table,
+        address,
+        ty,
+        word_order: WordOrder::default(),
+        role: Role::Counter,
+        action: Some(action.into()),
+        result: None,
+        wrap: false,
+        max_step: 1000,
+    }
 }
 
 /// Writes `c` to `path` as a config file (secrets written out).

@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
+use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use serde_json::Value;
@@ -10,14 +11,16 @@ use zhian_gateway::config::Config;
 
 use super::*;
 
-/// A gateway: `config` is what its file holds (rewritten by [`Gateway::edit_config`]).
+/// A gateway: `config` is what its file holds (rewritten by [`Gateway::edit_config`]). Its
+/// process is started and stopped through `&self`, so a test can hold the site's collector
+/// while it restarts the daemon.
 pub struct Gateway {
     pub name: String,
     pub config: Config,
     pub config_path: PathBuf,
     pub log: PathBuf,
     env: Vec<(String, String)>,
-    daemon: Option<Daemon>,
+    daemon: Mutex<Option<Daemon>>,
 }
 
 impl Gateway {
@@ -38,7 +41,7 @@ impl Gateway {
             config_path,
             log,
             env,
-            daemon: None,
+            daemon: Mutex::new(None),
         };
         gw.write_config();
         gw
@@ -57,14 +60,15 @@ impl Gateway {
     }
 
     /// Starts the daemon (`run --config <file>`).
-    pub fn start(&mut self) {
+    pub fn start(&self) {
         self.start_with_env(&[]);
     }
 
     /// Starts the daemon with `extra` environment besides the gateway's own.
-    pub fn start_with_env(&mut self, extra: &[(&str, &str)]) {
+    pub fn start_with_env(&self, extra: &[(&str, &str)]) {
+        let mut daemon = self.lock();
         assert!(
-            self.daemon.as_mut().is_none_or(|d| d.try_wait().is_some()),
+            daemon.as_mut().is_none_or(|d| d.try_wait().is_some()),
             "gateway {} already running",
             self.name
         );
@@ -74,43 +78,44 @@ impl Gateway {
             .map(|(k, v)| (k.as_str(), v.as_str()))
             .collect();
         env.extend_from_slice(extra);
-        self.daemon = Some(Daemon::start_with_env(&self.config_path, &self.log, &env));
+        *daemon = Some(Daemon::start_with_env(&self.config_path, &self.log, &env));
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Option<Daemon>> {
+        self.daemon.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The daemon's process id (panics when it was never started).
     pub fn pid(&self) -> u32 {
-        self.daemon().pid()
-    }
-
-    fn daemon(&self) -> &Daemon {
-        self.daemon
+        self.lock()
             .as_ref()
             .unwrap_or_else(|| panic!("gateway {} not started", self.name))
+            .pid()
     }
 
     /// Exit status if the daemon has exited (None while it runs or when it was never started).
-    pub fn exited(&mut self) -> Option<ExitStatus> {
-        self.daemon.as_mut().and_then(Daemon::try_wait)
+    pub fn exited(&self) -> Option<ExitStatus> {
+        self.lock().as_mut().and_then(Daemon::try_wait)
     }
 
     /// Whether the daemon runs.
-    pub fn running(&mut self) -> bool {
-        self.daemon.is_some() && self.exited().is_none()
+    pub fn running(&self) -> bool {
+        self.lock().as_mut().is_some_and(|d| d.try_wait().is_none())
     }
 
     /// SIGTERM and wait: the exit status and how long the exit took.
-    pub fn term(&mut self) -> (ExitStatus, Duration) {
+    pub fn term(&self) -> (ExitStatus, Duration) {
         let mut d = self
-            .daemon
+            .lock()
             .take()
             .unwrap_or_else(|| panic!("gateway {} not started", self.name));
         d.term()
     }
 
     /// SIGKILL and reap.
-    pub fn kill9(&mut self) -> ExitStatus {
+    pub fn kill9(&self) -> ExitStatus {
         let mut d = self
-            .daemon
+            .lock()
             .take()
             .unwrap_or_else(|| panic!("gateway {} not started", self.name));
         d.kill9()
@@ -139,10 +144,9 @@ impl Gateway {
 
     /// Waits for an `/api/status` that satisfies `pred` and returns it; fails the test naming
     /// `what` (with the latest status and the log) after [`DEADLINE`].
-    pub fn wait_for_status(&mut self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+    pub fn wait_for_status(&self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
         let mut last = None;
         let ok = wait_until(DEADLINE, || {
-            self.assert_alive(what);
             last = self.status();
             last.as_ref().is_some_and(&pred)
         });
@@ -156,7 +160,7 @@ impl Gateway {
     }
 
     /// Fails the test (with the log) if the daemon has exited.
-    pub fn assert_alive(&mut self, what: &str) {
+    pub fn assert_alive(&self, what: &str) {
         if let Some(status) = self.exited() {
             panic!(
                 "gateway {} exited ({status}) while waiting for {what}; log:\n{}",

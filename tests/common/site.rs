@@ -19,6 +19,7 @@ use std::collections::BTreeSet;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread;
 use std::time::Duration;
 
@@ -78,6 +79,7 @@ pub struct SiteBuilder {
     env: Vec<(String, String)>,
     start_gateway: bool,
     ready: Option<Ready>,
+    mounts: Vec<Tmpfs>,
 }
 
 impl Site {
@@ -105,6 +107,7 @@ impl Site {
             env: Vec::new(),
             start_gateway: true,
             ready: None,
+            mounts: Vec::new(),
         }
     }
 }
@@ -212,6 +215,14 @@ impl SiteBuilder {
         self.env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
     }
 
+    /// A tmpfs of `size` (`"24m"`) mounted now at `<root>/<dir>`, unmounted when the site is
+    /// dropped: a filesystem that fills for real. Needs root (CI runs as root).
+    pub fn tmpfs(mut self, dir: &str, size: &str) -> SiteBuilder {
+        let at = self.dir.path().join(dir);
+        self.mounts.push(Tmpfs::mount(&at, size));
+        self
+    }
+
     /// The config is written but the daemon not started ([`Site::start_daemon`] does).
     pub fn unstarted(mut self) -> SiteBuilder {
         self.start_gateway = false;
@@ -263,7 +274,7 @@ impl SiteBuilder {
             Ready::Started
         });
         let gateway = Gateway::new("gateway", self.config.clone(), &root, self.env.clone());
-        let mut site = Site {
+        let site = Site {
             name: self.name,
             root,
             device,
@@ -272,7 +283,8 @@ impl SiteBuilder {
             gateways: vec![gateway],
             base: self.config,
             env: self.env,
-            publishers: 0,
+            publishers: AtomicUsize::new(0),
+            mounts: self.mounts,
             dir: Some(self.dir),
         };
         if self.start_gateway {
@@ -294,7 +306,8 @@ pub struct Site {
     gateways: Vec<Gateway>,
     base: Config,
     env: Vec<(String, String)>,
-    publishers: usize,
+    publishers: AtomicUsize,
+    mounts: Vec<Tmpfs>,
     dir: Option<tempfile::TempDir>,
 }
 
@@ -354,30 +367,30 @@ impl Site {
             enable_status(&mut c, free_port());
         }
         edit(&mut c);
-        let mut gw = Gateway::new(name, c, &self.root, self.env.clone());
+        let gw = Gateway::new(name, c, &self.root, self.env.clone());
         gw.start();
         self.gateways.push(gw);
         self.gateways.len() - 1
     }
 
     /// Starts the first gateway's daemon (same config and data dir as before).
-    pub fn start_daemon(&mut self) {
-        self.gw_mut().start();
+    pub fn start_daemon(&self) {
+        self.gw().start();
     }
 
     /// SIGKILL the first gateway's daemon.
-    pub fn kill9_daemon(&mut self) {
-        self.gw_mut().kill9();
+    pub fn kill9_daemon(&self) {
+        self.gw().kill9();
     }
 
     /// SIGTERM the first gateway's daemon: its exit status and how long it took to exit.
-    pub fn term_daemon(&mut self) -> (ExitStatus, Duration) {
-        self.gw_mut().term()
+    pub fn term_daemon(&self) -> (ExitStatus, Duration) {
+        self.gw().term()
     }
 
     /// Exit status if the first daemon has exited (None while it runs or was never started).
-    pub fn daemon_exited(&mut self) -> Option<ExitStatus> {
-        self.gw_mut().exited()
+    pub fn daemon_exited(&self) -> Option<ExitStatus> {
+        self.gw().exited()
     }
 
     /// The first gateway's status port (panics when it has no page).
@@ -391,8 +404,8 @@ impl Site {
     }
 
     /// Waits for a first-gateway `/api/status` that satisfies `pred`; returns it.
-    pub fn wait_for_status(&mut self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
-        self.gw_mut().wait_for_status(what, pred)
+    pub fn wait_for_status(&self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        self.gw().wait_for_status(what, pred)
     }
 
     /// The first gateway's log file.
@@ -416,7 +429,7 @@ impl Site {
     }
 
     /// Waits until the first gateway is `ready` (failing the test if its daemon exits).
-    pub fn wait_ready(&mut self, ready: Ready) {
+    pub fn wait_ready(&self, ready: Ready) {
         let what = format!("the gateway to be ready ({ready:?})");
         let mut last: Option<String> = None;
         let ok = wait_until(DEADLINE, || {
@@ -457,20 +470,22 @@ impl Site {
     }
 
     /// A new QoS 1 publisher on the site broker.
-    pub fn publisher(&mut self) -> Publisher {
-        self.publishers += 1;
-        let id = format!("pub-{}-{}", self.name, self.publishers);
+    pub fn publisher(&self) -> Publisher {
+        let n = self.publishers.fetch_add(1, Ordering::Relaxed) + 1;
+        let id = format!("pub-{}-{n}", self.name);
         Publisher::connect(self.device().port, &id)
     }
 }
 
 impl Drop for Site {
     fn drop(&mut self) {
-        for gw in &mut self.gateways {
+        for gw in &self.gateways {
             if gw.running() {
                 gw.kill9();
             }
         }
+        // Unmounted before the scratch dir is removed.
+        self.mounts.clear();
         if !thread::panicking() {
             return;
         }
