@@ -60,6 +60,7 @@ impl Mosquitto {
              log_type warning\n\
              log_type notice\n\
              log_type information\n\
+             log_type subscribe\n\
              connection_messages true\n{extra}\n",
             persistence = persistent,
             location = data.display(),
@@ -163,6 +164,24 @@ impl Mosquitto {
 
     pub fn log_path(&self) -> PathBuf {
         self.dir.join("mosquitto.log")
+    }
+
+    /// Waits until the broker's log shows `client` subscribed to `filter` (mosquitto logs
+    /// `<client> <qos> <filter>` for each granted filter).
+    pub fn wait_subscribed(&self, client: &str, filter: &str) {
+        let log = self.log_path();
+        let shows = || {
+            log_text(&log).lines().any(|l| {
+                let mut f = l.split_whitespace().skip(1);
+                f.next() == Some(client) && f.nth(1) == Some(filter)
+            })
+        };
+        assert!(
+            wait_until(DEADLINE, shows),
+            "{client} never subscribed to {filter} on port {}:\n{}",
+            self.port,
+            tail(&log, 20)
+        );
     }
 }
 
