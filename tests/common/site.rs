@@ -42,6 +42,8 @@ pub enum Ready {
     SiteLink,
     /// Once `/healthz` answers 200.
     Healthz,
+    /// Once the status port answers HTTP at all (a page behind a password, a 503).
+    Listening,
     /// Once the collector saw the gateway online (status `online` or a heartbeat).
     Upstream,
 }
@@ -451,6 +453,10 @@ impl Site {
                     let r = http(self.status_port(), "GET", "/healthz", None);
                     let ok = r.as_ref().is_ok_and(|r| r.status == 200);
                     (ok, Some(format!("{:?}", r.map(|r| (r.status, r.text())))))
+                }
+                Ready::Listening => {
+                    let r = http(self.status_port(), "GET", "/healthz", None);
+                    (r.is_ok(), None)
                 }
                 Ready::Upstream => {
                     let up = self.upstream();
