@@ -82,6 +82,7 @@ pub struct SiteBuilder {
     start_gateway: bool,
     ready: Option<Ready>,
     mounts: Vec<Tmpfs>,
+    show: Vec<String>,
 }
 
 impl Site {
@@ -110,6 +111,7 @@ impl Site {
             start_gateway: true,
             ready: None,
             mounts: Vec::new(),
+            show: Vec::new(),
         }
     }
 }
@@ -225,6 +227,12 @@ impl SiteBuilder {
         self
     }
 
+    /// A file of the scratch dir (a peer's stderr, say) whose tail a failing test prints.
+    pub fn show_on_failure(mut self, file: &str) -> SiteBuilder {
+        self.show.push(file.to_string());
+        self
+    }
+
     /// The config is written but the daemon not started ([`Site::start_daemon`] does).
     pub fn unstarted(mut self) -> SiteBuilder {
         self.start_gateway = false;
@@ -287,6 +295,7 @@ impl SiteBuilder {
             env: self.env,
             publishers: AtomicUsize::new(0),
             mounts: self.mounts,
+            show: self.show,
             dir: Some(self.dir),
         };
         if self.start_gateway {
@@ -310,6 +319,7 @@ pub struct Site {
     env: Vec<(String, String)>,
     publishers: AtomicUsize,
     mounts: Vec<Tmpfs>,
+    show: Vec<String>,
     dir: Option<tempfile::TempDir>,
 }
 
@@ -512,6 +522,16 @@ impl Drop for Site {
                     self.name,
                     b.port,
                     tail(&b.log_path(), 40)
+                );
+            }
+        }
+        for file in &self.show {
+            let path = self.root.join(file);
+            if path.exists() {
+                eprintln!(
+                    "===== site {}: {file} =====\n{}",
+                    self.name,
+                    tail(&path, 40)
                 );
             }
         }
