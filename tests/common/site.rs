@@ -75,6 +75,7 @@ pub struct SiteBuilder {
     device: BrokerSpec,
     district: BrokerSpec,
     collector: bool,
+    collector_port: Option<u16>,
     collector_credentials: Option<(String, String)>,
     seed: bool,
     config: Config,
@@ -104,6 +105,7 @@ impl Site {
             device: BrokerSpec::plain(),
             district: BrokerSpec::plain(),
             collector: true,
+            collector_port: None,
             collector_credentials: None,
             seed: true,
             config,
@@ -187,6 +189,13 @@ impl SiteBuilder {
         self
     }
 
+    /// The collector connects to the district broker's other listener on `port` (a plain one
+    /// beside the TLS listener the gateway uses).
+    pub fn collector_port(mut self, port: u16) -> SiteBuilder {
+        self.collector_port = Some(port);
+        self
+    }
+
     /// The collector logs in to the district broker as `user`.
     pub fn collector_credentials(mut self, user: &str, password: &str) -> SiteBuilder {
         self.collector_credentials = Some((user.to_string(), password.to_string()));
@@ -257,11 +266,10 @@ impl SiteBuilder {
         let district = broker(&self.district, "district-broker", self.district_port);
         let upstream = self.collector.then(|| {
             let id = format!("collector-{}", self.name);
+            let port = self.collector_port.unwrap_or(self.district_port);
             match &self.collector_credentials {
-                Some((user, pw)) => {
-                    Upstream::start_with_credentials(self.district_port, &id, user, pw)
-                }
-                None => Upstream::start(self.district_port, &id),
+                Some((user, pw)) => Upstream::start_with_credentials(port, &id, user, pw),
+                None => Upstream::start(port, &id),
             }
         });
         let c = &self.config;
