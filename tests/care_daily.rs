@@ -54,14 +54,6 @@ fn resident(alias: &str, subject: Option<&str>, pseudonym: Option<&str>) -> Care
     }
 }
 
-/// Waits until the daemon's store clock holds a forward step of the wall clock (it is behind
-/// the wall by more than `ms`): only then can a device's event vouch for the step.
-fn wait_step_held(site: &Site, ms: i64) {
-    site.wait_for_status("the forward step of the clock seen and held", |s| {
-        s["clock_offset_ms"].as_i64().is_some_and(|off| off < -ms)
-    });
-}
-
 #[test]
 fn a_resident_goes_silent_and_is_seen_again_across_a_restart() {
     let mut site = Site::build("care")
@@ -116,7 +108,7 @@ fn a_resident_goes_silent_and_is_seen_again_across_a_restart() {
 
     // Three minutes later (the clock stepped, a device's event vouching for it): both silent.
     site.set_clock("+180");
-    wait_step_held(&site, 170_000);
+    site.wait_step_held(170_000);
     p.send(
         "zhian/access/door-9",
         access("c-2", now_ms() + 180_000, "card:SOMEONE"),
@@ -257,7 +249,7 @@ fn daily_distinct_counts_match_a_model_with_duplicates_and_a_late_event() {
     // Past midnight (a device on the new day vouches for the step): the day is issued.
     let offset2 = midnight + 20 - real_s;
     site.set_clock(&format!("+{offset2}"));
-    wait_step_held(&site, 100_000);
+    site.wait_step_held(100_000);
     p.send(
         "zhian/access/door-0",
         access("next-1", now_ms() + offset2 * 1000, "card:NEXT"),

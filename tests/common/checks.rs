@@ -91,4 +91,14 @@ impl Site {
                 .join("\n")
         );
     }
+
+    /// Waits until the first gateway's store clock holds a forward step of its wall clock (the
+    /// store is behind the wall by more than `ms`; needs the status page): only then can a
+    /// device's event vouch for the step (an event that arrives before the daemon saw the
+    /// step is no evidence either way).
+    pub fn wait_step_held(&self, ms: i64) {
+        self.wait_for_status("the forward step of the clock seen and held", |s| {
+            s["clock_offset_ms"].as_i64().is_some_and(|off| off < -ms)
+        });
+    }
 }
