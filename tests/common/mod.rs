@@ -7,7 +7,7 @@
 //!
 //! One file per job:
 //! - `site.rs`: a whole site (brokers, collector, the daemon) in one scratch dir, built the way
-//!   a test asks for it; `gateway.rs`: one gateway (typed config, log, process); `checks.rs`:
+//!   a test asks for it (`builder.rs`); `gateway.rs`: one gateway (typed config, log, process); `checks.rs`:
 //!   what a site's tests check upstream;
 //! - `config.rs`: the test config and its constants;
 //! - `broker.rs`: a real mosquitto; `collector.rs`: what arrives upstream, summaries parsed;
@@ -22,6 +22,7 @@
 #![allow(dead_code, unused_imports)]
 
 pub mod broker;
+pub mod builder;
 pub mod checks;
 pub mod collector;
 pub mod config;
@@ -38,6 +39,7 @@ pub mod util;
 pub mod wait;
 
 pub use broker::*;
+pub use builder::*;
 pub use collector::*;
 pub use config::*;
 pub use daemon::*;
