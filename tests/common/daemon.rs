@@ -31,11 +31,15 @@ pub fn gateway_bin() -> std::ffi::OsString {
 
 fn gateway_command() -> Command {
     let mut cmd = Command::new(gateway_bin());
-    // Configuration must come from the file only: drop any ZHIAN_* overrides of the caller.
+    // Configuration must come from the file only: drop any ZHIAN_* overrides of the caller,
+    // and any systemd notification socket of the test runner's own service.
     for (key, _) in std::env::vars_os() {
         if key.to_string_lossy().starts_with("ZHIAN_") {
             cmd.env_remove(key);
         }
+    }
+    for key in ["NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"] {
+        cmd.env_remove(key);
     }
     cmd.env("RUST_LOG", "info,zhian_gateway=debug")
         .env("RUST_BACKTRACE", "1")
@@ -55,6 +59,17 @@ impl Daemon {
 
     /// As [`Daemon::start`], with extra environment variables (LD_PRELOAD of libfaketime, say).
     pub fn start_with_env(config: &Path, log: &Path, env: &[(&str, &str)]) -> Daemon {
+        let args = [
+            OsStr::new("run"),
+            OsStr::new("--config"),
+            config.as_os_str(),
+        ];
+        Daemon::start_args(&args, log, env)
+    }
+
+    /// `zhian-gateway <args>` as a long-running process (`run`, `demo`), stdout and stderr
+    /// appended to `log`, with `env` besides the harness's.
+    pub fn start_args(args: &[&OsStr], log: &Path, env: &[(&str, &str)]) -> Daemon {
         let mut out = OpenOptions::new()
             .create(true)
             .append(true)
@@ -68,13 +83,11 @@ impl Daemon {
         .expect("write daemon log");
         let child = gateway_command()
             .envs(env.iter().copied())
-            .arg("run")
-            .arg("--config")
-            .arg(config)
+            .args(args)
             .stdout(out.try_clone().expect("clone file handle"))
             .stderr(out)
             .spawn()
-            .expect("spawn zhian-gateway run");
+            .unwrap_or_else(|e| panic!("spawn zhian-gateway {args:?}: {e}"));
         Daemon { child }
     }
 
