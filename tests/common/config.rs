@@ -36,8 +36,6 @@ pub const WINDOW_MS: i64 = 2_000;
 pub const GRACE_MS: i64 = 1_000;
 /// `mqtt.client_id` in the test config: the daemon's persistent session on the device broker.
 pub const DEVICE_CLIENT_ID: &str = "zhian-test";
-/// The daemon's default device subscription (`mqtt.topics`).
-pub const DEVICE_FILTER: &str = "zhian/+/+";
 /// Strings that only ever occur inside `subject` values the tests send: none may appear upstream.
 pub const SUBJECT_MARKERS: &[&str] = &["SUBJ", "card:", "face:", "plate:", "浙A"];
 
@@ -184,56 +182,4 @@ pub fn write_config(path: &Path, c: &Config) {
 pub fn write_table(path: &Path, table: &toml::Table) {
     let text = toml::to_string(table).expect("the table renders as TOML");
     fs::write(path, text).unwrap_or_else(|e| panic!("write config {}: {e}", path.display()));
-}
-
-/// The test config (see the brief); `upstream_extra` is appended to the `[upstream]` table.
-pub fn config_text(
-    data_dir: &Path,
-    device_port: u16,
-    district_port: u16,
-    upstream_extra: &str,
-) -> String {
-    format!(
-        r#"[gateway]
-id = "{GATEWAY_ID}"
-data_dir = {data_dir}
-district = "富阳区"
-compound = "春江花园"
-
-[mqtt]
-url = "mqtt://127.0.0.1:{device_port}"
-client_id = "{DEVICE_CLIENT_ID}"
-
-[upstream]
-url = "mqtt://127.0.0.1:{district_port}"
-topic_prefix = "zhian/district"
-heartbeat = "1s"
-reconnect_max = "2s"
-{upstream_extra}
-[aggregate]
-window = "2s"
-grace = "1s"
-max_lateness = "1h"
-max_future_skew = "5m"
-
-[status]
-enabled = false
-"#,
-        data_dir = toml_string(&data_dir.to_string_lossy()),
-    )
-}
-
-/// [`config_text`] with the status page on 127.0.0.1:`status_port`.
-pub fn config_with_status(
-    data_dir: &Path,
-    device_port: u16,
-    district_port: u16,
-    status_port: u16,
-) -> String {
-    let base = config_text(data_dir, device_port, district_port, "");
-    assert!(base.contains("[status]\nenabled = false\n"));
-    base.replace(
-        "[status]\nenabled = false\n",
-        &format!("[status]\nenabled = true\nlisten = \"127.0.0.1:{status_port}\"\n"),
-    )
 }

@@ -53,10 +53,6 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    pub fn start(config: &Path, log: &Path) -> Daemon {
-        Self::start_with_env(config, log, &[])
-    }
-
     /// As [`Daemon::start`], with extra environment variables (LD_PRELOAD of libfaketime, say).
     pub fn start_with_env(config: &Path, log: &Path, env: &[(&str, &str)]) -> Daemon {
         let args = [
@@ -198,24 +194,6 @@ pub fn check_config(config: &Path, scratch: &Path) -> CliOutput {
 pub fn api_status(port: u16) -> Option<Value> {
     let r = http(port, "GET", "/api/status", None).ok()?;
     (r.status == 200).then(|| r.json())
-}
-
-/// The daemon under libfaketime, its clock `offset_s` seconds ahead of the real one (the test
-/// rewrites the file to step it).
-pub fn faked_daemon(cfg: &Path, log: &Path, clock_file: &Path, offset_s: i64) -> Daemon {
-    fs::write(clock_file, format!("+{offset_s}\n")).unwrap();
-    let lib = libfaketime();
-    let clock_path = clock_file.display().to_string();
-    Daemon::start_with_env(
-        cfg,
-        log,
-        &[
-            ("LD_PRELOAD", lib.as_str()),
-            ("FAKETIME_TIMESTAMP_FILE", clock_path.as_str()),
-            ("FAKETIME_CACHE_DURATION", "1"),
-            ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
-        ],
-    )
 }
 
 /// `zhian-gateway ARGS` with `input` on stdin (`hash-password`, `care-pseudonym`).

@@ -6,15 +6,16 @@
 //! that polls the event loop.
 //!
 //! One file per job:
-//! - `site.rs`: a whole site (brokers, collector, the daemon) in one scratch dir, built the way
-//!   a test asks for it (`builder.rs`); `gateway.rs`: one gateway (typed config, log, process); `checks.rs`:
-//!   what a site's tests check upstream;
-//! - `config.rs`: the test config and its constants;
-//! - `broker.rs`: a real mosquitto; `collector.rs`: what arrives upstream, summaries parsed;
-//!   `publisher.rs`: a device publisher and a seeded gateway session;
-//! - `daemon.rs`: the gateway binary (the daemon process, one-shot CLI runs, `/api/status`);
-//! - `events.rs`: device events and workloads; `wait.rs`: waiting for conditions;
-//!   `util.rs`: ports, clocks, logs, a deterministic RNG;
+//! - `site.rs`: a whole site (brokers, collector, gateways) in one scratch dir; `builder.rs`:
+//!   what a test asks of it, over a typed `Config`; `gateway.rs`: one gateway (its config file,
+//!   log and process); `checks.rs`: what a site's tests check upstream;
+//! - `config.rs`: the test config, its constants, and writing a `Config` as a file;
+//! - `broker.rs`: a real mosquitto; `collector.rs`: what arrives upstream; `summary.rs`:
+//!   summaries parsed, totals per window and key; `publisher.rs`: a device publisher and a
+//!   seeded gateway session;
+//! - `daemon.rs`: the gateway binary (long-running processes, one-shot CLI runs, `/api/status`);
+//! - `events.rs`: device events and workloads; `wait.rs`: waiting for conditions (a deadline
+//!   only ends a broken test); `util.rs`: ports, clocks, logs, a deterministic RNG, a tmpfs;
 //! - `http.rs`, `pki.rs`, `pg.rs`, `district.rs`: HTTP, test certificates, PostgreSQL and the
 //!   district receiver.
 
@@ -35,6 +36,7 @@ pub mod pg;
 pub mod pki;
 pub mod publisher;
 pub mod site;
+pub mod summary;
 pub mod util;
 pub mod wait;
 
@@ -49,5 +51,6 @@ pub use http::{base64, http, http_from, Reply};
 pub use pki::{make_ca, make_ca_with, make_leaf, make_leaf_with};
 pub use publisher::*;
 pub use site::*;
+pub use summary::*;
 pub use util::*;
 pub use wait::*;

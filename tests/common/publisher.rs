@@ -165,19 +165,10 @@ impl Drop for Publisher {
     }
 }
 
-/// Creates a persistent session `client_id` subscribed to `filter` at QoS 1, then disconnects:
-/// the broker queues every matching message for that session until its owner connects.
-pub fn seed_session(port: u16, client_id: &str, filter: &str) {
-    seed_session_as(port, client_id, &[filter.to_string()], None);
-}
-
-/// As [`seed_session`], for every filter of `filters`, logged in as `creds` (user, password).
-pub fn seed_session_as(
-    port: u16,
-    client_id: &str,
-    filters: &[String],
-    creds: Option<(&str, &str)>,
-) {
+/// Creates a persistent session `client_id` subscribed to every filter of `filters` at QoS 1
+/// (logged in as `creds`, user and password, when given), then disconnects: the broker queues
+/// every matching message for that session until its owner connects.
+pub fn seed_session(port: u16, client_id: &str, filters: &[String], creds: Option<(&str, &str)>) {
     if filters.is_empty() {
         return;
     }

@@ -105,7 +105,7 @@ impl Site {
             let filters = zhian_gateway::core::mapping::subscriptions(&c.mqtt.topics, &c.sources());
             let creds = c.mqtt.username.as_deref().zip(c.mqtt.password.as_ref());
             let creds = creds.map(|(u, p)| (u, p.0.as_str()));
-            seed_session_as(device.port, &c.mqtt_client_id(), &filters, creds);
+            seed_session(device.port, &c.mqtt_client_id(), &filters, creds);
         }
     }
 

@@ -59,11 +59,6 @@ pub fn tail(path: &Path, n: usize) -> String {
     }
 }
 
-/// Quotes a string for TOML (a JSON string is a valid TOML basic string).
-pub fn toml_string(s: &str) -> String {
-    serde_json::to_string(s).expect("string to JSON")
-}
-
 /// Human-readable difference between an expected and an actual map.
 pub fn map_diff<K: Ord + Debug, V: PartialEq + Debug>(
     expected: &BTreeMap<K, V>,
