@@ -1,7 +1,7 @@
 //! Under systemd (`Type=notify`): READY=1 once running, WATCHDOG=1 pings from the pipeline's
 //! liveness at half of WATCHDOG_USEC, STOPPING=1 on SIGTERM, exit 0.
 
-mod common;
+use crate::common;
 
 use common::*;
 use std::os::unix::net::UnixDatagram;

@@ -2,7 +2,7 @@
 //! invalid file is logged and the running config kept, a change that needs a restart is logged
 //! as such, and the daemon never stops.
 
-mod common;
+use crate::common;
 
 use common::*;
 use std::fs;

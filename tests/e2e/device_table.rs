@@ -5,7 +5,7 @@
 //! runs (`zhian-gateway devices forget`), or while it is stopped (applied at the next start);
 //! a source changed while the daemon was stopped forgets its devices at start.
 
-mod common;
+use crate::common;
 
 use common::*;
 use std::fs;

@@ -1,7 +1,7 @@
 //! End-to-end tests: the `zhian-gateway` binary between a device broker and a district broker
 //! (both real mosquitto processes), driven only through the external contract.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
@@ -136,7 +136,7 @@ fn malformed_messages(now: i64) -> Vec<(&'static str, String, Vec<u8>)> {
             with("bad-mismatch", "device", json!("door-99")),
         ),
         // An event stamped ahead of the gateway clock is no reject: it counts at receipt
-        // (tests/field_faults.rs, `two_cameras_ahead_...`).
+        // (tests/e2e/field_faults.rs, `two_cameras_ahead_...`).
         (
             "too_late",
             door,

@@ -5,7 +5,7 @@
 //! heartbeats); the district broker is restarted once and one receiver is killed with -9
 //! mid-stream. The database's totals per gateway and window equal what the gateways counted.
 
-mod common;
+use crate::common;
 
 use common::district::DISTRICT_PREFIX as PREFIX;
 use common::district::*;

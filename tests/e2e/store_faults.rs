@@ -5,7 +5,7 @@
 //!
 //! The tmpfs test mounts a filesystem, so it needs root (CI runs as root).
 
-mod common;
+use crate::common;
 
 use common::*;
 use serde_json::Value;

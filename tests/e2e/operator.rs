@@ -3,7 +3,7 @@
 //! cadence (`[health]`), remembered across a restart; log lines journald files at the right
 //! priority, one per state change; `check-config` naming what an installer gets wrong.
 
-mod common;
+use crate::common;
 
 use common::*;
 use std::fs;

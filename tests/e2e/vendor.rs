@@ -4,7 +4,7 @@
 //! `unmapped` with the rule they broke, canonical topics still working, sources applied on
 //! SIGHUP, and no card or plate upstream. Also `zhian-gateway map` on each sample.
 
-mod common;
+use crate::common;
 
 use common::*;
 use serde_json::Value;

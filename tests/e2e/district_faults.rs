@@ -10,7 +10,7 @@
 //! was published, nothing rejected), `/healthz` says `database` while it lasts, one WARN per
 //! outage and one INFO at recovery.
 
-mod common;
+use crate::common;
 
 use common::district::*;
 use common::pg::Postgres;

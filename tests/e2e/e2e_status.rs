@@ -2,7 +2,7 @@
 //! the page rendered by headless Chromium, `/metrics` checked by `promtool`, Basic auth and the
 //! non-loopback rule driven through HTTP and the CLI.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::ffi::OsStr;

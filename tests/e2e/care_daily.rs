@@ -3,7 +3,7 @@
 //! again across a restart; a day's distinct subjects and vehicles against a model, with
 //! duplicates and a late event re-issuing the day; no card or plate upstream.
 
-mod common;
+use crate::common;
 
 use common::*;
 use serde_json::Value;

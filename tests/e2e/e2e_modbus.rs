@@ -3,7 +3,7 @@
 //! that reach the district broker are checked against the peer's own ground truth, across a
 //! kill -9 of the daemon. Needs socat, pymodbus and pyserial: `scripts/test-deps.sh` installs them.
 
-mod common;
+use crate::common;
 
 use std::ffi::OsStr;
 use std::fs::{self, File};

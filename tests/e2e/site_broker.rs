@@ -2,7 +2,7 @@
 //! password and ACL files: a device publishes only on its own topic, reads nobody's events,
 //! and cannot take the gateway's client id; the gateway counts what the devices send.
 
-mod common;
+use crate::common;
 
 use common::*;
 use std::fs;

@@ -4,7 +4,7 @@
 //! naming the link, the reason and the key to change. (A wrong CA and a refused client
 //! certificate: `field_faults.rs`.)
 
-mod common;
+use crate::common;
 
 use common::*;
 use std::fs;

@@ -3,7 +3,7 @@
 //! byte of their subject behind. Driven through the daemon binary, a real mosquitto and
 //! libfaketime.
 
-mod common;
+use crate::common;
 
 use common::*;
 use std::fs;

@@ -2,7 +2,7 @@
 //! with counts from the simulated site (MQTT doors and cameras through the embedded broker, the
 //! Modbus TCP vehicle gate), and SIGTERM stops it cleanly. Uses the demo's fixed ports.
 
-mod common;
+use crate::common;
 
 use common::*;
 use std::ffi::OsStr;

@@ -3,7 +3,7 @@
 //! controller that misreads a counter once (a scripted Modbus TCP peer answering each read from
 //! a list).
 
-mod common;
+use crate::common;
 
 use common::*;
 use serde_json::Value;

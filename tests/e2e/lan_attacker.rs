@@ -5,7 +5,7 @@
 //! Real daemon processes, a real mosquitto, the embedded broker, raw HTTP from several
 //! loopback addresses.
 
-mod common;
+use crate::common;
 
 use common::*;
 use std::fs;
