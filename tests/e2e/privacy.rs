@@ -152,7 +152,9 @@ fn pseudonyms_cannot_be_reversed_from_the_data_dir_and_die_with_their_day() {
         "yesterday's key destroyed; log:\n{}",
         tail(&log, 30)
     );
-    assert!(log_text(&log).contains("pseudonym key destroyed"));
+    // The key file goes a moment before the line saying so is written.
+    assert!(wait_until(Duration::from_secs(10), || log_text(&log)
+        .contains("pseudonym key destroyed")));
     assert!(wait_until(Duration::from_secs(30), || up
         .totals()
         .values()
@@ -242,7 +244,9 @@ fn raw_events_past_retention_leave_no_readable_byte_of_their_subject() {
         "the sealing key of the expired day is destroyed; log:\n{}",
         tail(&log, 20)
     );
-    assert!(log_text(&log).contains("sealing key destroyed"));
+    // The key file goes a moment before the line saying so is written.
+    assert!(wait_until(Duration::from_secs(10), || log_text(&log)
+        .contains("sealing key destroyed")));
     let (status, _) = site.term_daemon();
     assert!(status.success());
     assert!(found(&[&dir, &key_dir], "MARKER-").is_empty());
