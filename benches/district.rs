@@ -9,6 +9,7 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
+use common::district::wait_healthy;
 use common::pg::Postgres;
 use common::*;
 use std::fs;
@@ -18,13 +19,17 @@ use std::time::{Duration, Instant};
 
 const PREFIX: &str = "zhian/district";
 
-fn receiver(dir: &Path, db: &str, port: u16, id: &str) -> Child {
+/// A receiver `id` in the group `bench`; its `/healthz` on the returned port says when it is
+/// subscribed and its database takes writes.
+fn receiver(dir: &Path, db: &str, port: u16, id: &str) -> (Child, u16) {
     let cfg = dir.join(format!("{id}.toml"));
+    let status = free_port();
     fs::write(
         &cfg,
         format!(
             "[district]\ndatabase_url = \"{db}\"\n[mqtt]\nurl = \"mqtt://127.0.0.1:{port}\"\n\
-             topic_prefix = \"{PREFIX}\"\nclient_id = \"{id}\"\ngroup = \"bench\"\n"
+             topic_prefix = \"{PREFIX}\"\nclient_id = \"{id}\"\ngroup = \"bench\"\n\
+             [status]\nlisten = \"127.0.0.1:{status}\"\n"
         ),
     )
     .unwrap();
@@ -33,14 +38,15 @@ fn receiver(dir: &Path, db: &str, port: u16, id: &str) -> Child {
         .append(true)
         .open(dir.join("receivers.log"))
         .unwrap();
-    Command::new(env!("CARGO_BIN_EXE_zhian-gateway"))
+    let child = Command::new(env!("CARGO_BIN_EXE_zhian-gateway"))
         .args(["district", "--config"])
         .arg(&cfg)
         .env("RUST_LOG", "info")
         .stdout(log.try_clone().unwrap())
         .stderr(log)
         .spawn()
-        .unwrap()
+        .unwrap();
+    (child, status)
 }
 
 fn stop(mut c: Child) {
@@ -96,9 +102,16 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(20_000);
-    let scratch = tempfile::tempdir().unwrap();
-    let pg = Postgres::start(&scratch.path().join("pg"), free_port());
-    let broker = Mosquitto::start(&scratch.path().join("broker"), free_port(), true);
+    // The district side of a site: its broker; PostgreSQL beside it.
+    let site = Site::build("bench-district")
+        .no_device_broker()
+        .persistent_district()
+        .no_collector()
+        .no_gateway()
+        .start();
+    let pg = Postgres::start(&site.root.join("pg"), free_port());
+    let (broker, dir) = (site.district(), site.root.as_path());
+    let rlog = dir.join("receivers.log");
     let url = pg.url();
     // Each reader is connected and subscribed, then frozen (SIGSTOP) while a backlog of n
     // messages builds on the broker, then thawed: the time to drain it is its rate.
@@ -119,7 +132,7 @@ fn main() {
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_secs(1));
+    broker.wait_subscribed("bench-sub", &format!("{PREFIX}/+/#"));
     signal(&sub, libc::SIGSTOP);
     publish(broker.port, n, 1_000_000);
     let t = Instant::now();
@@ -131,14 +144,16 @@ fn main() {
 
     let mut rates = Vec::new();
     for (k, ids) in [(2usize, vec!["r1"]), (3, vec!["r1", "r2"])] {
-        let rs: Vec<Child> = ids
+        let (rs, ports): (Vec<Child>, Vec<u16>) = ids
             .iter()
-            .map(|id| receiver(scratch.path(), &url, broker.port, id))
-            .collect();
+            .map(|id| receiver(dir, &url, broker.port, id))
+            .unzip();
         assert!(wait_until(Duration::from_secs(30), || pg
             .psql("SELECT 1 FROM settings LIMIT 1")
             .is_some()));
-        std::thread::sleep(Duration::from_secs(2));
+        for port in ports {
+            wait_healthy(port, &rlog);
+        }
         let before = windows(&pg);
         for r in &rs {
             signal(r, libc::SIGSTOP);
@@ -152,7 +167,7 @@ fn main() {
             wait_until(Duration::from_secs(600), || windows(&pg) >= before + n),
             "receivers did not drain: {} of {n}; {}",
             windows(&pg) - before,
-            tail(&scratch.path().join("receivers.log"), 20)
+            tail(&rlog, 20)
         );
         let rate = n as f64 / t.elapsed().as_secs_f64();
         eprintln!("{} receiver(s): {rate:.0} msg/s", ids.len());
@@ -176,11 +191,13 @@ fn main() {
     pg.psql("VACUUM ANALYZE");
     let (b0, r0) = (size(&pg), rows(&pg));
     // Both group members: a stopped one's share of the shared subscription waits in its session.
-    let rs: Vec<Child> = ["r1", "r2"]
+    let (rs, ports): (Vec<Child>, Vec<u16>) = ["r1", "r2"]
         .iter()
-        .map(|id| receiver(scratch.path(), &url, broker.port, id))
-        .collect();
-    std::thread::sleep(Duration::from_secs(2));
+        .map(|id| receiver(dir, &url, broker.port, id))
+        .unzip();
+    for port in ports {
+        wait_healthy(port, &rlog);
+    }
     {
         let mut p = Publisher::connect(broker.port, "bench-day");
         for w in 0..1440 {

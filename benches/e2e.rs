@@ -8,13 +8,14 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use common::{free_port, seed_session, Mosquitto, Publisher, Upstream};
+use common::{free_port, Mosquitto, Publisher, Ready, Site};
 use rumqttc::{Client, Event, Incoming, MqttOptions, QoS};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
+use zhian_gateway::config::Dur;
 
 fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -139,28 +140,25 @@ struct GatewayRun {
     commit_avg_us: u64,
 }
 
-/// The daemon between two brokers; time from the first publish until its heartbeat counters
-/// show every message decided (interpolated between heartbeats).
-fn gateway(dir: &Path, work: &[Vec<(String, Vec<u8>)>], n: usize, extra_store: &str) -> GatewayRun {
-    let dev = free_port();
-    let up = free_port();
-    let _device = Mosquitto::start(&dir.join("device-broker"), dev, false);
-    let _district = Mosquitto::start(&dir.join("district-broker"), up, false);
-    let upstream = Upstream::start(up, "bench-collector");
-    seed_session(dev, common::DEVICE_CLIENT_ID, common::DEVICE_FILTER);
-    let mut cfg = common::config_text(&dir.join("data"), dev, up, "");
-    cfg = cfg.replace("window = \"2s\"", "window = \"60s\"");
-    cfg.push_str(&format!("\n[store]\n{extra_store}\n"));
-    let cfg_path = dir.join("gateway.toml");
-    std::fs::write(&cfg_path, cfg).unwrap();
-    let log = dir.join("gateway.log");
-    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_zhian-gateway"));
-    cmd.args(["run", "--config"])
-        .arg(&cfg_path)
-        .env("RUST_LOG", "warn");
-    cmd.stderr(std::fs::File::create(&log).unwrap());
-    let mut child = cmd.spawn().expect("start daemon");
-    let pid = child.id();
+/// The daemon between two brokers (its group commit `batch_max`, `batch_linger`); time from the
+/// first publish until its heartbeat counters show every message decided (interpolated between
+/// heartbeats).
+fn gateway(
+    name: &str,
+    work: &[Vec<(String, Vec<u8>)>],
+    n: usize,
+    (batch_max, linger): (u32, Dur),
+) -> GatewayRun {
+    let site = Site::build(name)
+        .config(|c| {
+            c.aggregate.window = Dur::secs(60);
+            c.store.batch_max = batch_max;
+            c.store.batch_linger = linger;
+        })
+        .env("RUST_LOG", "warn")
+        .ready(Ready::Upstream)
+        .start();
+    let (upstream, log, pid) = (site.upstream(), site.log_path(), site.gw().pid());
     assert!(
         common::wait_until(Duration::from_secs(20), || upstream
             .latest_heartbeat()
@@ -168,6 +166,7 @@ fn gateway(dir: &Path, work: &[Vec<(String, Vec<u8>)>], n: usize, extra_store: &
         "no heartbeat from the daemon; log: {}",
         common::tail(&log, 30)
     );
+    // Idle RSS after half a second of idling: the measurement's baseline, not a wait.
     thread::sleep(Duration::from_millis(500));
     let idle = rss_kib(pid).unwrap_or(0);
     let peak = Arc::new(AtomicU64::new(idle));
@@ -179,12 +178,13 @@ fn gateway(dir: &Path, work: &[Vec<(String, Vec<u8>)>], n: usize, extra_store: &
                 if let Some(r) = rss_kib(pid) {
                     peak.fetch_max(r, Ordering::SeqCst);
                 }
+                // A sample every 50 ms: the sampling is the measurement.
                 thread::sleep(Duration::from_millis(50));
             }
         })
     };
     let start_wall = common::now_ms();
-    let start = publish_all(dev, work, "gw");
+    let start = publish_all(site.device().port, work, "gw");
     let decided = |hb: &serde_json::Value| {
         let c = &hb["counters"];
         c["accepted"].as_u64().unwrap_or(0)
@@ -225,8 +225,7 @@ fn gateway(dir: &Path, work: &[Vec<(String, Vec<u8>)>], n: usize, extra_store: &
     let secs = ((done_ms - start_wall as f64) / 1000.0).max(0.001);
     let commits = last["counters"]["commits"].as_u64().unwrap_or(0);
     let commit_avg_us = last["counters"]["commit_avg_us"].as_u64().unwrap_or(0);
-    let _ = child.kill();
-    let _ = child.wait();
+    site.kill9_daemon();
     GatewayRun {
         rate: n as f64 / secs,
         idle_rss_kib: idle,
@@ -256,39 +255,28 @@ fn main() {
     let runs = [
         (
             "batch_max 2048, linger 1.8s (default)",
-            "batch_max = 2048\nbatch_linger = \"1800ms\"",
+            (2048, Dur::millis(1800)),
         ),
         (
             "batch_max 2048, linger 2ms (before issue 8)",
-            "batch_max = 2048\nbatch_linger = \"2ms\"",
+            (2048, Dur::millis(2)),
         ),
-        (
-            "batch_max 2048, linger 0ms",
-            "batch_max = 2048\nbatch_linger = \"0ms\"",
-        ),
-        (
-            "batch_max 256,  linger 2ms",
-            "batch_max = 256\nbatch_linger = \"2ms\"",
-        ),
+        ("batch_max 2048, linger 0ms", (2048, Dur::millis(0))),
+        ("batch_max 256,  linger 2ms", (256, Dur::millis(2))),
         (
             "batch_max 1,    linger 0ms (no group commit)",
-            "batch_max = 1\nbatch_linger = \"0ms\"",
+            (1, Dur::millis(0)),
         ),
     ];
     for (i, (label, store)) in runs.iter().enumerate() {
         // Without group commit a full run takes minutes: a tenth of the workload is enough.
-        let (n_run, work_run) = if store.contains("batch_max = 1\n") {
+        let (n_run, work_run) = if store.0 == 1 {
             let m = n / 10;
             (m, workload(m, publishers))
         } else {
             (n, work.clone())
         };
-        let r = gateway(
-            &root.path().join(format!("gw-{i}")),
-            &work_run,
-            n_run,
-            store,
-        );
+        let r = gateway(&format!("bench-gw-{i}"), &work_run, n_run, *store);
         println!(
             "gateway   {label:<44} {:>9.0} msg/s = {:.2} x baseline; {} commits ({:.0} msg/commit, {:.1} ms avg); RSS idle {:.1} MiB, peak {:.1} MiB",
             r.rate,

@@ -23,14 +23,15 @@
 mod common;
 
 use common::http::http;
-use common::{free_port, seed_session, Mosquitto, Publisher};
+use common::{free_port, Mosquitto, Publisher, Ready, Site, SiteBuilder};
 use rumqttc::{Client, Event, Incoming, MqttOptions, QoS};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
+use zhian_gateway::config::{ByteSize, Config, Dur};
 
 fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -207,92 +208,38 @@ fn null_subscriber(dir: &Path, work: &[Vec<(String, Vec<u8>)>], n: usize) -> (f6
 }
 
 /// The release daemon with its status page, between a site and a district broker.
-struct Gateway {
-    child: Child,
-    status: u16,
-    site: Mosquitto,
-    /// Kept running for the daemon's upstream link.
-    _district: Mosquitto,
-}
-
-fn gateway_config(dir: &Path, site: u16, district: u16, status: u16) -> String {
-    common::config_with_status(&dir.join("data"), site, district, status)
-        .replace("window = \"2s\"", "window = \"60s\"")
-        .replace("heartbeat = \"1s\"", "heartbeat = \"60s\"")
-}
-
-impl Gateway {
-    fn start(dir: &Path) -> Gateway {
-        let (site_port, district_port, status) = (free_port(), free_port(), free_port());
-        let site = Mosquitto::start(&dir.join("site"), site_port, false);
-        let district = Mosquitto::start(&dir.join("district"), district_port, false);
-        seed_session(site_port, common::DEVICE_CLIENT_ID, common::DEVICE_FILTER);
-        let cfg = dir.join("gateway.toml");
-        std::fs::write(&cfg, gateway_config(dir, site_port, district_port, status)).unwrap();
-        let child = spawn_daemon(&cfg, &dir.join("daemon.log"));
-        let g = Gateway {
-            child,
-            status,
-            site,
-            _district: district,
-        };
-        g.wait_healthy(Duration::from_secs(60));
-        g
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    fn wait_healthy(&self, timeout: Duration) -> bool {
-        common::wait_until(timeout, || {
-            http(self.status, "GET", "/healthz", None).is_ok_and(|r| r.status == 200)
+/// A site for the suite: both brokers (no collector), the daemon with its status page, 60 s
+/// windows and a heartbeat a minute, logging at WARN; `edit` changes its config.
+fn bench_site(name: &str, edit: impl FnOnce(&mut Config)) -> SiteBuilder {
+    Site::build(name)
+        .no_collector()
+        .status()
+        .config(|c| {
+            c.aggregate.window = Dur::secs(60);
+            c.upstream.heartbeat = Dur::secs(60);
+            edit(c);
         })
-    }
-
-    /// accepted + duplicate + rejected, from /metrics.
-    fn decided(&self) -> u64 {
-        let Ok(r) = http(self.status, "GET", "/metrics", None) else {
-            return 0;
-        };
-        r.text()
-            .lines()
-            .filter(|l| l.starts_with("zhian_events_total{"))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum::<f64>() as u64
-    }
-
-    fn metric(&self, name: &str) -> Option<f64> {
-        let r = http(self.status, "GET", "/metrics", None).ok()?;
-        r.text()
-            .lines()
-            .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-    }
-}
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn unsafe_sigterm(pid: u32) {
-    let _ = Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status();
-}
-
-fn spawn_daemon(cfg: &Path, log: &Path) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_zhian-gateway"))
-        .args(["run", "--config"])
-        .arg(cfg)
         .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(log).unwrap())
-        .spawn()
-        .expect("start daemon")
+}
+
+/// accepted + duplicate + rejected, from /metrics.
+fn decided(status: u16) -> u64 {
+    let Ok(r) = http(status, "GET", "/metrics", None) else {
+        return 0;
+    };
+    r.text()
+        .lines()
+        .filter(|l| l.starts_with("zhian_events_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+fn metric(status: u16, name: &str) -> Option<f64> {
+    let r = http(status, "GET", "/metrics", None).ok()?;
+    r.text()
+        .lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
 }
 
 struct Ingest {
@@ -306,23 +253,24 @@ struct Ingest {
 }
 
 /// The daemon through one workload: from the first publish until /metrics shows every message
-/// decided (polled every 20 ms).
-fn ingest(dir: &Path, work: &[Vec<(String, Vec<u8>)>], n: usize) -> Ingest {
-    let g = Gateway::start(dir);
+/// decided (polled every 100 ms).
+fn ingest(name: &str, work: &[Vec<(String, Vec<u8>)>], n: usize) -> Ingest {
+    let site = bench_site(name, |_| {}).ready(Ready::Healthz).start();
+    // Idle RSS after half a second of idling: the measurement's baseline, not a wait.
     thread::sleep(Duration::from_millis(500));
-    let pid = g.pid();
+    let (pid, status) = (site.gw().pid(), site.status_port());
     let idle = rss_kib(pid);
     let sampler = RssSampler::start(pid);
-    let bpid = g.site.pid().expect("site broker pid");
+    let bpid = site.device().pid().expect("site broker pid");
     let (cpu0, bcpu0) = (cpu_secs(pid), cpu_secs(bpid));
     let start = Instant::now();
-    let port = g.site.port;
+    let port = site.device().port;
     let pubs = {
         let work = work.to_vec();
         thread::spawn(move || publish_all(port, &work, "gw"))
     };
     assert!(
-        common::wait_until(Duration::from_secs(600), || g.decided() >= n as u64),
+        common::wait_until(Duration::from_secs(600), || decided(status) >= n as u64),
         "the daemon did not decide every message"
     );
     let secs = start.elapsed().as_secs_f64();
@@ -330,6 +278,7 @@ fn ingest(dir: &Path, work: &[Vec<(String, Vec<u8>)>], n: usize) -> Ingest {
     pubs.join().expect("publishers");
     let peak = sampler.peak();
     drop(sampler);
+    // The steady RSS is measured after 10 s of idling: the figure, not a wait.
     thread::sleep(Duration::from_secs(10));
     Ingest {
         rate: n as f64 / secs,
@@ -344,9 +293,8 @@ fn ingest(dir: &Path, work: &[Vec<(String, Vec<u8>)>], n: usize) -> Ingest {
 
 /// Fill a store with `n` raw events (and their windows), as the daemon with this config would
 /// have, through the library's writer in batches of 10,000.
-fn fill_store(cfg_text: &str, n: usize) {
-    let cfg = zhian_gateway::config::load_str(cfg_text).expect("config");
-    let engine = zhian_gateway::engine_for(&cfg);
+fn fill_store(cfg: &Config, n: usize) {
+    let engine = zhian_gateway::engine_for(cfg);
     let (_s, mut w) =
         zhian_gateway::store::Store::open(&cfg.gateway.data_dir, cfg.privacy.subjects)
             .expect("open store");
@@ -385,46 +333,42 @@ struct Startup {
     file_bytes: u64,
 }
 
-fn startup(dir: &Path, n: usize) -> Startup {
-    let (site_port, district_port, status) = (free_port(), free_port(), free_port());
-    let _site = Mosquitto::start(&dir.join("site"), site_port, false);
-    let _district = Mosquitto::start(&dir.join("district"), district_port, false);
+fn startup(name: &str, n: usize) -> Startup {
     // A week of raw events kept (raw_retention 7 d), dedup keys for the default 24 h.
-    let text = gateway_config(dir, site_port, district_port, status)
-        + "\n[store]\nraw_retention = \"7d\"\nmax_size = \"4GiB\"\n";
-    let cfg = dir.join("gateway.toml");
-    std::fs::write(&cfg, &text).unwrap();
-    fill_store(&text, n);
-    let file_bytes = std::fs::metadata(dir.join("data/zhian.redb"))
+    let site = bench_site(name, |c| {
+        c.store.raw_retention = Dur::secs(7 * 86_400);
+        c.store.max_size = ByteSize(4 << 30);
+    })
+    .unstarted()
+    .start();
+    fill_store(&site.gw().config, n);
+    let file_bytes = std::fs::metadata(site.data_dir().join("zhian.redb"))
         .map(|m| m.len())
         .unwrap_or(0);
+    let status = site.status_port();
     let healthy = || http(status, "GET", "/healthz", None).is_ok_and(|r| r.status == 200);
-    let time_start = |log: &str| -> (Child, f64) {
+    let time_start = || -> f64 {
         let t0 = Instant::now();
-        let child = spawn_daemon(&cfg, &dir.join(log));
+        site.start_daemon();
         // Polled every 5 ms: the figure is in tens of milliseconds.
-        while !healthy() {
-            assert!(
-                t0.elapsed() < Duration::from_secs(300),
-                "daemon did not come up"
-            );
-            thread::sleep(Duration::from_millis(5));
-        }
-        (child, t0.elapsed().as_secs_f64() * 1000.0)
+        assert!(
+            common::wait_every(Duration::from_millis(5), Duration::from_secs(300), healthy),
+            "daemon did not come up"
+        );
+        t0.elapsed().as_secs_f64() * 1000.0
     };
     // A first start after the fill (it may migrate or compact): not measured.
-    let (mut c, _) = time_start("first.log");
-    unsafe_sigterm(c.id());
-    let _ = c.wait();
-    let (mut c, clean_ms) = time_start("clean.log");
+    time_start();
+    site.term_daemon();
+    let clean_ms = time_start();
+    // The RSS with the backlog held, after 2 s of idling: the figure, not a wait.
     thread::sleep(Duration::from_secs(2));
-    let rss = rss_kib(c.id());
-    let anon = anon_kib(c.id());
-    let _ = c.kill(); // SIGKILL: the file is left unclean
-    let _ = c.wait();
-    let (mut c, after_kill_ms) = time_start("killed.log");
-    unsafe_sigterm(c.id());
-    let _ = c.wait();
+    let pid = site.gw().pid();
+    let rss = rss_kib(pid);
+    let anon = anon_kib(pid);
+    site.kill9_daemon(); // SIGKILL: the file is left unclean
+    let after_kill_ms = time_start();
+    site.term_daemon();
     Startup {
         clean_ms,
         after_kill_ms,
@@ -437,16 +381,16 @@ fn startup(dir: &Path, n: usize) -> Startup {
 /// Phase 4: `n` summaries waiting (one event in each of `n` closed 60 s windows), then the
 /// district broker reachable: seconds until the outbox is empty. Baseline: mosquitto_pub -q 1
 /// -l with `n` lines of the same size to the same broker.
-fn drain(dir: &Path, n: usize) -> (f64, f64) {
-    let (site_port, district_port, status) = (free_port(), free_port(), free_port());
-    let _site = Mosquitto::start(&dir.join("site"), site_port, false);
-    let mut district = Mosquitto::start(&dir.join("district"), district_port, false);
-    let text = gateway_config(dir, site_port, district_port, status)
-        .replace("max_lateness = \"1h\"", "max_lateness = \"30d\"")
-        + "\n[store]\nmax_size = \"4GiB\"\n[dedup]\nttl = \"30d\"\n";
-    let cfg_path = dir.join("gateway.toml");
-    std::fs::write(&cfg_path, &text).unwrap();
-    let cfg = zhian_gateway::config::load_str(&text).expect("config");
+fn drain(name: &str, n: usize) -> (f64, f64) {
+    let mut site = bench_site(name, |c| {
+        c.aggregate.max_lateness = Dur::secs(30 * 86_400);
+        c.store.max_size = ByteSize(4 << 30);
+        c.dedup.ttl = Dur::secs(30 * 86_400);
+    })
+    .unstarted()
+    .start();
+    let (district_port, status) = (site.district().port, site.status_port());
+    let cfg = site.gw().config.clone();
     let engine = zhian_gateway::engine_for(&cfg);
     let payload_len;
     {
@@ -531,21 +475,14 @@ fn drain(dir: &Path, n: usize) -> (f64, f64) {
     drop(up);
     // The daemon: start with the district broker stopped so the backlog is all there, then
     // bring the broker back.
-    district.stop();
-    let log = dir.join("drain.log");
-    let mut c = spawn_daemon(&cfg_path, &log);
-    let metric = |name: &str| -> Option<f64> {
-        let r = http(status, "GET", "/metrics", None).ok()?;
-        r.text()
-            .lines()
-            .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-    };
+    site.district_mut().stop();
+    site.start_daemon();
     assert!(common::wait_until(Duration::from_secs(120), || metric(
+        status,
         "zhian_outbox_pending"
     )
     .is_some_and(|p| p >= n as f64)));
-    district.start_again();
+    site.district_mut().start_again();
     let up = common::Upstream::start(district_port, "suite-drain-gw");
     assert!(
         common::wait_until(Duration::from_secs(600), || arrival_rate(&up, "/summary")
@@ -553,22 +490,23 @@ fn drain(dir: &Path, n: usize) -> (f64, f64) {
         "backlog not drained"
     );
     let rate = arrival_rate(&up, "/summary").unwrap();
-    unsafe_sigterm(c.id());
-    let _ = c.wait();
+    site.term_daemon();
     (rate, base)
 }
 
 /// Phase 5: 50 events/s for 30 s: the daemon's CPU as a share of one core.
-fn quiet(dir: &Path) -> f64 {
-    let g = Gateway::start(dir);
-    let pid = g.pid();
-    let mut p = Publisher::connect(g.site.port, "suite-quiet");
+fn quiet(name: &str) -> f64 {
+    let site = bench_site(name, |_| {}).ready(Ready::Healthz).start();
+    let pid = site.gw().pid();
+    let mut p = site.publisher();
+    // CPU is measured from 2 s after the start-up settled: the measurement's baseline.
     thread::sleep(Duration::from_secs(2));
     let cpu0 = cpu_secs(pid);
     let t0 = Instant::now();
     let now = common::now_ms();
     let mut i = 0u64;
     while t0.elapsed() < Duration::from_secs(30) {
+        // The scenario's rate: an event every 20 ms of wall time.
         let due = t0 + Duration::from_millis(i * 20);
         if let Some(wait) = due.checked_duration_since(Instant::now()) {
             thread::sleep(wait);
@@ -585,7 +523,7 @@ fn quiet(dir: &Path) -> f64 {
     }
     let secs = t0.elapsed().as_secs_f64();
     let share = (cpu_secs(pid) - cpu0) / secs;
-    let _ = g.metric("zhian_store_bytes");
+    let _ = metric(site.status_port(), "zhian_store_bytes");
     share
 }
 
@@ -609,15 +547,11 @@ fn main() {
     let want = |p: &str| only.as_deref().is_none_or(|o| o.split(',').any(|x| x == p));
     if !want("ingest") {
         if want("drain") {
-            let d = root.path().join("drain");
-            std::fs::create_dir_all(&d).unwrap();
-            let (r, b) = drain(&d, summaries);
+            let (r, b) = drain("suite-drain", summaries);
             println!("4 drain {summaries} summaries: {r:.0} msg/s vs mosquitto_pub -q 1 -l {b:.0} msg/s ({:.2})", r / b);
         }
         if want("startup") {
-            let d = root.path().join("startup");
-            std::fs::create_dir_all(&d).unwrap();
-            let s = startup(&d, stored);
+            let s = startup("suite-startup", stored);
             println!(
                 "3 start-up: clean {:.0} ms, after kill -9 {:.0} ms, RSS {} KiB",
                 s.clean_ms, s.after_kill_ms, s.rss_kib
@@ -637,7 +571,7 @@ fn main() {
         "1 baseline null subscriber: {base:.0} msg/s, broker {:.2} CPU s/100k",
         base_broker_cpu * 100_000.0 / n as f64
     );
-    let a = ingest(&phase("ingest"), &work, n);
+    let a = ingest("suite-ingest", &work, n);
     println!(
         "1 daemon: {:.0} msg/s ({:.2} of baseline), daemon {:.2} CPU s/100k, broker {:.2} CPU s/100k, RSS idle {} / peak {} / 10 s after {} KiB",
         a.rate,
@@ -649,7 +583,7 @@ fn main() {
         a.after_rss_kib
     );
     let work1k = workload(n, 4, 1000, "b");
-    let b = ingest(&phase("devices1000"), &work1k, n);
+    let b = ingest("suite-devices1000", &work1k, n);
     println!(
         "2 1,000 devices: {:.0} msg/s ({:.2} of baseline), RSS peak {} / 10 s after {} KiB",
         b.rate,
@@ -657,7 +591,7 @@ fn main() {
         b.peak_rss_kib,
         b.after_rss_kib
     );
-    let s = startup(&phase("startup"), stored);
+    let s = startup("suite-startup", stored);
     println!(
         "3 start-up with {stored} stored events ({:.0} MiB file): clean stop {:.0} ms, after kill -9 {:.0} ms, RSS with the backlog {} KiB",
         s.file_bytes as f64 / 1048576.0,
@@ -667,7 +601,7 @@ fn main() {
     );
     // Three runs (a 10,000-message drain takes a fraction of a second): the median ratio.
     let mut drains: Vec<(f64, f64)> = (0..3)
-        .map(|i| drain(&phase(&format!("drain{i}")), summaries))
+        .map(|i| drain(&format!("suite-drain{i}"), summaries))
         .collect();
     drains.sort_by(|a, b| (a.0 / a.1).total_cmp(&(b.0 / b.1)));
     for (r, b) in &drains {
@@ -678,7 +612,7 @@ fn main() {
         "4 drain {summaries} summaries: {drain_rate:.0} msg/s vs mosquitto_pub -q 1 -l {drain_base:.0} msg/s ({:.2})",
         drain_rate / drain_base
     );
-    let q = quiet(&phase("quiet"));
+    let q = quiet("suite-quiet");
     println!("5 quiet hour (50 events/s): {:.2} % of one core", q * 100.0);
 
     println!();

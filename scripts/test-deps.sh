@@ -9,14 +9,14 @@ log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 
 # Debian packages, each checked by the program the tests run (chromium and promtool by the paths
-# tests/e2e_status.rs uses).
+# tests/e2e/e2e_status.rs uses).
 need_apt=()
 command -v socat >/dev/null 2>&1 || need_apt+=(socat)
-# libfaketime: moves the daemon's wall clock for the clock-rule tests (tests/field_faults.rs).
+# libfaketime: moves the daemon's wall clock for the clock-rule tests (tests/e2e/field_faults.rs).
 command -v faketime >/dev/null 2>&1 || need_apt+=(faketime)
 [ -x /usr/bin/chromium ] || need_apt+=(chromium)
 [ -x /usr/bin/promtool ] || need_apt+=(prometheus)
-# PostgreSQL server binaries for the district receiver's tests (tests/district.rs starts its own
+# PostgreSQL server binaries for the district receiver's tests (tests/e2e/district.rs starts its own
 # cluster in a temp dir; policy-rc.d below keeps the package's own cluster from starting).
 ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || need_apt+=(postgresql)
 # A CJK font, so the status page's Chinese renders in headless Chromium (screenshots).

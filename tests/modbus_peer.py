@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Modbus test peer for tests/e2e_modbus.rs: a pymodbus server that moves counters on a schedule
+"""Modbus test peer for tests/e2e/e2e_modbus.rs: a pymodbus server that moves counters on a schedule
 and writes the ground truth to a JSON state file.
 
     python3 tests/modbus_peer.py --mode tcp --port P --plan basic --state STATE [--start-file F]

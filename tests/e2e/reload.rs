@@ -2,41 +2,31 @@
 //! invalid file is logged and the running config kept, a change that needs a restart is logged
 //! as such, and the daemon never stops.
 
-mod common;
+use crate::common;
 
 use common::*;
 use std::fs;
 use std::time::Duration;
+use zhian_gateway::config::Dur;
 
-fn signal(pid: u32, sig: &str) {
-    let ok = std::process::Command::new("kill")
-        .args([&format!("-{sig}"), &pid.to_string()])
-        .status()
-        .expect("run kill")
-        .success();
-    assert!(ok, "kill -{sig} {pid}");
+fn actions(names: &[&str]) -> Vec<String> {
+    names.iter().map(|n| n.to_string()).collect()
 }
 
 #[test]
 fn sighup_reloads_what_can_change_live_and_never_stops() {
-    let scratch = tempfile::tempdir().unwrap();
-    let dir = scratch.path().join("data");
-    let site = Mosquitto::start(&scratch.path().join("site"), free_port(), false);
-    let district = Mosquitto::start(&scratch.path().join("district"), free_port(), false);
-    let up = Upstream::start(district.port, "reload-collector");
-    let cfg = scratch.path().join("gateway.toml");
-    let base = config_text(&dir, site.port, district.port, "");
-    let with_alerts = |actions: &str| format!("{base}\n[alerts]\nactions = [{actions}]\n");
-    fs::write(&cfg, with_alerts("\"fire_lane_blocked\"")).unwrap();
-    let log = scratch.path().join("daemon.log");
-    let mut d = Daemon::start(&cfg, &log);
+    let mut site = Site::build("reload")
+        .config(|c| c.alerts.actions = actions(&["fire_lane_blocked"]))
+        .start();
+    let log = site.log_path();
+    let up = site.upstream();
     assert!(
         wait_until(Duration::from_secs(30), || up.latest_status().as_deref()
             == Some("online")),
         "daemon online; log:\n{}",
         tail(&log, 30)
     );
-    let mut p = Publisher::connect(site.port, "reload-pub");
+    let mut p = site.publisher();
     let camera = |id: &str| Event::new("camera", "cam-1", id, "loitering");
 
     // Not an alert action yet: counted (committed: the heartbeat says so), no alert.
@@ -48,13 +38,19 @@ fn sighup_reloads_what_can_change_live_and_never_stops() {
         .is_some_and(|hb| hb["counters"]["accepted"] == 1)));
 
     // A bare SIGHUP with the file unchanged: nothing happens but a log line.
-    signal(d.pid(), "HUP");
-    std::thread::sleep(Duration::from_millis(500));
-    assert!(d.try_wait().is_none(), "SIGHUP never stops the daemon");
+    site.gw().signal("HUP");
+    eventually("the reload handled", || {
+        log_text(&log).contains("reload: done")
+    });
+    assert!(
+        site.daemon_exited().is_none(),
+        "SIGHUP never stops the daemon"
+    );
 
     // An invalid file: refused, logged with the key, the running config kept.
-    fs::write(&cfg, with_alerts("\"Not Valid\"")).unwrap();
-    signal(d.pid(), "HUP");
+    site.gw_mut()
+        .edit_config(|c| c.alerts.actions = actions(&["Not Valid"]));
+    site.gw().signal("HUP");
     assert!(
         wait_until(Duration::from_secs(10), || {
             let l = String::from_utf8_lossy(&fs::read(&log).unwrap()).into_owned();
@@ -63,16 +59,15 @@ fn sighup_reloads_what_can_change_live_and_never_stops() {
         "the refusal names the key; log:\n{}",
         tail(&log, 30)
     );
-    assert!(d.try_wait().is_none());
+    assert!(site.daemon_exited().is_none());
 
     // A valid file that makes loitering an alert and changes a restart-only key.
-    fs::write(
-        &cfg,
-        with_alerts("\"fire_lane_blocked\", \"loitering\"")
-            .replace("window = \"2s\"", "window = \"4s\""),
-    )
-    .unwrap();
-    signal(d.pid(), "HUP");
+    site.gw_mut().edit_config(|c| {
+        c.alerts.actions = actions(&["fire_lane_blocked", "loitering"]);
+        c.aggregate.window = Dur::secs(4);
+    });
+    let up = site.upstream();
+    site.gw().signal("HUP");
     assert!(
         wait_until(Duration::from_secs(10), || {
             let l = String::from_utf8_lossy(&fs::read(&log).unwrap()).into_owned();
@@ -102,7 +97,7 @@ fn sighup_reloads_what_can_change_live_and_never_stops() {
         up.dump()
     );
     assert!(up.summaries().iter().all(|s| s.secs == 2), "{}", up.dump());
-    let (status, took) = d.term();
+    let (status, took) = site.term_daemon();
     assert!(status.success(), "clean stop after reloads");
     assert!(took < Duration::from_secs(5));
 }

@@ -5,40 +5,35 @@
 //! runs (`zhian-gateway devices forget`), or while it is stopped (applied at the next start);
 //! a source changed while the daemon was stopped forgets its devices at start.
 
-mod common;
+use crate::common;
 
 use common::*;
 use std::fs;
 use std::path::Path;
 use std::time::Duration;
+use zhian_gateway::config::sources::FieldTable;
+use zhian_gateway::config::{FieldCfg, SourceCfg};
 
-fn signal(pid: u32, sig: &str) {
-    let ok = std::process::Command::new("kill")
-        .args([&format!("-{sig}"), &pid.to_string()])
-        .status()
-        .expect("run kill")
-        .success();
-    assert!(ok, "kill -{sig} {pid}");
-}
-
-/// The test config with a plate camera source whose device is `device_rule`.
-fn config(base: &str, device_rule: &str) -> String {
-    format!(
-        r#"{base}
-[health]
-max_devices = 12
-
-[[mqtt.sources]]
-name = "lpr"
-topic = "lpr/+/event"
-kind = "vehicle"
-device = {device_rule}
-id = "/id"
-ts = {{ pointer = "/ts", format = "epoch_ms" }}
-action = "entry"
-subject = "/plate"
-"#
-    )
+/// A plate camera source whose device is `device_rule`.
+fn lpr_source(device_rule: &str) -> SourceCfg {
+    let short = |s: &str| FieldCfg::Short(s.into());
+    SourceCfg {
+        name: Some("lpr".into()),
+        topic: "lpr/+/event".into(),
+        encoding: None,
+        each: None,
+        kind: short("vehicle"),
+        device: short(device_rule),
+        id: short("/id"),
+        ts: FieldCfg::Table(FieldTable {
+            pointer: Some("/ts".into()),
+            format: Some("epoch_ms".into()),
+            ..FieldTable::default()
+        }),
+        action: short("entry"),
+        result: None,
+        subject: Some(short("/plate")),
+    }
 }
 
 fn plate_event(id: &str, plate: &str) -> Vec<u8> {
@@ -73,23 +68,20 @@ fn forgotten(port: u16, why: &str) -> Option<u64> {
 
 #[test]
 fn phantom_devices_never_cost_a_real_door_and_are_forgotten_by_fixing_the_source_or_by_name() {
-    let scratch = tempfile::tempdir().unwrap();
-    let dir = scratch.path().join("data");
-    let site = Mosquitto::start(&scratch.path().join("site"), free_port(), true);
-    let district = Mosquitto::start(&scratch.path().join("district"), free_port(), false);
-    let up = Upstream::start(district.port, "table-collector");
-    let status_port = free_port();
-    let base = config_with_status(&dir, site.port, district.port, status_port);
-    let cfg = scratch.path().join("gateway.toml");
     // The mistake: the plate as the device id.
-    fs::write(&cfg, config(&base, "\"/plate\"")).unwrap();
-    let log = scratch.path().join("daemon.log");
-    let mut d = Daemon::start(&cfg, &log);
-    assert!(wait_until(Duration::from_secs(30), || api_status(
-        status_port
-    )
-    .is_some_and(|s| s["links"]["site"]["connected"] == true)));
-    let mut p = Publisher::connect(site.port, "table-pub");
+    let mut site = Site::build("table")
+        .persistent_device()
+        .status()
+        .config(|c| {
+            c.health.max_devices = 12;
+            c.mqtt.sources = vec![lpr_source("/plate")];
+        })
+        .ready(Ready::SiteLink)
+        .start();
+    let (status_port, log, cfg) = (site.status_port(), site.log_path(), site.config_path());
+    let (dir, scratch) = (site.data_dir(), site.root.clone());
+    let mut p = site.publisher();
+    let up = site.upstream();
     let mut sent = 0u64;
     let door = |id: &str| Event::new("access", "door-1", id, "entry");
     let e = door("d-0");
@@ -137,7 +129,7 @@ fn phantom_devices_never_cost_a_real_door_and_are_forgotten_by_fixing_the_source
     let s = api_status(status_port).unwrap();
     assert_eq!(s["counters"]["rejected"], 0, "{}", s["counters"]);
     // The installer sees where each device came from.
-    let out = devices_cli(&cfg, scratch.path(), &["list"]);
+    let out = devices_cli(&cfg, &scratch, &["list"]);
     assert!(out.status.success(), "{}", out.stderr);
     assert_eq!(out.stdout.lines().count(), 12, "{}", out.stdout);
     assert!(out.stdout.contains("door-1") && out.stdout.contains("canonical topic"));
@@ -153,8 +145,10 @@ fn phantom_devices_never_cost_a_real_door_and_are_forgotten_by_fixing_the_source
     );
 
     // The source is fixed and SIGHUP sent: the phantoms no longer map and go at once.
-    fs::write(&cfg, config(&base, "\"topic[1]\"")).unwrap();
-    signal(d.pid(), "HUP");
+    site.gw_mut()
+        .edit_config(|c| c.mqtt.sources = vec![lpr_source("topic[1]")]);
+    site.gw().signal("HUP");
+    let up = site.upstream();
     assert!(
         wait_until(Duration::from_secs(10), || shown(status_port) == ["door-1"]),
         "{:?}; log:\n{}",
@@ -174,7 +168,7 @@ fn phantom_devices_never_cost_a_real_door_and_are_forgotten_by_fixing_the_source
         == ["door-1", "lpr-1"]));
 
     // The installer forgets a device by pattern while the daemon runs.
-    let out = devices_cli(&cfg, scratch.path(), &["forget", "door-*"]);
+    let out = devices_cli(&cfg, &scratch, &["forget", "door-*"]);
     assert!(out.status.success(), "{}", out.stderr);
     assert!(out.stdout.contains("door-1"), "{}", out.stdout);
     assert!(
@@ -195,7 +189,7 @@ fn phantom_devices_never_cost_a_real_door_and_are_forgotten_by_fixing_the_source
     }
     let page = http(status_port, "GET", "/", None).unwrap().text();
     assert!(page.contains("data-forgotten-unmapped=\"11\""));
-    let out = devices_cli(&cfg, scratch.path(), &["forget", "nothing-*"]);
+    let out = devices_cli(&cfg, &scratch, &["forget", "nothing-*"]);
     assert_eq!(
         out.status.code(),
         Some(1),
@@ -210,12 +204,12 @@ fn phantom_devices_never_cost_a_real_door_and_are_forgotten_by_fixing_the_source
         == sent));
 
     // A request made while the daemon is stopped is applied when it starts.
-    let (st, _) = d.term();
+    let (st, _) = site.term_daemon();
     assert!(st.success());
-    let out = devices_cli(&cfg, scratch.path(), &["forget", "vehicle/lpr-*"]);
+    let out = devices_cli(&cfg, &scratch, &["forget", "vehicle/lpr-*"]);
     assert_eq!(out.status.code(), Some(75), "queued: {}", out.stderr);
     assert!(out.stderr.contains("queued"), "{}", out.stderr);
-    let mut d = Daemon::start(&cfg, &log);
+    site.start_daemon();
     assert!(
         wait_until(Duration::from_secs(30), || forgotten(
             status_port,
@@ -239,10 +233,12 @@ fn phantom_devices_never_cost_a_real_door_and_are_forgotten_by_fixing_the_source
     sent += 1;
     p.wait_all_acked(Duration::from_secs(30));
     assert!(wait_until(Duration::from_secs(10), || shown(status_port) == ["lpr-1"]));
-    let (st, _) = d.term();
+    let (st, _) = site.term_daemon();
     assert!(st.success());
-    fs::write(&cfg, config(&base, "\"/camera\"")).unwrap();
-    let mut d = Daemon::start(&cfg, &log);
+    site.gw_mut()
+        .edit_config(|c| c.mqtt.sources = vec![lpr_source("/camera")]);
+    site.start_daemon();
+    let up = site.upstream();
     assert!(
         wait_until(Duration::from_secs(30), || forgotten(
             status_port,
@@ -257,5 +253,5 @@ fn phantom_devices_never_cost_a_real_door_and_are_forgotten_by_fixing_the_source
         .values()
         .sum::<u64>()
         == sent));
-    d.term();
+    site.term_daemon();
 }

@@ -1,11 +1,10 @@
 //! End-to-end tests: the `zhian-gateway` binary between a device broker and a district broker
 //! (both real mosquitto processes), driven only through the external contract.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
-use std::fs;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
@@ -28,13 +27,13 @@ fn last_close(events: &[Event]) -> i64 {
 
 #[test]
 fn duplicates_counted_once() {
-    let mut site = Site::start("dups", false);
+    let site = Site::build("dups").start();
     let mut rng = Rng::new(0x00D0_0001);
     let mut events = mixed_events(&mut rng, 2_000);
     let plan = plan_with_duplicates(&mut rng, events.len(), 200);
     let mut publisher = site.publisher();
-    // Spread over several windows (a 1 s pause every 550 messages), so the later re-sends often
-    // hit windows that were already summarised.
+    // Spread over several windows (a 1 s pause every 550 messages: the scenario, not a wait),
+    // so the later re-sends often hit windows that were already summarised.
     send_plan(&mut publisher, &mut events, &plan, |k| {
         if k > 0 && k % 550 == 0 {
             thread::sleep(Duration::from_secs(1));
@@ -137,7 +136,7 @@ fn malformed_messages(now: i64) -> Vec<(&'static str, String, Vec<u8>)> {
             with("bad-mismatch", "device", json!("door-99")),
         ),
         // An event stamped ahead of the gateway clock is no reject: it counts at receipt
-        // (tests/field_faults.rs, `two_cameras_ahead_...`).
+        // (tests/e2e/field_faults.rs, `two_cameras_ahead_...`).
         (
             "too_late",
             door,
@@ -148,7 +147,7 @@ fn malformed_messages(now: i64) -> Vec<(&'static str, String, Vec<u8>)> {
 
 #[test]
 fn malformed_inputs_rejected_rest_counted() {
-    let mut site = Site::start("malformed", false);
+    let site = Site::build("malformed").start();
     let mut publisher = site.publisher();
     let malformed = malformed_messages(now_ms());
     let mut bad = malformed.iter();
@@ -216,8 +215,9 @@ fn malformed_inputs_rejected_rest_counted() {
 
 #[test]
 fn late_event_reissues_window() {
-    let mut site = Site::start("late", false);
-    // Start early in a window so all five events land in it well before it closes.
+    let site = Site::build("late").start();
+    // Start early in a window so all five events land in it well before it closes (a sleep
+    // to a wall-clock instant: what it waits for is the clock, not the daemon).
     if now_ms() - window_start(now_ms()) > 500 {
         thread::sleep(until_ms(window_start(now_ms()) + WINDOW_MS + 20));
     }
@@ -238,11 +238,11 @@ fn late_event_reissues_window() {
 
     let close = w + WINDOW_MS + GRACE_MS;
     let got = wait_until(until_ms(close) + Duration::from_secs(15), || {
-        site.upstream.latest_revs().contains_key(&(w, 2))
+        site.upstream().latest_revs().contains_key(&(w, 2))
     });
-    assert!(got, "no summary for window {w}\n{}", site.upstream.dump());
+    assert!(got, "no summary for window {w}\n{}", site.upstream().dump());
     let first: Vec<Summary> = site
-        .upstream
+        .upstream()
         .summaries()
         .into_iter()
         .filter(|s| s.start_ms == w)
@@ -276,7 +276,7 @@ fn late_event_reissues_window() {
     publisher.wait_all_acked(Duration::from_secs(10));
     events.push(late);
     let reissued = wait_until(Duration::from_secs(15), || {
-        site.upstream
+        site.upstream()
             .latest_revs()
             .get(&(w, 2))
             .is_some_and(|s| s.rev >= 1)
@@ -284,9 +284,9 @@ fn late_event_reissues_window() {
     assert!(
         reissued,
         "window {w} not re-issued\n{}",
-        site.upstream.dump()
+        site.upstream().dump()
     );
-    let latest = site.upstream.latest_revs()[&(w, 2)].clone();
+    let latest = site.upstream().latest_revs()[&(w, 2)].clone();
     assert_eq!(latest.rev, 1, "{}", latest.json);
     assert_eq!(
         latest.counts,
@@ -300,7 +300,7 @@ fn late_event_reissues_window() {
 
 #[test]
 fn kill9_mid_stream_no_loss_no_double_count() {
-    let mut site = Site::start("kill9", false);
+    let site = Site::build("kill9").start();
     let mut rng = Rng::new(0x0009_0009);
     let mut events = mixed_events(&mut rng, 18_000);
     let plan = plan_with_duplicates(&mut rng, events.len(), 2_000);
@@ -315,9 +315,9 @@ fn kill9_mid_stream_no_loss_no_double_count() {
     let sender = thread::spawn(move || {
         send_plan(&mut publisher, &mut events, &plan, |k| {
             if k == plan.len() / 2 {
-                while !go_on.load(Ordering::SeqCst) {
-                    thread::sleep(Duration::from_millis(2));
-                }
+                wait_every(Duration::from_millis(2), DEADLINE, || {
+                    go_on.load(Ordering::SeqCst)
+                });
             }
         });
         publisher.wait_all_acked(Duration::from_secs(90));
@@ -325,34 +325,31 @@ fn kill9_mid_stream_no_loss_no_double_count() {
     });
 
     let deadline = Instant::now() + Duration::from_secs(30);
-    while site
-        .upstream
-        .latest_heartbeat()
-        .and_then(|hb| hb_counter(&hb, "accepted"))
-        .unwrap_or(0)
-        == 0
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the daemon committed nothing of the stream's first half"
-        );
-        thread::sleep(Duration::from_millis(2));
-    }
+    let left = || deadline.saturating_duration_since(Instant::now());
+    assert!(
+        wait_every(Duration::from_millis(2), left(), || site
+            .upstream()
+            .latest_heartbeat()
+            .and_then(|hb| hb_counter(&hb, "accepted"))
+            .unwrap_or(0)
+            > 0),
+        "the daemon committed nothing of the stream's first half"
+    );
     committed_some.store(true, Ordering::SeqCst);
     // Then kill while the second half streams in.
-    while acked.load(Ordering::SeqCst) < total * 3 / 4 {
-        assert!(
-            Instant::now() < deadline,
-            "publisher stalled in the second half"
-        );
-        thread::sleep(Duration::from_millis(1));
-    }
+    assert!(
+        wait_every(Duration::from_millis(1), left(), || acked
+            .load(Ordering::SeqCst)
+            >= total * 3 / 4),
+        "publisher stalled in the second half"
+    );
     site.kill9_daemon();
     let at_kill = acked.load(Ordering::SeqCst);
     assert!(
         at_kill < total,
         "the whole stream was acknowledged before the kill: not a mid-stream crash"
     );
+    // The scenario: the daemon stays dead for a second while devices keep publishing.
     thread::sleep(Duration::from_secs(1));
     site.start_daemon();
 
@@ -364,7 +361,7 @@ fn kill9_mid_stream_no_loss_no_double_count() {
     // Counters are since process start: the restarted daemon must have taken over part of the
     // stream, or the crash was not mid-stream.
     let hb = site
-        .upstream
+        .upstream()
         .latest_heartbeat()
         .expect("a heartbeat from the restarted daemon");
     let after_restart = hb_counter(&hb, "received").unwrap_or(0);
@@ -379,7 +376,7 @@ fn kill9_mid_stream_no_loss_no_double_count() {
 
 #[test]
 fn district_outage_every_summary_arrives() {
-    let mut site = Site::start("outage", true);
+    let mut site = Site::build("outage").persistent_district().start();
     let mut publisher = site.publisher();
     let mut rng = Rng::new(0x0007_7A6E);
     let devices = [
@@ -396,12 +393,12 @@ fn district_outage_every_summary_arrives() {
     // About 50 events a second for 20 s; the district broker is down from 3 s to 13 s.
     while started.elapsed() < Duration::from_secs(20) {
         if stopped_at.is_none() && started.elapsed() >= Duration::from_secs(3) {
-            site.district.stop();
+            site.district_mut().stop();
             stopped_at = Some(Instant::now());
         }
         if let Some(at) = stopped_at {
             if !restarted && at.elapsed() >= Duration::from_secs(10) {
-                site.district.start_again();
+                site.district_mut().start_again();
                 restarted = true;
             }
         }
@@ -425,6 +422,7 @@ fn district_outage_every_summary_arrives() {
             events.push(e);
         }
         tick += 1;
+        // The scenario's rate: five events every 100 ms of wall time.
         let next = started + Duration::from_millis(100) * tick;
         thread::sleep(next.saturating_duration_since(Instant::now()));
     }
@@ -439,7 +437,7 @@ fn district_outage_every_summary_arrives() {
 
 #[test]
 fn no_subject_ever_upstream() {
-    let mut site = Site::start("privacy", false);
+    let site = Site::build("privacy").start();
     let mut events = Vec::new();
     for i in 0..10 {
         events.push(
@@ -466,7 +464,7 @@ fn no_subject_ever_upstream() {
     publisher.wait_all_acked(Duration::from_secs(10));
 
     let alerted = wait_until(Duration::from_secs(10), || {
-        site.upstream
+        site.upstream()
             .on("alert")
             .iter()
             .any(|m| m.json()["id"] == alert.id)
@@ -475,10 +473,10 @@ fn no_subject_ever_upstream() {
         alerted,
         "no alert for {}\n{}",
         alert.id,
-        site.upstream.dump()
+        site.upstream().dump()
     );
     let msg = site
-        .upstream
+        .upstream()
         .on("alert")
         .into_iter()
         .find(|m| m.json()["id"] == alert.id)
@@ -503,23 +501,25 @@ fn no_subject_ever_upstream() {
 
 #[test]
 fn bad_config_exits_78() {
-    let dir = tempfile::Builder::new()
-        .prefix("zhian-e2e-config-")
-        .tempdir()
-        .expect("create tempdir");
-    let data = dir.path().join("data");
-    let good = dir.path().join("good.toml");
-    let bad = dir.path().join("bad.toml");
-    fs::write(&good, config_text(&data, free_port(), free_port(), "")).expect("write config");
-    fs::write(
-        &bad,
-        config_text(&data, free_port(), free_port(), "bogus = 1\n"),
-    )
-    .expect("write config");
+    // Nothing runs: a config file and the CLI on it.
+    let site = Site::build("config")
+        .no_device_broker()
+        .no_district_broker()
+        .unstarted()
+        .start();
+    let dir = &site.root;
+    let good = site.config_path();
+    let bad = dir.join("bad.toml");
+    let mut table = config_table(&site.gw().config);
+    table["upstream"]
+        .as_table_mut()
+        .expect("[upstream]")
+        .insert("bogus".into(), 1.into());
+    write_table(&bad, &table);
 
     for command in ["check-config", "run"] {
         let args = [OsStr::new(command), OsStr::new("--config"), bad.as_os_str()];
-        let out = run_cli(&args, dir.path(), Duration::from_secs(15));
+        let out = run_cli(&args, dir, Duration::from_secs(15));
         assert_eq!(
             out.status.code(),
             Some(78),
@@ -534,7 +534,7 @@ fn bad_config_exits_78() {
         );
     }
 
-    let out = check_config(&good, dir.path());
+    let out = check_config(&good, dir);
     assert_eq!(
         out.status.code(),
         Some(0),

@@ -5,7 +5,7 @@
 //! heartbeats); the district broker is restarted once and one receiver is killed with -9
 //! mid-stream. The database's totals per gateway and window equal what the gateways counted.
 
-mod common;
+use crate::common;
 
 use common::district::DISTRICT_PREFIX as PREFIX;
 use common::district::*;
@@ -15,7 +15,7 @@ use rumqttc::{Client, Event as MqttEvent, Incoming, MqttOptions, QoS};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::fs;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -120,20 +120,23 @@ fn expected(seen: &Seen) -> BTreeMap<(String, String), i64> {
 
 #[test]
 fn a_fleet_of_170_gateways_lands_exactly_in_postgresql() {
-    let scratch = tempfile::tempdir().unwrap();
-    let pg = Postgres::start(&scratch.path().join("pg"), free_port());
-    let mut district = Mosquitto::start(&scratch.path().join("district"), free_port(), true);
-    let site = Mosquitto::start(&scratch.path().join("site"), free_port(), true);
-    let (seen, _watcher) = watch_summaries(district.port);
+    // One site broker and the district broker; the gateways come later.
+    let mut site = Site::build("fleet")
+        .persistent_device()
+        .persistent_district()
+        .no_collector()
+        .no_gateway()
+        .start();
+    let pg = Postgres::start(&site.root.join("pg"), free_port());
+    let scratch = site.root.clone();
+    let district_port = site.district().port;
+    let (seen, _watcher) = watch_summaries(district_port);
 
     // Two receivers sharing the subscription.
-    let rlog = scratch.path().join("receivers.log");
-    let (c1, c2) = (
-        scratch.path().join("r1.toml"),
-        scratch.path().join("r2.toml"),
-    );
-    let h1 = receiver_config(&c1, &pg.url(), district.port, "zhian-district-1");
-    let h2 = receiver_config(&c2, &pg.url(), district.port, "zhian-district-2");
+    let rlog = scratch.join("receivers.log");
+    let (c1, c2) = (scratch.join("r1.toml"), scratch.join("r2.toml"));
+    let h1 = receiver_config(&c1, &pg.url(), district_port, "zhian-district-1");
+    let h2 = receiver_config(&c2, &pg.url(), district_port, "zhian-district-2");
     let check = Command::new(env!("CARGO_BIN_EXE_zhian-gateway"))
         .args(["check-config", "--config"])
         .arg(&c1)
@@ -150,41 +153,24 @@ fn a_fleet_of_170_gateways_lands_exactly_in_postgresql() {
     wait_healthy(h1, &rlog);
     wait_healthy(h2, &rlog);
 
-    // 20 real gateways, one site broker, each on its own topic prefix.
-    let mut gateways = Vec::new();
-    let mut dirs = Vec::new();
+    // 20 real gateways, one site broker, each on its own topic prefix (each gateway's device
+    // session is seeded before any device publishes).
     for i in 0..20 {
-        let dir = scratch.path().join(format!("gw{i}"));
-        let cfg = scratch.path().join(format!("gw{i}.toml"));
-        let text = config_text(&dir, site.port, district.port, "")
-            .replace("id = \"test-gw\"", &format!("id = \"fleet-{i:02}\""))
-            .replace(
-                "client_id = \"zhian-test\"",
-                &format!("client_id = \"fleet-{i:02}-dev\"\ntopics = [\"g{i}/+/+\"]"),
-            );
-        assert!(
-            text.contains(&format!("fleet-{i:02}-dev")),
-            "config template changed:\n{text}"
-        );
-        fs::write(&cfg, text).unwrap();
-        // The gateway's device session exists before any device publishes.
-        seed_session(
-            site.port,
-            &format!("fleet-{i:02}-dev"),
-            &format!("g{i}/+/+"),
-        );
-        dirs.push(dir);
-        gateways.push(Daemon::start(
-            &cfg,
-            &scratch.path().join(format!("gw{i}.log")),
-        ));
+        site.add_gateway(&format!("gw{i}"), |c| {
+            c.gateway.id = format!("fleet-{i:02}");
+            c.mqtt.client_id = Some(format!("fleet-{i:02}-dev"));
+            c.mqtt.topics = vec![format!("g{i}/+/+")];
+        });
     }
+    let dirs: Vec<PathBuf> = (0..20)
+        .map(|i| site.gateway(i).data_dir().to_path_buf())
+        .collect();
 
     // Devices: 20 gateways x 40 events over a few windows, with redeliveries (same id).
-    let mut devices = Publisher::connect(site.port, "fleet-devices");
+    let mut devices = Publisher::connect(site.device().port, "fleet-devices");
     let mut sent_per_gateway = BTreeMap::new();
     // The synthetic 150: the publisher's expected totals per (gateway, window).
-    let mut synth = Publisher::connect(district.port, "fleet-synth");
+    let mut synth = Publisher::connect(district_port, "fleet-synth");
     let mut synth_expected: BTreeMap<(String, String), i64> = BTreeMap::new();
     let base = (now_ms() / 60_000 - 30) * 60_000;
     let mut rng = Rng::new(14);
@@ -306,8 +292,9 @@ fn a_fleet_of_170_gateways_lands_exactly_in_postgresql() {
         }
         if round == 2 {
             synth.wait_all_acked(Duration::from_secs(30));
-            district.restart();
+            site.district_mut().restart();
         }
+        // The scenario: rounds 2 s apart, so the gateways' events span several windows.
         std::thread::sleep(Duration::from_secs(2));
     }
     // Foreign and malformed messages: rejected, counted, never stopping anything.
@@ -411,8 +398,8 @@ fn a_fleet_of_170_gateways_lands_exactly_in_postgresql() {
     // A gateway killed with -9 (its will: offline at its epoch), one stopped cleanly (its own
     // offline), then the district broker restarted again: the other 18 come back online at a
     // higher epoch, the two stay offline.
-    gateways[0].kill9();
-    let (stopped, _) = gateways[1].term();
+    site.gateway(0).kill9();
+    let (stopped, _) = site.gateway(1).term();
     assert!(stopped.success());
     let before: BTreeMap<String, (String, i64)> = fleet_state(&pg);
     assert!(
@@ -425,7 +412,7 @@ fn a_fleet_of_170_gateways_lands_exactly_in_postgresql() {
         "offline after kill -9 and a clean stop: {:?}",
         fleet_state(&pg)
     );
-    district.restart();
+    site.district_mut().restart();
     let want_after = |st: &BTreeMap<String, (String, i64)>| {
         (0..20).all(|i| {
             let g = format!("fleet-{i:02}");
@@ -465,8 +452,8 @@ fn a_fleet_of_170_gateways_lands_exactly_in_postgresql() {
             "zhian_district_messages_total{topic_kind=\"summary\",outcome=\"kept\"}"
         ) > 0.0
     );
-    for mut g in gateways.drain(2..) {
-        g.term();
+    for i in 2..20 {
+        site.gateway(i).term();
     }
     drop((r1, r2));
 }
@@ -476,12 +463,18 @@ fn a_fleet_of_170_gateways_lands_exactly_in_postgresql() {
 /// and the broker dropped what queued behind it. Now each is a reject and the next message lands.
 #[test]
 fn poison_messages_are_rejects_not_a_stalled_receiver() {
-    let scratch = tempfile::tempdir().unwrap();
-    let pg = Postgres::start(&scratch.path().join("pg"), free_port());
-    let district = Mosquitto::start(&scratch.path().join("district"), free_port(), true);
-    let cfg = scratch.path().join("r.toml");
+    // The district side alone: its broker, PostgreSQL and a receiver.
+    let site = Site::build("poison")
+        .no_device_broker()
+        .persistent_district()
+        .no_collector()
+        .no_gateway()
+        .start();
+    let pg = Postgres::start(&site.root.join("pg"), free_port());
+    let district = site.district();
+    let cfg = site.root.join("r.toml");
     let hp = receiver_config(&cfg, &pg.url(), district.port, "zhian-district-p");
-    let log = scratch.path().join("r.log");
+    let log = site.root.join("r.log");
     let mut r = start_receiver(&cfg, &log);
     wait_healthy(hp, &log);
     let mut p = Publisher::connect(district.port, "poison-pub");

@@ -5,32 +5,25 @@
 //!
 //! The tmpfs test mounts a filesystem, so it needs root (CI runs as root).
 
-mod common;
+use crate::common;
 
 use common::*;
 use serde_json::Value;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
-use zhian_gateway::config::SubjectMode;
+use std::time::Duration;
+use zhian_gateway::config::{ByteSize, OnDamage, SubjectMode};
 use zhian_gateway::core::engine::Engine;
 use zhian_gateway::core::event::{Event as CoreEvent, Kind};
-use zhian_gateway::core::summary::Site;
 use zhian_gateway::core::window::WindowCfg;
 use zhian_gateway::store::Store;
 
-/// The site config with the status page on `status_port` and `store` lines in `[store]`.
-fn site_config(
-    data_dir: &Path,
-    device_port: u16,
-    district_port: u16,
-    status_port: u16,
-    store: &str,
-) -> String {
-    format!(
-        "{}\n[store]\n{store}\n",
-        config_with_status(data_dir, device_port, district_port, status_port)
-    )
+/// A site of one gateway with its page, and no district: upstream off.
+fn offline_site(name: &str) -> SiteBuilder {
+    Site::build(name)
+        .no_district_broker()
+        .status()
+        .config(|c| c.upstream.enabled = false)
 }
 
 fn grand_total(up: &Upstream) -> u64 {
@@ -52,7 +45,7 @@ fn healthy_store(dir: &Path) -> PathBuf {
         },
         dedup_ttl_ms: 3_600_000,
         gateway: GATEWAY_ID.into(),
-        site: Site::default(),
+        site: zhian_gateway::core::summary::Site::default(),
         alert_actions: vec![],
         max_summary_bytes: usize::MAX,
     };
@@ -157,22 +150,18 @@ fn damaged_store_is_refused_with_74_or_quarantined_never_a_panic() {
     let good_file = healthy_store(&good);
     for (i, (name, damage, surely)) in damages().into_iter().enumerate() {
         // refuse: exit 74, one line naming the file, the file left where it is.
-        let dir = scratch.path().join(format!("refuse-{i}"));
+        let site = offline_site(&format!("refuse-{i}"))
+            .no_device_broker()
+            .config(|c| c.store.on_damage = OnDamage::Refuse)
+            .unstarted()
+            .start();
+        let dir = site.data_dir();
         fs::create_dir_all(&dir).unwrap();
         let file = dir.join("zhian.redb");
         fs::copy(&good_file, &file).unwrap();
         damage(&file);
         let damaged_bytes = fs::read(&file).unwrap();
-        let cfg = dir.join("gateway.toml");
-        let text = site_config(
-            &dir,
-            free_port(),
-            free_port(),
-            free_port(),
-            "on_damage = \"refuse\"",
-        )
-        .replace("[upstream]\n", "[upstream]\nenabled = false\n");
-        fs::write(&cfg, text).unwrap();
+        let cfg = site.config_path();
         let args = ["run".as_ref(), "--config".as_ref(), cfg.as_os_str()];
         if surely {
             let out = run_cli(&args, scratch.path(), Duration::from_secs(60));
@@ -196,18 +185,17 @@ fn damaged_store_is_refused_with_74_or_quarantined_never_a_panic() {
         }
 
         // quarantine (the default): moved aside, fresh store, shown on the page; no panic.
-        let dir = scratch.path().join(format!("quarantine-{i}"));
+        let site = offline_site(&format!("quarantine-{i}"))
+            .no_device_broker()
+            .unstarted()
+            .start();
+        let dir = site.data_dir();
         fs::create_dir_all(&dir).unwrap();
         let file = dir.join("zhian.redb");
         fs::copy(&good_file, &file).unwrap();
         damage(&file);
-        let status_port = free_port();
-        let cfg = dir.join("gateway.toml");
-        let text = site_config(&dir, free_port(), free_port(), status_port, "")
-            .replace("[upstream]\n", "[upstream]\nenabled = false\n");
-        fs::write(&cfg, text).unwrap();
-        let log = dir.join("daemon.log");
-        let mut d = Daemon::start(&cfg, &log);
+        let (status_port, log) = (site.status_port(), site.log_path());
+        site.start_daemon();
         let mut status = None;
         assert!(
             wait_until(Duration::from_secs(60), || {
@@ -217,7 +205,7 @@ fn damaged_store_is_refused_with_74_or_quarantined_never_a_panic() {
             "{name}: the daemon serves its page; log:\n{}",
             tail(&log, 40)
         );
-        assert!(d.try_wait().is_none(), "{name}: still running");
+        assert!(site.daemon_exited().is_none(), "{name}: still running");
         let status = status.unwrap();
         let moved = quarantined_files(&dir);
         if surely {
@@ -236,7 +224,7 @@ fn damaged_store_is_refused_with_74_or_quarantined_never_a_panic() {
             assert!(log_text(&log).contains("ERROR"), "{name}: logged at ERROR");
             assert!(file.exists(), "{name}: a fresh store took its place");
         }
-        let (code, _) = d.term();
+        let (code, _) = site.term_daemon();
         assert!(code.success(), "{name}: clean stop");
         assert!(
             !log_text(&log).contains("panicked"),
@@ -244,13 +232,10 @@ fn damaged_store_is_refused_with_74_or_quarantined_never_a_panic() {
             tail(&log, 40)
         );
         // A restart does not crash-loop and does not move the fresh store.
-        let mut d = Daemon::start(&cfg, &log);
-        assert!(wait_until(Duration::from_secs(60), || api_status(
-            status_port
-        )
-        .is_some()));
+        site.start_daemon();
+        site.wait_ready(Ready::Status);
         assert_eq!(quarantined_files(&dir), moved, "{name}: nothing more moved");
-        d.term();
+        site.term_daemon();
         // inspect reads the data dir (listing the quarantined file) and tries the moved file
         // without a panic and without changing it.
         let out = run_cli(
@@ -296,28 +281,16 @@ fn damaged_store_is_refused_with_74_or_quarantined_never_a_panic() {
 
 #[test]
 fn inspect_reads_the_store_after_kill9_without_changing_it() {
-    let scratch = tempfile::tempdir().unwrap();
-    let dir = scratch.path().join("data");
-    let site = Mosquitto::start(&scratch.path().join("site"), free_port(), false);
-    let status_port = free_port();
-    let cfg = scratch.path().join("gateway.toml");
-    let text = site_config(&dir, site.port, free_port(), status_port, "")
-        .replace("[upstream]\n", "[upstream]\nenabled = false\n");
-    fs::write(&cfg, text).unwrap();
-    let log = scratch.path().join("daemon.log");
-    let mut d = Daemon::start(&cfg, &log);
-    assert!(wait_until(Duration::from_secs(30), || api_status(
-        status_port
-    )
-    .is_some()));
-    let mut p = Publisher::connect(site.port, "kill9-pub");
+    let site = offline_site("inspect-kill9").start();
+    let (dir, scratch) = (site.data_dir(), site.root.clone());
+    let mut p = site.publisher();
     for i in 0..500 {
         let e = Event::new("access", "door-1", &format!("k9-{i}"), "entry");
         p.send(&e.topic(), e.payload());
     }
     p.wait_all_acked(Duration::from_secs(60));
     // Acknowledged means committed: all 500 are on disk when the process dies.
-    d.kill9();
+    site.kill9_daemon();
     let file = dir.join("zhian.redb");
     let before = fs::read(&file).unwrap();
     let out = run_cli(
@@ -327,7 +300,7 @@ fn inspect_reads_the_store_after_kill9_without_changing_it() {
             "--data-dir".as_ref(),
             dir.as_os_str(),
         ],
-        scratch.path(),
+        &scratch,
         Duration::from_secs(60),
     );
     assert!(
@@ -362,32 +335,17 @@ fn fill(dir: &Path) {
 
 #[test]
 fn full_disk_pauses_intake_and_resumes_by_itself_with_exact_counts() {
-    let scratch = tempfile::tempdir().unwrap();
-    let mnt = Tmpfs::mount(&scratch.path().join("mnt"), "24m");
-    let dir = mnt.0.join("data");
-    let site = Mosquitto::start(&scratch.path().join("site"), free_port(), false);
-    let district = Mosquitto::start(&scratch.path().join("district"), free_port(), false);
-    let up = Upstream::start(district.port, "full-disk-collector");
-    let status_port = free_port();
-    let cfg = scratch.path().join("gateway.toml");
-    fs::write(
-        &cfg,
-        site_config(
-            &dir,
-            site.port,
-            district.port,
-            status_port,
-            "max_size = \"16MiB\"",
-        ),
-    )
-    .unwrap();
-    let log = scratch.path().join("daemon.log");
-    let mut d = Daemon::start(&cfg, &log);
-    assert!(wait_until(Duration::from_secs(30), || api_status(
-        status_port
-    )
-    .is_some()));
-    let mut p = Publisher::connect(site.port, "full-disk-pub");
+    let site = Site::build("full-disk").tmpfs("mnt", "24m");
+    let mnt = site.root().join("mnt");
+    let site = site
+        .status()
+        .config(|c| {
+            c.gateway.data_dir = mnt.join("data");
+            c.store.max_size = ByteSize(16 << 20);
+        })
+        .start();
+    let (up, status_port, log) = (site.upstream(), site.status_port(), site.log_path());
+    let mut p = site.publisher();
     let mut sent = 0usize;
     let mut send = |p: &mut Publisher, n: usize| {
         for _ in 0..n {
@@ -404,19 +362,21 @@ fn full_disk_pauses_intake_and_resumes_by_itself_with_exact_counts() {
     send(&mut p, 200);
     p.wait_all_acked(Duration::from_secs(60));
 
-    // The disk fills: intake pauses, nothing is acknowledged, the daemon stays up.
-    fill(&mnt.0);
+    // The disk fills: intake pauses, nothing is acknowledged, the daemon stays up. Events go
+    // on arriving, 200 every 300 ms, until it does.
+    fill(&mnt);
     let paused = |port: u16| api_status(port).is_some_and(|s| s["intake"]["paused"] == true);
-    let started = Instant::now();
-    while !paused(status_port) {
-        assert!(
-            started.elapsed() < Duration::from_secs(120),
-            "intake never paused on a full disk after {sent} events; log:\n{}",
-            tail(&log, 40)
-        );
-        send(&mut p, 200);
-        std::thread::sleep(Duration::from_millis(300));
-    }
+    let did_pause = wait_every(Duration::from_millis(300), Duration::from_secs(120), || {
+        paused(status_port) || {
+            send(&mut p, 200);
+            false
+        }
+    });
+    assert!(
+        did_pause,
+        "intake never paused on a full disk after {sent} events; log:\n{}",
+        tail(&log, 40)
+    );
     let s = api_status(status_port).unwrap();
     assert_eq!(s["intake"]["reason"], "disk_full", "{s}");
     let health = http(status_port, "GET", "/healthz", None).unwrap();
@@ -432,10 +392,13 @@ fn full_disk_pauses_intake_and_resumes_by_itself_with_exact_counts() {
         page.contains("data-intake-paused=\"disk_full\""),
         "the page says so"
     );
-    assert!(d.try_wait().is_none(), "a full disk never kills the daemon");
+    assert!(
+        site.daemon_exited().is_none(),
+        "a full disk never kills the daemon"
+    );
 
     // Space returns: intake resumes by itself.
-    fs::remove_file(mnt.0.join("filler")).unwrap();
+    fs::remove_file(mnt.join("filler")).unwrap();
     assert!(
         wait_until(Duration::from_secs(60), || !paused(status_port)),
         "intake resumed; log:\n{}",
@@ -445,22 +408,23 @@ fn full_disk_pauses_intake_and_resumes_by_itself_with_exact_counts() {
     p.wait_all_acked(Duration::from_secs(120));
     let want = sent as u64;
     assert!(
-        wait_until(Duration::from_secs(60), || grand_total(&up) == want),
+        wait_until(Duration::from_secs(60), || grand_total(up) == want),
         "upstream counts {} of {want}; log:\n{}",
-        grand_total(&up),
+        grand_total(up),
         tail(&log, 40)
     );
-    // Nothing counted twice, even after the batch that failed was retried.
+    // Nothing counted twice, even after the batch that failed was retried: the pause is the
+    // check (4 s of windows and re-issues that must not change the total).
     std::thread::sleep(Duration::from_secs(4));
-    assert_eq!(grand_total(&up), want);
+    assert_eq!(grand_total(up), want);
     assert!(
         up.summary_problems().is_empty(),
         "{:?}",
         up.summary_problems()
     );
-    assert!(d.try_wait().is_none(), "the same process all along");
+    assert!(site.daemon_exited().is_none(), "the same process all along");
     assert!(!log_text(&log).contains("panicked"));
-    let (code, _) = d.term();
+    let (code, _) = site.term_daemon();
     assert!(code.success());
 }
 
@@ -485,31 +449,13 @@ fn du(dir: &Path) -> u64 {
 #[test]
 fn bounded_store_stays_within_max_size_under_many_times_its_size_in_events() {
     const MAX: u64 = 8 << 20;
-    let scratch = tempfile::tempdir().unwrap();
-    let dir = scratch.path().join("data");
-    let site = Mosquitto::start(&scratch.path().join("site"), free_port(), false);
-    let district = Mosquitto::start(&scratch.path().join("district"), free_port(), false);
-    let up = Upstream::start(district.port, "bound-collector");
-    let status_port = free_port();
-    let cfg = scratch.path().join("gateway.toml");
-    fs::write(
-        &cfg,
-        site_config(
-            &dir,
-            site.port,
-            district.port,
-            status_port,
-            "max_size = \"8MiB\"",
-        ),
-    )
-    .unwrap();
-    let log = scratch.path().join("daemon.log");
-    let mut d = Daemon::start(&cfg, &log);
-    assert!(wait_until(Duration::from_secs(30), || api_status(
-        status_port
-    )
-    .is_some()));
-    // Watch du of the data dir all along.
+    let site = Site::build("bound")
+        .status()
+        .config(|c| c.store.max_size = ByteSize(MAX))
+        .start();
+    let (up, status_port, log) = (site.upstream(), site.status_port(), site.log_path());
+    let dir = site.data_dir();
+    // Watch du of the data dir all along (a sample every 20 ms: the sampling is the check).
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let peak = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let watcher = {
@@ -525,7 +471,7 @@ fn bounded_store_stays_within_max_size_under_many_times_its_size_in_events() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(300_000);
-    let mut p = Publisher::connect(site.port, "bound-pub");
+    let mut p = site.publisher();
     let mut payload_bytes = 0u64;
     let mut rng = Rng::new(11);
     let mut ids = std::collections::HashSet::new();
@@ -551,9 +497,9 @@ fn bounded_store_stays_within_max_size_under_many_times_its_size_in_events() {
     p.wait_all_acked(Duration::from_secs(600));
     let unique = ids.len() as u64;
     assert!(
-        wait_until(Duration::from_secs(120), || grand_total(&up) == unique),
+        wait_until(Duration::from_secs(120), || grand_total(up) == unique),
         "upstream counts {} of {unique}; log:\n{}",
-        grand_total(&up),
+        grand_total(up),
         tail(&log, 40)
     );
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -584,49 +530,42 @@ fn bounded_store_stays_within_max_size_under_many_times_its_size_in_events() {
         "{:?}",
         up.summary_problems()
     );
-    d.term();
+    site.term_daemon();
 }
 
 #[test]
 fn a_disk_full_at_first_start_waits_stops_on_sigterm_and_starts_clean_later() {
-    let scratch = tempfile::tempdir().unwrap();
-    let mnt = Tmpfs::mount(&scratch.path().join("mnt"), "8m");
-    let dir = mnt.0.join("data");
-    fill(&mnt.0);
-    let status_port = free_port();
-    let cfg = scratch.path().join("gateway.toml");
-    fs::write(
-        &cfg,
-        site_config(
-            &dir,
-            free_port(),
-            free_port(),
-            status_port,
-            "on_damage = \"refuse\"",
-        )
-        .replace("[upstream]\n", "[upstream]\nenabled = false\n"),
-    )
-    .unwrap();
-    let log = scratch.path().join("daemon.log");
-    let mut d = Daemon::start(&cfg, &log);
+    let site = offline_site("first-start-full").tmpfs("mnt", "8m");
+    let mnt = site.root().join("mnt");
+    fill(&mnt);
+    let site = site
+        .no_device_broker()
+        .config(|c| {
+            c.gateway.data_dir = mnt.join("data");
+            c.store.on_damage = OnDamage::Refuse;
+        })
+        .ready(Ready::Started)
+        .start();
+    let (dir, log) = (site.data_dir(), site.log_path());
     // No room for a store: it waits (retrying every 5 s), does not exit, does not call its own
-    // half-made file damaged.
+    // half-made file damaged. The pause is the check: 7 s, more than one retry.
     std::thread::sleep(Duration::from_secs(7));
     assert!(
-        d.try_wait().is_none(),
+        site.daemon_exited().is_none(),
         "still waiting; log:\n{}",
         tail(&log, 20)
     );
     assert!(log_text(&log).contains("store cannot be opened"));
-    let (code, took) = d.term();
+    let (code, took) = site.term_daemon();
     assert!(
         code.success(),
         "SIGTERM while waiting for the store: {code:?}"
     );
     assert!(took < Duration::from_secs(5), "{took:?}");
     // Space returns: a clean start, nothing quarantined, no exit 74.
-    fs::remove_file(mnt.0.join("filler")).unwrap();
-    let mut d = Daemon::start(&cfg, &log);
+    fs::remove_file(mnt.join("filler")).unwrap();
+    site.start_daemon();
+    let status_port = site.status_port();
     assert!(
         wait_until(Duration::from_secs(30), || api_status(status_port)
             .is_some()),
@@ -635,42 +574,30 @@ fn a_disk_full_at_first_start_waits_stops_on_sigterm_and_starts_clean_later() {
     );
     assert!(quarantined_files(&dir).is_empty());
     assert!(!log_text(&log).contains("panicked"));
-    d.term();
+    site.term_daemon();
 }
 
 #[test]
 fn sigterm_while_the_disk_is_full_stops_in_time_and_loses_nothing() {
-    let scratch = tempfile::tempdir().unwrap();
-    let mnt = Tmpfs::mount(&scratch.path().join("mnt"), "24m");
-    let dir = mnt.0.join("data");
-    let site = Mosquitto::start(&scratch.path().join("site"), free_port(), true);
-    let district = Mosquitto::start(&scratch.path().join("district"), free_port(), false);
-    let up = Upstream::start(district.port, "term-full-collector");
-    let status_port = free_port();
-    let cfg = scratch.path().join("gateway.toml");
-    fs::write(
-        &cfg,
-        site_config(
-            &dir,
-            site.port,
-            district.port,
-            status_port,
-            "max_size = \"16MiB\"",
-        ),
-    )
-    .unwrap();
-    let log = scratch.path().join("daemon.log");
-    let mut d = Daemon::start(&cfg, &log);
-    assert!(wait_until(Duration::from_secs(30), || api_status(
-        status_port
-    )
-    .is_some()));
-    let mut p = Publisher::connect(site.port, "term-full-pub");
+    let site = Site::build("term-full").tmpfs("mnt", "24m");
+    let mnt = site.root().join("mnt");
+    let site = site
+        .persistent_device()
+        .status()
+        .config(|c| {
+            c.gateway.data_dir = mnt.join("data");
+            c.store.max_size = ByteSize(16 << 20);
+        })
+        .start();
+    let (up, status_port, log) = (site.upstream(), site.status_port(), site.log_path());
+    let mut p = site.publisher();
     let mut sent = 0usize;
-    fill(&mnt.0);
-    let started = Instant::now();
-    while !api_status(status_port).is_some_and(|s| s["intake"]["paused"] == true) {
-        assert!(started.elapsed() < Duration::from_secs(120), "never paused");
+    fill(&mnt);
+    // Events go on arriving, 200 every 200 ms, until intake pauses.
+    let did_pause = wait_every(Duration::from_millis(200), Duration::from_secs(120), || {
+        if api_status(status_port).is_some_and(|s| s["intake"]["paused"] == true) {
+            return true;
+        }
         for _ in 0..200 {
             let e = Event::new(
                 "access",
@@ -681,32 +608,35 @@ fn sigterm_while_the_disk_is_full_stops_in_time_and_loses_nothing() {
             p.send(&e.topic(), e.payload());
             sent += 1;
         }
-        std::thread::sleep(Duration::from_millis(200));
-    }
+        false
+    });
+    assert!(did_pause, "never paused");
     // A backlog keeps arriving while paused.
     for _ in 0..2000 {
         let e = Event::new("access", "door-1", &format!("tf-{sent:07}"), "entry");
         p.send(&e.topic(), e.payload());
         sent += 1;
     }
-    std::thread::sleep(Duration::from_secs(2));
-    let (code, took) = d.term();
+    // The site broker holds the whole backlog before the stop.
+    p.wait_all_acked(Duration::from_secs(60));
+    let (code, took) = site.term_daemon();
     assert!(code.success(), "{code:?}");
     assert!(took < Duration::from_secs(5), "stopped in {took:?}");
     let lines = log_text(&log).lines().count();
     assert!(lines < 2000, "the log stays readable: {lines} lines");
     // Space returns; the restarted daemon takes what the broker kept: every event once.
-    fs::remove_file(mnt.0.join("filler")).unwrap();
-    let mut d = Daemon::start(&cfg, &log);
+    fs::remove_file(mnt.join("filler")).unwrap();
+    site.start_daemon();
     p.wait_all_acked(Duration::from_secs(60));
     let want = sent as u64;
     assert!(
-        wait_until(Duration::from_secs(90), || grand_total(&up) == want),
+        wait_until(Duration::from_secs(90), || grand_total(up) == want),
         "counted {} of {want}; log:\n{}",
-        grand_total(&up),
+        grand_total(up),
         tail(&log, 30)
     );
+    // The pause is the check: 3 s in which nothing may be counted twice.
     std::thread::sleep(Duration::from_secs(3));
-    assert_eq!(grand_total(&up), want);
-    d.term();
+    assert_eq!(grand_total(up), want);
+    site.term_daemon();
 }

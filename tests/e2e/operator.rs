@@ -3,11 +3,12 @@
 //! cadence (`[health]`), remembered across a restart; log lines journald files at the right
 //! priority, one per state change; `check-config` naming what an installer gets wrong.
 
-mod common;
+use crate::common;
 
 use common::*;
 use std::fs;
 use std::time::Duration;
+use zhian_gateway::config::Dur;
 
 /// The tests run as root in CI (the package and tmpfs tests need it); the "as another user"
 /// checks need it too.
@@ -28,22 +29,17 @@ fn count(haystack: &str, needle: &str) -> usize {
 
 #[test]
 fn a_dead_site_broker_shows_on_every_surface_and_logs_once() {
-    let scratch = tempfile::tempdir().unwrap();
-    let dir = scratch.path().join("data");
-    let mut site = Mosquitto::start(&scratch.path().join("site"), free_port(), true);
-    let district = Mosquitto::start(&scratch.path().join("district"), free_port(), false);
-    let status_port = free_port();
-    let cfg = scratch.path().join("gateway.toml");
-    fs::write(
-        &cfg,
-        config_with_status(&dir, site.port, district.port, status_port).replace(
-            "client_id = \"",
-            "reconnect_min = \"200ms\"\nreconnect_max = \"500ms\"\nclient_id = \"",
-        ) + "\n[health]\nlink_grace = \"3s\"\n",
-    )
-    .unwrap();
-    let log = scratch.path().join("daemon.log");
-    let mut d = Daemon::start(&cfg, &log);
+    let mut site = Site::build("dead-site-broker")
+        .persistent_device()
+        .no_collector()
+        .status()
+        .config(|c| {
+            c.mqtt.reconnect_min = Dur::millis(200);
+            c.mqtt.reconnect_max = Dur::millis(500);
+            c.health.link_grace = Dur::secs(3);
+        })
+        .start();
+    let (status_port, log) = (site.status_port(), site.log_path());
     let link = |name: &str| api_status(status_port).map(|s| s["links"][name].clone());
     assert!(
         wait_until(Duration::from_secs(30), || link("site")
@@ -57,7 +53,7 @@ fn a_dead_site_broker_shows_on_every_surface_and_logs_once() {
     assert_eq!(health.status, 200, "{}", health.text());
 
     // The site broker dies: within link_grace the API says so with a reason, then /healthz.
-    site.stop();
+    site.device_mut().stop();
     assert!(
         wait_until(Duration::from_secs(10), || link("site").is_some_and(|l| {
             l["connected"] == false && l["reason"] == "unreachable"
@@ -80,7 +76,10 @@ fn a_dead_site_broker_shows_on_every_surface_and_logs_once() {
     );
     let l = link("site").unwrap();
     assert!(l["attempts"].as_u64().unwrap() >= 3, "{l}");
-    assert!(l["url"].as_str().unwrap().contains(&site.port.to_string()));
+    assert!(l["url"]
+        .as_str()
+        .unwrap()
+        .contains(&site.device().port.to_string()));
     // The page says it in Chinese, with the reason translated.
     let page = http(status_port, "GET", "/", None).unwrap().text();
     assert!(page.contains("data-link=\"site\""), "{page}");
@@ -91,7 +90,7 @@ fn a_dead_site_broker_shows_on_every_surface_and_logs_once() {
     );
 
     // Back: up again, one WARN for the whole outage however many attempts failed.
-    site.start_again();
+    site.device_mut().start_again();
     assert!(
         wait_until(Duration::from_secs(20), || link("site")
             .is_some_and(|l| l["connected"] == true)),
@@ -131,30 +130,24 @@ fn a_dead_site_broker_shows_on_every_surface_and_logs_once() {
         .any(|l| l.starts_with("<4>") && l.contains("site broker link down")));
     assert!(!text.contains('\u{1b}'), "no colour codes");
     assert!(!text.contains("Some("), "no Rust debug formatting");
-    d.term();
+    site.term_daemon();
 }
 
 #[test]
 fn devices_go_offline_by_their_cadence_and_are_remembered_across_a_restart() {
-    let scratch = tempfile::tempdir().unwrap();
-    let dir = scratch.path().join("data");
-    let site = Mosquitto::start(&scratch.path().join("site"), free_port(), true);
-    let district = Mosquitto::start(&scratch.path().join("district"), free_port(), false);
-    let status_port = free_port();
-    let cfg = scratch.path().join("gateway.toml");
-    fs::write(
-        &cfg,
-        config_with_status(&dir, site.port, district.port, status_port)
-            + "\n[health]\nsilence = \"3s\"\n[health.kinds]\ncamera = \"1h\"\n[health.devices]\n\"Door-Slow\" = \"1h\"\n",
-    )
-    .unwrap();
-    let log = scratch.path().join("daemon.log");
-    let mut d = Daemon::start(&cfg, &log);
-    assert!(wait_until(Duration::from_secs(30), || api_status(
-        status_port
-    )
-    .is_some_and(|s| s["links"]["site"]["connected"] == true)));
-    let mut p = Publisher::connect(site.port, "op-pub");
+    let site = Site::build("cadence")
+        .persistent_device()
+        .no_collector()
+        .status()
+        .config(|c| {
+            c.health.silence = Dur::secs(3);
+            c.health.kinds.insert("camera".into(), Dur::secs(3600));
+            c.health.devices.insert("Door-Slow".into(), Dur::secs(3600));
+        })
+        .ready(Ready::SiteLink)
+        .start();
+    let (status_port, log) = (site.status_port(), site.log_path());
+    let mut p = site.publisher();
     for (kind, dev, action) in [
         ("access", "door-1", "entry"),
         ("access", "Door-Slow", "entry"),
@@ -210,8 +203,8 @@ fn devices_go_offline_by_their_cadence_and_are_remembered_across_a_restart() {
     // was at the stop, and no WARN again for a device that was offline before it.
     let cam_seen = device("cam-1").unwrap()["last_seen"].clone();
     let warns_before = count(&log_text(&log), "device offline");
-    d.term();
-    let mut d = Daemon::start(&cfg, &log);
+    site.term_daemon();
+    site.start_daemon();
     assert!(
         wait_until(Duration::from_secs(30), || device("door-1").is_some()
             && device("cam-1").is_some_and(|d| d["last_seen"].is_string())),
@@ -225,6 +218,7 @@ fn devices_go_offline_by_their_cadence_and_are_remembered_across_a_restart() {
         cam_after, cam_seen,
         "last seen kept exactly across a clean stop"
     );
+    // The pause is the check: 5 s, more than door-1's cadence, without a second WARN.
     std::thread::sleep(Duration::from_secs(5));
     assert_eq!(
         count(&log_text(&log), "device offline"),
@@ -232,23 +226,35 @@ fn devices_go_offline_by_their_cadence_and_are_remembered_across_a_restart() {
         "no WARN again for a device already offline before the restart"
     );
     // Only rejects on a topic: not a device.
-    let mut p = Publisher::connect(site.port, "op-pub-2");
+    let mut p = site.publisher();
     p.send("zhian/access/door-9", b"not json".to_vec());
     p.wait_all_acked(Duration::from_secs(10));
-    std::thread::sleep(Duration::from_secs(1));
+    site.wait_for_status("the reject counted", |s| {
+        s["counters"]["rejected"].as_u64() >= Some(1)
+    });
     assert!(
         device("door-9").is_none(),
         "a topic with only rejects is no device"
     );
-    d.term();
+    site.term_daemon();
 }
 
 #[test]
 fn check_config_names_what_installers_get_wrong() {
-    let scratch = tempfile::tempdir().unwrap();
-    let s = scratch.path();
-    let good = config_text(&s.join("data"), 1883, 1884, "");
+    // Nothing runs: config files and check-config on them.
+    let site = Site::build("check-config")
+        .no_device_broker()
+        .no_district_broker()
+        .unstarted()
+        .start();
+    let s = site.root.as_path();
+    let good = test_config(&s.join("data"), 1883, 1884);
     let cfg = s.join("gateway.toml");
+    let with = |edit: &dyn Fn(&mut zhian_gateway::config::Config)| {
+        let mut c = good.clone();
+        edit(&mut c);
+        write_config(&cfg, &c);
+    };
 
     // A missing file is named as missing, not as "gateway.id: required".
     let out = check_config(&s.join("nope.toml"), s);
@@ -261,7 +267,7 @@ fn check_config_names_what_installers_get_wrong() {
     assert!(!out.stderr.contains("gateway.id"), "{}", out.stderr);
 
     // An environment typo is blamed on the environment variable.
-    fs::write(&cfg, &good).unwrap();
+    write_config(&cfg, &good);
     let out = common::run_cli_env(
         &["check-config", "--config", cfg.to_str().unwrap()],
         s,
@@ -276,17 +282,7 @@ fn check_config_names_what_installers_get_wrong() {
 
     // A relative data dir, and one that cannot be created.
     for (dir, why) in [("data", "relative"), ("/proc/zhian-data", "cannot")] {
-        fs::write(
-            &cfg,
-            good.replace(
-                &format!(
-                    "data_dir = {}",
-                    toml_string(&s.join("data").to_string_lossy())
-                ),
-                &format!("data_dir = \"{dir}\""),
-            ),
-        )
-        .unwrap();
+        with(&|c| c.gateway.data_dir = dir.into());
         let out = check_config(&cfg, s);
         assert_eq!(out.status.code(), Some(78), "{dir}: {}", out.stderr);
         assert!(
@@ -297,27 +293,16 @@ fn check_config_names_what_installers_get_wrong() {
     }
 
     // A CA file that cannot be read.
-    fs::write(
-        &cfg,
-        good.replace(
-            "topic_prefix",
-            &format!(
-                "ca_file = {}\ntopic_prefix",
-                toml_string(&s.join("missing-ca.pem").to_string_lossy())
-            ),
-        ),
-    )
-    .unwrap();
+    with(&|c| c.upstream.ca_file = Some(s.join("missing-ca.pem")));
     let out = check_config(&cfg, s);
     assert_eq!(out.status.code(), Some(78));
     assert!(out.stderr.contains("upstream.ca_file"), "{}", out.stderr);
 
     // Durations print as written; --quiet prints nothing.
-    fs::write(
-        &cfg,
-        good.clone() + "\n[store]\nbatch_linger = \"1800ms\"\n[health]\nsilence = \"24h\"\n",
-    )
-    .unwrap();
+    with(&|c| {
+        c.store.batch_linger = Dur::millis(1800);
+        c.health.silence = Dur::secs(24 * 3600);
+    });
     let out = check_config(&cfg, s);
     assert!(out.status.success(), "{}", out.stderr);
     assert!(
@@ -336,11 +321,12 @@ fn check_config_names_what_installers_get_wrong() {
 
     // The reference config's example devices are listed as examples.
     let reference = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/gateway.toml");
-    let text = fs::read_to_string(&reference).unwrap().replace(
-        "/var/lib/zhian-gateway",
-        &s.join("ref-data").to_string_lossy(),
+    let mut table: toml::Table = toml::from_str(&fs::read_to_string(&reference).unwrap()).unwrap();
+    table["gateway"].as_table_mut().unwrap().insert(
+        "data_dir".into(),
+        s.join("ref-data").to_string_lossy().as_ref().into(),
     );
-    fs::write(&cfg, text).unwrap();
+    write_table(&cfg, &table);
     let out = check_config(&cfg, s);
     assert!(out.status.success(), "{}", out.stderr);
     assert_eq!(
@@ -365,7 +351,7 @@ fn check_config_names_what_installers_get_wrong() {
     assert_eq!((out.stdout.as_str(), out.stderr.as_str()), ("", ""));
 
     // A one-underscore environment typo is not read, and check-config says so.
-    fs::write(&cfg, &good).unwrap();
+    write_config(&cfg, &good);
     let out = common::run_cli_env(
         &["check-config", "--config", cfg.to_str().unwrap()],
         s,
@@ -388,17 +374,7 @@ fn check_config_names_what_installers_get_wrong() {
         fs::set_permissions(&data, fs::Permissions::from_mode(0o777)).unwrap();
         fs::set_permissions(s, fs::Permissions::from_mode(0o755)).unwrap();
         fs::set_permissions(data.join("zhian.redb"), fs::Permissions::from_mode(0o644)).unwrap();
-        fs::write(
-            &cfg,
-            good.replace(
-                &format!(
-                    "data_dir = {}",
-                    toml_string(&s.join("data").to_string_lossy())
-                ),
-                &format!("data_dir = {}", toml_string(&data.to_string_lossy())),
-            ),
-        )
-        .unwrap();
+        with(&|c| c.gateway.data_dir = data.clone());
         fs::set_permissions(&cfg, fs::Permissions::from_mode(0o644)).unwrap();
         let out = std::process::Command::new("setpriv")
             .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups"])
@@ -416,36 +392,20 @@ fn check_config_names_what_installers_get_wrong() {
 #[test]
 fn slow_and_idle_connections_cannot_lock_out_healthz() {
     use std::io::Write;
-    let scratch = tempfile::tempdir().unwrap();
-    let site = Mosquitto::start(&scratch.path().join("site"), free_port(), false);
-    let district = Mosquitto::start(&scratch.path().join("district"), free_port(), false);
-    let status_port = free_port();
-    let cfg = scratch.path().join("gateway.toml");
-    fs::write(
-        &cfg,
-        config_with_status(
-            &scratch.path().join("data"),
-            site.port,
-            district.port,
-            status_port,
-        ),
-    )
-    .unwrap();
-    let log = scratch.path().join("daemon.log");
-    let mut d = Daemon::start(&cfg, &log);
-    assert!(wait_until(Duration::from_secs(30), || http(
-        status_port,
-        "GET",
-        "/healthz",
-        None
-    )
-    .is_ok_and(|r| r.status == 200)));
+    let site = Site::build("slowloris")
+        .no_collector()
+        .status()
+        .ready(Ready::Healthz)
+        .start();
+    let status_port = site.status_port();
     // 40 connections that never finish their headers (one byte every 2 s, a slowloris) and
     // 40 that send nothing at all: more than status.max_connections (32) together.
+    // The attackers' pace (a byte every 2 s, a retry after 100 ms) is the attack.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let holding = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut attackers = Vec::new();
     for i in 0..80 {
-        let stop = stop.clone();
+        let (stop, holding) = (stop.clone(), holding.clone());
         attackers.push(std::thread::spawn(move || {
             let mut reconnects = 0;
             while !stop.load(std::sync::atomic::Ordering::SeqCst) {
@@ -453,6 +413,9 @@ fn slow_and_idle_connections_cannot_lock_out_healthz() {
                     std::thread::sleep(Duration::from_millis(100));
                     continue;
                 };
+                if reconnects == 0 {
+                    holding.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
                 reconnects += 1;
                 for b in b"GET / HTTP/1.1\r\nHost: x\r\n".iter().cycle() {
                     if stop.load(std::sync::atomic::Ordering::SeqCst) {
@@ -470,8 +433,11 @@ fn slow_and_idle_connections_cannot_lock_out_healthz() {
             reconnects
         }));
     }
-    std::thread::sleep(Duration::from_secs(2));
-    // /healthz answers every time while they hold on (the client waits up to 10 s).
+    eventually("every attacker connected", || {
+        holding.load(std::sync::atomic::Ordering::SeqCst) == 80
+    });
+    // /healthz answers every time while they hold on (the client waits up to 10 s), asked
+    // every 1.5 s for 12 s of the attack.
     for _ in 0..8 {
         let r = http(status_port, "GET", "/healthz", None);
         assert!(
@@ -488,5 +454,5 @@ fn slow_and_idle_connections_cannot_lock_out_healthz() {
         reconnects > 80,
         "slow connections were closed (deadline or eviction) and came back: {reconnects}"
     );
-    d.term();
+    site.term_daemon();
 }

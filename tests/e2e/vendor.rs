@@ -4,7 +4,7 @@
 //! `unmapped` with the rule they broke, canonical topics still working, sources applied on
 //! SIGHUP, and no card or plate upstream. Also `zhian-gateway map` on each sample.
 
-mod common;
+use crate::common;
 
 use common::*;
 use serde_json::Value;
@@ -13,16 +13,16 @@ use std::fs;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
+use zhian_gateway::config::SourceCfg;
 
 const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/vendor");
 const EXAMPLES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/config/vendor-sources.toml");
 
-/// The `[[mqtt.sources]]` tables of the shipped example, as TOML text.
-fn example_sources() -> String {
+/// The `[[mqtt.sources]]` of the shipped example.
+fn example_sources() -> Vec<SourceCfg> {
     let text = fs::read_to_string(EXAMPLES).unwrap();
-    let start = text.find("\n# 1. ").unwrap();
-    let end = text.find("[upstream]").unwrap();
-    text[start..end].to_string()
+    let example: toml::Table = toml::from_str(&text).unwrap();
+    example["mqtt"]["sources"].clone().try_into().unwrap()
 }
 
 /// A fixture with its times moved to `now_ms` (the samples are from 2026-11-30 morning).
@@ -142,25 +142,23 @@ fn map_shows_each_sample_as_the_gateway_would_count_it() {
 
 #[test]
 fn vendor_samples_are_counted_exactly_through_a_real_broker() {
-    let scratch = tempfile::tempdir().unwrap();
-    let dir = scratch.path().join("data");
-    let site = Mosquitto::start(&scratch.path().join("site"), free_port(), true);
-    let district = Mosquitto::start(&scratch.path().join("district"), free_port(), false);
-    let up = Upstream::start(district.port, "vendor-collector");
-    let status_port = free_port();
-    let cfg = scratch.path().join("gateway.toml");
-    let base = config_with_status(&dir, site.port, district.port, status_port);
-    // Start without the plate camera's source: its messages are not even subscribed.
+    // Start without the plate camera's source (and those after it): its messages are not even
+    // subscribed.
     let sources = example_sources();
-    let plate_at = sources.find("# 3. A plate-recognition").unwrap();
-    fs::write(&cfg, format!("{base}\n{}", &sources[..plate_at])).unwrap();
-    let log = scratch.path().join("daemon.log");
-    let mut d = Daemon::start(&cfg, &log);
-    assert!(wait_until(Duration::from_secs(30), || api_status(
-        status_port
-    )
-    .is_some_and(|s| s["links"]["site"]["connected"] == true)));
-    let mut p = Publisher::connect(site.port, "vendor-pub");
+    let before_plate: Vec<SourceCfg> = sources
+        .iter()
+        .take_while(|s| s.name.as_deref() != Some("plate-camera"))
+        .cloned()
+        .collect();
+    assert_eq!(before_plate.len(), 2);
+    let mut site = Site::build("vendor")
+        .persistent_device()
+        .status()
+        .config(|c| c.mqtt.sources = before_plate)
+        .ready(Ready::SiteLink)
+        .start();
+    let (up, status_port, log) = (site.upstream(), site.status_port(), site.log_path());
+    let mut p = site.publisher();
     let now = now_ms();
     for (topic, file) in [
         ("hik/acs/door-3/event", "hik-acs-card-granted.json"),
@@ -222,16 +220,13 @@ fn vendor_samples_are_counted_exactly_through_a_real_broker() {
     assert!(page.contains("无法映射"), "the page names the reason");
 
     // The plate camera's source added and SIGHUP: subscribed live, counted.
-    fs::write(&cfg, format!("{base}\n{sources}")).unwrap();
-    let ok = Command::new("kill")
-        .args(["-HUP", &d.pid().to_string()])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok);
+    site.gw_mut().edit_config(|c| c.mqtt.sources = sources);
+    site.gw().signal("HUP");
     assert!(wait_until(Duration::from_secs(15), || log_text(&log)
         .contains("reload: mqtt.sources applied")));
-    std::thread::sleep(Duration::from_secs(1));
+    site.device()
+        .wait_subscribed(DEVICE_CLIENT_ID, "parking/+/plate");
+    let up = site.upstream();
     for file in [
         "plate-entry.json",
         "plate-exit.json",
@@ -272,7 +267,7 @@ fn vendor_samples_are_counted_exactly_through_a_real_broker() {
         |s| s["counters"]["rejected_by_reason"]["unmapped"] == 3
     )));
     assert!(!log_text(&log).contains("take effect after a restart"));
-    d.term();
+    site.term_daemon();
     let leaks = up.subject_leaks(&[
         "3011223344",
         "A1B2C3D4",
@@ -409,22 +404,14 @@ fn map_reads_real_device_payloads() {
 /// and no card or plate upstream.
 #[test]
 fn real_device_payloads_are_counted_exactly_through_a_real_broker() {
-    let scratch = tempfile::tempdir().unwrap();
-    let dir = scratch.path().join("data");
-    let site = Mosquitto::start(&scratch.path().join("site"), free_port(), true);
-    let district = Mosquitto::start(&scratch.path().join("district"), free_port(), false);
-    let up = Upstream::start(district.port, "vendor20-collector");
-    let status_port = free_port();
-    let cfg = scratch.path().join("gateway.toml");
-    let base = config_with_status(&dir, site.port, district.port, status_port);
-    fs::write(&cfg, format!("{base}\n{}", example_sources())).unwrap();
-    let log = scratch.path().join("daemon.log");
-    let mut d = Daemon::start(&cfg, &log);
-    assert!(wait_until(Duration::from_secs(30), || api_status(
-        status_port
-    )
-    .is_some_and(|s| s["links"]["site"]["connected"] == true)));
-    let mut p = Publisher::connect(site.port, "vendor20-pub");
+    let site = Site::build("vendor20")
+        .persistent_device()
+        .status()
+        .config(|c| c.mqtt.sources = example_sources())
+        .ready(Ready::SiteLink)
+        .start();
+    let (up, status_port, log) = (site.upstream(), site.status_port(), site.log_path());
+    let mut p = site.publisher();
     let now = now_ms();
     for (topic, file) in [
         ("hik/acsevent/door-7/batch", "hik-acsevent-batch.json"),
@@ -468,7 +455,7 @@ fn real_device_payloads_are_counted_exactly_through_a_real_broker() {
         "nothing rejected: {}",
         s["counters"]
     );
-    d.term();
+    site.term_daemon();
     let leaks = up.subject_leaks(&[
         "3011223355",
         "3011229999",

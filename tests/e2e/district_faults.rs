@@ -10,7 +10,7 @@
 //! was published, nothing rejected), `/healthz` says `database` while it lasts, one WARN per
 //! outage and one INFO at recovery.
 
-mod common;
+use crate::common;
 
 use common::district::*;
 use common::pg::Postgres;
@@ -24,9 +24,9 @@ use std::time::Duration;
 /// A district: PostgreSQL, a persistent mosquitto, a receiver config and a publisher playing
 /// gateways' summaries, with what the database must end up holding.
 struct Rig {
-    scratch: tempfile::TempDir,
     pg: Postgres,
-    broker: Mosquitto,
+    /// The district side of a site: the broker (no gateway; the publisher plays them).
+    site: Site,
     cfg: PathBuf,
     health: u16,
     log: PathBuf,
@@ -38,17 +38,21 @@ struct Rig {
 
 impl Rig {
     fn new(pg: impl FnOnce(&Path) -> Postgres, extra: &str) -> Rig {
-        let scratch = tempfile::tempdir().unwrap();
-        let pg = pg(scratch.path());
-        let broker = Mosquitto::start(&scratch.path().join("broker"), free_port(), true);
-        let cfg = scratch.path().join("district.toml");
-        let health = receiver_config_with(&cfg, &pg.url(), broker.port, "zhian-district-f", extra);
-        let log = scratch.path().join("receiver.log");
-        let publisher = Publisher::connect(broker.port, "fault-gateways");
+        let site = Site::build("district-faults")
+            .no_device_broker()
+            .persistent_district()
+            .no_collector()
+            .no_gateway()
+            .start();
+        let pg = pg(&site.root);
+        let port = site.district().port;
+        let cfg = site.root.join("district.toml");
+        let health = receiver_config_with(&cfg, &pg.url(), port, "zhian-district-f", extra);
+        let log = site.root.join("receiver.log");
+        let publisher = Publisher::connect(port, "fault-gateways");
         Rig {
-            scratch,
             pg,
-            broker,
+            site,
             cfg,
             health,
             log,
@@ -363,9 +367,14 @@ fn statement_timeout_shorter_than_a_batch_under_lock_contention() {
 #[test]
 fn a_receiver_gone_for_good_is_seen_and_its_share_recovered_by_a_replacement() {
     let mut rig = Rig::new(|d| Postgres::start(&d.join("pg"), free_port()), "");
-    let log2 = rig.scratch.path().join("receiver2.log");
-    let cfg2 = rig.scratch.path().join("district2.toml");
-    let h2 = receiver_config(&cfg2, &rig.pg.url(), rig.broker.port, "zhian-district-gone");
+    let log2 = rig.site.root.join("receiver2.log");
+    let cfg2 = rig.site.root.join("district2.toml");
+    let h2 = receiver_config(
+        &cfg2,
+        &rig.pg.url(),
+        rig.site.district().port,
+        "zhian-district-gone",
+    );
     let _r1 = start_receiver(&rig.cfg, &rig.log);
     let mut r2 = start_receiver(&cfg2, &log2);
     wait_healthy(rig.health, &rig.log);
@@ -391,8 +400,13 @@ fn a_receiver_gone_for_good_is_seen_and_its_share_recovered_by_a_replacement() {
     assert!(held > 0, "the gone receiver's session holds its share");
     // A replacement with the gone receiver's client id (another host, another status port)
     // takes the session over and drains it.
-    let cfg3 = rig.scratch.path().join("district3.toml");
-    let h3 = receiver_config(&cfg3, &rig.pg.url(), rig.broker.port, "zhian-district-gone");
+    let cfg3 = rig.site.root.join("district3.toml");
+    let h3 = receiver_config(
+        &cfg3,
+        &rig.pg.url(),
+        rig.site.district().port,
+        "zhian-district-gone",
+    );
     let _r3 = start_receiver(&cfg3, &log2);
     wait_healthy(h3, &log2);
     rig.converge(&format!("after the replacement ({held} held)"));
@@ -400,7 +414,7 @@ fn a_receiver_gone_for_good_is_seen_and_its_share_recovered_by_a_replacement() {
         rig.health,
         "zhian_district_receivers{state=\"stale\"}"
     ) == 0.0));
-    let _ = rig.broker.port;
+    let _ = rig.site.district().port;
 }
 
 /// Found by a break-it run: a lock held elsewhere (or a hung server) makes no statement fail,
@@ -413,12 +427,12 @@ fn a_batch_stuck_behind_a_lock_is_unhealthy_and_two_receivers_never_deadlock() {
         |d| Postgres::start(&d.join("pg"), free_port()),
         "stuck_after = \"2s\"",
     );
-    let cfg2 = rig.scratch.path().join("district2.toml");
-    let log2 = rig.scratch.path().join("receiver2.log");
+    let cfg2 = rig.site.root.join("district2.toml");
+    let log2 = rig.site.root.join("receiver2.log");
     let h2 = receiver_config_with(
         &cfg2,
         &rig.pg.url(),
-        rig.broker.port,
+        rig.site.district().port,
         "zhian-district-f2",
         "stuck_after = \"2s\"",
     );

@@ -2,7 +2,7 @@
 //! the page rendered by headless Chromium, `/metrics` checked by `promtool`, Basic auth and the
 //! non-loopback rule driven through HTTP and the CLI.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
@@ -10,11 +10,11 @@ use std::fs::{self, File};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
-use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use serde_json::Value;
+use zhian_gateway::config::{Config, Secret};
 
 const CHROMIUM: &str = "/usr/bin/chromium";
 const PROMTOOL: &str = "/usr/bin/promtool";
@@ -37,47 +37,16 @@ fn try_status(port: u16, auth: Option<(&str, &str)>) -> Option<Value> {
 // Sites with the status page on
 // ---------------------------------------------------------------------------------------------
 
-/// The `[status]` table: enabled on 127.0.0.1:`port`, plus `extra` lines.
-fn status_table(port: u16, extra: &str) -> String {
-    format!("[status]\nenabled = true\nlisten = \"127.0.0.1:{port}\"\n{extra}")
-}
-
-/// Replaces the `[status]` table [`config_text`] writes.
-fn with_status(config: String, table: &str) -> String {
-    const DISABLED: &str = "[status]\nenabled = false\n";
-    assert!(
-        config.contains(DISABLED),
-        "config_text no longer writes {DISABLED:?}:\n{config}"
-    );
-    config.replace(DISABLED, table)
-}
-
-/// Starts a site whose daemon serves the status page on a fresh port (`extra` appended to the
-/// `[status]` table); returns once `/healthz` answers 200.
-fn status_site(name: &str, extra: &str) -> (Site, u16) {
-    let port = free_port();
-    let table = status_table(port, extra);
-    let mut site = Site::start_with(name, false, |config| with_status(config, &table));
-    let mut last = String::from("no answer");
-    let up = wait_until(Duration::from_secs(20), || {
-        if let Some(status) = site.daemon_exited() {
-            panic!("daemon exited while the status page came up: {status}");
-        }
-        match http(port, "GET", "/healthz", None) {
-            Ok(r) => {
-                last = format!("{} {}", r.status, r.text());
-                r.status == 200
-            }
-            Err(e) => {
-                last = e.to_string();
-                false
-            }
-        }
-    });
-    assert!(
-        up,
-        "GET /healthz on 127.0.0.1:{port} not 200 within 20 s; last: {last}"
-    );
+/// Starts a site whose daemon serves the status page on a fresh port (`edit` changes the
+/// config); returns once `/healthz` answers 200 and the gateway is online upstream.
+fn status_site(name: &str, edit: impl FnOnce(&mut Config)) -> (Site, u16) {
+    let site = Site::build(name)
+        .status()
+        .config(edit)
+        .ready(Ready::Healthz)
+        .start();
+    site.wait_ready(Ready::Upstream);
+    let port = site.status_port();
     (site, port)
 }
 
@@ -114,20 +83,13 @@ fn run_with_timeout(
             .write_all(bytes)
             .unwrap_or_else(|e| panic!("write stdin of {what}: {e}"));
     }
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("try_wait") {
-            break status;
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "{what} still running after {timeout:?}; stderr:\n{}",
-                tail(&err_path, 40)
-            );
-        }
-        thread::sleep(Duration::from_millis(20));
+    let Some(status) = wait_child(&mut child, timeout) else {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!(
+            "{what} still running after {timeout:?}; stderr:\n{}",
+            tail(&err_path, 40)
+        );
     };
     let read = |p: &Path| String::from_utf8_lossy(&fs::read(p).unwrap_or_default()).into_owned();
     (status, read(&out_path), read(&err_path))
@@ -187,13 +149,11 @@ fn serve_once(html: String) -> String {
     use std::io::{Read, Write};
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind wrapper server");
     let port = listener.local_addr().unwrap().port();
-    listener.set_nonblocking(true).unwrap();
     std::thread::spawn(move || {
         let until = std::time::Instant::now() + Duration::from_secs(60);
         while std::time::Instant::now() < until {
             match listener.accept() {
                 Ok((mut c, _)) => {
-                    let _ = c.set_nonblocking(false);
                     let _ = c.set_read_timeout(Some(Duration::from_secs(2)));
                     let mut buf = [0u8; 4096];
                     let _ = c.read(&mut buf);
@@ -203,7 +163,7 @@ fn serve_once(html: String) -> String {
                         html.len()
                     );
                 }
-                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                Err(_) => break,
             }
         }
     });
@@ -561,10 +521,10 @@ fn f(n: u64) -> f64 {
 #[test]
 fn status_page_in_chromium() {
     require_tool(CHROMIUM, "chromium");
-    let (mut site, port) = status_site(
-        "status-page",
-        "timezone = \"+08:00\"\nmax_connections = 32\n",
-    );
+    let (site, port) = status_site("status-page", |c| {
+        c.status.timezone = zhian_gateway::config::UtcOffset(8 * 3600);
+        c.status.max_connections = 32;
+    });
     let scratch = site.root.join("status-test");
     fs::create_dir_all(&scratch).expect("create scratch dir");
 
@@ -695,7 +655,7 @@ fn status_page_in_chromium() {
         "the hourly buckets hold the 10 accepted events: {:#}",
         status["hourly"]
     );
-    if let Some(hb) = site.upstream.latest_heartbeat() {
+    if let Some(hb) = site.upstream().latest_heartbeat() {
         let want: Vec<&String> = hb["counters"]
             .as_object()
             .map(|m| m.keys().collect())
@@ -857,7 +817,7 @@ fn status_page_in_chromium() {
 #[test]
 fn metrics_pass_promtool() {
     require_tool(PROMTOOL, "prometheus");
-    let (mut site, port) = status_site("status-metrics", "");
+    let (site, port) = status_site("status-metrics", |_| {});
     let scratch = site.root.join("metrics-test");
     fs::create_dir_all(&scratch).expect("create scratch dir");
 
@@ -1045,30 +1005,18 @@ fn basic_auth_and_non_loopback_rule() {
 
     // The non-loopback rule, through check-config (and run, which must not start).
     let data = scratch.join("data");
-    let base = config_text(&data, free_port(), free_port(), "");
-    let open_port = free_port();
+    let mut open = test_config(&data, free_port(), free_port());
+    open.status.enabled = true;
+    open.status.listen = format!("0.0.0.0:{}", free_port());
     let no_creds = scratch.join("open-no-creds.toml");
-    fs::write(
-        &no_creds,
-        with_status(
-            base.clone(),
-            &format!("[status]\nenabled = true\nlisten = \"0.0.0.0:{open_port}\"\n"),
-        ),
-    )
-    .expect("write config");
-    let creds_lines = format!(
-        "username = \"{USER}\"\npassword_hash = {}\n",
-        toml_string(&hash)
-    );
+    write_config(&no_creds, &open);
+    let creds = |c: &mut Config| {
+        c.status.username = Some(USER.into());
+        c.status.password_hash = Some(Secret(hash.clone()));
+    };
+    creds(&mut open);
     let with_creds = scratch.join("open-with-creds.toml");
-    fs::write(
-        &with_creds,
-        with_status(
-            base,
-            &format!("[status]\nenabled = true\nlisten = \"0.0.0.0:{open_port}\"\n{creds_lines}"),
-        ),
-    )
-    .expect("write config");
+    write_config(&with_creds, &open);
     for command in ["check-config", "run"] {
         let args = [
             OsStr::new(command),
@@ -1105,7 +1053,7 @@ fn basic_auth_and_non_loopback_rule() {
     );
 
     // A running daemon with credentials.
-    let (mut site, port) = status_site("status-auth", &creds_lines);
+    let (site, port) = status_site("status-auth", creds);
     let right = Some((USER, PASSWORD));
     let wrong_password = Some((USER, "not-the-password"));
     let wrong_user = Some(("admin", PASSWORD));

@@ -3,12 +3,13 @@
 //! byte of their subject behind. Driven through the daemon binary, a real mosquitto and
 //! libfaketime.
 
-mod common;
+use crate::common;
 
 use common::*;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+use zhian_gateway::config::{Dur, SubjectMode};
 
 /// Every regular file under `dir`, recursively.
 fn files(dir: &Path) -> Vec<PathBuf> {
@@ -60,23 +61,17 @@ fn access(id: &str, ts_ms: i64, subject: &str) -> Vec<u8> {
 
 #[test]
 fn pseudonyms_cannot_be_reversed_from_the_data_dir_and_die_with_their_day() {
-    let scratch = tempfile::tempdir().unwrap();
-    let dir = scratch.path().join("data");
-    let key_dir = scratch.path().join("data.keys");
-    let site = Mosquitto::start(&scratch.path().join("site"), free_port(), false);
-    let district = Mosquitto::start(&scratch.path().join("district"), free_port(), false);
-    let up = Upstream::start(district.port, "privacy-collector");
-    let cfg = scratch.path().join("gateway.toml");
-    let text = config_text(&dir, site.port, district.port, "")
-        .replace("max_lateness = \"1h\"", "max_lateness = \"1m\"");
-    fs::write(&cfg, text).unwrap();
-
-    // The daemon's clock 60 s before the next local midnight (site time zone +08:00).
+    // The daemon's clock 60 s before the next local midnight (site time zone +08:00). (The
+    // status page shows the test when the daemon took a step of its clock.)
     let (real_s, next_midnight) = to_next_midnight_s();
     let offset_s = next_midnight - 60 - real_s;
-    let clock_file = scratch.path().join("faketime");
-    let log = scratch.path().join("daemon.log");
-    let mut d = faked_daemon(&cfg, &log, &clock_file, offset_s);
+    let site = Site::build("pseudonyms")
+        .status()
+        .config(|c| c.aggregate.max_lateness = Dur::secs(60))
+        .faketime(&format!("+{offset_s}"))
+        .start();
+    let (up, log, dir) = (site.upstream(), site.log_path(), site.data_dir());
+    let key_dir = site.root.join("data.keys");
     let fake_now = |off: i64| now_ms() + off * 1000;
 
     // Residents pass the doors before midnight: plates and cards a 110,000-candidate list
@@ -90,7 +85,7 @@ fn pseudonyms_cannot_be_reversed_from_the_data_dir_and_die_with_their_day() {
             }
         })
         .collect();
-    let mut p = Publisher::connect(site.port, "privacy-pub");
+    let mut p = site.publisher();
     for (i, s) in subjects.iter().enumerate() {
         p.send(
             &format!("zhian/access/door-{}", i % 3),
@@ -127,7 +122,7 @@ fn pseudonyms_cannot_be_reversed_from_the_data_dir_and_die_with_their_day() {
     );
     assert!(!contains(&store_bytes, subjects[0].as_bytes()));
     // Anyone holding the data dir (a copy, a backup) finds no key in it.
-    let backup = scratch.path().join("backup");
+    let backup = site.root.join("backup");
     let out = std::process::Command::new("cp")
         .arg("-a")
         .arg(&dir)
@@ -146,8 +141,8 @@ fn pseudonyms_cannot_be_reversed_from_the_data_dir_and_die_with_their_day() {
     // Past midnight and the accepted lateness (1 min): NTP-like step, vouched for by a device
     // stamped with the new time. The day's key is destroyed.
     let offset2 = next_midnight + 120 - real_s;
-    fs::write(&clock_file, format!("+{offset2}\n")).unwrap();
-    std::thread::sleep(Duration::from_secs(2));
+    site.set_clock(&format!("+{offset2}"));
+    site.wait_step_held(170_000);
     p.send(
         "zhian/access/door-0",
         access("next-day-1", fake_now(offset2), &subjects[0]),
@@ -157,13 +152,15 @@ fn pseudonyms_cannot_be_reversed_from_the_data_dir_and_die_with_their_day() {
         "yesterday's key destroyed; log:\n{}",
         tail(&log, 30)
     );
-    assert!(log_text(&log).contains("pseudonym key destroyed"));
+    // The key file goes a moment before the line saying so is written.
+    assert!(wait_until(Duration::from_secs(10), || log_text(&log)
+        .contains("pseudonym key destroyed")));
     assert!(wait_until(Duration::from_secs(30), || up
         .totals()
         .values()
         .sum::<u64>()
         == 21));
-    let (status, _) = d.term();
+    let (status, _) = site.term_daemon();
     assert!(status.success());
     // Nothing on the box reverses yesterday's pseudonyms any more: not the data dir, not the
     // key dir (today's key keys today's pseudonyms only).
@@ -182,25 +179,19 @@ fn pseudonyms_cannot_be_reversed_from_the_data_dir_and_die_with_their_day() {
 
 #[test]
 fn raw_events_past_retention_leave_no_readable_byte_of_their_subject() {
-    let scratch = tempfile::tempdir().unwrap();
-    let dir = scratch.path().join("data");
-    let key_dir = scratch.path().join("data.keys");
-    let site = Mosquitto::start(&scratch.path().join("site"), free_port(), false);
-    let district = Mosquitto::start(&scratch.path().join("district"), free_port(), false);
-    let up = Upstream::start(district.port, "retention-collector");
-    let cfg = scratch.path().join("gateway.toml");
-    fs::write(
-        &cfg,
-        config_text(&dir, site.port, district.port, "")
-            + "\n[privacy]\nsubjects = \"plain\"\n[store]\nraw_retention = \"3s\"\n",
-    )
-    .unwrap();
     let (real_s, midnight) = to_next_midnight_s();
     let offset = midnight - 60 - real_s;
-    let clock_file = scratch.path().join("faketime");
-    let log = scratch.path().join("daemon.log");
-    let mut d = faked_daemon(&cfg, &log, &clock_file, offset);
-    let mut p = Publisher::connect(site.port, "retention-pub");
+    let site = Site::build("retention")
+        .status()
+        .config(|c| {
+            c.privacy.subjects = SubjectMode::Plain;
+            c.store.raw_retention = Dur::secs(3);
+        })
+        .faketime(&format!("+{offset}"))
+        .start();
+    let (up, log, dir) = (site.upstream(), site.log_path(), site.data_dir());
+    let key_dir = site.root.join("data.keys");
+    let mut p = site.publisher();
     let marker = |i: usize| format!("card:MARKER-{i:04}-浙A");
     for i in 0..200 {
         p.send(
@@ -242,8 +233,8 @@ fn raw_events_past_retention_leave_no_readable_byte_of_their_subject() {
     // Past the day and the retention: the raw events go and the day's key is destroyed, so
     // whatever bytes of theirs remain in the file cannot be read.
     let offset2 = midnight + 120 - real_s;
-    fs::write(&clock_file, format!("+{offset2}\n")).unwrap();
-    std::thread::sleep(Duration::from_secs(2));
+    site.set_clock(&format!("+{offset2}"));
+    site.wait_step_held(170_000);
     p.send(
         "zhian/access/door-0",
         access("next-day", now_ms() + offset2 * 1000, "card:OTHER-1"),
@@ -253,8 +244,10 @@ fn raw_events_past_retention_leave_no_readable_byte_of_their_subject() {
         "the sealing key of the expired day is destroyed; log:\n{}",
         tail(&log, 20)
     );
-    assert!(log_text(&log).contains("sealing key destroyed"));
-    let (status, _) = d.term();
+    // The key file goes a moment before the line saying so is written.
+    assert!(wait_until(Duration::from_secs(10), || log_text(&log)
+        .contains("sealing key destroyed")));
+    let (status, _) = site.term_daemon();
     assert!(status.success());
     assert!(found(&[&dir, &key_dir], "MARKER-").is_empty());
     assert!(!files(&key_dir).contains(&sealed[0]));

@@ -3,15 +3,15 @@
 //! again across a restart; a day's distinct subjects and vehicles against a model, with
 //! duplicates and a late event re-issuing the day; no card or plate upstream.
 
-mod common;
+use crate::common;
 
 use common::*;
 use serde_json::Value;
 use std::collections::BTreeSet;
-use std::fs;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
+use zhian_gateway::config::{CareResident, Dur, Secret};
 
 fn access(id: &str, ts_ms: i64, subject: &str) -> Vec<u8> {
     serde_json::json!({"id": id, "ts": ts_ms, "action": "entry", "result": "granted",
@@ -43,27 +43,34 @@ fn care_notices(up: &Upstream) -> Vec<Value> {
     up.on("care").iter().map(|m| m.json()).collect()
 }
 
+/// A resident silent after 2 minutes, listed by `subject` or by `pseudonym`.
+fn resident(alias: &str, subject: Option<&str>, pseudonym: Option<&str>) -> CareResident {
+    CareResident {
+        subject: subject.map(|s| Secret(s.into())),
+        pseudonym: pseudonym.map(str::to_string),
+        alias: alias.into(),
+        silence: Dur::secs(120),
+        quiet: None,
+    }
+}
+
 #[test]
 fn a_resident_goes_silent_and_is_seen_again_across_a_restart() {
-    let scratch = tempfile::tempdir().unwrap();
-    let dir = scratch.path().join("data");
-    let site = Mosquitto::start(&scratch.path().join("site"), free_port(), true);
-    let district = Mosquitto::start(&scratch.path().join("district"), free_port(), false);
-    let up = Upstream::start(district.port, "care-collector");
-    let status_port = free_port();
-    let cfg = scratch.path().join("gateway.toml");
-    let base = config_with_status(&dir, site.port, district.port, status_port);
+    let mut site = Site::build("care")
+        .persistent_device()
+        .status()
+        .faketime("+0")
+        .unstarted()
+        .start();
+    let cfg = site.config_path();
     // The second resident is listed by pseudonym: the config never holds that card.
-    fs::write(&cfg, &base).unwrap();
     let p2 = care_pseudonym(&cfg, "card:ELDER-2");
-    fs::write(
-        &cfg,
-        format!(
-            "{base}\n[[care.residents]]\nsubject = \"card:ELDER-1\"\nalias = \"3-2-601\"\nsilence = \"2m\"\n\
-             [[care.residents]]\npseudonym = \"{p2}\"\nalias = \"5-1-302\"\nsilence = \"2m\"\n"
-        ),
-    )
-    .unwrap();
+    site.gw_mut().edit_config(|c| {
+        c.care.residents = vec![
+            resident("3-2-601", Some("card:ELDER-1"), None),
+            resident("5-1-302", None, Some(&p2)),
+        ]
+    });
     let check = Command::new(common::gateway_bin())
         .args(["check-config", "--config"])
         .arg(&cfg)
@@ -76,14 +83,10 @@ fn a_resident_goes_silent_and_is_seen_again_across_a_restart() {
         "the subject is printed redacted: {printed}"
     );
 
-    let clock_file = scratch.path().join("faketime");
-    let log = scratch.path().join("daemon.log");
-    let mut d = faked_daemon(&cfg, &log, &clock_file, 0);
-    assert!(wait_until(Duration::from_secs(30), || api_status(
-        status_port
-    )
-    .is_some_and(|s| s["links"]["site"]["connected"] == true)));
-    let mut p = Publisher::connect(site.port, "care-pub");
+    site.start_daemon();
+    site.wait_ready(Ready::SiteLink);
+    let (up, status_port, log) = (site.upstream(), site.status_port(), site.log_path());
+    let mut p = site.publisher();
     // Resident 2 passes a door now; resident 1 does not.
     p.send(
         "zhian/access/door-1",
@@ -101,22 +104,22 @@ fn a_resident_goes_silent_and_is_seen_again_across_a_restart() {
         api_status(status_port).map(|s| s["care"].clone()),
         tail(&log, 20)
     );
-    assert!(care_notices(&up).is_empty());
+    assert!(care_notices(up).is_empty());
 
     // Three minutes later (the clock stepped, a device's event vouching for it): both silent.
-    fs::write(&clock_file, "+180\n").unwrap();
-    std::thread::sleep(Duration::from_secs(2));
+    site.set_clock("+180");
+    site.wait_step_held(170_000);
     p.send(
         "zhian/access/door-9",
         access("c-2", now_ms() + 180_000, "card:SOMEONE"),
     );
     assert!(
-        wait_until(Duration::from_secs(30), || care_notices(&up).len() == 2),
+        wait_until(Duration::from_secs(30), || care_notices(up).len() == 2),
         "{:?}\n{}",
-        care_notices(&up),
+        care_notices(up),
         tail(&log, 20)
     );
-    let notices = care_notices(&up);
+    let notices = care_notices(up);
     let aliases: BTreeSet<&str> = notices
         .iter()
         .map(|n| n["alias"].as_str().unwrap())
@@ -144,19 +147,17 @@ fn a_resident_goes_silent_and_is_seen_again_across_a_restart() {
     );
 
     // A restart: the watch survives, no notice twice.
-    let (st, _) = d.term();
+    let (st, _) = site.term_daemon();
     assert!(st.success());
-    let mut d = faked_daemon(&cfg, &log, &clock_file, 180);
-    assert!(wait_until(Duration::from_secs(30), || api_status(
-        status_port
-    )
-    .is_some_and(|s| s["care"].as_array().is_some_and(|c| c
-        .iter()
-        .filter(|r| r["silent"] == true)
-        .count()
-        == 2))));
+    site.start_daemon();
+    site.wait_for_status("both residents silent after the restart", |s| {
+        s["care"]
+            .as_array()
+            .is_some_and(|c| c.iter().filter(|r| r["silent"] == true).count() == 2)
+    });
+    // The pause is the check: 3 s in which a second notice would have come.
     std::thread::sleep(Duration::from_secs(3));
-    assert_eq!(care_notices(&up).len(), 2, "{:?}", care_notices(&up));
+    assert_eq!(care_notices(up).len(), 2, "{:?}", care_notices(up));
 
     // Resident 1 passes a door: one `seen` notice; a second pass, none.
     let t = now_ms() + 180_000;
@@ -166,12 +167,13 @@ fn a_resident_goes_silent_and_is_seen_again_across_a_restart() {
         access("c-4", t + 1000, "card:ELDER-1"),
     );
     assert!(
-        wait_until(Duration::from_secs(30), || care_notices(&up).len() == 3),
+        wait_until(Duration::from_secs(30), || care_notices(up).len() == 3),
         "{:?}",
-        care_notices(&up)
+        care_notices(up)
     );
+    // The pause is the check: 3 s in which the second pass would have sent a notice.
     std::thread::sleep(Duration::from_secs(3));
-    let notices = care_notices(&up);
+    let notices = care_notices(up);
     assert_eq!(notices.len(), 3, "{notices:?}");
     assert_eq!(notices[2]["alias"], "3-2-601");
     assert_eq!(notices[2]["state"], "seen");
@@ -185,27 +187,24 @@ fn a_resident_goes_silent_and_is_seen_again_across_a_restart() {
         .unwrap()
         .clone();
     assert_eq!(one["silent"], false, "{one}");
-    d.term();
+    site.term_daemon();
     let leaks = up.subject_leaks(&["ELDER", "SOMEONE", &p2]);
     assert!(leaks.is_empty(), "{leaks:?}");
 }
 
 #[test]
 fn daily_distinct_counts_match_a_model_with_duplicates_and_a_late_event() {
-    let scratch = tempfile::tempdir().unwrap();
-    let dir = scratch.path().join("data");
-    let site = Mosquitto::start(&scratch.path().join("site"), free_port(), true);
-    let district = Mosquitto::start(&scratch.path().join("district"), free_port(), false);
-    let up = Upstream::start(district.port, "daily-collector");
-    let cfg = scratch.path().join("gateway.toml");
-    fs::write(&cfg, config_text(&dir, site.port, district.port, "")).unwrap();
-    // The daemon's clock 90 s before the next local midnight (+08:00).
+    // The daemon's clock 90 s before the next local midnight (+08:00). (The status page shows
+    // the test when the daemon took a step of its clock.)
     let (real_s, midnight) = to_next_midnight_s();
     let offset = midnight - 90 - real_s;
-    let clock_file = scratch.path().join("faketime");
-    let log = scratch.path().join("daemon.log");
-    let mut d = faked_daemon(&cfg, &log, &clock_file, offset);
-    let mut p = Publisher::connect(site.port, "daily-pub");
+    let site = Site::build("daily")
+        .persistent_device()
+        .status()
+        .faketime(&format!("+{offset}"))
+        .start();
+    let (up, log) = (site.upstream(), site.log_path());
+    let mut p = site.publisher();
     // The day: 60 door events from 25 cards, 12 plates over 30 gate events, and every tenth
     // message sent twice (redelivery: same id).
     let mut rng = Rng::new(7);
@@ -249,8 +248,8 @@ fn daily_distinct_counts_match_a_model_with_duplicates_and_a_late_event() {
     assert!(up.on("daily").is_empty(), "not before the day ends");
     // Past midnight (a device on the new day vouches for the step): the day is issued.
     let offset2 = midnight + 20 - real_s;
-    fs::write(&clock_file, format!("+{offset2}\n")).unwrap();
-    std::thread::sleep(Duration::from_secs(2));
+    site.set_clock(&format!("+{offset2}"));
+    site.wait_step_held(100_000);
     p.send(
         "zhian/access/door-0",
         access("next-1", now_ms() + offset2 * 1000, "card:NEXT"),
@@ -303,7 +302,7 @@ fn daily_distinct_counts_match_a_model_with_duplicates_and_a_late_event() {
         .map(|c| c["n"].as_u64().unwrap())
         .sum();
     assert_eq!(sum, total + 2);
-    d.term();
+    site.term_daemon();
     let markers: Vec<String> = cards
         .iter()
         .chain(&plates)

@@ -3,7 +3,7 @@
 //! that reach the district broker are checked against the peer's own ground truth, across a
 //! kill -9 of the daemon. Needs socat, pymodbus and pyserial: `scripts/test-deps.sh` installs them.
 
-mod common;
+use crate::common;
 
 use std::ffi::OsStr;
 use std::fs::{self, File};
@@ -14,6 +14,10 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::Value;
+use zhian_gateway::config::{
+    Dur, ModbusDevice, ModbusPoint, Parity, PointType, Role, Rtu, Table, WordOrder,
+};
+use zhian_gateway::core::event::Kind;
 
 /// `poll` of every test device.
 const POLL_MS: u64 = 250;
@@ -202,71 +206,67 @@ fn socat_pair(dir: &Path) -> (Proc, PathBuf, PathBuf) {
 // Config
 // ---------------------------------------------------------------------------------------------
 
-/// The four points of the `basic` plan, as `[[modbus.devices.points]]` tables.
-const BASIC_POINTS: &str = r#"
-[[modbus.devices.points]]
-name = "in_count"
-table = "holding"
-address = 0
-type = "u16"
-role = "counter"
-action = "entry"
-result = "ok"
-wrap = true
-
-[[modbus.devices.points]]
-name = "out_count"
-table = "holding"
-address = 2
-type = "u32"
-word_order = "big"
-role = "counter"
-action = "exit"
-result = "ok"
-
-[[modbus.devices.points]]
-name = "barrier_open"
-table = "coil"
-address = 0
-type = "bool"
-role = "state"
-
-[[modbus.devices.points]]
-name = "temp_c"
-table = "holding"
-address = 10
-type = "f32"
-role = "state"
-"#;
-
-/// One `[[modbus.devices]]` table; `transport` is a `tcp = ...` or `rtu = {...}` line.
-fn device_toml(name: &str, kind: &str, transport: &str, unit: u8, points: &str) -> String {
-    format!(
-        "\n[[modbus.devices]]\n\
-         name = \"{name}\"\n\
-         kind = \"{kind}\"\n\
-         {transport}\n\
-         unit = {unit}\n\
-         poll = \"{POLL_MS}ms\"\n\
-         timeout = \"300ms\"\n\
-         offline_after = 3\n\
-         {points}"
-    )
+/// A state point (no action).
+fn state_point(name: &str, table: Table, address: u32, ty: PointType) -> ModbusPoint {
+    ModbusPoint {
+        role: Role::State,
+        action: None,
+        ..counter_point(name, table, address, ty, "")
+    }
 }
 
-fn tcp_line(port: u16) -> String {
-    format!("tcp = \"127.0.0.1:{port}\"")
+/// The four points of the `basic` plan.
+fn basic_points() -> Vec<ModbusPoint> {
+    vec![
+        ModbusPoint {
+            result: Some("ok".into()),
+            wrap: true,
+            ..counter_point("in_count", Table::Holding, 0, PointType::U16, "entry")
+        },
+        ModbusPoint {
+            result: Some("ok".into()),
+            word_order: WordOrder::Big,
+            ..counter_point("out_count", Table::Holding, 2, PointType::U32, "exit")
+        },
+        state_point("barrier_open", Table::Coil, 0, PointType::Bool),
+        state_point("temp_c", Table::Holding, 10, PointType::F32),
+    ]
 }
 
-fn rtu_line(path: &Path) -> String {
-    format!(
-        "rtu = {{ path = {}, baud = 9600, parity = \"none\", data_bits = 8, stop_bits = 1 }}",
-        toml_string(&path.to_string_lossy())
-    )
+/// Where a device is.
+#[derive(Clone, Copy)]
+enum Line<'a> {
+    Tcp(u16),
+    /// An RTU line at this path (None: a config without one).
+    Rtu(Option<&'a Path>),
+}
+
+/// A device polled every `POLL_MS` with a 300 ms timeout, offline after 3 failed polls.
+fn device(name: &str, kind: Kind, line: Line, unit: u8, points: Vec<ModbusPoint>) -> ModbusDevice {
+    let mut d = modbus_tcp(name, kind, "");
+    match line {
+        Line::Tcp(port) => d.tcp = Some(format!("127.0.0.1:{port}")),
+        Line::Rtu(path) => {
+            d.tcp = None;
+            d.rtu = Some(Rtu {
+                path: path.map(Path::to_path_buf),
+                baud: 9600,
+                parity: Parity::None,
+                data_bits: 8,
+                stop_bits: 1,
+            });
+        }
+    }
+    d.unit = unit;
+    d.poll = Dur::millis(POLL_MS);
+    d.timeout = Dur::millis(300);
+    d.offline_after = 3;
+    d.points = points;
+    d
 }
 
 // ---------------------------------------------------------------------------------------------
-// A site: brokers, collector, daemon (with Modbus devices), peer
+// What arrives upstream
 // ---------------------------------------------------------------------------------------------
 
 /// The heartbeat's `modbus` entry for `device`.
@@ -296,178 +296,92 @@ fn key(kind: &str, device: &str, action: &str) -> Key {
     )
 }
 
-/// Brokers, collector and (once configured) the daemon, in one tempdir; the peer and socat are
-/// owned by the test and dropped after the site. On a failing test, Drop prints the logs and
-/// keeps the directory.
-struct ModbusSite {
-    name: String,
-    daemon: Option<Daemon>,
-    upstream: Upstream,
-    _device: Mosquitto,
-    _district: Mosquitto,
-    root: PathBuf,
-    config: PathBuf,
-    log: PathBuf,
-    dir: Option<tempfile::TempDir>,
+/// A site for a Modbus test: brokers and collector, the daemon polling `devices` (started by
+/// the test); a failing test also prints the peer's and socat's files.
+fn modbus_site(b: SiteBuilder, devices: Vec<ModbusDevice>) -> Site {
+    b.config(|c| c.modbus.devices = devices)
+        .show_on_failure("peer.stderr")
+        .show_on_failure("socat.stderr")
+        .show_on_failure("peer-state.json")
+        .unstarted()
+        .start()
 }
 
-impl ModbusSite {
-    fn new(name: &str) -> ModbusSite {
-        let dir = tempfile::Builder::new()
-            .prefix(&format!("zhian-e2e-{name}-"))
-            .tempdir()
-            .expect("create tempdir");
-        let root = dir.path().to_path_buf();
-        let device = Mosquitto::start(&root.join("device-broker"), free_port(), false);
-        let district = Mosquitto::start(&root.join("district-broker"), free_port(), false);
-        let upstream = Upstream::start(district.port, &format!("collector-{name}"));
-        let config = root.join("gateway.toml");
-        let base = config_text(&root.join("data"), device.port, district.port, "");
-        fs::write(&config, base).expect("write config");
-        ModbusSite {
-            name: name.to_string(),
-            daemon: None,
-            upstream,
-            root: root.clone(),
-            config,
-            log: root.join("daemon.log"),
-            _device: device,
-            _district: district,
-            dir: Some(dir),
-        }
-    }
-
-    /// Appends `[[modbus.devices]]` tables to the config.
-    fn add_devices(&self, toml: &str) {
-        let mut text = fs::read_to_string(&self.config).expect("read config");
-        text.push_str(toml);
-        fs::write(&self.config, text).expect("write config");
-    }
-
-    fn start_daemon(&mut self) {
-        assert!(self.daemon.is_none(), "daemon already running");
-        self.daemon = Some(Daemon::start(&self.config, &self.log));
-    }
-
-    fn kill9_daemon(&mut self) {
-        self.daemon.take().expect("daemon running").kill9();
-    }
-
-    fn assert_daemon_running(&mut self) {
-        if let Some(d) = self.daemon.as_mut() {
-            if let Some(status) = d.try_wait() {
-                panic!("daemon exited unexpectedly: {status}");
-            }
-        }
-    }
-
-    /// Waits for a heartbeat received at or after `since_ms` that satisfies `pred`.
-    fn wait_heartbeat(
-        &mut self,
-        what: &str,
-        since_ms: i64,
-        timeout: Duration,
-        pred: impl Fn(&Value) -> bool,
-    ) -> Msg {
-        let mut found = None;
-        let ok = wait_until(timeout, || {
-            self.assert_daemon_running();
-            found = self
-                .upstream
-                .on("heartbeat")
-                .into_iter()
-                .rev()
-                .take_while(|m| m.at_ms >= since_ms)
-                .find(|m| pred(&m.json()));
-            found.is_some()
-        });
-        let latest = self.upstream.latest_heartbeat();
-        assert!(
-            ok,
-            "no heartbeat with {what} within {timeout:?}; latest: {latest:?}"
-        );
-        found.expect("heartbeat found")
-    }
-
-    /// Waits until the upstream totals equal `expected`, then checks they stay so and that the
-    /// summaries keep the contract.
-    fn assert_totals(&mut self, expected: &Totals, timeout: Duration) {
-        let ok = wait_until(timeout, || self.upstream.totals() == *expected);
-        let actual = self.upstream.totals();
-        assert!(
-            ok,
-            "upstream totals differ from the peer's increments after {timeout:?}:\n{}\n{}",
-            map_diff(expected, &actual),
-            self.upstream.dump()
-        );
-        // Nothing more may arrive: no late double count, no re-issue that changes a window.
-        thread::sleep(Duration::from_millis(2_500));
-        let later = self.upstream.totals();
-        assert!(
-            later == *expected,
-            "upstream totals changed after matching:\n{}",
-            map_diff(expected, &later)
-        );
-        let problems = self.upstream.summary_problems();
-        assert!(
-            problems.is_empty(),
-            "summary contract problems:\n{}",
-            problems.join("\n")
-        );
-        self.assert_daemon_running();
+fn assert_daemon_running(site: &Site) {
+    if let Some(status) = site.daemon_exited() {
+        panic!("daemon exited unexpectedly: {status}");
     }
 }
 
-impl Drop for ModbusSite {
-    fn drop(&mut self) {
-        if let Some(mut d) = self.daemon.take() {
-            if d.try_wait().is_none() {
-                d.kill9();
-            }
-        }
-        if thread::panicking() {
-            let kept = self.dir.take().map(tempfile::TempDir::keep);
-            eprintln!(
-                "===== {}: daemon log ({}), last 300 lines =====\n{}",
-                self.name,
-                self.log.display(),
-                tail(&self.log, 300)
-            );
-            for file in ["peer.stderr", "socat.stderr", "peer-state.json"] {
-                let path = self.root.join(file);
-                if path.exists() {
-                    eprintln!("===== {}: {file} =====\n{}", self.name, tail(&path, 40));
-                }
-            }
-            eprintln!(
-                "===== {}: upstream =====\n{}",
-                self.name,
-                self.upstream.dump()
-            );
-            if let Some(path) = kept {
-                eprintln!(
-                    "===== {}: files kept in {} =====",
-                    self.name,
-                    path.display()
-                );
-            }
-        }
-    }
+/// Waits for a heartbeat received at or after `since_ms` that satisfies `pred`.
+fn wait_heartbeat(
+    site: &Site,
+    what: &str,
+    since_ms: i64,
+    timeout: Duration,
+    pred: impl Fn(&Value) -> bool,
+) -> Msg {
+    let mut found = None;
+    let ok = wait_until(timeout, || {
+        assert_daemon_running(site);
+        found = site
+            .upstream()
+            .on("heartbeat")
+            .into_iter()
+            .rev()
+            .take_while(|m| m.at_ms >= since_ms)
+            .find(|m| pred(&m.json()));
+        found.is_some()
+    });
+    let latest = site.upstream().latest_heartbeat();
+    assert!(
+        ok,
+        "no heartbeat with {what} within {timeout:?}; latest: {latest:?}"
+    );
+    found.expect("heartbeat found")
 }
 
-/// Sleeps until `at`, failing early if the daemon dies meanwhile.
-fn sleep_until(site: &mut ModbusSite, at: Instant) {
-    while Instant::now() < at {
-        site.assert_daemon_running();
-        thread::sleep(Duration::from_millis(50).min(at.saturating_duration_since(Instant::now())));
-    }
+/// Waits until the upstream totals equal `expected`, then checks they stay so and that the
+/// summaries keep the contract.
+fn assert_totals(site: &Site, expected: &Totals, timeout: Duration) {
+    let up = site.upstream();
+    let ok = wait_until(timeout, || up.totals() == *expected);
+    let actual = up.totals();
+    assert!(
+        ok,
+        "upstream totals differ from the peer's increments after {timeout:?}:\n{}\n{}",
+        map_diff(expected, &actual),
+        up.dump()
+    );
+    // Nothing more may arrive: no late double count, no re-issue that changes a window. The
+    // pause is the check (longer than a window and its grace), not a wait.
+    thread::sleep(Duration::from_millis(2_500));
+    let later = up.totals();
+    assert!(
+        later == *expected,
+        "upstream totals changed after matching:\n{}",
+        map_diff(expected, &later)
+    );
+    let problems = up.summary_problems();
+    assert!(
+        problems.is_empty(),
+        "summary contract problems:\n{}",
+        problems.join("\n")
+    );
+    assert_daemon_running(site);
 }
 
 /// Movement started at `moving`: kill -9 the daemon at `KILL_AT`, start it again `DEAD_FOR`
 /// later. Returns the wall clock (Unix ms) of the restart.
-fn kill_and_restart(site: &mut ModbusSite, moving: Instant) -> i64 {
-    sleep_until(site, moving + KILL_AT);
+fn kill_and_restart(site: &Site, moving: Instant) -> i64 {
+    // The kill lands at a moment of the peer's plan (the wall clock is what is waited for),
+    // failing early if the daemon dies meanwhile.
+    wait_every(Duration::from_millis(50), DEADLINE, || {
+        assert_daemon_running(site);
+        Instant::now() >= moving + KILL_AT
+    });
     site.kill9_daemon();
+    // The scenario: the daemon stays dead while the counters move.
     thread::sleep(DEAD_FOR);
     let restarted = now_ms();
     site.start_daemon();
@@ -481,11 +395,11 @@ fn kill_and_restart(site: &mut ModbusSite, moving: Instant) -> i64 {
 #[test]
 fn modbus_tcp_counters_exact_across_kill9() {
     require_python_deps();
-    let mut site = ModbusSite::new("mb-tcp");
+    let b = Site::build("mb-tcp");
     let port = free_port();
     let port_arg = port.to_string();
     let mut peer = Peer::start(
-        &site.root,
+        b.root(),
         &[
             OsStr::new("--mode"),
             OsStr::new("tcp"),
@@ -493,23 +407,19 @@ fn modbus_tcp_counters_exact_across_kill9() {
             OsStr::new(&port_arg),
         ],
     );
-    site.add_devices(&device_toml(
-        "gate-1",
-        "vehicle",
-        &tcp_line(port),
-        1,
-        BASIC_POINTS,
-    ));
+    let gate = device("gate-1", Kind::Vehicle, Line::Tcp(port), 1, basic_points());
+    let site = modbus_site(b, vec![gate]);
     site.start_daemon();
     // The baseline is the first value the daemon reads: only then may the counters move.
-    site.wait_heartbeat("gate-1 online", 0, Duration::from_secs(20), |hb| {
+    wait_heartbeat(&site, "gate-1 online", 0, Duration::from_secs(20), |hb| {
         online(hb, "gate-1")
     });
 
     peer.start_moving();
     let moving = Instant::now();
-    let restarted = kill_and_restart(&mut site, moving);
-    site.wait_heartbeat(
+    let restarted = kill_and_restart(&site, moving);
+    wait_heartbeat(
+        &site,
         "gate-1 online after the restart",
         restarted,
         Duration::from_secs(15),
@@ -536,17 +446,17 @@ fn modbus_tcp_counters_exact_across_kill9() {
         "the peer's plan did not wrap in_count and reset out_count: {done}"
     );
     eprintln!("peer truth (gate-1): {expected:?}");
-    site.assert_totals(&expected, Duration::from_secs(20));
+    assert_totals(&site, &expected, Duration::from_secs(20));
 
     let done_ms = now_ms();
-    let hb = site
-        .wait_heartbeat(
-            "gate-1 online after the run",
-            done_ms,
-            Duration::from_secs(10),
-            |hb| online(hb, "gate-1"),
-        )
-        .json();
+    let hb = wait_heartbeat(
+        &site,
+        "gate-1 online after the run",
+        done_ms,
+        Duration::from_secs(10),
+        |hb| online(hb, "gate-1"),
+    )
+    .json();
     let entry = modbus_entry(&hb, "gate-1").expect("gate-1 entry");
     assert!(
         entry["states"]["barrier_open"].is_boolean(),
@@ -571,7 +481,7 @@ fn modbus_tcp_counters_exact_across_kill9() {
     assert_eq!(hb["devices"]["offline"], 0, "devices in {hb}");
     // The coil toggled every second: the heartbeats showed both values at some point.
     let seen: Vec<Value> = site
-        .upstream
+        .upstream()
         .on("heartbeat")
         .iter()
         .filter_map(|m| {
@@ -589,10 +499,10 @@ fn modbus_tcp_counters_exact_across_kill9() {
 fn modbus_rtu_two_live_units_one_silent() {
     require_python_deps();
     require_socat();
-    let mut site = ModbusSite::new("mb-rtu");
-    let (_socat, tty_gw, tty_peer) = socat_pair(&site.root);
+    let b = Site::build("mb-rtu");
+    let (_socat, tty_gw, tty_peer) = socat_pair(b.root());
     let mut peer = Peer::start(
-        &site.root,
+        b.root(),
         &[
             OsStr::new("--mode"),
             OsStr::new("rtu"),
@@ -600,14 +510,16 @@ fn modbus_rtu_two_live_units_one_silent() {
             tty_peer.as_os_str(),
         ],
     );
-    let rtu = rtu_line(&tty_gw);
-    let mut devices = String::new();
-    for (name, unit) in [("door-a", 1), ("door-b", 2), ("door-c", 3)] {
-        devices.push_str(&device_toml(name, "access", &rtu, unit, BASIC_POINTS));
-    }
-    site.add_devices(&devices);
+    let devices = [("door-a", 1), ("door-b", 2), ("door-c", 3)]
+        .map(|(name, unit)| {
+            let line = Line::Rtu(Some(&tty_gw));
+            device(name, Kind::Access, line, unit, basic_points())
+        })
+        .to_vec();
+    let site = modbus_site(b, devices);
     site.start_daemon();
-    site.wait_heartbeat(
+    wait_heartbeat(
+        &site,
         "door-a and door-b online",
         0,
         Duration::from_secs(20),
@@ -616,8 +528,9 @@ fn modbus_rtu_two_live_units_one_silent() {
 
     peer.start_moving();
     let moving = Instant::now();
-    let restarted = kill_and_restart(&mut site, moving);
-    let first = site.wait_heartbeat(
+    let restarted = kill_and_restart(&site, moving);
+    let first = wait_heartbeat(
+        &site,
         "door-a and door-b online after the restart",
         restarted,
         Duration::from_secs(15),
@@ -638,9 +551,10 @@ fn modbus_rtu_two_live_units_one_silent() {
     }
     eprintln!("peer truth (door-a, door-b): {expected:?}");
     // door-c (unit 3) never answers: no row of it may appear.
-    site.assert_totals(&expected, Duration::from_secs(20));
+    assert_totals(&site, &expected, Duration::from_secs(20));
 
-    let last = site.wait_heartbeat(
+    let last = wait_heartbeat(
+        &site,
         "door-c offline, door-a and door-b online",
         now_ms(),
         Duration::from_secs(10),
@@ -679,58 +593,41 @@ fn modbus_rtu_two_live_units_one_silent() {
 
 #[test]
 fn modbus_bad_config_names_key() {
-    let dir = tempfile::Builder::new()
-        .prefix("zhian-e2e-mb-config-")
-        .tempdir()
-        .expect("create tempdir");
-    let base = config_text(&dir.path().join("data"), free_port(), free_port(), "");
-    let tcp = tcp_line(free_port());
+    // Nothing runs: config files and check-config on them.
+    let site = Site::build("mb-config")
+        .no_device_broker()
+        .no_district_broker()
+        .unstarted()
+        .start();
+    let dir = site.root.as_path();
+    let base = site.gw().config.clone();
+    let tcp = Line::Tcp(free_port());
 
-    let counter_f32 = r#"
-[[modbus.devices.points]]
-name = "in_count"
-table = "holding"
-address = 0
-type = "f32"
-role = "counter"
-action = "entry"
-"#;
-    let far_address = r#"
-[[modbus.devices.points]]
-name = "in_count"
-table = "holding"
-address = 70000
-type = "u16"
-role = "counter"
-action = "entry"
-"#;
+    let counter_f32 = counter_point("in_count", Table::Holding, 0, PointType::F32, "entry");
+    let far_address = counter_point("in_count", Table::Holding, 70000, PointType::U16, "entry");
     let cases = [
         (
             "counter of type f32",
-            device_toml("gate-1", "vehicle", &tcp, 1, counter_f32),
+            device("gate-1", Kind::Vehicle, tcp, 1, vec![counter_f32]),
             "modbus.devices[0].points[0].type",
         ),
         (
             "RTU device without path",
-            device_toml(
-                "door-a",
-                "access",
-                "rtu = { baud = 9600, parity = \"none\", data_bits = 8, stop_bits = 1 }",
-                1,
-                BASIC_POINTS,
-            ),
+            device("door-a", Kind::Access, Line::Rtu(None), 1, basic_points()),
             "modbus.devices[0].rtu.path",
         ),
         (
             "address 70000",
-            device_toml("gate-1", "vehicle", &tcp, 1, far_address),
+            device("gate-1", Kind::Vehicle, tcp, 1, vec![far_address]),
             "modbus.devices[0].points[0].address",
         ),
     ];
-    for (i, (what, devices, key_path)) in cases.iter().enumerate() {
-        let path = dir.path().join(format!("bad-{i}.toml"));
-        fs::write(&path, format!("{base}{devices}")).expect("write config");
-        let out = check_config(&path, dir.path());
+    for (i, (what, device, key_path)) in cases.into_iter().enumerate() {
+        let path = dir.join(format!("bad-{i}.toml"));
+        let mut c = base.clone();
+        c.modbus.devices = vec![device];
+        write_config(&path, &c);
+        let out = check_config(&path, dir);
         assert_eq!(
             out.status.code(),
             Some(78),
@@ -746,20 +643,21 @@ action = "entry"
     }
 
     // The same devices, valid, pass: the failures above come from the named keys alone.
-    let good = dir.path().join("good.toml");
-    let devices = format!(
-        "{}{}",
-        device_toml("gate-1", "vehicle", &tcp, 1, BASIC_POINTS),
-        device_toml(
+    let good = dir.join("good.toml");
+    let tty = dir.join("ttyGW");
+    let mut c = base.clone();
+    c.modbus.devices = vec![
+        device("gate-1", Kind::Vehicle, tcp, 1, basic_points()),
+        device(
             "door-a",
-            "access",
-            &rtu_line(&dir.path().join("ttyGW")),
+            Kind::Access,
+            Line::Rtu(Some(&tty)),
             1,
-            BASIC_POINTS
-        )
-    );
-    fs::write(&good, format!("{base}{devices}")).expect("write config");
-    let out = check_config(&good, dir.path());
+            basic_points(),
+        ),
+    ];
+    write_config(&good, &c);
+    let out = check_config(&good, dir);
     assert_eq!(
         out.status.code(),
         Some(0),

@@ -2,13 +2,14 @@
 //! password and ACL files: a device publishes only on its own topic, reads nobody's events,
 //! and cannot take the gateway's client id; the gateway counts what the devices send.
 
-mod common;
+use crate::common;
 
 use common::*;
 use std::fs;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
+use zhian_gateway::config::Secret;
 
 fn passwd(file: &Path, user: &str, password: &str) {
     let mut cmd = Command::new("mosquitto_passwd");
@@ -48,8 +49,8 @@ fn publish(port: u16, user: &str, password: &str, topic: &str, payload: &[u8]) {
 
 #[test]
 fn the_site_broker_recipe_keeps_devices_apart_and_the_gateway_id_bound() {
-    let scratch = tempfile::tempdir().unwrap();
-    let s = scratch.path();
+    let site = Site::build("recipe");
+    let s = site.root().to_path_buf();
     let contrib = Path::new(env!("CARGO_MANIFEST_DIR")).join("contrib/mosquitto");
     let pw = s.join("zhian-site.passwd");
     passwd(&pw, "zhian-gateway", "gw-secret");
@@ -75,21 +76,18 @@ fn the_site_broker_recipe_keeps_devices_apart_and_the_gateway_id_bound() {
         .collect::<Vec<_>>()
         .join("\n");
     assert!(extra.contains("use_username_as_clientid true"), "{extra}");
-    let site = Mosquitto::start_with(&s.join("site"), free_port(), true, &extra);
-    let district = Mosquitto::start(&s.join("district"), free_port(), false);
-    let up = Upstream::start(district.port, "recipe-collector");
-    let status_port = free_port();
-    let cfg = s.join("gateway.toml");
-    fs::write(
-        &cfg,
-        config_with_status(&s.join("data"), site.port, district.port, status_port).replace(
-            &format!("client_id = \"{DEVICE_CLIENT_ID}\""),
-            "client_id = \"zhian-gateway\"\nusername = \"zhian-gateway\"\npassword = \"gw-secret\"",
-        ),
-    )
-    .unwrap();
-    let log = s.join("daemon.log");
-    let mut d = Daemon::start(&cfg, &log);
+    let site = site
+        .persistent_device()
+        .device_broker_with(&extra)
+        .status()
+        .config(|c| {
+            c.mqtt.client_id = Some("zhian-gateway".into());
+            c.mqtt.username = Some("zhian-gateway".into());
+            c.mqtt.password = Some(Secret("gw-secret".into()));
+        })
+        .start();
+    let (up, status_port, log) = (site.upstream(), site.status_port(), site.log_path());
+    let port = site.device().port;
     assert!(
         wait_until(Duration::from_secs(30), || api_status(status_port)
             .is_some_and(|s| s["links"]["site"]["connected"] == true)),
@@ -101,7 +99,7 @@ fn the_site_broker_recipe_keeps_devices_apart_and_the_gateway_id_bound() {
     let spy = Command::new("mosquitto_sub")
         .args([
             "-p",
-            &site.port.to_string(),
+            &port.to_string(),
             "-u",
             "door-2",
             "-P",
@@ -112,35 +110,23 @@ fn the_site_broker_recipe_keeps_devices_apart_and_the_gateway_id_bound() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("mosquitto_sub");
-    std::thread::sleep(Duration::from_millis(500));
+    site.device().wait_subscribed("door-2", "zhian/+/+");
 
     // door-1 on its own topic: counted. door-1 posing as door-2: refused by the broker.
     for i in 0..5 {
         let e = Event::new("access", "door-1", &format!("own-{i}"), "entry")
             .subject(&format!("card:SUBJ{i}"));
-        publish(
-            site.port,
-            "door-1",
-            "door-1-secret",
-            &e.topic(),
-            &e.payload(),
-        );
+        publish(port, "door-1", "door-1-secret", &e.topic(), &e.payload());
     }
     for i in 0..3 {
         let e = Event::new("access", "door-2", &format!("spoof-{i}"), "entry");
-        publish(
-            site.port,
-            "door-1",
-            "door-1-secret",
-            &e.topic(),
-            &e.payload(),
-        );
+        publish(port, "door-1", "door-1-secret", &e.topic(), &e.payload());
     }
     // door-2 tries to take the gateway's client id: the broker names it door-2 instead.
     let _ = Command::new("mosquitto_sub")
         .args([
             "-p",
-            &site.port.to_string(),
+            &port.to_string(),
             "-u",
             "door-2",
             "-P",
@@ -150,13 +136,7 @@ fn the_site_broker_recipe_keeps_devices_apart_and_the_gateway_id_bound() {
         .status();
     for i in 5..8 {
         let e = Event::new("access", "door-1", &format!("own-{i}"), "entry");
-        publish(
-            site.port,
-            "door-1",
-            "door-1-secret",
-            &e.topic(),
-            &e.payload(),
-        );
+        publish(port, "door-1", "door-1-secret", &e.topic(), &e.payload());
     }
     let counted = |dev: &str| -> u64 {
         up.totals()
@@ -170,6 +150,7 @@ fn the_site_broker_recipe_keeps_devices_apart_and_the_gateway_id_bound() {
         "door-1's 8 events counted: {:?}",
         up.totals()
     );
+    // The pause is the check: 3 s in which a spoofed event would have been counted.
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(
         counted("door-2"),
@@ -188,5 +169,5 @@ fn the_site_broker_recipe_keeps_devices_apart_and_the_gateway_id_bound() {
         "the gateway's session was not taken over:\n{}",
         tail(&log, 20)
     );
-    d.term();
+    site.term_daemon();
 }

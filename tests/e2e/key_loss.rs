@@ -6,13 +6,14 @@
 //! pseudonym of the lost care key gets no false `silent` notice and is shown as unmatched, while
 //! one listed by subject is watched with the new key.
 
-mod common;
+use crate::common;
 
 use common::*;
 use serde_json::Value;
 use std::fs;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
+use zhian_gateway::config::{CareResident, Dur, Secret};
 
 fn access(id: &str, ts_ms: i64, subject: &str) -> Vec<u8> {
     serde_json::json!({"id": id, "ts": ts_ms, "action": "entry", "result": "granted",
@@ -56,44 +57,40 @@ fn daemon_now_ms(port: u16) -> Option<i64> {
 
 #[test]
 fn a_lost_key_dir_marks_the_day_instead_of_counting_people_twice() {
-    let scratch = tempfile::tempdir().unwrap();
-    let dir = scratch.path().join("data");
-    let key_dir = scratch.path().join("data.keys");
-    let site = Mosquitto::start(&scratch.path().join("site"), free_port(), true);
-    let district = Mosquitto::start(&scratch.path().join("district"), free_port(), false);
-    let up = Upstream::start(district.port, "keyloss-collector");
-    let status_port = free_port();
-    let cfg = scratch.path().join("gateway.toml");
-    let base = config_with_status(&dir, site.port, district.port, status_port);
-    fs::write(&cfg, &base).unwrap();
-    // 5-1-302 is listed by a pseudonym made with the care key of today (the installer's way);
-    // 3-2-601 by subject (the daemon keys it itself, with whatever care key it has).
-    let p2 = care_pseudonym(&cfg, "card:ELDER-2");
-    fs::write(
-        &cfg,
-        format!(
-            "{base}\n[[care.residents]]\nsubject = \"card:ELDER-1\"\nalias = \"3-2-601\"\nsilence = \"2m\"\n\
-             [[care.residents]]\npseudonym = \"{p2}\"\nalias = \"5-1-302\"\nsilence = \"2m\"\n"
-        ),
-    )
-    .unwrap();
-
     // The daemon's clock a little before the next local midnight (+08:00).
     let (real_s, midnight) = to_next_midnight_s();
     let offset = midnight - 240 - real_s;
-    let clock_file = scratch.path().join("faketime");
-    let log = scratch.path().join("daemon.log");
+    let mut site = Site::build("keyloss")
+        .persistent_device()
+        .status()
+        .faketime(&format!("+{offset}"))
+        .unstarted()
+        .start();
+    let cfg = site.config_path();
+    let key_dir = PathBuf::from(format!("{}.keys", site.data_dir().display()));
+    // 5-1-302 is listed by a pseudonym made with the care key of today (the installer's way);
+    // 3-2-601 by subject (the daemon keys it itself, with whatever care key it has).
+    let p2 = care_pseudonym(&cfg, "card:ELDER-2");
+    let resident = |alias: &str, subject: Option<&str>, pseudonym: Option<&str>| CareResident {
+        subject: subject.map(|s| Secret(s.into())),
+        pseudonym: pseudonym.map(str::to_string),
+        alias: alias.into(),
+        silence: Dur::secs(120),
+        quiet: None,
+    };
+    site.gw_mut().edit_config(|c| {
+        c.care.residents = vec![
+            resident("3-2-601", Some("card:ELDER-1"), None),
+            resident("5-1-302", None, Some(&p2)),
+        ]
+    });
+    let (up, status_port, log) = (site.upstream(), site.status_port(), site.log_path());
     let fake_now = |off: i64| now_ms() + off * 1000;
     let people = ["card:ELDER-1", "card:PERSON-2", "face:PERSON-3"];
 
-    let mut d = faked_daemon(&cfg, &log, &clock_file, offset);
-    assert!(
-        wait_until(Duration::from_secs(30), || api_status(status_port)
-            .is_some_and(|s| s["links"]["site"]["connected"] == true)),
-        "{}",
-        tail(&log, 20)
-    );
-    let mut p = Publisher::connect(site.port, "keyloss-pub");
+    site.start_daemon();
+    site.wait_ready(Ready::SiteLink);
+    let mut p = site.publisher();
     for (i, s) in people.iter().enumerate() {
         p.send(
             "zhian/access/door-1",
@@ -113,7 +110,7 @@ fn a_lost_key_dir_marks_the_day_instead_of_counting_people_twice() {
     );
     let s = api_status(status_port).unwrap();
     assert_eq!(s["keys_lost"], serde_json::json!([]), "{}", s["keys_lost"]);
-    let (st, _) = d.term();
+    let (st, _) = site.term_daemon();
     assert!(st.success());
     assert!(loss_lines(&log).is_empty(), "nothing lost yet");
 
@@ -128,7 +125,7 @@ fn a_lost_key_dir_marks_the_day_instead_of_counting_people_twice() {
         fs::remove_file(f.path()).unwrap();
     }
 
-    let mut d = faked_daemon(&cfg, &log, &clock_file, offset);
+    site.start_daemon();
     let lost_shown = |s: &Value| {
         s["keys_lost"].as_array().is_some_and(|k| {
             k.iter()
@@ -203,7 +200,7 @@ fn a_lost_key_dir_marks_the_day_instead_of_counting_people_twice() {
     // Past midnight (a device on the new day vouches for the step): both residents have been
     // silent for longer than 2 minutes by the daemon's clock.
     let offset2 = midnight + 30 - real_s;
-    fs::write(&clock_file, format!("+{offset2}\n")).unwrap();
+    site.set_clock(&format!("+{offset2}"));
     assert!(
         wait_until(Duration::from_secs(10), || daemon_now_ms(status_port)
             .is_some_and(|t| t >= midnight * 1000)),
@@ -254,7 +251,7 @@ fn a_lost_key_dir_marks_the_day_instead_of_counting_people_twice() {
         "{:?}",
         up.totals()
     );
-    let (st, _) = d.term();
+    let (st, _) = site.term_daemon();
     assert!(st.success());
     assert_eq!(loss_lines(&log).len(), 1, "logged once");
     let markers: Vec<&str> = people

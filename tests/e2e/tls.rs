@@ -4,7 +4,7 @@
 //! naming the link, the reason and the key to change. (A wrong CA and a refused client
 //! certificate: `field_faults.rs`.)
 
-mod common;
+use crate::common;
 
 use common::*;
 use std::fs;
@@ -41,8 +41,9 @@ fn tls_listener(pki: &Path, server: &str, ca: &str, passwords: &Path, plain: u16
 
 #[test]
 fn both_links_over_mutual_tls_with_passwords_from_files_and_credentials_count_exactly() {
-    let scratch = tempfile::tempdir().unwrap();
-    let pki = scratch.path().join("pki");
+    let b = Site::build("mutual-tls");
+    let scratch = b.root().to_path_buf();
+    let pki = scratch.join("pki");
     fs::create_dir(&pki).unwrap();
     make_ca(&pki, "site-ca");
     make_leaf(&pki, "site-broker", "site-ca");
@@ -50,59 +51,58 @@ fn both_links_over_mutual_tls_with_passwords_from_files_and_credentials_count_ex
     make_ca(&pki, "district-ca");
     make_leaf(&pki, "district-broker", "district-ca");
     make_leaf(&pki, "gw-district", "district-ca");
-    let pw = scratch.path().join("passwd");
+    let pw = scratch.join("passwd");
     passwd(&pw, "gw-site", "site-Pass-1");
     passwd(&pw, "gw-up", "district-Pass-2");
     passwd(&pw, "tester", "tester-Pass-3");
-    // mosquitto reads the password file as its own user: root here (`user root`).
-    let (site_plain, district_plain) = (free_port(), free_port());
-    let site = Mosquitto::start_with(
-        &scratch.path().join("site"),
-        free_port(),
-        true,
-        &tls_listener(&pki, "site-broker", "site-ca", &pw, site_plain),
-    );
-    let district = Mosquitto::start_with(
-        &scratch.path().join("district"),
-        free_port(),
-        false,
-        &tls_listener(&pki, "district-broker", "district-ca", &pw, district_plain),
-    );
     // The passwords: the site's in a file the config names; the district's as a systemd
     // credential (`$CREDENTIALS_DIRECTORY/upstream.password`), which the config does not name.
-    let creds = scratch.path().join("credentials");
+    let creds = scratch.join("credentials");
     fs::create_dir(&creds).unwrap();
     fs::write(creds.join("upstream.password"), "district-Pass-2\n").unwrap();
-    let site_pw = scratch.path().join("site.password");
+    let site_pw = scratch.join("site.password");
     fs::write(&site_pw, "site-Pass-1\n").unwrap();
-    let status_port = free_port();
-    let dir = scratch.path().join("data");
-    let p = |n: &str| pki.join(n).display().to_string();
-    let cfg_text = config_with_status(&dir, site.port, district.port, status_port)
-        .replace(
-            &format!("url = \"mqtt://127.0.0.1:{}\"", site.port),
-            &format!(
-                "url = \"mqtts://127.0.0.1:{}\"\nusername = \"gw-site\"\npassword_file = \"{}\"\nca_file = \"{}\"\nclient_cert = \"{}\"\nclient_key = \"{}\"",
-                site.port,
-                site_pw.display(),
-                p("site-ca.pem"),
-                p("gw-site.pem"),
-                p("gw-site.key")
-            ),
-        )
-        .replace(
-            &format!("url = \"mqtt://127.0.0.1:{}\"", district.port),
-            &format!(
-                "url = \"mqtts://127.0.0.1:{}\"\nusername = \"gw-up\"\nca_file = \"{}\"\nclient_cert = \"{}\"\nclient_key = \"{}\"",
-                district.port,
-                p("district-ca.pem"),
-                p("gw-district.pem"),
-                p("gw-district.key")
-            ),
-        );
-    let cfg = scratch.path().join("gateway.toml");
-    fs::write(&cfg, cfg_text).unwrap();
     let creds_s = creds.display().to_string();
+    // mosquitto reads the password file as its own user: root here (`user root`).
+    let (site_plain, district_plain) = (free_port(), free_port());
+    let (site_port, district_port) = (b.device_port(), b.district_port());
+    let p = |n: &str| Some(pki.join(n));
+    let site = b
+        .persistent_device()
+        .device_broker_with(&tls_listener(
+            &pki,
+            "site-broker",
+            "site-ca",
+            &pw,
+            site_plain,
+        ))
+        .district_broker_with(&tls_listener(
+            &pki,
+            "district-broker",
+            "district-ca",
+            &pw,
+            district_plain,
+        ))
+        .collector_port(district_plain)
+        .collector_credentials("tester", "tester-Pass-3")
+        .status()
+        .config(|c| {
+            c.mqtt.url = format!("mqtts://127.0.0.1:{site_port}");
+            c.mqtt.username = Some("gw-site".into());
+            c.mqtt.password_file = Some(site_pw.clone());
+            c.mqtt.ca_file = p("site-ca.pem");
+            c.mqtt.client_cert = p("gw-site.pem");
+            c.mqtt.client_key = p("gw-site.key");
+            c.upstream.url = format!("mqtts://127.0.0.1:{district_port}");
+            c.upstream.username = Some("gw-up".into());
+            c.upstream.ca_file = p("district-ca.pem");
+            c.upstream.client_cert = p("gw-district.pem");
+            c.upstream.client_key = p("gw-district.key");
+        })
+        .env("CREDENTIALS_DIRECTORY", &creds_s)
+        .unstarted()
+        .start();
+    let (cfg, log) = (site.config_path(), site.log_path());
     // check-config sees the same credentials and never prints a password.
     let out = Command::new(common::gateway_bin())
         .args(["check-config", "--config"])
@@ -118,14 +118,8 @@ fn both_links_over_mutual_tls_with_passwords_from_files_and_credentials_count_ex
         "{text}"
     );
 
-    let up = Upstream::start_with_credentials(
-        district_plain,
-        "tls-collector",
-        "tester",
-        "tester-Pass-3",
-    );
-    let log = scratch.path().join("daemon.log");
-    let mut d = Daemon::start_with_env(&cfg, &log, &[("CREDENTIALS_DIRECTORY", &creds_s)]);
+    site.start_daemon();
+    let (up, status_port) = (site.upstream(), site.status_port());
     assert!(
         wait_until(Duration::from_secs(30), || api_status(status_port)
             .is_some_and(
@@ -162,14 +156,15 @@ fn both_links_over_mutual_tls_with_passwords_from_files_and_credentials_count_ex
         "{:?}",
         up.summary_problems()
     );
-    d.term();
+    site.term_daemon();
     assert!(!log_text(&log).contains("Pass-"));
 }
 
 #[test]
 fn an_expired_or_misnamed_broker_certificate_is_refused_and_named() {
-    let scratch = tempfile::tempdir().unwrap();
-    let pki = scratch.path().join("pki");
+    // The certificates, shared by both sites.
+    let fixtures = tempfile::tempdir().unwrap();
+    let pki = fixtures.path().join("pki");
     fs::create_dir(&pki).unwrap();
     make_ca_with(&pki, "district-ca", Some("-5d"), 30);
     make_leaf_with(&pki, "expired", "district-ca", "IP:127.0.0.1", Some("-3d"));
@@ -185,41 +180,26 @@ fn an_expired_or_misnamed_broker_certificate_is_refused_and_named() {
         ("expired", "expired or not yet valid"),
         ("misnamed", "does not name the host in upstream.url"),
     ] {
-        let district = Mosquitto::start_with(
-            &scratch.path().join(leaf),
-            free_port(),
-            false,
-            &format!(
+        let b = Site::build(leaf);
+        let district_port = b.district_port();
+        let site = b
+            .no_device_broker()
+            .district_broker_with(&format!(
                 "certfile {}\nkeyfile {}\n",
                 pki.join(format!("{leaf}.pem")).display(),
                 pki.join(format!("{leaf}.key")).display()
-            ),
-        );
-        let status_port = free_port();
-        let cfg = scratch.path().join(format!("{leaf}.toml"));
-        fs::write(
-            &cfg,
-            config_with_status(
-                &scratch.path().join(format!("data-{leaf}")),
-                free_port(),
-                district.port,
-                status_port,
-            )
-            .replace(
-                &format!("url = \"mqtt://127.0.0.1:{}\"", district.port),
-                &format!(
-                    "url = \"mqtts://127.0.0.1:{}\"\nca_file = \"{}\"",
-                    district.port,
-                    pki.join("district-ca.pem").display()
-                ),
-            ),
-        )
-        .unwrap();
-        let log = scratch.path().join(format!("{leaf}.log"));
-        let d = Daemon::start(&cfg, &log);
-        runs.push((district, d, status_port, log, reason_text));
+            ))
+            .no_collector()
+            .status()
+            .config(|c| {
+                c.upstream.url = format!("mqtts://127.0.0.1:{district_port}");
+                c.upstream.ca_file = Some(pki.join("district-ca.pem"));
+            })
+            .start();
+        runs.push((site, reason_text));
     }
-    for (_district, mut d, status_port, log, reason_text) in runs {
+    for (site, reason_text) in runs {
+        let (status_port, log) = (site.status_port(), site.log_path());
         assert!(
             wait_until(Duration::from_secs(30), || api_status(status_port)
                 .is_some_and(|s| s["link_problems"]["district"]["reason"] == "tls")),
@@ -240,6 +220,6 @@ fn an_expired_or_misnamed_broker_certificate_is_refused_and_named() {
             api_status(status_port).unwrap()["upstream"]["connected"],
             false
         );
-        d.term();
+        site.term_daemon();
     }
 }

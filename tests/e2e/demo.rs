@@ -2,9 +2,12 @@
 //! with counts from the simulated site (MQTT doors and cameras through the embedded broker, the
 //! Modbus TCP vehicle gate), and SIGTERM stops it cleanly. Uses the demo's fixed ports.
 
+use crate::common;
+
+use common::*;
+use std::ffi::OsStr;
 use std::io::{Read, Write};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 fn get(path: &str) -> Option<String> {
     let mut s = std::net::TcpStream::connect("127.0.0.1:8080").ok()?;
@@ -21,30 +24,24 @@ fn get(path: &str) -> Option<String> {
 
 #[test]
 fn demo_site_fills_its_status_page() {
+    // The demo is a whole site of its own (embedded broker, simulated devices, its page): the
+    // harness only runs the command and keeps its output.
     let dir = tempfile::tempdir().unwrap();
-    let mut child = Command::new(
-        std::env::var_os("ZHIAN_GATEWAY_BIN")
-            .unwrap_or_else(|| env!("CARGO_BIN_EXE_zhian-gateway").into()),
-    )
-    .args(["demo", "--data-dir"])
-    .arg(dir.path())
-    .env("RUST_LOG", "warn")
-    .stdout(Stdio::piped())
-    .stderr(Stdio::null())
-    .spawn()
-    .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let log = dir.path().join("demo.log");
+    let data = dir.path().join("data");
+    let args = [
+        OsStr::new("demo"),
+        OsStr::new("--data-dir"),
+        data.as_os_str(),
+    ];
+    let mut demo = Daemon::start_args(&args, &log, &[("RUST_LOG", "warn")]);
     let mut last = serde_json::Value::Null;
-    let ok = loop {
-        if Instant::now() > deadline {
-            break false;
-        }
-        std::thread::sleep(Duration::from_millis(500));
+    let ok = wait_until(Duration::from_secs(60), || {
         let Some(body) = get("/api/status") else {
-            continue;
+            return false;
         };
         let Ok(v) = serde_json::from_str::<serde_json::Value>(&body) else {
-            continue;
+            return false;
         };
         last = v.clone();
         let access: u64 = ["entry", "exit"]
@@ -58,23 +55,11 @@ fn demo_site_fills_its_status_page() {
         let doors = v["devices"]
             .as_array()
             .map_or(0, |d| d.iter().filter(|x| x["source"] == "mqtt").count());
-        if access > 0 && gate_online && doors >= 2 {
-            break true;
-        }
-    };
+        access > 0 && gate_online && doors >= 2
+    });
     let page = get("/").unwrap_or_default();
-    Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    let status = child.wait().unwrap();
-    let mut printed = String::new();
-    child
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut printed)
-        .unwrap();
+    let (status, _) = demo.term();
+    let printed = log_text(&log);
     assert!(
         ok,
         "the demo's page did not fill within 60 s; last /api/status: {last}"

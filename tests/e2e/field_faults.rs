@@ -3,52 +3,42 @@
 //! controller that misreads a counter once (a scripted Modbus TCP peer answering each read from
 //! a list).
 
-mod common;
+use crate::common;
 
 use common::*;
 use serde_json::Value;
 use std::collections::HashMap;
 use std::fs;
 use std::future::Future;
-use std::path::Path;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio_modbus::prelude::{ExceptionCode, Request, Response};
 use tokio_modbus::server::tcp::Server;
-
-use common::config_with_status as site_config;
+use zhian_gateway::config::{ByteSize, Dur, PointType, Secret, Table};
+use zhian_gateway::core::event::Kind;
 
 #[test]
 fn a_9_mib_message_is_rejected_too_large_and_intake_goes_on() {
-    let scratch = tempfile::tempdir().unwrap();
-    let dir = scratch.path().join("data");
     // mosquitto's default message_size_limit: none.
-    let site = Mosquitto::start(&scratch.path().join("site"), free_port(), false);
-    let district = Mosquitto::start(&scratch.path().join("district"), free_port(), false);
-    let up = Upstream::start(district.port, "big-collector");
-    let status_port = free_port();
-    let cfg = scratch.path().join("gateway.toml");
-    fs::write(
-        &cfg,
-        site_config(&dir, site.port, district.port, status_port),
-    )
-    .unwrap();
-    let log = scratch.path().join("daemon.log");
-    let mut d = Daemon::start(&cfg, &log);
-    assert!(wait_until(Duration::from_secs(30), || api_status(
-        status_port
-    )
-    .is_some()));
-    let mut p = Publisher::connect(site.port, "big-pub");
+    let site = Site::build("big").status().start();
+    let (up, status_port, log) = (site.upstream(), site.status_port(), site.log_path());
+    let mut p = site.publisher();
     let before = Event::new("camera", "cam-1", "before", "stranger");
     p.send(&before.topic(), before.payload());
     p.wait_all_acked(Duration::from_secs(30));
     // mosquitto_pub: our test publisher (rumqttc) will not send a packet over 1 MiB.
-    let big = scratch.path().join("big.bin");
+    let big = site.root.join("big.bin");
     fs::write(&big, vec![b'x'; 9 << 20]).unwrap();
     let pubbed = std::process::Command::new("mosquitto_pub")
-        .args(["-h", "127.0.0.1", "-p", &site.port.to_string(), "-q", "1"])
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &site.device().port.to_string(),
+            "-q",
+            "1",
+        ])
         .args(["-i", "big-sender", "-t", "zhian/camera/cam-1", "-f"])
         .arg(&big)
         .status()
@@ -80,7 +70,8 @@ fn a_9_mib_message_is_rejected_too_large_and_intake_goes_on() {
     );
     assert!(metrics.contains("zhian_site_connected 1"), "{metrics}");
     assert!(metrics.contains("zhian_build_info{version="), "{metrics}");
-    // Acknowledged: not redelivered, and the session never dropped over it.
+    // Acknowledged: not redelivered, and the session never dropped over it. The pause is the
+    // check: 3 s of wall time in which a redelivery would have shown.
     std::thread::sleep(Duration::from_secs(3));
     let s = api_status(status_port).unwrap();
     assert_eq!(s["counters"]["rejected_by_reason"]["too_large"], 1, "{s}");
@@ -89,29 +80,18 @@ fn a_9_mib_message_is_rejected_too_large_and_intake_goes_on() {
         "{}",
         tail(&log, 30)
     );
-    d.term();
+    site.term_daemon();
 }
 
 #[test]
 fn a_qos_0_grant_is_an_error_on_the_log_and_the_page() {
-    let scratch = tempfile::tempdir().unwrap();
-    let dir = scratch.path().join("data");
-    let site = Mosquitto::start_with(
-        &scratch.path().join("site"),
-        free_port(),
-        false,
-        "max_qos 0",
-    );
-    let status_port = free_port();
-    let cfg = scratch.path().join("gateway.toml");
-    fs::write(
-        &cfg,
-        site_config(&dir, site.port, free_port(), status_port)
-            .replace("[upstream]\n", "[upstream]\nenabled = false\n"),
-    )
-    .unwrap();
-    let log = scratch.path().join("daemon.log");
-    let mut d = Daemon::start(&cfg, &log);
+    let site = Site::build("qos0")
+        .device_broker_with("max_qos 0")
+        .no_district_broker()
+        .status()
+        .config(|c| c.upstream.enabled = false)
+        .start();
+    let (status_port, log) = (site.status_port(), site.log_path());
     assert!(
         wait_until(Duration::from_secs(30), || api_status(status_port)
             .is_some_and(|s| s["site_problem"].is_string())),
@@ -124,7 +104,7 @@ fn a_qos_0_grant_is_an_error_on_the_log_and_the_page() {
     assert!(l.contains("ERROR") && l.contains("granted QoS 0"), "{l}");
     let page = http(status_port, "GET", "/", None).unwrap().text();
     assert!(page.contains("data-site-problem"));
-    d.term();
+    site.term_daemon();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -195,10 +175,6 @@ fn serve_script(script: Vec<u32>) -> (String, Script) {
 
 #[test]
 fn a_counter_misread_once_never_reaches_the_platform() {
-    let scratch = tempfile::tempdir().unwrap();
-    let dir = scratch.path().join("data");
-    let district = Mosquitto::start(&scratch.path().join("district"), free_port(), false);
-    let up = Upstream::start(district.port, "glitch-collector");
     // The issue's two cases in one series: a u32 read as 0xFFFFFFFF once, and a controller
     // that reads 0 once after a reboot; then a real reset to 0 that stays, and counting on.
     let script: Vec<u32> = vec![
@@ -221,18 +197,25 @@ fn a_counter_misread_once_never_reaches_the_platform() {
     // stands); 12345 -> 12346 (+1, the 0 was a misread); reset to 0 (0 events), then +3.
     let truth: u64 = 1 + 11_344 + 1 + 3;
     let (addr, served) = serve_script(script.clone());
-    let status_port = free_port();
-    let cfg = scratch.path().join("gateway.toml");
-    let text = site_config(&dir, free_port(), district.port, status_port).replace(
-        "[mqtt]\n",
-        "[mqtt]\nenabled = false\n",
-    ) + &format!(
-        "\n[[modbus.devices]]\nname = \"gate-east\"\nkind = \"vehicle\"\ntcp = \"{addr}\"\nunit = 1\npoll = \"150ms\"\ntimeout = \"500ms\"\n\
-         [[modbus.devices.points]]\nname = \"plates_in\"\ntable = \"holding\"\naddress = 0\ntype = \"u32\"\nrole = \"counter\"\naction = \"entry\"\n"
-    );
-    fs::write(&cfg, text).unwrap();
-    let log = scratch.path().join("daemon.log");
-    let mut d = Daemon::start(&cfg, &log);
+    let site = Site::build("glitch")
+        .no_device_broker()
+        .status()
+        .config(|c| {
+            c.mqtt.enabled = false;
+            let mut gate = modbus_tcp("gate-east", Kind::Vehicle, &addr);
+            gate.poll = Dur::millis(150);
+            gate.timeout = Dur::millis(500);
+            gate.points = vec![counter_point(
+                "plates_in",
+                Table::Holding,
+                0,
+                PointType::U32,
+                "entry",
+            )];
+            c.modbus.devices = vec![gate];
+        })
+        .start();
+    let (up, status_port, log) = (site.upstream(), site.status_port(), site.log_path());
     assert!(
         wait_until(Duration::from_secs(30), || served.lock().unwrap().1
             > script.len() + 3),
@@ -249,6 +232,7 @@ fn a_counter_misread_once_never_reaches_the_platform() {
         up.totals(),
         tail(&log, 40)
     );
+    // The pause is the check: 3 s more of polls (20 of them) that must count nothing more.
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(
         up.totals().values().sum::<u64>(),
@@ -266,7 +250,7 @@ fn a_counter_misread_once_never_reaches_the_platform() {
     let hb = up.latest_heartbeat().unwrap();
     assert_eq!(hb["modbus"][0]["glitches"], 2, "{hb}");
     assert!(log_text(&log).contains("Modbus counter misread"));
-    d.term();
+    site.term_daemon();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -275,20 +259,11 @@ fn a_counter_misread_once_never_reaches_the_platform() {
 
 #[test]
 fn two_boxes_with_one_identity_are_named_and_backed_off() {
-    let scratch = tempfile::tempdir().unwrap();
-    let site = Mosquitto::start(&scratch.path().join("site"), free_port(), false);
-    let district = Mosquitto::start(&scratch.path().join("district"), free_port(), false);
-    let ports = [free_port(), free_port()];
-    let mut daemons = Vec::new();
-    for (i, port) in ports.iter().enumerate() {
-        let dir = scratch.path().join(format!("box-{i}"));
-        let cfg = scratch.path().join(format!("gateway-{i}.toml"));
-        // One copied config: same gateway.id, same client ids; only the data dir and the
-        // status port differ (two boxes).
-        fs::write(&cfg, site_config(&dir, site.port, district.port, *port)).unwrap();
-        let log = scratch.path().join(format!("daemon-{i}.log"));
-        daemons.push((Daemon::start(&cfg, &log), log));
-    }
+    // One copied config: same gateway.id, same client ids; only the data dir and the status
+    // port differ (two boxes).
+    let mut site = Site::build("twins").no_collector().status().start();
+    site.add_gateway("box-1", |_| {});
+    let ports = [site.gateway(0).status_port(), site.gateway(1).status_port()];
     let named = |port: u16, link: &str| {
         api_status(port).is_some_and(|s| s["link_problems"][link]["reason"] == "identity_taken")
     };
@@ -298,11 +273,11 @@ fn two_boxes_with_one_identity_are_named_and_backed_off() {
                 .iter()
                 .any(|p| named(*p, link))),
             "{link}: identity clash named on a page; logs:\n{}\n{}",
-            tail(&daemons[0].1, 20),
-            tail(&daemons[1].1, 20)
+            site.gateway(0).tail(20),
+            site.gateway(1).tail(20)
         );
     }
-    let logs: String = daemons.iter().map(|(_, l)| log_text(l)).collect();
+    let logs: String = [0, 1].map(|i| site.gateway(i).log_text()).concat();
     assert!(
         logs.contains("ERROR") && logs.contains("another client is using client id"),
         "logged at ERROR with what to change"
@@ -317,23 +292,22 @@ fn two_boxes_with_one_identity_are_named_and_backed_off() {
         "{metrics}"
     );
     // The clone goes away: the remaining box holds its links and clears the problem.
-    let (mut clone, _) = daemons.pop().unwrap();
-    clone.term();
+    site.gateway_mut(1).term();
     assert!(
         wait_until(Duration::from_secs(90), || api_status(ports[0])
             .is_some_and(|s| s["link_problems"]
                 .as_object()
                 .is_some_and(|m| m.is_empty()))),
         "the problem clears once the clone is gone; log:\n{}",
-        tail(&daemons[0].1, 30)
+        site.gateway(0).tail(30)
     );
-    daemons[0].0.term();
+    site.term_daemon();
 }
 
 #[test]
 fn refused_district_credentials_are_an_error_on_the_page() {
-    let scratch = tempfile::tempdir().unwrap();
-    let pw = scratch.path().join("passwd");
+    let site = Site::build("refused");
+    let pw = site.root().join("passwd");
     fs::write(&pw, "").unwrap();
     let made = std::process::Command::new("mosquitto_passwd")
         .args(["-b"])
@@ -342,25 +316,20 @@ fn refused_district_credentials_are_an_error_on_the_page() {
         .status()
         .expect("run mosquitto_passwd");
     assert!(made.success());
-    let district = Mosquitto::start_with(
-        &scratch.path().join("district"),
-        free_port(),
-        false,
-        &format!("allow_anonymous false\npassword_file {}", pw.display()),
-    );
-    let status_port = free_port();
-    let dir = scratch.path().join("data");
-    let cfg = scratch.path().join("gateway.toml");
-    fs::write(
-        &cfg,
-        site_config(&dir, free_port(), district.port, status_port).replace(
-            "[upstream]\n",
-            "[upstream]\nusername = \"gateway\"\npassword = \"wrong-password\"\n",
-        ),
-    )
-    .unwrap();
-    let log = scratch.path().join("daemon.log");
-    let mut d = Daemon::start(&cfg, &log);
+    let site = site
+        .no_device_broker()
+        .district_broker_with(&format!(
+            "allow_anonymous false\npassword_file {}",
+            pw.display()
+        ))
+        .no_collector()
+        .status()
+        .config(|c| {
+            c.upstream.username = Some("gateway".into());
+            c.upstream.password = Some(Secret("wrong-password".into()));
+        })
+        .start();
+    let (status_port, log) = (site.status_port(), site.log_path());
     assert!(
         wait_until(Duration::from_secs(30), || api_status(status_port)
             .is_some_and(
@@ -376,7 +345,7 @@ fn refused_district_credentials_are_an_error_on_the_page() {
     );
     let page = http(status_port, "GET", "/", None).unwrap().text();
     assert!(page.contains("data-link-problem=\"district\""));
-    d.term();
+    site.term_daemon();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -385,46 +354,23 @@ fn refused_district_credentials_are_an_error_on_the_page() {
 
 /// A district broker with `max_packet_size broker_max`, one 2 s window with 900 distinct devices
 /// (a summary of about 70 KB), then 5 events in a later window. `gateway_max` is the gateway's
-/// `upstream.max_packet_size` (`None`: not set, the default 256 KiB). Returns (collector, status
-/// port, daemon, log, the events sent, site broker, district broker).
+/// `upstream.max_packet_size` (`None`: not set, the default 256 KiB). Returns the site and the
+/// events sent.
 fn picky_district(
-    scratch: &Path,
-    gateway_max: Option<&str>,
+    name: &str,
+    gateway_max: Option<ByteSize>,
     broker_max: usize,
-) -> (
-    Upstream,
-    u16,
-    Daemon,
-    std::path::PathBuf,
-    Vec<Event>,
-    Mosquitto,
-    Mosquitto,
-) {
-    let site = Mosquitto::start(&scratch.join("site"), free_port(), false);
-    let district = Mosquitto::start_with(
-        &scratch.join("district"),
-        free_port(),
-        false,
-        &format!("max_packet_size {broker_max}"),
-    );
-    let up = Upstream::start(district.port, "picky-collector");
-    let status_port = free_port();
-    let cfg = scratch.join("gateway.toml");
-    let mut text = site_config(&scratch.join("data"), site.port, district.port, status_port);
-    if let Some(max) = gateway_max {
-        text = text.replace(
-            "[upstream]\n",
-            &format!("[upstream]\nmax_packet_size = \"{max}\"\n"),
-        );
-    }
-    fs::write(&cfg, text).unwrap();
-    let log = scratch.join("daemon.log");
-    let d = Daemon::start(&cfg, &log);
-    assert!(wait_until(Duration::from_secs(30), || api_status(
-        status_port
-    )
-    .is_some()));
-    let mut p = Publisher::connect(site.port, "picky-pub");
+) -> (Site, Vec<Event>) {
+    let site = Site::build(name)
+        .district_broker_with(&format!("max_packet_size {broker_max}"))
+        .status()
+        .config(|c| {
+            if let Some(max) = gateway_max {
+                c.upstream.max_packet_size = max;
+            }
+        })
+        .start();
+    let mut p = site.publisher();
     let ts = now_ms();
     let mut events = Vec::new();
     for i in 0..900 {
@@ -448,7 +394,7 @@ fn picky_district(
         events.push(e);
     }
     p.wait_all_acked(Duration::from_secs(60));
-    (up, status_port, d, log, events, site, district)
+    (site, events)
 }
 
 /// Every summary publish the collector received fits a broker packet of `limit` bytes: payload,
@@ -487,9 +433,8 @@ fn complete_revs(up: &Upstream) -> Vec<(RevKey, Rows)> {
 
 #[test]
 fn a_large_summary_is_split_under_the_district_packet_limit() {
-    let scratch = tempfile::tempdir().unwrap();
-    let (up, _status, mut d, log, _events, _s, _dist) =
-        picky_district(scratch.path(), Some("64KiB"), 65_536);
+    let (site, _events) = picky_district("split", Some(ByteSize(64 << 10)), 65_536);
+    let (up, log) = (site.upstream(), site.log_path());
     assert!(
         wait_until(Duration::from_secs(60), || up
             .totals()
@@ -507,7 +452,7 @@ fn a_large_summary_is_split_under_the_district_packet_limit() {
         .filter(|j| j["parts"].is_u64())
         .collect();
     assert!(parts.len() >= 2, "the big window went in parts");
-    assert_packets_within(&up, 65_536);
+    assert_packets_within(up, 65_536);
     assert!(
         up.summary_problems().is_empty(),
         "{:?}",
@@ -519,7 +464,7 @@ fn a_large_summary_is_split_under_the_district_packet_limit() {
         "split at issue time: the broker never closed the connection\n{}",
         tail(&log, 30)
     );
-    d.term();
+    site.term_daemon();
 }
 
 /// Contract: "The district broker's packet limit need not be configured: a message the broker
@@ -527,10 +472,9 @@ fn a_large_summary_is_split_under_the_district_packet_limit() {
 /// parked only when a single row will not fit."
 #[test]
 fn the_district_packet_limit_is_learned_and_a_900_device_window_arrives_whole() {
-    let scratch = tempfile::tempdir().unwrap();
     // No upstream.max_packet_size: the gateway issues the 70 KB summary whole (256 KiB).
-    let (up, status_port, mut d, log, events, _s, _dist) =
-        picky_district(scratch.path(), None, 65_536);
+    let (site, events) = picky_district("learned", None, 65_536);
+    let (up, status_port, log) = (site.upstream(), site.status_port(), site.log_path());
     let want = collapse(&expected_windows(&events));
     assert!(
         wait_until(Duration::from_secs(90), || up.totals() == want),
@@ -540,7 +484,7 @@ fn the_district_packet_limit_is_learned_and_a_900_device_window_arrives_whole() 
     );
     // The 900-device window arrived as one complete rev, in parts.
     let big = window_start(events[0].ts_ms);
-    let revs = complete_revs(&up);
+    let revs = complete_revs(up);
     let (key, rows) = revs
         .iter()
         .filter(|((start, _, _), _)| *start == big)
@@ -549,7 +493,7 @@ fn the_district_packet_limit_is_learned_and_a_900_device_window_arrives_whole() 
     assert!(key.2 >= 2, "sent in parts: {key:?}");
     assert_eq!(rows.len(), 900, "900 devices, each row once");
     assert_eq!(rows.iter().map(|(_, n)| n).sum::<u64>(), 900);
-    assert_packets_within(&up, 65_536);
+    assert_packets_within(up, 65_536);
     // Nothing parked; the learned limit shown.
     let status = api_status(status_port).expect("/api/status");
     assert_eq!(status["upstream"]["parked"], 0, "{}", status["upstream"]);
@@ -576,17 +520,16 @@ fn the_district_packet_limit_is_learned_and_a_900_device_window_arrives_whole() 
         "{}",
         tail(&log, 40)
     );
-    d.term();
+    site.term_daemon();
 }
 
 /// Parts issued under `upstream.max_packet_size` but still too large for the broker: the parts
 /// of the rev (all pending) are merged and split again under the learned limit.
 #[test]
 fn parts_too_large_for_the_district_are_merged_and_split_again() {
-    let scratch = tempfile::tempdir().unwrap();
     // Issued as 2 parts of up to 64 KiB; the broker takes 32 KiB.
-    let (up, status_port, mut d, log, events, _s, _dist) =
-        picky_district(scratch.path(), Some("64KiB"), 32_768);
+    let (site, events) = picky_district("resplit", Some(ByteSize(64 << 10)), 32_768);
+    let (up, status_port, log) = (site.upstream(), site.status_port(), site.log_path());
     let want = collapse(&expected_windows(&events));
     assert!(
         wait_until(Duration::from_secs(90), || up.totals() == want),
@@ -595,7 +538,7 @@ fn parts_too_large_for_the_district_are_merged_and_split_again() {
         tail(&log, 40)
     );
     let big = window_start(events[0].ts_ms);
-    let revs = complete_revs(&up);
+    let revs = complete_revs(up);
     let (key, rows) = revs
         .iter()
         .filter(|((start, _, _), _)| *start == big)
@@ -603,7 +546,7 @@ fn parts_too_large_for_the_district_are_merged_and_split_again() {
         .expect("a complete rev of the big window");
     assert!(key.2 >= 3, "split again into more parts: {key:?}");
     assert_eq!(rows.iter().map(|(_, n)| n).sum::<u64>(), 900);
-    assert_packets_within(&up, 32_768);
+    assert_packets_within(up, 32_768);
     let status = api_status(status_port).expect("/api/status");
     assert_eq!(status["upstream"]["parked"], 0, "{}", status["upstream"]);
     assert!(status["upstream"]["learned_max_packet"]
@@ -615,7 +558,7 @@ fn parts_too_large_for_the_district_are_merged_and_split_again() {
         "{}",
         tail(&log, 40)
     );
-    d.term();
+    site.term_daemon();
 }
 
 /// A summary whose single row will not fit the district broker's packet limit is parked after
@@ -624,7 +567,6 @@ fn parts_too_large_for_the_district_are_merged_and_split_again() {
 /// with one long row (device, action and result of 64 characters) and one with a short row.
 #[test]
 fn a_single_row_the_district_refuses_is_parked_and_never_blocks_the_rest() {
-    let scratch = tempfile::tempdir().unwrap();
     let street = "富春街道".repeat(500);
     let long = "x".repeat(64);
     let window = "2026-12-05T10:00:02Z";
@@ -642,41 +584,19 @@ fn a_single_row_the_district_refuses_is_parked_and_never_blocks_the_rest() {
     let fits = summary("door-0001", "exit", "ok", 5);
     assert!(fits + 100 < refused, "{fits} {refused}");
     let limit = (fits + refused) / 2;
-    let site = Mosquitto::start(&scratch.path().join("site"), free_port(), false);
-    let district = Mosquitto::start_with(
-        &scratch.path().join("district"),
-        free_port(),
-        false,
-        &format!("max_packet_size {limit}"),
-    );
-    let up = Upstream::start(district.port, "tiny-collector");
-    let status_port = free_port();
-    let cfg = scratch.path().join("gateway.toml");
-    let text = site_config(
-        &scratch.path().join("data"),
-        site.port,
-        district.port,
-        status_port,
-    );
-    assert!(text.contains("compound = \"春江花园\"\n"));
-    let text = text.replace(
-        "compound = \"春江花园\"\n",
-        &format!("compound = \"春江花园\"\nstreet = \"{street}\"\n"),
-    );
-    fs::write(&cfg, text).unwrap();
-    let log = scratch.path().join("daemon.log");
-    let mut d = Daemon::start(&cfg, &log);
-    assert!(wait_until(Duration::from_secs(30), || api_status(
-        status_port
-    )
-    .is_some()));
+    let site = Site::build("tiny")
+        .district_broker_with(&format!("max_packet_size {limit}"))
+        .status()
+        .config(|c| c.gateway.street = Some(street.clone()))
+        .start();
+    let (up, status_port, log) = (site.upstream(), site.status_port(), site.log_path());
     // The heartbeat and status fit the broker's limit: the link holds while nothing is sent.
     assert!(
         wait_until(Duration::from_secs(30), || up.latest_heartbeat().is_some()),
         "heartbeat through a {limit}-byte limit; log:\n{}",
         tail(&log, 30)
     );
-    let mut p = Publisher::connect(site.port, "tiny-pub");
+    let mut p = site.publisher();
     let big = Event::new("access", &long_device, "long-1", &long).result(&long);
     p.send(&big.topic(), big.payload());
     p.wait_all_acked(Duration::from_secs(30));
@@ -706,7 +626,7 @@ fn a_single_row_the_district_refuses_is_parked_and_never_blocks_the_rest() {
     assert!(l.contains("parked (kept on the box"), "{}", tail(&log, 40));
     let metrics = http(status_port, "GET", "/metrics", None).unwrap().text();
     assert!(metrics.contains("zhian_outbox_parked 1"), "{metrics}");
-    assert_packets_within(&up, limit);
+    assert_packets_within(up, limit);
     assert!(
         up.summaries()
             .iter()
@@ -728,7 +648,7 @@ fn a_single_row_the_district_refuses_is_parked_and_never_blocks_the_rest() {
         "no reconnect after parking: {}",
         tail(&log, 20)
     );
-    d.term();
+    site.term_daemon();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -740,39 +660,10 @@ fn a_single_row_the_district_refuses_is_parked_and_never_blocks_the_rest() {
 /// gateway is the one that is wrong and intake pauses, as before issue 20.
 #[test]
 fn a_gateway_clock_days_behind_pauses_intake_and_loses_nothing() {
-    let scratch = tempfile::tempdir().unwrap();
-    let dir = scratch.path().join("data");
-    let site = Mosquitto::start(&scratch.path().join("site"), free_port(), false);
-    let district = Mosquitto::start(&scratch.path().join("district"), free_port(), false);
-    let up = Upstream::start(district.port, "clock-collector");
-    let status_port = free_port();
-    let cfg = scratch.path().join("gateway.toml");
-    fs::write(
-        &cfg,
-        site_config(&dir, site.port, district.port, status_port),
-    )
-    .unwrap();
     // The daemon's wall clock 3 days behind (a box without RTC before NTP); monotonic untouched.
-    let clock_file = scratch.path().join("faketime");
-    fs::write(&clock_file, "-3d\n").unwrap();
-    let lib = libfaketime();
-    let clock_path = clock_file.display().to_string();
-    let log = scratch.path().join("daemon.log");
-    let mut d = Daemon::start_with_env(
-        &cfg,
-        &log,
-        &[
-            ("LD_PRELOAD", lib.as_str()),
-            ("FAKETIME_TIMESTAMP_FILE", clock_path.as_str()),
-            ("FAKETIME_CACHE_DURATION", "1"),
-            ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
-        ],
-    );
-    assert!(wait_until(Duration::from_secs(30), || api_status(
-        status_port
-    )
-    .is_some()));
-    let mut p = Publisher::connect(site.port, "clock-pub");
+    let site = Site::build("clock").status().faketime("-3d").start();
+    let (up, status_port, log) = (site.upstream(), site.status_port(), site.log_path());
+    let mut p = site.publisher();
     let mut sent = 0u64;
     for i in 0..20 {
         let e = Event::new(
@@ -807,6 +698,7 @@ fn a_gateway_clock_days_behind_pauses_intake_and_loses_nothing() {
     assert!(health.text().contains("clock"), "{}", health.text());
     let metrics = http(status_port, "GET", "/metrics", None).unwrap().text();
     assert!(metrics.contains("zhian_intake_paused{reason=\"clock_untrusted\"} 1"));
+    // The pause is the check: 3 s (windows and heartbeats) in which nothing may be counted.
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(
         up.totals().values().sum::<u64>(),
@@ -815,7 +707,7 @@ fn a_gateway_clock_days_behind_pauses_intake_and_loses_nothing() {
     );
 
     // NTP steps the clock: intake resumes by itself, every event counts, none rejected.
-    fs::write(&clock_file, "+0\n").unwrap();
+    site.set_clock("+0");
     assert!(
         wait_until(Duration::from_secs(30), || up
             .totals()
@@ -853,8 +745,13 @@ fn a_gateway_clock_days_behind_pauses_intake_and_loses_nothing() {
     assert!(log_text(&log).contains("gateway clock not trusted"));
 
     // A step back by 2 hours: no pause, no window reopened, nothing lost.
-    fs::write(&clock_file, "-2h\n").unwrap();
-    std::thread::sleep(Duration::from_secs(2));
+    site.set_clock("-2h");
+    // Until the daemon's store clock took the step (it keeps its pace: 2 h ahead of the wall).
+    site.wait_for_status("the store clock 2 h ahead of the stepped-back wall", |s| {
+        s["clock_offset_ms"]
+            .as_i64()
+            .is_some_and(|off| off > 7_000_000)
+    });
     for i in 0..10 {
         let e = Event::new(
             "access",
@@ -885,8 +782,13 @@ fn a_gateway_clock_days_behind_pauses_intake_and_loses_nothing() {
     // A step forward to 2 hours ahead while trusted (a bad NTP source, a hand-set clock): the
     // devices keep stamping the real time, so the new wall time is not believed; no window
     // closes early (the devices' events would be 2 h late and over max_lateness: lost).
-    fs::write(&clock_file, "+2h\n").unwrap();
-    std::thread::sleep(Duration::from_secs(2));
+    site.set_clock("+2h");
+    // Until the daemon's store clock took the step (held: 2 h behind the jumped wall).
+    site.wait_for_status("the store clock 2 h behind the jumped wall", |s| {
+        s["clock_offset_ms"]
+            .as_i64()
+            .is_some_and(|off| off < -7_000_000)
+    });
     for i in 0..12 {
         let e = Event::new(
             "access",
@@ -896,6 +798,7 @@ fn a_gateway_clock_days_behind_pauses_intake_and_loses_nothing() {
         );
         p.send(&e.topic(), e.payload());
         sent += 1;
+        // The scenario: the devices' events arrive over 3 s of wall time, not in one batch.
         std::thread::sleep(Duration::from_millis(250));
     }
     assert!(
@@ -935,7 +838,7 @@ fn a_gateway_clock_days_behind_pauses_intake_and_loses_nothing() {
         up.dump()
     );
     // The wall clock is put right: the store follows it again.
-    fs::write(&clock_file, "+0\n").unwrap();
+    site.set_clock("+0");
     assert!(
         wait_until(Duration::from_secs(10), || api_status(status_port)
             .is_some_and(
@@ -944,7 +847,7 @@ fn a_gateway_clock_days_behind_pauses_intake_and_loses_nothing() {
         "{}",
         api_status(status_port).unwrap()
     );
-    d.term();
+    site.term_daemon();
 }
 
 /// Two cameras stamping two minutes ahead of a correct gateway clock (`max_future_skew` 30 s)
@@ -954,27 +857,13 @@ fn a_gateway_clock_days_behind_pauses_intake_and_loses_nothing() {
 /// one WARN each, and nothing is rejected.
 #[test]
 fn two_cameras_ahead_of_a_right_gateway_clock_count_at_receipt_and_never_pause_the_site() {
-    let scratch = tempfile::tempdir().unwrap();
-    let dir = scratch.path().join("data");
-    let site = Mosquitto::start(&scratch.path().join("site"), free_port(), false);
-    let district = Mosquitto::start(&scratch.path().join("district"), free_port(), false);
-    let up = Upstream::start(district.port, "skew-collector");
-    let status_port = free_port();
-    let cfg = scratch.path().join("gateway.toml");
-    let text = site_config(&dir, site.port, district.port, status_port);
-    assert!(text.contains("max_future_skew = \"5m\""));
-    fs::write(
-        &cfg,
-        text.replace("max_future_skew = \"5m\"", "max_future_skew = \"30s\""),
-    )
-    .unwrap();
-    let log = scratch.path().join("daemon.log");
-    let mut d = Daemon::start(&cfg, &log);
-    assert!(wait_until(Duration::from_secs(30), || api_status(
-        status_port
-    )
-    .is_some_and(|s| s["links"]["site"]["connected"] == true)));
-    // Watch the whole run for a pause.
+    let site = Site::build("skew")
+        .status()
+        .config(|c| c.aggregate.max_future_skew = Dur::secs(30))
+        .ready(Ready::SiteLink)
+        .start();
+    let (up, status_port, log) = (site.upstream(), site.status_port(), site.log_path());
+    // Watch the whole run for a pause (sampled every 50 ms: the sampling is the check).
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let seen_pause = Arc::new(Mutex::new(None::<Value>));
     let watcher = {
@@ -990,7 +879,7 @@ fn two_cameras_ahead_of_a_right_gateway_clock_count_at_receipt_and_never_pause_t
             }
         })
     };
-    let mut p = Publisher::connect(site.port, "skew-pub");
+    let mut p = site.publisher();
     let (mut doors, mut cams) = (0u64, 0u64);
     for i in 0..40 {
         let door = Event::new(
@@ -1013,7 +902,7 @@ fn two_cameras_ahead_of_a_right_gateway_clock_count_at_receipt_and_never_pause_t
             p.send(&cam.topic(), cam.payload());
             cams += 1;
         }
-        // Spread over several batches and windows.
+        // The scenario: spread over several batches and windows (4 s of wall time).
         std::thread::sleep(Duration::from_millis(100));
     }
     p.wait_all_acked(Duration::from_secs(30));
@@ -1111,7 +1000,7 @@ fn two_cameras_ahead_of_a_right_gateway_clock_count_at_receipt_and_never_pause_t
         "{}",
         api_status(status_port).unwrap()["devices"]
     );
-    d.term();
+    site.term_daemon();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1132,27 +1021,14 @@ fn rss_kib(pid: u32) -> u64 {
 
 #[test]
 fn a_flood_from_200_devices_is_absorbed_by_back_pressure_with_exact_counts() {
-    let scratch = tempfile::tempdir().unwrap();
-    let dir = scratch.path().join("data");
-    let site = Mosquitto::start(&scratch.path().join("site"), free_port(), false);
-    let district = Mosquitto::start(&scratch.path().join("district"), free_port(), false);
-    let up = Upstream::start(district.port, "flood-collector");
-    let status_port = free_port();
-    let cfg = scratch.path().join("gateway.toml");
     // Batches of 8: an fsync'ed commit every 8 messages, so the devices offer far more than the
     // daemon sustains and back-pressure does the work.
-    fs::write(
-        &cfg,
-        site_config(&dir, site.port, district.port, status_port) + "\n[store]\nbatch_max = 8\n",
-    )
-    .unwrap();
-    let log = scratch.path().join("daemon.log");
-    let mut d = Daemon::start(&cfg, &log);
-    assert!(wait_until(Duration::from_secs(30), || api_status(
-        status_port
-    )
-    .is_some()));
-    let pid = d.pid();
+    let site = Site::build("flood")
+        .status()
+        .config(|c| c.store.batch_max = 8)
+        .start();
+    let (up, log) = (site.upstream(), site.log_path());
+    let pid = site.gw().pid();
     let idle_rss = rss_kib(pid);
     let flood_started = std::time::Instant::now();
     let devices: usize = 200;
@@ -1168,13 +1044,14 @@ fn a_flood_from_200_devices_is_absorbed_by_back_pressure_with_exact_counts() {
         std::thread::spawn(move || {
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 peak.fetch_max(rss_kib(pid), std::sync::atomic::Ordering::Relaxed);
+                // A sample every 50 ms: the sampling is the measurement.
                 std::thread::sleep(Duration::from_millis(50));
             }
         })
     };
     // Every device publishes as fast as its connection allows: far beyond what the daemon
     // commits, so the broker holds the rest until the daemon acknowledges.
-    let port = site.port;
+    let port = site.device().port;
     let senders: Vec<_> = (0..devices)
         .map(|dev| {
             std::thread::spawn(move || {
@@ -1227,8 +1104,8 @@ fn a_flood_from_200_devices_is_absorbed_by_back_pressure_with_exact_counts() {
         "{:?}",
         up.summary_problems()
     );
-    assert!(d.try_wait().is_none());
-    d.term();
+    assert!(site.daemon_exited().is_none());
+    site.term_daemon();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1239,42 +1116,30 @@ fn a_flood_from_200_devices_is_absorbed_by_back_pressure_with_exact_counts() {
 fn a_compressed_week_with_the_district_down_delivers_every_summary_in_order() {
     // A week of the daemon's wall clock in 86 s of ours.
     const SPEED: i64 = 7 * 1000;
-    let scratch = tempfile::tempdir().unwrap();
-    let dir = scratch.path().join("data");
-    let site = Mosquitto::start(&scratch.path().join("site"), free_port(), false);
-    let mut district = Mosquitto::start(&scratch.path().join("district"), free_port(), true);
-    let up = Upstream::start(district.port, "week-collector");
-    let status_port = free_port();
-    let cfg = scratch.path().join("gateway.toml");
-    let text = site_config(&dir, site.port, district.port, status_port)
-        .replace("window = \"2s\"", "window = \"60s\"")
-        .replace("grace = \"1s\"", "grace = \"10s\"")
-        .replace("max_lateness = \"1h\"", "max_lateness = \"24h\"")
-        .replace("max_future_skew = \"5m\"", "max_future_skew = \"30m\"")
-        + "\n[store]\nmax_size = \"8MiB\"\n";
-    fs::write(&cfg, text).unwrap();
     // The daemon's wall clock runs SPEED times faster (its monotonic clock does not).
-    let lib = libfaketime();
-    let speed = format!("+0 x{SPEED}");
-    let log = scratch.path().join("daemon.log");
+    let mut site = Site::build("week")
+        .persistent_district()
+        .status()
+        .config(|c| {
+            c.aggregate.window = Dur::secs(60);
+            c.aggregate.grace = Dur::secs(10);
+            c.aggregate.max_lateness = Dur::secs(24 * 3600);
+            c.aggregate.max_future_skew = Dur::secs(30 * 60);
+            c.store.max_size = ByteSize(8 << 20);
+        })
+        .env("LD_PRELOAD", &libfaketime())
+        .env("FAKETIME", &format!("+0 x{SPEED}"))
+        .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
+        .unstarted()
+        .start();
     let spawned = now_ms();
-    let mut d = Daemon::start_with_env(
-        &cfg,
-        &log,
-        &[
-            ("LD_PRELOAD", lib.as_str()),
-            ("FAKETIME", speed.as_str()),
-            ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
-        ],
-    );
+    site.start_daemon();
     let fake_now = || spawned + (now_ms() - spawned) * SPEED;
-    assert!(wait_until(Duration::from_secs(30), || api_status(
-        status_port
-    )
-    .is_some()));
-    let pid = d.pid();
-    district.stop();
-    let mut p = Publisher::connect(site.port, "week-pub");
+    site.wait_ready(Ready::Status);
+    let (dir, status_port, log) = (site.data_dir(), site.status_port(), site.log_path());
+    let pid = site.gw().pid();
+    site.district_mut().stop();
+    let mut p = site.publisher();
     let mut sent = 0u64;
     let mut peak_rss = 0u64;
     let mut peak_du = 0u64;
@@ -1314,6 +1179,7 @@ fn a_compressed_week_with_the_district_down_delivers_every_summary_in_order() {
             );
         }
         tick += 1;
+        // The scenario's pace: a tick every 100 ms of our time (11.7 min of the daemon's).
         std::thread::sleep(Duration::from_millis(100));
     }
     p.wait_all_acked(Duration::from_secs(60));
@@ -1325,7 +1191,8 @@ fn a_compressed_week_with_the_district_down_delivers_every_summary_in_order() {
         "a week of windows waits on the box: {pending}"
     );
     // The district broker comes back.
-    district.start_again();
+    site.district_mut().start_again();
+    let up = site.upstream();
     assert!(
         wait_until(Duration::from_secs(120), || up
             .totals()
@@ -1357,49 +1224,33 @@ fn a_compressed_week_with_the_district_down_delivers_every_summary_in_order() {
         "{:?}",
         up.summary_problems()
     );
-    d.term();
+    site.term_daemon();
 }
 
 #[test]
 fn an_unknown_district_ca_is_a_tls_error_on_the_page() {
-    let scratch = tempfile::tempdir().unwrap();
-    let pki = scratch.path();
+    let site = Site::build("unknown-ca");
+    let pki = site.root().to_path_buf();
     // The broker's certificate from its CA, and another CA the gateway is told to trust.
-    make_ca(pki, "district-ca");
-    make_leaf(pki, "broker", "district-ca");
-    make_ca(pki, "other-ca");
-    let district = Mosquitto::start_with(
-        &scratch.path().join("district"),
-        free_port(),
-        false,
-        &format!(
+    make_ca(&pki, "district-ca");
+    make_leaf(&pki, "broker", "district-ca");
+    make_ca(&pki, "other-ca");
+    let district_port = site.district_port();
+    let site = site
+        .no_device_broker()
+        .district_broker_with(&format!(
             "certfile {}\nkeyfile {}",
             pki.join("broker.pem").display(),
             pki.join("broker.key").display()
-        ),
-    );
-    let status_port = free_port();
-    let cfg = scratch.path().join("gateway.toml");
-    fs::write(
-        &cfg,
-        site_config(
-            &scratch.path().join("data"),
-            free_port(),
-            district.port,
-            status_port,
-        )
-        .replace(
-            &format!("url = \"mqtt://127.0.0.1:{}\"", district.port),
-            &format!(
-                "url = \"mqtts://127.0.0.1:{}\"\nca_file = \"{}\"",
-                district.port,
-                pki.join("other-ca.pem").display()
-            ),
-        ),
-    )
-    .unwrap();
-    let log = scratch.path().join("daemon.log");
-    let mut d = Daemon::start(&cfg, &log);
+        ))
+        .no_collector()
+        .status()
+        .config(|c| {
+            c.upstream.url = format!("mqtts://127.0.0.1:{district_port}");
+            c.upstream.ca_file = Some(pki.join("other-ca.pem"));
+        })
+        .start();
+    let (status_port, log) = (site.status_port(), site.log_path());
     assert!(
         wait_until(Duration::from_secs(30), || api_status(status_port)
             .is_some_and(|s| s["link_problems"]["district"]["reason"] == "tls")),
@@ -1412,54 +1263,38 @@ fn an_unknown_district_ca_is_a_tls_error_on_the_page() {
         "{}",
         tail(&log, 30)
     );
-    d.term();
+    site.term_daemon();
 }
 
 #[test]
 fn a_refused_client_certificate_is_a_tls_error_on_the_page() {
-    let scratch = tempfile::tempdir().unwrap();
-    let pki = scratch.path();
+    let site = Site::build("refused-cert");
+    let pki = site.root().to_path_buf();
     // The broker requires a client certificate from its own CA; the gateway presents one from
     // another (a box set up with the wrong district's key pair).
-    make_ca(pki, "district-ca");
-    make_leaf(pki, "broker", "district-ca");
-    make_ca(pki, "other-ca");
-    make_leaf(pki, "client", "other-ca");
-    let district = Mosquitto::start_with(
-        &scratch.path().join("district"),
-        free_port(),
-        false,
-        &format!(
+    make_ca(&pki, "district-ca");
+    make_leaf(&pki, "broker", "district-ca");
+    make_ca(&pki, "other-ca");
+    make_leaf(&pki, "client", "other-ca");
+    let district_port = site.district_port();
+    let site = site
+        .no_device_broker()
+        .district_broker_with(&format!(
             "certfile {}\nkeyfile {}\ncafile {}\nrequire_certificate true",
             pki.join("broker.pem").display(),
             pki.join("broker.key").display(),
             pki.join("district-ca.pem").display()
-        ),
-    );
-    let status_port = free_port();
-    let cfg = scratch.path().join("gateway.toml");
-    fs::write(
-        &cfg,
-        site_config(
-            &scratch.path().join("data"),
-            free_port(),
-            district.port,
-            status_port,
-        )
-        .replace(
-            &format!("url = \"mqtt://127.0.0.1:{}\"", district.port),
-            &format!(
-                "url = \"mqtts://127.0.0.1:{}\"\nca_file = \"{}\"\nclient_cert = \"{}\"\nclient_key = \"{}\"",
-                district.port,
-                pki.join("district-ca.pem").display(),
-                pki.join("client.pem").display(),
-                pki.join("client.key").display()
-            ),
-        ),
-    )
-    .unwrap();
-    let log = scratch.path().join("daemon.log");
-    let mut d = Daemon::start(&cfg, &log);
+        ))
+        .no_collector()
+        .status()
+        .config(|c| {
+            c.upstream.url = format!("mqtts://127.0.0.1:{district_port}");
+            c.upstream.ca_file = Some(pki.join("district-ca.pem"));
+            c.upstream.client_cert = Some(pki.join("client.pem"));
+            c.upstream.client_key = Some(pki.join("client.key"));
+        })
+        .start();
+    let (status_port, log) = (site.status_port(), site.log_path());
     assert!(
         wait_until(Duration::from_secs(30), || api_status(status_port)
             .is_some_and(|s| s["link_problems"]["district"]["reason"] == "tls")),
@@ -1477,5 +1312,5 @@ fn a_refused_client_certificate_is_a_tls_error_on_the_page() {
         api_status(status_port).unwrap()["upstream"]["connected"],
         false
     );
-    d.term();
+    site.term_daemon();
 }

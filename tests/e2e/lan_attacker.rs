@@ -5,13 +5,14 @@
 //! Real daemon processes, a real mosquitto, the embedded broker, raw HTTP from several
 //! loopback addresses.
 
-mod common;
+use crate::common;
 
 use common::*;
 use std::fs;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
+use zhian_gateway::config::Secret;
 
 fn vm_rss_kib(pid: u32) -> u64 {
     let s = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -26,54 +27,34 @@ fn hash_password(password: &str) -> std::process::Output {
     run_with_stdin(&["hash-password"], &format!("{password}\n"))
 }
 
-/// A daemon whose status page wants user `wuye` with `password`; returns it, its status port
-/// and its log once `/healthz` answers.
-fn auth_daemon(scratch: &Path, password: &str) -> (Daemon, u16, std::path::PathBuf) {
+/// A gateway (no brokers) whose status page wants user `wuye` with `password`; returns once
+/// `/healthz` answers.
+fn auth_site(name: &str, password: &str) -> Site {
     let out = hash_password(password);
     assert!(out.status.success());
     let hash = String::from_utf8(out.stdout).unwrap().trim().to_string();
-    let status_port = free_port();
-    let cfg = scratch.join("gateway.toml");
-    let text = config_with_status(&scratch.join("data"), free_port(), free_port(), status_port)
-        .replace(
-            "[status]\nenabled = true\n",
-            &format!("[status]\nenabled = true\nusername = \"wuye\"\npassword_hash = \"{hash}\"\n"),
-        );
-    fs::write(&cfg, text).unwrap();
-    let log = scratch.join("daemon.log");
-    let d = Daemon::start(&cfg, &log);
-    assert!(wait_until(Duration::from_secs(30), || http(
-        status_port,
-        "GET",
-        "/healthz",
-        None
-    )
-    .is_ok()));
-    (d, status_port, log)
+    Site::build(name)
+        .no_device_broker()
+        .no_district_broker()
+        .status()
+        .config(|c| {
+            c.status.username = Some("wuye".into());
+            c.status.password_hash = Some(Secret(hash));
+        })
+        .ready(Ready::Listening)
+        .start()
 }
 
 #[test]
 fn invented_devices_are_bounded_and_rejected_messages_create_none() {
-    let scratch = tempfile::tempdir().unwrap();
-    let dir = scratch.path().join("data");
-    let site = Mosquitto::start(&scratch.path().join("site"), free_port(), true);
-    let district = Mosquitto::start(&scratch.path().join("district"), free_port(), false);
-    let up = Upstream::start(district.port, "bound-collector");
-    let status_port = free_port();
-    let cfg = scratch.path().join("gateway.toml");
-    fs::write(
-        &cfg,
-        config_with_status(&dir, site.port, district.port, status_port)
-            + "\n[health]\nmax_devices = 5\n",
-    )
-    .unwrap();
-    let log = scratch.path().join("daemon.log");
-    let mut d = Daemon::start(&cfg, &log);
-    assert!(wait_until(Duration::from_secs(30), || api_status(
-        status_port
-    )
-    .is_some_and(|s| s["links"]["site"]["connected"] == true)));
-    let mut p = Publisher::connect(site.port, "bound-pub");
+    let site = Site::build("device-bound")
+        .persistent_device()
+        .status()
+        .config(|c| c.health.max_devices = 5)
+        .ready(Ready::SiteLink)
+        .start();
+    let (up, status_port, log) = (site.upstream(), site.status_port(), site.log_path());
+    let mut p = site.publisher();
     // 300 rejected messages on valid topics of 300 new devices: none becomes a device.
     for i in 0..300 {
         p.send(&format!("zhian/access/fake-{i}"), b"{not json".to_vec());
@@ -156,13 +137,10 @@ fn invented_devices_are_bounded_and_rejected_messages_create_none() {
     );
     // The bound holds across a restart (devices remembered); a forgotten device's events
     // count again and it comes back, a known one keeps counting.
-    let (st, _) = d.term();
+    let (st, _) = site.term_daemon();
     assert!(st.success());
-    let mut d = Daemon::start(&cfg, &log);
-    assert!(wait_until(Duration::from_secs(30), || api_status(
-        status_port
-    )
-    .is_some_and(|s| s["links"]["site"]["connected"] == true)));
+    site.start_daemon();
+    site.wait_ready(Ready::SiteLink);
     let s = api_status(status_port).unwrap();
     assert_eq!(
         s["devices"].as_array().unwrap().len(),
@@ -191,18 +169,18 @@ fn invented_devices_are_bounded_and_rejected_messages_create_none() {
             .any(|d| d["name"] == "door-00"))));
     let s = api_status(status_port).unwrap();
     assert_eq!(s["devices"].as_array().unwrap().len(), 5);
-    d.term();
+    site.term_daemon();
 }
 
 #[test]
 fn password_guessing_is_limited_logged_counted_and_memory_stays_flat() {
-    let scratch = tempfile::tempdir().unwrap();
     // hash-password refuses a short password and hashes a real one.
     let short = hash_password("abc");
     assert!(!short.status.success());
     assert!(String::from_utf8_lossy(&short.stderr).contains("at least 8"));
     const PASSWORD: &str = "春江-guard-2026";
-    let (mut d, status_port, log) = auth_daemon(scratch.path(), PASSWORD);
+    let site = auth_site("guessing", PASSWORD);
+    let (status_port, log) = (site.status_port(), site.log_path());
     let good = Some(("wuye", PASSWORD));
     let r = http(status_port, "GET", "/", good).unwrap();
     assert_eq!(r.status, 200);
@@ -214,8 +192,9 @@ fn password_guessing_is_limited_logged_counted_and_memory_stays_flat() {
         let csp = r.header("content-security-policy").unwrap_or_default();
         assert!(csp.contains("default-src 'none'") && csp.contains("frame-ancestors 'none'"));
     }
+    // RSS is measured after a second of idling: the measurement's baseline, not a wait.
     std::thread::sleep(Duration::from_secs(1));
-    let rss_before = vm_rss_kib(d.pid());
+    let rss_before = vm_rss_kib(site.gw().pid());
 
     // Three LAN addresses guess in parallel, 23 guesses each: each address gets 20 tries
     // (401), then 429 without any argon2; 60 argon2 runs in all.
@@ -251,8 +230,9 @@ fn password_guessing_is_limited_logged_counted_and_memory_stays_flat() {
             .status,
         200
     );
+    // Two seconds for memory freed by the guesses to be returned: part of the measurement.
     std::thread::sleep(Duration::from_secs(2));
-    let rss_after = vm_rss_kib(d.pid());
+    let rss_after = vm_rss_kib(site.gw().pid());
     assert!(
         rss_after < rss_before + 24 * 1024,
         "RSS grew from {rss_before} KiB to {rss_after} KiB over 60 failed argon2 logins"
@@ -275,7 +255,7 @@ fn password_guessing_is_limited_logged_counted_and_memory_stays_flat() {
     assert!(text.contains("status=401") && text.contains("path=/api/status"));
     assert!(!text.contains("Authorization") && !text.contains("d3V5ZT"));
     println!("RSS {rss_before} KiB -> {rss_after} KiB after 60 failed logins");
-    d.term();
+    site.term_daemon();
 }
 
 fn run_check(cfg_text: &str, scratch: &Path) -> (i32, String) {
@@ -298,24 +278,40 @@ fn run_check(cfg_text: &str, scratch: &Path) -> (i32, String) {
 
 #[test]
 fn secrets_never_reach_an_error_and_no_client_forges_a_log_line() {
-    let scratch = tempfile::tempdir().unwrap();
-    let dir = scratch.path().join("data");
-    // A password inside a URL: refused (exit 78), naming the key, without the password.
-    let base = config_text(&dir, free_port(), free_port(), "");
-    let with_url = base.replace(
-        "url = \"mqtt://127.0.0.1:",
-        "url = \"mqtt://gw:TopSecret1@127.0.0.1:",
-    );
-    let (code, out) = run_check(&with_url, scratch.path());
+    let broker_port = free_port();
+    let site = Site::build("secrets")
+        .no_device_broker()
+        .no_district_broker()
+        .status()
+        .config(|c| {
+            // The embedded broker, the gateway's own device input on it.
+            c.broker.enabled = true;
+            c.broker.listen = format!("127.0.0.1:{broker_port}");
+            c.mqtt.url = format!("mqtt://127.0.0.1:{broker_port}");
+        })
+        .env("RUST_LOG", "debug")
+        .unstarted()
+        .start();
+    let scratch = &site.root;
+    let base = test_config(&site.data_dir(), free_port(), free_port());
+    // A password inside a URL (of both links): refused (exit 78), naming the key, without the
+    // password.
+    let mut with_url = base.clone();
+    for url in [&mut with_url.mqtt.url, &mut with_url.upstream.url] {
+        *url = url.replace("mqtt://", "mqtt://gw:TopSecret1@");
+    }
+    let (code, out) = run_check(&render_config(&with_url), scratch);
     assert_eq!(code, 78, "{out}");
     assert!(out.contains("mqtt.url") && out.contains("gw:***@"), "{out}");
     assert!(!out.contains("TopSecret1"), "{out}");
-    // A TOML syntax error on the password line.
-    let broken = base.replace(
-        "[upstream]\n",
-        "[upstream]\npassword = \"TopSecret2\nusername = \"gw\"\n",
+    // A TOML syntax error on the password line: eleven lines, then an unterminated string on
+    // line 12 (a file broken by hand is text, not a config).
+    let broken = format!(
+        "{}password = \"TopSecret2\nusername = \"gw\"\n{}",
+        "# edited by hand\n".repeat(11),
+        render_config(&base)
     );
-    let (code, out) = run_check(&broken, scratch.path());
+    let (code, out) = run_check(&broken, scratch);
     assert_eq!(code, 78, "{out}");
     assert!(!out.contains("TopSecret2"), "{out}");
     assert!(
@@ -323,20 +319,18 @@ fn secrets_never_reach_an_error_and_no_client_forges_a_log_line() {
         "the position, never the text: {out}"
     );
     // A multi-line string and an inline table (found by a break-it run).
-    for broken in [
-        base.replace("[upstream]\n", "[upstream]\npassword = \"\"\"\nTopSecret4\"\"\"x\n"),
-        base.replace(
-            "[upstream]\n",
-            "[extra]\nupstream2 = { url = \"mqtt://h\", password = \"TopSecret5\" x }\n[upstream]\n",
-        ),
+    for bad in [
+        "[upstream]\npassword = \"\"\"\nTopSecret4\"\"\"x\n",
+        "[extra]\nupstream2 = { url = \"mqtt://h\", password = \"TopSecret5\" x }\n",
     ] {
-        let (code, out) = run_check(&broken, scratch.path());
+        let broken = format!("{bad}{}", render_config(&base));
+        let (code, out) = run_check(&broken, scratch);
         assert_eq!(code, 78, "{out}");
         assert!(!out.contains("TopSecret"), "{out}");
     }
     // An environment password is redacted in check-config's effective config.
-    let cfg = scratch.path().join("ok.toml");
-    fs::write(&cfg, &base).unwrap();
+    let cfg = scratch.join("ok.toml");
+    write_config(&cfg, &base);
     let out = Command::new(common::gateway_bin())
         .args(["check-config", "--config"])
         .arg(&cfg)
@@ -348,17 +342,9 @@ fn secrets_never_reach_an_error_and_no_client_forges_a_log_line() {
 
     // The embedded broker, a client that subscribes with a newline in its filter and publishes
     // on a topic with control characters, and the daemon at DEBUG: no forged line.
-    let broker_port = free_port();
-    let status_port = free_port();
-    let text = config_with_status(&dir, broker_port, free_port(), status_port)
-        + &format!("\n[broker]\nenabled = true\nlisten = \"127.0.0.1:{broker_port}\"\n");
-    fs::write(&cfg, text).unwrap();
-    let log = scratch.path().join("daemon.log");
-    let mut d = Daemon::start_with_env(&cfg, &log, &[("RUST_LOG", "debug")]);
-    assert!(wait_until(Duration::from_secs(30), || api_status(
-        status_port
-    )
-    .is_some_and(|s| s["links"]["site"]["connected"] == true)));
+    site.start_daemon();
+    site.wait_ready(Ready::SiteLink);
+    let (status_port, log) = (site.status_port(), site.log_path());
     {
         use rumqttc::{Client, MqttOptions, QoS};
         let mut opts = MqttOptions::new("evil\nERROR forged-client", "127.0.0.1", broker_port);
@@ -391,7 +377,7 @@ fn secrets_never_reach_an_error_and_no_client_forges_a_log_line() {
     .is_some_and(
         |s| s["counters"]["accepted"] == 1 && s["counters"]["rejected"].as_u64() >= Some(1)
     )));
-    d.term();
+    site.term_daemon();
     let text = log_text(&log);
     for line in text.lines() {
         assert!(
@@ -409,10 +395,11 @@ fn secrets_never_reach_an_error_and_no_client_forges_a_log_line() {
 #[test]
 fn logins_abandoned_mid_verification_neither_pile_up_nor_go_uncounted() {
     use std::io::Write;
-    let scratch = tempfile::tempdir().unwrap();
-    let (mut d, status_port, log) = auth_daemon(scratch.path(), "春江-guard-2026");
+    let site = auth_site("abandoned", "春江-guard-2026");
+    let (status_port, log, pid) = (site.status_port(), site.log_path(), site.gw().pid());
+    // RSS is measured after a second of idling: the measurement's baseline, not a wait.
     std::thread::sleep(Duration::from_secs(1));
-    let rss_before = vm_rss_kib(d.pid());
+    let rss_before = vm_rss_kib(pid);
     let token = base64(b"wuye:wrong-password-1");
     let mut peak = rss_before;
     for _ in 0..150 {
@@ -422,8 +409,9 @@ fn logins_abandoned_mid_verification_neither_pile_up_nor_go_uncounted() {
                 .as_bytes(),
         );
         drop(s); // hang up without reading
+                 // The attack's pace: a login abandoned every 20 ms.
         std::thread::sleep(Duration::from_millis(20));
-        peak = peak.max(vm_rss_kib(d.pid()));
+        peak = peak.max(vm_rss_kib(pid));
     }
     // Let the charged attempts finish.
     let failures = || {
@@ -441,6 +429,8 @@ fn logins_abandoned_mid_verification_neither_pile_up_nor_go_uncounted() {
                 .and_then(|v| v.trim().parse::<u64>().ok())
         })
     };
+    // Nothing shows how many charged attempts still run: 5 s is more than the 20 at most that
+    // may (each runs to the end, one at a time).
     std::thread::sleep(Duration::from_secs(5));
     let n = failures().expect("metrics");
     assert!(
@@ -454,5 +444,5 @@ fn logins_abandoned_mid_verification_neither_pile_up_nor_go_uncounted() {
     let logged = log_text(&log).matches("status page: failed login").count() as u64;
     assert_eq!(logged, n, "every failure that ran is logged");
     println!("150 abandoned logins: RSS {rss_before} -> peak {peak} KiB; {n} verified and counted");
-    d.term();
+    site.term_daemon();
 }
