@@ -15,6 +15,53 @@ pub struct DistrictConfig {
     pub district: Db,
     pub mqtt: Broker,
     pub status: Status,
+    pub retention: Retention,
+}
+
+/// `[retention]` (contract: "The five layers"): how long the partitioned tables keep their
+/// months. The receiver drops a month's partitions once the whole month is older than this
+/// (checked at start and every `every`); nothing is deleted row by row. A window or alert older
+/// than the oldest kept month is a reject (`outside_retention`): its rows could not be
+/// subtracted again by a re-issue.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Retention {
+    /// Raw rows: `window_rows`, `windows`, `alerts`, `rejects`.
+    pub window_rows: Dur,
+    /// `rollup_hourly` and `rollup_daily` (what `counts_by_layer` and
+    /// `counts_hourly_by_layer` read). At least `window_rows`: rollups outlive raw rows.
+    pub rollups: Dur,
+    /// How often the receiver creates months ahead and drops old ones.
+    pub every: Dur,
+    /// Months created ahead of the current one (a window further ahead than the last is a
+    /// reject: a gateway clock far ahead).
+    pub months_ahead: u32,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Retention {
+            window_rows: Dur::secs(400 * 86_400),
+            rollups: Dur::secs(3_652 * 86_400),
+            every: Dur::secs(3_600),
+            months_ahead: 2,
+        }
+    }
+}
+
+impl Retention {
+    /// The window times kept at `now_ms`: from the start of the UTC month holding
+    /// `now - window_rows` up to the end of the last month created ahead.
+    pub fn horizon(&self, now_ms: i64) -> crate::batch::Horizon {
+        let oldest = now_ms.saturating_sub(self.window_rows.as_millis_u64() as i64);
+        let (y, m) = crate::partitions::month_of(oldest);
+        let (ny, nm) = crate::partitions::month_of(now_ms);
+        let (ay, am) = crate::partitions::add_months(ny, nm, self.months_ahead as i32 + 1);
+        crate::batch::Horizon {
+            min_ms: crate::partitions::month_start_ms(y, m),
+            max_ms: crate::partitions::month_start_ms(ay, am),
+        }
+    }
 }
 
 /// `[status]`: the receiver's operations surface (contract: "Receiver operations").
@@ -287,6 +334,25 @@ pub fn validate(c: &DistrictConfig) -> Vec<Problem> {
     }
     if d.stuck_after.0 < std::time::Duration::from_secs(1) {
         p.push(problem("district.stuck_after", "at least 1s"));
+    }
+    let r = &c.retention;
+    if r.window_rows.0 < std::time::Duration::from_secs(31 * 86_400) {
+        p.push(problem(
+            "retention.window_rows",
+            "at least 31d (partitions are months)",
+        ));
+    }
+    if r.rollups.0 < r.window_rows.0 {
+        p.push(problem(
+            "retention.rollups",
+            "at least retention.window_rows (rollups outlive raw rows)",
+        ));
+    }
+    if r.every.0 < std::time::Duration::from_secs(1) {
+        p.push(problem("retention.every", "at least 1s"));
+    }
+    if !(1..=24).contains(&r.months_ahead) {
+        p.push(problem("retention.months_ahead", "between 1 and 24"));
     }
     if d.silent_after.0 < std::time::Duration::from_secs(10) {
         p.push(problem("district.silent_after", "at least 10s"));

@@ -1,18 +1,33 @@
 //! PostgreSQL side of the receiver (tokio-postgres; schema migrated by refinery from
-//! `migrations/district/`). One transaction per batch of messages; the MQTT side acknowledges the
-//! batch's messages only after it commits.
+//! `migrations/district/`, whose V5 documents the partitions and rollups). One transaction per
+//! batch of messages; the MQTT side acknowledges the batch's messages only after it commits.
 //!
-//! Exactness rests on three rules, all inside the batch's transaction:
-//! - a summary part is kept until its rev is complete; a complete rev replaces the window's rows
-//!   only when it is higher than the rev in force (redelivery and stale revs change nothing);
-//! - summaries of one window are serialised across receivers by a transaction-scoped advisory
-//!   lock on the window, taken in sorted order per batch (no deadlock between two receivers);
-//! - alerts, care notices and daily counts are keyed so a redelivery is a no-op, and a daily
-//!   message replaces the day only with a higher rev.
+//! A batch is a few array-valued statements, not a few per message ([`super::batch`] folds it
+//! into sets): every statement is prepared once per connection ([`Prepared`]) and the ones that
+//! do not wait on an answer are sent together (pipelined), so a batch of 500 summaries costs
+//! about five round trips. In order, inside the batch's transaction:
+//! 1. the batch's gateway rows are created if new and locked in sorted order, its windows
+//!    locked (transaction-scoped advisory locks, sorted), parts of split revs stored, the
+//!    complete split revs and the revs in force read back;
+//! 2. per window the highest complete rev comes into force when it is higher than the rev in
+//!    force: the predecessor's rows are deleted (returned, to be subtracted);
+//! 3. the new rows, the windows' revs, the rollup deltas (hourly, then daily; sorted, so two
+//!    receivers take the rollup rows' locks in one order), alerts, care notices, daily counts,
+//!    states, heartbeats, sites and rejects, all sent at once.
+//!
+//! Exactness rests on the same rules as before: a complete rev replaces the window's rows only
+//! when higher than the rev in force; one window's summaries are serialised across receivers by
+//! its advisory lock; alerts, care notices and daily counts are keyed so a redelivery is a no-op.
+//! The rollups equal a recount of the windows in force (`counts_by_layer_raw`) after any batch.
 
+use super::batch::{self, Candidate, Horizon, InForce, Labels, WinKey};
 use super::msg::{Msg, Reject, Row};
-use std::collections::BTreeMap;
-use tokio_postgres::Transaction;
+use serde_json::Value;
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::pin::Pin;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio_postgres::{Client, Statement, Transaction};
 
 mod embedded {
     refinery::embed_migrations!("../../migrations/district");
@@ -38,12 +53,17 @@ pub async fn set_silent_after(
     Ok(())
 }
 
-fn ts(ms: i64) -> std::time::SystemTime {
-    std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64)
+fn ts(ms: i64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64)
 }
 
-fn rows_json(rows: &[Row]) -> serde_json::Value {
-    serde_json::Value::Array(
+fn ms(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+fn rows_json(rows: &[Row]) -> Value {
+    Value::Array(
         rows.iter()
             .map(|r| {
                 serde_json::json!({"kind": r.kind, "device": r.device, "action": r.action,
@@ -51,6 +71,29 @@ fn rows_json(rows: &[Row]) -> serde_json::Value {
             })
             .collect(),
     )
+}
+
+fn rows_of(counts: &Value) -> Vec<Row> {
+    counts
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|c| {
+            let f = |k: &str| c.get(k).and_then(Value::as_str).unwrap_or("").to_string();
+            Row {
+                kind: f("kind"),
+                device: f("device"),
+                action: f("action"),
+                result: f("result"),
+                n: c.get("n").and_then(Value::as_i64).unwrap_or(0),
+            }
+        })
+        .collect()
+}
+
+fn labels_json(l: &Labels) -> Value {
+    serde_json::json!({"district": l.district, "street": l.street, "community": l.community,
+        "compound": l.compound})
 }
 
 /// What one batch did.
@@ -71,79 +114,646 @@ impl Applied {
     }
 }
 
-/// Apply a batch in one transaction (the caller commits).
+/// The array-valued statements of [`apply`], in the order they are sent.
+const SQL: [&str; 20] = [
+    // 0 gateways: create
+    "INSERT INTO gateways (gateway) SELECT unnest($1::text[]) ORDER BY 1 ON CONFLICT DO NOTHING",
+    // 1 gateways: lock in sorted order (status, heartbeat and site updates then take no new
+    // row locks, so two receivers' batches never deadlock on them)
+    "SELECT 1 FROM gateways WHERE gateway = ANY($1) ORDER BY gateway FOR UPDATE",
+    // 2 windows: advisory locks, in the array's (sorted) order
+    "SELECT count(pg_advisory_xact_lock(hashtextextended(k, 0))) FROM unnest($1::text[]) AS k",
+    // 3 parts of split revs, unless a rev as high is in force
+    "INSERT INTO summary_parts (gateway, window_start, window_secs, rev, part, parts, counts, site)
+     SELECT k.* FROM unnest($1::text[], $2::timestamptz[], $3::int[], $4::int[], $5::int[],
+                            $6::int[], $7::jsonb[], $8::jsonb[])
+          AS k(gateway, window_start, window_secs, rev, part, parts, counts, site)
+     WHERE NOT EXISTS (SELECT 1 FROM windows w WHERE w.gateway = k.gateway
+                         AND w.window_start = k.window_start AND w.window_secs = k.window_secs
+                         AND w.rev >= k.rev)
+     ON CONFLICT DO NOTHING",
+    // 4 the stored parts of the batch's split revs
+    "SELECT p.gateway, p.window_start, p.window_secs, p.rev, p.parts, p.part, p.counts, p.site
+     FROM summary_parts p
+     JOIN (SELECT DISTINCT * FROM unnest($1::text[], $2::timestamptz[], $3::int[], $4::int[], $5::int[])
+           AS k(gateway, window_start, window_secs, rev, parts)) k
+       USING (gateway, window_start, window_secs, rev, parts)",
+    // 5 the revs in force, with the labels they are counted under
+    "SELECT w.gateway, w.window_start, w.window_secs, w.rev, w.district, w.street, w.community, w.compound
+     FROM windows w
+     JOIN unnest($1::text[], $2::timestamptz[], $3::int[]) AS k(gateway, window_start, window_secs)
+       USING (gateway, window_start, window_secs)",
+    // 6 the predecessors' rows, deleted and returned (to be subtracted)
+    "DELETE FROM window_rows r
+     USING unnest($1::text[], $2::timestamptz[], $3::int[]) AS k(gateway, window_start, window_secs)
+     WHERE r.gateway = k.gateway AND r.window_start = k.window_start AND r.window_secs = k.window_secs
+     RETURNING r.gateway, r.window_start, r.window_secs, r.kind, r.action, r.n",
+    // 7 the new rows
+    "INSERT INTO window_rows (gateway, window_start, window_secs, kind, device, action, result, n)
+     SELECT * FROM unnest($1::text[], $2::timestamptz[], $3::int[], $4::text[], $5::text[],
+                          $6::text[], $7::text[], $8::bigint[])",
+    // 8 the revs in force (a window keeps the labels it was first counted under)
+    "INSERT INTO windows (gateway, window_start, window_secs, rev, district, street, community, compound)
+     SELECT * FROM unnest($1::text[], $2::timestamptz[], $3::int[], $4::int[], $5::text[],
+                          $6::text[], $7::text[], $8::text[])
+     ON CONFLICT (gateway, window_start, window_secs) DO UPDATE SET rev = EXCLUDED.rev, updated = now()",
+    // 9 parts no longer needed
+    "DELETE FROM summary_parts p
+     USING unnest($1::text[], $2::timestamptz[], $3::int[], $4::int[]) AS k(gateway, window_start, window_secs, rev)
+     WHERE p.gateway = k.gateway AND p.window_start = k.window_start
+       AND p.window_secs = k.window_secs AND p.rev <= k.rev",
+    // 10 hourly rollups, every layer (the hour in the district's time zone)
+    "INSERT INTO rollup_hourly AS r (layer, name, parent, hour, kind, action, n)
+     SELECT l.layer, l.name, l.parent,
+            date_trunc('hour', d.window_start, (SELECT value FROM settings WHERE key = 'timezone')),
+            d.kind, d.action, sum(d.n)
+     FROM unnest($1::timestamptz[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+                 $7::text[], $8::bigint[])
+          AS d(window_start, district, street, community, compound, kind, action, n)
+     CROSS JOIN LATERAL (VALUES ('compound', d.compound, d.community),
+                                ('community', d.community, d.street),
+                                ('street', d.street, d.district),
+                                ('district', d.district, '')) AS l(layer, name, parent)
+     GROUP BY 1, 2, 3, 4, 5, 6 ORDER BY 1, 2, 3, 4, 5, 6
+     ON CONFLICT (layer, name, parent, hour, kind, action) DO UPDATE SET n = r.n + EXCLUDED.n",
+    // 11 daily rollups, every layer (the district's local date)
+    "INSERT INTO rollup_daily AS r (layer, name, parent, day, kind, action, n)
+     SELECT l.layer, l.name, l.parent,
+            (d.window_start AT TIME ZONE (SELECT value FROM settings WHERE key = 'timezone'))::date,
+            d.kind, d.action, sum(d.n)
+     FROM unnest($1::timestamptz[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+                 $7::text[], $8::bigint[])
+          AS d(window_start, district, street, community, compound, kind, action, n)
+     CROSS JOIN LATERAL (VALUES ('compound', d.compound, d.community),
+                                ('community', d.community, d.street),
+                                ('street', d.street, d.district),
+                                ('district', d.district, '')) AS l(layer, name, parent)
+     GROUP BY 1, 2, 3, 4, 5, 6 ORDER BY 1, 2, 3, 4, 5, 6
+     ON CONFLICT (layer, name, parent, day, kind, action) DO UPDATE SET n = r.n + EXCLUDED.n",
+    // 12 alerts
+    "INSERT INTO alerts (gateway, kind, device, action, id, ts)
+     SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::timestamptz[])
+     ON CONFLICT DO NOTHING",
+    // 13 care notices
+    "INSERT INTO care_notices (gateway, alias, state, last_seen, silent_secs)
+     SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::bigint[])
+     ON CONFLICT DO NOTHING",
+    // 14 daily counts: a day is replaced only by a higher rev
+    "INSERT INTO daily (gateway, date, tz, rev, access_subjects, vehicles, counts, key_generations)
+     SELECT k.gateway, k.date::date, k.tz, k.rev, k.subjects, k.vehicles, k.counts, k.keys
+     FROM unnest($1::text[], $2::text[], $3::text[], $4::int[], $5::bigint[], $6::bigint[],
+                 $7::jsonb[], $8::int[])
+          AS k(gateway, date, tz, rev, subjects, vehicles, counts, keys)
+     ON CONFLICT (gateway, date) DO UPDATE SET tz = EXCLUDED.tz, rev = EXCLUDED.rev,
+       access_subjects = EXCLUDED.access_subjects, vehicles = EXCLUDED.vehicles,
+       counts = EXCLUDED.counts, key_generations = EXCLUDED.key_generations, received = now()
+     WHERE daily.rev < EXCLUDED.rev",
+    // 15 states of gateways older than epochs: by arrival, until their first epoch
+    "UPDATE gateways g SET status = k.state, status_at = now()
+     FROM unnest($1::text[], $2::text[]) AS k(gateway, state)
+     WHERE g.gateway = k.gateway AND g.epoch IS NULL",
+    // 16 the state by epoch (contract: \"Upstream\", `status`; the model is `msg::next_state`):
+    // one conditional UPDATE, so two receivers writing one gateway's row serialise on its row
+    // lock and each re-checks the rule against the other's committed state
+    "UPDATE gateways g SET status = k.state, epoch = k.epoch, status_at = now()
+     FROM unnest($1::text[], $2::text[], $3::bigint[]) AS k(gateway, state, epoch)
+     WHERE g.gateway = k.gateway
+       AND (g.epoch IS NULL OR k.epoch > g.epoch
+            OR (k.epoch = g.epoch AND k.state = 'offline' AND g.status IS DISTINCT FROM 'offline'))",
+    // 17 heartbeats
+    "UPDATE gateways g SET last_heartbeat = now(), heartbeat = k.body
+     FROM unnest($1::text[], $2::jsonb[]) AS k(gateway, body) WHERE g.gateway = k.gateway",
+    // 18 sites
+    "UPDATE gateways g SET site = k.site
+     FROM unnest($1::text[], $2::jsonb[]) AS k(gateway, site)
+     WHERE g.gateway = k.gateway AND g.site IS DISTINCT FROM k.site",
+    // 19 rejects
+    "INSERT INTO rejects (topic, reason, detail)
+     SELECT * FROM unnest($1::text[], $2::text[], $3::text[])",
+];
+
+/// [`SQL`], prepared on one connection (prepare again after a reconnect).
+pub struct Prepared(Vec<Statement>);
+
+impl Prepared {
+    /// Prepare every statement (pipelined: one round trip).
+    pub async fn new(client: &Client) -> Result<Prepared, tokio_postgres::Error> {
+        let all = futures_util::future::join_all(SQL.iter().map(|s| client.prepare(s))).await;
+        Ok(Prepared(all.into_iter().collect::<Result<_, _>>()?))
+    }
+}
+
+type Pending<'a> = Pin<Box<dyn Future<Output = Result<u64, tokio_postgres::Error>> + Send + 'a>>;
+
+/// Send `calls` together (pipelined, in order) and wait for all; the first error in order is
+/// the cause (the ones after it are "transaction aborted"). `join_all` polls up to 30 futures
+/// in order, so each statement is sent in order on the first poll (tokio-postgres sends a
+/// request when its future is first polled).
+async fn pipelined(calls: Vec<Pending<'_>>) -> Result<(), tokio_postgres::Error> {
+    debug_assert!(calls.len() <= 30, "join_all keeps order only up to 30");
+    for r in futures_util::future::join_all(calls).await {
+        r?;
+    }
+    Ok(())
+}
+
+/// Unix ms of each window key's start.
+fn key_arrays(keys: &[&WinKey]) -> (Vec<String>, Vec<SystemTime>, Vec<i32>) {
+    (
+        keys.iter().map(|k| k.0.clone()).collect(),
+        keys.iter().map(|k| ts(k.1)).collect(),
+        keys.iter().map(|k| k.2).collect(),
+    )
+}
+
+/// Apply a batch in one transaction (the caller commits). Messages outside `horizon` become
+/// `outside_retention` rejects.
 pub async fn apply(
     tx: &Transaction<'_>,
+    st: &Prepared,
     batch: &[(String, Result<Msg, Reject>)],
+    horizon: Horizon,
 ) -> Result<Applied, tokio_postgres::Error> {
-    let mut a = Applied::default();
-    // Every gateway row this batch writes, created if new and locked in sorted order before
-    // anything else: status, heartbeat and site updates then take no new row locks, so two
-    // receivers' batches never deadlock on them (found by a break-it run: heartbeats of 150
-    // gateways in shuffled order deadlocked two receivers' drains).
-    let mut gateways: Vec<&str> = batch
+    let s = batch::split(batch, horizon);
+    let q = &st.0;
+    let mut a = Applied {
+        kept: s.kept,
+        rejected: s.rejects.len() as u64,
+        windows_set: 0,
+    };
+
+    // 1. Locks, parts, and what is in force (one round trip).
+    let windows: Vec<&WinKey> = s.windows.iter().collect();
+    let (wg, wt, ws) = key_arrays(&windows);
+    let lock_keys: Vec<String> = s
+        .windows
         .iter()
-        .filter_map(|(_, m)| m.as_ref().ok().map(Msg::gateway))
+        .map(|(g, start, secs)| format!("{g}|{start}|{secs}"))
         .collect();
-    gateways.sort_unstable();
-    gateways.dedup();
-    if !gateways.is_empty() {
-        tx.execute(
-            "INSERT INTO gateways (gateway) SELECT unnest($1::text[]) ORDER BY 1 ON CONFLICT DO NOTHING",
-            &[&gateways],
-        )
-        .await?;
-        tx.execute(
-            "SELECT 1 FROM gateways WHERE gateway = ANY($1) ORDER BY gateway FOR UPDATE",
-            &[&gateways],
-        )
-        .await?;
-    }
-    // Lock every window this batch's summaries touch, in one order.
-    let mut keys: Vec<String> = batch
-        .iter()
-        .filter_map(|(_, m)| match m {
-            Ok(Msg::Summary {
-                gateway,
-                start_ms,
-                secs,
-                ..
-            }) => Some(format!("{gateway}|{start_ms}|{secs}")),
-            _ => None,
-        })
-        .collect();
-    keys.sort();
-    keys.dedup();
-    for k in &keys {
-        tx.execute(
-            "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
-            &[k],
-        )
-        .await?;
-    }
-    for (topic, m) in batch {
-        match m {
-            Err(r) => {
+    let pk: Vec<&WinKey> = s.parts.iter().map(|p| &p.key).collect();
+    let (pg_, pt, ps) = key_arrays(&pk);
+    let p_rev: Vec<i32> = s.parts.iter().map(|p| p.rev).collect();
+    let p_part: Vec<i32> = s.parts.iter().map(|p| p.part).collect();
+    let p_parts: Vec<i32> = s.parts.iter().map(|p| p.parts).collect();
+    let p_counts: Vec<Value> = s.parts.iter().map(|p| rows_json(&p.rows)).collect();
+    let p_site: Vec<Value> = s.parts.iter().map(|p| labels_json(&p.labels)).collect();
+    let gws = &s.gateways;
+    let have_gw = !gws.is_empty();
+    let have_win = !s.windows.is_empty();
+    let have_parts = !s.parts.is_empty();
+    let (parts_rows, current_rows) = {
+        let gw_insert = async {
+            if have_gw {
+                tx.execute(&q[0], &[gws]).await
+            } else {
+                Ok(0)
+            }
+        };
+        let gw_lock = async {
+            if have_gw {
+                tx.query(&q[1], &[gws]).await.map(|r| r.len() as u64)
+            } else {
+                Ok(0)
+            }
+        };
+        let win_lock = async {
+            if have_win {
+                tx.query(&q[2], &[&lock_keys]).await.map(|r| r.len() as u64)
+            } else {
+                Ok(0)
+            }
+        };
+        let parts_insert = async {
+            if have_parts {
                 tx.execute(
-                    "INSERT INTO rejects (topic, reason, detail) VALUES ($1, $2, $3)",
+                    &q[3],
                     &[
-                        &topic.chars().take(300).collect::<String>(),
-                        &r.reason,
-                        &r.detail,
+                        &pg_, &pt, &ps, &p_rev, &p_part, &p_parts, &p_counts, &p_site,
                     ],
                 )
-                .await?;
-                a.rejected += 1;
+                .await
+            } else {
+                Ok(0)
             }
-            Ok(m) => {
-                a.kept += 1;
-                if apply_one(tx, m).await? {
-                    a.windows_set += 1;
-                }
+        };
+        let parts_fetch = async {
+            if have_parts {
+                tx.query(&q[4], &[&pg_, &pt, &ps, &p_rev, &p_parts]).await
+            } else {
+                Ok(Vec::new())
+            }
+        };
+        let current = async {
+            if have_win {
+                tx.query(&q[5], &[&wg, &wt, &ws]).await
+            } else {
+                Ok(Vec::new())
+            }
+        };
+        // `biased`: polled, so sent, in this order on the first poll; the server runs them in
+        // that order and answers in it.
+        let (r0, r1, r2, r3, r4, r5) =
+            tokio::join!(biased; gw_insert, gw_lock, win_lock, parts_insert, parts_fetch, current);
+        r0?;
+        r1?;
+        r2?;
+        r3?;
+        (r4?, r5?)
+    };
+
+    // Complete split revs, and the revs in force.
+    let mut stored: BTreeMap<(WinKey, i32, i32), Vec<(i32, Labels, Vec<Row>)>> = BTreeMap::new();
+    for r in &parts_rows {
+        let g: String = r.get(0);
+        let key = (g.clone(), ms(r.get(1)), r.get(2));
+        let site: Option<Value> = r.get(7);
+        stored.entry((key, r.get(3), r.get(4))).or_default().push((
+            r.get(5),
+            Labels::of(&g, site.as_ref().unwrap_or(&Value::Null)),
+            rows_of(&r.get::<_, Value>(6)),
+        ));
+    }
+    let mut in_force: HashMap<WinKey, InForce> = HashMap::new();
+    for r in &current_rows {
+        in_force.insert(
+            (r.get(0), ms(r.get(1)), r.get(2)),
+            InForce {
+                rev: r.get(3),
+                labels: Labels {
+                    district: r.get(4),
+                    street: r.get(5),
+                    community: r.get(6),
+                    compound: r.get(7),
+                },
+            },
+        );
+    }
+    let mut candidates: Vec<Candidate> = s.whole.clone();
+    candidates.extend(batch::complete(stored));
+    let winners = batch::winners(candidates, &in_force);
+    a.windows_set = winners.len() as u64;
+
+    // 2. The predecessors' rows, deleted and returned.
+    let mut deltas = batch::Deltas::default();
+    let replaced: Vec<&WinKey> = winners
+        .iter()
+        .filter(|(_, prev)| prev.is_some())
+        .map(|(c, _)| &c.key)
+        .collect();
+    if !replaced.is_empty() {
+        let (g, t, sec) = key_arrays(&replaced);
+        for r in tx.query(&q[6], &[&g, &t, &sec]).await? {
+            let key: WinKey = (r.get(0), ms(r.get(1)), r.get(2));
+            if let Some(f) = in_force.get(&key) {
+                let (kind, action): (&str, &str) = (r.get(3), r.get(4));
+                deltas.add(key.1, &f.labels, kind, action, -r.get::<_, i64>(5));
             }
         }
     }
+
+    // 3. Everything else, sent together.
+    let mut rows = RowArrays::default();
+    let mut win = WinArrays::default();
+    for (c, _) in &winners {
+        for r in &c.rows {
+            rows.push(&c.key, r);
+            deltas.add(c.key.1, &c.labels, &r.kind, &r.action, r.n);
+        }
+        win.push(c);
+    }
+    let mut d = DeltaArrays::default();
+    for ((start, l, kind, action), n) in deltas.nonzero() {
+        d.push(*start, l, kind, action, n);
+    }
+    let al = AlertArrays::of(&s.alerts);
+    let care = CareArrays::of(&s.care);
+    let daily = DailyArrays::of(&s.daily);
+    let (el_g, el_s): (Vec<&str>, Vec<&str>) = s.epochless.iter().copied().unzip();
+    let st_g: Vec<&str> = s.states.iter().map(|x| x.0).collect();
+    let st_s: Vec<&str> = s
+        .states
+        .iter()
+        .map(|x| if x.1.online { "online" } else { "offline" })
+        .collect();
+    let st_e: Vec<i64> = s.states.iter().map(|x| x.1.epoch).collect();
+    let hb_g: Vec<&str> = s.heartbeats.iter().map(|x| x.0).collect();
+    let hb_b: Vec<&Value> = s.heartbeats.iter().map(|x| x.1).collect();
+    let si_g: Vec<&str> = s.sites.iter().map(|x| x.0).collect();
+    let si_s: Vec<&Value> = s.sites.iter().map(|x| x.1).collect();
+    let rj_t: Vec<String> = s
+        .rejects
+        .iter()
+        .map(|r| r.0.chars().take(300).collect())
+        .collect();
+    let rj_r: Vec<&str> = s.rejects.iter().map(|r| r.1).collect();
+    let rj_d: Vec<&str> = s.rejects.iter().map(|r| r.2.as_str()).collect();
+
+    let (rows, win, al, care, daily) = (&rows, &win, &al, &care, &daily);
+    let (el_g, el_s, st_g, st_s, st_e) = (&el_g, &el_s, &st_g, &st_s, &st_e);
+    let (hb_g, hb_b, si_g, si_s) = (&hb_g, &hb_b, &si_g, &si_s);
+    let (rj_t, rj_r, rj_d) = (&rj_t, &rj_r, &rj_d);
+    let mut calls: Vec<Pending<'_>> = Vec::new();
+    if !win.g.is_empty() {
+        calls.push(Box::pin(async move {
+            tx.execute(
+                &q[7],
+                &[
+                    &rows.g,
+                    &rows.t,
+                    &rows.s,
+                    &rows.kind,
+                    &rows.device,
+                    &rows.action,
+                    &rows.result,
+                    &rows.n,
+                ],
+            )
+            .await
+        }));
+        calls.push(Box::pin(async move {
+            tx.execute(
+                &q[8],
+                &[
+                    &win.g,
+                    &win.t,
+                    &win.s,
+                    &win.rev,
+                    &win.district,
+                    &win.street,
+                    &win.community,
+                    &win.compound,
+                ],
+            )
+            .await
+        }));
+        calls.push(Box::pin(async move {
+            tx.execute(&q[9], &[&win.g, &win.t, &win.s, &win.rev]).await
+        }));
+    }
+    if !d.t.is_empty() {
+        for i in [10, 11] {
+            let (q, d) = (&q[i], &d);
+            calls.push(Box::pin(async move {
+                tx.execute(
+                    q,
+                    &[
+                        &d.t,
+                        &d.district,
+                        &d.street,
+                        &d.community,
+                        &d.compound,
+                        &d.kind,
+                        &d.action,
+                        &d.n,
+                    ],
+                )
+                .await
+            }));
+        }
+    }
+    if !al.g.is_empty() {
+        calls.push(Box::pin(async move {
+            tx.execute(
+                &q[12],
+                &[&al.g, &al.kind, &al.device, &al.action, &al.id, &al.ts],
+            )
+            .await
+        }));
+    }
+    if !care.g.is_empty() {
+        calls.push(Box::pin(async move {
+            tx.execute(
+                &q[13],
+                &[
+                    &care.g,
+                    &care.alias,
+                    &care.state,
+                    &care.last_seen,
+                    &care.silent,
+                ],
+            )
+            .await
+        }));
+    }
+    if !daily.g.is_empty() {
+        calls.push(Box::pin(async move {
+            tx.execute(
+                &q[14],
+                &[
+                    &daily.g,
+                    &daily.date,
+                    &daily.tz,
+                    &daily.rev,
+                    &daily.subjects,
+                    &daily.vehicles,
+                    &daily.counts,
+                    &daily.keys,
+                ],
+            )
+            .await
+        }));
+    }
+    if !el_g.is_empty() {
+        calls.push(Box::pin(async move {
+            tx.execute(&q[15], &[&el_g, &el_s]).await
+        }));
+    }
+    if !st_g.is_empty() {
+        calls.push(Box::pin(async move {
+            tx.execute(&q[16], &[&st_g, &st_s, &st_e]).await
+        }));
+    }
+    if !hb_g.is_empty() {
+        calls.push(Box::pin(async move {
+            tx.execute(&q[17], &[&hb_g, &hb_b]).await
+        }));
+    }
+    if !si_g.is_empty() {
+        calls.push(Box::pin(async move {
+            tx.execute(&q[18], &[&si_g, &si_s]).await
+        }));
+    }
+    if !rj_t.is_empty() {
+        calls.push(Box::pin(async move {
+            tx.execute(&q[19], &[&rj_t, &rj_r, &rj_d]).await
+        }));
+    }
+    pipelined(calls).await?;
     Ok(a)
+}
+
+#[derive(Default)]
+struct RowArrays {
+    g: Vec<String>,
+    t: Vec<SystemTime>,
+    s: Vec<i32>,
+    kind: Vec<String>,
+    device: Vec<String>,
+    action: Vec<String>,
+    result: Vec<String>,
+    n: Vec<i64>,
+}
+
+impl RowArrays {
+    fn push(&mut self, k: &WinKey, r: &Row) {
+        self.g.push(k.0.clone());
+        self.t.push(ts(k.1));
+        self.s.push(k.2);
+        self.kind.push(r.kind.clone());
+        self.device.push(r.device.clone());
+        self.action.push(r.action.clone());
+        self.result.push(r.result.clone());
+        self.n.push(r.n);
+    }
+}
+
+#[derive(Default)]
+struct WinArrays {
+    g: Vec<String>,
+    t: Vec<SystemTime>,
+    s: Vec<i32>,
+    rev: Vec<i32>,
+    district: Vec<String>,
+    street: Vec<String>,
+    community: Vec<String>,
+    compound: Vec<String>,
+}
+
+impl WinArrays {
+    fn push(&mut self, c: &Candidate) {
+        self.g.push(c.key.0.clone());
+        self.t.push(ts(c.key.1));
+        self.s.push(c.key.2);
+        self.rev.push(c.rev);
+        self.district.push(c.labels.district.clone());
+        self.street.push(c.labels.street.clone());
+        self.community.push(c.labels.community.clone());
+        self.compound.push(c.labels.compound.clone());
+    }
+}
+
+#[derive(Default)]
+struct DeltaArrays {
+    t: Vec<SystemTime>,
+    district: Vec<String>,
+    street: Vec<String>,
+    community: Vec<String>,
+    compound: Vec<String>,
+    kind: Vec<String>,
+    action: Vec<String>,
+    n: Vec<i64>,
+}
+
+impl DeltaArrays {
+    fn push(&mut self, start_ms: i64, l: &Labels, kind: &str, action: &str, n: i64) {
+        self.t.push(ts(start_ms));
+        self.district.push(l.district.clone());
+        self.street.push(l.street.clone());
+        self.community.push(l.community.clone());
+        self.compound.push(l.compound.clone());
+        self.kind.push(kind.into());
+        self.action.push(action.into());
+        self.n.push(n);
+    }
+}
+
+#[derive(Default)]
+struct AlertArrays<'a> {
+    g: Vec<&'a str>,
+    kind: Vec<&'a str>,
+    device: Vec<&'a str>,
+    action: Vec<&'a str>,
+    id: Vec<&'a str>,
+    ts: Vec<SystemTime>,
+}
+
+impl<'a> AlertArrays<'a> {
+    fn of(alerts: &[batch::Alert<'a>]) -> Self {
+        let mut x = AlertArrays::default();
+        for al in alerts {
+            x.g.push(al.gateway);
+            x.kind.push(al.kind);
+            x.device.push(al.device);
+            x.action.push(al.action);
+            x.id.push(al.id);
+            x.ts.push(ts(al.ts_ms));
+        }
+        x
+    }
+}
+
+#[derive(Default)]
+struct CareArrays<'a> {
+    g: Vec<&'a str>,
+    alias: Vec<&'a str>,
+    state: Vec<&'a str>,
+    last_seen: Vec<Option<SystemTime>>,
+    silent: Vec<i64>,
+}
+
+impl<'a> CareArrays<'a> {
+    fn of(care: &[&'a Msg]) -> Self {
+        let mut x = CareArrays::default();
+        for m in care {
+            if let Msg::Care {
+                gateway,
+                alias,
+                state,
+                last_seen_ms,
+                silent_secs,
+            } = m
+            {
+                x.g.push(gateway);
+                x.alias.push(alias);
+                x.state.push(state);
+                x.last_seen.push(last_seen_ms.map(ts));
+                x.silent.push(*silent_secs);
+            }
+        }
+        x
+    }
+}
+
+#[derive(Default)]
+struct DailyArrays<'a> {
+    g: Vec<&'a str>,
+    date: Vec<&'a str>,
+    tz: Vec<&'a str>,
+    rev: Vec<i32>,
+    subjects: Vec<Option<i64>>,
+    vehicles: Vec<Option<i64>>,
+    counts: Vec<Value>,
+    keys: Vec<Option<i32>>,
+}
+
+impl<'a> DailyArrays<'a> {
+    fn of(daily: &[&'a Msg]) -> Self {
+        let mut x = DailyArrays::default();
+        for m in daily {
+            if let Msg::Daily {
+                gateway,
+                date,
+                tz,
+                rev,
+                access_subjects,
+                vehicles,
+                key_generations,
+                rows,
+                ..
+            } = m
+            {
+                x.g.push(gateway);
+                x.date.push(date);
+                x.tz.push(tz);
+                x.rev.push(*rev);
+                x.subjects.push(*access_subjects);
+                x.vehicles.push(*vehicles);
+                x.counts.push(rows_json(rows));
+                x.keys.push(*key_generations);
+            }
+        }
+        x
+    }
 }
 
 /// Keep one message the database refused (a value it cannot store) as a reject, in its own
@@ -163,229 +773,4 @@ pub async fn refuse(
     )
     .await?;
     tx.commit().await
-}
-
-/// Returns whether a summary rev came into force.
-async fn apply_one(tx: &Transaction<'_>, m: &Msg) -> Result<bool, tokio_postgres::Error> {
-    // The gateway's row exists and is locked ([`apply`]).
-    match m {
-        Msg::Summary {
-            gateway,
-            site,
-            start_ms,
-            secs,
-            rev,
-            part,
-            parts,
-            rows,
-        } => {
-            if !site.is_null() {
-                tx.execute(
-                    "UPDATE gateways SET site = $2 WHERE gateway = $1 AND site IS DISTINCT FROM $2",
-                    &[gateway, site],
-                )
-                .await?;
-            }
-            let start = ts(*start_ms);
-            let current: Option<i32> = tx
-                .query_opt(
-                    "SELECT rev FROM windows WHERE gateway = $1 AND window_start = $2 AND window_secs = $3",
-                    &[gateway, &start, secs],
-                )
-                .await?
-                .map(|r| r.get(0));
-            if current.is_some_and(|c| c >= *rev) {
-                return Ok(false); // redelivered, or older than the rev in force
-            }
-            tx.execute(
-                "INSERT INTO summary_parts (gateway, window_start, window_secs, rev, part, parts, counts)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING",
-                &[gateway, &start, secs, rev, part, parts, &rows_json(rows)],
-            )
-            .await?;
-            let got = tx
-                .query(
-                    "SELECT counts FROM summary_parts
-                     WHERE gateway = $1 AND window_start = $2 AND window_secs = $3 AND rev = $4
-                       AND parts = $5",
-                    &[gateway, &start, secs, rev, parts],
-                )
-                .await?;
-            if (got.len() as i32) < *parts {
-                return Ok(false); // wait for the other parts
-            }
-            // Complete: this rev's rows replace the window's.
-            let mut sum: BTreeMap<(String, String, String, String), i64> = BTreeMap::new();
-            for r in &got {
-                let counts: serde_json::Value = r.get(0);
-                for c in counts.as_array().into_iter().flatten() {
-                    let f = |k: &str| c.get(k).and_then(|v| v.as_str()).unwrap_or("").to_string();
-                    let e = sum
-                        .entry((f("kind"), f("device"), f("action"), f("result")))
-                        .or_insert(0i64);
-                    *e = e.saturating_add(c.get("n").and_then(|v| v.as_i64()).unwrap_or(0));
-                }
-            }
-            tx.execute(
-                "DELETE FROM window_rows WHERE gateway = $1 AND window_start = $2 AND window_secs = $3",
-                &[gateway, &start, secs],
-            )
-            .await?;
-            let insert = tx
-                .prepare(
-                    "INSERT INTO window_rows (gateway, window_start, window_secs, kind, device, action, result, n)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-                )
-                .await?;
-            for ((kind, device, action, result), n) in &sum {
-                tx.execute(
-                    &insert,
-                    &[gateway, &start, secs, kind, device, action, result, n],
-                )
-                .await?;
-            }
-            tx.execute(
-                "INSERT INTO windows (gateway, window_start, window_secs, rev) VALUES ($1, $2, $3, $4)
-                 ON CONFLICT (gateway, window_start, window_secs) DO UPDATE SET rev = EXCLUDED.rev, updated = now()",
-                &[gateway, &start, secs, rev],
-            )
-            .await?;
-            tx.execute(
-                "DELETE FROM summary_parts
-                 WHERE gateway = $1 AND window_start = $2 AND window_secs = $3 AND rev <= $4",
-                &[gateway, &start, secs, rev],
-            )
-            .await?;
-            Ok(true)
-        }
-        Msg::Alert {
-            gateway,
-            kind,
-            device,
-            action,
-            id,
-            ts_ms,
-        } => {
-            tx.execute(
-                "INSERT INTO alerts (gateway, kind, device, action, id, ts) VALUES ($1, $2, $3, $4, $5, $6)
-                 ON CONFLICT DO NOTHING",
-                &[gateway, kind, device, action, id, &ts(*ts_ms)],
-            )
-            .await?;
-            Ok(false)
-        }
-        Msg::Care {
-            gateway,
-            alias,
-            state,
-            last_seen_ms,
-            silent_secs,
-        } => {
-            tx.execute(
-                "INSERT INTO care_notices (gateway, alias, state, last_seen, silent_secs)
-                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
-                &[gateway, alias, state, &last_seen_ms.map(ts), silent_secs],
-            )
-            .await?;
-            Ok(false)
-        }
-        Msg::Daily {
-            gateway,
-            site,
-            date,
-            tz,
-            rev,
-            access_subjects,
-            vehicles,
-            key_generations,
-            rows,
-        } => {
-            if !site.is_null() {
-                tx.execute(
-                    "UPDATE gateways SET site = $2 WHERE gateway = $1 AND site IS DISTINCT FROM $2",
-                    &[gateway, site],
-                )
-                .await?;
-            }
-            tx.execute(
-                "INSERT INTO daily (gateway, date, tz, rev, access_subjects, vehicles, counts,
-                                    key_generations)
-                 VALUES ($1, $2::text::date, $3, $4, $5, $6, $7, $8)
-                 ON CONFLICT (gateway, date) DO UPDATE SET tz = EXCLUDED.tz, rev = EXCLUDED.rev,
-                   access_subjects = EXCLUDED.access_subjects, vehicles = EXCLUDED.vehicles,
-                   counts = EXCLUDED.counts, key_generations = EXCLUDED.key_generations,
-                   received = now()
-                 WHERE daily.rev < EXCLUDED.rev",
-                &[
-                    gateway,
-                    date,
-                    tz,
-                    rev,
-                    access_subjects,
-                    vehicles,
-                    &rows_json(rows),
-                    key_generations,
-                ],
-            )
-            .await?;
-            Ok(false)
-        }
-        // The state by epoch (contract: "Upstream", `status`; the model is
-        // `msg::next_state`): one conditional UPDATE, so two receivers writing one gateway's
-        // row serialise on its row lock and each re-checks the rule against the other's
-        // committed state. A gateway without epochs (an older version) is kept by arrival,
-        // until its first epoch arrives.
-        Msg::Status {
-            gateway,
-            state,
-            epoch: Some(epoch),
-            ..
-        } => {
-            tx.execute(
-                "UPDATE gateways SET status = $2, epoch = $3, status_at = now()
-                 WHERE gateway = $1
-                   AND (epoch IS NULL OR $3 > epoch
-                        OR ($3 = epoch AND $2 = 'offline' AND status IS DISTINCT FROM 'offline'))",
-                &[gateway, state, epoch],
-            )
-            .await?;
-            Ok(false)
-        }
-        Msg::Status {
-            gateway,
-            state,
-            epoch: None,
-            ..
-        } => {
-            tx.execute(
-                "UPDATE gateways SET status = $2, status_at = now() WHERE gateway = $1 AND epoch IS NULL",
-                &[gateway, state],
-            )
-            .await?;
-            Ok(false)
-        }
-        Msg::Heartbeat {
-            gateway,
-            epoch,
-            body,
-        } => {
-            tx.execute(
-                "UPDATE gateways SET last_heartbeat = now(), heartbeat = $2 WHERE gateway = $1",
-                &[gateway, body],
-            )
-            .await?;
-            // A heartbeat is sent only while connected: one of a higher epoch than the state
-            // in force means online at that epoch (how a receiver on an empty database, which
-            // never sees the retained status through a shared subscription, learns it).
-            if let Some(epoch) = epoch {
-                tx.execute(
-                    "UPDATE gateways SET status = 'online', epoch = $2, status_at = now()
-                     WHERE gateway = $1 AND (epoch IS NULL OR $2 > epoch)",
-                    &[gateway, epoch],
-                )
-                .await?;
-            }
-            Ok(false)
-        }
-    }
 }

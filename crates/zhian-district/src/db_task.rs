@@ -49,6 +49,8 @@ pub(super) struct Progress {
 /// Returns the first error that is the database's state; `p` keeps what committed.
 pub(super) async fn commit(
     client: &mut tokio_postgres::Client,
+    st: &db::Prepared,
+    horizon: batch::Horizon,
     parsed: &[Parsed],
     p: &mut Progress,
     chunk: &mut usize,
@@ -60,7 +62,7 @@ pub(super) async fn commit(
         let slice = &parsed[p.done..end];
         let attempt = async {
             let tx = client.transaction().await?;
-            let a = db::apply(&tx, slice).await?;
+            let a = db::apply(&tx, st, slice, horizon).await?;
             tx.commit().await?;
             Ok::<_, tokio_postgres::Error>(a)
         }
@@ -74,7 +76,7 @@ pub(super) async fn commit(
                 errors::Fault::Value if !client.is_closed() => {
                     ops.db_error("refused_value");
                     tracing::warn!(error = %pg_error(&e), batch = slice.len(), "database refused a value in the batch; applying its messages one at a time");
-                    isolate(client, parsed, p, end).await?;
+                    isolate(client, st, horizon, parsed, p, end).await?;
                 }
                 // Two receivers' transactions in a deadlock or a serialization failure: the
                 // database chose this one to roll back; a retry is the cure, not an outage.
@@ -109,6 +111,9 @@ pub(super) async fn db_task(
     let linger = cfg.district.linger.0;
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
     let mut client = Some(client);
+    // The prepared statements of the connection in `client` (prepared again after a reconnect).
+    let mut stmts: Option<db::Prepared> = None;
+    let mut months = partitions::Partitions::new();
     let mut chunk = max;
     let mut rollcall = Rollcall::new(&cfg);
     loop {
@@ -119,7 +124,11 @@ pub(super) async fn db_task(
         if rollcall.due() {
             if client.as_ref().is_none_or(|c| c.is_closed()) {
                 match connect(&cfg).await {
-                    Ok(c) => client = Some(c),
+                    Ok(c) => {
+                        client = Some(c);
+                        stmts = None;
+                        months.forget();
+                    }
                     Err((fault, e)) => outage.failed(&ops, fault, &e),
                 }
             }
@@ -139,6 +148,13 @@ pub(super) async fn db_task(
                             tracing::warn!(error = %pg_error(&e), "receivers roll-call failed (the receivers table or the gateway_state view?); retried every rollcall_every");
                         }
                         rollcall.failing = Some(pg_error(&e));
+                    }
+                }
+                // Months ahead and retention, at start and every `retention.every`. A failure
+                // is retried at the next roll-call; batches create the months they need.
+                if months.due(&cfg.retention) {
+                    if let Err(e) = months.pass(c, &cfg.retention, now_ms()).await {
+                        tracing::warn!(error = %pg_error(&e), "retention pass failed (creating months ahead, dropping old ones); retried at the next roll-call");
                     }
                 }
             }
@@ -177,7 +193,11 @@ pub(super) async fn db_task(
             let c = match client.as_mut().filter(|c| !c.is_closed()) {
                 Some(c) => c,
                 None => match connect(&cfg).await {
-                    Ok(c) => client.insert(c),
+                    Ok(c) => {
+                        stmts = None;
+                        months.forget();
+                        client.insert(c)
+                    }
                     Err((fault, e)) => {
                         outage.failed(&ops, fault, &e);
                         tokio::time::sleep(backoff.next_delay()).await;
@@ -185,7 +205,28 @@ pub(super) async fn db_task(
                     }
                 },
             };
-            match commit(c, &parsed, &mut p, &mut chunk, &ops).await {
+            let horizon = cfg.retention.horizon(now_ms());
+            let attempt = async {
+                if stmts.is_none() {
+                    stmts = Some(db::Prepared::new(c).await?);
+                }
+                // The months this batch writes to exist before its transaction starts.
+                let times = parsed.iter().filter_map(|(_, m)| match m {
+                    Ok(msg::Msg::Summary { start_ms, .. }) => Some(*start_ms),
+                    Ok(msg::Msg::Alert { ts_ms, .. }) => Some(*ts_ms),
+                    _ => None,
+                });
+                months
+                    .ensure(
+                        c,
+                        times.filter(|t| *t >= horizon.min_ms && *t < horizon.max_ms),
+                    )
+                    .await?;
+                let st = stmts.as_ref().expect("prepared above");
+                commit(c, st, horizon, &parsed, &mut p, &mut chunk, &ops).await
+            }
+            .await;
+            match attempt {
                 Ok(()) => {
                     backoff.reset();
                     outage.recovered(&ops);

@@ -31,6 +31,7 @@ pub(crate) fn now_ms() -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
+pub mod batch;
 pub mod config;
 pub mod db;
 mod db_task;
@@ -38,6 +39,7 @@ pub mod errors;
 mod intake;
 pub mod msg;
 pub mod ops;
+pub mod partitions;
 mod rollcall;
 
 use db_task::*;
@@ -395,6 +397,8 @@ async fn acker(
 /// the database's state is returned, with `p` holding what committed.
 async fn isolate(
     client: &mut tokio_postgres::Client,
+    st: &db::Prepared,
+    horizon: batch::Horizon,
     parsed: &[Parsed],
     p: &mut Progress,
     end: usize,
@@ -403,7 +407,7 @@ async fn isolate(
         let item = &parsed[p.done];
         let attempt = async {
             let tx = client.transaction().await?;
-            let a = db::apply(&tx, std::slice::from_ref(item)).await?;
+            let a = db::apply(&tx, st, std::slice::from_ref(item), horizon).await?;
             tx.commit().await?;
             Ok::<_, tokio_postgres::Error>(a)
         }

@@ -1,0 +1,668 @@
+//! A batch of parsed messages as sets (pure: no database, no clock): what [`super::db`] sends
+//! as a few array-valued statements instead of a few statements per message.
+//!
+//! The rules are the per-message rules, folded over the batch so that applying the fold once
+//! gives what applying each message in arrival order gave:
+//! - summaries: per window, the highest complete rev comes into force when it is higher than
+//!   the rev in force ([`winners`]); a single-part rev is complete by itself, a split one when
+//!   all its parts are stored;
+//! - a rev coming into force subtracts its predecessor's rows from the rollups and adds its own,
+//!   under the labels the window was first counted under ([`Deltas`]);
+//! - daily counts: per (gateway, date), the highest rev;
+//! - status and heartbeat: the state by epoch is a join ([`super::msg::next_state`]), so the
+//!   batch's join is applied once; heartbeat body and site: the last to arrive;
+//! - a window or alert outside the kept range ([`Horizon`]) is a reject (`outside_retention`):
+//!   its month's partitions are gone or far in the future.
+
+use super::msg::{next_state, LinkState, Msg, Reject, Row};
+use serde_json::Value;
+use std::collections::{BTreeMap, HashMap};
+
+/// The site labels a window's rows are counted under (contract: "The five layers"). A missing
+/// label is `""`; a missing compound is the gateway id.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Labels {
+    pub district: String,
+    pub street: String,
+    pub community: String,
+    pub compound: String,
+}
+
+/// Longest label kept, in characters (a label is part of the rollups' primary key).
+pub const MAX_LABEL: usize = 256;
+
+impl Labels {
+    /// From a message's `site` object.
+    pub fn of(gateway: &str, site: &Value) -> Labels {
+        let get = |k: &str| {
+            site.get(k)
+                .and_then(Value::as_str)
+                .map(|s| s.chars().take(MAX_LABEL).collect::<String>())
+                .unwrap_or_default()
+        };
+        let compound = get("compound");
+        Labels {
+            district: get("district"),
+            street: get("street"),
+            community: get("community"),
+            compound: if compound.is_empty() {
+                gateway.chars().take(MAX_LABEL).collect()
+            } else {
+                compound
+            },
+        }
+    }
+}
+
+/// A window: (gateway, start in Unix ms, length in s).
+pub type WinKey = (String, i64, i32);
+
+/// A complete rev of a window, before it is compared with the rev in force.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Candidate {
+    pub key: WinKey,
+    pub rev: i32,
+    pub labels: Labels,
+    /// Summed by (kind, device, action, result), sorted.
+    pub rows: Vec<Row>,
+}
+
+/// One part of a split rev, to be stored until its rev is complete.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Part {
+    pub key: WinKey,
+    pub rev: i32,
+    pub part: i32,
+    pub parts: i32,
+    pub labels: Labels,
+    pub rows: Vec<Row>,
+}
+
+/// The window times and alert times kept, Unix ms: `[min_ms, max_ms)`. Below `min_ms` the raw
+/// rows' months are dropped by retention; above `max_ms` is a gateway clock far ahead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Horizon {
+    pub min_ms: i64,
+    pub max_ms: i64,
+}
+
+impl Horizon {
+    /// Everything (no retention).
+    pub const ALL: Horizon = Horizon {
+        min_ms: i64::MIN,
+        max_ms: i64::MAX,
+    };
+
+    fn check(&self, ms: i64, what: &str) -> Result<(), Reject> {
+        if ms < self.min_ms || ms >= self.max_ms {
+            Err(Reject {
+                reason: "outside_retention",
+                detail: format!(
+                    "{what} {ms} ms is outside the kept range [{}, {}) ([retention] window_rows)",
+                    self.min_ms, self.max_ms
+                ),
+            })
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// An alert to keep.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Alert<'a> {
+    pub gateway: &'a str,
+    pub kind: &'a str,
+    pub device: &'a str,
+    pub action: &'a str,
+    pub id: &'a str,
+    pub ts_ms: i64,
+}
+
+/// A batch as sets. Borrowed from the parsed messages.
+#[derive(Debug, Default)]
+pub struct Split<'a> {
+    /// Every gateway the batch writes, sorted and distinct (locked in this order).
+    pub gateways: Vec<&'a str>,
+    /// Every window the batch's summaries touch, sorted and distinct (advisory locks, in this
+    /// order).
+    pub windows: Vec<WinKey>,
+    /// Single-part revs.
+    pub whole: Vec<Candidate>,
+    /// Parts of split revs.
+    pub parts: Vec<Part>,
+    pub alerts: Vec<Alert<'a>>,
+    /// Care notices (the table's unique index makes a redelivery a no-op).
+    pub care: Vec<&'a Msg>,
+    /// Per (gateway, date), the highest rev in the batch.
+    pub daily: Vec<&'a Msg>,
+    /// The last state per gateway from statuses without an epoch (older gateways).
+    pub epochless: Vec<(&'a str, &'a str)>,
+    /// The join of the statuses and heartbeats with an epoch, per gateway.
+    pub states: Vec<(&'a str, LinkState)>,
+    /// The last heartbeat body per gateway.
+    pub heartbeats: Vec<(&'a str, &'a Value)>,
+    /// The last non-null site per gateway (from summaries and daily counts).
+    pub sites: Vec<(&'a str, &'a Value)>,
+    /// (topic, reason, detail).
+    pub rejects: Vec<(&'a str, &'static str, String)>,
+    /// Messages kept (not rejected).
+    pub kept: u64,
+}
+
+/// Sum rows with the same (kind, device, action, result), sorted by them.
+pub fn summed<'r>(rows: impl IntoIterator<Item = &'r Row>) -> Vec<Row> {
+    let mut sum: BTreeMap<(&str, &str, &str, &str), i64> = BTreeMap::new();
+    for r in rows {
+        let e = sum
+            .entry((&r.kind, &r.device, &r.action, &r.result))
+            .or_insert(0);
+        *e = e.saturating_add(r.n);
+    }
+    sum.into_iter()
+        .map(|((k, d, a, r), n)| Row {
+            kind: k.into(),
+            device: d.into(),
+            action: a.into(),
+            result: r.into(),
+            n,
+        })
+        .collect()
+}
+
+/// Keep the last value per key, in order of the key's first appearance.
+fn last_per<'a, V>(items: impl IntoIterator<Item = (&'a str, V)>) -> Vec<(&'a str, V)> {
+    let mut order: Vec<&'a str> = Vec::new();
+    let mut last: HashMap<&'a str, V> = HashMap::new();
+    for (k, v) in items {
+        if last.insert(k, v).is_none() {
+            order.push(k);
+        }
+    }
+    order
+        .into_iter()
+        .map(|k| {
+            let v = last.remove(k).expect("inserted");
+            (k, v)
+        })
+        .collect()
+}
+
+/// Split a parsed batch into sets.
+pub fn split<'a>(batch: &'a [(String, Result<Msg, Reject>)], horizon: Horizon) -> Split<'a> {
+    let mut s = Split::default();
+    let mut daily: BTreeMap<(&str, &str), &Msg> = BTreeMap::new();
+    let mut epochless = Vec::new();
+    let mut states: BTreeMap<&str, LinkState> = BTreeMap::new();
+    let mut heartbeats = Vec::new();
+    let mut sites = Vec::new();
+    for (topic, m) in batch {
+        let m = match m {
+            Err(r) => {
+                s.rejects.push((topic, r.reason, r.detail.clone()));
+                continue;
+            }
+            Ok(m) => m,
+        };
+        let outside = match m {
+            Msg::Summary { start_ms, .. } => horizon.check(*start_ms, "window.start").err(),
+            Msg::Alert { ts_ms, .. } => horizon.check(*ts_ms, "ts").err(),
+            _ => None,
+        };
+        if let Some(r) = outside {
+            s.rejects.push((topic, r.reason, r.detail));
+            continue;
+        }
+        s.kept += 1;
+        s.gateways.push(m.gateway());
+        match m {
+            Msg::Summary {
+                gateway,
+                site,
+                start_ms,
+                secs,
+                rev,
+                part,
+                parts,
+                rows,
+            } => {
+                if !site.is_null() {
+                    sites.push((gateway.as_str(), site));
+                }
+                let key = (gateway.clone(), *start_ms, *secs);
+                s.windows.push(key.clone());
+                let labels = Labels::of(gateway, site);
+                if *parts == 1 {
+                    s.whole.push(Candidate {
+                        key,
+                        rev: *rev,
+                        labels,
+                        rows: summed(rows),
+                    });
+                } else {
+                    s.parts.push(Part {
+                        key,
+                        rev: *rev,
+                        part: *part,
+                        parts: *parts,
+                        labels,
+                        rows: rows.clone(),
+                    });
+                }
+            }
+            Msg::Alert {
+                gateway,
+                kind,
+                device,
+                action,
+                id,
+                ts_ms,
+            } => s.alerts.push(Alert {
+                gateway,
+                kind,
+                device,
+                action,
+                id,
+                ts_ms: *ts_ms,
+            }),
+            Msg::Care { .. } => s.care.push(m),
+            Msg::Daily {
+                gateway,
+                site,
+                date,
+                rev,
+                ..
+            } => {
+                if !site.is_null() {
+                    sites.push((gateway.as_str(), site));
+                }
+                let e = daily.entry((gateway.as_str(), date.as_str())).or_insert(m);
+                if matches!(e, Msg::Daily { rev: r, .. } if r < rev) {
+                    *e = m;
+                }
+            }
+            Msg::Status {
+                gateway,
+                state,
+                epoch: None,
+                ..
+            } => epochless.push((gateway.as_str(), state.as_str())),
+            Msg::Status {
+                gateway,
+                state,
+                epoch: Some(epoch),
+                ..
+            } => {
+                let msg = LinkState {
+                    epoch: *epoch,
+                    online: state != "offline",
+                };
+                let cur = states.get(gateway.as_str()).copied();
+                states.insert(gateway, next_state(cur, msg));
+            }
+            Msg::Heartbeat {
+                gateway,
+                epoch,
+                body,
+            } => {
+                heartbeats.push((gateway.as_str(), body));
+                if let Some(epoch) = epoch {
+                    // A heartbeat is sent only while connected: online at its epoch, when
+                    // that epoch is higher than the state in force (a join like the statuses:
+                    // online at epoch e never overrides anything at e).
+                    let msg = LinkState {
+                        epoch: *epoch,
+                        online: true,
+                    };
+                    let cur = states.get(gateway.as_str()).copied();
+                    states.insert(gateway, next_state(cur, msg));
+                }
+            }
+        }
+    }
+    s.gateways.sort_unstable();
+    s.gateways.dedup();
+    s.windows.sort();
+    s.windows.dedup();
+    s.daily = daily.into_values().collect();
+    s.epochless = last_per(epochless);
+    s.states = states.into_iter().collect();
+    s.heartbeats = last_per(heartbeats);
+    s.sites = last_per(sites);
+    s
+}
+
+/// Complete split revs from their stored parts: `(key, rev, parts) -> [(part, labels, rows)]`.
+/// A rev is complete when every part 1..=parts is there; its rows are the parts' rows summed,
+/// its labels those of its first part.
+pub fn complete(
+    stored: BTreeMap<(WinKey, i32, i32), Vec<(i32, Labels, Vec<Row>)>>,
+) -> Vec<Candidate> {
+    let mut out = Vec::new();
+    for ((key, rev, parts), mut got) in stored {
+        got.sort_by_key(|g| g.0);
+        got.dedup_by_key(|g| g.0);
+        if got.len() as i32 != parts || got.iter().any(|g| g.0 < 1 || g.0 > parts) {
+            continue;
+        }
+        let labels = got[0].1.clone();
+        let rows = summed(got.iter().flat_map(|g| g.2.iter()));
+        out.push(Candidate {
+            key,
+            rev,
+            labels,
+            rows,
+        });
+    }
+    out
+}
+
+/// The rev in force of a window, as the database has it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InForce {
+    pub rev: i32,
+    pub labels: Labels,
+}
+
+/// Which candidates come into force: per window the highest candidate rev, when it is higher
+/// than the rev in force. Each winner carries the labels it is counted under: those of the
+/// rev in force when there is one (a window never moves), else its own. Sorted by window.
+pub fn winners(
+    candidates: Vec<Candidate>,
+    in_force: &HashMap<WinKey, InForce>,
+) -> Vec<(Candidate, Option<i32>)> {
+    let mut best: BTreeMap<WinKey, Candidate> = BTreeMap::new();
+    for c in candidates {
+        match best.get(&c.key) {
+            Some(b) if b.rev >= c.rev => {}
+            _ => {
+                best.insert(c.key.clone(), c);
+            }
+        }
+    }
+    best.into_values()
+        .filter_map(|mut c| match in_force.get(&c.key) {
+            Some(f) if f.rev >= c.rev => None,
+            Some(f) => {
+                c.labels = f.labels.clone();
+                Some((c, Some(f.rev)))
+            }
+            None => Some((c, None)),
+        })
+        .collect()
+}
+
+/// Rollup deltas at window grain: (window start ms, labels, kind, action) -> n. The database
+/// groups them by hour and by local day, for each layer.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Deltas(pub BTreeMap<(i64, Labels, String, String), i64>);
+
+impl Deltas {
+    /// Add `sign` x each row's count.
+    pub fn add(&mut self, start_ms: i64, labels: &Labels, kind: &str, action: &str, n: i64) {
+        if n == 0 {
+            return;
+        }
+        let e = self
+            .0
+            .entry((
+                start_ms,
+                labels.clone(),
+                kind.to_string(),
+                action.to_string(),
+            ))
+            .or_insert(0);
+        *e = e.saturating_add(n);
+    }
+
+    /// The non-zero deltas.
+    pub fn nonzero(&self) -> impl Iterator<Item = (&(i64, Labels, String, String), i64)> {
+        self.0
+            .iter()
+            .filter(|(_, n)| **n != 0)
+            .map(|(k, n)| (k, *n))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn row(kind: &str, device: &str, n: i64) -> Row {
+        Row {
+            kind: kind.into(),
+            device: device.into(),
+            action: "entry".into(),
+            result: "ok".into(),
+            n,
+        }
+    }
+
+    #[test]
+    fn labels_default_compound_to_gateway() {
+        let l = Labels::of("gw-1", &serde_json::json!({"street": "富春街道"}));
+        assert_eq!(l.street, "富春街道");
+        assert_eq!(l.compound, "gw-1");
+        assert_eq!(l.community, "");
+        let l = Labels::of("gw-1", &Value::Null);
+        assert_eq!(l.compound, "gw-1");
+    }
+
+    #[test]
+    fn split_folds_states_daily_and_sites() {
+        let s = |t: &str, m: Msg| (t.to_string(), Ok(m));
+        let st = |g: &str, state: &str, e: Option<i64>| Msg::Status {
+            gateway: g.into(),
+            state: state.into(),
+            epoch: e,
+            body: Value::Null,
+        };
+        let daily = |rev: i32| Msg::Daily {
+            gateway: "a".into(),
+            site: serde_json::json!({"compound": format!("c{rev}")}),
+            date: "2026-12-01".into(),
+            tz: "+08:00".into(),
+            rev,
+            access_subjects: None,
+            vehicles: None,
+            key_generations: None,
+            rows: vec![],
+        };
+        let batch = vec![
+            s("t", st("b", "offline", Some(3))),
+            s("t", st("b", "online", Some(3))),
+            s("t", st("a", "online", Some(1))),
+            s("t", daily(2)),
+            s("t", daily(1)),
+            s("t", st("c", "online", None)),
+            s("t", st("c", "offline", None)),
+            (
+                "bad".into(),
+                Err(Reject {
+                    reason: "invalid_json",
+                    detail: "x".into(),
+                }),
+            ),
+        ];
+        let sp = split(&batch, Horizon::ALL);
+        assert_eq!(sp.gateways, vec!["a", "b", "c"]);
+        assert_eq!(
+            sp.states,
+            vec![
+                (
+                    "a",
+                    LinkState {
+                        epoch: 1,
+                        online: true
+                    }
+                ),
+                (
+                    "b",
+                    LinkState {
+                        epoch: 3,
+                        online: false
+                    }
+                )
+            ]
+        );
+        assert_eq!(sp.epochless, vec![("c", "offline")]);
+        assert_eq!(sp.daily.len(), 1);
+        assert!(matches!(sp.daily[0], Msg::Daily { rev: 2, .. }));
+        // The last site to arrive.
+        assert_eq!(
+            sp.sites,
+            vec![("a", &serde_json::json!({"compound": "c1"}))]
+        );
+        assert_eq!(sp.rejects.len(), 1);
+        assert_eq!(sp.kept, 7);
+    }
+
+    #[test]
+    fn outside_the_horizon_is_a_reject() {
+        let m = Msg::Alert {
+            gateway: "a".into(),
+            kind: "camera".into(),
+            device: "c".into(),
+            action: "x".into(),
+            id: "1".into(),
+            ts_ms: 5,
+        };
+        let batch = vec![("t".to_string(), Ok(m))];
+        let sp = split(
+            &batch,
+            Horizon {
+                min_ms: 10,
+                max_ms: 20,
+            },
+        );
+        assert_eq!(sp.rejects[0].1, "outside_retention");
+        assert!(sp.alerts.is_empty());
+        assert_eq!(sp.kept, 0);
+    }
+
+    #[test]
+    fn complete_needs_every_part() {
+        let key: WinKey = ("g".into(), 0, 60);
+        let l = Labels::default();
+        let mut stored = BTreeMap::new();
+        stored.insert(
+            (key.clone(), 0, 2),
+            vec![(1, l.clone(), vec![row("access", "d1", 2)])],
+        );
+        stored.insert(
+            (key.clone(), 1, 2),
+            vec![
+                (2, l.clone(), vec![row("access", "d2", 1)]),
+                (
+                    1,
+                    l.clone(),
+                    vec![row("access", "d1", 2), row("access", "d2", 1)],
+                ),
+            ],
+        );
+        let c = complete(stored);
+        assert_eq!(c.len(), 1);
+        assert_eq!(c[0].rev, 1);
+        assert_eq!(
+            c[0].rows,
+            vec![row("access", "d1", 2), row("access", "d2", 2)]
+        );
+    }
+
+    #[test]
+    fn winners_keep_the_windows_labels() {
+        let key: WinKey = ("g".into(), 0, 60);
+        let old = Labels {
+            community: "old".into(),
+            ..Labels::default()
+        };
+        let new = Labels {
+            community: "new".into(),
+            ..Labels::default()
+        };
+        let cand = |rev| Candidate {
+            key: key.clone(),
+            rev,
+            labels: new.clone(),
+            rows: vec![],
+        };
+        let mut f = HashMap::new();
+        f.insert(
+            key.clone(),
+            InForce {
+                rev: 1,
+                labels: old.clone(),
+            },
+        );
+        let w = winners(vec![cand(1), cand(3), cand(2)], &f);
+        assert_eq!(w.len(), 1);
+        assert_eq!((w[0].0.rev, w[0].1), (3, Some(1)));
+        assert_eq!(w[0].0.labels, old);
+        assert!(winners(vec![cand(1)], &f).is_empty());
+        let w = winners(vec![cand(0)], &HashMap::new());
+        assert_eq!(w[0].0.labels, new);
+    }
+
+    proptest! {
+        /// Applying batches through `winners` and `Deltas` keeps a rollup equal to a recount
+        /// of the windows in force, for any order of revs, duplicates and batch boundaries.
+        #[test]
+        fn deltas_equal_a_recount(
+            msgs in proptest::collection::vec((0i64..4, 0i32..4), 1..60),
+            cut in proptest::collection::vec(1usize..8, 1..20),
+        ) {
+            // The "database": windows in force with their rows, and the rollup by (start, kind).
+            let mut in_force: HashMap<WinKey, (InForce, Vec<Row>)> = HashMap::new();
+            let mut rollup: BTreeMap<(i64, String), i64> = BTreeMap::new();
+            let kinds = ["access", "vehicle", "camera"];
+            let cands: Vec<Candidate> = msgs.iter().map(|&(w, rev)| Candidate {
+                key: ("g".into(), w * 60_000, 60),
+                rev,
+                labels: Labels::default(),
+                // A rev's rows are a function of (window, rev): re-sending it is a duplicate.
+                rows: vec![
+                    row(kinds[(w as usize + rev as usize) % 3], "d", w + rev as i64 + 1),
+                    row(kinds[(w as usize + 2 * rev as usize) % 3], "e", (w * rev as i64) % 3),
+                ],
+            }).map(|mut c| { c.rows = summed(&c.rows); c }).collect();
+            let mut i = 0;
+            let mut ci = 0;
+            while i < cands.len() {
+                let end = (i + cut[ci % cut.len()]).min(cands.len());
+                ci += 1;
+                let f: HashMap<WinKey, InForce> = in_force.iter().map(|(k, v)| (k.clone(), v.0.clone())).collect();
+                let mut d = Deltas::default();
+                for (c, prev) in winners(cands[i..end].to_vec(), &f) {
+                    if prev.is_some() {
+                        for r in &in_force[&c.key].1 {
+                            d.add(c.key.1, &c.labels, &r.kind, &r.action, -r.n);
+                        }
+                    }
+                    for r in &c.rows {
+                        d.add(c.key.1, &c.labels, &r.kind, &r.action, r.n);
+                    }
+                    in_force.insert(c.key.clone(), (InForce { rev: c.rev, labels: c.labels.clone() }, c.rows.clone()));
+                }
+                for ((start, _, kind, _), n) in d.nonzero() {
+                    *rollup.entry((*start, kind.clone())).or_insert(0) += n;
+                }
+                i = end;
+            }
+            let mut recount: BTreeMap<(i64, String), i64> = BTreeMap::new();
+            for (k, (_, rows)) in &in_force {
+                for r in rows {
+                    *recount.entry((k.1, r.kind.clone())).or_insert(0) += r.n;
+                }
+            }
+            rollup.retain(|_, n| *n != 0);
+            recount.retain(|_, n| *n != 0);
+            prop_assert_eq!(&rollup, &recount);
+            // And the highest rev of each window is in force.
+            for &(w, _) in &msgs {
+                let top = msgs.iter().filter(|m| m.0 == w).map(|m| m.1).max().unwrap();
+                prop_assert_eq!(in_force[&("g".to_string(), w * 60_000, 60)].0.rev, top);
+            }
+        }
+    }
+}
