@@ -332,12 +332,13 @@ pub fn split<'a>(batch: &'a [(String, Result<Msg, Reject>)], horizon: Horizon) -
     s
 }
 
+/// Stored parts by split rev: `(window, rev, parts) -> [(part, labels, rows)]`.
+pub type StoredParts = BTreeMap<(WinKey, i32, i32), Vec<(i32, Labels, Vec<Row>)>>;
+
 /// Complete split revs from their stored parts: `(key, rev, parts) -> [(part, labels, rows)]`.
 /// A rev is complete when every part 1..=parts is there; its rows are the parts' rows summed,
 /// its labels those of its first part.
-pub fn complete(
-    stored: BTreeMap<(WinKey, i32, i32), Vec<(i32, Labels, Vec<Row>)>>,
-) -> Vec<Candidate> {
+pub fn complete(stored: StoredParts) -> Vec<Candidate> {
     let mut out = Vec::new();
     for ((key, rev, parts), mut got) in stored {
         got.sort_by_key(|g| g.0);

@@ -23,7 +23,7 @@
 use super::batch::{self, Candidate, Horizon, InForce, Labels, WinKey};
 use super::msg::{Msg, Reject, Row};
 use serde_json::Value;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -362,7 +362,7 @@ pub async fn apply(
     };
 
     // Complete split revs, and the revs in force.
-    let mut stored: BTreeMap<(WinKey, i32, i32), Vec<(i32, Labels, Vec<Row>)>> = BTreeMap::new();
+    let mut stored = batch::StoredParts::new();
     for r in &parts_rows {
         let g: String = r.get(0);
         let key = (g.clone(), ms(r.get(1)), r.get(2));
