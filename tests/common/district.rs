@@ -140,3 +140,20 @@ pub fn summary(
     }
     serde_json::to_vec(&v).unwrap()
 }
+
+/// Rows that differ between the rollups and a recount from raw rows, hourly and daily (the
+/// views `counts_hourly_by_layer` vs `counts_hourly_by_layer_raw`, `counts_by_layer` vs
+/// `counts_by_layer_raw`): `Some(0)` when they agree.
+pub fn rollup_mismatches(pg: &Postgres) -> Option<i64> {
+    pg.psql(
+        "SELECT (SELECT count(*) FROM (
+                   (SELECT * FROM counts_hourly_by_layer EXCEPT ALL SELECT * FROM counts_hourly_by_layer_raw)
+                   UNION ALL
+                   (SELECT * FROM counts_hourly_by_layer_raw EXCEPT ALL SELECT * FROM counts_hourly_by_layer)) h)
+              + (SELECT count(*) FROM (
+                   (SELECT * FROM counts_by_layer EXCEPT ALL SELECT * FROM counts_by_layer_raw)
+                   UNION ALL
+                   (SELECT * FROM counts_by_layer_raw EXCEPT ALL SELECT * FROM counts_by_layer)) d)",
+    )
+    .and_then(|s| s.trim().parse().ok())
+}

@@ -13,6 +13,7 @@ mod demo;
 mod device_table;
 mod district;
 mod district_faults;
+mod district_layers;
 mod e2e_modbus;
 mod e2e_mqtt;
 mod e2e_status;
