@@ -1,10 +1,12 @@
-//! The district receiver's sustained rate (issue 14): messages per second it commits to a real
-//! PostgreSQL, with one and with two receivers sharing the subscription, as ratios to
-//! `mosquitto_sub`'s rate draining the same kind of backlog from the same broker in the same
-//! run (these machines are noisy: only ratios are comparable). Also the database rows and bytes
-//! one compound costs per day (60 s windows, a day of traffic played through a receiver).
+//! The district receiver's sustained rate (issues 14, 22): messages per second it commits to a
+//! real PostgreSQL (windows, rows and the rollups of all four layers), with one and with four
+//! receivers sharing the subscription, as ratios to `mosquitto_sub`'s rate draining the same
+//! kind of backlog from the same broker in the same run (these machines are noisy: only ratios
+//! are comparable). Also the database rows and bytes one compound costs per day (60 s windows,
+//! a day of traffic played through the receivers).
 //!
-//! `cargo bench --bench district` (BENCH_N messages per run, default 20000).
+//! `cargo bench --bench district` (BENCH_N messages per run, default 50000). The last line is
+//! `ingest ratio (one receiver / mosquitto_sub): X`.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -57,15 +59,19 @@ fn stop(mut c: Child) {
     let _ = c.wait();
 }
 
+/// Window `window` counted from 20 days ago (inside `[retention]`'s kept months).
 fn summary(g: usize, window: usize) -> Vec<u8> {
-    let start = 1_796_000_000 + window as i64 * 60;
+    let start = (now_ms() / 1000 / 60 - 20 * 1440) * 60 + window as i64 * 60;
     let t = time::OffsetDateTime::from_unix_timestamp(start).unwrap();
     let rfc = t
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap()
         .replace("+00:00", "Z");
+    // 150 compounds over 30 communities over 10 streets.
     serde_json::to_vec(&serde_json::json!({"schema": "zhian.summary.v1", "gateway": format!("b-{g:03}"),
-        "site": {"compound": format!("小区{g}")}, "window": {"start": rfc, "secs": 60}, "rev": 0,
+        "site": {"district": "富阳区", "street": format!("街道{:02}", g % 30 % 10),
+                 "community": format!("社区{:02}", g % 30), "compound": format!("小区{g}")},
+        "window": {"start": rfc, "secs": 60}, "rev": 0,
         "counts": [{"kind": "access", "device": "door-1", "action": "entry", "result": "granted", "n": 3},
                    {"kind": "vehicle", "device": "gate-1", "action": "entry", "result": "ok", "n": 1}]}))
     .unwrap()
@@ -101,7 +107,7 @@ fn main() {
     let n: usize = std::env::var("BENCH_N")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(20_000);
+        .unwrap_or(50_000);
     // The district side of a site: its broker; PostgreSQL beside it.
     let site = Site::build("bench-district")
         .no_device_broker()
@@ -134,7 +140,7 @@ fn main() {
         .unwrap();
     broker.wait_subscribed("bench-sub", &format!("{PREFIX}/+/#"));
     signal(&sub, libc::SIGSTOP);
-    publish(broker.port, n, 1_000_000);
+    publish(broker.port, n, 0);
     let t = Instant::now();
     signal(&sub, libc::SIGCONT);
     let mut sub = sub;
@@ -143,7 +149,7 @@ fn main() {
     eprintln!("mosquitto_sub: {sub_rate:.0} msg/s");
 
     let mut rates = Vec::new();
-    for (k, ids) in [(2usize, vec!["r1"]), (3, vec!["r1", "r2"])] {
+    for (k, ids) in [(2usize, vec!["r1"]), (3, vec!["r1", "r2", "r3", "r4"])] {
         let (rs, ports): (Vec<Child>, Vec<u16>) = ids
             .iter()
             .map(|id| receiver(dir, &url, broker.port, id))
@@ -158,7 +164,7 @@ fn main() {
         for r in &rs {
             signal(r, libc::SIGSTOP);
         }
-        publish(broker.port, n, k * 1_000_000);
+        publish(broker.port, n, k * (n / 150 + 10));
         let t = Instant::now();
         for r in &rs {
             signal(r, libc::SIGCONT);
@@ -178,20 +184,37 @@ fn main() {
     }
     // Rows and bytes per compound and day: a day of 60 s windows for one compound, two rows a
     // window (as the summaries above), measured as the growth of the schema's tables.
-    let size = |pg: &Postgres| -> i64 {
-        pg.psql("SELECT sum(pg_total_relation_size(c.oid)) FROM pg_class c JOIN pg_namespace s ON s.oid = c.relnamespace WHERE s.nspname = 'public' AND c.relkind = 'r'")
+    // Raw (windows, window_rows) and rollups (rollup_hourly, rollup_daily): rows, and bytes of
+    // their partitions with indexes.
+    let size = |pg: &Postgres, like: &str| -> i64 {
+        pg.psql(&format!("SELECT coalesce(sum(pg_total_relation_size(c.oid)), 0) FROM pg_class c JOIN pg_namespace s ON s.oid = c.relnamespace WHERE s.nspname = 'public' AND c.relkind = 'r' AND c.relname ~ '{like}'"))
             .and_then(|s| s.trim().parse().ok())
             .unwrap_or(0)
     };
-    let rows = |pg: &Postgres| -> i64 {
-        pg.psql("SELECT (SELECT count(*) FROM windows) + (SELECT count(*) FROM window_rows)")
-            .and_then(|s| s.trim().parse().ok())
-            .unwrap_or(0)
+    let count = |pg: &Postgres, tables: &[&str]| -> i64 {
+        tables
+            .iter()
+            .map(|t| {
+                pg.psql(&format!("SELECT count(*) FROM {t}"))
+                    .and_then(|s| s.trim().parse::<i64>().ok())
+                    .unwrap_or(0)
+            })
+            .sum()
     };
-    pg.psql("VACUUM ANALYZE");
-    let (b0, r0) = (size(&pg), rows(&pg));
+    const RAW: &str = "^(windows|window_rows)_p";
+    const ROLL: &str = "^rollup_(hourly|daily)_p";
+    let measure = |pg: &Postgres| {
+        pg.psql("VACUUM ANALYZE");
+        (
+            count(pg, &["windows", "window_rows"]),
+            size(pg, RAW),
+            count(pg, &["rollup_hourly", "rollup_daily"]),
+            size(pg, ROLL),
+        )
+    };
+    let (r0, b0, u0, c0) = measure(&pg);
     // Both group members: a stopped one's share of the shared subscription waits in its session.
-    let (rs, ports): (Vec<Child>, Vec<u16>) = ["r1", "r2"]
+    let (rs, ports): (Vec<Child>, Vec<u16>) = ["r1", "r2", "r3", "r4"]
         .iter()
         .map(|id| receiver(dir, &url, broker.port, id))
         .unzip();
@@ -202,7 +225,7 @@ fn main() {
         let mut p = Publisher::connect(broker.port, "bench-day");
         for w in 0..1440 {
             let mut v: serde_json::Value =
-                serde_json::from_slice(&summary(0, 5_000_000 + w)).unwrap();
+                serde_json::from_slice(&summary(0, 5 * (n / 150 + 10) + w)).unwrap();
             v["gateway"] = "b-day".into();
             p.send(
                 &format!("{PREFIX}/b-day/summary"),
@@ -217,25 +240,31 @@ fn main() {
     for r in rs {
         stop(r);
     }
-    pg.psql("VACUUM ANALYZE");
-    let (b1, r1) = (size(&pg), rows(&pg));
+    let (r1, b1, u1, c1) = measure(&pg);
     println!(
         "district receiver, {n} summaries per run (2 rows each), PostgreSQL fsync off, loopback:"
     );
     println!("  mosquitto_sub draining the same backlog: {sub_rate:.0} msg/s (baseline)");
     println!(
-        "  one receiver:  {:.0} msg/s committed, ratio {:.2}",
+        "  one receiver:   {:.0} msg/s committed, ratio {:.3}",
         rates[0],
         rates[0] / sub_rate
     );
     println!(
-        "  two receivers: {:.0} msg/s committed, ratio {:.2}",
+        "  four receivers: {:.0} msg/s committed, ratio {:.3} ({:.2}x one receiver)",
         rates[1],
-        rates[1] / sub_rate
+        rates[1] / sub_rate,
+        rates[1] / rates[0]
     );
     println!(
-        "  one compound-day (1440 windows of 60 s, 2 rows each): {} rows, {} KiB in the tables and indexes",
+        "  one compound-day (1440 windows of 60 s, 2 rows each): raw {} rows, {} KiB; rollups {} rows, {} KiB (tables and indexes)",
         r1 - r0,
-        (b1 - b0) / 1024
+        (b1 - b0) / 1024,
+        u1 - u0,
+        (c1 - c0) / 1024
+    );
+    println!(
+        "ingest ratio (one receiver / mosquitto_sub): {:.3}",
+        rates[0] / sub_rate
     );
 }

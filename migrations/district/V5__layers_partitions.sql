@@ -104,6 +104,8 @@ CREATE TABLE windows (
     window_secs  int         NOT NULL,
     rev          int         NOT NULL,
     updated      timestamptz NOT NULL DEFAULT now(),
+    -- The rev this one replaced (NULL: the window's first rev in force).
+    replaced_rev int,
     district     text        NOT NULL DEFAULT '',
     street       text        NOT NULL DEFAULT '',
     community    text        NOT NULL DEFAULT '',

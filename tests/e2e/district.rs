@@ -353,6 +353,8 @@ fn a_fleet_of_170_gateways_lands_exactly_in_postgresql() {
             .sum();
         assert_eq!(db, *n, "{g}");
     }
+    // The rollups of every layer equal a recount from the raw rows (issue 22).
+    assert_eq!(rollup_mismatches(&pg), Some(0), "rollups equal a recount");
     // Alerts once, care notices once, daily counts, heartbeats, rejects.
     let one = |sql: &str| pg.psql(sql).unwrap().trim().to_string();
     assert_eq!(

@@ -365,13 +365,9 @@ pub struct InForce {
     pub labels: Labels,
 }
 
-/// Which candidates come into force: per window the highest candidate rev, when it is higher
-/// than the rev in force. Each winner carries the labels it is counted under: those of the
-/// rev in force when there is one (a window never moves), else its own. Sorted by window.
-pub fn winners(
-    candidates: Vec<Candidate>,
-    in_force: &HashMap<WinKey, InForce>,
-) -> Vec<(Candidate, Option<i32>)> {
+/// Per window the highest candidate rev, sorted by window (what the windows' upsert is given;
+/// the database keeps it only when higher than the rev in force).
+pub fn best(candidates: Vec<Candidate>) -> Vec<Candidate> {
     let mut best: BTreeMap<WinKey, Candidate> = BTreeMap::new();
     for c in candidates {
         match best.get(&c.key) {
@@ -381,7 +377,19 @@ pub fn winners(
             }
         }
     }
-    best.into_values()
+    best.into_values().collect()
+}
+
+/// Which candidates come into force (the model of what [`best`] and the windows' upsert do
+/// together): per window the highest candidate rev, when it is higher
+/// than the rev in force. Each winner carries the labels it is counted under: those of the
+/// rev in force when there is one (a window never moves), else its own. Sorted by window.
+pub fn winners(
+    candidates: Vec<Candidate>,
+    in_force: &HashMap<WinKey, InForce>,
+) -> Vec<(Candidate, Option<i32>)> {
+    best(candidates)
+        .into_iter()
         .filter_map(|mut c| match in_force.get(&c.key) {
             Some(f) if f.rev >= c.rev => None,
             Some(f) => {
@@ -393,7 +401,15 @@ pub fn winners(
         .collect()
 }
 
-/// Rollup deltas at window grain: (window start ms, labels, kind, action) -> n. The database
+/// The quarter hour (UTC) holding `start_ms`, in Unix ms. Every time zone's offset is a
+/// multiple of 15 minutes (IANA tzdb: +05:45 Nepal, +12:45 Chatham are the finest), so a
+/// quarter hour lies inside one local hour and one local day: deltas summed per quarter hour
+/// land in the same hourly and daily rollup rows as per window, with a fraction of the rows.
+pub fn slot(start_ms: i64) -> i64 {
+    start_ms.div_euclid(900_000) * 900_000
+}
+
+/// Rollup deltas at quarter-hour grain ([`slot`]): (quarter hour start ms, labels, kind, action) -> n. The database
 /// groups them by hour and by local day, for each layer.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct Deltas(pub BTreeMap<(i64, Labels, String, String), i64>);

@@ -115,7 +115,7 @@ impl Applied {
 }
 
 /// The array-valued statements of [`apply`], in the order they are sent.
-const SQL: [&str; 20] = [
+const SQL: [&str; 19] = [
     // 0 gateways: create
     "INSERT INTO gateways (gateway) SELECT unnest($1::text[]) ORDER BY 1 ON CONFLICT DO NOTHING",
     // 1 gateways: lock in sorted order (status, heartbeat and site updates then take no new
@@ -138,11 +138,17 @@ const SQL: [&str; 20] = [
      JOIN (SELECT DISTINCT * FROM unnest($1::text[], $2::timestamptz[], $3::int[], $4::int[], $5::int[])
            AS k(gateway, window_start, window_secs, rev, parts)) k
        USING (gateway, window_start, window_secs, rev, parts)",
-    // 5 the revs in force, with the labels they are counted under
-    "SELECT w.gateway, w.window_start, w.window_secs, w.rev, w.district, w.street, w.community, w.compound
-     FROM windows w
-     JOIN unnest($1::text[], $2::timestamptz[], $3::int[]) AS k(gateway, window_start, window_secs)
-       USING (gateway, window_start, window_secs)",
+    // 5 the windows' revs: a candidate comes into force when it is new or higher than the rev
+    // in force, which it replaces (`replaced_rev`); a window keeps the labels it was first
+    // counted under. Returns the windows that changed, with those labels.
+    "INSERT INTO windows AS w (gateway, window_start, window_secs, rev, district, street, community, compound)
+     SELECT * FROM unnest($1::text[], $2::timestamptz[], $3::int[], $4::int[], $5::text[],
+                          $6::text[], $7::text[], $8::text[])
+     ON CONFLICT (gateway, window_start, window_secs)
+       DO UPDATE SET replaced_rev = w.rev, rev = EXCLUDED.rev, updated = now()
+       WHERE w.rev < EXCLUDED.rev
+     RETURNING w.gateway, w.window_start, w.window_secs, w.replaced_rev, w.district, w.street,
+               w.community, w.compound",
     // 6 the predecessors' rows, deleted and returned (to be subtracted)
     "DELETE FROM window_rows r
      USING unnest($1::text[], $2::timestamptz[], $3::int[]) AS k(gateway, window_start, window_secs)
@@ -152,17 +158,12 @@ const SQL: [&str; 20] = [
     "INSERT INTO window_rows (gateway, window_start, window_secs, kind, device, action, result, n)
      SELECT * FROM unnest($1::text[], $2::timestamptz[], $3::int[], $4::text[], $5::text[],
                           $6::text[], $7::text[], $8::bigint[])",
-    // 8 the revs in force (a window keeps the labels it was first counted under)
-    "INSERT INTO windows (gateway, window_start, window_secs, rev, district, street, community, compound)
-     SELECT * FROM unnest($1::text[], $2::timestamptz[], $3::int[], $4::int[], $5::text[],
-                          $6::text[], $7::text[], $8::text[])
-     ON CONFLICT (gateway, window_start, window_secs) DO UPDATE SET rev = EXCLUDED.rev, updated = now()",
-    // 9 parts no longer needed
+    // 8 parts no longer needed
     "DELETE FROM summary_parts p
      USING unnest($1::text[], $2::timestamptz[], $3::int[], $4::int[]) AS k(gateway, window_start, window_secs, rev)
      WHERE p.gateway = k.gateway AND p.window_start = k.window_start
        AND p.window_secs = k.window_secs AND p.rev <= k.rev",
-    // 10 hourly rollups, every layer (the hour in the district's time zone)
+    // 9 hourly rollups, every layer (the hour in the district's time zone)
     "INSERT INTO rollup_hourly AS r (layer, name, parent, hour, kind, action, n)
      SELECT l.layer, l.name, l.parent,
             date_trunc('hour', d.window_start, (SELECT value FROM settings WHERE key = 'timezone')),
@@ -176,7 +177,7 @@ const SQL: [&str; 20] = [
                                 ('district', d.district, '')) AS l(layer, name, parent)
      GROUP BY 1, 2, 3, 4, 5, 6 ORDER BY 1, 2, 3, 4, 5, 6
      ON CONFLICT (layer, name, parent, hour, kind, action) DO UPDATE SET n = r.n + EXCLUDED.n",
-    // 11 daily rollups, every layer (the district's local date)
+    // 10 daily rollups, every layer (the district's local date)
     "INSERT INTO rollup_daily AS r (layer, name, parent, day, kind, action, n)
      SELECT l.layer, l.name, l.parent,
             (d.window_start AT TIME ZONE (SELECT value FROM settings WHERE key = 'timezone'))::date,
@@ -190,15 +191,15 @@ const SQL: [&str; 20] = [
                                 ('district', d.district, '')) AS l(layer, name, parent)
      GROUP BY 1, 2, 3, 4, 5, 6 ORDER BY 1, 2, 3, 4, 5, 6
      ON CONFLICT (layer, name, parent, day, kind, action) DO UPDATE SET n = r.n + EXCLUDED.n",
-    // 12 alerts
+    // 11 alerts
     "INSERT INTO alerts (gateway, kind, device, action, id, ts)
      SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::timestamptz[])
      ON CONFLICT DO NOTHING",
-    // 13 care notices
+    // 12 care notices
     "INSERT INTO care_notices (gateway, alias, state, last_seen, silent_secs)
      SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::bigint[])
      ON CONFLICT DO NOTHING",
-    // 14 daily counts: a day is replaced only by a higher rev
+    // 13 daily counts: a day is replaced only by a higher rev
     "INSERT INTO daily (gateway, date, tz, rev, access_subjects, vehicles, counts, key_generations)
      SELECT k.gateway, k.date::date, k.tz, k.rev, k.subjects, k.vehicles, k.counts, k.keys
      FROM unnest($1::text[], $2::text[], $3::text[], $4::int[], $5::bigint[], $6::bigint[],
@@ -208,11 +209,11 @@ const SQL: [&str; 20] = [
        access_subjects = EXCLUDED.access_subjects, vehicles = EXCLUDED.vehicles,
        counts = EXCLUDED.counts, key_generations = EXCLUDED.key_generations, received = now()
      WHERE daily.rev < EXCLUDED.rev",
-    // 15 states of gateways older than epochs: by arrival, until their first epoch
+    // 14 states of gateways older than epochs: by arrival, until their first epoch
     "UPDATE gateways g SET status = k.state, status_at = now()
      FROM unnest($1::text[], $2::text[]) AS k(gateway, state)
      WHERE g.gateway = k.gateway AND g.epoch IS NULL",
-    // 16 the state by epoch (contract: \"Upstream\", `status`; the model is `msg::next_state`):
+    // 15 the state by epoch (contract: \"Upstream\", `status`; the model is `msg::next_state`):
     // one conditional UPDATE, so two receivers writing one gateway's row serialise on its row
     // lock and each re-checks the rule against the other's committed state
     "UPDATE gateways g SET status = k.state, epoch = k.epoch, status_at = now()
@@ -220,14 +221,14 @@ const SQL: [&str; 20] = [
      WHERE g.gateway = k.gateway
        AND (g.epoch IS NULL OR k.epoch > g.epoch
             OR (k.epoch = g.epoch AND k.state = 'offline' AND g.status IS DISTINCT FROM 'offline'))",
-    // 17 heartbeats
+    // 16 heartbeats
     "UPDATE gateways g SET last_heartbeat = now(), heartbeat = k.body
      FROM unnest($1::text[], $2::jsonb[]) AS k(gateway, body) WHERE g.gateway = k.gateway",
-    // 18 sites
+    // 17 sites
     "UPDATE gateways g SET site = k.site
      FROM unnest($1::text[], $2::jsonb[]) AS k(gateway, site)
      WHERE g.gateway = k.gateway AND g.site IS DISTINCT FROM k.site",
-    // 19 rejects
+    // 18 rejects
     "INSERT INTO rejects (topic, reason, detail)
      SELECT * FROM unnest($1::text[], $2::text[], $3::text[])",
 ];
@@ -282,9 +283,7 @@ pub async fn apply(
         windows_set: 0,
     };
 
-    // 1. Locks, parts, and what is in force (one round trip).
-    let windows: Vec<&WinKey> = s.windows.iter().collect();
-    let (wg, wt, ws) = key_arrays(&windows);
+    // 1. Locks and parts (one round trip); without split revs, the windows' upsert too.
     let lock_keys: Vec<String> = s
         .windows
         .iter()
@@ -301,7 +300,10 @@ pub async fn apply(
     let have_gw = !gws.is_empty();
     let have_win = !s.windows.is_empty();
     let have_parts = !s.parts.is_empty();
-    let (parts_rows, current_rows) = {
+    // Per window the batch's highest single-part rev (split revs join after their parts).
+    let mut best = batch::best(s.whole.clone());
+    let early = WinArrays::of(&best);
+    let (parts_rows, early_rows) = {
         let gw_insert = async {
             if have_gw {
                 tx.execute(&q[0], &[gws]).await
@@ -343,9 +345,9 @@ pub async fn apply(
                 Ok(Vec::new())
             }
         };
-        let current = async {
-            if have_win {
-                tx.query(&q[5], &[&wg, &wt, &ws]).await
+        let upsert = async {
+            if !have_parts && !early.g.is_empty() {
+                early.upsert(tx, &q[5]).await
             } else {
                 Ok(Vec::new())
             }
@@ -353,32 +355,46 @@ pub async fn apply(
         // `biased`: polled, so sent, in this order on the first poll; the server runs them in
         // that order and answers in it.
         let (r0, r1, r2, r3, r4, r5) =
-            tokio::join!(biased; gw_insert, gw_lock, win_lock, parts_insert, parts_fetch, current);
+            tokio::join!(biased; gw_insert, gw_lock, win_lock, parts_insert, parts_fetch, upsert);
         r0?;
         r1?;
         r2?;
         r3?;
         (r4?, r5?)
     };
+    let changed = if have_parts {
+        // Complete split revs join the candidates; then the windows' upsert.
+        let mut stored = batch::StoredParts::new();
+        for r in &parts_rows {
+            let g: String = r.get(0);
+            let key = (g.clone(), ms(r.get(1)), r.get(2));
+            let site: Option<Value> = r.get(7);
+            stored.entry((key, r.get(3), r.get(4))).or_default().push((
+                r.get(5),
+                Labels::of(&g, site.as_ref().unwrap_or(&Value::Null)),
+                rows_of(&r.get::<_, Value>(6)),
+            ));
+        }
+        let mut candidates = best;
+        candidates.extend(batch::complete(stored));
+        best = batch::best(candidates);
+        let all = WinArrays::of(&best);
+        if all.g.is_empty() {
+            Vec::new()
+        } else {
+            all.upsert(tx, &q[5]).await?
+        }
+    } else {
+        early_rows
+    };
 
-    // Complete split revs, and the revs in force.
-    let mut stored = batch::StoredParts::new();
-    for r in &parts_rows {
-        let g: String = r.get(0);
-        let key = (g.clone(), ms(r.get(1)), r.get(2));
-        let site: Option<Value> = r.get(7);
-        stored.entry((key, r.get(3), r.get(4))).or_default().push((
-            r.get(5),
-            Labels::of(&g, site.as_ref().unwrap_or(&Value::Null)),
-            rows_of(&r.get::<_, Value>(6)),
-        ));
-    }
+    // The windows that changed: which replaced a rev, under which labels.
     let mut in_force: HashMap<WinKey, InForce> = HashMap::new();
-    for r in &current_rows {
+    for r in &changed {
         in_force.insert(
             (r.get(0), ms(r.get(1)), r.get(2)),
             InForce {
-                rev: r.get(3),
+                rev: r.get::<_, Option<i32>>(3).unwrap_or(-1),
                 labels: Labels {
                     district: r.get(4),
                     street: r.get(5),
@@ -388,17 +404,22 @@ pub async fn apply(
             },
         );
     }
-    let mut candidates: Vec<Candidate> = s.whole.clone();
-    candidates.extend(batch::complete(stored));
-    let winners = batch::winners(candidates, &in_force);
+    let winners: Vec<Candidate> = best
+        .into_iter()
+        .filter_map(|mut c| {
+            let f = in_force.get(&c.key)?;
+            c.labels = f.labels.clone();
+            Some(c)
+        })
+        .collect();
     a.windows_set = winners.len() as u64;
 
-    // 2. The predecessors' rows, deleted and returned.
+    // 2. The predecessors' rows, deleted and returned (only for windows that replaced a rev).
     let mut deltas = batch::Deltas::default();
     let replaced: Vec<&WinKey> = winners
         .iter()
-        .filter(|(_, prev)| prev.is_some())
-        .map(|(c, _)| &c.key)
+        .filter(|c| in_force.get(&c.key).is_some_and(|f| f.rev >= 0))
+        .map(|c| &c.key)
         .collect();
     if !replaced.is_empty() {
         let (g, t, sec) = key_arrays(&replaced);
@@ -406,21 +427,26 @@ pub async fn apply(
             let key: WinKey = (r.get(0), ms(r.get(1)), r.get(2));
             if let Some(f) = in_force.get(&key) {
                 let (kind, action): (&str, &str) = (r.get(3), r.get(4));
-                deltas.add(key.1, &f.labels, kind, action, -r.get::<_, i64>(5));
+                deltas.add(
+                    batch::slot(key.1),
+                    &f.labels,
+                    kind,
+                    action,
+                    -r.get::<_, i64>(5),
+                );
             }
         }
     }
 
     // 3. Everything else, sent together.
     let mut rows = RowArrays::default();
-    let mut win = WinArrays::default();
-    for (c, _) in &winners {
+    for c in &winners {
         for r in &c.rows {
             rows.push(&c.key, r);
-            deltas.add(c.key.1, &c.labels, &r.kind, &r.action, r.n);
+            deltas.add(batch::slot(c.key.1), &c.labels, &r.kind, &r.action, r.n);
         }
-        win.push(c);
     }
+    let win = WinArrays::of(&winners);
     let mut d = DeltaArrays::default();
     for ((start, l, kind, action), n) in deltas.nonzero() {
         d.push(*start, l, kind, action, n);
@@ -471,27 +497,11 @@ pub async fn apply(
             .await
         }));
         calls.push(Box::pin(async move {
-            tx.execute(
-                &q[8],
-                &[
-                    &win.g,
-                    &win.t,
-                    &win.s,
-                    &win.rev,
-                    &win.district,
-                    &win.street,
-                    &win.community,
-                    &win.compound,
-                ],
-            )
-            .await
-        }));
-        calls.push(Box::pin(async move {
-            tx.execute(&q[9], &[&win.g, &win.t, &win.s, &win.rev]).await
+            tx.execute(&q[8], &[&win.g, &win.t, &win.s, &win.rev]).await
         }));
     }
     if !d.t.is_empty() {
-        for i in [10, 11] {
+        for i in [9, 10] {
             let (q, d) = (&q[i], &d);
             calls.push(Box::pin(async move {
                 tx.execute(
@@ -514,7 +524,7 @@ pub async fn apply(
     if !al.g.is_empty() {
         calls.push(Box::pin(async move {
             tx.execute(
-                &q[12],
+                &q[11],
                 &[&al.g, &al.kind, &al.device, &al.action, &al.id, &al.ts],
             )
             .await
@@ -523,7 +533,7 @@ pub async fn apply(
     if !care.g.is_empty() {
         calls.push(Box::pin(async move {
             tx.execute(
-                &q[13],
+                &q[12],
                 &[
                     &care.g,
                     &care.alias,
@@ -538,7 +548,7 @@ pub async fn apply(
     if !daily.g.is_empty() {
         calls.push(Box::pin(async move {
             tx.execute(
-                &q[14],
+                &q[13],
                 &[
                     &daily.g,
                     &daily.date,
@@ -555,27 +565,27 @@ pub async fn apply(
     }
     if !el_g.is_empty() {
         calls.push(Box::pin(async move {
-            tx.execute(&q[15], &[&el_g, &el_s]).await
+            tx.execute(&q[14], &[&el_g, &el_s]).await
         }));
     }
     if !st_g.is_empty() {
         calls.push(Box::pin(async move {
-            tx.execute(&q[16], &[&st_g, &st_s, &st_e]).await
+            tx.execute(&q[15], &[&st_g, &st_s, &st_e]).await
         }));
     }
     if !hb_g.is_empty() {
         calls.push(Box::pin(async move {
-            tx.execute(&q[17], &[&hb_g, &hb_b]).await
+            tx.execute(&q[16], &[&hb_g, &hb_b]).await
         }));
     }
     if !si_g.is_empty() {
         calls.push(Box::pin(async move {
-            tx.execute(&q[18], &[&si_g, &si_s]).await
+            tx.execute(&q[17], &[&si_g, &si_s]).await
         }));
     }
     if !rj_t.is_empty() {
         calls.push(Box::pin(async move {
-            tx.execute(&q[19], &[&rj_t, &rj_r, &rj_d]).await
+            tx.execute(&q[18], &[&rj_t, &rj_r, &rj_d]).await
         }));
     }
     pipelined(calls).await?;
@@ -620,6 +630,36 @@ struct WinArrays {
 }
 
 impl WinArrays {
+    fn of(cs: &[Candidate]) -> Self {
+        let mut x = WinArrays::default();
+        for c in cs {
+            x.push(c);
+        }
+        x
+    }
+
+    /// The windows' upsert ([`SQL`] 5): the rows that changed.
+    async fn upsert(
+        &self,
+        tx: &Transaction<'_>,
+        st: &Statement,
+    ) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
+        tx.query(
+            st,
+            &[
+                &self.g,
+                &self.t,
+                &self.s,
+                &self.rev,
+                &self.district,
+                &self.street,
+                &self.community,
+                &self.compound,
+            ],
+        )
+        .await
+    }
+
     fn push(&mut self, c: &Candidate) {
         self.g.push(c.key.0.clone());
         self.t.push(ts(c.key.1));
