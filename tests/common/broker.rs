@@ -51,7 +51,7 @@ impl Mosquitto {
             "user root\n\
              listener {port} 127.0.0.1\n\
              allow_anonymous true\n\
-             max_inflight_messages 1000\n\
+             max_inflight_messages 2000\n\
              max_queued_messages 1000000\n\
              persistence {persistence}\n\
              persistence_location {location}/\n\

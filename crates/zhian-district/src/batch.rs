@@ -124,9 +124,11 @@ pub struct Alert<'a> {
 pub struct Split<'a> {
     /// Every gateway the batch writes, sorted and distinct (locked in this order).
     pub gateways: Vec<&'a str>,
-    /// Every window the batch's summaries touch, sorted and distinct (advisory locks, in this
-    /// order).
+    /// Every window the batch's summaries touch, sorted and distinct.
     pub windows: Vec<WinKey>,
+    /// The gateways whose rows the batch updates whatever they hold (statuses, heartbeats),
+    /// sorted and distinct.
+    pub updated: Vec<&'a str>,
     /// Single-part revs.
     pub whole: Vec<Candidate>,
     /// Parts of split revs.
@@ -326,6 +328,15 @@ pub fn split<'a>(batch: &'a [(String, Result<Msg, Reject>)], horizon: Horizon) -
     s.windows.dedup();
     s.daily = daily.into_values().collect();
     s.epochless = last_per(epochless);
+    s.updated = s
+        .epochless
+        .iter()
+        .map(|x| x.0)
+        .chain(states.keys().copied())
+        .chain(heartbeats.iter().map(|x: &(&str, &Value)| x.0))
+        .collect();
+    s.updated.sort_unstable();
+    s.updated.dedup();
     s.states = states.into_iter().collect();
     s.heartbeats = last_per(heartbeats);
     s.sites = last_per(sites);
@@ -524,6 +535,7 @@ mod tests {
             ]
         );
         assert_eq!(sp.epochless, vec![("c", "offline")]);
+        assert_eq!(sp.updated, vec!["a", "b", "c"]);
         assert_eq!(sp.daily.len(), 1);
         assert!(matches!(sp.daily[0], Msg::Daily { rev: 2, .. }));
         // The last site to arrive.

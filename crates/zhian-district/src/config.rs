@@ -121,7 +121,7 @@ impl Default for Db {
             password_file: None,
             ca_file: None,
             silent_after: Dur::secs(180),
-            batch_max: 500,
+            batch_max: 1000,
             linger: Dur::millis(20),
             rollcall_every: Dur::secs(15),
             stale_after: Dur::secs(120),

@@ -4,7 +4,7 @@
 //!
 //! A batch is a few array-valued statements, not a few per message ([`super::batch`] folds it
 //! into sets): every statement is prepared once per connection ([`Prepared`]) and the ones that
-//! do not wait on an answer are sent together (pipelined), so a batch of 500 summaries costs
+//! do not wait on an answer are sent together (pipelined), so a batch of 1,000 summaries costs
 //! about five round trips. In order, inside the batch's transaction:
 //! 1. the batch's gateway rows are created if new and locked in sorted order, its windows
 //!    locked (transaction-scoped advisory locks, sorted), parts of split revs stored, the
@@ -118,10 +118,18 @@ impl Applied {
 const SQL: [&str; 19] = [
     // 0 gateways: create
     "INSERT INTO gateways (gateway) SELECT unnest($1::text[]) ORDER BY 1 ON CONFLICT DO NOTHING",
-    // 1 gateways: lock in sorted order (status, heartbeat and site updates then take no new
-    // row locks, so two receivers' batches never deadlock on them)
-    "SELECT 1 FROM gateways WHERE gateway = ANY($1) ORDER BY gateway FOR UPDATE",
-    // 2 windows: advisory locks, in the array's (sorted) order
+    // 1 gateways: lock, in sorted order, the rows this batch updates (statuses, heartbeats,
+    // and sites that differ), so those updates take no new row locks and two receivers'
+    // batches never deadlock on them; a batch of summaries alone locks no gateway row, so
+    // receivers do not queue behind each other's gateways
+    "SELECT 1 FROM gateways g
+     LEFT JOIN unnest($2::text[], $3::jsonb[]) AS k(gateway, site) USING (gateway)
+     WHERE g.gateway = ANY($4)
+       AND (g.gateway = ANY($1) OR (k.gateway IS NOT NULL AND g.site IS DISTINCT FROM k.site))
+     ORDER BY g.gateway FOR UPDATE OF g",
+    // 2 windows with split revs: advisory locks, in the array's (sorted) order (two receivers
+    // holding parts of one rev must not both miss the other's part; a whole rev needs no
+    // advisory lock: the windows' upsert waits on the row another receiver is writing)
     "SELECT count(pg_advisory_xact_lock(hashtextextended(k, 0))) FROM unnest($1::text[]) AS k",
     // 3 parts of split revs, unless a rev as high is in force
     "INSERT INTO summary_parts (gateway, window_start, window_secs, rev, part, parts, counts, site)
@@ -284,11 +292,15 @@ pub async fn apply(
     };
 
     // 1. Locks and parts (one round trip); without split revs, the windows' upsert too.
-    let lock_keys: Vec<String> = s
-        .windows
+    let mut lock_keys: Vec<String> = s
+        .parts
         .iter()
-        .map(|(g, start, secs)| format!("{g}|{start}|{secs}"))
+        .map(|p| format!("{}|{}|{}", p.key.0, p.key.1, p.key.2))
         .collect();
+    lock_keys.sort();
+    lock_keys.dedup();
+    let (site_g, site_v): (Vec<&str>, Vec<&Value>) = s.sites.iter().copied().unzip();
+    let updated = &s.updated;
     let pk: Vec<&WinKey> = s.parts.iter().map(|p| &p.key).collect();
     let (pg_, pt, ps) = key_arrays(&pk);
     let p_rev: Vec<i32> = s.parts.iter().map(|p| p.rev).collect();
@@ -298,7 +310,7 @@ pub async fn apply(
     let p_site: Vec<Value> = s.parts.iter().map(|p| labels_json(&p.labels)).collect();
     let gws = &s.gateways;
     let have_gw = !gws.is_empty();
-    let have_win = !s.windows.is_empty();
+    let have_win = !lock_keys.is_empty();
     let have_parts = !s.parts.is_empty();
     // Per window the batch's highest single-part rev (split revs join after their parts).
     let mut best = batch::best(s.whole.clone());
@@ -313,7 +325,9 @@ pub async fn apply(
         };
         let gw_lock = async {
             if have_gw {
-                tx.query(&q[1], &[gws]).await.map(|r| r.len() as u64)
+                tx.query(&q[1], &[updated, &site_g, &site_v, gws])
+                    .await
+                    .map(|r| r.len() as u64)
             } else {
                 Ok(0)
             }

@@ -106,7 +106,6 @@ pub(super) async fn db_task(
     ops: Arc<Ops>,
     mut outage: Outage,
 ) {
-    let prefix = cfg.mqtt.topic_prefix.clone();
     let max = cfg.district.batch_max as usize;
     let linger = cfg.district.linger.0;
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
@@ -177,10 +176,10 @@ pub(super) async fn db_task(
                 _ => break,
             }
         }
-        let parsed: Vec<Parsed> = items
-            .iter()
-            .map(|i| (i.topic.clone(), msg::parse(&prefix, &i.topic, &i.payload)))
-            .collect();
+        let (parsed, items): (Vec<Parsed>, Vec<(u64, Option<rumqttc::Publish>)>) = items
+            .into_iter()
+            .map(|i| (i.parsed, (i.gen, i.ack)))
+            .unzip();
         let started = Instant::now();
         ops.batch_writing(true);
         // Commit, retrying through the database's bad days; nothing is acked until it commits.
@@ -269,8 +268,8 @@ pub(super) async fn db_task(
         // client (its request queue is drained by the MQTT task, which may itself be waiting
         // for this task to take messages: measured, that deadlocked after 6,500 messages).
         for i in items {
-            if let Some(p) = i.ack {
-                if acks.send((i.gen, p)).is_err() {
+            if let (gen, Some(p)) = i {
+                if acks.send((gen, p)).is_err() {
                     return;
                 }
             }

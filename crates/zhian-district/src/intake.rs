@@ -80,9 +80,9 @@ pub(super) async fn mqtt_task(
                         slim.pkid = p.pkid;
                         slim
                     });
+                    let parsed = msg::parse(&m.topic_prefix, &p.topic, &p.payload);
                     let item = Item {
-                        topic: p.topic.clone(),
-                        payload: p.payload.clone(),
+                        parsed: (p.topic.clone(), parsed),
                         gen,
                         ack,
                     };

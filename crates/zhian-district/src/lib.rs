@@ -57,10 +57,10 @@ use tokio_util::sync::CancellationToken;
 use zhian_common::backoff::Backoff;
 use zhian_common::mqtt::{options, ClientSettings};
 
-/// One received message: topic, payload, and what acknowledges it.
+/// One received message, parsed by the MQTT task (so parsing overlaps the database task's
+/// statements), and what acknowledges it.
 struct Item {
-    topic: String,
-    payload: bytes::Bytes,
+    parsed: Parsed,
     /// The connection it came on, and its packet (payload dropped).
     gen: u64,
     ack: Option<rumqttc::Publish>,
