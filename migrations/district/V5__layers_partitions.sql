@@ -136,6 +136,8 @@ CREATE TABLE alerts (
     received timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (gateway, kind, device, id, ts)
 ) PARTITION BY RANGE (ts);
+-- Recent alerts first (dashboards).
+CREATE INDEX alerts_ts ON alerts (ts);
 
 CREATE TABLE rejects (
     seq      bigint      NOT NULL DEFAULT nextval('rejects_seq_seq'),
@@ -159,6 +161,8 @@ CREATE TABLE rollup_hourly (
     n      bigint      NOT NULL,
     PRIMARY KEY (layer, name, parent, hour, kind, action)
 ) PARTITION BY RANGE (hour);
+-- The drill-down: a layer's members under one parent.
+CREATE INDEX rollup_hourly_parent ON rollup_hourly (layer, parent, hour);
 
 CREATE TABLE rollup_daily (
     layer  text   NOT NULL CHECK (layer IN ('compound', 'community', 'street', 'district')),
@@ -170,6 +174,7 @@ CREATE TABLE rollup_daily (
     n      bigint NOT NULL,
     PRIMARY KEY (layer, name, parent, day, kind, action)
 ) PARTITION BY RANGE (day);
+CREATE INDEX rollup_daily_parent ON rollup_daily (layer, parent, day);
 
 -- A split rev's labels travel with its parts until it is complete.
 ALTER TABLE summary_parts ADD COLUMN site jsonb;
@@ -226,24 +231,31 @@ CREATE VIEW window_layer_rows AS
                                ('street', w.street, w.district),
                                ('district', w.district, '')) AS l(layer, name, parent);
 
+-- `parent` is '' for the district layer (and for a missing label), so `parent = $x` reaches
+-- the (layer, parent, ...) indexes through the views.
 CREATE VIEW counts_by_layer AS
-    SELECT layer, name, nullif(parent, '') AS parent, day, kind, action, n
+    SELECT layer, name, parent, day, kind, action, n
     FROM rollup_daily WHERE n <> 0;
 
 CREATE VIEW counts_hourly_by_layer AS
-    SELECT layer, name, nullif(parent, '') AS parent, hour, kind, action, n
+    SELECT layer, name, parent, hour, kind, action, n
     FROM rollup_hourly WHERE n <> 0;
+
+-- The district's local date now (`settings.timezone`), for dashboards' "today".
+CREATE FUNCTION district_today() RETURNS date LANGUAGE sql STABLE AS $$
+    SELECT (now() AT TIME ZONE (SELECT value FROM settings WHERE key = 'timezone'))::date
+$$;
 
 -- The same two from raw rows (plain views: a scan of every raw row on each read).
 CREATE VIEW counts_by_layer_raw AS
-    SELECT layer, name, nullif(parent, '') AS parent,
+    SELECT layer, name, parent,
            (window_start AT TIME ZONE (SELECT value FROM settings WHERE key = 'timezone'))::date AS day,
            kind, action, sum(n)::bigint AS n
     FROM window_layer_rows
     GROUP BY 1, 2, 3, 4, 5, 6 HAVING sum(n) <> 0;
 
 CREATE VIEW counts_hourly_by_layer_raw AS
-    SELECT layer, name, nullif(parent, '') AS parent,
+    SELECT layer, name, parent,
            date_trunc('hour', window_start, (SELECT value FROM settings WHERE key = 'timezone')) AS hour,
            kind, action, sum(n)::bigint AS n
     FROM window_layer_rows
@@ -251,8 +263,6 @@ CREATE VIEW counts_hourly_by_layer_raw AS
 
 -- The rollups of what was kept before this version.
 INSERT INTO rollup_hourly (layer, name, parent, hour, kind, action, n)
-    SELECT layer, coalesce(name, ''), coalesce(parent, ''), hour, kind, action, n
-    FROM counts_hourly_by_layer_raw;
+    SELECT layer, name, parent, hour, kind, action, n FROM counts_hourly_by_layer_raw;
 INSERT INTO rollup_daily (layer, name, parent, day, kind, action, n)
-    SELECT layer, coalesce(name, ''), coalesce(parent, ''), day, kind, action, n
-    FROM counts_by_layer_raw;
+    SELECT layer, name, parent, day, kind, action, n FROM counts_by_layer_raw;

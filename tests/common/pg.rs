@@ -39,6 +39,9 @@ fn unprivileged(bin: &Path) -> Command {
     }
 }
 
+/// The field separator of [`Postgres::psql_table`]'s output (ASCII unit separator).
+pub const FIELD_SEP: &str = "\u{1f}";
+
 pub struct Postgres {
     pub port: u16,
     dir: PathBuf,
@@ -185,25 +188,64 @@ impl Postgres {
     /// As [`Postgres::psql`], with session settings in `pgoptions` (`PGOPTIONS`, e.g.
     /// `-c default_transaction_read_only=off` to undo a read-only default).
     pub fn psql_with(&self, sql: &str, pgoptions: &str) -> Option<String> {
-        let out = Command::new(bin_dir().join("psql"))
-            .env("PGOPTIONS", pgoptions)
-            .env("PGCONNECT_TIMEOUT", "5")
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-U",
-                "zhian",
-                "-d",
-                "postgres",
-            ])
+        let out = self
+            .psql_command(pgoptions)
             .args(["-At", "-v", "ON_ERROR_STOP=1", "-c", sql])
             .output()
             .ok()?;
         out.status
             .success()
             .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Run `sql` (one statement) with psql: a header line of column names, then the rows, each
+    /// field followed by [`FIELD_SEP`] but the last; or the server's error message.
+    pub fn psql_table(&self, sql: &str, pgoptions: &str) -> Result<String, String> {
+        let out = self
+            .psql_command(pgoptions)
+            .args([
+                "-A",
+                "-F",
+                FIELD_SEP,
+                "-P",
+                "footer=off",
+                "-v",
+                "ON_ERROR_STOP=1",
+            ])
+            .args(["-c", sql])
+            .output()
+            .map_err(|e| format!("run psql: {e}"))?;
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
+        }
+    }
+
+    /// Run the SQL file at `path` in one transaction (`psql -1 -f`, stopping at the first
+    /// error), e.g. a migration; the error otherwise.
+    pub fn psql_file(&self, path: &Path) -> Result<(), String> {
+        let out = self
+            .psql_command("")
+            .args(["-q", "-1", "-v", "ON_ERROR_STOP=1", "-f"])
+            .arg(path)
+            .output()
+            .map_err(|e| format!("run psql: {e}"))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
+        }
+    }
+
+    /// psql connected as `zhian` to the `postgres` database, with `PGOPTIONS`.
+    fn psql_command(&self, pgoptions: &str) -> Command {
+        let mut c = Command::new(bin_dir().join("psql"));
+        c.env("PGOPTIONS", pgoptions)
+            .env("PGCONNECT_TIMEOUT", "5")
+            .args(["-X", "-h", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(["-U", "zhian", "-d", "postgres"]);
+        c
     }
 }
 
