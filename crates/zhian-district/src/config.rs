@@ -407,6 +407,25 @@ mod tests {
     use super::redact_conninfo;
 
     #[test]
+    fn retention_problems_name_their_keys() {
+        let mut c = super::DistrictConfig::default();
+        c.district.database_url = "postgres://zhian@127.0.0.1/zhian".into();
+        assert!(super::validate(&c).is_empty(), "{:?}", super::validate(&c));
+        c.retention.window_rows = zhian_common::config::Dur::secs(10 * 86_400);
+        c.retention.rollups = zhian_common::config::Dur::secs(5 * 86_400);
+        c.retention.months_ahead = 0;
+        let keys: Vec<String> = super::validate(&c).into_iter().map(|p| p.key).collect();
+        assert_eq!(
+            keys,
+            [
+                "retention.window_rows",
+                "retention.rollups",
+                "retention.months_ahead"
+            ]
+        );
+    }
+
+    #[test]
     fn database_passwords_are_redacted_in_every_form() {
         for (given, secret) in [
             ("host=db user=zhian password=KvSecret dbname=x", "KvSecret"),
