@@ -51,6 +51,30 @@ fn receiver(dir: &Path, db: &str, port: u16, id: &str) -> (Child, u16) {
     (child, status)
 }
 
+/// CPU seconds (user + system) used so far by every PostgreSQL, mosquitto and zhian-gateway
+/// process on the machine (`/proc/<pid>/stat`).
+fn cpu_secs() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let mut ticks = 0u64;
+    for e in fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(stat) = fs::read_to_string(e.path().join("stat")) else {
+            continue;
+        };
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        if !["postgres", "mosquitto", "zhian-gateway"].contains(&&stat[open + 1..close]) {
+            continue;
+        }
+        let f: Vec<&str> = stat[close + 2..].split(' ').collect();
+        // Fields 14 and 15 (utime, stime), counted from the state field (3).
+        ticks += f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+            + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    }
+    ticks as f64 / hz
+}
+
 fn stop(mut c: Child) {
     // SAFETY: kill(2) on a child we spawned.
     unsafe {
@@ -168,6 +192,8 @@ fn main() {
     eprintln!("mosquitto_sub: {sub_rate:.0} msg/s");
 
     let mut rates = Vec::new();
+    // (cores busy, CPU microseconds per message) of PostgreSQL, mosquitto and the receivers.
+    let mut cpus = Vec::new();
     for (k, ids) in [(2usize, vec!["r1"]), (3, vec!["r1", "r2", "r3", "r4"])] {
         let (rs, ports): (Vec<Child>, Vec<u16>) = ids
             .iter()
@@ -184,7 +210,7 @@ fn main() {
             signal(r, libc::SIGSTOP);
         }
         publish(broker.port, n, k * (n / 150 + 10));
-        let t = Instant::now();
+        let (t, cpu0) = (Instant::now(), cpu_secs());
         for r in &rs {
             signal(r, libc::SIGCONT);
         }
@@ -194,9 +220,12 @@ fn main() {
             windows(&pg) - before,
             tail(&rlog, 20)
         );
-        let rate = n as f64 / t.elapsed().as_secs_f64();
+        let wall = t.elapsed().as_secs_f64();
+        let rate = n as f64 / wall;
+        let cpu = cpu_secs() - cpu0;
         eprintln!("{} receiver(s): {rate:.0} msg/s", ids.len());
         rates.push(rate);
+        cpus.push((cpu / wall, cpu * 1e6 / n as f64));
         for r in rs {
             stop(r);
         }
@@ -275,6 +304,12 @@ fn main() {
         rates[1] / sub_rate,
         rates[1] / rates[0]
     );
+    for (who, (cores, us)) in ["one receiver", "four receivers"].iter().zip(&cpus) {
+        println!(
+            "  {who}: PostgreSQL + mosquitto + receivers kept {cores:.2} of {} cores busy, {us:.0} CPU us per message",
+            std::thread::available_parallelism().map_or(0, |n| n.get())
+        );
+    }
     println!(
         "  one compound-day (1440 windows of 60 s, 2 rows each): raw {} rows, {} KiB; rollups {} rows, {} KiB (tables and indexes)",
         r1 - r0,
