@@ -29,9 +29,15 @@ INSERT INTO partitioned (parent, keep, by_date) VALUES
     ('rollup_hourly', 'rollups', false),
     ('rollup_daily', 'rollups', true);
 
--- Create the month holding `month` for every partitioned table, if missing. Returns how many
--- partitions it created. Serialised by an advisory lock (two receivers may ask at once).
-CREATE FUNCTION zhian_ensure_month(month date) RETURNS int LANGUAGE plpgsql AS $$
+-- Create the month holding `month` for every partitioned table, if missing; the raw tables
+-- (keep = 'window_rows') only when `month` is not before `raw_from` (a month older than the raw
+-- rows' retention gets its rollup partitions only: a rollup's local date can fall in the month
+-- before its window's). Returns how many partitions it created. Serialised by an advisory lock
+-- (two receivers may ask at once). Each partition is created on its own and then attached:
+-- ATTACH PARTITION takes SHARE UPDATE EXCLUSIVE on the parent, which does not wait for (or
+-- block) the batches writing to it, where CREATE TABLE ... PARTITION OF takes ACCESS EXCLUSIVE
+-- and deadlocked with batches holding the parents in another order (a break-it run).
+CREATE FUNCTION zhian_ensure_month(month date, raw_from date) RETURNS int LANGUAGE plpgsql AS $$
 DECLARE
     p    record;
     lo   date := date_trunc('month', month)::date;
@@ -40,15 +46,18 @@ DECLARE
     made int := 0;
 BEGIN
     PERFORM pg_advisory_xact_lock(hashtext('zhian_partitions'));
-    FOR p IN SELECT parent, by_date FROM partitioned ORDER BY parent LOOP
+    FOR p IN SELECT parent, by_date, keep FROM partitioned ORDER BY parent LOOP
+        CONTINUE WHEN p.keep = 'window_rows' AND lo < date_trunc('month', raw_from)::date;
         nm := p.parent || '_p' || to_char(lo, 'YYYYMM');
         IF to_regclass(quote_ident(nm)) IS NULL THEN
+            EXECUTE format('CREATE TABLE %I (LIKE %I INCLUDING DEFAULTS INCLUDING CONSTRAINTS)',
+                           nm, p.parent);
             IF p.by_date THEN
-                EXECUTE format('CREATE TABLE %I PARTITION OF %I FOR VALUES FROM (%L) TO (%L)',
-                               nm, p.parent, lo, hi);
+                EXECUTE format('ALTER TABLE %I ATTACH PARTITION %I FOR VALUES FROM (%L) TO (%L)',
+                               p.parent, nm, lo, hi);
             ELSE
-                EXECUTE format('CREATE TABLE %I PARTITION OF %I FOR VALUES FROM (%L) TO (%L)',
-                               nm, p.parent, (lo::timestamp AT TIME ZONE 'UTC'),
+                EXECUTE format('ALTER TABLE %I ATTACH PARTITION %I FOR VALUES FROM (%L) TO (%L)',
+                               p.parent, nm, (lo::timestamp AT TIME ZONE 'UTC'),
                                (hi::timestamp AT TIME ZONE 'UTC'));
             END IF;
             made := made + 1;
@@ -180,9 +189,10 @@ CREATE INDEX rollup_daily_parent ON rollup_daily (layer, parent, day);
 ALTER TABLE summary_parts ADD COLUMN site jsonb;
 
 -- Months for what is already kept, and around today.
-SELECT zhian_ensure_month(m::date) FROM (
+SELECT zhian_ensure_month(m::date, '1970-01-01') FROM (
     SELECT date_trunc('month', window_start) + o * interval '1 month' AS m
-      FROM (SELECT DISTINCT date_trunc('month', window_start) AS window_start FROM windows_v4) w,
+      FROM (SELECT DISTINCT date_trunc('month', window_start) AS window_start FROM windows_v4
+            UNION SELECT DISTINCT date_trunc('month', window_start) FROM window_rows_v4) w,
            generate_series(-1, 1) o
     UNION SELECT date_trunc('month', ts) FROM alerts_v4
     UNION SELECT date_trunc('month', received) FROM rejects_v4
@@ -193,7 +203,8 @@ INSERT INTO windows (gateway, window_start, window_secs, rev, updated, district,
                      community, compound)
 SELECT w.gateway, w.window_start, w.window_secs, w.rev, w.updated,
        coalesce(g.site ->> 'district', ''), coalesce(g.site ->> 'street', ''),
-       coalesce(g.site ->> 'community', ''), coalesce(g.site ->> 'compound', w.gateway)
+       coalesce(g.site ->> 'community', ''),
+       coalesce(nullif(g.site ->> 'compound', ''), w.gateway)
 FROM windows_v4 w LEFT JOIN gateways g USING (gateway);
 INSERT INTO window_rows SELECT * FROM window_rows_v4;
 INSERT INTO alerts SELECT * FROM alerts_v4;

@@ -304,4 +304,33 @@ fn retention_drops_whole_months_and_rollups_outlive_them() {
     );
     assert_eq!(district_total(), Some(12));
     assert_eq!(rollup_mismatches(&pg).map(|_| ()), Some(()));
+
+    // A month dropped under a running receiver (by hand; a break-it run found the messages
+    // became rejects): it is created again and nothing is lost or refused.
+    let next = month_start(month_start(now_ms()) + 40 * 86_400_000);
+    let next_t = time::OffsetDateTime::from_unix_timestamp(next / 1000).unwrap();
+    let suffix = format!("{:04}{:02}", next_t.year(), u8::from(next_t.month()));
+    pg.psql(&format!(
+        "DROP TABLE window_rows_p{suffix}, windows_p{suffix}"
+    ))
+    .expect("drop next month's raw partitions");
+    p.send(
+        &format!("{PREFIX}/ret-01/summary"),
+        summary("ret-01", next + 60_000, 0, None, &[("door-1", 3)]),
+    );
+    p.wait_all_acked(Duration::from_secs(30));
+    assert!(
+        wait_until(Duration::from_secs(30), || in_db(&pg).len() == 2),
+        "the window in the dropped month is kept: {:?}\n{}",
+        in_db(&pg),
+        tail(&rlog, 20)
+    );
+    assert_eq!(exists(&format!("window_rows_p{suffix}")), Some(true));
+    assert_eq!(
+        pg.psql("SELECT count(*) FROM rejects WHERE reason <> 'outside_retention'")
+            .map(|s| s.trim().to_string()),
+        Some("0".into())
+    );
+    assert_eq!(district_total(), Some(15));
+    assert_eq!(rollup_mismatches(&pg).map(|_| ()), Some(()));
 }

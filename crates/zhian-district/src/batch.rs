@@ -94,18 +94,37 @@ impl Horizon {
     };
 
     fn check(&self, ms: i64, what: &str) -> Result<(), Reject> {
-        if ms < self.min_ms || ms >= self.max_ms {
-            Err(Reject {
-                reason: "outside_retention",
-                detail: format!(
-                    "{what} {ms} ms is outside the kept range [{}, {}) ([retention] window_rows)",
-                    self.min_ms, self.max_ms
-                ),
-            })
+        let detail = if ms < self.min_ms {
+            format!(
+                "{what} {} is before the oldest month kept, {} ([retention] window_rows)",
+                rfc3339(ms),
+                rfc3339(self.min_ms)
+            )
+        } else if ms >= self.max_ms {
+            format!(
+                "{what} {} is past the months created ahead, to {} ([retention] months_ahead; a gateway clock far ahead?)",
+                rfc3339(ms),
+                rfc3339(self.max_ms)
+            )
         } else {
-            Ok(())
-        }
+            return Ok(());
+        };
+        Err(Reject {
+            reason: "outside_retention",
+            detail,
+        })
     }
+}
+
+/// Unix ms as RFC 3339 UTC (for messages).
+fn rfc3339(ms: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(ms.div_euclid(1000))
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| format!("{ms} ms"))
 }
 
 /// An alert to keep.
@@ -343,12 +362,14 @@ pub fn split<'a>(batch: &'a [(String, Result<Msg, Reject>)], horizon: Horizon) -
     s
 }
 
-/// Stored parts by split rev: `(window, rev, parts) -> [(part, labels, rows)]`.
-pub type StoredParts = BTreeMap<(WinKey, i32, i32), Vec<(i32, Labels, Vec<Row>)>>;
+/// Stored parts by split rev: `(window, rev, parts) -> [(part, labels if the part had a site,
+/// rows)]`.
+pub type StoredParts = BTreeMap<(WinKey, i32, i32), Vec<(i32, Option<Labels>, Vec<Row>)>>;
 
 /// Complete split revs from their stored parts: `(key, rev, parts) -> [(part, labels, rows)]`.
 /// A rev is complete when every part 1..=parts is there; its rows are the parts' rows summed,
-/// its labels those of its first part.
+/// its labels those of its first part that had a site (a part stored before schema V5 has
+/// none), else the gateway's defaults.
 pub fn complete(stored: StoredParts) -> Vec<Candidate> {
     let mut out = Vec::new();
     for ((key, rev, parts), mut got) in stored {
@@ -357,7 +378,10 @@ pub fn complete(stored: StoredParts) -> Vec<Candidate> {
         if got.len() as i32 != parts || got.iter().any(|g| g.0 < 1 || g.0 > parts) {
             continue;
         }
-        let labels = got[0].1.clone();
+        let labels = got
+            .iter()
+            .find_map(|g| g.1.clone())
+            .unwrap_or_else(|| Labels::of(&key.0, &Value::Null));
         let rows = summed(got.iter().flat_map(|g| g.2.iter()));
         out.push(Candidate {
             key,
@@ -574,18 +598,22 @@ mod tests {
     fn complete_needs_every_part() {
         let key: WinKey = ("g".into(), 0, 60);
         let l = Labels::default();
+        let l2 = Labels {
+            compound: "K2".into(),
+            ..Labels::default()
+        };
         let mut stored = BTreeMap::new();
         stored.insert(
             (key.clone(), 0, 2),
-            vec![(1, l.clone(), vec![row("access", "d1", 2)])],
+            vec![(1, Some(l.clone()), vec![row("access", "d1", 2)])],
         );
         stored.insert(
             (key.clone(), 1, 2),
             vec![
-                (2, l.clone(), vec![row("access", "d2", 1)]),
+                (2, Some(l2.clone()), vec![row("access", "d2", 1)]),
                 (
                     1,
-                    l.clone(),
+                    None,
                     vec![row("access", "d1", 2), row("access", "d2", 1)],
                 ),
             ],
@@ -593,6 +621,8 @@ mod tests {
         let c = complete(stored);
         assert_eq!(c.len(), 1);
         assert_eq!(c[0].rev, 1);
+        // Part 1 was stored without a site (before schema V5): the labels are part 2's.
+        assert_eq!(c[0].labels, l2);
         assert_eq!(
             c[0].rows,
             vec![row("access", "d1", 2), row("access", "d2", 2)]

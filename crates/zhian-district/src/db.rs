@@ -385,7 +385,7 @@ pub async fn apply(
             let site: Option<Value> = r.get(7);
             stored.entry((key, r.get(3), r.get(4))).or_default().push((
                 r.get(5),
-                Labels::of(&g, site.as_ref().unwrap_or(&Value::Null)),
+                site.filter(|s| !s.is_null()).map(|s| Labels::of(&g, &s)),
                 rows_of(&r.get::<_, Value>(6)),
             ));
         }

@@ -215,12 +215,11 @@ pub(super) async fn db_task(
                     Ok(msg::Msg::Alert { ts_ms, .. }) => Some(*ts_ms),
                     _ => None,
                 });
-                months
-                    .ensure(
-                        c,
-                        times.filter(|t| *t >= horizon.min_ms && *t < horizon.max_ms),
-                    )
-                    .await?;
+                // (Now: the rejects' month.)
+                let times = times
+                    .filter(|t| *t >= horizon.min_ms && *t < horizon.max_ms)
+                    .chain([now_ms()]);
+                months.ensure(c, times, horizon.min_ms).await?;
                 let st = stmts.as_ref().expect("prepared above");
                 commit(c, st, horizon, &parsed, &mut p, &mut chunk, &ops).await
             }
@@ -235,6 +234,11 @@ pub(super) async fn db_task(
                 Err(e) => {
                     let fault = errors::of(&e);
                     outage.failed(&ops, fault, &pg_error(&e));
+                    // A month this receiver thought existed is gone (dropped by hand, or by
+                    // another receiver): ask the database again before the retry.
+                    if fault == errors::Fault::Database("partition") {
+                        months.forget();
+                    }
                     // A read-only server (a primary demoted, a standby not yet promoted): the
                     // next attempt reconnects, so a multi-host `database_url` with
                     // `target_session_attrs=read-write` finds the new primary.

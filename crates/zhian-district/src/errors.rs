@@ -12,8 +12,9 @@
 //! loses it.
 
 /// The kinds of `zhian_district_db_errors_total{kind}`.
-pub const KINDS: [&str; 8] = [
+pub const KINDS: [&str; 9] = [
     "connection",
+    "partition",
     "disk_full",
     "read_only",
     "timeout",
@@ -61,9 +62,25 @@ pub fn classify(sqlstate: Option<&str>) -> Fault {
     }
 }
 
+/// Classify by SQLSTATE and the server's message: a row with no partition for it (`23514`,
+/// "no partition of relation ... found for row") is the schema's state, not the value's: a
+/// month not created, or dropped under the receiver. The receiver creates it and retries
+/// (found by a break-it run: as a class-23 value fault, each such message became a reject).
+pub fn classify_db(sqlstate: Option<&str>, message: Option<&str>) -> Fault {
+    if sqlstate == Some("23514")
+        && message.is_some_and(|m| m.starts_with("no partition of relation"))
+    {
+        return Fault::Database("partition");
+    }
+    classify(sqlstate)
+}
+
 /// Classify a tokio-postgres error.
 pub fn of(e: &tokio_postgres::Error) -> Fault {
-    classify(e.code().map(|c| c.code()))
+    classify_db(
+        e.code().map(|c| c.code()),
+        e.as_db_error().map(|d| d.message()),
+    )
 }
 
 #[cfg(test)]
@@ -96,5 +113,16 @@ mod tests {
             assert_eq!(classify(code), want, "{code:?}");
             assert!(KINDS.contains(&want.kind()));
         }
+        assert_eq!(
+            classify_db(
+                Some("23514"),
+                Some("no partition of relation \"window_rows\" found for row")
+            ),
+            Fault::Database("partition")
+        );
+        assert_eq!(
+            classify_db(Some("23514"), Some("new row violates check constraint")),
+            Fault::Value
+        );
     }
 }

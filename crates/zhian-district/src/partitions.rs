@@ -73,18 +73,25 @@ impl Partitions {
         self.ensured.clear();
     }
 
-    /// Create the months these times need, if this receiver has not seen them yet.
+    /// Create the months these times need, if this receiver has not seen them yet; the raw
+    /// tables only from the month holding `raw_from_ms` (the oldest kept), the rollups for
+    /// every month asked.
     pub async fn ensure(
         &mut self,
         client: &tokio_postgres::Client,
         times_ms: impl IntoIterator<Item = i64>,
+        raw_from_ms: i64,
     ) -> Result<(), tokio_postgres::Error> {
+        let (ry, rm) = month_of(raw_from_ms);
         for (y, m) in months_for(times_ms) {
             if self.ensured.contains(&(y, m)) {
                 continue;
             }
             let made: i32 = client
-                .query_one("SELECT zhian_ensure_month($1::text::date)", &[&date(y, m)])
+                .query_one(
+                    "SELECT zhian_ensure_month($1::text::date, $2::text::date)",
+                    &[&date(y, m), &date(ry, rm)],
+                )
                 .await?
                 .get(0);
             if made > 0 {
@@ -109,9 +116,11 @@ impl Partitions {
         now_ms: i64,
     ) -> Result<Vec<String>, tokio_postgres::Error> {
         let (y, m) = month_of(now_ms);
-        let ahead = (-1..=r.months_ahead as i32)
-            .map(|k| month_start_ms(add_months(y, m, k).0, add_months(y, m, k).1));
-        self.ensure(client, ahead).await?;
+        let ahead = (0..=r.months_ahead as i32).map(|k| {
+            let (y, m) = add_months(y, m, k);
+            month_start_ms(y, m)
+        });
+        self.ensure(client, ahead, r.horizon(now_ms).min_ms).await?;
         let mut dropped = Vec::new();
         for (key, keep) in [("window_rows", r.window_rows), ("rollups", r.rollups)] {
             let cutoff = std::time::UNIX_EPOCH
