@@ -271,7 +271,7 @@ fn main() {
                     CASE WHEN g % 50 = 17 THEN 'offline' ELSE 'online' END,
                     now() - interval '3 days', now(), 1
              FROM bench.compounds;
-             SELECT sum(zhian_ensure_month(m::date)) FROM generate_series(
+             SELECT sum(zhian_ensure_month(m::date, '1970-01-01')) FROM generate_series(
                  date_trunc('month', ('{year_first}'::date - 1)::timestamp),
                  date_trunc('month', ('{last}'::date + 1)::timestamp), interval '1 month') m;"
         ),
