@@ -6,18 +6,24 @@
 //! into sets): every statement is prepared once per connection ([`Prepared`]) and the ones that
 //! do not wait on an answer are sent together (pipelined), so a batch of 1,000 summaries costs
 //! about five round trips. In order, inside the batch's transaction:
-//! 1. the batch's gateway rows are created if new and locked in sorted order, its windows
-//!    locked (transaction-scoped advisory locks, sorted), parts of split revs stored, the
-//!    complete split revs and the revs in force read back;
-//! 2. per window the highest complete rev comes into force when it is higher than the rev in
-//!    force: the predecessor's rows are deleted (returned, to be subtracted);
-//! 3. the new rows, the windows' revs, the rollup deltas (hourly, then daily; sorted, so two
-//!    receivers take the rollup rows' locks in one order), alerts, care notices, daily counts,
-//!    states, heartbeats, sites and rejects, all sent at once.
+//! 1. new gateways' rows are created; the rows of gateways this batch updates (statuses,
+//!    heartbeats, sites that differ) are locked in sorted order; windows with split revs are
+//!    locked (transaction-scoped advisory locks, sorted), their parts stored and read back;
+//!    per window the batch's highest complete rev is upserted into `windows`, which keeps it
+//!    only when it is new or higher than the rev in force and returns what changed (with the
+//!    rev it replaced and the labels the window is counted under). Without split revs all of
+//!    this is one round trip;
+//! 2. for windows that replaced a rev, the predecessor's rows are deleted (returned, to be
+//!    subtracted from the rollups);
+//! 3. the new rows, the rollup deltas (hourly, then daily; sorted, so two receivers take the
+//!    rollup rows' locks in one order), alerts, care notices, daily counts, states,
+//!    heartbeats, sites and rejects, all sent at once.
 //!
 //! Exactness rests on the same rules as before: a complete rev replaces the window's rows only
-//! when higher than the rev in force; one window's summaries are serialised across receivers by
-//! its advisory lock; alerts, care notices and daily counts are keyed so a redelivery is a no-op.
+//! when higher than the rev in force (the upsert's `WHERE`, re-checked by PostgreSQL after it
+//! waits on a row another receiver is writing); the parts of one window are serialised across
+//! receivers by its advisory lock; alerts, care notices and daily counts are keyed so a
+//! redelivery is a no-op.
 //! The rollups equal a recount of the windows in force (`counts_by_layer_raw`) after any batch.
 
 use super::batch::{self, Candidate, Horizon, InForce, Labels, WinKey};
