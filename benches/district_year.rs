@@ -27,9 +27,11 @@
 //! `cargo bench --bench district_year`. Knobs: BENCH_DAYS (raw days, default 30), BENCH_COMPOUNDS
 //! (default 150), BENCH_YEAR_DAYS (default 365), BENCH_RUNS (timed runs per rollup query, default
 //! 15), BENCH_RAW_RUNS (timed runs per plain-view query, default 5: each is a scan of every raw
-//! row), TMPDIR (where the cluster goes). At the defaults the cluster is ~8 GB
-//! (check `df -h` first) and the whole run takes ~30 minutes on 2 cores. With BENCH_DAYS under
-//! 30 (or 7) the ranges of b (and c) shrink to the raw days, so the answers stay comparable.
+//! row), TMPDIR (where the cluster goes). At the defaults the cluster peaks under 12 GB (tables
+//! 7-10 GB, WAL up to 2 GB, no temp files; check `df -h` first) and the whole run takes about
+//! 10 minutes on 2 cores (generation ~5, the plain views' 18 scans most of the rest). With
+//! BENCH_DAYS under 30 (or 7) the ranges of b (and c) shrink to the raw days, so the answers stay
+//! comparable.
 //! Server settings: PostgreSQL's defaults (work_mem 4MB for the queries) but shared_buffers 1GB
 //! and, for the generation only, fsync/full_page_writes off, a large max_wal_size.
 
