@@ -119,6 +119,12 @@ impl Forwarder {
             epoch: Some(epoch),
             version: online.then(|| env!("CARGO_PKG_VERSION").to_string()),
             since: online.then(|| proto::Timestamp(now_ms())),
+            site: Some(proto::Site {
+                district: self.cfg.gateway.district.clone(),
+                street: self.cfg.gateway.street.clone(),
+                community: self.cfg.gateway.community.clone(),
+                compound: self.cfg.gateway.compound.clone(),
+            }),
         }
         .to_bytes()
     }

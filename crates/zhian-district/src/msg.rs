@@ -366,6 +366,11 @@ pub fn parse(prefix: &str, topic: &str, payload: &[u8]) -> Result<Msg, Reject> {
                 gateway,
             })
         }
+        // Kept from issue 23's receiver work on; until then refused as a topic it does not take.
+        Leaf::ConfigState => Err(reject(
+            "invalid_topic",
+            "config/state is not kept yet".to_string(),
+        )),
     }
 }
 

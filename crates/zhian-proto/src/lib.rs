@@ -6,15 +6,19 @@
 //! - Topics: `{prefix}/{gateway}/{leaf}`, [`Leaf`], [`topic`], [`parse_topic`].
 //! - Messages: [`Summary`], [`Alert`], [`Care`], [`Daily`], [`Status`], [`Heartbeat`], each with
 //!   its versioned `schema` string ([`Message::SCHEMA`], e.g. `zhian.summary.v1`).
+//! - Fleet configuration and diagnostics (`fleet`): [`ConfigSet`], [`ConfigState`],
+//!   [`DiagRequest`], [`DiagReply`] and the bytes their signatures cover.
 //! - Times on the wire: [`Timestamp`] (RFC 3339 UTC; Unix milliseconds inside).
 //!
 //! Invariant (an absence): no subject, card, face or plate id is a field of any type here.
 //! Pure: serde, serde_json and time only; no I/O.
 
+mod fleet;
 mod messages;
 mod timestamp;
 mod topic;
 
+pub use fleet::*;
 pub use messages::*;
 pub use timestamp::{rfc3339_utc, Timestamp};
 pub use topic::{parse_topic, topic, valid_gateway_id, Leaf, TopicError};

@@ -38,6 +38,7 @@ macro_rules! schema_tag {
         }
     };
 }
+pub(crate) use schema_tag;
 
 schema_tag!(
     /// `zhian.summary.v1`.
@@ -252,6 +253,10 @@ pub struct Status {
     /// When this connection came up (with `online`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub since: Option<Timestamp>,
+    /// The box's place in the layers (the same labels as its summaries), so that `fleet push
+    /// --layer` can pick boxes from the retained statuses alone. Absent from older boxes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub site: Option<Site>,
 }
 
 impl Message for Status {

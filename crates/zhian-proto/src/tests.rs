@@ -44,6 +44,27 @@ fn count() -> impl Strategy<Value = Count> {
         })
 }
 
+#[test]
+fn config_state_topic_is_a_leaf_of_two_levels() {
+    assert_eq!(
+        topic("zhian/v1", "gw-1", Leaf::ConfigState),
+        "zhian/v1/gw-1/config/state"
+    );
+    assert_eq!(
+        parse_topic("zhian/v1", "zhian/v1/gw-1/config/state"),
+        Ok(("gw-1", Leaf::ConfigState))
+    );
+    assert_eq!(
+        parse_topic("zhian/v1", "zhian/v1/gw-1/config/set"),
+        Err(TopicError::Shape)
+    );
+    let set: ConfigSet = serde_json::from_str(
+        r#"{"schema":"zhian.config.v1","serial":3,"fragment":"[alerts]","sig":"x"}"#,
+    )
+    .unwrap();
+    assert_eq!(set.serial, 3);
+}
+
 fn round_trip<M: Message + PartialEq + std::fmt::Debug>(m: &M) {
     let bytes = m.to_bytes();
     let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
@@ -106,9 +127,29 @@ proptest! {
 
     #[test]
     fn statuses_round_trip(online in any::<bool>(), gateway in proptest::option::of("[a-z0-9-]{1,64}"),
-                           epoch in proptest::option::of(0u64..=1 << 53), since in proptest::option::of(ts())) {
+                           epoch in proptest::option::of(0u64..=1 << 53), since in proptest::option::of(ts()),
+                           street in proptest::option::of(".{0,12}")) {
         let state = if online { LinkState::Online } else { LinkState::Offline };
-        round_trip(&Status { schema: StatusV1, state, gateway, epoch, version: Some("0.1.0".into()), since });
+        let site = street.map(|s| Site { street: Some(s), ..Site::default() });
+        round_trip(&Status { schema: StatusV1, state, gateway, epoch, version: Some("0.1.0".into()), since, site });
+    }
+
+    #[test]
+    fn config_states_round_trip(serial in any::<u64>(), phase in 0usize..5, reason in proptest::option::of(".{0,40}"),
+                                at in proptest::option::of(ts()), gateway in proptest::option::of("[a-z0-9-]{1,64}")) {
+        let state = ConfigPhase::ALL[phase];
+        let m = ConfigState { schema: ConfigStateV1, gateway, serial, state, reason, config_hash: "ab".repeat(32), at };
+        round_trip(&m);
+        let v: serde_json::Value = serde_json::from_slice(&m.to_bytes()).unwrap();
+        prop_assert_eq!(v["state"].as_str(), Some(state.as_str()));
+    }
+
+    #[test]
+    fn a_config_signature_covers_gateway_serial_and_fragment(g in "[a-z0-9-]{1,8}", s in any::<u64>(), f in ".{0,40}") {
+        let b = config_signed_bytes(&g, s, &f);
+        prop_assert_ne!(&b, &config_signed_bytes(&format!("{g}x"), s, &f));
+        prop_assert_ne!(&b, &config_signed_bytes(&g, s.wrapping_add(1), &f));
+        prop_assert_ne!(&b, &config_signed_bytes(&g, s, &format!("{f} ")));
     }
 
     #[test]

@@ -11,17 +11,20 @@ pub enum Leaf {
     Daily,
     Status,
     Heartbeat,
+    /// `config/state`: where a fleet configuration change stands (two topic levels).
+    ConfigState,
 }
 
 impl Leaf {
     /// Every leaf, in the contract's order.
-    pub const ALL: [Leaf; 6] = [
+    pub const ALL: [Leaf; 7] = [
         Leaf::Summary,
         Leaf::Alert,
         Leaf::Care,
         Leaf::Daily,
         Leaf::Status,
         Leaf::Heartbeat,
+        Leaf::ConfigState,
     ];
 
     /// The topic level as written (`summary`, ...).
@@ -33,6 +36,7 @@ impl Leaf {
             Leaf::Daily => "daily",
             Leaf::Status => "status",
             Leaf::Heartbeat => "heartbeat",
+            Leaf::ConfigState => "config/state",
         }
     }
 
@@ -48,7 +52,7 @@ impl fmt::Display for Leaf {
     }
 }
 
-/// `{prefix}/{gateway}/{leaf}`.
+/// `{prefix}/{gateway}/{leaf}` (`config/state` is the one leaf of two levels).
 pub fn topic(prefix: &str, gateway: &str, leaf: Leaf) -> String {
     format!("{prefix}/{gateway}/{leaf}")
 }
@@ -95,7 +99,7 @@ pub fn parse_topic<'t>(prefix: &str, topic: &'t str) -> Result<(&'t str, Leaf), 
         .ok_or(TopicError::NotUnderPrefix)?;
     let (gateway, leaf) = rest
         .split_once('/')
-        .filter(|(g, l)| !g.is_empty() && !l.contains('/'))
+        .filter(|(g, l)| !g.is_empty() && (!l.contains('/') || *l == "config/state"))
         .ok_or(TopicError::Shape)?;
     if !valid_gateway_id(gateway) {
         return Err(TopicError::Gateway);
