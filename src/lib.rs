@@ -23,6 +23,7 @@ pub mod devices;
 pub use zhian_district as district;
 pub mod durable_file;
 pub mod epoch;
+pub mod fleet;
 pub mod forwarder;
 pub mod health;
 pub mod ingest;
@@ -116,22 +117,53 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
 pub async fn run_with_reload(
     cfg: Config,
     shutdown: impl Future<Output = ()>,
-    mut reloads: tokio::sync::mpsc::Receiver<Config>,
+    reloads: tokio::sync::mpsc::Receiver<Config>,
 ) -> Result<(), RunError> {
+    run_daemon(cfg, None, shutdown, reloads).await.map(|_| ())
+}
+
+/// How the daemon stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stopped {
+    /// `shutdown` resolved (SIGTERM, SIGINT).
+    Shutdown,
+    /// A fleet change (or its rollback) needs a restart: the caller starts the daemon again on
+    /// the config `fleet.json` now records (`main` execs the binary in place).
+    Restart,
+}
+
+/// As [`run_with_reload`], for a config loaded from a file ([`fleet::load_effective`]): with
+/// `[fleet] trust` set, the fleet link runs and may ask for a restart. `effective` is what
+/// `load_effective` gave.
+pub async fn run_daemon(
+    effective: impl Into<fleet::Effective>,
+    origin: Option<fleet::Origin>,
+    shutdown: impl Future<Output = ()>,
+    mut reloads: tokio::sync::mpsc::Receiver<Config>,
+) -> Result<Stopped, RunError> {
+    let effective: fleet::Effective = effective.into();
+    let cfg = effective.cfg;
     mqtt::install_crypto_provider();
     let cfg = Arc::new(cfg);
     tokio::pin!(shutdown);
     let Some((store, mut writer, quarantined)) = daemon::open_store(&cfg, &mut shutdown).await?
     else {
-        return Ok(());
+        return Ok(Stopped::Shutdown);
     };
     daemon::prepare_writer(&cfg, &mut writer).await?;
     daemon::start_broker(&cfg).await?;
     let status_listener = daemon::bind_status(&cfg).await?;
     let stats = daemon::restore_stats(&cfg, &store, quarantined)?;
     let mut tasks = daemon::Tasks::start(&cfg, store, writer, stats, status_listener);
+    tasks.start_fleet(&cfg, origin, effective.problem);
     tracing::info!(gateway = %cfg.gateway.id, version = VERSION, "zhian-gateway running");
     systemd::ready();
     let result = tasks.serve(&cfg, shutdown, &mut reloads).await;
-    tasks.stop(result).await
+    let restart = tasks.restart;
+    tasks.stop(result).await?;
+    Ok(if restart {
+        Stopped::Restart
+    } else {
+        Stopped::Shutdown
+    })
 }

@@ -86,6 +86,13 @@ enum Command {
         #[command(subcommand)]
         op: DevicesOp,
     },
+    /// Fleet configuration (contract: "Fleet configuration"): the fleet key, signed changes to
+    /// boxes (canaries first), and a box's diagnostics. `push` and `diag` run at the district
+    /// and read only `[mqtt]` of district.toml.
+    Fleet {
+        #[command(subcommand)]
+        op: FleetOp,
+    },
     /// Offline read of the store (stop the daemon first): pending summaries, open windows,
     /// device states, dedup keys held, disk use.
     Inspect {
@@ -212,6 +219,7 @@ fn district(config: Option<PathBuf>, init: bool) -> ExitCode {
     serve(move |shutdown| async move {
         zhian_gateway::district::run(cfg, shutdown)
             .await
+            .map(|()| zhian_gateway::Stopped::Shutdown)
             .map_err(zhian_gateway::RunError::Broker)
     })
 }
@@ -399,14 +407,27 @@ fn main() -> ExitCode {
             config: Some(path),
             quiet,
         } if is_district(&path) => check_district(&path, quiet),
-        Command::CheckConfig { config, quiet } => match load(config, true) {
-            Ok(cfg) => {
+        Command::CheckConfig { config, quiet } => match load_effective(config, true) {
+            Ok((eff, _)) => {
                 if !quiet {
+                    let cfg = &eff.cfg;
                     for n in config::env_notes(std::env::vars())
                         .into_iter()
-                        .chain(config::example_notes(&cfg))
+                        .chain(config::example_notes(cfg))
+                        .chain(eff.problem.clone())
                     {
                         eprintln!("note: {n}");
+                    }
+                    if let Some(o) = &eff.overlay {
+                        let line = format!(
+                            "fleet serial {} ({}) overlays the file: {}",
+                            o.serial,
+                            if o.trial { "on probation" } else { "applied" },
+                            o.keys.join(", ")
+                        );
+                        eprintln!("note: {line}");
+                        println!("# {line}");
+                        println!("# (data_dir/fleet.json; keys not listed come from the file, the environment or the defaults)");
                     }
                     print!("{}", cfg.to_redacted_toml());
                 }
@@ -447,6 +468,7 @@ fn main() -> ExitCode {
         },
         Command::Demo { data_dir } => demo(data_dir),
         Command::Devices { op } => devices(op),
+        Command::Fleet { op } => fleet(op),
         Command::HashPassword => {
             use std::io::{BufRead, IsTerminal};
             if std::io::stdin().is_terminal() {
@@ -470,27 +492,87 @@ fn main() -> ExitCode {
             }
         }
         Command::Run { config } => {
-            let explicit = config.is_some();
-            let path = config.unwrap_or_else(|| PathBuf::from(config::DEFAULT_CONFIG_PATH));
-            let cfg = match load(Some(path.clone()).filter(|_| explicit), false) {
-                Ok(c) => c,
+            let (eff, origin) = match load_effective(config, false) {
+                Ok(e) => e,
                 Err(code) => return code,
             };
             serve(move |shutdown| {
                 for n in config::env_notes(std::env::vars()) {
                     tracing::warn!("{n}");
                 }
-                let reloads = reload_on_sighup(path, explicit);
-                zhian_gateway::run_with_reload(cfg, shutdown, reloads)
+                let reloads = reload_on_sighup(origin.clone());
+                zhian_gateway::run_daemon(eff, Some(origin), shutdown, reloads)
             })
         }
     }
 }
 
+/// The daemon's config with the fleet overlay `fleet.json` records, and where it came from;
+/// with `start_needs` also what a start needs (`check-config`). Problems: one line each, 78.
+fn load_effective(
+    path: Option<PathBuf>,
+    start_needs: bool,
+) -> Result<
+    (
+        zhian_gateway::fleet::Effective,
+        zhian_gateway::fleet::Origin,
+    ),
+    ExitCode,
+> {
+    let origin = zhian_gateway::fleet::Origin {
+        explicit: path.is_some(),
+        path: path.unwrap_or_else(|| PathBuf::from(config::DEFAULT_CONFIG_PATH)),
+    };
+    zhian_gateway::fleet::load_effective(&origin)
+        .and_then(|eff| {
+            let problems = if start_needs {
+                zhian_gateway::preflight::check_start_needs(&eff.cfg)
+            } else {
+                Vec::new()
+            };
+            if problems.is_empty() {
+                Ok(eff)
+            } else {
+                Err(problems)
+            }
+        })
+        .map(|eff| (eff, origin.clone()))
+        .map_err(|problems| {
+            for p in &problems {
+                eprintln!("{p}");
+            }
+            eprintln!(
+                "{}: {} problem(s); nothing started",
+                origin.path.display(),
+                problems.len()
+            );
+            ExitCode::from(EX_CONFIG as u8)
+        })
+}
+
+/// sysexits.h EX_TEMPFAIL: a restart in place failed; systemd (`Restart=on-failure`) starts
+/// the daemon again.
+const EX_TEMPFAIL: u8 = 75;
+
+/// Start the binary again in this process (same pid, arguments and environment), for a fleet
+/// change that needs a restart. Returns only if the exec failed.
+fn restart_in_place() -> ExitCode {
+    use std::os::unix::process::CommandExt;
+    let mut args = std::env::args_os();
+    let arg0 = args.next().unwrap_or_default();
+    tracing::info!("restarting in place for the fleet configuration");
+    let err = std::process::Command::new("/proc/self/exe")
+        .arg0(arg0)
+        .args(args)
+        .exec();
+    tracing::error!(error = %err, "cannot restart in place; exiting for systemd to restart the service");
+    ExitCode::from(EX_TEMPFAIL)
+}
+
 /// Run the daemon (or the demo) on a small runtime and turn its result into an exit code.
 fn serve<F>(make: impl FnOnce(Shutdown) -> F) -> ExitCode
 where
-    F: std::future::Future<Output = Result<(), zhian_gateway::RunError>>,
+    F: std::future::Future<Output = Result<zhian_gateway::Stopped, zhian_gateway::RunError>>,
 {
     init_logging();
     let rt = match runtime() {
@@ -512,7 +594,8 @@ where
     // Do not wait for a blocking thread stuck on a dead disk: the 5 s budget is spent.
     rt.shutdown_timeout(std::time::Duration::from_millis(300));
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(zhian_gateway::Stopped::Shutdown) => ExitCode::SUCCESS,
+        Ok(zhian_gateway::Stopped::Restart) => restart_in_place(),
         Err(e @ zhian_gateway::RunError::Store(StoreError::Damaged { .. })) => {
             tracing::error!("{e}");
             ExitCode::from(EX_IOERR)
@@ -522,6 +605,178 @@ where
             ExitCode::FAILURE
         }
     }
+}
+
+#[derive(Subcommand)]
+enum FleetOp {
+    /// Make the fleet key pair: DIR/fleet.key (private, 0600: keep it at the district, offline
+    /// if you can) and DIR/fleet.pub (install it on each box, `[fleet] trust`). Never
+    /// overwrites a key.
+    Keygen {
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
+    /// Sign a config fragment and publish it to gateways (retained), canaries first: the rest
+    /// get it only once every canary reports `applied`; a `rejected` or `rolled_back` stops the
+    /// rollout. Prints one line per gateway. Exit 0 all applied, 1 stopped or failed, 2 reports
+    /// missing at the timeout, 78 bad input.
+    #[command(group(clap::ArgGroup::new("to").required(true).args(["gateway", "layer", "all"])))]
+    Push {
+        /// The receiver's district.toml (only `[mqtt]` is read).
+        #[arg(long, value_name = "PATH")]
+        config: PathBuf,
+        /// The private key (default: fleet.key beside --config).
+        #[arg(long, value_name = "PATH")]
+        key: Option<PathBuf>,
+        /// The TOML fragment: the whole district overlay for these boxes.
+        #[arg(long, value_name = "FILE")]
+        fragment: PathBuf,
+        /// Gateway ids.
+        #[arg(long, value_name = "ID", num_args = 1..)]
+        gateway: Vec<String>,
+        /// Every gateway whose retained status has this label: district=, street=,
+        /// community= or compound= (e.g. community=江滨社区).
+        #[arg(long, value_name = "LAYER=LABEL")]
+        layer: Option<String>,
+        /// Every gateway with a retained status on the broker.
+        #[arg(long)]
+        all: bool,
+        /// Send to the first N (by id) first; the rest once all N report `applied`.
+        #[arg(long, value_name = "N", default_value_t = 0)]
+        canary: usize,
+        /// The change's serial (default: above every serial the gateways saw, at least the Unix
+        /// time in seconds).
+        #[arg(long, value_name = "N")]
+        serial: Option<u64>,
+        /// How long to wait for reports (canaries, then the rest).
+        #[arg(long, value_name = "DURATION", default_value = "15m", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+        /// Do not wait for the reports of the gateways after the canaries.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Ask a box for its status report and its last 200 log lines (a request signed with the
+    /// fleet key; no subject or secret is in the answer). Prints the reply as JSON.
+    Diag {
+        /// The receiver's district.toml (only `[mqtt]` is read).
+        #[arg(long, value_name = "PATH")]
+        config: PathBuf,
+        #[arg(long, value_name = "ID")]
+        gateway: String,
+        /// The private key (default: fleet.key beside --config).
+        #[arg(long, value_name = "PATH")]
+        key: Option<PathBuf>,
+        /// How long to wait for the answer.
+        #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+    },
+}
+
+/// `--key`, or fleet.key beside the district config.
+#[cfg(feature = "district")]
+fn key_beside(key: Option<PathBuf>, config: &std::path::Path) -> PathBuf {
+    key.unwrap_or_else(|| {
+        config
+            .parent()
+            .unwrap_or(std::path::Path::new("."))
+            .join(zhian_common::fleet_key::PRIVATE_FILE)
+    })
+}
+
+fn fleet(op: FleetOp) -> ExitCode {
+    match op {
+        FleetOp::Keygen { out } => match zhian_common::fleet_key::keygen(&out) {
+            Ok((k, p)) => {
+                println!(
+                    "private key: {} (0600; keep it at the district)",
+                    k.display()
+                );
+                println!("public key:  {} (install on each box; [fleet] trust = \"/etc/zhian-gateway/fleet.pub\")", p.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("fleet keygen: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        op => fleet_district(op),
+    }
+}
+
+#[cfg(feature = "district")]
+fn fleet_district(op: FleetOp) -> ExitCode {
+    use zhian_gateway::fleet::push;
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    let code = match op {
+        FleetOp::Keygen { .. } => unreachable!("handled by fleet()"),
+        FleetOp::Push {
+            config,
+            key,
+            fragment,
+            gateway,
+            layer,
+            all,
+            canary,
+            serial,
+            timeout,
+            no_wait,
+        } => {
+            let text = match std::fs::read_to_string(&fragment) {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!("fleet push: {}: {e}", fragment.display());
+                    return ExitCode::from(EX_CONFIG as u8);
+                }
+            };
+            let targets = if all {
+                push::Targets::All
+            } else if let Some(l) = layer {
+                match l.split_once('=') {
+                    Some((k, v)) => {
+                        push::Targets::Layer(k.trim().to_string(), v.trim().to_string())
+                    }
+                    None => {
+                        eprintln!("fleet push: --layer {l}: give LAYER=LABEL (community=江滨社区)");
+                        return ExitCode::from(EX_CONFIG as u8);
+                    }
+                }
+            } else {
+                push::Targets::Gateways(gateway)
+            };
+            let key = key_beside(key, &config);
+            rt.block_on(push::push(
+                &config,
+                &key,
+                push::Push {
+                    fragment: text,
+                    targets,
+                    canary,
+                    serial,
+                    timeout,
+                    no_wait,
+                },
+            ))
+        }
+        FleetOp::Diag {
+            config,
+            gateway,
+            key,
+            timeout,
+        } => {
+            let key = key_beside(key, &config);
+            rt.block_on(push::diag(&config, &key, &gateway, timeout))
+        }
+    };
+    ExitCode::from(code)
+}
+
+#[cfg(not(feature = "district"))]
+fn fleet_district(_: FleetOp) -> ExitCode {
+    eprintln!("this build has no fleet push or diag (cargo feature `district`; they run at the district, the box build leaves them out)");
+    ExitCode::from(EX_CONFIG as u8)
 }
 
 #[derive(Subcommand)]
@@ -589,7 +844,11 @@ fn devices(op: DevicesOp) -> ExitCode {
 
 #[cfg(feature = "demo")]
 fn demo(data_dir: Option<PathBuf>) -> ExitCode {
-    serve(|shutdown| zhian_gateway::demo::run(data_dir, shutdown))
+    serve(|shutdown| async move {
+        zhian_gateway::demo::run(data_dir, shutdown)
+            .await
+            .map(|()| zhian_gateway::Stopped::Shutdown)
+    })
 }
 
 #[cfg(not(feature = "demo"))]
@@ -617,9 +876,12 @@ fn init_logging() {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         // No field can start a forged line: control characters are escaped (logfmt).
-        .with_writer(move || zhian_gateway::logfmt::EscapingWriter {
-            inner: std::io::stderr(),
-            keep_ansi: terminal,
+        // Each line is also kept in memory (the last 200) for `fleet diag`.
+        .with_writer(move || {
+            zhian_gateway::fleet::log_tail::Tee::new(zhian_gateway::logfmt::EscapingWriter {
+                inner: std::io::stderr(),
+                keep_ansi: terminal,
+            })
         })
         // Colour codes only for a person at a terminal: in journald they make MESSAGE a byte
         // array and break `journalctl -o json` (contract: "Logs").
@@ -684,7 +946,9 @@ type Shutdown = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 /// SIGHUP (`systemctl reload`, a stray `kill -HUP`): re-read the config file. A valid one is
 /// handed to the daemon, which applies what can change live; an invalid one is logged, one line
 /// per problem, and the running config kept. SIGHUP never stops the daemon.
-fn reload_on_sighup(path: PathBuf, explicit: bool) -> tokio::sync::mpsc::Receiver<config::Config> {
+fn reload_on_sighup(
+    origin: zhian_gateway::fleet::Origin,
+) -> tokio::sync::mpsc::Receiver<config::Config> {
     use tokio::signal::unix::{signal, SignalKind};
     let (tx, rx) = tokio::sync::mpsc::channel(1);
     let mut hup = match signal(SignalKind::hangup()) {
@@ -696,14 +960,18 @@ fn reload_on_sighup(path: PathBuf, explicit: bool) -> tokio::sync::mpsc::Receive
     };
     tokio::spawn(async move {
         while hup.recv().await.is_some() {
-            tracing::info!(path = %path.display(), "SIGHUP: re-reading the config");
+            tracing::info!(path = %origin.path.display(), "SIGHUP: re-reading the config");
             let loaded = {
-                let path = path.clone();
-                tokio::task::spawn_blocking(move || config::load(&path, explicit)).await
+                let origin = origin.clone();
+                tokio::task::spawn_blocking(move || zhian_gateway::fleet::load_effective(&origin))
+                    .await
             };
             match loaded {
-                Ok(Ok(cfg)) => {
-                    if tx.send(cfg).await.is_err() {
+                Ok(Ok(eff)) => {
+                    if let Some(p) = &eff.problem {
+                        tracing::error!(problem = %p, "reload: the fleet overlay is not in force");
+                    }
+                    if tx.send(eff.cfg).await.is_err() {
                         return;
                     }
                 }

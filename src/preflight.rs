@@ -35,6 +35,11 @@ pub fn check_start_needs(c: &Config) -> Vec<Problem> {
         ("upstream.client_cert", c.upstream.client_cert.as_deref()),
         ("upstream.client_key", c.upstream.client_key.as_deref()),
     ];
+    if let Some(trust) = &c.fleet.trust {
+        if let Err(e) = zhian_common::fleet_key::Trust::load(trust) {
+            p.push(problem("fleet.trust", format!("{e} (as {})", whoami())));
+        }
+    }
     for (key, path) in files {
         if let Some(path) = path {
             match std::fs::read(path) {

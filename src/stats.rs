@@ -160,6 +160,8 @@ pub struct Stats {
     care: Mutex<Vec<crate::core::care::CareLine>>,
     /// Keys the key dir lost that still matter (committer, each tick).
     keys_lost: Mutex<Vec<crate::keys::KeyLoss>>,
+    /// Where the running config came from (the fleet link sets it).
+    config_view: Mutex<ConfigView>,
     /// Devices forgotten since start, per [`Forgotten`] reason.
     devices_forgotten: [AtomicU64; 3],
     /// Events stamped beyond `max_future_skew` ahead of the trusted gateway clock and counted
@@ -168,6 +170,50 @@ pub struct Stats {
     /// Status page: failed logins, and requests refused by the per-address rate limit.
     pub http_auth_failures: AtomicU64,
     pub http_rate_limited: AtomicU64,
+}
+
+/// Where the running config came from (contract: "Fleet configuration"), for the page and
+/// `/api/status`: the installer's file alone, or with a fleet overlay (its serial, whether on
+/// probation, the keys it sets), and the last change rolled back or refused.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct ConfigView {
+    /// `file` or `fleet`.
+    pub source: &'static str,
+    /// The fleet serial in force (on probation or applied).
+    pub serial: Option<u64>,
+    /// `probation` or `applied`.
+    pub state: Option<&'static str>,
+    /// When the box took the change in force (RFC 3339).
+    pub since: Option<String>,
+    /// The key paths the overlay sets.
+    pub keys: Vec<String>,
+    /// Fingerprints of the trusted fleet keys (`None`: remote configuration is off).
+    pub trust: Option<String>,
+    pub rolled_back: Option<ConfigEvent>,
+    pub rejected: Option<ConfigEvent>,
+}
+
+impl Default for ConfigView {
+    fn default() -> Self {
+        ConfigView {
+            source: "file",
+            serial: None,
+            state: None,
+            since: None,
+            keys: Vec::new(),
+            trust: None,
+            rolled_back: None,
+            rejected: None,
+        }
+    }
+}
+
+/// A fleet change rolled back or refused: its serial, why, when (RFC 3339).
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct ConfigEvent {
+    pub serial: u64,
+    pub reason: String,
+    pub at: String,
 }
 
 /// One broker connection (`site`: the device broker; `district`: upstream), as the page, the API
@@ -333,6 +379,7 @@ impl Default for Stats {
             counted_at_receipt: Default::default(),
             care: Mutex::new(Vec::new()),
             keys_lost: Mutex::new(Vec::new()),
+            config_view: Mutex::new(ConfigView::default()),
             http_auth_failures: AtomicU64::new(0),
             http_rate_limited: AtomicU64::new(0),
         }
@@ -669,6 +716,16 @@ impl Stats {
     /// The keys the key dir lost that still matter (page, `/api/status`, metrics).
     pub fn keys_lost(&self) -> Vec<crate::keys::KeyLoss> {
         self.keys_lost.lock().expect("keys lock").clone()
+    }
+
+    /// Where the running config came from (the fleet link, at start and at each step).
+    pub fn set_config_view(&self, v: ConfigView) {
+        *self.config_view.lock().expect("config lock") = v;
+    }
+
+    /// Where the running config came from (page, `/api/status`, metrics).
+    pub fn config_view(&self) -> ConfigView {
+        self.config_view.lock().expect("config lock").clone()
     }
 
     /// Put new `[health]` rules in force (start, SIGHUP).

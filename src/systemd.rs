@@ -20,6 +20,12 @@ pub fn ready() {
     }
 }
 
+/// Tell systemd the service is restarting itself in place (a fleet change that needs a
+/// restart): the same process execs the binary again, which sends `READY=1` when it runs.
+pub fn reloading() {
+    let _ = sd_notify::notify(&[NotifyState::Reloading]);
+}
+
 /// Tell systemd the service is stopping.
 pub fn stopping() {
     let _ = sd_notify::notify(&[NotifyState::Stopping]);

@@ -18,6 +18,18 @@ pub fn load_with_env(
     explicit: bool,
     env: Option<config::Map<String, String>>,
 ) -> Result<Config, Vec<Problem>> {
+    load_layers(path, explicit, env, None)
+}
+
+/// As [`load_with_env`], with a fleet fragment (TOML) between the file and the environment:
+/// defaults < file < `overlay` < environment (contract: "Fleet configuration"; the installer's
+/// environment stays the last word). What the fragment may set is `crate::fleet`'s to check.
+pub fn load_layers(
+    path: &Path,
+    explicit: bool,
+    env: Option<config::Map<String, String>>,
+    overlay: Option<&str>,
+) -> Result<Config, Vec<Problem>> {
     // Only ZHIAN_<SECTION>__<KEY> variables are config: another ZHIAN_* variable of the
     // environment (ZHIAN_BIN in a script, say) is not a key and must not fail the load.
     let env = env.unwrap_or_else(|| std::env::vars().collect());
@@ -46,6 +58,9 @@ pub fn load_with_env(
         let mut builder = config::Config::builder();
         if let Some(f) = &file {
             builder = builder.add_source(f.clone());
+        }
+        if let Some(o) = overlay {
+            builder = builder.add_source(config::File::from_str(o, config::FileFormat::Toml));
         }
         let environment = config::Environment::with_prefix("ZHIAN")
             .prefix_separator("_")
@@ -212,7 +227,7 @@ pub fn example_notes(c: &Config) -> Vec<String> {
 /// Environment variables that look meant for the config but are not read: `ZHIAN_<SECTION>_<KEY>`
 /// with one underscore where two are needed. One line each, for `check-config` and the log.
 pub fn env_notes(env: impl IntoIterator<Item = (String, String)>) -> Vec<String> {
-    const SECTIONS: [&str; 13] = [
+    const SECTIONS: [&str; 15] = [
         "GATEWAY",
         "BROKER",
         "MQTT",
@@ -226,6 +241,8 @@ pub fn env_notes(env: impl IntoIterator<Item = (String, String)>) -> Vec<String>
         "MODBUS",
         "CLOCK",
         "HEALTH",
+        "CARE",
+        "FLEET",
     ];
     let mut out: Vec<String> = env
         .into_iter()

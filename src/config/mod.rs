@@ -60,6 +60,7 @@ pub struct Config {
     pub clock: Clock,
     pub health: Health,
     pub care: Care,
+    pub fleet: Fleet,
 }
 
 impl Config {

@@ -336,3 +336,25 @@ impl Default for Alerts {
         }
     }
 }
+
+/// `[fleet]` (contract: "Fleet configuration"): remote configuration from the district. Set by
+/// the installer only; a fragment may not touch this section.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Fleet {
+    /// The trusted public key file (`fleet.pub`, one or more Ed25519 `PUBLIC KEY` blocks).
+    /// Unset: remote configuration and `fleet diag` are off.
+    pub trust: Option<PathBuf>,
+    /// How long an applied change is watched before the box reports it `applied`; a failed
+    /// health rule within it rolls the change back.
+    pub probation: Dur,
+}
+
+impl Default for Fleet {
+    fn default() -> Self {
+        Fleet {
+            trust: None,
+            probation: Dur(Duration::from_secs(300)),
+        }
+    }
+}

@@ -16,6 +16,21 @@ pub fn validate(c: &Config) -> Vec<Problem> {
     let mut p = Vec::new();
     validate_health(&c.health, &mut p);
     validate_care(&c.care, &mut p);
+    let probation = c.fleet.probation.0;
+    if probation < Duration::from_secs(1) || probation > Duration::from_secs(86_400) {
+        p.push(problem(
+            "fleet.probation",
+            format!("{} must be 1s to 1d", c.fleet.probation),
+        ));
+    }
+    if let Some(t) = &c.fleet.trust {
+        if !t.is_absolute() {
+            p.push(problem(
+                "fleet.trust",
+                format!("{} must be an absolute path", t.display()),
+            ));
+        }
+    }
     let g = &c.gateway;
     if g.id.is_empty() {
         p.push(problem("gateway.id", "required (1-64 of [a-z0-9-])"));

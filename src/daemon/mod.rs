@@ -12,8 +12,8 @@ use crate::config::{self, Config};
 use crate::stats::Stats;
 use crate::store::{self, Retention, Store, StoreWriter};
 use crate::{
-    broker, clock, core, devices, forwarder, health, ingest, keys, modbus, preflight, status,
-    systemd, RunError, SHUTDOWN_BUDGET,
+    broker, clock, core, devices, fleet, forwarder, health, ingest, keys, modbus, preflight,
+    status, systemd, RunError, SHUTDOWN_BUDGET,
 };
 use reload::Live;
 use std::future::Future;
@@ -242,6 +242,14 @@ pub struct Tasks {
     care: flume::Sender<Vec<config::CareResident>>,
     sources: tokio::sync::watch::Sender<Arc<Vec<core::mapping::Source>>>,
     marks: flume::Sender<devices::SourceMarks>,
+    /// The fleet link (`[fleet] trust` set and a config file to overlay), and the configs it
+    /// asks the daemon to run.
+    fleet: Option<JoinHandle<()>>,
+    fleet_stop: CancellationToken,
+    fleet_apply: Option<tokio::sync::mpsc::Receiver<fleet::Apply>>,
+    /// A fleet change (or its rollback) needs a restart: [`Tasks::stop`] says RELOADING, not
+    /// STOPPING, and the caller starts the daemon again.
+    pub restart: bool,
 }
 
 impl Tasks {
@@ -383,7 +391,56 @@ impl Tasks {
             care: care_tx,
             sources: sources_tx,
             marks: marks_tx,
+            fleet: None,
+            fleet_stop: CancellationToken::new(),
+            fleet_apply: None,
+            restart: false,
         }
+    }
+
+    /// Start the fleet link when `[fleet] trust` is set, the district link is on and the
+    /// config came from a file (`origin`) the fleet's fragment can overlay. A trust file that
+    /// cannot be read is logged (check-config names it) and leaves remote configuration off.
+    pub fn start_fleet(
+        &mut self,
+        cfg: &Arc<Config>,
+        origin: Option<fleet::Origin>,
+        overlay_problem: Option<String>,
+    ) {
+        if let Some(p) = &overlay_problem {
+            tracing::error!(problem = %p, "fleet: the recorded overlay is not in force");
+        }
+        let (Some(trust_path), Some(origin)) = (&cfg.fleet.trust, origin) else {
+            return;
+        };
+        if !cfg.upstream.enabled {
+            tracing::warn!("fleet.trust is set but upstream.enabled = false: no fleet link");
+            return;
+        }
+        let trust = match zhian_common::fleet_key::Trust::load(trust_path) {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::error!(error = %e, "fleet.trust: cannot read the trusted key; remote configuration is off");
+                return;
+            }
+        };
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        let guard = self.stats.task_guard("fleet link", self.fleet_stop.clone());
+        let task = fleet::FleetTask {
+            cfg: cfg.clone(),
+            origin,
+            trust,
+            store: self.store.clone(),
+            stats: self.stats.clone(),
+            apply: tx,
+            overlay_problem,
+            stop: self.fleet_stop.clone(),
+        };
+        self.fleet_apply = Some(rx);
+        self.fleet = Some(tokio::spawn(async move {
+            let _guard = guard;
+            task.run().await
+        }));
     }
 
     /// Serve until `shutdown` resolves or the committer stops (an error), applying each config
@@ -412,6 +469,18 @@ impl Tasks {
                 }
                 Some(new) = reloads.recv() => {
                     running = self.reload(&running, &new).await;
+                }
+                Some(a) = recv_some(&mut self.fleet_apply) => {
+                    let restart = reload::restart_sections(&running, &a.cfg);
+                    if restart.is_empty() {
+                        running = self.reload(&running, &a.cfg).await;
+                        let _ = a.done.send(fleet::Applied::Live);
+                    } else {
+                        tracing::info!(sections = ?restart, "fleet: these sections take a restart; restarting");
+                        let _ = a.done.send(fleet::Applied::Restart);
+                        self.restart = true;
+                        return Ok(());
+                    }
                 }
             }
         }
@@ -489,12 +558,17 @@ impl Tasks {
     /// saw), then acks go out and the device connection closes; the status page last; the store
     /// closed cleanly so the next start needs no repair.
     pub async fn stop(mut self, mut result: Result<(), RunError>) -> Result<(), RunError> {
-        systemd::stopping();
+        if self.restart {
+            systemd::reloading();
+        } else {
+            systemd::stopping();
+        }
         self.watchdog.abort();
         self.health_watch.abort();
         let deadline = tokio::time::Instant::now() + SHUTDOWN_BUDGET;
         self.intake_stop.cancel();
         self.upstream_stop.cancel();
+        self.fleet_stop.cancel();
         drop(self.intake);
         if let Some((h, _)) = self.modbus.as_mut() {
             // Stops at once on cancel; its sender must be gone before the committer can finish.
@@ -507,6 +581,9 @@ impl Tasks {
             {
                 tracing::warn!("shutdown: district link did not close in time");
             }
+        }
+        if let Some(h) = self.fleet.as_mut() {
+            let _ = tokio::time::timeout_at(deadline - Duration::from_millis(2000), h).await;
         }
         if !self.committer_done {
             match tokio::time::timeout_at(deadline - Duration::from_millis(700), &mut self.committer)
@@ -529,5 +606,14 @@ impl Tasks {
         self.store.close();
         tracing::info!("zhian-gateway stopped");
         result
+    }
+}
+
+/// The next item of `rx`, or never when there is no receiver (a `select!` branch that stays
+/// idle).
+async fn recv_some<T>(rx: &mut Option<tokio::sync::mpsc::Receiver<T>>) -> Option<T> {
+    match rx {
+        Some(r) => r.recv().await,
+        None => std::future::pending().await,
     }
 }

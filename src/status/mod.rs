@@ -68,6 +68,25 @@ pub(super) struct AppState {
     pub(super) verify_queue: Arc<std::sync::atomic::AtomicUsize>,
 }
 
+/// The `/api/status` document as JSON, built outside the HTTP server (for `fleet diag`).
+/// Blocking: it reads the store. A store that cannot be read gives `{"error": ...}`.
+pub fn status_json(cfg: Arc<Config>, store: Arc<Store>, stats: Arc<Stats>) -> serde_json::Value {
+    let st = AppState {
+        cfg,
+        store,
+        stats,
+        registry: Arc::new(Registry::default()),
+        verified: Arc::new(Mutex::new(None)),
+        verify_permits: Arc::new(Semaphore::new(1)),
+        failures: Default::default(),
+        verify_queue: Default::default(),
+    };
+    match report::snapshot(&st) {
+        Ok(s) => serde_json::to_value(&s).unwrap_or(serde_json::Value::Null),
+        Err(e) => serde_json::json!({ "error": e.to_string() }),
+    }
+}
+
 /// Bind the status listener (before anything else starts talking to the network).
 pub async fn bind(cfg: &Config) -> io::Result<tokio::net::TcpListener> {
     tokio::net::TcpListener::bind(&cfg.status.listen).await

@@ -202,6 +202,10 @@ pub(super) struct StatusOut {
     /// each day whose distinct counts span two keys, until the day can no longer change, and
     /// the care key while residents listed by its pseudonyms are listed. Empty when none.
     pub(super) keys_lost: Vec<KeyLostOut>,
+    /// Where the running config came from: the installer's file alone, or with the fleet's
+    /// overlay (serial, probation or applied, the keys it sets), and the last change rolled
+    /// back or refused (contract: "Fleet configuration").
+    pub(super) config: crate::stats::ConfigView,
     #[serde(skip)]
     pub(super) tz_secs: i32,
 }
@@ -423,6 +427,7 @@ pub(super) fn snapshot(st: &AppState) -> Result<StatusOut, crate::store::StoreEr
                 detail: r.detail,
             })
             .collect(),
+        config: st.stats.config_view(),
         tz_secs: tz,
     })
 }

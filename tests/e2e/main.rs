@@ -19,6 +19,7 @@ mod e2e_modbus;
 mod e2e_mqtt;
 mod e2e_status;
 mod field_faults;
+mod fleet;
 mod key_loss;
 mod lan_attacker;
 mod operator;

@@ -1,0 +1,251 @@
+//! Fleet configuration on the box (contract: "Fleet configuration"): signed changes from the
+//! district, overlaid on the installer's file, applied, watched on probation, and rolled back
+//! by the box itself when a health rule fails.
+//!
+//! - `rules.rs`: the decisions, pure: which keys a fragment may set, replay and redelivery,
+//!   the probation's health rules.
+//! - `task.rs`: the fleet link, one task: its own MQTT connection to the district broker
+//!   (client id `{upstream client id}-fleet`, clean session), subscribed to `config/set` and
+//!   `diag/request`; it checks, records, asks the daemon to apply ([`Apply`]), watches the
+//!   probation, and publishes `config/state` and diagnostic replies.
+//! - `log_tail.rs`: the last 200 log lines, for `fleet diag`.
+//! - `push.rs` (feature `district`): `fleet push` and `fleet diag`, the district's side.
+//!
+//! On disk: `<data_dir>/fleet.json` ([`FleetState`], JSON), written through
+//! [`crate::durable_file`] (temporary file, fsync, rename, directory fsync) before anything it
+//! records takes effect: a change is recorded as on trial before it is applied, and as rolled
+//! back before the old config is applied again. So after a power cut or `kill -9` the next
+//! start runs the file plus the recorded overlay (the trial's, else the applied one's) and
+//! finishes the probation, or rolls back; never a half-applied change.
+//!
+//! The effective config is defaults < the installer's file < the overlay < `ZHIAN_*`
+//! environment. Each change carries the whole district overlay: a key left out of the newest
+//! fragment comes from the installer's file again (docs/fleet.md).
+
+pub mod log_tail;
+#[cfg(feature = "district")]
+pub mod push;
+pub mod rules;
+mod task;
+
+pub use task::{Applied, Apply, FleetTask};
+
+use crate::config::{self, Config, Problem};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use zhian_proto::ConfigPhase;
+
+/// The state file's name in the data dir.
+pub const FILE_NAME: &str = "fleet.json";
+
+/// Starts on one trial (the restart a change asked for counts as one) after which the change
+/// is rolled back: a change that crashes the daemon cannot keep it in a restart loop.
+pub const MAX_TRIAL_STARTS: u32 = 3;
+
+/// Hex SHA-256 of `bytes`.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    let d = ring::digest::digest(&ring::digest::SHA256, bytes);
+    d.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A signed change the box took.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Change {
+    pub serial: u64,
+    /// The TOML overlay, as signed.
+    pub fragment: String,
+    /// When the box took it (ms, wall clock).
+    pub at_ms: i64,
+}
+
+impl Change {
+    /// The fragment's SHA-256 (hex): with the serial, what tells a redelivery from a replay.
+    pub fn sha(&self) -> String {
+        sha256_hex(self.fragment.as_bytes())
+    }
+}
+
+/// A change on probation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Trial {
+    pub change: Change,
+    /// Daemon starts since the change was taken (see [`MAX_TRIAL_STARTS`]).
+    pub starts: u32,
+}
+
+/// A change refused or rolled back, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Outcome {
+    pub serial: u64,
+    pub reason: String,
+    pub at_ms: i64,
+    /// The fragment's SHA-256, so its retained message delivered again is recognised.
+    pub sha: String,
+}
+
+/// The last `config/state` report: republished (retained) at each connection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Report {
+    pub serial: u64,
+    pub state: ConfigPhase,
+    pub reason: Option<String>,
+    pub config_hash: String,
+    pub at_ms: i64,
+}
+
+/// `fleet.json`: what the box took from the fleet.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct FleetState {
+    /// The change in force (it passed probation).
+    pub applied: Option<Change>,
+    /// The change on probation, if any: it runs instead of `applied` until judged.
+    pub trial: Option<Trial>,
+    /// The highest serial taken (applied, on trial or rolled back): a change must be above it.
+    pub last_serial: u64,
+    pub rolled_back: Option<Outcome>,
+    pub rejected: Option<Outcome>,
+    pub report: Option<Report>,
+}
+
+impl FleetState {
+    /// Read `<data_dir>/fleet.json`; none yet is the empty state. A file that cannot be read
+    /// or parsed is an error (the caller runs on the installer's file alone and says so).
+    pub fn load(data_dir: &Path) -> Result<FleetState, String> {
+        let path = data_dir.join(FILE_NAME);
+        match std::fs::read(&path) {
+            Ok(b) => serde_json::from_slice(&b).map_err(|e| format!("{}: {e}", path.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(FleetState::default()),
+            Err(e) => Err(format!("{}: {e}", path.display())),
+        }
+    }
+
+    /// Write it durably (before what it records takes effect).
+    pub fn save(&self, data_dir: &Path) -> std::io::Result<()> {
+        let bytes = serde_json::to_vec_pretty(self).expect("fleet state serializes");
+        crate::durable_file::write(&data_dir.join(FILE_NAME), &bytes)
+    }
+
+    /// The overlay the config runs with: the trial's, else the applied change's.
+    pub fn overlay(&self) -> Option<&Change> {
+        self.trial
+            .as_ref()
+            .map(|t| &t.change)
+            .or(self.applied.as_ref())
+    }
+}
+
+/// Where the daemon's config came from: the file (and whether `--config` named it).
+#[derive(Debug, Clone)]
+pub struct Origin {
+    pub path: PathBuf,
+    pub explicit: bool,
+}
+
+/// The fleet overlay a config runs with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Overlay {
+    pub serial: u64,
+    /// On probation (not yet `applied`).
+    pub trial: bool,
+    /// The key paths it sets ([`rules::overlay_keys`]).
+    pub keys: Vec<String>,
+}
+
+/// A config as the daemon runs it: the installer's file with the fleet overlay.
+#[derive(Debug, Clone)]
+pub struct Effective {
+    pub cfg: Config,
+    pub overlay: Option<Overlay>,
+    /// Why a recorded overlay is not in `cfg` (a state file that cannot be read, or an overlay
+    /// this file no longer accepts); the daemon logs it, and rolls a trial back.
+    pub problem: Option<String>,
+}
+
+impl From<Config> for Effective {
+    /// A config with no overlay (tests, the demo).
+    fn from(cfg: Config) -> Self {
+        Effective {
+            cfg,
+            overlay: None,
+            problem: None,
+        }
+    }
+}
+
+/// The config of `origin`'s file with the overlay `fleet.json` records (none when `fleet.trust`
+/// is unset). Errors: the file's own problems, as `config::load` names them.
+pub fn load_effective(origin: &Origin) -> Result<Effective, Vec<Problem>> {
+    let base = config::load(&origin.path, origin.explicit)?;
+    if base.fleet.trust.is_none() {
+        return Ok(Effective {
+            cfg: base,
+            overlay: None,
+            problem: None,
+        });
+    }
+    let state = match FleetState::load(&base.gateway.data_dir) {
+        Ok(s) => s,
+        Err(e) => {
+            return Ok(Effective {
+                cfg: base,
+                overlay: None,
+                problem: Some(format!(
+                    "fleet state unreadable, running on the file alone: {e}"
+                )),
+            })
+        }
+    };
+    let Some(change) = state.overlay() else {
+        return Ok(Effective {
+            cfg: base,
+            overlay: None,
+            problem: None,
+        });
+    };
+    match with_overlay(origin, &change.fragment) {
+        Ok(cfg) => Ok(Effective {
+            cfg,
+            overlay: Some(Overlay {
+                serial: change.serial,
+                trial: state.trial.is_some(),
+                keys: rules::overlay_keys(&change.fragment),
+            }),
+            problem: None,
+        }),
+        Err(problems) => Ok(Effective {
+            cfg: base,
+            overlay: None,
+            problem: Some(format!(
+                "fleet serial {} no longer loads with {}: {}; running on the file alone",
+                change.serial,
+                origin.path.display(),
+                problems
+                    .iter()
+                    .map(|p| p.to_string())
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            )),
+        }),
+    }
+}
+
+/// The file with `fragment` overlaid, validated as `check-config` validates (the config rules,
+/// then what a start needs: data dir, files). The key rules are [`rules::refuse_keys`]'.
+pub fn with_overlay(origin: &Origin, fragment: &str) -> Result<Config, Vec<Problem>> {
+    let cfg = config::load_layers(&origin.path, origin.explicit, None, Some(fragment))?;
+    let p = crate::preflight::check_start_needs(&cfg);
+    if p.is_empty() {
+        Ok(cfg)
+    } else {
+        Err(p)
+    }
+}
+
+/// `config_hash`: SHA-256 (hex) of the installer's file bytes, a NUL, and the overlay in force.
+pub fn config_hash(origin: &Origin, overlay: Option<&str>) -> String {
+    let mut b = std::fs::read(&origin.path).unwrap_or_default();
+    b.push(0);
+    b.extend_from_slice(overlay.unwrap_or("").as_bytes());
+    sha256_hex(&b)
+}
