@@ -354,6 +354,7 @@ pub(super) fn render(s: &StatusOut, en: bool, refresh: u64) -> String {
                 }
                 (devices(s, en))
                 (upstream(s, en))
+                @if s.config.trust.is_some() || s.config.serial.is_some() { (config(s, en)) }
                 (alerts(s, en))
                 @if !s.care.is_empty() { (care(s, en)) }
                 (rejects(s, en))
@@ -538,6 +539,51 @@ fn upstream(s: &StatusOut, en: bool) -> Markup {
     }
 }
 
+/// Where the running config came from: the file, or the district's change (serial, probation
+/// or in force, the keys it sets), and the last change rolled back or refused, with why.
+fn config(s: &StatusOut, en: bool) -> Markup {
+    let c = &s.config;
+    let event = |l: L, e: &crate::stats::ConfigEvent, class: &'static str| {
+        html! {
+            div class="small" {
+                span { (t(en, l)) }
+                b class=(class) { (e.serial) } " " (e.reason) " · " (local_rfc(&Some(e.at.clone()), s.tz_secs, en))
+            }
+        }
+    };
+    html! {
+        section data-config-source=(c.source) {
+            h2 { (t(en, L::Config)) }
+            div class="cards" {
+                div class="card" {
+                    div class="small" {
+                        span { (t(en, L::ConfigSource)) }
+                        b { (t(en, if c.source == "fleet" { L::ConfigFleet } else { L::ConfigFile })) }
+                    }
+                    @if let Some(n) = c.serial {
+                        div class="small" {
+                            span { (t(en, L::ConfigSerial)) }
+                            b data-config-serial=(n) { (n) } " "
+                            @if c.state == Some("probation") {
+                                span class="warn" { (t(en, L::ConfigProbation)) }
+                            } @else {
+                                span class="ok" { (t(en, L::ConfigApplied)) }
+                            }
+                            @if let Some(since) = &c.since { " · " (local_rfc(&Some(since.clone()), s.tz_secs, en)) }
+                        }
+                        div class="small" { span { (t(en, L::ConfigKeys)) } b { (c.keys.join(", ")) } }
+                    }
+                    @if let Some(e) = &c.rolled_back { (event(L::ConfigRolledBack, e, "bad")) }
+                    @if let Some(e) = &c.rejected { (event(L::ConfigRejected, e, "warn")) }
+                    @if let Some(k) = &c.trust {
+                        div class="small" { span { (t(en, L::ConfigTrust)) } code { (k) } }
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// Recent alerts; alerts leave oldest first, so the newest `pending_alerts` are undelivered.
 fn alerts(s: &StatusOut, en: bool) -> Markup {
     let undelivered = s.upstream.pending_alerts as usize;
@@ -623,7 +669,7 @@ section{background:#fff;margin:12px;padding:12px 16px;border-radius:8px;box-shad
 .cards{display:flex;flex-wrap:wrap;gap:12px}.card{flex:1 1 220px;border:1px solid #e3e7eb;border-radius:6px;padding:8px 12px}.card h3{margin:0 0 6px;font-size:1em;color:#555}\
 .big{display:flex;justify-content:space-between;font-size:1.3em;margin:2px 0}.small{display:flex;justify-content:space-between;margin:2px 0}\
 table{width:100%;border-collapse:collapse;font-size:.92em}th,td{text-align:left;padding:4px 6px;border-bottom:1px solid #eee}\
-.alarm{border:2px solid #c5221f;padding:0 .8em}.ok{color:#137333;font-weight:bold}.bad{color:#c5221f;font-weight:bold}.muted{color:#888}\
+.alarm{border:2px solid #c5221f;padding:0 .8em}.ok{color:#137333;font-weight:bold}.bad{color:#c5221f;font-weight:bold}.muted{color:#888}.warn{color:#b06000;font-weight:bold}\
 svg{width:100%;height:auto;max-height:260px}.axis{stroke:#999}.lbl{font-size:11px;fill:#666}rect.a,.legend i.a{fill:#1a73e8;background:#1a73e8}\
 rect.v,.legend i.v{fill:#f29900;background:#f29900}rect.c,.legend i.c{fill:#d93025;background:#d93025}.legend i{display:inline-block;width:10px;height:10px;margin:0 4px 0 10px}\
 .banner{margin:12px;padding:10px 16px;border-radius:8px;font-size:1.05em}.banner.ok{background:#e6f4ea;color:#137333}\

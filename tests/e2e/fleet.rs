@@ -418,6 +418,19 @@ fn a_canary_rollout_reaches_20_gateways_and_a_breaking_change_rolls_back_on_the_
     let state = fleet_json(site.gateway(0).data_dir());
     assert!(state["trial"].is_null(), "{state}");
     assert_eq!(state["applied"]["serial"], 100);
+    // What the property manager's page shows: serial 100 in force, 101 rolled back and why.
+    let page = http(site.gateway(0).status_port(), "GET", "/", None)
+        .unwrap()
+        .text();
+    for want in [
+        "data-config-serial=\"100\"",
+        "已生效",
+        "已自动回退的版本",
+        "区级下发",
+        &dead.to_string(),
+    ] {
+        assert!(page.contains(want), "{want} not on the page");
+    }
 
     // No event lost anywhere, the canary included.
     eventually("every gateway's events counted at the district", || {
