@@ -214,6 +214,27 @@ impl Collector for Metrics {
                 lost.iter().map(|k| k.unmatched.len()).sum::<usize>() as i64,
             )?;
         }
+        {
+            let c = s.config_view();
+            gauge(
+                &mut e,
+                "zhian_config_serial",
+                "The fleet serial the box runs (on probation or applied); 0 while it runs its own file alone",
+                c.serial.unwrap_or(0) as i64,
+            )?;
+            gauge(
+                &mut e,
+                "zhian_config_probation",
+                "1 while a fleet change is on probation (the box rolls it back itself on a failed health rule)",
+                i64::from(c.state == Some("probation")),
+            )?;
+            gauge(
+                &mut e,
+                "zhian_config_rolled_back_serial",
+                "The serial of the last fleet change this box rolled back (0: none); a change of value is a rollback",
+                c.rolled_back.as_ref().map_or(0, |r| r.serial as i64),
+            )?;
+        }
         gauge(
             &mut e,
             "zhian_site_connected",

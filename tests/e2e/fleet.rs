@@ -431,6 +431,16 @@ fn a_canary_rollout_reaches_20_gateways_and_a_breaking_change_rolls_back_on_the_
     ] {
         assert!(page.contains(want), "{want} not on the page");
     }
+    let metrics = http(site.gateway(0).status_port(), "GET", "/metrics", None)
+        .unwrap()
+        .text();
+    for want in [
+        "zhian_config_serial 100",
+        "zhian_config_rolled_back_serial 101",
+        "zhian_config_probation 0",
+    ] {
+        assert!(metrics.lines().any(|l| l == want), "{want} not in /metrics");
+    }
 
     // No event lost anywhere, the canary included.
     eventually("every gateway's events counted at the district", || {
