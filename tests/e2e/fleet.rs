@@ -789,3 +789,55 @@ fn fleet_diag_answers_a_signed_request_with_no_subject_or_secret() {
     });
     site.term_daemon();
 }
+
+#[test]
+fn a_change_that_takes_a_restart_restarts_in_place_and_tells_systemd() {
+    use std::os::unix::net::UnixDatagram;
+    let b = Site::build("fleet-systemd");
+    let (key, publ) = keygen(&b.root().join("keys"));
+    let sock_path = b.root().join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let sock_env = sock_path.display().to_string();
+    let site = b
+        .env("NOTIFY_SOCKET", &sock_env)
+        .status()
+        .config(|c| {
+            c.fleet.trust = Some(publ.clone());
+            c.fleet.probation = Dur::secs(1);
+        })
+        .start();
+    let (dport, up, gw) = (site.district().port, site.upstream(), site.gw());
+    let pid = gw.pid();
+    let mut got: Vec<String> = Vec::new();
+    let mut buf = [0u8; 512];
+    let mut recv = |got: &mut Vec<String>| {
+        while let Ok(n) = sock.recv(&mut buf) {
+            got.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+    };
+    eventually("READY=1", || {
+        recv(&mut got);
+        got.iter().any(|m| m.contains("READY=1"))
+    });
+    // `upstream.heartbeat` is not live: the box restarts itself to apply it.
+    publish_retained(
+        dport,
+        &format!("zhian/district/{GATEWAY_ID}/config/set"),
+        signed_set(&key, GATEWAY_ID, 30, "[upstream]\nheartbeat = \"3s\"\n"),
+    );
+    wait_report(up, gw, 30, "applied");
+    recv(&mut got);
+    let readies = got.iter().filter(|m| m.contains("READY=1")).count();
+    assert_eq!(readies, 2, "{got:?}");
+    assert!(got.iter().any(|m| m.contains("RELOADING=1")), "{got:?}");
+    assert!(!got.iter().any(|m| m.contains("STOPPING=1")), "{got:?}");
+    // The same process, running the change.
+    assert_eq!(gw.pid(), pid);
+    assert!(gw.running());
+    assert!(gw.log_text().contains("restarting in place"));
+    let s = gw.wait_for_status("serial 30 in force", |s| s["config"]["serial"] == 30);
+    assert_eq!(s["config"]["keys"][0], "upstream.heartbeat");
+    site.term_daemon();
+}
