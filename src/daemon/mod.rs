@@ -471,9 +471,12 @@ impl Tasks {
                     running = self.reload(&running, &new).await;
                 }
                 Some(a) = recv_some(&mut self.fleet_apply) => {
-                    let restart = reload::restart_sections(&running, &a.cfg);
-                    if restart.is_empty() {
-                        running = self.reload(&running, &a.cfg).await;
+                    let restart = match &a.cfg {
+                        Some(cfg) => reload::restart_sections(&running, cfg),
+                        None => vec!["(the config is read again at the start)".into()],
+                    };
+                    if let (true, Some(cfg)) = (restart.is_empty(), &a.cfg) {
+                        running = self.reload(&running, cfg).await;
                         let _ = a.done.send(fleet::Applied::Live);
                     } else {
                         tracing::info!(sections = ?restart, "fleet: these sections take a restart; restarting");

@@ -19,9 +19,11 @@ use tokio_util::sync::CancellationToken;
 use zhian_common::fleet_key::Trust;
 use zhian_proto::{self as proto, ConfigPhase, Message};
 
-/// A config for the daemon to run now (the fleet's change, or the one it rolls back to).
+/// A config for the daemon to run now (the fleet's change, or the one it rolls back to);
+/// `None`: restart and read it from the file and `fleet.json` (the config could not be loaded
+/// here).
 pub struct Apply {
-    pub cfg: Config,
+    pub cfg: Option<Config>,
     /// How the daemon applied it; dropped unanswered when the daemon stops first.
     pub done: oneshot::Sender<Applied>,
 }
@@ -81,10 +83,12 @@ impl FleetTask {
             client: None,
             deferred: None,
         };
-        if let Go::Restarting = link.at_start().await {
-            return;
+        if let Go::On = link.at_start().await {
+            link.serve().await;
         }
-        link.serve().await;
+        // A restart ends this task before the daemon's stop token is cancelled: wait for it,
+        // so the task is not taken for one that died.
+        link.t.stop.cancelled().await;
     }
 }
 
@@ -427,7 +431,7 @@ impl Link {
         }
         tracing::info!(serial = set.serial, "fleet: change accepted; applying");
         self.show();
-        match self.run_config(cfg).await {
+        match self.run_config(Some(cfg)).await {
             Applied::Live => {
                 self.probation_since = Some(Self::now());
                 self.report(set.serial, ConfigPhase::Probation, None);
@@ -442,7 +446,7 @@ impl Link {
 
     /// Hand `cfg` to the daemon and wait for how it was applied (a daemon that stops first
     /// counts as a restart: the next start runs what `fleet.json` records).
-    async fn run_config(&self, cfg: Config) -> Applied {
+    async fn run_config(&self, cfg: Option<Config>) -> Applied {
         let (tx, rx) = oneshot::channel();
         if self.t.apply.send(Apply { cfg, done: tx }).await.is_err() {
             return Applied::Restart;
@@ -532,12 +536,12 @@ impl Link {
         let origin = self.t.origin.clone();
         let loaded = tokio::task::spawn_blocking(move || load_effective(&origin)).await;
         let cfg = match loaded {
-            Ok(Ok(e)) => e.cfg,
+            Ok(Ok(e)) => Some(e.cfg),
             Ok(Err(p)) => {
                 tracing::error!(problems = ?p.iter().map(|p| p.to_string()).collect::<Vec<_>>(), "fleet: the config to roll back to does not load; restarting on what the file says");
-                return Go::Restarting;
+                None
             }
-            Err(_) => return Go::Restarting,
+            Err(_) => None,
         };
         match self.run_config(cfg).await {
             Applied::Live => {

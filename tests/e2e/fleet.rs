@@ -447,6 +447,12 @@ fn a_canary_rollout_reaches_20_gateways_and_a_breaking_change_rolls_back_on_the_
         district_totals(up) == sent
     });
     step("counts exact on all 20 (canary included)");
+    let log = site.gateway(0).log_text();
+    assert!(
+        !log.contains("stopped unexpectedly"),
+        "{}",
+        site.gateway(0).tail(40)
+    );
     site.term_daemon();
 }
 
@@ -837,6 +843,11 @@ fn a_change_that_takes_a_restart_restarts_in_place_and_tells_systemd() {
     assert_eq!(gw.pid(), pid);
     assert!(gw.running());
     assert!(gw.log_text().contains("restarting in place"));
+    assert!(
+        !gw.log_text().contains("stopped unexpectedly"),
+        "{}",
+        gw.tail(30)
+    );
     let s = gw.wait_for_status("serial 30 in force", |s| s["config"]["serial"] == 30);
     assert_eq!(s["config"]["keys"][0], "upstream.heartbeat");
     site.term_daemon();
