@@ -249,3 +249,116 @@ pub fn config_hash(origin: &Origin, overlay: Option<&str>) -> String {
     b.extend_from_slice(overlay.unwrap_or("").as_bytes());
     sha256_hex(&b)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A config file with `[fleet] trust` (when `trusted`) in a fresh dir; its origin.
+    fn site(name: &str, trusted: bool) -> (PathBuf, Origin) {
+        let dir = std::env::temp_dir().join(format!("fleet-mod-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("data")).unwrap();
+        let (_, publ) = zhian_common::fleet_key::keygen(&dir.join("keys")).unwrap();
+        let fleet = if trusted {
+            format!("[fleet]\ntrust = \"{}\"\n", publ.display())
+        } else {
+            String::new()
+        };
+        let path = dir.join("gateway.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "[gateway]\nid = \"gw-1\"\ndata_dir = \"{}\"\n[alerts]\nactions = [\"intrusion\"]\n{fleet}",
+                dir.join("data").display()
+            ),
+        )
+        .unwrap();
+        (
+            dir,
+            Origin {
+                path,
+                explicit: true,
+            },
+        )
+    }
+
+    fn record(dir: &Path, state: &FleetState) {
+        state.save(&dir.join("data")).unwrap();
+    }
+
+    fn applied(fragment: &str) -> FleetState {
+        FleetState {
+            applied: Some(Change {
+                serial: 7,
+                fragment: fragment.into(),
+                at_ms: 1,
+            }),
+            last_serial: 7,
+            ..FleetState::default()
+        }
+    }
+
+    #[test]
+    fn the_recorded_overlay_is_laid_over_the_file_and_named() {
+        let (dir, origin) = site("overlay", true);
+        let e = load_effective(&origin).unwrap();
+        assert!(e.overlay.is_none() && e.problem.is_none());
+        record(&dir, &applied("[alerts]\nactions = [\"loitering\"]\n"));
+        let e = load_effective(&origin).unwrap();
+        assert_eq!(e.cfg.alerts.actions, ["loitering"]);
+        assert_eq!(
+            e.overlay,
+            Some(Overlay {
+                serial: 7,
+                trial: false,
+                keys: vec!["alerts.actions".into()],
+            })
+        );
+        // A trial runs instead of the applied change.
+        let mut st = applied("[alerts]\nactions = [\"loitering\"]\n");
+        st.trial = Some(Trial {
+            change: Change {
+                serial: 8,
+                fragment: "[alerts]\nactions = []\n".into(),
+                at_ms: 2,
+            },
+            starts: 1,
+        });
+        record(&dir, &st);
+        let e = load_effective(&origin).unwrap();
+        assert!(e.cfg.alerts.actions.is_empty());
+        assert_eq!(e.overlay.map(|o| (o.serial, o.trial)), Some((8, true)));
+        let back = FleetState::load(&dir.join("data")).unwrap();
+        assert_eq!(back, st);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn without_trust_the_overlay_is_not_used() {
+        let (dir, origin) = site("untrusted", false);
+        record(&dir, &applied("[alerts]\nactions = [\"loitering\"]\n"));
+        let e = load_effective(&origin).unwrap();
+        assert_eq!(e.cfg.alerts.actions, ["intrusion"]);
+        assert!(e.overlay.is_none());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_garbled_state_or_an_overlay_the_file_refuses_runs_the_file_alone_and_says_why() {
+        let (dir, origin) = site("garbled", true);
+        std::fs::write(dir.join("data").join(FILE_NAME), b"{\"applied\": ").unwrap();
+        let e = load_effective(&origin).unwrap();
+        assert_eq!(e.cfg.alerts.actions, ["intrusion"]);
+        assert!(e.problem.unwrap().contains("fleet state unreadable"));
+        record(&dir, &applied("[aggregate]\nwindow = \"0s\"\n"));
+        let e = load_effective(&origin).unwrap();
+        assert!(e.overlay.is_none());
+        let why = e.problem.unwrap();
+        assert!(
+            why.contains("fleet serial 7 no longer loads") && why.contains("aggregate.window"),
+            "{why}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
