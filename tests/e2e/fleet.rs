@@ -205,7 +205,13 @@ fn a_canary_rollout_reaches_20_gateways_and_a_breaking_change_rolls_back_on_the_
         })
         .start();
     let dport = site.district().port;
-    let district = district_toml(&site.root, dport);
+    // The district: PostgreSQL and a receiver; its district.toml is what `fleet push` reads.
+    let pg = common::pg::Postgres::start(&site.root.join("pg"), free_port());
+    let district = site.root.join("district.toml");
+    let health = common::district::receiver_config(&district, &pg.url(), dport, "fleet-r1");
+    let rlog = site.root.join("receiver.log");
+    let _receiver = common::district::start_receiver(&district, &rlog);
+    common::district::wait_healthy(health, &rlog);
     let n = 20;
     for i in 0..n {
         site.add_gateway(&format!("gw{i}"), |c| {
@@ -447,6 +453,15 @@ fn a_canary_rollout_reaches_20_gateways_and_a_breaking_change_rolls_back_on_the_
         district_totals(up) == sent
     });
     step("counts exact on all 20 (canary included)");
+    // The district keeps the reports: 20 applied serial 100, the canary's 101 rolled back.
+    let q = |sql: &str| pg.psql(sql).unwrap_or_default().trim().to_string();
+    eventually("the receiver kept every report", || {
+        q("SELECT string_agg(state || ':' || n, ',' ORDER BY state) FROM (SELECT serial || '/' || state AS state, count(*) AS n FROM config_rollouts GROUP BY 1) x")
+            == "100/applied:20,101/rolled_back:1"
+            && q("SELECT count(*) FROM gateway_state WHERE config_serial = 100") == "20"
+    });
+    let why = q("SELECT gateway || ' ' || reason FROM config_rollouts WHERE serial = 101");
+    assert!(why.starts_with("fleet-00 site broker"), "{why}");
     let log = site.gateway(0).log_text();
     assert!(
         !log.contains("stopped unexpectedly"),

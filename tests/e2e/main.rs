@@ -12,6 +12,7 @@ mod care_daily;
 mod demo;
 mod device_table;
 mod district;
+mod district_config;
 mod district_dashboard;
 mod district_faults;
 mod district_layers;

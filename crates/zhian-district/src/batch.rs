@@ -12,11 +12,15 @@
 //! - status and heartbeat: the state by epoch is a join ([`super::msg::next_state`]), so the
 //!   batch's join is applied once; heartbeat body and site: the last to arrive;
 //! - a window or alert outside the kept range ([`Horizon`]) is a reject (`outside_retention`):
-//!   its month's partitions are gone or far in the future.
+//!   its month's partitions are gone or far in the future;
+//! - fleet configuration reports: one per (gateway, serial, state), the first to arrive (the
+//!   table keeps the first too, so a republished report is a no-op); per gateway the highest
+//!   serial reported `applied`, which raises `gateways.config_serial` and never lowers it.
 
 use super::msg::{next_state, LinkState, Msg, Reject, Row};
 use serde_json::Value;
 use std::collections::{BTreeMap, HashMap};
+use zhian_proto::ConfigPhase;
 
 /// The site labels a window's rows are counted under (contract: "The five layers"). A missing
 /// label is `""`; a missing compound is the gateway id.
@@ -138,6 +142,18 @@ pub struct Alert<'a> {
     pub ts_ms: i64,
 }
 
+/// A fleet configuration report to keep (`config_reports`, contract: "Fleet configuration").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigReport<'a> {
+    pub gateway: &'a str,
+    pub serial: i64,
+    pub state: ConfigPhase,
+    pub reason: Option<&'a str>,
+    pub config_hash: &'a str,
+    /// The box's time of the step, Unix ms; `None`: the database keeps its time of receipt.
+    pub at_ms: Option<i64>,
+}
+
 /// A batch as sets. Borrowed from the parsed messages.
 #[derive(Debug, Default)]
 pub struct Split<'a> {
@@ -145,8 +161,8 @@ pub struct Split<'a> {
     pub gateways: Vec<&'a str>,
     /// Every window the batch's summaries touch, sorted and distinct.
     pub windows: Vec<WinKey>,
-    /// The gateways whose rows the batch updates whatever they hold (statuses, heartbeats),
-    /// sorted and distinct.
+    /// The gateways whose rows the batch updates whatever they hold (statuses, heartbeats) or
+    /// may update (an `applied` configuration report), sorted and distinct.
     pub updated: Vec<&'a str>,
     /// Single-part revs.
     pub whole: Vec<Candidate>,
@@ -165,6 +181,11 @@ pub struct Split<'a> {
     pub heartbeats: Vec<(&'a str, &'a Value)>,
     /// The last non-null site per gateway (from summaries and daily counts).
     pub sites: Vec<(&'a str, &'a Value)>,
+    /// Fleet configuration reports, one per (gateway, serial, state): the first to arrive.
+    /// Sorted by that key, so two receivers insert them in one order.
+    pub config_reports: Vec<ConfigReport<'a>>,
+    /// Per gateway, the highest serial the batch reports `applied`, sorted by gateway.
+    pub config_serials: Vec<(&'a str, i64)>,
     /// (topic, reason, detail).
     pub rejects: Vec<(&'a str, &'static str, String)>,
     /// Messages kept (not rejected).
@@ -217,6 +238,8 @@ pub fn split<'a>(batch: &'a [(String, Result<Msg, Reject>)], horizon: Horizon) -
     let mut states: BTreeMap<&str, LinkState> = BTreeMap::new();
     let mut heartbeats = Vec::new();
     let mut sites = Vec::new();
+    let mut reports: BTreeMap<(&str, i64, ConfigPhase), ConfigReport<'a>> = BTreeMap::new();
+    let mut serials: BTreeMap<&str, i64> = BTreeMap::new();
     for (topic, m) in batch {
         let m = match m {
             Err(r) => {
@@ -339,6 +362,29 @@ pub fn split<'a>(batch: &'a [(String, Result<Msg, Reject>)], horizon: Horizon) -
                     states.insert(gateway, next_state(cur, msg));
                 }
             }
+            Msg::ConfigState {
+                gateway,
+                serial,
+                state,
+                reason,
+                config_hash,
+                at_ms,
+            } => {
+                reports
+                    .entry((gateway.as_str(), *serial, *state))
+                    .or_insert(ConfigReport {
+                        gateway,
+                        serial: *serial,
+                        state: *state,
+                        reason: reason.as_deref(),
+                        config_hash,
+                        at_ms: *at_ms,
+                    });
+                if *state == ConfigPhase::Applied {
+                    let e = serials.entry(gateway.as_str()).or_insert(*serial);
+                    *e = (*e).max(*serial);
+                }
+            }
         }
     }
     s.gateways.sort_unstable();
@@ -353,12 +399,15 @@ pub fn split<'a>(batch: &'a [(String, Result<Msg, Reject>)], horizon: Horizon) -
         .map(|x| x.0)
         .chain(states.keys().copied())
         .chain(heartbeats.iter().map(|x: &(&str, &Value)| x.0))
+        .chain(serials.keys().copied())
         .collect();
     s.updated.sort_unstable();
     s.updated.dedup();
     s.states = states.into_iter().collect();
     s.heartbeats = last_per(heartbeats);
     s.sites = last_per(sites);
+    s.config_reports = reports.into_values().collect();
+    s.config_serials = serials.into_iter().collect();
     s
 }
 
@@ -569,6 +618,115 @@ mod tests {
         );
         assert_eq!(sp.rejects.len(), 1);
         assert_eq!(sp.kept, 7);
+    }
+
+    fn report(g: &str, serial: i64, state: ConfigPhase, at_ms: Option<i64>) -> Msg {
+        Msg::ConfigState {
+            gateway: g.into(),
+            serial,
+            state,
+            reason: (state == ConfigPhase::RolledBack).then(|| "link down".to_string()),
+            config_hash: format!("h{serial}"),
+            at_ms,
+        }
+    }
+
+    #[test]
+    fn split_keeps_config_reports_once_and_the_highest_applied_serial() {
+        use ConfigPhase::*;
+        let s = |m: Msg| ("t".to_string(), Ok(m));
+        let batch = vec![
+            s(report("b", 5, Applied, Some(50))),
+            s(report("a", 9, Probation, Some(91))),
+            s(report("a", 7, Applied, Some(70))),
+            // A republished report (after a reconnect): the first is kept.
+            s(report("a", 7, Applied, Some(75))),
+            s(report("a", 9, RolledBack, None)),
+            s(report("a", 6, Applied, Some(60))),
+            s(report("c", 2, Rejected, Some(20))),
+        ];
+        let sp = split(&batch, Horizon::ALL);
+        assert_eq!(sp.kept, 7);
+        assert_eq!(sp.gateways, vec!["a", "b", "c"]);
+        let keys: Vec<_> = sp
+            .config_reports
+            .iter()
+            .map(|r| (r.gateway, r.serial, r.state, r.at_ms))
+            .collect();
+        assert_eq!(
+            keys,
+            vec![
+                ("a", 6, Applied, Some(60)),
+                ("a", 7, Applied, Some(70)),
+                ("a", 9, Probation, Some(91)),
+                ("a", 9, RolledBack, None),
+                ("b", 5, Applied, Some(50)),
+                ("c", 2, Rejected, Some(20)),
+            ]
+        );
+        assert_eq!(sp.config_reports[3].reason, Some("link down"));
+        assert_eq!(sp.config_reports[1].config_hash, "h7");
+        // Only `applied` moves the serial in force; a rejected or rolled-back one does not.
+        assert_eq!(sp.config_serials, vec![("a", 7), ("b", 5)]);
+        // The gateways whose serial may move are locked with the others updated.
+        assert_eq!(sp.updated, vec!["a", "b"]);
+    }
+
+    proptest! {
+        /// Configuration reports in any order, redelivered, cut into any batches: the kept
+        /// reports are each distinct report once, and the serial in force is the highest
+        /// `applied` one, as if every report had arrived in one batch in order.
+        #[test]
+        fn config_reports_ignore_order_redelivery_and_batches(
+            msgs in proptest::collection::vec((0usize..3, 0i64..6, 0usize..5), 1..50),
+            cut in proptest::collection::vec(1usize..6, 1..10),
+        ) {
+            let gws = ["g0", "g1", "g2"];
+            // A report's content is a function of its key (a redelivery is the same message).
+            let batch: Vec<(String, Result<Msg, Reject>)> = msgs
+                .iter()
+                .map(|&(g, serial, st)| {
+                    let state = ConfigPhase::ALL[st];
+                    ("t".to_string(), Ok(report(gws[g], serial, state, Some(serial * 10 + st as i64))))
+                })
+                .collect();
+            // The "database": kept reports (the first per key) and the serial in force.
+            let mut kept: BTreeMap<(String, i64, ConfigPhase), Option<i64>> = BTreeMap::new();
+            let mut serial: BTreeMap<String, i64> = BTreeMap::new();
+            let mut i = 0;
+            let mut ci = 0;
+            while i < batch.len() {
+                let end = (i + cut[ci % cut.len()]).min(batch.len());
+                ci += 1;
+                let sp = split(&batch[i..end], Horizon::ALL);
+                let keys: Vec<_> = sp.config_reports.iter().map(|r| (r.gateway, r.serial, r.state)).collect();
+                let mut sorted = keys.clone();
+                sorted.sort();
+                sorted.dedup();
+                prop_assert_eq!(&keys, &sorted, "sorted and distinct");
+                for r in &sp.config_reports {
+                    kept.entry((r.gateway.to_string(), r.serial, r.state)).or_insert(r.at_ms);
+                }
+                for &(g, n) in &sp.config_serials {
+                    prop_assert!(sp.updated.contains(&g));
+                    let e = serial.entry(g.to_string()).or_insert(n);
+                    *e = (*e).max(n);
+                }
+                i = end;
+            }
+            let mut want_kept = BTreeMap::new();
+            let mut want_serial = BTreeMap::new();
+            for &(g, n, st) in &msgs {
+                let state = ConfigPhase::ALL[st];
+                want_kept.insert((gws[g].to_string(), n, state), Some(n * 10 + st as i64));
+                if state == ConfigPhase::Applied {
+                    let e = want_serial.entry(gws[g].to_string()).or_insert(n);
+                    *e = (*e).max(n);
+                }
+            }
+            prop_assert_eq!(kept, want_kept);
+            prop_assert_eq!(serial, want_serial);
+        }
     }
 
     #[test]

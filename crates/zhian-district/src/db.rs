@@ -17,13 +17,14 @@
 //!    subtracted from the rollups);
 //! 3. the new rows, the rollup deltas (hourly, then daily; sorted, so two receivers take the
 //!    rollup rows' locks in one order), alerts, care notices, daily counts, states,
-//!    heartbeats, sites and rejects, all sent at once.
+//!    heartbeats, sites, fleet configuration reports and serials, and rejects, all sent at
+//!    once.
 //!
 //! Exactness rests on the same rules as before: a complete rev replaces the window's rows only
 //! when higher than the rev in force (the upsert's `WHERE`, re-checked by PostgreSQL after it
 //! waits on a row another receiver is writing); the parts of one window are serialised across
-//! receivers by its advisory lock; alerts, care notices and daily counts are keyed so a
-//! redelivery is a no-op.
+//! receivers by its advisory lock; alerts, care notices, daily counts and configuration reports
+//! are keyed so a redelivery is a no-op; a gateway's configuration serial only rises.
 //! The rollups equal a recount of the windows in force (`counts_by_layer_raw`) after any batch.
 
 use super::batch::{self, Candidate, Horizon, InForce, Labels, WinKey};
@@ -121,7 +122,7 @@ impl Applied {
 }
 
 /// The array-valued statements of [`apply`], in the order they are sent.
-const SQL: [&str; 19] = [
+const SQL: [&str; 21] = [
     // 0 gateways: create
     "INSERT INTO gateways (gateway) SELECT unnest($1::text[]) ORDER BY 1 ON CONFLICT DO NOTHING",
     // 1 gateways: lock, in sorted order, the rows this batch updates (statuses, heartbeats,
@@ -245,6 +246,18 @@ const SQL: [&str; 19] = [
     // 18 rejects
     "INSERT INTO rejects (topic, reason, detail)
      SELECT * FROM unnest($1::text[], $2::text[], $3::text[])",
+    // 19 fleet configuration reports (V6): one per (gateway, serial, state), the first kept, so
+    // a report the box republishes after a reconnect is a no-op; without the box's `at`, the
+    // time of receipt
+    "INSERT INTO config_reports (gateway, serial, state, reason, config_hash, at)
+     SELECT k.gateway, k.serial, k.state, k.reason, k.config_hash, coalesce(k.at, now())
+     FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[], $6::timestamptz[])
+          AS k(gateway, serial, state, reason, config_hash, at)
+     ON CONFLICT DO NOTHING",
+    // 20 the configuration serial in force: the highest reported `applied`, never lowered
+    "UPDATE gateways g SET config_serial = k.serial
+     FROM unnest($1::text[], $2::bigint[]) AS k(gateway, serial)
+     WHERE g.gateway = k.gateway AND (g.config_serial IS NULL OR g.config_serial < k.serial)",
 ];
 
 /// [`SQL`], prepared on one connection (prepare again after a reconnect).
@@ -493,11 +506,14 @@ pub async fn apply(
         .collect();
     let rj_r: Vec<&str> = s.rejects.iter().map(|r| r.1).collect();
     let rj_d: Vec<&str> = s.rejects.iter().map(|r| r.2.as_str()).collect();
+    let cfg = ConfigArrays::of(&s.config_reports);
+    let (cs_g, cs_n): (Vec<&str>, Vec<i64>) = s.config_serials.iter().copied().unzip();
 
     let (rows, win, al, care, daily) = (&rows, &win, &al, &care, &daily);
     let (el_g, el_s, st_g, st_s, st_e) = (&el_g, &el_s, &st_g, &st_s, &st_e);
     let (hb_g, hb_b, si_g, si_s) = (&hb_g, &hb_b, &si_g, &si_s);
     let (rj_t, rj_r, rj_d) = (&rj_t, &rj_r, &rj_d);
+    let (cfg, cs_g, cs_n) = (&cfg, &cs_g, &cs_n);
     let mut calls: Vec<Pending<'_>> = Vec::new();
     if !win.g.is_empty() {
         calls.push(Box::pin(async move {
@@ -601,6 +617,27 @@ pub async fn apply(
     if !si_g.is_empty() {
         calls.push(Box::pin(async move {
             tx.execute(&q[17], &[&si_g, &si_s]).await
+        }));
+    }
+    if !cfg.g.is_empty() {
+        calls.push(Box::pin(async move {
+            tx.execute(
+                &q[19],
+                &[
+                    &cfg.g,
+                    &cfg.serial,
+                    &cfg.state,
+                    &cfg.reason,
+                    &cfg.hash,
+                    &cfg.at,
+                ],
+            )
+            .await
+        }));
+    }
+    if !cs_g.is_empty() {
+        calls.push(Box::pin(async move {
+            tx.execute(&q[20], &[&cs_g, &cs_n]).await
         }));
     }
     if !rj_t.is_empty() {
@@ -811,6 +848,31 @@ impl<'a> DailyArrays<'a> {
                 x.counts.push(rows_json(rows));
                 x.keys.push(*key_generations);
             }
+        }
+        x
+    }
+}
+
+#[derive(Default)]
+struct ConfigArrays<'a> {
+    g: Vec<&'a str>,
+    serial: Vec<i64>,
+    state: Vec<&'static str>,
+    reason: Vec<Option<&'a str>>,
+    hash: Vec<&'a str>,
+    at: Vec<Option<SystemTime>>,
+}
+
+impl<'a> ConfigArrays<'a> {
+    fn of(reports: &[batch::ConfigReport<'a>]) -> Self {
+        let mut x = ConfigArrays::default();
+        for r in reports {
+            x.g.push(r.gateway);
+            x.serial.push(r.serial);
+            x.state.push(r.state.as_str());
+            x.reason.push(r.reason);
+            x.hash.push(r.config_hash);
+            x.at.push(r.at_ms.map(ts));
         }
         x
     }

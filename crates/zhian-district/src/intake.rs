@@ -1,6 +1,8 @@
 //! The receiver's MQTT task: one persistent QoS 1 session with a shared subscription; each
 //! message goes to the database task through a bounded channel and is acknowledged only when
-//! that task reports it committed.
+//! that task reports it committed. The boxes' fleet topics that are not for the receiver
+//! (`config/set`, `diag/request`, `diag/reply`: the subscription `{prefix}/+/#` matches them)
+//! are acknowledged at once and kept nowhere.
 
 use super::*;
 
@@ -80,6 +82,13 @@ pub(super) async fn mqtt_task(
                         slim.pkid = p.pkid;
                         slim
                     });
+                    if msg::not_for_the_receiver(&m.topic_prefix, &p.topic) {
+                        counters.not_ours.fetch_add(1, Relaxed);
+                        if let Some(a) = &ack {
+                            let _ = client.try_ack(a);
+                        }
+                        continue;
+                    }
                     let parsed = msg::parse(&m.topic_prefix, &p.topic, &p.payload);
                     let item = Item {
                         parsed: (p.topic.clone(), parsed),
@@ -114,6 +123,9 @@ pub(super) async fn mqtt_task(
 
 /// The topic kind of a message, for the metrics (its leaf, when it is one we know).
 pub(super) fn topic_kind(topic: &str) -> &'static str {
+    if topic.ends_with("/config/state") {
+        return "config_state";
+    }
     match topic.rsplit('/').next().unwrap_or("") {
         "summary" => "summary",
         "alert" => "alert",
@@ -126,3 +138,19 @@ pub(super) fn topic_kind(topic: &str) -> &'static str {
 }
 
 pub(super) type Parsed = (String, Result<msg::Msg, msg::Reject>);
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn topic_kinds_name_the_leaf() {
+        for (t, k) in [
+            ("zhian/district/gw-1/summary", "summary"),
+            ("zhian/district/gw-1/heartbeat", "heartbeat"),
+            ("zhian/district/gw-1/config/state", "config_state"),
+            ("zhian/district/gw-1/state", "other"),
+            ("zhian/district/gw-1/nonsense", "other"),
+        ] {
+            assert_eq!(super::topic_kind(t), k, "{t}");
+        }
+    }
+}

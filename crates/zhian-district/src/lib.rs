@@ -73,6 +73,8 @@ struct Counters {
     kept: AtomicU64,
     rejected: AtomicU64,
     batches: AtomicU64,
+    /// The boxes' fleet topics that are not for the receiver, acknowledged and dropped.
+    not_ours: AtomicU64,
 }
 
 /// A database error with the server's message (tokio-postgres' Display says only "db error").
@@ -338,6 +340,7 @@ pub async fn run(cfg: DistrictConfig, shutdown: impl Future<Output = ()>) -> Res
                     received = counters.received.load(Relaxed),
                     kept,
                     rejected = counters.rejected.load(Relaxed),
+                    fleet_topics_skipped = counters.not_ours.load(Relaxed),
                     batches = counters.batches.load(Relaxed),
                     per_second = format!("{rate:.0}"),
                     "district receiver"

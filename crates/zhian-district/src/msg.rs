@@ -2,9 +2,9 @@
 //! and checked before anything touches the database. Pure: no I/O.
 //!
 //! Topics are `{prefix}/{gateway}/{leaf}` with `leaf` one of `summary`, `alert`, `care`, `daily`,
-//! `status`, `heartbeat`. Anything else, or a payload that breaks its schema, is a [`Reject`]
-//! with a reason: counted, kept in the `rejects` table and acknowledged, never stopping the
-//! receiver.
+//! `status`, `heartbeat`, and the fleet's `config/state` (contract: "Fleet configuration").
+//! Anything else, or a payload that breaks its schema, is a [`Reject`] with a reason: counted,
+//! kept in the `rejects` table and acknowledged, never stopping the receiver.
 
 use serde_json::Value;
 use zhian_proto::{self as proto, Leaf, Message};
@@ -76,9 +76,22 @@ pub enum Msg {
         epoch: Option<i64>,
         body: Value,
     },
+    /// A fleet configuration report (`config/state`): where change `serial` stands on the box.
+    ConfigState {
+        gateway: String,
+        /// At most `i64::MAX` (a bigint in the database).
+        serial: i64,
+        state: proto::ConfigPhase,
+        reason: Option<String>,
+        config_hash: String,
+        /// When the box took the step, Unix ms (absent from other senders: the database then
+        /// keeps the time it received the report).
+        at_ms: Option<i64>,
+    },
 }
 
 impl Msg {
+    /// The gateway the message is from (its topic's).
     pub fn gateway(&self) -> &str {
         match self {
             Msg::Summary { gateway, .. }
@@ -86,7 +99,8 @@ impl Msg {
             | Msg::Care { gateway, .. }
             | Msg::Daily { gateway, .. }
             | Msg::Status { gateway, .. }
-            | Msg::Heartbeat { gateway, .. } => gateway,
+            | Msg::Heartbeat { gateway, .. }
+            | Msg::ConfigState { gateway, .. } => gateway,
         }
     }
 }
@@ -97,6 +111,23 @@ pub struct Reject {
     /// `foreign_topic`, `invalid_json`, `wrong_schema`, `gateway_mismatch`, `invalid_field`.
     pub reason: &'static str,
     pub detail: String,
+}
+
+/// Whether `topic` is one of the boxes' fleet topics that only the boxes and `fleet push` /
+/// `fleet diag` speak (`{prefix}/{gateway}/config/set`, `.../diag/request`, `.../diag/reply`):
+/// the subscription `{prefix}/+/#` matches them, and the receiver acknowledges them and keeps
+/// nothing (they are neither data nor a mistake). `config/state` is the receiver's.
+pub fn not_for_the_receiver(prefix: &str, topic: &str) -> bool {
+    let Some(rest) = topic.strip_prefix(prefix).and_then(|r| r.strip_prefix('/')) else {
+        return false;
+    };
+    match rest.split_once('/') {
+        Some((gateway, leaf)) => {
+            proto::valid_gateway_id(gateway)
+                && matches!(leaf, "config/set" | "diag/request" | "diag/reply")
+        }
+        None => false,
+    }
 }
 
 fn reject(reason: &'static str, detail: impl Into<String>) -> Reject {
@@ -366,11 +397,28 @@ pub fn parse(prefix: &str, topic: &str, payload: &[u8]) -> Result<Msg, Reject> {
                 gateway,
             })
         }
-        // Kept from issue 23's receiver work on; until then refused as a topic it does not take.
-        Leaf::ConfigState => Err(reject(
-            "invalid_topic",
-            "config/state is not kept yet".to_string(),
-        )),
+        Leaf::ConfigState => {
+            schema(proto::ConfigState::SCHEMA)?;
+            // Optional like a status's (the box always sends it), but when given the topic's.
+            if v.get("gateway").is_some() {
+                same_gateway(&v)?;
+            }
+            let m: proto::ConfigState = typed(&v)?;
+            let serial = i64::try_from(m.serial).map_err(|_| {
+                reject(
+                    "invalid_field",
+                    "serial: a non-negative integer is required",
+                )
+            })?;
+            Ok(Msg::ConfigState {
+                serial,
+                state: m.state,
+                reason: m.reason,
+                config_hash: text(m.config_hash, "config_hash")?,
+                at_ms: m.at.map(|t| bounded_ms(t.0, "at")).transpose()?,
+                gateway,
+            })
+        }
     }
 }
 
@@ -509,6 +557,114 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(e.reason, "invalid_field");
+    }
+
+    #[test]
+    fn config_state_reports_parse_with_and_without_optional_fields() {
+        let t = "zhian/district/gw-1/config/state";
+        let m = parse(
+            P,
+            t,
+            br#"{"schema":"zhian.config_state.v1","gateway":"gw-1","serial":1764460800,
+                "state":"rolled_back","reason":"site broker down","config_hash":"ab12",
+                "at":"2026-11-30T00:00:00Z"}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            m,
+            Msg::ConfigState {
+                gateway: "gw-1".into(),
+                serial: 1_764_460_800,
+                state: proto::ConfigPhase::RolledBack,
+                reason: Some("site broker down".into()),
+                config_hash: "ab12".into(),
+                at_ms: Some(1_795_996_800_000),
+            }
+        );
+        // No gateway field, no reason, no time, `at` in Unix ms.
+        let m = parse(
+            P,
+            t,
+            br#"{"schema":"zhian.config_state.v1","serial":7,"state":"applied","config_hash":"cd"}"#,
+        )
+        .unwrap();
+        assert!(matches!(
+            m,
+            Msg::ConfigState { serial: 7, state: proto::ConfigPhase::Applied, reason: None, at_ms: None, ref gateway, .. }
+                if gateway == "gw-1"
+        ));
+        let m = parse(
+            P,
+            t,
+            br#"{"schema":"zhian.config_state.v1","serial":7,"state":"probation","config_hash":"cd","at":1796000000000}"#,
+        )
+        .unwrap();
+        assert!(matches!(
+            m,
+            Msg::ConfigState {
+                at_ms: Some(1_796_000_000_000),
+                ..
+            }
+        ));
+        // What the box sends, through the same type.
+        let sent = proto::ConfigState {
+            schema: proto::ConfigStateV1,
+            gateway: Some("gw-1".into()),
+            serial: 3,
+            state: proto::ConfigPhase::Applying,
+            reason: None,
+            config_hash: "ef".repeat(32),
+            at: Some(proto::Timestamp(1_796_000_000_000)),
+        };
+        assert!(matches!(
+            parse(P, t, &sent.to_bytes()).unwrap(),
+            Msg::ConfigState {
+                serial: 3,
+                state: proto::ConfigPhase::Applying,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn bad_config_state_reports_are_rejects() {
+        let t = "zhian/district/gw-1/config/state";
+        let cases: [(&str, &[u8], &str); 9] = [
+            (t, b"[1]", "invalid_json"),
+            (t, br#"{"serial":1,"state":"applied","config_hash":"ab"}"#, "wrong_schema"),
+            (t, br#"{"schema":"zhian.config.v1","serial":1,"state":"applied","config_hash":"ab"}"#, "wrong_schema"),
+            (t, br#"{"schema":"zhian.config_state.v1","gateway":"gw-2","serial":1,"state":"applied","config_hash":"ab"}"#, "gateway_mismatch"),
+            (t, br#"{"schema":"zhian.config_state.v1","serial":1,"state":"done","config_hash":"ab"}"#, "invalid_field"),
+            (t, br#"{"schema":"zhian.config_state.v1","serial":-1,"state":"applied","config_hash":"ab"}"#, "invalid_field"),
+            (t, br#"{"schema":"zhian.config_state.v1","serial":9223372036854775808,"state":"applied","config_hash":"ab"}"#, "invalid_field"),
+            (t, br#"{"schema":"zhian.config_state.v1","serial":1,"state":"applied","config_hash":""}"#, "invalid_field"),
+            (t, br#"{"schema":"zhian.config_state.v1","serial":1,"state":"applied","config_hash":"ab","at":10000000000000000}"#, "invalid_field"),
+        ];
+        for (topic, payload, reason) in cases {
+            let e = parse(P, topic, payload).unwrap_err();
+            assert_eq!(
+                e.reason,
+                reason,
+                "{}: {e:?}",
+                String::from_utf8_lossy(payload)
+            );
+        }
+        // The box's other fleet topics are not the receiver's: skipped before parsing (and a
+        // parse would call them foreign); a deeper or malformed one is a reject as before.
+        for leaf in ["config/set", "diag/request", "diag/reply"] {
+            let t = format!("zhian/district/gw-1/{leaf}");
+            assert!(not_for_the_receiver(P, &t), "{t}");
+            assert_eq!(parse(P, &t, b"{}").unwrap_err().reason, "foreign_topic");
+        }
+        for t in [
+            "zhian/district/gw-1/config/state",
+            "zhian/district/gw-1/summary",
+            "zhian/district/gw-1/config/state/x",
+            "zhian/district/GW/config/set",
+            "other/gw-1/config/set",
+        ] {
+            assert!(!not_for_the_receiver(P, t), "{t}");
+        }
     }
 
     #[test]
