@@ -19,6 +19,7 @@ pub mod devices;
 pub mod engine;
 pub mod event;
 pub mod mapping;
+pub mod occupancy;
 pub mod summary;
 pub mod window;
 
