@@ -159,6 +159,9 @@ pub struct SubjectKeys {
     /// `care.key`: keys the care watch's residents (never rotates: the watch list must keep
     /// matching; only listed residents' pseudonyms are ever kept).
     care: Family,
+    /// `presence.key`: keys the vehicles inside (contract: "Vehicles inside"); never rotates, so
+    /// a stay across midnight keeps its pseudonym.
+    presence: Family,
     /// Warned once that a key could not be made (subjects are not stored meanwhile).
     warned: bool,
     /// When the held keys' files were last checked on disk.
@@ -196,6 +199,7 @@ impl SubjectKeys {
             pseudonym: Family::new("subject", rotate, keep_ms),
             seal: Family::new("sealed", Rotate::Daily, seal_keep_ms),
             care: Family::new("care", Rotate::Never, 0),
+            presence: Family::new("presence", Rotate::Never, 0),
             warned: false,
             checked_ms: 0,
             changes: 0,
@@ -245,6 +249,7 @@ impl SubjectKeys {
             let family = match prefix {
                 "sealed" => &mut k.seal,
                 "care" => &mut k.care,
+                "presence" => &mut k.presence,
                 _ => &mut k.pseudonym,
             };
             let period = match (day, family.rotate) {
@@ -413,6 +418,15 @@ impl SubjectKeys {
         Some(h.as_bytes()[..16].try_into().expect("16 bytes"))
     }
 
+    /// The presence pseudonym of a plate (vehicles inside): the first 16 bytes of BLAKE3 keyed
+    /// with the box's presence key (made on first use; never rotated). `None` when the key
+    /// cannot be made.
+    pub fn presence_pseudonym(&mut self, plate: &str) -> Option<[u8; 16]> {
+        let key = self.key_of(Which::Presence, 0, 0)?;
+        let h = blake3::keyed_hash(&key, plate.trim().as_bytes());
+        Some(h.as_bytes()[..16].try_into().expect("16 bytes"))
+    }
+
     fn key(&mut self, seal: bool, p: i64, now_ms: i64) -> Option<[u8; 32]> {
         self.key_of(if seal { Which::Seal } else { Which::Pseudonym }, p, now_ms)
     }
@@ -422,6 +436,7 @@ impl SubjectKeys {
         let family = match which {
             Which::Seal => &self.seal,
             Which::Care => &self.care,
+            Which::Presence => &self.presence,
             Which::Pseudonym => &self.pseudonym,
         };
         if let Some(k) = family.keys.get(&p) {
@@ -447,6 +462,7 @@ impl SubjectKeys {
         let family = match which {
             Which::Seal => &mut self.seal,
             Which::Care => &mut self.care,
+            Which::Presence => &mut self.presence,
             Which::Pseudonym => &mut self.pseudonym,
         };
         family.keys.insert(p, key);
@@ -503,7 +519,7 @@ impl SubjectKeys {
     fn restore_missing(&mut self) {
         let Some(dir) = self.dir.clone() else { return };
         let mut restored = Vec::new();
-        for family in [&self.pseudonym, &self.seal, &self.care] {
+        for family in [&self.pseudonym, &self.seal, &self.care, &self.presence] {
             for (p, key) in &family.keys {
                 let path = dir.join(family.file_name(*p));
                 if path.exists() {
@@ -534,6 +550,7 @@ enum Which {
     Pseudonym,
     Seal,
     Care,
+    Presence,
 }
 
 fn xor_stream(key: &[u8; 32], nonce: &[u8; 16], bytes: &mut [u8]) {
@@ -566,6 +583,9 @@ fn parse_name(name: &str) -> Option<(&'static str, Option<i64>)> {
     }
     if name == "care.key" {
         return Some(("care", None));
+    }
+    if name == "presence.key" {
+        return Some(("presence", None));
     }
     let (prefix, rest) = if let Some(r) = name.strip_prefix("subject-") {
         ("subject", r)
@@ -720,6 +740,21 @@ mod tests {
         assert_eq!(k.destroy_expired(day + 4 * DAY_MS), 1);
         assert_eq!(k.unseal(&s), None);
         assert_eq!(std::fs::read_dir(&kd).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn the_presence_key_outlives_days_and_restarts_and_is_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let kd = dir.path().join("k");
+        let mut k = SubjectKeys::open(&kd, Rotate::Daily, 0, 0, 0, 0).unwrap();
+        let a = k.presence_pseudonym("浙A12345").unwrap();
+        assert_ne!(Some(a), k.care_pseudonym("浙A12345"));
+        assert!(kd.join("presence.key").exists());
+        k.destroy_expired(400 * DAY_MS);
+        drop(k);
+        let mut k = SubjectKeys::open(&kd, Rotate::Daily, 0, 0, 0, 400 * DAY_MS).unwrap();
+        assert_eq!(k.presence_pseudonym(" 浙A12345 "), Some(a));
+        assert_ne!(k.presence_pseudonym("浙A12346"), Some(a));
     }
 
     #[test]
