@@ -143,6 +143,34 @@ pub async fn run_daemon(
 ) -> Result<Stopped, RunError> {
     let effective: fleet::Effective = effective.into();
     let cfg = effective.cfg;
+    match run_steps(
+        cfg,
+        effective.problem,
+        origin.clone(),
+        shutdown,
+        &mut reloads,
+    )
+    .await
+    {
+        // A change on trial the daemon cannot start on: back to the config before it.
+        Err(e @ (RunError::Bind { .. } | RunError::Broker(_) | RunError::Keys(_)))
+            if origin
+                .as_ref()
+                .is_some_and(|o| fleet::roll_back_failed_start(o, &e.to_string())) =>
+        {
+            Ok(Stopped::Restart)
+        }
+        other => other,
+    }
+}
+
+async fn run_steps(
+    cfg: Config,
+    overlay_problem: Option<String>,
+    origin: Option<fleet::Origin>,
+    shutdown: impl Future<Output = ()>,
+    reloads: &mut tokio::sync::mpsc::Receiver<Config>,
+) -> Result<Stopped, RunError> {
     mqtt::install_crypto_provider();
     let cfg = Arc::new(cfg);
     tokio::pin!(shutdown);
@@ -155,10 +183,10 @@ pub async fn run_daemon(
     let status_listener = daemon::bind_status(&cfg).await?;
     let stats = daemon::restore_stats(&cfg, &store, quarantined)?;
     let mut tasks = daemon::Tasks::start(&cfg, store, writer, stats, status_listener);
-    tasks.start_fleet(&cfg, origin, effective.problem);
+    tasks.start_fleet(&cfg, origin, overlay_problem);
     tracing::info!(gateway = %cfg.gateway.id, version = VERSION, "zhian-gateway running");
     systemd::ready();
-    let result = tasks.serve(&cfg, shutdown, &mut reloads).await;
+    let result = tasks.serve(&cfg, shutdown, reloads).await;
     let restart = tasks.restart;
     tasks.stop(result).await?;
     Ok(if restart {

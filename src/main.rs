@@ -423,7 +423,11 @@ fn main() -> ExitCode {
                             "fleet serial {} ({}) overlays the file: {}",
                             o.serial,
                             if o.trial { "on probation" } else { "applied" },
-                            o.keys.join(", ")
+                            if o.keys.is_empty() {
+                                "(no keys: every key from the file)".to_string()
+                            } else {
+                                o.keys.join(", ")
+                            }
                         );
                         eprintln!("note: {line}");
                         println!("# {line}");
@@ -500,6 +504,12 @@ fn main() -> ExitCode {
                 for n in config::env_notes(std::env::vars()) {
                     tracing::warn!("{n}");
                 }
+                // A change on trial counts this start; past its limit it is rolled back and the
+                // config read again without it.
+                let eff = match zhian_gateway::fleet::count_start(&origin) {
+                    true => zhian_gateway::fleet::load_effective(&origin).unwrap_or(eff),
+                    false => eff,
+                };
                 let reloads = reload_on_sighup(origin.clone());
                 zhian_gateway::run_daemon(eff, Some(origin), shutdown, reloads)
             })

@@ -191,6 +191,9 @@ pub struct ConfigView {
     pub trust: Option<String>,
     pub rolled_back: Option<ConfigEvent>,
     pub rejected: Option<ConfigEvent>,
+    /// Why the recorded fleet overlay is not in force (the installer's file no longer takes
+    /// it, or `fleet.json` cannot be read): the box runs its file alone.
+    pub problem: Option<String>,
 }
 
 impl Default for ConfigView {
@@ -204,6 +207,7 @@ impl Default for ConfigView {
             trust: None,
             rolled_back: None,
             rejected: None,
+            problem: None,
         }
     }
 }

@@ -177,7 +177,8 @@ impl From<Config> for Effective {
 /// is unset). Errors: the file's own problems, as `config::load` names them.
 pub fn load_effective(origin: &Origin) -> Result<Effective, Vec<Problem>> {
     let base = config::load(&origin.path, origin.explicit)?;
-    if base.fleet.trust.is_none() {
+    // Remote configuration runs over the district link: without either, no overlay.
+    if base.fleet.trust.is_none() || !base.upstream.enabled {
         return Ok(Effective {
             cfg: base,
             overlay: None,
@@ -227,6 +228,91 @@ pub fn load_effective(origin: &Origin) -> Result<Effective, Vec<Problem>> {
                     .join("; ")
             )),
         }),
+    }
+}
+
+/// At each start of `run`, before anything is bound: a change on trial counts this start
+/// (recorded), and one that saw more than [`MAX_TRIAL_STARTS`] starts is rolled back (recorded:
+/// the config loaded next has no trial). A change that kills the daemon before its fleet link
+/// runs (a port it cannot bind, a crash) so cannot keep it down. Nothing to do without
+/// `fleet.trust`, a readable file or a trial. Returns whether it rolled the trial back (the
+/// config must be read again).
+pub fn count_start(origin: &Origin) -> bool {
+    let Some((dir, mut state)) = trial_state(origin) else {
+        return false;
+    };
+    let Some(trial) = state.trial.as_mut() else {
+        return false;
+    };
+    trial.starts += 1;
+    let (serial, starts) = (trial.change.serial, trial.starts);
+    if starts > MAX_TRIAL_STARTS {
+        roll_back_recorded(
+            origin,
+            &dir,
+            &mut state,
+            format!("the daemon started {starts} times during probation"),
+        );
+        return true;
+    }
+    if let Err(e) = state.save(&dir) {
+        tracing::error!(error = %e, serial, "fleet: cannot record this start of the trial");
+    }
+    false
+}
+
+/// The daemon could not start on a change on trial (`why`): record the rollback, so the next
+/// start runs the config before it. Returns whether there was a trial to roll back.
+pub fn roll_back_failed_start(origin: &Origin, why: &str) -> bool {
+    let Some((dir, mut state)) = trial_state(origin) else {
+        return false;
+    };
+    if state.trial.is_none() {
+        return false;
+    }
+    roll_back_recorded(
+        origin,
+        &dir,
+        &mut state,
+        format!("the daemon could not start on it: {why}"),
+    );
+    true
+}
+
+/// The data dir and the state, when remote configuration is on.
+fn trial_state(origin: &Origin) -> Option<(PathBuf, FleetState)> {
+    let base = config::load(&origin.path, origin.explicit).ok()?;
+    if base.fleet.trust.is_none() || !base.upstream.enabled {
+        return None;
+    }
+    let dir = base.gateway.data_dir.clone();
+    let state = FleetState::load(&dir).ok()?;
+    Some((dir, state))
+}
+
+/// Take the trial off `state` as rolled back for `reason` and save it (the report goes out at
+/// the fleet link's next connection).
+fn roll_back_recorded(origin: &Origin, dir: &Path, state: &mut FleetState, reason: String) {
+    let Some(trial) = state.trial.take() else {
+        return;
+    };
+    let now = crate::clock::now_ms();
+    tracing::warn!(serial = trial.change.serial, reason = %reason, "fleet: rolling back to the config before the change");
+    state.rolled_back = Some(Outcome {
+        serial: trial.change.serial,
+        reason: reason.clone(),
+        at_ms: now,
+        sha: trial.change.sha(),
+    });
+    state.report = Some(Report {
+        serial: trial.change.serial,
+        state: ConfigPhase::RolledBack,
+        reason: Some(reason),
+        config_hash: config_hash(origin, state.applied.as_ref().map(|c| c.fragment.as_str())),
+        at_ms: now,
+    });
+    if let Err(e) = state.save(dir) {
+        tracing::error!(error = %e, "fleet: cannot record the rollback");
     }
 }
 

@@ -88,8 +88,9 @@ fn connect(
 #[derive(Debug, Default, Clone)]
 struct Known {
     site: Option<proto::Site>,
-    /// Serial of its retained `config/set`.
-    set_serial: Option<u64>,
+    /// Its retained `config/set` (serial, fragment, signature), checked against our key before
+    /// its serial counts.
+    set: Option<(u64, String, String)>,
     /// Its newest `config/state`.
     state: Option<proto::ConfigState>,
 }
@@ -144,7 +145,7 @@ impl Session {
             }
             "config/set" => {
                 if let Ok(s) = serde_json::from_slice::<proto::ConfigSet>(payload) {
-                    k.set_serial = Some(s.serial);
+                    k.set = Some((s.serial, s.fragment, s.sig));
                 }
             }
             "config/state" => {
@@ -181,6 +182,26 @@ impl Session {
                 Err(_) => return Err("district broker: no CONNACK within 15 s".into()),
             }
         }
+    }
+
+    /// Publish each (gateway, `config/set` payload), retained at QoS 1, polling the connection
+    /// whenever the client's request queue is full (a push to thousands of boxes).
+    async fn send(&mut self, msgs: &[(String, Vec<u8>)]) -> Result<(), String> {
+        for (g, bytes) in msgs {
+            let topic = proto::config_set_topic(&self.prefix, g);
+            loop {
+                match self
+                    .client
+                    .try_publish(topic.clone(), QoS::AtLeastOnce, true, bytes.clone())
+                {
+                    Ok(()) => break,
+                    Err(rumqttc::ClientError::TryRequest(_)) => self.step().await?,
+                    Err(e) => return Err(e.to_string()),
+                }
+            }
+            self.unacked += 1;
+        }
+        Ok(())
     }
 
     /// Wait until every publish was PUBACKed.
@@ -342,13 +363,36 @@ async fn push_inner(config: &Path, key: &Path, p: Push) -> Result<Exit, (Exit, S
                 .into(),
         ));
     }
+    // The serials the boxes took: of changes signed with this key (anyone who can publish to
+    // the broker can leave a retained `config/set`, or a `rejected` report quoting any serial;
+    // neither may push the next serial out of reach).
+    let ours = zhian_common::fleet_key::Trust(vec![key.public()]);
     let floor = targets
         .iter()
-        .filter_map(|g| s.known.get(g))
-        .flat_map(|k| [k.set_serial, k.state.as_ref().map(|st| st.serial)])
+        .filter_map(|g| s.known.get(g).map(|k| (g, k)))
+        .flat_map(|(g, k)| {
+            let set = k.set.as_ref().and_then(|(serial, fragment, sig)| {
+                ours.verify(&proto::config_signed_bytes(g, *serial, fragment), sig)
+                    .ok()
+                    .map(|_| *serial)
+            });
+            let state = k
+                .state
+                .as_ref()
+                .filter(|st| st.state != ConfigPhase::Rejected)
+                .map(|st| st.serial);
+            [set, state]
+        })
         .flatten()
+        .filter(|n| *n < super::rules::MAX_SERIAL)
         .max()
         .unwrap_or(0);
+    if p.serial.is_some_and(|n| n > super::rules::MAX_SERIAL) {
+        return Err(bad(format!(
+            "--serial above 2^53 ({}): a box that took it could take no other",
+            super::rules::MAX_SERIAL
+        )));
+    }
     let serial = match p.serial {
         Some(n) => n,
         None => (floor + 1).max(
@@ -369,32 +413,21 @@ async fn push_inner(config: &Path, key: &Path, p: Push) -> Result<Exit, (Exit, S
             format!(", {} canary first: {}", canaries.len(), canaries.join(" "))
         }
     );
-    let send = |s: &mut Session, gws: &[String]| -> Result<(), (Exit, String)> {
-        for g in gws {
-            let sig = key.sign(&proto::config_signed_bytes(g, serial, &p.fragment));
-            let msg = proto::ConfigSet {
-                schema: proto::ConfigV1,
-                serial,
-                fragment: p.fragment.clone(),
-                sig,
-            };
-            let bytes = serde_json::to_vec(&msg).expect("config/set serializes");
-            s.client
-                .try_publish(
-                    proto::config_set_topic(&b.topic_prefix, g),
-                    QoS::AtLeastOnce,
-                    true,
-                    bytes,
-                )
-                .map_err(|e| (2u8, e.to_string()))?;
-            s.unacked += 1;
-        }
-        Ok(())
+    let msg_for = |g: &str| {
+        let sig = key.sign(&proto::config_signed_bytes(g, serial, &p.fragment));
+        serde_json::to_vec(&proto::ConfigSet {
+            schema: proto::ConfigV1,
+            serial,
+            fragment: p.fragment.clone(),
+            sig,
+        })
+        .expect("config/set serializes")
     };
     let end = Instant::now() + p.timeout;
     let mut stopped = false;
     if !canaries.is_empty() {
-        send(&mut s, &canaries)?;
+        let msgs: Vec<_> = canaries.iter().map(|g| (g.clone(), msg_for(g))).collect();
+        s.send(&msgs).await.map_err(net)?;
         s.flushed(Duration::from_secs(30)).await.map_err(net)?;
         eprintln!("fleet push: sent to the canaries; waiting for their reports");
         s.await_reports(&canaries, serial, end, true)
@@ -422,7 +455,8 @@ async fn push_inner(config: &Path, key: &Path, p: Push) -> Result<Exit, (Exit, S
         }
     }
     if !stopped && !rest.is_empty() {
-        send(&mut s, &rest)?;
+        let msgs: Vec<_> = rest.iter().map(|g| (g.clone(), msg_for(g))).collect();
+        s.send(&msgs).await.map_err(net)?;
         s.flushed(Duration::from_secs(60)).await.map_err(net)?;
         eprintln!("fleet push: sent to {} gateway(s)", rest.len());
         if !p.no_wait {

@@ -6,8 +6,8 @@ use super::FleetState;
 use zhian_proto::ConfigPhase;
 
 /// Keys a fragment may never set, wherever they appear: secrets (passwords, password files,
-/// private keys, a resident's subject) and file paths. `trust` is `[fleet]`'s, refused whole.
-const FORBIDDEN_LEAVES: [&str; 11] = [
+/// private keys) and file paths.
+const FORBIDDEN_LEAVES: [&str; 10] = [
     "password",
     "password_file",
     "password_hash",
@@ -17,17 +17,57 @@ const FORBIDDEN_LEAVES: [&str; 11] = [
     "data_dir",
     "key_dir",
     "path",
-    "subject",
     "trust",
 ];
+
+/// Whole keys and sections that stay with the installer: the box's identity and sessions
+/// (`gateway.id`; the client ids and the upstream prefix, which a change could point at
+/// another box's session or at a prefix the district does not read, and still pass
+/// probation), whether the district link runs at all (without it there is no fleet link to
+/// undo the change), privacy (the site's own decision), who the box trusts (`[fleet]`), and a
+/// resident's card or face id.
+const FORBIDDEN_KEYS: [&str; 8] = [
+    "gateway.id",
+    "mqtt.client_id",
+    "upstream.client_id",
+    "upstream.topic_prefix",
+    "upstream.enabled",
+    "privacy",
+    "fleet",
+    "care.residents[].subject",
+];
+
+/// The highest serial a change may carry: 2^53, the largest integer every JSON reader keeps
+/// exactly (so no serial can be the last one: a box that took it could take no other).
+pub const MAX_SERIAL: u64 = 1 << 53;
 
 /// Whether the key path `p` (dotted, array elements as `[i]`) stays with the installer.
 fn forbidden(p: &str) -> bool {
     let leaf = p.rsplit('.').next().unwrap_or(p);
     let leaf = leaf.split('[').next().unwrap_or(leaf);
-    p == "fleet"
-        || p.starts_with("fleet.")
-        || p == "gateway.id"
+    // `care.residents[3].subject` -> `care.residents[].subject`.
+    let generic: String = {
+        let mut out = String::new();
+        let mut skip = false;
+        for c in p.chars() {
+            match c {
+                '[' => {
+                    skip = true;
+                    out.push('[');
+                }
+                ']' => {
+                    skip = false;
+                    out.push(']');
+                }
+                _ if skip => {}
+                _ => out.push(c),
+            }
+        }
+        out
+    };
+    FORBIDDEN_KEYS
+        .iter()
+        .any(|k| generic == *k || generic.starts_with(&format!("{k}.")))
         || FORBIDDEN_LEAVES.contains(&leaf)
         || leaf.ends_with("_file")
         || leaf.ends_with("_dir")
@@ -92,7 +132,7 @@ pub fn refuse_keys(fragment: &str) -> Option<String> {
     let bad: Vec<String> = paths.into_iter().filter(|p| forbidden(p)).collect();
     (!bad.is_empty()).then(|| {
         format!(
-            "fragment sets {}: secrets, file paths, gateway.id and [fleet] stay with the installer",
+            "fragment sets {}: secrets, file paths, the box's identity and sessions, [privacy] and [fleet] stay with the installer",
             bad.join(", ")
         )
     })
@@ -130,6 +170,9 @@ pub fn classify(state: &FleetState, serial: u64, sha: &str, sig: Result<(), Stri
     }
     if let Err(e) = sig {
         return Verdict::Reject(e);
+    }
+    if serial > MAX_SERIAL {
+        return Verdict::Reject(format!("serial {serial} is above 2^53"));
     }
     if serial <= state.last_serial {
         return Verdict::Reject(format!(
@@ -238,8 +281,13 @@ mod tests {
             assert!(why.contains(key), "{why}");
         }
         assert!(refuse_keys("[alerts").unwrap().contains("not TOML"));
-        // gateway labels are the district's to move.
+        // gateway labels are the district's to move; a vendor source's subject is a pointer.
         assert_eq!(refuse_keys("[gateway]\ncommunity = \"江滨社区\"\n"), None);
+        assert_eq!(
+            refuse_keys("[[mqtt.sources]]\ntopic = \"v/#\"\nsubject = \"/cardNo\"\n"),
+            None
+        );
+        assert_eq!(refuse_keys("[upstream]\nheartbeat = \"30s\"\n"), None);
     }
 
     #[test]
@@ -290,6 +338,10 @@ mod tests {
             Verdict::Reject(_)
         ));
         assert_eq!(classify(&st, 6, &b.sha(), Ok(())), Verdict::Check);
+        assert!(
+            matches!(classify(&st, u64::MAX, &b.sha(), Ok(())), Verdict::Reject(r) if r.contains("2^53"))
+        );
+        assert_eq!(classify(&st, MAX_SERIAL, &b.sha(), Ok(())), Verdict::Check);
         st.rejected = Some(Outcome {
             serial: 6,
             reason: "r".into(),

@@ -103,23 +103,14 @@ impl Link {
 
     /// A trial recorded before this start: continue its probation, or roll it back.
     async fn at_start(&mut self) -> Go {
-        let Some(mut trial) = self.state.trial.clone() else {
+        let Some(trial) = self.state.trial.clone() else {
             self.show();
             return Go::On;
         };
         if let Some(p) = self.t.overlay_problem.clone() {
             return self.roll_back(p).await;
         }
-        trial.starts += 1;
-        self.state.trial = Some(trial.clone());
-        if trial.starts > MAX_TRIAL_STARTS {
-            return self
-                .roll_back(format!(
-                    "the daemon started {} times during probation",
-                    trial.starts
-                ))
-                .await;
-        }
+        // This start was counted before anything was bound (`fleet::count_start`).
         self.report(trial.change.serial, ConfigPhase::Probation, None);
         if let Err(e) = self.state.save(self.data_dir()) {
             tracing::error!(error = %e, "fleet: cannot record the probation's start");
@@ -299,8 +290,16 @@ impl Link {
                 at: crate::core::summary::rfc3339_utc(o.at_ms),
             })
         };
-        let overlay = st.overlay();
+        // An applied overlay this file no longer loads with is not in force (the trial's
+        // problem is rolled back at start instead).
+        let problem = self
+            .t
+            .overlay_problem
+            .clone()
+            .filter(|_| st.trial.is_none());
+        let overlay = st.overlay().filter(|_| problem.is_none());
         self.t.stats.set_config_view(ConfigView {
+            problem,
             source: if overlay.is_some() { "fleet" } else { "file" },
             serial: overlay.map(|c| c.serial),
             state: if st.trial.is_some() {
@@ -489,7 +488,12 @@ impl Link {
         let health = rules::Health {
             now_ms: now,
             since_ms: since,
-            grace_ms: stats.cadence().link_grace_ms,
+            // A fragment may lengthen `health.link_grace`, and a grace as long as the probation
+            // would judge nothing: on probation a link gets at most half of it.
+            grace_ms: stats
+                .cadence()
+                .link_grace_ms
+                .min(cfg.fleet.probation.as_millis_u64() as i64 / 2),
             links: facts,
             paused: stats
                 .paused()

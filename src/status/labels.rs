@@ -117,6 +117,7 @@ labels! {
     ConfigRolledBack = "config_rolled_back" => ("已自动回退的版本", "Rolled back"),
     ConfigRejected = "config_rejected" => ("已拒绝的版本", "Refused"),
     ConfigTrust = "config_trust" => ("信任的区级密钥", "Trusted district key"),
+    ConfigProblem = "config_problem" => ("区级下发的配置未生效，按本机配置文件运行", "The district's change is not in force; running on this box's file"),
     Time = "time" => ("时间", "Time"),
     Device = "device" => ("设备", "Device"),
     Type = "type" => ("类型", "Type"),

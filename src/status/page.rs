@@ -354,7 +354,7 @@ pub(super) fn render(s: &StatusOut, en: bool, refresh: u64) -> String {
                 }
                 (devices(s, en))
                 (upstream(s, en))
-                @if s.config.trust.is_some() || s.config.serial.is_some() { (config(s, en)) }
+                @if s.config.trust.is_some() || s.config.serial.is_some() || s.config.problem.is_some() { (config(s, en)) }
                 (alerts(s, en))
                 @if !s.care.is_empty() { (care(s, en)) }
                 (rejects(s, en))
@@ -572,6 +572,9 @@ fn config(s: &StatusOut, en: bool) -> Markup {
                             @if let Some(since) = &c.since { " · " (local_rfc(&Some(since.clone()), s.tz_secs, en)) }
                         }
                         div class="small" { span { (t(en, L::ConfigKeys)) } b { (c.keys.join(", ")) } }
+                    }
+                    @if let Some(p) = &c.problem {
+                        div class="small" { b class="bad" { (t(en, L::ConfigProblem)) } " " (p) }
                     }
                     @if let Some(e) = &c.rolled_back { (event(L::ConfigRolledBack, e, "bad")) }
                     @if let Some(e) = &c.rejected { (event(L::ConfigRejected, e, "warn")) }

@@ -867,3 +867,188 @@ fn a_change_that_takes_a_restart_restarts_in_place_and_tells_systemd() {
     assert_eq!(s["config"]["keys"][0], "upstream.heartbeat");
     site.term_daemon();
 }
+
+#[test]
+fn changes_that_would_strand_a_box_are_refused_or_rolled_back() {
+    let b = Site::build("fleet-strand");
+    let (key, publ) = keygen(&b.root().join("keys"));
+    let site = b
+        .status()
+        .config(|c| {
+            c.fleet.trust = Some(publ.clone());
+            c.fleet.probation = Dur::secs(4);
+            c.health.link_grace = Dur::secs(30);
+        })
+        .start();
+    let (dport, up, gw) = (site.district().port, site.upstream(), site.gw());
+    let topic = format!("zhian/district/{GATEWAY_ID}/config/set");
+    let set = |serial: u64, fragment: &str| {
+        publish_retained(
+            dport,
+            &topic,
+            signed_set(&key, GATEWAY_ID, serial, fragment),
+        )
+    };
+    // Keys that would cut the box off or point it at another's session: refused.
+    for (serial, fragment, named) in [
+        (1, "[upstream]\nenabled = false\n", "upstream.enabled"),
+        (
+            2,
+            "[upstream]\ntopic_prefix = \"elsewhere\"\n",
+            "upstream.topic_prefix",
+        ),
+        (
+            3,
+            "[upstream]\nclient_id = \"another-gw\"\n",
+            "upstream.client_id",
+        ),
+        (4, "[privacy]\nsubjects = \"plain\"\n", "privacy.subjects"),
+    ] {
+        set(serial, fragment);
+        let why = wait_report(up, gw, serial, "rejected").unwrap_or_default();
+        assert!(why.contains(named), "{serial}: {why}");
+    }
+    // A change the daemon cannot start on (its status port taken): rolled back at once.
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let busy_port = busy.local_addr().unwrap().port();
+    set(
+        5,
+        &format!("[status]\nlisten = \"127.0.0.1:{busy_port}\"\n"),
+    );
+    let why = wait_report(up, gw, 5, "rolled_back").unwrap_or_default();
+    assert!(why.contains("could not start on it"), "{why}");
+    let s = gw.wait_for_status("back on the file, rollback shown", |s| {
+        s["config"]["rolled_back"]["serial"] == 5
+    });
+    assert_eq!(s["config"]["source"], "file");
+    drop(busy);
+    // A change that lengthens link_grace past the probation and cuts the district link: the
+    // probation judges the link with at most half of itself, and rolls it back.
+    let dead = free_port();
+    set(
+        6,
+        &format!(
+            "[health]\nlink_grace = \"1h\"\n\n[upstream]\nurl = \"mqtt://127.0.0.1:{dead}\"\n"
+        ),
+    );
+    let why = wait_report(up, gw, 6, "rolled_back").unwrap_or_default();
+    assert!(
+        why.contains("district broker") && why.contains(&dead.to_string()),
+        "{why}"
+    );
+    gw.wait_for_status("the district link back", |s| {
+        s["links"]["district"]["connected"] == true && s["config"]["rolled_back"]["serial"] == 6
+    });
+    assert!(gw.running());
+    site.term_daemon();
+}
+
+#[test]
+fn a_forged_serial_cannot_push_the_next_one_out_of_reach_and_push_reaches_400_boxes() {
+    let b = Site::build("fleet-scale");
+    let (key, publ) = keygen(&b.root().join("keys"));
+    let site = b
+        .config(|c| {
+            c.fleet.trust = Some(publ.clone());
+            c.fleet.probation = Dur::secs(1);
+        })
+        .start();
+    let (dport, up, gw) = (site.district().port, site.upstream(), site.gw());
+    let district = district_toml(&site.root, dport);
+    eventually("the gateway online", || {
+        up.latest_status().as_deref() == Some("online")
+    });
+    // An unsigned change quoting a huge serial: refused, and its `rejected` report quotes it.
+    let topic = format!("zhian/district/{GATEWAY_ID}/config/set");
+    publish_retained(
+        dport,
+        &topic,
+        br#"{"schema":"zhian.config.v1","serial":18446744073709551614,"fragment":"","sig":"AAAA"}"#
+            .to_vec(),
+    );
+    wait_report(up, gw, 18446744073709551614, "rejected");
+    // The next push without --serial still lands (the forged serials do not count).
+    let frag = site.root.join("a.toml");
+    fs::write(&frag, "[alerts]\nactions = [\"loitering\"]\n").unwrap();
+    let out = fleet_cli(
+        &[
+            "push",
+            "--config",
+            district.to_str().unwrap(),
+            "--key",
+            site.root.join("keys/fleet.key").to_str().unwrap(),
+            "--fragment",
+            frag.to_str().unwrap(),
+            "--gateway",
+            GATEWAY_ID,
+            "--timeout",
+            "60s",
+        ],
+        &site.root,
+        Duration::from_secs(90),
+    );
+    assert!(out.status.success(), "{}\n{}", out.stdout, out.stderr);
+    let serial = reports(up, GATEWAY_ID).last().unwrap().0;
+    assert!(serial < 1 << 53, "{serial}");
+    let out = fleet_cli(
+        &[
+            "push",
+            "--config",
+            district.to_str().unwrap(),
+            "--key",
+            key.to_str().unwrap(),
+            "--fragment",
+            frag.to_str().unwrap(),
+            "--gateway",
+            GATEWAY_ID,
+            "--serial",
+            "18446744073709551615",
+        ],
+        &site.root,
+        Duration::from_secs(30),
+    );
+    assert_eq!(out.status.code(), Some(78), "{}", out.stderr);
+    // 400 boxes of one community (their retained statuses): every one is sent the change.
+    for i in 0..400 {
+        let status = serde_json::json!({
+            "schema": "zhian.status.v1", "state": "online", "gateway": format!("fake-{i:03}"),
+            "epoch": 1, "site": {"community": "假社区"},
+        });
+        let m = serde_json::to_vec(&status).unwrap();
+        // Retained, as a box's status is.
+        publish_retained(dport, &format!("zhian/district/fake-{i:03}/status"), m);
+    }
+    let out = fleet_cli(
+        &[
+            "push",
+            "--config",
+            district.to_str().unwrap(),
+            "--key",
+            key.to_str().unwrap(),
+            "--fragment",
+            frag.to_str().unwrap(),
+            "--layer",
+            "community=假社区",
+            "--no-wait",
+        ],
+        &site.root,
+        Duration::from_secs(120),
+    );
+    assert!(out.status.success(), "{}\n{}", out.stdout, out.stderr);
+    assert_eq!(
+        out.stdout.lines().filter(|l| l.ends_with(" sent")).count(),
+        400,
+        "{}",
+        out.stdout
+    );
+    eventually("400 changes on the broker", || {
+        up.messages()
+            .iter()
+            .filter(|m| {
+                m.topic.starts_with("zhian/district/fake-") && m.topic.ends_with("/config/set")
+            })
+            .count()
+            >= 400
+    });
+    site.term_daemon();
+}

@@ -4,8 +4,8 @@
 //! crate).
 //!
 //! On disk, both in PEM so `openssl pkey` reads them:
-//! - `fleet.key`: `-----BEGIN PRIVATE KEY-----`, PKCS#8 (RFC 8410; ring writes v2, v1 from
-//!   `openssl genpkey -algorithm ed25519` is read too), mode 0600;
+//! - `fleet.key`: `-----BEGIN PRIVATE KEY-----`, PKCS#8 v1 (RFC 8410 §7, what
+//!   `openssl genpkey -algorithm ed25519` writes; v2 is read too), mode 0600;
 //! - `fleet.pub`: `-----BEGIN PUBLIC KEY-----`, SubjectPublicKeyInfo (RFC 8410). A trust file may
 //!   hold several such blocks: a box accepts a signature by any of them (how a key is rotated
 //!   without a visit, docs/fleet.md).
@@ -164,6 +164,21 @@ impl Trust {
     }
 }
 
+/// The DER prefix of an Ed25519 PKCS#8 v1 private key (RFC 8410 §7): the 32-byte seed follows.
+const PKCS8_V1_PREFIX: [u8; 16] = [
+    0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04, 0x20,
+];
+
+/// The v1 form of ring's v2 document (`30 53 02 01 01 30 05 06 03 2b 65 70 04 22 04 20 <seed>
+/// a1 23 03 21 00 <public>`): the same seed under the v1 header.
+fn pkcs8_v1(v2: &[u8]) -> Option<Vec<u8>> {
+    let at = v2.windows(4).position(|w| w == [0x04, 0x22, 0x04, 0x20])? + 4;
+    let seed = v2.get(at..at + 32)?;
+    let mut out = PKCS8_V1_PREFIX.to_vec();
+    out.extend_from_slice(seed);
+    Some(out)
+}
+
 /// Make a key pair: `dir/fleet.key` (0600, created new: an existing key is never overwritten)
 /// and `dir/fleet.pub`. Returns both paths.
 pub fn keygen(dir: &Path) -> Result<(PathBuf, PathBuf), String> {
@@ -172,6 +187,9 @@ pub fn keygen(dir: &Path) -> Result<(PathBuf, PathBuf), String> {
     let rng = ring::rand::SystemRandom::new();
     let pkcs8 = Ed25519KeyPair::generate_pkcs8(&rng).map_err(|e| format!("keygen: {e}"))?;
     let pair = Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).map_err(|e| format!("keygen: {e}"))?;
+    // ring writes PKCS#8 v2 (the public key inside), which OpenSSL 3.0 does not read: keep the
+    // v1 form (RFC 8410 §7: the 32-byte seed alone), which both read.
+    let v1 = pkcs8_v1(pkcs8.as_ref()).ok_or("keygen: unexpected PKCS#8 layout from ring")?;
     let mut public = [0u8; 32];
     public.copy_from_slice(pair.public_key().as_ref());
     let key = dir.join(PRIVATE_FILE);
@@ -188,7 +206,7 @@ pub fn keygen(dir: &Path) -> Result<(PathBuf, PathBuf), String> {
             ),
             _ => format!("{}: {e}", key.display()),
         })?;
-    f.write_all(pem("PRIVATE KEY", pkcs8.as_ref()).as_bytes())
+    f.write_all(pem("PRIVATE KEY", &v1).as_bytes())
         .and_then(|_| f.sync_all())
         .map_err(|e| format!("{}: {e}", key.display()))?;
     std::fs::write(&publ, PublicKey(public).to_pem())
@@ -211,6 +229,23 @@ mod tests {
         assert!(keygen(&dir).unwrap_err().contains("never overwritten"));
         let key = SigningKey::load(&k).unwrap();
         let trust = Trust::load(&p).unwrap();
+        // OpenSSL reads the private key and derives the same public key (when it is installed:
+        // the CI image has it).
+        if let Ok(out) = std::process::Command::new("openssl")
+            .args(["pkey", "-pubout", "-in"])
+            .arg(&k)
+            .output()
+        {
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert_eq!(
+                String::from_utf8_lossy(&out.stdout),
+                std::fs::read_to_string(&p).unwrap()
+            );
+        }
         assert_eq!(trust.0, vec![key.public()]);
         let sig = key.sign(b"serial 7");
         assert_eq!(trust.verify(b"serial 7", &sig), Ok(()));
