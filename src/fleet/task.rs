@@ -65,6 +65,7 @@ struct Link {
     /// When the running probation began (this process's clock), if one runs.
     probation_since: Option<i64>,
     client: Option<AsyncClient>,
+    events: Option<EventLoop>,
     /// A change that arrived during a probation: taken once the probation ends.
     deferred: Option<Vec<u8>>,
 }
@@ -81,6 +82,7 @@ impl FleetTask {
             state,
             probation_since: None,
             client: None,
+            events: None,
             deferred: None,
         };
         if let Go::On = link.at_start().await {
@@ -129,7 +131,6 @@ impl Link {
     async fn serve(&mut self) {
         let u = &self.t.cfg.upstream;
         let mut backoff = Backoff::new(u.reconnect_min.0, u.reconnect_max.0);
-        let mut events: Option<EventLoop> = None;
         let mut retry_at = tokio::time::Instant::now();
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -141,6 +142,7 @@ impl Link {
         }
         loop {
             let step = {
+                let events = &mut self.events;
                 let poll = async {
                     match events.as_mut() {
                         Some(el) => Step::Event(el.poll().await),
@@ -171,7 +173,7 @@ impl Link {
                 Step::Connect => match self.connect() {
                     Ok((c, el)) => {
                         self.client = Some(c);
-                        events = Some(el);
+                        self.events = Some(el);
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "fleet: cannot set up the link");
@@ -212,7 +214,7 @@ impl Link {
                 Step::Event(Ok(_)) => {}
                 Step::Event(Err(e)) => {
                     tracing::debug!(error = %e, "fleet: link down");
-                    events = None;
+                    self.events = None;
                     self.client = None;
                     retry_at = tokio::time::Instant::now() + backoff.next_delay();
                 }
@@ -430,6 +432,10 @@ impl Link {
         }
         tracing::info!(serial = set.serial, "fleet: change accepted; applying");
         self.show();
+        if !crate::daemon::reload::restart_sections(&self.t.cfg, &cfg).is_empty() {
+            // The restart ends this connection: let `applying` reach the broker first.
+            self.flush(Duration::from_secs(3)).await;
+        }
         match self.run_config(Some(cfg)).await {
             Applied::Live => {
                 self.probation_since = Some(Self::now());
@@ -443,9 +449,26 @@ impl Link {
         }
     }
 
+    /// Poll the connection until the broker acknowledged a publish, at most `limit` (nothing to
+    /// do while disconnected).
+    async fn flush(&mut self, limit: Duration) {
+        let Some(el) = self.events.as_mut() else {
+            return;
+        };
+        let _ = tokio::time::timeout(limit, async {
+            loop {
+                match el.poll().await {
+                    Ok(Event::Incoming(Incoming::PubAck(_))) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await;
+    }
+
     /// Hand `cfg` to the daemon and wait for how it was applied (a daemon that stops first
     /// counts as a restart: the next start runs what `fleet.json` records).
-    async fn run_config(&self, cfg: Option<Config>) -> Applied {
+    async fn run_config(&mut self, cfg: Option<Config>) -> Applied {
         let (tx, rx) = oneshot::channel();
         if self.t.apply.send(Apply { cfg, done: tx }).await.is_err() {
             return Applied::Restart;
@@ -559,7 +582,7 @@ impl Link {
     }
 
     /// A `diag/request`: answered with the status report and the log tail if signed.
-    async fn diag(&self, payload: &[u8]) {
+    async fn diag(&mut self, payload: &[u8]) {
         let g = &self.t.cfg.gateway.id;
         let req: proto::DiagRequest = match serde_json::from_slice(payload) {
             Ok(r) => r,

@@ -849,6 +849,13 @@ fn a_change_that_takes_a_restart_restarts_in_place_and_tells_systemd() {
         signed_set(&key, GATEWAY_ID, 30, "[upstream]\nheartbeat = \"3s\"\n"),
     );
     wait_report(up, gw, 30, "applied");
+    // Every step reported, `applying` too (sent before the restart).
+    let steps: Vec<String> = reports(up, GATEWAY_ID)
+        .into_iter()
+        .filter(|r| r.0 == 30)
+        .map(|r| r.1)
+        .collect();
+    assert_eq!(steps, ["applying", "probation", "applied"]);
     recv(&mut got);
     let readies = got.iter().filter(|m| m.contains("READY=1")).count();
     assert_eq!(readies, 2, "{got:?}");
