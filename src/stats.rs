@@ -162,6 +162,8 @@ pub struct Stats {
     keys_lost: Mutex<Vec<crate::keys::KeyLoss>>,
     /// Where the running config came from (the fleet link sets it).
     config_view: Mutex<ConfigView>,
+    /// Vehicles inside (the committer, each tick); `None` while `[occupancy]` is off.
+    occupancy: Mutex<Option<OccupancyView>>,
     /// Devices forgotten since start, per [`Forgotten`] reason.
     devices_forgotten: [AtomicU64; 3],
     /// Events stamped beyond `max_future_skew` ahead of the trusted gateway clock and counted
@@ -210,6 +212,48 @@ impl Default for ConfigView {
             problem: None,
         }
     }
+}
+
+/// Vehicles inside (实有车辆, contract: "Vehicles inside"), as `/api/status` shows them under
+/// `occupancy`.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct OccupancyView {
+    /// Vehicles inside: the presence set plus the last stocktake's adjustment, never below 0.
+    pub inside: u64,
+    /// `occupancy.capacity` (spaces).
+    pub capacity: Option<u64>,
+    /// Free spaces: capacity − inside, never below 0.
+    pub free: Option<u64>,
+    /// Stays at least `occupancy.long_stay` old.
+    pub long_stay: u64,
+    /// Those stays, oldest first: plate masked to two and two characters, entry time, gate.
+    pub long_stays: Vec<LongStay>,
+    /// Stays dropped past `occupancy.max_stay` (cumulative).
+    pub missed_exits: u64,
+    /// Exits with no known entry (cumulative).
+    pub unmatched_exits: u64,
+    /// Vehicles in the presence set (without the stocktake's adjustment).
+    pub in_set: u64,
+    /// The last stocktake: (counted, when, ms).
+    #[serde(skip)]
+    pub stocktake: Option<(u64, i64)>,
+    /// When the last stocktake was recorded (RFC 3339) and what was counted.
+    pub stocktake_at: Option<String>,
+    pub stocktake_count: Option<u64>,
+    /// The last stocktake's adjustment (counted − set size then).
+    pub adjust: i64,
+}
+
+/// One long stay on the page.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct LongStay {
+    /// Masked: its first two and last two characters.
+    pub plate: String,
+    #[serde(skip)]
+    pub entry_ms: i64,
+    /// Entry time, RFC 3339.
+    pub entry: String,
+    pub gate: String,
 }
 
 /// A fleet change rolled back or refused: its serial, why, when (RFC 3339).
@@ -384,6 +428,7 @@ impl Default for Stats {
             care: Mutex::new(Vec::new()),
             keys_lost: Mutex::new(Vec::new()),
             config_view: Mutex::new(ConfigView::default()),
+            occupancy: Mutex::new(None),
             http_auth_failures: AtomicU64::new(0),
             http_rate_limited: AtomicU64::new(0),
         }
@@ -730,6 +775,16 @@ impl Stats {
     /// Where the running config came from (page, `/api/status`, metrics).
     pub fn config_view(&self) -> ConfigView {
         self.config_view.lock().expect("config lock").clone()
+    }
+
+    /// Vehicles inside as the store has them (committer, each tick).
+    pub fn set_occupancy(&self, v: Option<OccupancyView>) {
+        *self.occupancy.lock().expect("occupancy lock") = v;
+    }
+
+    /// Vehicles inside (page, `/api/status`, metrics).
+    pub fn occupancy(&self) -> Option<OccupancyView> {
+        self.occupancy.lock().expect("occupancy lock").clone()
     }
 
     /// Put new `[health]` rules in force (start, SIGHUP).

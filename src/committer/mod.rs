@@ -571,6 +571,8 @@ impl Committer {
             }
             self.writer.set_max_bytes(self.cfg.max_bytes);
             self.stats.set_care(self.writer.care_overview());
+            self.stats
+                .set_occupancy(self.writer.occupancy_overview(now_ms()));
             self.stats.set_keys_lost(self.writer.keys_lost(now));
             let up = !self.cfg.site_input || self.stats.site_connected.load(Relaxed);
             self.site_up_since = match (up, self.site_up_since) {

@@ -227,7 +227,7 @@ pub fn example_notes(c: &Config) -> Vec<String> {
 /// Environment variables that look meant for the config but are not read: `ZHIAN_<SECTION>_<KEY>`
 /// with one underscore where two are needed. One line each, for `check-config` and the log.
 pub fn env_notes(env: impl IntoIterator<Item = (String, String)>) -> Vec<String> {
-    const SECTIONS: [&str; 15] = [
+    const SECTIONS: [&str; 16] = [
         "GATEWAY",
         "BROKER",
         "MQTT",
@@ -243,6 +243,7 @@ pub fn env_notes(env: impl IntoIterator<Item = (String, String)>) -> Vec<String>
         "HEALTH",
         "CARE",
         "FLEET",
+        "OCCUPANCY",
     ];
     let mut out: Vec<String> = env
         .into_iter()

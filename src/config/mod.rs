@@ -61,6 +61,9 @@ pub struct Config {
     pub health: Health,
     pub care: Care,
     pub fleet: Fleet,
+    /// `[occupancy]`: vehicles inside; `None` (off) unless the section is given.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub occupancy: Option<Occupancy>,
 }
 
 impl Config {

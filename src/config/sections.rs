@@ -358,3 +358,26 @@ impl Default for Fleet {
         }
     }
 }
+
+/// `[occupancy]` (contract: "Vehicles inside"): the vehicles inside the compound, from the
+/// vehicle gates' plates. On when the section is in the config.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Occupancy {
+    /// Parking spaces (free = capacity − inside). Unset: no free spaces shown.
+    pub capacity: Option<u32>,
+    /// A stay at least this long is a long stay (page, API, upstream count).
+    pub long_stay: Dur,
+    /// A stay longer than this is a missed exit: dropped and counted.
+    pub max_stay: Dur,
+}
+
+impl Default for Occupancy {
+    fn default() -> Self {
+        Occupancy {
+            capacity: None,
+            long_stay: Dur(Duration::from_secs(72 * 3600)),
+            max_stay: Dur(Duration::from_secs(30 * 86_400)),
+        }
+    }
+}

@@ -16,6 +16,29 @@ pub fn validate(c: &Config) -> Vec<Problem> {
     let mut p = Vec::new();
     validate_health(&c.health, &mut p);
     validate_care(&c.care, &mut p);
+    if let Some(o) = &c.occupancy {
+        if o.long_stay.0 < Duration::from_secs(60) {
+            p.push(problem(
+                "occupancy.long_stay",
+                format!("{} must be at least 1m", o.long_stay),
+            ));
+        }
+        if o.max_stay.0 <= o.long_stay.0 {
+            p.push(problem(
+                "occupancy.max_stay",
+                format!(
+                    "{} must be longer than occupancy.long_stay ({})",
+                    o.max_stay, o.long_stay
+                ),
+            ));
+        }
+        if o.capacity == Some(0) {
+            p.push(problem(
+                "occupancy.capacity",
+                "0 spaces: leave it out when the compound has no parking count",
+            ));
+        }
+    }
     let probation = c.fleet.probation.0;
     if probation < Duration::from_secs(1) || probation > Duration::from_secs(86_400) {
         p.push(problem(

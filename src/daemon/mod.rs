@@ -116,6 +116,12 @@ pub async fn prepare_writer(cfg: &Config, writer: &mut StoreWriter) -> Result<()
         writer.set_subject_keys(keys, now);
     }
     writer.set_care(&cfg.care.residents);
+    writer.set_occupancy(cfg.occupancy.as_ref().map(|o| store::OccupancyCfg {
+        max_stay_ms: o.max_stay.as_millis_u64() as i64,
+        long_stay_ms: o.long_stay.as_millis_u64() as i64,
+        forget_ms: cfg.aggregate.max_lateness.as_millis_u64() as i64,
+        capacity: o.capacity,
+    }));
     writer.set_max_bytes(cfg.store.max_size.0);
     Ok(())
 }

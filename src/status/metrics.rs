@@ -214,6 +214,34 @@ impl Collector for Metrics {
                 lost.iter().map(|k| k.unmatched.len()).sum::<usize>() as i64,
             )?;
         }
+        if let Some(o) = s.occupancy() {
+            gauge(
+                &mut e,
+                "zhian_vehicles_inside",
+                "Vehicles inside the compound (实有车辆): the presence set plus the last stocktake's adjustment",
+                o.inside as i64,
+            )?;
+            if let Some(free) = o.free {
+                gauge(
+                    &mut e,
+                    "zhian_parking_free",
+                    "Free parking spaces: occupancy.capacity less the vehicles inside, never below 0",
+                    free as i64,
+                )?;
+            }
+            gauge(
+                &mut e,
+                "zhian_vehicles_long_stay",
+                "Vehicles inside for at least occupancy.long_stay",
+                o.long_stay as i64,
+            )?;
+            gauge(
+                &mut e,
+                "zhian_vehicles_missed_exits",
+                "Stays dropped past occupancy.max_stay (an exit the cameras did not read), since the store began",
+                o.missed_exits as i64,
+            )?;
+        }
         {
             let c = s.config_view();
             gauge(

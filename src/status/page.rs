@@ -344,6 +344,7 @@ pub(super) fn render(s: &StatusOut, en: bool, refresh: u64) -> String {
                 }
                 (links(s, en))
                 (today(s, en))
+                @if let Some(o) = &s.occupancy { (occupancy(o, s.tz_secs, en)) }
                 section {
                     h2 { (t(en, L::Hourly)) }
                     (chart(s, en))
@@ -532,6 +533,49 @@ fn upstream(s: &StatusOut, en: bool) -> Markup {
                     div class="small" {
                         span { (t(en, L::Store)) }
                         b { (format!("{:.1}", s.store.bytes as f64 / 1048576.0)) " MiB" }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Vehicles inside: how many, free spaces, long stays (plate masked to two and two
+/// characters), missed and unmatched exits, the last stocktake.
+fn occupancy(o: &crate::stats::OccupancyView, tz: i32, en: bool) -> Markup {
+    html! {
+        section data-occupancy=(o.inside) {
+            h2 { (t(en, L::Occupancy)) }
+            div class="cards" {
+                div class="card" {
+                    div class="small" { span { (t(en, L::OccInside)) } b data-inside=(o.inside) { (o.inside) } }
+                    @if let (Some(c), Some(f)) = (o.capacity, o.free) {
+                        div class="small" { span { (t(en, L::OccCapacity)) } b { (c) } }
+                        div class="small" {
+                            span { (t(en, L::OccFree)) }
+                            b data-free=(f) class=(if f == 0 { "bad" } else { "ok" }) { (f) }
+                        }
+                    }
+                    div class="small" { span { (t(en, L::OccLong)) } b { (o.long_stay) } }
+                    div class="small" { span { (t(en, L::OccMissed)) } b { (o.missed_exits) } }
+                    div class="small" { span { (t(en, L::OccUnmatched)) } b { (o.unmatched_exits) } }
+                    @if let (Some(n), Some(at)) = (o.stocktake_count, &o.stocktake_at) {
+                        div class="small" {
+                            span { (t(en, L::OccStocktake)) }
+                            b { (n) } " · " (local_rfc(&Some(at.clone()), tz, en))
+                        }
+                    }
+                }
+            }
+            @if !o.long_stays.is_empty() {
+                table {
+                    tr { th { (t(en, L::OccPlate)) } th { (t(en, L::OccEntry)) } th { (t(en, L::OccGate)) } }
+                    @for l in o.long_stays.iter().take(50) {
+                        tr {
+                            td { (l.plate) }
+                            td { (local_rfc(&Some(l.entry.clone()), tz, en)) }
+                            td { (l.gate) }
+                        }
                     }
                 }
             }

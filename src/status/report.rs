@@ -206,6 +206,9 @@ pub(super) struct StatusOut {
     /// overlay (serial, probation or applied, the keys it sets), and the last change rolled
     /// back or refused (contract: "Fleet configuration").
     pub(super) config: crate::stats::ConfigView,
+    /// Vehicles inside (contract: "Vehicles inside"); absent while `[occupancy]` is off.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(super) occupancy: Option<crate::stats::OccupancyView>,
     #[serde(skip)]
     pub(super) tz_secs: i32,
 }
@@ -428,6 +431,7 @@ pub(super) fn snapshot(st: &AppState) -> Result<StatusOut, crate::store::StoreEr
             })
             .collect(),
         config: st.stats.config_view(),
+        occupancy: st.stats.occupancy(),
         tz_secs: tz,
     })
 }

@@ -22,6 +22,7 @@
 //! | `device_sources` | `&str` "kind\0device" | `&str`: the mark of the `[[mqtt.sources]]` entry the device was last learned through (a hash of its topic, `each`, `kind` and `device` rules); none for canonical topics (and for devices stored before this table existed). A device whose mark no longer names a configured source is forgotten (SIGHUP, start) | with the batch that learns the device or changes its source; deleted with the device |
 //! | `days`, `day_subjects` | `i64` local day; `(i64 day, u64 seq)` | the daily distinct counts: a day's issue state; its distinct pseudonyms by key generation, 17 bytes each (`days.rs`) | when a day is touched, issued or final; per batch, appended |
 //! | `care` | `&[u8]` care pseudonym | v1 care-watch state (`care.rs`) | when a watched resident passes or a notice is due |
+//! | `presence` | `&[u8]` presence pseudonym (16 bytes) | v1 `PresenceRecordV1`: a vehicle's newest entry or exit (time, gate, plate masked to two and two characters, unmatched flag); totals in `meta` `presence_totals` (`presence.rs`) | per batch, the vehicles it moved; maintenance, stays past `occupancy.max_stay` |
 //! | `key_ids` | `&str` key file name in `privacy.key_dir` | v1 `KeyRecordV1`: the ids (a BLAKE3 derivation, never the key) of the pseudonym or care keys used under that name, which one is in use, when a start found it lost, care pseudonyms keyed with a lost care key (`key_ids.rs`) | when a key is first used, found lost at start, or its life ends |
 //!
 //! A `plain` subject is stored sealed ([`StoredSubject::Sealed`]) with the key of the day it
@@ -71,6 +72,7 @@ mod crash;
 pub mod damage;
 mod days;
 mod key_ids;
+pub(crate) mod presence;
 pub mod pressure;
 mod reader;
 pub mod records;
@@ -82,7 +84,7 @@ pub use records::{
     CounterRecordV1, CounterRecordV2, EventRecordV1, OutboxRecordV1, OutboxTopic, StateRecordV1,
     StateUpdate, StoredSubject,
 };
-pub use writer::{CommitReport, StoreWriter, DEVICE_SEEN_EVERY_MS};
+pub use writer::{CommitReport, OccupancyCfg, StoreWriter, DEVICE_SEEN_EVERY_MS};
 
 use crate::core::summary::WindowState;
 use redb::{Database, ReadableDatabase, TableDefinition};

@@ -15,7 +15,14 @@
 //!   its month's partitions are gone or far in the future;
 //! - fleet configuration reports: one per (gateway, serial, state), the first to arrive (the
 //!   table keeps the first too, so a republished report is a no-op); per gateway the highest
-//!   serial reported `applied`, which raises `gateways.config_serial` and never lowers it.
+//!   serial reported `applied`, which raises `gateways.config_serial` and never lowers it;
+//! - occupancy reports (vehicles inside): per gateway the newest ([`Occupancy::rank`]: the
+//!   latest `at`, ties broken by the content, so the choice is a join like the states' and
+//!   any order, redelivery or batching keeps the same report); the table keeps a report only
+//!   when it ranks above the one kept. A report stamped past the kept months (a gateway clock
+//!   far ahead, which would otherwise hold the gateway's row against every later report) is
+//!   an `outside_retention` reject; an old one is kept by the same rule (it loses to anything
+//!   newer).
 
 use super::msg::{next_state, LinkState, Msg, Reject, Row};
 use serde_json::Value;
@@ -154,6 +161,42 @@ pub struct ConfigReport<'a> {
     pub at_ms: Option<i64>,
 }
 
+/// An occupancy report to keep (`occupancy`, contract: "Vehicles inside"): the latest per
+/// gateway, with the labels it rolls up under in `occupancy_by_layer`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Occupancy<'a> {
+    pub gateway: &'a str,
+    /// The window's end, Unix ms.
+    pub at_ms: i64,
+    pub labels: Labels,
+    pub inside: i64,
+    pub capacity: Option<i64>,
+    pub long_stay: i64,
+    pub missed_exits: i64,
+}
+
+/// An occupancy report's place in the order "newer than" ([`Occupancy::rank`]): `at` (Unix
+/// ms), inside, capacity (-1 when absent), long stays, missed exits, labels.
+pub type Rank<'a> = (i64, i64, i64, i64, i64, &'a Labels);
+
+impl Occupancy<'_> {
+    /// What "newer" means between two reports of one gateway: the later `at`; at the same `at`
+    /// (a box that re-sent a window's report with other figures, say after a stocktake) the
+    /// greater content, compared field by field, so the newest of a set does not depend on the
+    /// order it arrives in. The database's upsert compares the same tuple (labels in byte
+    /// order, `COLLATE "C"`; a missing capacity as -1).
+    pub fn rank(&self) -> Rank<'_> {
+        (
+            self.at_ms,
+            self.inside,
+            self.capacity.unwrap_or(-1),
+            self.long_stay,
+            self.missed_exits,
+            &self.labels,
+        )
+    }
+}
+
 /// A batch as sets. Borrowed from the parsed messages.
 #[derive(Debug, Default)]
 pub struct Split<'a> {
@@ -186,6 +229,9 @@ pub struct Split<'a> {
     pub config_reports: Vec<ConfigReport<'a>>,
     /// Per gateway, the highest serial the batch reports `applied`, sorted by gateway.
     pub config_serials: Vec<(&'a str, i64)>,
+    /// Per gateway the newest occupancy report of the batch ([`Occupancy::rank`]), sorted by
+    /// gateway (so two receivers take the rows' locks in one order).
+    pub occupancy: Vec<Occupancy<'a>>,
     /// (topic, reason, detail).
     pub rejects: Vec<(&'a str, &'static str, String)>,
     /// Messages kept (not rejected).
@@ -240,6 +286,7 @@ pub fn split<'a>(batch: &'a [(String, Result<Msg, Reject>)], horizon: Horizon) -
     let mut sites = Vec::new();
     let mut reports: BTreeMap<(&str, i64, ConfigPhase), ConfigReport<'a>> = BTreeMap::new();
     let mut serials: BTreeMap<&str, i64> = BTreeMap::new();
+    let mut occupancy: BTreeMap<&str, Occupancy<'a>> = BTreeMap::new();
     for (topic, m) in batch {
         let m = match m {
             Err(r) => {
@@ -251,6 +298,10 @@ pub fn split<'a>(batch: &'a [(String, Result<Msg, Reject>)], horizon: Horizon) -
         let outside = match m {
             Msg::Summary { start_ms, .. } => horizon.check(*start_ms, "window.start").err(),
             Msg::Alert { ts_ms, .. } => horizon.check(*ts_ms, "ts").err(),
+            // Only the far side: the table is not partitioned, an old report is harmless.
+            Msg::Occupancy { at_ms, .. } if *at_ms >= horizon.max_ms => {
+                horizon.check(*at_ms, "at").err()
+            }
             _ => None,
         };
         if let Some(r) = outside {
@@ -385,6 +436,31 @@ pub fn split<'a>(batch: &'a [(String, Result<Msg, Reject>)], horizon: Horizon) -
                     *e = (*e).max(*serial);
                 }
             }
+            Msg::Occupancy {
+                gateway,
+                site,
+                at_ms,
+                inside,
+                capacity,
+                long_stay,
+                missed_exits,
+            } => {
+                let o = Occupancy {
+                    gateway,
+                    at_ms: *at_ms,
+                    labels: Labels::of(gateway, site),
+                    inside: *inside,
+                    capacity: *capacity,
+                    long_stay: *long_stay,
+                    missed_exits: *missed_exits,
+                };
+                match occupancy.get(gateway.as_str()) {
+                    Some(kept) if kept.rank() >= o.rank() => {}
+                    _ => {
+                        occupancy.insert(gateway, o);
+                    }
+                }
+            }
         }
     }
     s.gateways.sort_unstable();
@@ -408,6 +484,7 @@ pub fn split<'a>(batch: &'a [(String, Result<Msg, Reject>)], horizon: Horizon) -
     s.sites = last_per(sites);
     s.config_reports = reports.into_values().collect();
     s.config_serials = serials.into_iter().collect();
+    s.occupancy = occupancy.into_values().collect();
     s
 }
 
@@ -726,6 +803,191 @@ mod tests {
             }
             prop_assert_eq!(kept, want_kept);
             prop_assert_eq!(serial, want_serial);
+        }
+    }
+
+    /// An occupancy row as the model keeps it: at, inside, capacity, long stays, missed exits,
+    /// labels.
+    type Kept = (i64, i64, Option<i64>, i64, i64, Labels);
+
+    fn occ(g: &str, at_ms: i64, site: Value, inside: i64, capacity: Option<i64>) -> Msg {
+        Msg::Occupancy {
+            gateway: g.into(),
+            site,
+            at_ms,
+            inside,
+            capacity,
+            long_stay: inside / 10,
+            missed_exits: at_ms % 3,
+        }
+    }
+
+    #[test]
+    fn split_keeps_the_newest_occupancy_per_gateway() {
+        use serde_json::json;
+        let s = |m: Msg| ("t".to_string(), Ok(m));
+        let long = "长".repeat(300);
+        let batch = vec![
+            s(occ("b", 60, json!({"compound": "B"}), 5, Some(10))),
+            s(occ(
+                "a",
+                120,
+                json!({"street": "S", "compound": long}),
+                7,
+                None,
+            )),
+            // Late and older: changes nothing.
+            s(occ("a", 60, json!({"compound": "old"}), 99, Some(100))),
+            s(occ("b", 180, json!({"compound": "B"}), 6, Some(10))),
+            // Redelivered.
+            s(occ("b", 180, json!({"compound": "B"}), 6, Some(10))),
+            // No compound: the gateway id, as for summaries.
+            s(occ("c", 60, json!({"community": "C"}), 1, Some(2))),
+        ];
+        let sp = split(&batch, Horizon::ALL);
+        assert_eq!(sp.kept, 6);
+        assert_eq!(sp.gateways, vec!["a", "b", "c"]);
+        assert!(sp.updated.is_empty(), "no gateway row is updated");
+        let got: Vec<_> = sp
+            .occupancy
+            .iter()
+            .map(|o| (o.gateway, o.at_ms, o.inside, o.capacity))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("a", 120, 7, None),
+                ("b", 180, 6, Some(10)),
+                ("c", 60, 1, Some(2))
+            ]
+        );
+        // Labels capped (256 characters) and defaulted like a summary's.
+        assert_eq!(sp.occupancy[0].labels.compound, "长".repeat(MAX_LABEL));
+        assert_eq!(sp.occupancy[0].labels.street, "S");
+        assert_eq!(sp.occupancy[2].labels.compound, "c");
+        assert_eq!(sp.occupancy[2].labels.community, "C");
+        assert_eq!(sp.occupancy[2].labels.district, "");
+        // Same `at`, other figures: the greater content, whichever arrives first.
+        let x = s(occ("a", 60, json!({}), 3, Some(5)));
+        let y = s(occ("a", 60, json!({}), 3, None));
+        let xy = [x.clone(), y.clone()];
+        let yx = [y, x];
+        assert_eq!(
+            split(&xy, Horizon::ALL).occupancy,
+            split(&yx, Horizon::ALL).occupancy
+        );
+        assert_eq!(split(&xy, Horizon::ALL).occupancy[0].capacity, Some(5));
+    }
+
+    #[test]
+    fn occupancy_from_a_clock_far_ahead_is_a_reject_and_an_old_one_is_kept() {
+        let s = |m: Msg| ("t".to_string(), Ok(m));
+        let h = Horizon {
+            min_ms: 1_000,
+            max_ms: 2_000,
+        };
+        let batch = vec![
+            s(occ("a", 2_000, Value::Null, 1, None)),
+            s(occ("b", 5, Value::Null, 2, None)),
+        ];
+        let sp = split(&batch, h);
+        assert_eq!(sp.kept, 1);
+        assert_eq!(sp.rejects.len(), 1);
+        assert_eq!(sp.rejects[0].1, "outside_retention");
+        assert!(sp.rejects[0].2.starts_with("at "), "{}", sp.rejects[0].2);
+        assert_eq!(sp.gateways, vec!["b"]);
+        assert_eq!(sp.occupancy.len(), 1);
+        assert_eq!(sp.occupancy[0].gateway, "b");
+    }
+
+    proptest! {
+        /// Occupancy reports in any order, redelivered, cut into any batches and applied the
+        /// way the table's upsert applies them (a report replaces the row only when it ranks
+        /// above it): the row of each gateway is its newest report. A report's content is a
+        /// function of (gateway, `at`, variant): variant 0 is the box's report; variant 1, when
+        /// present, a second report of the same window with other figures, which must not make
+        /// the result depend on the order.
+        #[test]
+        fn occupancy_is_the_newest_report_whatever_the_order_and_batches(
+            msgs in proptest::collection::vec((0usize..3, 0i64..6, 0usize..2), 1..50),
+            seed in any::<u64>(),
+            cut in proptest::collection::vec(1usize..6, 1..10),
+        ) {
+            let gws = ["g0", "g1", "g2"];
+            let report = |g: usize, at: i64, v: usize| {
+                let site = serde_json::json!({"community": format!("c{}", (g + v) % 2)});
+                let inside = (at * 7 + g as i64 * 3 + v as i64 * 5) % 11;
+                let capacity = ((at + v as i64) % 3 != 0).then_some(10 + at);
+                occ(gws[g], at * 60_000, site, inside, capacity)
+            };
+            let apply = |order: &[(usize, i64, usize)]| {
+                let batch: Vec<(String, Result<Msg, Reject>)> = order
+                    .iter()
+                    .map(|&(g, at, v)| ("t".to_string(), Ok(report(g, at, v))))
+                    .collect();
+                // The "database": one row per gateway.
+                let mut db: BTreeMap<String, Kept> = BTreeMap::new();
+                let (mut i, mut ci) = (0, 0);
+                while i < batch.len() {
+                    let end = (i + cut[ci % cut.len()]).min(batch.len());
+                    ci += 1;
+                    let sp = split(&batch[i..end], Horizon::ALL);
+                    let keys: Vec<_> = sp.occupancy.iter().map(|o| o.gateway).collect();
+                    let mut sorted = keys.clone();
+                    sorted.sort_unstable();
+                    sorted.dedup();
+                    assert_eq!(keys, sorted, "one per gateway, sorted");
+                    for o in &sp.occupancy {
+                        let row = (o.at_ms, o.inside, o.capacity, o.long_stay, o.missed_exits, o.labels.clone());
+                        match db.get(o.gateway) {
+                            Some(k) if (k.0, k.1, k.2.unwrap_or(-1), k.3, k.4, &k.5) >= o.rank() => {}
+                            _ => {
+                                db.insert(o.gateway.to_string(), row);
+                            }
+                        }
+                    }
+                    i = end;
+                }
+                db
+            };
+            // Each message sent once or twice (redelivery), then shuffled.
+            let mut sent: Vec<(usize, i64, usize)> = Vec::new();
+            let mut r = seed;
+            let mut next = || {
+                r = r.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                (r >> 33) as usize
+            };
+            for &m in &msgs {
+                sent.push(m);
+                if next() % 3 == 0 {
+                    sent.push(m);
+                }
+            }
+            for i in (1..sent.len()).rev() {
+                sent.swap(i, next() % (i + 1));
+            }
+            let got = apply(&sent);
+            prop_assert_eq!(&got, &apply(&msgs), "the order and redelivery do not matter");
+            // The model: per gateway the latest `at`; at that `at`, the greater variant's
+            // content when both were sent.
+            let mut want = BTreeMap::new();
+            for (g, name) in gws.iter().enumerate() {
+                let Some(at) = msgs.iter().filter(|m| m.0 == g).map(|m| m.1).max() else {
+                    continue;
+                };
+                let best = msgs
+                    .iter()
+                    .filter(|m| m.0 == g && m.1 == at)
+                    .map(|&(_, _, v)| {
+                        let Msg::Occupancy { site, at_ms, inside, capacity, long_stay, missed_exits, .. } =
+                            report(g, at, v) else { unreachable!() };
+                        (at_ms, inside, capacity, long_stay, missed_exits, Labels::of(name, &site))
+                    })
+                    .max_by_key(|k| (k.0, k.1, k.2.unwrap_or(-1), k.3, k.4, k.5.clone()))
+                    .unwrap();
+                want.insert(name.to_string(), best);
+            }
+            prop_assert_eq!(got, want);
         }
     }
 

@@ -17,14 +17,16 @@
 //!    subtracted from the rollups);
 //! 3. the new rows, the rollup deltas (hourly, then daily; sorted, so two receivers take the
 //!    rollup rows' locks in one order), alerts, care notices, daily counts, states,
-//!    heartbeats, sites, fleet configuration reports and serials, and rejects, all sent at
-//!    once.
+//!    heartbeats, sites, fleet configuration reports and serials, occupancy reports, and
+//!    rejects, all sent at once.
 //!
 //! Exactness rests on the same rules as before: a complete rev replaces the window's rows only
 //! when higher than the rev in force (the upsert's `WHERE`, re-checked by PostgreSQL after it
 //! waits on a row another receiver is writing); the parts of one window are serialised across
 //! receivers by its advisory lock; alerts, care notices, daily counts and configuration reports
-//! are keyed so a redelivery is a no-op; a gateway's configuration serial only rises.
+//! are keyed so a redelivery is a no-op; a gateway's configuration serial only rises; a
+//! gateway's occupancy row is replaced only by a report that ranks above it
+//! ([`batch::Occupancy::rank`]).
 //! The rollups equal a recount of the windows in force (`counts_by_layer_raw`) after any batch.
 
 use super::batch::{self, Candidate, Horizon, InForce, Labels, WinKey};
@@ -122,7 +124,7 @@ impl Applied {
 }
 
 /// The array-valued statements of [`apply`], in the order they are sent.
-const SQL: [&str; 21] = [
+const SQL: [&str; 22] = [
     // 0 gateways: create
     "INSERT INTO gateways (gateway) SELECT unnest($1::text[]) ORDER BY 1 ON CONFLICT DO NOTHING",
     // 1 gateways: lock, in sorted order, the rows this batch updates (statuses, heartbeats,
@@ -258,6 +260,25 @@ const SQL: [&str; 21] = [
     "UPDATE gateways g SET config_serial = k.serial
      FROM unnest($1::text[], $2::bigint[]) AS k(gateway, serial)
      WHERE g.gateway = k.gateway AND (g.config_serial IS NULL OR g.config_serial < k.serial)",
+    // 21 occupancy (V7): per gateway the latest report, replaced only by one that ranks above
+    // it (`batch::Occupancy::rank`: `at`, then the figures, then the labels in byte order), so
+    // a redelivered or late older report is a no-op and the order two receivers commit in does
+    // not matter; one row per gateway in the (sorted) arrays
+    "INSERT INTO occupancy AS o (gateway, at, inside, capacity, long_stay, missed_exits,
+                                 district, street, community, compound)
+     SELECT * FROM unnest($1::text[], $2::timestamptz[], $3::bigint[], $4::bigint[], $5::bigint[],
+                          $6::bigint[], $7::text[], $8::text[], $9::text[], $10::text[])
+     ON CONFLICT (gateway) DO UPDATE SET at = EXCLUDED.at, inside = EXCLUDED.inside,
+       capacity = EXCLUDED.capacity, long_stay = EXCLUDED.long_stay,
+       missed_exits = EXCLUDED.missed_exits, district = EXCLUDED.district,
+       street = EXCLUDED.street, community = EXCLUDED.community, compound = EXCLUDED.compound,
+       received = now()
+     WHERE (o.at, o.inside, coalesce(o.capacity, -1), o.long_stay, o.missed_exits,
+            o.district COLLATE \"C\", o.street COLLATE \"C\", o.community COLLATE \"C\",
+            o.compound COLLATE \"C\")
+         < (EXCLUDED.at, EXCLUDED.inside, coalesce(EXCLUDED.capacity, -1), EXCLUDED.long_stay,
+            EXCLUDED.missed_exits, EXCLUDED.district COLLATE \"C\", EXCLUDED.street COLLATE \"C\",
+            EXCLUDED.community COLLATE \"C\", EXCLUDED.compound COLLATE \"C\")",
 ];
 
 /// [`SQL`], prepared on one connection (prepare again after a reconnect).
@@ -508,12 +529,13 @@ pub async fn apply(
     let rj_d: Vec<&str> = s.rejects.iter().map(|r| r.2.as_str()).collect();
     let cfg = ConfigArrays::of(&s.config_reports);
     let (cs_g, cs_n): (Vec<&str>, Vec<i64>) = s.config_serials.iter().copied().unzip();
+    let occ = OccupancyArrays::of(&s.occupancy);
 
     let (rows, win, al, care, daily) = (&rows, &win, &al, &care, &daily);
     let (el_g, el_s, st_g, st_s, st_e) = (&el_g, &el_s, &st_g, &st_s, &st_e);
     let (hb_g, hb_b, si_g, si_s) = (&hb_g, &hb_b, &si_g, &si_s);
     let (rj_t, rj_r, rj_d) = (&rj_t, &rj_r, &rj_d);
-    let (cfg, cs_g, cs_n) = (&cfg, &cs_g, &cs_n);
+    let (cfg, cs_g, cs_n, occ) = (&cfg, &cs_g, &cs_n, &occ);
     let mut calls: Vec<Pending<'_>> = Vec::new();
     if !win.g.is_empty() {
         calls.push(Box::pin(async move {
@@ -638,6 +660,26 @@ pub async fn apply(
     if !cs_g.is_empty() {
         calls.push(Box::pin(async move {
             tx.execute(&q[20], &[&cs_g, &cs_n]).await
+        }));
+    }
+    if !occ.g.is_empty() {
+        calls.push(Box::pin(async move {
+            tx.execute(
+                &q[21],
+                &[
+                    &occ.g,
+                    &occ.at,
+                    &occ.inside,
+                    &occ.capacity,
+                    &occ.long_stay,
+                    &occ.missed_exits,
+                    &occ.district,
+                    &occ.street,
+                    &occ.community,
+                    &occ.compound,
+                ],
+            )
+            .await
         }));
     }
     if !rj_t.is_empty() {
@@ -873,6 +915,39 @@ impl<'a> ConfigArrays<'a> {
             x.reason.push(r.reason);
             x.hash.push(r.config_hash);
             x.at.push(r.at_ms.map(ts));
+        }
+        x
+    }
+}
+
+#[derive(Default)]
+struct OccupancyArrays<'a> {
+    g: Vec<&'a str>,
+    at: Vec<SystemTime>,
+    inside: Vec<i64>,
+    capacity: Vec<Option<i64>>,
+    long_stay: Vec<i64>,
+    missed_exits: Vec<i64>,
+    district: Vec<&'a str>,
+    street: Vec<&'a str>,
+    community: Vec<&'a str>,
+    compound: Vec<&'a str>,
+}
+
+impl<'a> OccupancyArrays<'a> {
+    fn of(reports: &'a [batch::Occupancy<'a>]) -> Self {
+        let mut x = OccupancyArrays::default();
+        for o in reports {
+            x.g.push(o.gateway);
+            x.at.push(ts(o.at_ms));
+            x.inside.push(o.inside);
+            x.capacity.push(o.capacity);
+            x.long_stay.push(o.long_stay);
+            x.missed_exits.push(o.missed_exits);
+            x.district.push(&o.labels.district);
+            x.street.push(&o.labels.street);
+            x.community.push(&o.labels.community);
+            x.compound.push(&o.labels.compound);
         }
         x
     }

@@ -133,6 +133,7 @@ pub(super) fn topic_kind(topic: &str) -> &'static str {
         "daily" => "daily",
         "status" => "status",
         "heartbeat" => "heartbeat",
+        "occupancy" => "occupancy",
         _ => "other",
     }
 }
@@ -147,6 +148,7 @@ mod tests {
             ("zhian/district/gw-1/summary", "summary"),
             ("zhian/district/gw-1/heartbeat", "heartbeat"),
             ("zhian/district/gw-1/config/state", "config_state"),
+            ("zhian/district/gw-1/occupancy", "occupancy"),
             ("zhian/district/gw-1/state", "other"),
             ("zhian/district/gw-1/nonsense", "other"),
         ] {

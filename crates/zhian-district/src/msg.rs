@@ -2,7 +2,8 @@
 //! and checked before anything touches the database. Pure: no I/O.
 //!
 //! Topics are `{prefix}/{gateway}/{leaf}` with `leaf` one of `summary`, `alert`, `care`, `daily`,
-//! `status`, `heartbeat`, and the fleet's `config/state` (contract: "Fleet configuration").
+//! `status`, `heartbeat`, `occupancy` (contract: "Vehicles inside") and the fleet's
+//! `config/state` (contract: "Fleet configuration").
 //! Anything else, or a payload that breaks its schema, is a [`Reject`] with a reason: counted,
 //! kept in the `rejects` table and acknowledged, never stopping the receiver.
 
@@ -88,6 +89,24 @@ pub enum Msg {
         /// keeps the time it received the report).
         at_ms: Option<i64>,
     },
+    /// Vehicles inside a compound at the end of a window (contract: "Vehicles inside"). The
+    /// receiver keeps the newest per gateway ([`super::batch::Occupancy`]).
+    Occupancy {
+        gateway: String,
+        /// The `site` object as sent (labels are capped and defaulted by
+        /// [`super::batch::Labels::of`], as for summaries).
+        site: Value,
+        /// The window's end, Unix ms.
+        at_ms: i64,
+        /// Vehicles inside, at most [`MAX_N`] like every count here.
+        inside: i64,
+        /// Parking spaces, when the box has `occupancy.capacity`.
+        capacity: Option<i64>,
+        /// Vehicles inside longer than the box's `occupancy.long_stay`.
+        long_stay: i64,
+        /// Stays dropped as missed exits (cumulative on the box).
+        missed_exits: i64,
+    },
 }
 
 impl Msg {
@@ -100,7 +119,8 @@ impl Msg {
             | Msg::Daily { gateway, .. }
             | Msg::Status { gateway, .. }
             | Msg::Heartbeat { gateway, .. }
-            | Msg::ConfigState { gateway, .. } => gateway,
+            | Msg::ConfigState { gateway, .. }
+            | Msg::Occupancy { gateway, .. } => gateway,
         }
     }
 }
@@ -201,18 +221,22 @@ fn typed<M: Message>(v: &Value) -> Result<M, Reject> {
     M::deserialize(v).map_err(|e| reject("invalid_field", e.to_string()))
 }
 
+/// A count kept as a bigint: at most [`MAX_N`].
+fn count(n: u64, key: &str) -> Result<i64, Reject> {
+    if n > MAX_N as u64 {
+        Err(reject("invalid_field", format!("{key} is not 0 to 10^12")))
+    } else {
+        Ok(n as i64)
+    }
+}
+
 /// The counted rows, each `n` at most [`MAX_N`] and each label 1-256 bytes.
 fn rows(counts: Vec<proto::Count>) -> Result<Vec<Row>, Reject> {
     counts
         .into_iter()
         .enumerate()
         .map(|(i, c)| {
-            if c.n > MAX_N as u64 {
-                return Err(reject(
-                    "invalid_field",
-                    format!("counts[{i}].n is not 0 to 10^12"),
-                ));
-            }
+            let n = count(c.n, &format!("counts[{i}].n"))?;
             for (k, f) in [
                 ("kind", &c.kind),
                 ("device", &c.device),
@@ -231,7 +255,7 @@ fn rows(counts: Vec<proto::Count>) -> Result<Vec<Row>, Reject> {
                 device: c.device,
                 action: c.action,
                 result: c.result,
-                n: c.n as i64,
+                n,
             })
         })
         .collect()
@@ -416,6 +440,20 @@ pub fn parse(prefix: &str, topic: &str, payload: &[u8]) -> Result<Msg, Reject> {
                 reason: m.reason,
                 config_hash: text(m.config_hash, "config_hash")?,
                 at_ms: m.at.map(|t| bounded_ms(t.0, "at")).transpose()?,
+                gateway,
+            })
+        }
+        Leaf::Occupancy => {
+            schema(proto::Occupancy::SCHEMA)?;
+            same_gateway(&v)?;
+            let m: proto::Occupancy = typed(&v)?;
+            Ok(Msg::Occupancy {
+                site: site(&m.site),
+                at_ms: bounded_ms(m.at.0, "at")?,
+                inside: count(m.inside, "inside")?,
+                capacity: m.capacity.map(|c| count(c, "capacity")).transpose()?,
+                long_stay: count(m.long_stay, "long_stay")?,
+                missed_exits: count(m.missed_exits, "missed_exits")?,
                 gateway,
             })
         }
@@ -665,6 +703,130 @@ mod tests {
         ] {
             assert!(!not_for_the_receiver(P, t), "{t}");
         }
+    }
+
+    #[test]
+    fn occupancy_reports_parse_with_and_without_capacity() {
+        let t = "zhian/district/gw-1/occupancy";
+        let m = parse(
+            P,
+            t,
+            r#"{"schema":"zhian.occupancy.v1","gateway":"gw-1",
+                "site":{"district":"富阳区","street":"富春街道","community":"江滨社区","compound":"江滨花园"},
+                "at":"2026-11-30T00:01:00Z","inside":312,"capacity":420,"long_stay":4,"missed_exits":2}"#
+                .as_bytes(),
+        )
+        .unwrap();
+        assert_eq!(
+            m,
+            Msg::Occupancy {
+                gateway: "gw-1".into(),
+                site: serde_json::json!({"district":"富阳区","street":"富春街道",
+                                         "community":"江滨社区","compound":"江滨花园"}),
+                at_ms: 1_795_996_860_000,
+                inside: 312,
+                capacity: Some(420),
+                long_stay: 4,
+                missed_exits: 2,
+            }
+        );
+        // No capacity configured, no labels, `at` in Unix ms.
+        let m = parse(
+            P,
+            t,
+            br#"{"schema":"zhian.occupancy.v1","gateway":"gw-1","site":{},"at":1796000000000,
+                "inside":0,"long_stay":0,"missed_exits":0}"#,
+        )
+        .unwrap();
+        assert!(matches!(
+            m,
+            Msg::Occupancy {
+                capacity: None,
+                at_ms: 1_796_000_000_000,
+                inside: 0,
+                ..
+            }
+        ));
+        // What the box sends, through the same type.
+        let sent = proto::Occupancy {
+            schema: proto::OccupancyV1,
+            gateway: "gw-1".into(),
+            site: proto::Site {
+                compound: Some("x".into()),
+                ..proto::Site::default()
+            },
+            at: proto::Timestamp(1_796_000_000_000),
+            inside: 7,
+            capacity: Some(9),
+            long_stay: 1,
+            missed_exits: 0,
+        };
+        assert!(matches!(
+            parse(P, t, &serde_json::to_vec(&sent).unwrap()).unwrap(),
+            Msg::Occupancy {
+                inside: 7,
+                capacity: Some(9),
+                ref site,
+                ..
+            } if site == &serde_json::json!({"compound": "x"})
+        ));
+    }
+
+    #[test]
+    fn bad_occupancy_reports_are_rejects() {
+        let t = "zhian/district/gw-1/occupancy";
+        let ok =
+            r#""site":{},"at":"2026-11-30T00:01:00Z","inside":1,"long_stay":0,"missed_exits":0"#;
+        let cases: Vec<(String, &str)> = vec![
+            ("[1]".into(), "invalid_json"),
+            (format!(r#"{{"gateway":"gw-1",{ok}}}"#), "wrong_schema"),
+            (format!(r#"{{"schema":"zhian.summary.v1","gateway":"gw-1",{ok}}}"#), "wrong_schema"),
+            (format!(r#"{{"schema":"zhian.occupancy.v1","gateway":"gw-2",{ok}}}"#), "gateway_mismatch"),
+            (format!(r#"{{"schema":"zhian.occupancy.v1",{ok}}}"#), "invalid_field"),
+            (
+                r#"{"schema":"zhian.occupancy.v1","gateway":"gw-1","site":{},"at":"2026-11-30T00:01:00Z","inside":-1,"long_stay":0,"missed_exits":0}"#.into(),
+                "invalid_field",
+            ),
+            (
+                r#"{"schema":"zhian.occupancy.v1","gateway":"gw-1","site":{},"at":"2026-11-30T00:01:00Z","inside":"3","long_stay":0,"missed_exits":0}"#.into(),
+                "invalid_field",
+            ),
+            (
+                r#"{"schema":"zhian.occupancy.v1","gateway":"gw-1","site":{},"at":"2026-11-30T00:01:00Z","inside":1000000000001,"long_stay":0,"missed_exits":0}"#.into(),
+                "invalid_field",
+            ),
+            (
+                r#"{"schema":"zhian.occupancy.v1","gateway":"gw-1","site":{},"at":"2026-11-30T00:01:00Z","inside":1,"capacity":18446744073709551615,"long_stay":0,"missed_exits":0}"#.into(),
+                "invalid_field",
+            ),
+            (
+                r#"{"schema":"zhian.occupancy.v1","gateway":"gw-1","site":{},"at":"2026-11-30T00:01:00Z","inside":1,"long_stay":0}"#.into(),
+                "invalid_field",
+            ),
+            (
+                r#"{"schema":"zhian.occupancy.v1","gateway":"gw-1","site":{},"at":10000000000000000,"inside":1,"long_stay":0,"missed_exits":0}"#.into(),
+                "invalid_field",
+            ),
+            (
+                r#"{"schema":"zhian.occupancy.v1","gateway":"gw-1","site":{"compound":"a\u0000b"},"at":"2026-11-30T00:01:00Z","inside":1,"long_stay":0,"missed_exits":0}"#.into(),
+                "invalid_field",
+            ),
+        ];
+        for (payload, reason) in cases {
+            let e = parse(P, t, payload.as_bytes()).unwrap_err();
+            assert_eq!(e.reason, reason, "{payload}: {e:?}");
+        }
+        // A report without `site` is taken (its labels empty, the compound its gateway id),
+        // as a summary without one is.
+        assert!(parse(
+            P,
+            t,
+            br#"{"schema":"zhian.occupancy.v1","gateway":"gw-1","at":"2026-11-30T00:01:00Z","inside":1,"long_stay":0,"missed_exits":0}"#
+        )
+        .is_ok());
+        // A deeper topic is not the occupancy leaf.
+        let e = parse(P, "zhian/district/gw-1/occupancy/x", b"{}").unwrap_err();
+        assert_eq!(e.reason, "foreign_topic");
     }
 
     #[test]

@@ -64,6 +64,10 @@ schema_tag!(
     /// `zhian.heartbeat.v1`.
     HeartbeatV1 = "zhian.heartbeat.v1"
 );
+schema_tag!(
+    /// `zhian.occupancy.v1`.
+    OccupancyV1 = "zhian.occupancy.v1"
+);
 
 /// The compound's place in the seed's layers, copied into summaries and daily messages
 /// (contract: "The five layers"). Each label is optional; unknown fields are ignored on parse.
@@ -390,4 +394,28 @@ pub struct Heartbeat {
 impl Message for Heartbeat {
     const LEAF: Leaf = Leaf::Heartbeat;
     const SCHEMA: &'static str = HeartbeatV1::NAME;
+}
+
+/// `{prefix}/{gateway}/occupancy`, once per window (contract: "Vehicles inside"): vehicles
+/// inside the compound at `at` (the window's end), the parking capacity, stays longer than
+/// `occupancy.long_stay`, and stays dropped as missed exits (cumulative). No plate, masked or
+/// not, is in it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Occupancy {
+    pub schema: OccupancyV1,
+    pub gateway: String,
+    #[serde(default)]
+    pub site: Site,
+    pub at: Timestamp,
+    pub inside: u64,
+    /// `occupancy.capacity` (spaces); absent when not configured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capacity: Option<u64>,
+    pub long_stay: u64,
+    pub missed_exits: u64,
+}
+
+impl Message for Occupancy {
+    const LEAF: Leaf = Leaf::Occupancy;
+    const SCHEMA: &'static str = OccupancyV1::NAME;
 }

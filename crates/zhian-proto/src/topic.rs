@@ -13,11 +13,13 @@ pub enum Leaf {
     Heartbeat,
     /// `config/state`: where a fleet configuration change stands (two topic levels).
     ConfigState,
+    /// `occupancy`: vehicles inside, once per window.
+    Occupancy,
 }
 
 impl Leaf {
     /// Every leaf, in the contract's order.
-    pub const ALL: [Leaf; 7] = [
+    pub const ALL: [Leaf; 8] = [
         Leaf::Summary,
         Leaf::Alert,
         Leaf::Care,
@@ -25,6 +27,7 @@ impl Leaf {
         Leaf::Status,
         Leaf::Heartbeat,
         Leaf::ConfigState,
+        Leaf::Occupancy,
     ];
 
     /// The topic level as written (`summary`, ...).
@@ -37,6 +40,7 @@ impl Leaf {
             Leaf::Status => "status",
             Leaf::Heartbeat => "heartbeat",
             Leaf::ConfigState => "config/state",
+            Leaf::Occupancy => "occupancy",
         }
     }
 

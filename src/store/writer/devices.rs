@@ -186,3 +186,50 @@ impl StoreWriter {
         self.key_book.losses(&self.keys, &self.care_list, now_ms)
     }
 }
+
+impl StoreWriter {
+    /// Turn vehicles inside on (`Some`) or off; off keeps what is stored.
+    pub fn set_occupancy(&mut self, cfg: Option<super::OccupancyCfg>) {
+        self.occupancy = cfg;
+    }
+
+    /// Record a stocktake (盘点, `zhian-gateway occupancy set --count N`) with the next commit.
+    pub fn record_stocktake(&mut self, counted: u64, now_ms: i64) {
+        self.stocktake = Some((counted, now_ms));
+    }
+
+    /// Vehicles inside as they stand (page, `/api/status`, metrics, upstream); `None` when
+    /// `[occupancy]` is off.
+    pub fn occupancy_overview(&self, now_ms: i64) -> Option<crate::stats::OccupancyView> {
+        let o = self.occupancy?;
+        let p = &self.mem.presence;
+        let inside = p.inside();
+        let long: Vec<crate::stats::LongStay> = p
+            .long_stays(now_ms, o.long_stay_ms)
+            .into_iter()
+            .map(|r| crate::stats::LongStay {
+                plate: r.masked.clone(),
+                entry_ms: r.ts_ms,
+                entry: crate::core::summary::rfc3339_utc(r.ts_ms),
+                gate: r.device.clone(),
+            })
+            .collect();
+        Some(crate::stats::OccupancyView {
+            inside,
+            capacity: o.capacity.map(u64::from),
+            free: o.capacity.map(|c| u64::from(c).saturating_sub(inside)),
+            long_stay: long.len() as u64,
+            long_stays: long,
+            missed_exits: p.totals.missed_exits,
+            unmatched_exits: p.totals.unmatched_exits,
+            in_set: p.in_set(),
+            stocktake: p.totals.stocktake,
+            stocktake_at: p
+                .totals
+                .stocktake
+                .map(|(_, at)| crate::core::summary::rfc3339_utc(at)),
+            stocktake_count: p.totals.stocktake.map(|(n, _)| n),
+            adjust: p.totals.adjust,
+        })
+    }
+}

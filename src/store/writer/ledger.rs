@@ -42,6 +42,9 @@ pub(super) struct TxLedger<'t, 's> {
     pub(super) care_list: &'s [Resident],
     /// Access events of watched residents: (care pseudonym, event time).
     pub(super) care_hits: Vec<(CarePseudonym, i64)>,
+    /// `[occupancy]` is on: vehicle entries and exits with a plate move the presence set.
+    pub(super) presence_on: bool,
+    pub(super) presence_hits: Vec<crate::store::presence::Hit>,
     pub(super) now_ms: i64,
     pub(super) emitted: usize,
 }
@@ -275,6 +278,20 @@ impl Ledger for TxLedger<'_, '_> {
                 e.kind == Kind::Vehicle,
                 p,
             ));
+        }
+        if let (true, Kind::Vehicle, Some(plate)) = (self.presence_on, e.kind, &e.subject) {
+            use crate::core::occupancy::{mask_plate, Dir};
+            if let Some(dir) = Dir::of(&e.action, &e.result) {
+                if let Some(key) = self.keys.presence_pseudonym(plate) {
+                    self.presence_hits.push(crate::store::presence::Hit {
+                        key,
+                        dir,
+                        ts_ms: e.ts_ms,
+                        device: e.device.clone(),
+                        masked: mask_plate(plate),
+                    });
+                }
+            }
         }
         if let (false, Kind::Access, Some(s)) = (self.care_list.is_empty(), e.kind, &e.subject) {
             if let Some(p) = self.keys.care_pseudonym(s) {

@@ -92,6 +92,8 @@ struct Mem {
     days: BTreeMap<i64, DayMem>,
     /// Care-watch states by care pseudonym.
     care: HashMap<CarePseudonym, CareRecordV1>,
+    /// Vehicles inside (`[occupancy]`).
+    presence: crate::core::occupancy::Presence,
 }
 
 /// Known devices' last-seen times are written together at most this often (ms): after a
@@ -145,6 +147,20 @@ pub struct StoreWriter {
     key_book: KeyBook,
     /// The care aliases last logged as unmatched (care key lost), so each set is logged once.
     unmatched_logged: Vec<String>,
+    /// `[occupancy]`, when on.
+    occupancy: Option<OccupancyCfg>,
+    /// A stocktake to record with the next commit: (counted, when).
+    stocktake: Option<(u64, i64)>,
+}
+
+/// `[occupancy]` as the writer uses it (ms).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OccupancyCfg {
+    pub max_stay_ms: i64,
+    pub long_stay_ms: i64,
+    /// How long an exit is remembered: `aggregate.max_lateness` (no older event is accepted).
+    pub forget_ms: i64,
+    pub capacity: Option<u32>,
 }
 
 /// A write transaction on the writer's open database: fsync'ed at commit
@@ -201,6 +217,8 @@ impl StoreWriter {
             staged_marks: HashMap::new(),
             key_book: KeyBook::default(),
             unmatched_logged: Vec::new(),
+            occupancy: None,
+            stocktake: None,
         };
         w.load()?;
         Ok(w)
@@ -291,6 +309,9 @@ impl StoreWriter {
         let (care_mem, care_bytes) = care_store::load(&txn)?;
         mem.care = care_mem;
         bytes += care_bytes;
+        let (presence_mem, presence_bytes) = super::presence::load(&txn)?;
+        mem.presence = presence_mem;
+        bytes += presence_bytes;
         let (key_mem, key_bytes) = key_ids::load(&txn)?;
         self.key_book.set_committed(key_mem);
         bytes += key_bytes;
@@ -403,6 +424,7 @@ impl StoreWriter {
         let mut marks_changed: Vec<(String, String)> = Vec::new();
         let mut day_changes = DayChanges::default();
         let mut care_changes = CareChanges::default();
+        let presence_staged;
         let seen_pending;
         let changes = {
             let mut l = TxLedger {
@@ -427,6 +449,8 @@ impl StoreWriter {
                 day_subjects: Vec::new(),
                 care_list: &self.care_list,
                 care_hits: Vec::new(),
+                presence_on: self.occupancy.is_some(),
+                presence_hits: Vec::new(),
                 now_ms,
                 emitted: 0,
             };
@@ -615,6 +639,15 @@ impl StoreWriter {
                 l.emitted += 1;
             }
             l.bytes += care_store::write(&txn, &care_changes)?;
+            presence_staged = super::presence::stage(
+                &self.mem.presence,
+                &std::mem::take(&mut l.presence_hits),
+                maintain
+                    .and(self.occupancy)
+                    .map(|o| (now_ms, o.max_stay_ms, o.forget_ms)),
+                self.stocktake,
+            );
+            l.bytes += super::presence::write(&txn, &mut l.meta, &presence_staged)?;
             l.bytes += self.key_book.write(&txn)?;
             let mut seq = l.seq;
             l.bytes += days::write(&txn, &day_changes, || {
@@ -672,6 +705,17 @@ impl StoreWriter {
         self.staged_marks.clear();
         days::apply(&mut self.mem.days, day_changes);
         care_store::apply(&mut self.mem.care, care_changes);
+        if let Some(next) = presence_staged.next {
+            let missed = next.totals.missed_exits - self.mem.presence.totals.missed_exits;
+            if missed > 0 {
+                tracing::info!(
+                    missed,
+                    "vehicles inside: stays past occupancy.max_stay dropped as missed exits"
+                );
+            }
+            self.mem.presence = next;
+            self.stocktake = None;
+        }
         self.key_book.committed();
         {
             let (pending, since) = seen_pending;

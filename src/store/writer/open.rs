@@ -68,6 +68,7 @@ pub(super) fn prepare(db: &redb::Database) -> Result<[u8; 32], StoreError> {
     txn.open_table(days::DAYS)?;
     txn.open_table(days::DAY_SUBJECTS)?;
     txn.open_table(care_store::CARE)?;
+    txn.open_table(super::super::presence::PRESENCE)?;
     txn.open_table(key_ids::KEY_IDS)?;
     txn.commit()?;
     Ok(key)
