@@ -110,6 +110,8 @@ pub const EX_TEMPFAIL: u8 = 75;
 pub enum Op {
     Forget,
     List,
+    /// `zhian-gateway occupancy set --count N`: a stocktake of the vehicles inside (盘点).
+    Stocktake,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -118,6 +120,9 @@ pub struct Request {
     /// Globs (`*`, `?`) on the device name, or on `kind/name` when they hold a `/`. `list`
     /// with none lists every device.
     pub patterns: Vec<String>,
+    /// The counted vehicles, for [`Op::Stocktake`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub count: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -248,7 +253,7 @@ pub fn cli(data_dir: &Path, req: Request, json: bool) -> u8 {
                     ANSWER_WAIT.as_secs(),
                     path.display()
                 ),
-                Op::List => {
+                Op::List | Op::Stocktake => {
                     let _ = std::fs::remove_file(&path);
                     eprintln!(
                         "no answer from a running daemon within {} s (is it running? `zhian-gateway inspect --data-dir {}` reads the store while it is stopped)",
@@ -282,6 +287,14 @@ pub fn cli(data_dir: &Path, req: Request, json: bool) -> u8 {
             );
         }
     }
+    if req.op == Op::Stocktake {
+        println!(
+            "stocktake of {} vehicle(s) recorded: vehicles inside = {} from now, plus entries less exits after it (README, \"Vehicles inside\")",
+            req.count.unwrap_or(0),
+            req.count.unwrap_or(0)
+        );
+        return 0;
+    }
     match (req.op, answer.devices.len()) {
         (Op::Forget, 0) => {
             eprintln!("no known device matches {:?}", req.patterns);
@@ -293,7 +306,7 @@ pub fn cli(data_dir: &Path, req: Request, json: bool) -> u8 {
             }
             0
         }
-        (Op::List, _) => 0,
+        (Op::List, _) | (Op::Stocktake, _) => 0,
     }
 }
 
@@ -336,6 +349,7 @@ mod tests {
         let req = Request {
             op: Op::Forget,
             patterns: vec!["plate-*".into()],
+            count: None,
         };
         let path = dir.path().join(format!("{REQUEST_PREFIX}1-2.json"));
         std::fs::write(&path, serde_json::to_vec(&req).unwrap()).unwrap();

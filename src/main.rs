@@ -93,6 +93,11 @@ enum Command {
         #[command(subcommand)]
         op: FleetOp,
     },
+    /// Vehicles inside (实有车辆): record a stocktake (盘点) in the running daemon.
+    Occupancy {
+        #[command(subcommand)]
+        op: OccupancyOp,
+    },
     /// Offline read of the store (stop the daemon first): pending summaries, open windows,
     /// device states, dedup keys held, disk use.
     Inspect {
@@ -473,6 +478,20 @@ fn main() -> ExitCode {
         Command::Demo { data_dir } => demo(data_dir),
         Command::Devices { op } => devices(op),
         Command::Fleet { op } => fleet(op),
+        Command::Occupancy {
+            op: OccupancyOp::Set { config, count },
+        } => match load(config, false) {
+            Ok(cfg) => ExitCode::from(zhian_gateway::devices::cli(
+                &cfg.gateway.data_dir,
+                zhian_gateway::devices::Request {
+                    op: zhian_gateway::devices::Op::Stocktake,
+                    patterns: Vec::new(),
+                    count: Some(count),
+                },
+                false,
+            )),
+            Err(code) => code,
+        },
         Command::HashPassword => {
             use std::io::{BufRead, IsTerminal};
             if std::io::stdin().is_terminal() {
@@ -615,6 +634,20 @@ where
             ExitCode::FAILURE
         }
     }
+}
+
+#[derive(Subcommand)]
+enum OccupancyOp {
+    /// Record that N vehicles are inside now (counted on site): from now on, vehicles inside
+    /// = N plus the entries less the exits after it. Exit 0 recorded, 1 refused, 75 queued.
+    Set {
+        /// Config file (for gateway.data_dir).
+        #[arg(long, value_name = "PATH")]
+        config: Option<PathBuf>,
+        /// The vehicles counted inside.
+        #[arg(long, value_name = "N")]
+        count: u64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -831,6 +864,7 @@ fn devices(op: DevicesOp) -> ExitCode {
             Request {
                 op: Op::List,
                 patterns,
+                count: None,
             },
         ),
         DevicesOp::Forget {
@@ -843,6 +877,7 @@ fn devices(op: DevicesOp) -> ExitCode {
             Request {
                 op: Op::Forget,
                 patterns,
+                count: None,
             },
         ),
     };

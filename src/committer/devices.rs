@@ -89,6 +89,25 @@ impl Committer {
 
     pub(super) fn request(&mut self, req: crate::devices::Request) -> crate::devices::Answer {
         use crate::devices::{select, Answer, Op};
+        if req.op == Op::Stocktake {
+            let error = match (self.writer.occupancy_overview(0), req.count) {
+                (None, _) => Some("vehicles inside are off: add an [occupancy] section".into()),
+                (_, None) => Some("no count given".into()),
+                (Some(_), Some(n)) => {
+                    self.writer.record_stocktake(n, crate::clock::now_ms());
+                    tracing::info!(
+                        counted = n,
+                        "vehicles inside: stocktake recorded (zhian-gateway occupancy set)"
+                    );
+                    None
+                }
+            };
+            return Answer {
+                op: req.op,
+                error,
+                devices: Vec::new(),
+            };
+        }
         let known = self.writer.known_devices();
         let picked = select(&known, &req.patterns, &self.source_marks);
         if req.op == Op::List {

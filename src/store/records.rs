@@ -48,6 +48,8 @@ pub enum OutboxTopic {
     Daily,
     /// `zhian.care.v1`: a care-watch notice.
     Care,
+    /// `zhian.occupancy.v1`: vehicles inside, once per window.
+    Occupancy,
 }
 
 impl OutboxTopic {
@@ -58,6 +60,7 @@ impl OutboxTopic {
             OutboxTopic::Alert => zhian_proto::Leaf::Alert,
             OutboxTopic::Daily => zhian_proto::Leaf::Daily,
             OutboxTopic::Care => zhian_proto::Leaf::Care,
+            OutboxTopic::Occupancy => zhian_proto::Leaf::Occupancy,
         }
     }
 }

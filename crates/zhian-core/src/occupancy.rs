@@ -24,8 +24,9 @@
 //!   older than that is accepted), so a late entry older than it is recognised; then forgotten.
 //! - A stocktake (盘点) records the counted number: `inside` is the set's size plus the
 //!   stocktake's adjustment (counted − the set's size at the stocktake), never below zero. The
-//!   set itself is kept (its stays still end at their exits); the next stocktake replaces the
-//!   adjustment.
+//!   set itself is kept (its stays still end at their exits); an exit with no known entry
+//!   afterwards is one of the vehicles only the stocktake counted, and takes one off the
+//!   adjustment while it is positive; the next stocktake replaces the adjustment.
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -151,6 +152,11 @@ impl Presence {
             (None, Dir::Exit) => {
                 self.vehicles.insert(key, rec(true));
                 self.totals.unmatched_exits += 1;
+                // A vehicle the last stocktake counted and the set never saw come in: it
+                // leaves the stocktake's share.
+                if self.totals.adjust > 0 {
+                    self.totals.adjust -= 1;
+                }
                 Step::Unmatched
             }
             (Some(r), _) if rank(ts_ms, dir) <= rank(r.ts_ms, r.dir) => {
@@ -282,6 +288,9 @@ mod tests {
         assert_eq!(p.inside(), 10);
         p.apply(k(4), Dir::Exit, 20_002, "g1", "m");
         assert_eq!(p.inside(), 9);
+        // A vehicle only the stocktake counted leaves: its exit is unmatched, and it is gone.
+        p.apply(k(5), Dir::Exit, 20_003, "g1", "m");
+        assert_eq!(p.inside(), 8);
     }
 
     #[derive(Debug, Clone)]

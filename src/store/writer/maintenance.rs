@@ -44,6 +44,20 @@ impl StoreWriter {
         if self.key_book.has_staged() {
             return Ok(true);
         }
+        // Vehicles inside: the window's `occupancy` message is due, a stocktake waits, or a
+        // stay passed max_stay / an exit the lateness bound.
+        if let Some(o) = self.occupancy {
+            let w = engine.window.window_ms.max(1) as i64;
+            if now_ms.div_euclid(w) * w > self.occupancy_sent
+                || self.stocktake.is_some()
+                || self.mem.presence.vehicles.values().any(|r| match r.dir {
+                    crate::core::occupancy::Dir::Entry => now_ms - r.ts_ms > o.max_stay_ms,
+                    crate::core::occupancy::Dir::Exit => now_ms - r.ts_ms > o.forget_ms,
+                })
+            {
+                return Ok(true);
+            }
+        }
         if care_store::due(
             &self.care_list,
             self.key_book.orphans(),

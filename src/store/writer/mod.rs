@@ -151,6 +151,9 @@ pub struct StoreWriter {
     occupancy: Option<OccupancyCfg>,
     /// A stocktake to record with the next commit: (counted, when).
     stocktake: Option<(u64, i64)>,
+    /// The window end of the last `occupancy` message queued (memory: after a restart the
+    /// current window's is queued again, which the receiver's newest-wins rule makes harmless).
+    occupancy_sent: i64,
 }
 
 /// `[occupancy]` as the writer uses it (ms).
@@ -219,6 +222,7 @@ impl StoreWriter {
             unmatched_logged: Vec::new(),
             occupancy: None,
             stocktake: None,
+            occupancy_sent: 0,
         };
         w.load()?;
         Ok(w)
@@ -425,6 +429,7 @@ impl StoreWriter {
         let mut day_changes = DayChanges::default();
         let mut care_changes = CareChanges::default();
         let presence_staged;
+        let mut occupancy_sent = None;
         let seen_pending;
         let changes = {
             let mut l = TxLedger {
@@ -648,6 +653,35 @@ impl StoreWriter {
                 self.stocktake,
             );
             l.bytes += super::presence::write(&txn, &mut l.meta, &presence_staged)?;
+            if let (Some(_), Some(o)) = (maintain, self.occupancy) {
+                // Once per window (contract: "Vehicles inside"), at the window's boundary.
+                let w = engine.window.window_ms.max(1) as i64;
+                let boundary = now_ms.div_euclid(w) * w;
+                if boundary > self.occupancy_sent {
+                    let p = presence_staged.next.as_ref().unwrap_or(&self.mem.presence);
+                    let msg = zhian_proto::Occupancy {
+                        schema: zhian_proto::OccupancyV1,
+                        gateway: engine.gateway.clone(),
+                        site: engine.site.clone(),
+                        at: zhian_proto::Timestamp(boundary),
+                        inside: p.inside(),
+                        capacity: o.capacity.map(u64::from),
+                        long_stay: p.long_stays(now_ms, o.long_stay_ms).len() as u64,
+                        missed_exits: p.totals.missed_exits,
+                    };
+                    let rec = encode(&OutboxRecordV1 {
+                        topic: OutboxTopic::Occupancy,
+                        window: None,
+                        created_ms: now_ms,
+                        payload: zhian_proto::Message::to_bytes(&msg),
+                    });
+                    let seq = l.next_seq();
+                    l.outbox.insert((CLASS_SUMMARY, seq), rec.as_slice())?;
+                    l.bytes += 9 + rec.len() as i64;
+                    l.emitted += 1;
+                    occupancy_sent = Some(boundary);
+                }
+            }
             l.bytes += self.key_book.write(&txn)?;
             let mut seq = l.seq;
             l.bytes += days::write(&txn, &day_changes, || {
@@ -715,6 +749,9 @@ impl StoreWriter {
             }
             self.mem.presence = next;
             self.stocktake = None;
+        }
+        if let Some(b) = occupancy_sent {
+            self.occupancy_sent = b;
         }
         self.key_book.committed();
         {
