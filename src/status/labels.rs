@@ -117,6 +117,10 @@ labels! {
     OccMissed = "occ_missed" => ("超期未出场（视为漏记出场）", "Past max stay (missed exits)"),
     OccUnmatched = "occ_unmatched" => ("无入场记录的出场", "Exits without an entry"),
     OccStocktake = "occ_stocktake" => ("最近盘点", "Last stocktake"),
+    OccHelp = "occ_help" => (
+        "在场车辆由出入口车牌识别的入场、出场计算（同一车辆以最新一次识别为准，重复识别不重复计数）。出场漏拍的车辆会一直计为在场，超过最长停放时间后按漏记出场移除；人工盘点后可用 zhian-gateway occupancy set --count 数量 校正。车牌只显示前两位和后两位。",
+        "Vehicles inside come from the gates' plate reads (each vehicle's newest read counts; a read twice counts once). A vehicle whose exit was not read stays inside until the longest stay, then counts as a missed exit; after counting on site, correct it with zhian-gateway occupancy set --count N. Plates show their first two and last two characters only.",
+    ),
     Config = "config" => ("配置", "Configuration"),
     ConfigSource = "config_source" => ("来源", "Source"),
     ConfigFile = "config_file" => ("本机配置文件", "this box's file"),

@@ -567,6 +567,7 @@ fn occupancy(o: &crate::stats::OccupancyView, tz: i32, en: bool) -> Markup {
                     }
                 }
             }
+            p class="muted" { (t(en, L::OccHelp)) }
             @if !o.long_stays.is_empty() {
                 table {
                     tr { th { (t(en, L::OccPlate)) } th { (t(en, L::OccEntry)) } th { (t(en, L::OccGate)) } }
