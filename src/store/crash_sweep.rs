@@ -9,10 +9,15 @@
 //!   of the raw events, and the whole store is the state after the acknowledged batches, or
 //!   after the one in flight too;
 //! - a summary whose deletion (after its PUBACK) committed stays deleted;
+//! - vehicles inside (`[occupancy]` on, the plates keyed with one `presence.key` for the whole
+//!   sweep): the presence set, its totals and the window's `occupancy` message are those of the
+//!   acknowledged batches (or those and the one in flight), the writer's set is the stored one,
+//!   and the count is a model's (each plate's newest read) over the events that landed;
 //! - redelivering what was not acknowledged and running the rest of the workload ends in the
 //!   state of a run without a cut (nothing counted twice, nothing lost).
 
 use super::crash::{CrashDisk, Cut};
+use super::OccupancyCfg;
 use super::{
     damage, OutboxKey, OutboxTopic, Retention, Store, StoreError, StoreWriter, CLASS_ALERT,
     CLASS_SUMMARY,
@@ -20,8 +25,10 @@ use super::{
 use crate::config::{OnDamage, SubjectMode};
 use crate::core::engine::{Engine, Outcome};
 use crate::core::event::{Event, Kind};
+use crate::core::occupancy::Presence;
 use crate::core::summary::{CountKey, Site, WindowState};
 use crate::core::window::WindowCfg;
+use crate::keys::{Rotate, SubjectKeys};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::Arc;
@@ -72,6 +79,42 @@ fn ev(kind: Kind, device: &str, id: &str, ts_ms: i64) -> Event {
     }
 }
 
+/// A vehicle gate's read of `plate` (`entry` or `exit`): the plate is the event's subject.
+fn car(id: &str, plate: &str, action: &str, ts_ms: i64) -> Event {
+    Event {
+        kind: Kind::Vehicle,
+        device: if action == "exit" {
+            "gate-out"
+        } else {
+            "gate-in"
+        }
+        .into(),
+        id: id.into(),
+        ts_ms,
+        action: action.into(),
+        result: "granted".into(),
+        subject: Some(plate.into()),
+    }
+}
+
+/// `[occupancy]` for the sweep: stays end at 15 s (so the workload's last tick drops one as a
+/// missed exit), long stays from 5 s, exits remembered for the lateness bound.
+const OCCUPANCY: OccupancyCfg = OccupancyCfg {
+    max_stay_ms: 15_000,
+    long_stay_ms: 5_000,
+    forget_ms: 3_600_000,
+    capacity: Some(40),
+};
+
+/// A writer as the daemon sets it up: vehicles inside on, the sweep's one key dir (so a plate
+/// keys the same before and after a cut, as `presence.key` survives a power cut on a box).
+fn prepare(w: &mut StoreWriter, key_dir: &Path) {
+    let keys =
+        SubjectKeys::open(key_dir, Rotate::Daily, 0, 86_400_000, 86_400_000, T0).expect("key dir");
+    w.set_subject_keys(keys, T0);
+    w.set_occupancy(Some(OCCUPANCY));
+}
+
 /// A PUBACK from the district broker, as the forwarder reports it to the committer.
 #[derive(Clone, Copy)]
 enum Ack {
@@ -91,6 +134,8 @@ enum Step {
         events: Vec<Event>,
         acked: Vec<Ack>,
         tick: bool,
+        /// A stocktake (`occupancy set --count N`) recorded with this batch.
+        stocktake: Option<u64>,
     },
     /// A clean stop: the database closed.
     Stop,
@@ -109,9 +154,14 @@ fn workload() -> Vec<Step> {
                 ev(Access, "door-1", "a2", T0 + 30),
                 ev(Access, "door-1", "a1", T0 + 20),
                 ev(Access, "door-2", "a3", T0 + 40),
+                // Two cars in, one read twice.
+                car("v0", "浙A00001", "entry", T0 + 50),
+                car("v1", "浙A00002", "entry", T0 + 60),
+                car("v0", "浙A00001", "entry", T0 + 50),
             ],
             acked: vec![],
             tick: false,
+            stocktake: None,
         },
         // More of window 0, an alert, and redeliveries of events already committed.
         Step::Batch {
@@ -122,9 +172,13 @@ fn workload() -> Vec<Step> {
                 ev(Camera, "cam-1", "b1", T0 + 550),
                 ev(Vehicle, "gate-1", "b2", T0 + 560),
                 ev(Access, "door-1", "a0", T0 + 10),
+                // An exit with no entry yet (counted, not subtracted); one car leaves.
+                car("v2", "浙A00003", "exit", T0 + 580),
+                car("v3", "浙A00002", "exit", T0 + 590),
             ],
             acked: vec![],
             tick: false,
+            stocktake: None,
         },
         // The tick closes window 0 (summary rev 0); window 1 opens.
         Step::Batch {
@@ -132,9 +186,13 @@ fn workload() -> Vec<Step> {
             events: vec![
                 ev(Access, "door-2", "c0", T0 + 11_400),
                 ev(Access, "door-1", "c1", T0 + 11_450),
+                // The unmatched exit's entry, late: matched after all. A new car.
+                car("v4", "浙A00003", "entry", T0 + 570),
+                car("v5", "浙A00004", "entry", T0 + 11_300),
             ],
             acked: vec![],
             tick: true,
+            stocktake: None,
         },
         // The district broker's PUBACK for window 0's summary: deleted with this batch.
         Step::Batch {
@@ -145,6 +203,8 @@ fn workload() -> Vec<Step> {
             ],
             acked: vec![Ack::Summary(w0, 0)],
             tick: false,
+            // The guard counts 9: more than the set knows.
+            stocktake: Some(9),
         },
         // A late event for window 0: re-issued whole, rev 1.
         Step::Batch {
@@ -152,9 +212,12 @@ fn workload() -> Vec<Step> {
             events: vec![
                 ev(Access, "door-1", "late0", T0 + 3_000),
                 ev(Vehicle, "gate-1", "b2", T0 + 560),
+                // A car only the stocktake counted leaves: one off the adjustment.
+                car("v6", "浙A00009", "exit", T0 + 12_400),
             ],
             acked: vec![],
             tick: false,
+            stocktake: None,
         },
         // Nothing but duplicates.
         Step::Batch {
@@ -165,13 +228,20 @@ fn workload() -> Vec<Step> {
             ],
             acked: vec![],
             tick: false,
+            stocktake: None,
         },
         // Rev 1 and the alert PUBACKed; the tick closes window 1.
         Step::Batch {
             now: T0 + 22_000,
-            events: vec![ev(Access, "door-1", "e0", T0 + 21_000)],
+            // A stay refreshed; at this tick the stays from window 0 pass max_stay (missed
+            // exits).
+            events: vec![
+                ev(Access, "door-1", "e0", T0 + 21_000),
+                car("v7", "浙A00004", "entry", T0 + 21_500),
+            ],
             acked: vec![Ack::Summary(w0, 1), Ack::Alerts],
             tick: true,
+            stocktake: None,
         },
         Step::Stop,
     ]
@@ -216,7 +286,11 @@ fn drive(
                 events,
                 acked,
                 tick,
+                stocktake,
             } => {
+                if let Some(n) = stocktake {
+                    w.record_stocktake(*n, *now);
+                }
                 let refs: Vec<&Event> = events.iter().collect();
                 outbox_keys(s, acked).and_then(|keys| {
                     let maintain = tick.then_some(&RETENTION);
@@ -245,8 +319,10 @@ struct Snapshot {
     /// (kind, device, id) of every raw event, with how many rows it has.
     events: BTreeMap<(Kind, String, String), usize>,
     windows: Vec<WindowState>,
-    /// Alerts then summaries, in send order.
+    /// Alerts then summaries (and `occupancy` messages), in send order.
     outbox: Vec<Entry>,
+    /// Vehicles inside: the presence set and its totals.
+    presence: Presence,
 }
 
 fn snapshot(s: &Store) -> Snapshot {
@@ -264,6 +340,7 @@ fn snapshot(s: &Store) -> Snapshot {
         events,
         windows: s.windows().expect("windows"),
         outbox,
+        presence: s.presence().expect("presence"),
     }
 }
 
@@ -277,11 +354,12 @@ struct Reference {
     syncs_after: Vec<u64>,
 }
 
-fn reference(steps: &[Step]) -> Reference {
+fn reference(steps: &[Step], key_dir: &Path) -> Reference {
     let disk = CrashDisk::new();
     let dir = tempfile::tempdir().expect("tempdir");
     let (s, mut w) =
         Store::open_on_backend(dir.path(), disk.clone(), SubjectMode::Hashed, None).expect("open");
+    prepare(&mut w, key_dir);
     let mut after = vec![snapshot(&s)];
     let mut syncs_after = vec![disk.syncs()];
     let mut outcomes = Vec::new();
@@ -326,6 +404,26 @@ fn recount(s: &Store) -> BTreeMap<i64, BTreeMap<CountKey, u64>> {
     out
 }
 
+/// Plates inside by a model of the accepted events of the first `landed` steps (each plate's
+/// newest read by time, an exit winning a tie), stays dropped at `max_stay` included.
+fn model_in_set(steps: &[Step], outcomes: &[Vec<Outcome>], landed: usize) -> u64 {
+    let mut newest: BTreeMap<String, (i64, bool)> = BTreeMap::new();
+    for (step, o) in steps.iter().zip(outcomes).take(landed) {
+        let Step::Batch { events, .. } = step else {
+            continue;
+        };
+        for (e, o) in events.iter().zip(o) {
+            let (Kind::Vehicle, Outcome::Accepted, Some(plate)) = (e.kind, o, &e.subject) else {
+                continue;
+            };
+            let read = (e.ts_ms, e.action == "exit");
+            let n = newest.entry(plate.clone()).or_insert(read);
+            *n = (*n).max(read);
+        }
+    }
+    newest.values().filter(|(_, exit)| !exit).count() as u64
+}
+
 /// One cut: run the workload on a disk that loses power at sync `k`, reopen what survived
 /// through the daemon's open path, check, then finish the workload. Returns the step in
 /// flight at the cut (the stop, when the cut fell in the close) and whether it landed.
@@ -335,12 +433,16 @@ fn cut_and_check(
     k: u64,
     cut: Cut,
     scratch: &Path,
+    key_dir: &Path,
 ) -> (usize, bool) {
     let at = format!("cut at sync {k} ({cut:?})");
     let disk = CrashDisk::cut_at(k, cut);
     let run_dir = scratch.join(format!("run-{k}-{}", matches!(cut, Cut::Drop)));
     let done = match Store::open_on_backend(&run_dir, disk.clone(), SubjectMode::Hashed, None) {
-        Ok((s, mut w)) => drive(&s, &mut w, steps, 0).0,
+        Ok((s, mut w)) => {
+            prepare(&mut w, key_dir);
+            drive(&s, &mut w, steps, 0).0
+        }
         Err(_) => 0,
     };
     let image = disk
@@ -359,6 +461,7 @@ fn cut_and_check(
         None,
     )
     .unwrap_or_else(|e| panic!("{at}: the store does not open: {e}"));
+    prepare(&mut w, key_dir);
     assert!(
         quarantined.is_none() && damage::quarantined(&dir).is_empty(),
         "{at}: quarantined {quarantined:?}"
@@ -405,6 +508,16 @@ fn cut_and_check(
         recount(&s),
         "{at}: window counts against a recount"
     );
+    // Vehicles inside: the writer's set is the stored one, and the count is a model's over the
+    // events that landed (each plate's newest read; the stocktake and max_stay as the
+    // reference applied them: the snapshot comparison above holds those).
+    let view = w.occupancy_overview(T0 + 30_000).expect("occupancy on");
+    assert_eq!(view.inside, got.presence.inside(), "{at}: writer's count");
+    assert_eq!(
+        model_in_set(steps, &re.outcomes, landed),
+        got.presence.in_set() + got.presence.totals.missed_exits,
+        "{at}: the set against each plate's newest read"
+    );
     // A summary whose deletion committed stays deleted.
     for step in &steps[..landed] {
         if let Step::Batch { acked, .. } = step {
@@ -445,11 +558,12 @@ fn cut_and_check(
 fn power_cut_at_every_sync_point_loses_no_acknowledged_event() {
     let started = std::time::Instant::now();
     let steps = workload();
-    let re = reference(&steps);
+    let keys = tempfile::tempdir().expect("key dir");
+    let re = reference(&steps, keys.path());
     // The workload's shape, as the checks rely on it.
     let n = |i: usize, o: Outcome| re.outcomes[i].iter().filter(|x| **x == o).count();
-    assert_eq!((n(0, Outcome::Accepted), n(0, Outcome::Duplicate)), (4, 1));
-    assert_eq!((n(1, Outcome::Accepted), n(1, Outcome::Duplicate)), (3, 2));
+    assert_eq!((n(0, Outcome::Accepted), n(0, Outcome::Duplicate)), (6, 2));
+    assert_eq!((n(1, Outcome::Accepted), n(1, Outcome::Duplicate)), (5, 2));
     assert_eq!(n(5, Outcome::Duplicate), 2);
     let last = re.after.last().expect("states");
     assert!(last
@@ -458,6 +572,37 @@ fn power_cut_at_every_sync_point_loses_no_acknowledged_event() {
         .all(|o| o.1 != Some((T0, 0)) && o.1 != Some((T0, 1))));
     assert!(re.after[5].outbox.iter().any(|o| o.1 == Some((T0, 1))));
     assert!(last.outbox.iter().any(|o| o.1 == Some((T0 + 10_000, 0))));
+    // Vehicles inside, step by step: two in (one read twice); two more in (gate-1), an
+    // unmatched exit and a car out; the exit matched and a car in; one in, then the stocktake;
+    // a car only it counted leaves; at the last tick three stays (window 0's) pass max_stay.
+    let inside = |i: usize| re.after[i].presence.inside();
+    let totals = |i: usize| re.after[i].presence.totals.clone();
+    assert_eq!(inside(1), 2);
+    assert_eq!((inside(2), totals(2).unmatched_exits), (3, 1), "b0, b2, v0");
+    assert_eq!(
+        (inside(3), totals(3).unmatched_exits),
+        (4, 0),
+        "A00003's exit matched, A00004 in"
+    );
+    assert_eq!(
+        (inside(4), totals(4).adjust),
+        (9, 4),
+        "d0 in, then the stocktake"
+    );
+    assert_eq!((inside(5), totals(5).adjust), (8, 3));
+    assert_eq!(
+        (inside(7), totals(7).missed_exits, totals(7).adjust),
+        (5, 3, 3),
+        "A00004 refreshed, d0 stays; b0, b2, A00001 missed"
+    );
+    let occupancy = |i: usize| {
+        re.after[i]
+            .outbox
+            .iter()
+            .filter(|o| o.0 == OutboxTopic::Occupancy)
+            .count()
+    };
+    assert_eq!((occupancy(2), occupancy(3), occupancy(7)), (0, 1, 2));
 
     let scratch = tempfile::tempdir().expect("tempdir");
     let syncs = *re.syncs_after.last().expect("syncs");
@@ -468,7 +613,7 @@ fn power_cut_at_every_sync_point_loses_no_acknowledged_event() {
             seed: SEED ^ k ^ (j << 32),
         });
         for cut in std::iter::once(Cut::Drop).chain(torn) {
-            let (step, l) = cut_and_check(&steps, &re, k, cut, scratch.path());
+            let (step, l) = cut_and_check(&steps, &re, k, cut, scratch.path(), keys.path());
             in_flight.insert(step);
             landed += usize::from(l);
             cuts += 1;

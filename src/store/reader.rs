@@ -225,6 +225,12 @@ impl Store {
         Ok(out)
     }
 
+    /// Vehicles inside as stored: the presence set and its totals (tests and `inspect`).
+    pub fn presence(&self) -> Result<crate::core::occupancy::Presence, StoreError> {
+        let txn = self.read()?;
+        Ok(super::presence::load(&txn)?.0)
+    }
+
     /// All raw events, oldest first (tests and investigations).
     pub fn raw_events(&self) -> Result<Vec<EventRecordV1>, StoreError> {
         let txn = self.read()?;

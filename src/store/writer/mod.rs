@@ -151,10 +151,13 @@ pub struct StoreWriter {
     occupancy: Option<OccupancyCfg>,
     /// A stocktake to record with the next commit: (counted, when).
     stocktake: Option<(u64, i64)>,
-    /// The window end of the last `occupancy` message queued (memory: after a restart the
-    /// current window's is queued again, which the receiver's newest-wins rule makes harmless).
+    /// The window boundary of the last `occupancy` message queued (`meta` `occupancy_sent`,
+    /// written with it: a batch redelivered after a power cut does not queue it twice).
     occupancy_sent: i64,
 }
+
+/// `meta` key: the window boundary (ms, u64 LE) of the last `occupancy` message queued.
+const OCCUPANCY_SENT: &str = "occupancy_sent";
 
 /// `[occupancy]` as the writer uses it (ms).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -324,6 +327,7 @@ impl StoreWriter {
         bytes += day_bytes;
         max_seq = max_seq.max(day_seq);
         let reserved = read_u64(&txn.open_table(META)?, "seq_reserved")?;
+        self.occupancy_sent = read_u64(&txn.open_table(META)?, OCCUPANCY_SENT)? as i64;
         mem.next_seq = reserved.max(max_seq + 1);
         mem.seq_reserved = reserved;
         mem.row_bytes = bytes;
@@ -679,6 +683,8 @@ impl StoreWriter {
                     l.outbox.insert((CLASS_SUMMARY, seq), rec.as_slice())?;
                     l.bytes += 9 + rec.len() as i64;
                     l.emitted += 1;
+                    l.meta
+                        .insert(OCCUPANCY_SENT, (boundary as u64).to_le_bytes().as_slice())?;
                     occupancy_sent = Some(boundary);
                 }
             }
