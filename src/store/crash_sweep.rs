@@ -576,7 +576,7 @@ fn power_cut_at_every_sync_point_loses_no_acknowledged_event() {
     // unmatched exit and a car out; the exit matched and a car in; one in, then the stocktake;
     // a car only it counted leaves; at the last tick three stays (window 0's) pass max_stay.
     let inside = |i: usize| re.after[i].presence.inside();
-    let totals = |i: usize| re.after[i].presence.totals.clone();
+    let totals = |i: usize| re.after[i].presence.totals;
     assert_eq!(inside(1), 2);
     assert_eq!((inside(2), totals(2).unmatched_exits), (3, 1), "b0, b2, v0");
     assert_eq!(

@@ -1222,10 +1222,10 @@ fn a_compressed_week_with_the_district_down_delivers_every_summary_in_order() {
                 .at(fake_now());
             p.send(&e.topic(), e.payload());
             witness += 1;
-            week(&up) == sent
+            week(up) == sent
         }),
         "counted {} of {sent}; status: counters {} rejects {} clock_offset_ms {} upstream {}; log:\n{}",
-        week(&up),
+        week(up),
         api_status(status_port).map(|s| s["counters"].to_string()).unwrap_or_default(),
         api_status(status_port).map(|s| s["recent_rejects"].to_string()).unwrap_or_default(),
         api_status(status_port).map(|s| s["clock_offset_ms"].to_string()).unwrap_or_default(),
