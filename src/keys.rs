@@ -62,6 +62,9 @@ pub fn key_id(key: &[u8; 32]) -> KeyId {
 /// The file name of the care key in the key dir.
 pub const CARE_KEY: &str = "care.key";
 
+/// The file name of the presence key (vehicles inside) in the key dir.
+pub const PRESENCE_KEY: &str = "presence.key";
+
 /// A key the store had used that the key dir lost, while it still matters (status page,
 /// `/api/status`, `zhian_keys_lost`).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -297,10 +300,10 @@ impl SubjectKeys {
         self.changes
     }
 
-    /// The file names and [`KeyId`]s of the pseudonym and care keys held now.
+    /// The file names and [`KeyId`]s of the pseudonym, care and presence keys held now.
     pub fn held_ids(&self) -> Vec<(String, KeyId)> {
         let mut out = Vec::new();
-        for family in [&self.pseudonym, &self.care] {
+        for family in [&self.pseudonym, &self.care, &self.presence] {
             for (p, key) in &family.keys {
                 out.push((family.file_name(*p), key_id(key)));
             }
@@ -350,11 +353,13 @@ impl SubjectKeys {
         Some(((day + 1) * DAY_MS - self.offset_ms).saturating_add(f.keep_ms))
     }
 
-    /// The family and period a pseudonym or care key file name belongs to, in this rotation
-    /// mode (`None` for sealing keys, other names, and pseudonym keys of the other mode).
+    /// The family and period a pseudonym, care or presence key file name belongs to, in this
+    /// rotation mode (`None` for sealing keys, other names, and pseudonym keys of the other
+    /// mode).
     fn family_of(&self, name: &str) -> Option<(&Family, i64)> {
         match parse_name(name)? {
             ("care", None) => Some((&self.care, 0)),
+            ("presence", None) => Some((&self.presence, 0)),
             ("subject", Some(day)) if self.pseudonym.rotate == Rotate::Daily => {
                 Some((&self.pseudonym, day))
             }

@@ -644,8 +644,8 @@ enum OccupancyOp {
         /// Config file (for gateway.data_dir).
         #[arg(long, value_name = "PATH")]
         config: Option<PathBuf>,
-        /// The vehicles counted inside.
-        #[arg(long, value_name = "N")]
+        /// The vehicles counted inside (0 to 1000000).
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(..=zhian_gateway::core::occupancy::MAX_COUNT), allow_negative_numbers = true)]
         count: u64,
     },
 }

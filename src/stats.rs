@@ -214,6 +214,9 @@ impl Default for ConfigView {
     }
 }
 
+/// Long stays listed on the page and in `/api/status` (the oldest first; the count is whole).
+pub const LONG_STAYS_LISTED: usize = 50;
+
 /// Vehicles inside (实有车辆, contract: "Vehicles inside"), as `/api/status` shows them under
 /// `occupancy`.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -226,7 +229,8 @@ pub struct OccupancyView {
     pub free: Option<u64>,
     /// Stays at least `occupancy.long_stay` old.
     pub long_stay: u64,
-    /// Those stays, oldest first: plate masked to two and two characters, entry time, gate.
+    /// The oldest [`LONG_STAYS_LISTED`] of those stays, oldest first: plate masked to two and
+    /// two characters, entry time, gate (`long_stay` counts them all).
     pub long_stays: Vec<LongStay>,
     /// Stays dropped past `occupancy.max_stay` (cumulative).
     pub missed_exits: u64,

@@ -93,6 +93,10 @@ impl Committer {
             let error = match (self.writer.occupancy_overview(0), req.count) {
                 (None, _) => Some("vehicles inside are off: add an [occupancy] section".into()),
                 (_, None) => Some("no count given".into()),
+                (_, Some(n)) if n > crate::core::occupancy::MAX_COUNT => Some(format!(
+                    "a count of {n} is not a garage's (at most {})",
+                    crate::core::occupancy::MAX_COUNT
+                )),
                 (Some(_), Some(n)) => {
                     self.writer.record_stocktake(n, crate::clock::now_ms());
                     tracing::info!(

@@ -102,6 +102,10 @@ labels! {
         "密钥目录丢失了密钥：当日去重人数无法跨越丢失前后关联同一人（日报按密钥分别计数并标注），日期：",
         "The key dir lost keys: the day's distinct counts cannot link people across the loss (the daily message counts per key and says so), day:",
     ),
+    KeysLostPresence = "keys_lost_presence" => (
+        "车辆在场密钥丢失：丢失前在场的车辆改按数量保留，出场时逐辆扣减；请盘点后执行 zhian-gateway occupancy set --count 实数",
+        "Presence key lost: the vehicles inside before it are kept as a count, each of their exits takes one off; count the garage and run zhian-gateway occupancy set --count N",
+    ),
     KeysLostCare = "keys_lost_care" => (
         "关怀密钥丢失：以下按化名登记的住户再也无法匹配（不会误报未出现），请用新密钥重新登记：",
         "Care key lost: these residents listed by pseudonym can never be matched (no false silent notice); relist them with the new key:",

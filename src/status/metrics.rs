@@ -204,7 +204,7 @@ impl Collector for Metrics {
             gauge(
                 &mut e,
                 "zhian_keys_lost",
-                "Keys the key dir lost while the daemon was stopped that still matter: days whose distinct counts span two keys (until the day can no longer change), and the care key while residents listed by its pseudonyms are listed",
+                "Keys the key dir lost while the daemon was stopped that still matter: days whose distinct counts span two keys (until the day can no longer change), the care key while residents listed by its pseudonyms are listed, the presence key until a stocktake",
                 lost.len() as i64,
             )?;
             gauge(

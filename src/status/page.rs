@@ -264,7 +264,14 @@ fn alarms(s: &StatusOut, en: bool) -> Vec<Markup> {
         });
     }
     for k in &s.keys_lost {
-        out.push(if k.kind == "care" {
+        out.push(if k.kind == "presence" {
+            html! {
+                li data-keys-lost=(k.key) {
+                    b { (t(en, L::KeysLostPresence)) } " · "
+                    (t(en, L::Since)) " " (local_rfc(&Some(k.detected.clone()), s.tz_secs, en))
+                }
+            }
+        } else if k.kind == "care" {
             html! {
                 li data-keys-lost=(k.key) {
                     b { (t(en, L::KeysLostCare)) } " " (k.unmatched.join(" "))

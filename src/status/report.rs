@@ -146,14 +146,15 @@ pub(super) struct CareOut {
 pub(super) struct KeyLostOut {
     /// The key's file name in `privacy.key_dir`.
     pub(super) key: String,
-    /// `day` (a pseudonym key: the day's distinct counts span two keys) or `care`.
+    /// `day` (a pseudonym key: the day's distinct counts span two keys), `care`, or `presence`
+    /// (vehicles inside: the stays then known are kept as a count until a stocktake).
     pub(super) kind: &'static str,
     /// The local day whose distinct counts cannot link people across the loss.
     pub(super) date: Option<String>,
     /// When the start found it missing.
     pub(super) detected: String,
     /// Shown until (the day can no longer change); `null` for the care key, shown while
-    /// `unmatched` residents are listed.
+    /// `unmatched` residents are listed, and for the presence key, shown until a stocktake.
     pub(super) until: Option<String>,
     /// Care key: aliases of the residents to relist.
     pub(super) unmatched: Vec<String>,
@@ -406,10 +407,10 @@ pub(super) fn snapshot(st: &AppState) -> Result<StatusOut, crate::store::StoreEr
             .keys_lost()
             .into_iter()
             .map(|k| KeyLostOut {
-                kind: if k.key == crate::keys::CARE_KEY {
-                    "care"
-                } else {
-                    "day"
+                kind: match k.key.as_str() {
+                    crate::keys::CARE_KEY => "care",
+                    crate::keys::PRESENCE_KEY => "presence",
+                    _ => "day",
                 },
                 key: k.key,
                 date: k.date,

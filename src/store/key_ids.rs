@@ -1,4 +1,4 @@
-//! Which pseudonym and care keys the store has used, so that a key dir emptied or replaced while
+//! Which pseudonym, care and presence keys the store has used, so that a key dir emptied or replaced while
 //! the daemon was stopped is found at the next start instead of silently doubling the day's
 //! distinct count ([`crate::keys`] holds the keys; this holds only their [`KeyId`]s).
 //!
@@ -22,7 +22,7 @@ use super::records::{decode, encode};
 use super::StoreError;
 use crate::core::care::{CarePseudonym, Resident};
 use crate::core::daily::KeyGen;
-use crate::keys::{KeyId, KeyLoss, SubjectKeys, CARE_KEY};
+use crate::keys::{KeyId, KeyLoss, SubjectKeys, CARE_KEY, PRESENCE_KEY};
 use redb::{ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -220,6 +220,17 @@ impl KeyBook {
         let mut out = Vec::new();
         for (name, r) in self.view() {
             let Some(at) = r.lost_at_ms else { continue };
+            if name == PRESENCE_KEY {
+                // Shown until a stocktake after it (the writer knows; see `keys_lost`).
+                out.push(KeyLoss {
+                    key: name,
+                    date: None,
+                    detected_ms: at,
+                    until_ms: None,
+                    unmatched: Vec::new(),
+                });
+                continue;
+            }
             if name == CARE_KEY {
                 let unmatched: Vec<String> = list
                     .iter()

@@ -36,10 +36,12 @@ pub(crate) struct Staged {
     pub touched: Vec<PresenceKey>,
 }
 
-/// Stage `hits`, then (with `expire`: now, max stay, lateness bound) the expiry, and a
-/// stocktake, over `mem`. Nothing staged when nothing changes.
+/// Stage, over `mem`: with `lost` (the presence key was lost) the set's orphaning first, then
+/// `hits` (keyed with the key in use), then (with `expire`: now, max stay, lateness bound) the
+/// expiry, and a stocktake. Nothing staged when nothing changes.
 pub(crate) fn stage(
     mem: &Presence,
+    lost: bool,
     hits: &[Hit],
     expire: Option<(i64, i64, i64)>,
     stocktake: Option<(u64, i64)>,
@@ -50,11 +52,11 @@ pub(crate) fn stage(
             Dir::Exit => now - r.ts_ms > forget,
         })
     });
-    if hits.is_empty() && !due && stocktake.is_none() {
+    if hits.is_empty() && !due && stocktake.is_none() && !lost {
         return Staged::default();
     }
     let mut next = mem.clone();
-    let mut touched = Vec::new();
+    let mut touched = if lost { next.orphan() } else { Vec::new() };
     for h in hits {
         let before = next.vehicles.get(&h.key).cloned();
         next.apply(h.key, h.dir, h.ts_ms, &h.device, &h.masked);

@@ -54,6 +54,13 @@ fn vehicles_inside_follow_entries_and_exits_through_a_kill_9() {
             .subject("浙C30005")
             .at(now - 500),
     );
+    // Unreadable plates (empty, a vendor's placeholder) are no vehicle; an exit camera that
+    // reads full-width and lower case is the same car as the entry camera's.
+    send(&mut p, car("u1", "", "entry", now - 400));
+    send(&mut p, car("u2", "无牌车", "entry", now - 300));
+    send(&mut p, car("u3", " ", "exit", now - 200));
+    send(&mut p, car("w1", "浙E70007", "entry", now - 150));
+    send(&mut p, car("w2", "浙ｅ·70007", "exit", now - 100));
     p.wait_all_acked(Duration::from_secs(30));
     let s = gw.wait_for_status("two vehicles inside", |s| {
         s["occupancy"]["inside"] == 2 && s["occupancy"]["unmatched_exits"] == 1
@@ -98,6 +105,16 @@ fn vehicles_inside_follow_entries_and_exits_through_a_kill_9() {
     );
     assert!(out.status.success(), "{}", out.stderr);
     gw.wait_for_status("the stocktake's count", |s| s["occupancy"]["inside"] == 5);
+    // A count no garage has, or a negative one, is refused before it reaches the daemon.
+    for bad in ["9223372036854775807", "1000001", "-5"] {
+        let out = run_cli(
+            &["occupancy", "set", "--config", &cfg, "--count", bad],
+            &site.root,
+            Duration::from_secs(30),
+        );
+        assert_eq!(out.status.code(), Some(2), "{bad}: {}", out.stderr);
+        assert!(out.stderr.contains("--count"), "{}", out.stderr);
+    }
     send(&mut p, car("x9", "浙D40009", "exit", now_ms()));
     p.wait_all_acked(Duration::from_secs(30));
     gw.wait_for_status("one of the stocktake's cars gone", |s| {
@@ -126,6 +143,121 @@ fn vehicles_inside_follow_entries_and_exits_through_a_kill_9() {
         assert!(!log.contains(plate), "{plate} in the log");
         assert!(!page.contains(plate), "{plate} on the page");
         assert!(!site.upstream().dump().contains(plate), "{plate} upstream");
+    }
+    site.term_daemon();
+}
+
+/// The key dir loses `presence.key` while the gateway is stopped (README "Vehicles inside"):
+/// the count does not move, the loss is logged at ERROR and shown (`/api/status`, the page,
+/// `zhian_keys_lost`) until a stocktake; the cars then inside leave through the count, new
+/// cars are matched under the new key, and a restart does not orphan the set twice.
+#[test]
+fn a_lost_presence_key_keeps_the_count_until_a_stocktake() {
+    let site = Site::build("presence-key")
+        .persistent_device()
+        .status()
+        .config(|c| {
+            c.occupancy = Some(Occupancy {
+                capacity: Some(10),
+                long_stay: Dur::secs(3600),
+                max_stay: Dur::secs(30 * 86_400),
+            });
+        })
+        .start();
+    let gw = site.gw();
+    let mut p = site.publisher();
+    let send = |p: &mut Publisher, e: Event| p.send(&e.topic(), e.payload());
+    let now = now_ms();
+    let plates = ["浙A50001", "浙A50002", "浙A50003", "浙A50004", "浙A50005"];
+    for (i, plate) in plates.iter().enumerate() {
+        send(
+            &mut p,
+            car(&format!("in{i}"), plate, "entry", now - 60_000 + i as i64),
+        );
+    }
+    p.wait_all_acked(Duration::from_secs(30));
+    gw.wait_for_status("five inside", |s| s["occupancy"]["inside"] == 5);
+    assert_eq!(
+        api_status(gw.status_port()).unwrap()["keys_lost"],
+        serde_json::json!([])
+    );
+
+    site.term_daemon();
+    let key = std::path::PathBuf::from(format!("{}.keys", site.data_dir().display()))
+        .join("presence.key");
+    assert!(key.exists(), "{key:?}");
+    fs::remove_file(&key).unwrap();
+    site.start_daemon();
+    let s = gw.wait_for_status("the loss shown", |s| {
+        s["keys_lost"].as_array().is_some_and(|a| !a.is_empty())
+    });
+    assert_eq!(s["occupancy"]["inside"], 5, "the count does not move");
+    assert_eq!(s["keys_lost"][0]["key"], "presence.key");
+    assert_eq!(s["keys_lost"][0]["kind"], "presence");
+    let page = http(gw.status_port(), "GET", "/", None).unwrap().text();
+    assert!(
+        page.contains("data-keys-lost=\"presence.key\"") && page.contains("车辆在场密钥丢失"),
+        "{page}"
+    );
+    let metrics = http(gw.status_port(), "GET", "/metrics", None)
+        .unwrap()
+        .text();
+    assert!(
+        metrics.lines().any(|l| l == "zhian_keys_lost 1"),
+        "{metrics}"
+    );
+    let errors = |log: &str| {
+        log.lines()
+            .filter(|l| l.contains("ERROR") && l.contains("lost presence.key"))
+            .count()
+    };
+    assert_eq!(errors(&gw.log_text()), 1);
+
+    // Two of the five leave: no entry under the new key, so each takes one off the count. A new
+    // car comes in and leaves again: matched under the new key.
+    send(&mut p, car("out0", plates[0], "exit", now_ms()));
+    send(&mut p, car("out1", plates[1], "exit", now_ms()));
+    send(&mut p, car("in9", "浙B60009", "entry", now_ms()));
+    p.wait_all_acked(Duration::from_secs(30));
+    gw.wait_for_status("three of the five and a new one", |s| {
+        s["occupancy"]["inside"] == 4
+    });
+    send(&mut p, car("out9", "浙B60009", "exit", now_ms()));
+    p.wait_all_acked(Duration::from_secs(30));
+    gw.wait_for_status("the new one matched out", |s| {
+        s["occupancy"]["inside"] == 3 && s["occupancy"]["unmatched_exits"] == 2
+    });
+
+    // A restart: the loss was recorded with the set's orphaning, once; nothing moves.
+    site.term_daemon();
+    site.start_daemon();
+    let s = gw.wait_for_status("after a restart", |s| !s["occupancy"].is_null());
+    assert_eq!(s["occupancy"]["inside"], 3);
+    assert_eq!(s["keys_lost"][0]["key"], "presence.key");
+    assert_eq!(errors(&gw.log_text()), 1, "found lost once");
+
+    // The stocktake settles it: the loss is no longer shown.
+    let cfg = gw.config_path.to_str().unwrap().to_string();
+    let out = run_cli(
+        &["occupancy", "set", "--config", &cfg, "--count", "3"],
+        &site.root,
+        Duration::from_secs(30),
+    );
+    assert!(out.status.success(), "{}", out.stderr);
+    let s = gw.wait_for_status("the stocktake", |s| {
+        s["occupancy"]["stocktake_count"] == 3
+            && s["keys_lost"].as_array().is_some_and(|a| a.is_empty())
+    });
+    assert_eq!(s["occupancy"]["inside"], 3);
+    let metrics = http(gw.status_port(), "GET", "/metrics", None)
+        .unwrap()
+        .text();
+    assert!(
+        metrics.lines().any(|l| l == "zhian_keys_lost 0"),
+        "{metrics}"
+    );
+    for plate in plates {
+        assert!(!gw.log_text().contains(plate), "{plate} in the log");
     }
     site.term_daemon();
 }

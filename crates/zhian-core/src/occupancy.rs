@@ -14,6 +14,9 @@
 //!   one is no newer than itself.
 //! - An `entry` for a vehicle already inside refreshes its stay (entry time and gate); an `exit`
 //!   removes the stay.
+//! - A plate is keyed as [`normalize_plate`] makes it (full-width, case, separators and
+//!   invisible characters do not split a vehicle); an empty read or a vendor's placeholder
+//!   ([`NO_PLATE`]) moves nothing.
 //! - An `exit` of a vehicle with no known entry is counted (`unmatched_exits`), never
 //!   subtracted. If its entry arrives later (older than the exit), the exit is matched after all
 //!   and the count goes back down.
@@ -26,13 +29,67 @@
 //!   stocktake's adjustment (counted − the set's size at the stocktake), never below zero. The
 //!   set itself is kept (its stays still end at their exits); an exit with no known entry
 //!   afterwards is one of the vehicles only the stocktake counted, and takes one off the
-//!   adjustment while it is positive; the next stocktake replaces the adjustment.
+//!   adjustment while it is positive (given back if that exit's entry turns up later, stamped
+//!   after the stocktake: the vehicle was never in the stocktake's share); the next stocktake
+//!   replaces the adjustment. A stocktake below the set's size (stays nobody saw leave) is a
+//!   negative adjustment, used up as those stays pass `max_stay`, so they do not come off
+//!   twice. Counts above [`MAX_COUNT`] are taken as [`MAX_COUNT`].
+//! - A lost presence key (the key dir emptied or replaced while the daemon was stopped) leaves
+//!   the set keyed by pseudonyms no plate can make again ([`Presence::orphan`]): the stays are
+//!   dropped and kept as a count in the adjustment, exactly as if a stocktake had counted
+//!   them, so `inside` does not move; each of those vehicles' exits then finds no entry and
+//!   takes one off, and a stocktake settles whatever reads were missed.
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 /// A 16-byte presence pseudonym.
 pub type PresenceKey = [u8; 16];
+
+/// The largest stocktake count taken (`occupancy set --count`): no compound parks a million
+/// vehicles, and the count's arithmetic stays far from overflow.
+pub const MAX_COUNT: u64 = 1_000_000;
+
+/// Reads that stand for "no plate read" (vendors' placeholders), compared after
+/// [`normalize_plate`]: such an event moves nothing (it is no vehicle of its own).
+pub const NO_PLATE: &[&str] = &[
+    "无牌",
+    "无牌车",
+    "无车牌",
+    "未识别",
+    "未知",
+    "车牌",
+    "UNKNOWN",
+    "NONE",
+    "NULL",
+    "NOPLATE",
+];
+
+/// The plate as it is keyed and masked: full-width letters and digits made ASCII, ASCII letters
+/// upper-case, spaces, separators (`·`, `•`, `-`, `_`, `.`) and invisible or control
+/// characters (bidi overrides, zero-width) removed, so an entry camera's `浙A·12345` and an exit
+/// camera's `浙ａ12345` are one vehicle. `None` for an empty read or a [`NO_PLATE`]
+/// placeholder.
+pub fn normalize_plate(plate: &str) -> Option<String> {
+    let mut out = String::with_capacity(plate.len());
+    for c in plate.chars() {
+        let c = match c {
+            '\u{FF01}'..='\u{FF5E}' => char::from_u32(c as u32 - 0xFEE0).unwrap_or(c),
+            _ => c,
+        };
+        let invisible = matches!(c, '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}'
+            | '\u{2060}'..='\u{2069}' | '\u{FEFF}');
+        if c.is_whitespace()
+            || c.is_control()
+            || invisible
+            || matches!(c, '·' | '•' | '・' | '-' | '_' | '.')
+        {
+            continue;
+        }
+        out.push(c.to_ascii_uppercase());
+    }
+    (!out.is_empty() && !NO_PLATE.contains(&out.as_str())).then_some(out)
+}
 
 /// A vehicle event's direction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -66,19 +123,28 @@ pub struct PresenceRecordV1 {
     pub device: String,
     /// The plate masked to its first two and last two characters ([`mask_plate`]).
     pub masked: String,
-    /// An exit counted in `unmatched_exits` (no entry known before it).
-    pub unmatched: bool,
+    /// An exit counted in `unmatched_exits` (no entry known before it): 0 no, 1 yes, 2 yes
+    /// and it took one off the stocktake's adjustment (given back if its entry turns up after
+    /// the stocktake). Stored as one byte, as the `bool` it was.
+    pub unmatched: u8,
 }
 
 /// The plate as the page shows it: its first two and last two characters, `***` between
-/// (`浙A12345` → `浙A***45`); four characters or fewer: all `*`.
+/// (`浙A12345` → `浙A***45`); five or six characters: the first and the last; four or fewer:
+/// all `*`. Invisible and control characters never reach it ([`normalize_plate`]).
 pub fn mask_plate(plate: &str) -> String {
-    let c: Vec<char> = plate.trim().chars().collect();
-    if c.len() <= 4 {
-        return "*".repeat(c.len());
-    }
-    let head: String = c[..2].iter().collect();
-    let tail: String = c[c.len() - 2..].iter().collect();
+    let c: Vec<char> = plate
+        .trim()
+        .chars()
+        .filter(|c| !c.is_control() && !matches!(c, '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{2069}' | '\u{FEFF}'))
+        .collect();
+    let keep = match c.len() {
+        0..=4 => return "*".repeat(c.len()),
+        5 | 6 => 1,
+        _ => 2,
+    };
+    let head: String = c[..keep].iter().collect();
+    let tail: String = c[c.len() - keep..].iter().collect();
     format!("{head}***{tail}")
 }
 
@@ -137,7 +203,7 @@ impl Presence {
         device: &str,
         masked: &str,
     ) -> Step {
-        let rec = |unmatched| PresenceRecordV1 {
+        let rec = |unmatched: u8| PresenceRecordV1 {
             ts_ms,
             dir,
             device: device.to_string(),
@@ -146,31 +212,38 @@ impl Presence {
         };
         match (self.vehicles.get_mut(&key), dir) {
             (None, Dir::Entry) => {
-                self.vehicles.insert(key, rec(false));
+                self.vehicles.insert(key, rec(0));
                 Step::Entered
             }
             (None, Dir::Exit) => {
-                self.vehicles.insert(key, rec(true));
                 self.totals.unmatched_exits += 1;
                 // A vehicle the last stocktake counted and the set never saw come in: it
                 // leaves the stocktake's share.
-                if self.totals.adjust > 0 {
+                let took = self.totals.adjust > 0;
+                if took {
                     self.totals.adjust -= 1;
                 }
+                self.vehicles.insert(key, rec(if took { 2 } else { 1 }));
                 Step::Unmatched
             }
             (Some(r), _) if rank(ts_ms, dir) <= rank(r.ts_ms, r.dir) => {
                 // Older than the newest event: an entry before an unmatched exit matches it.
-                if dir == Dir::Entry && r.dir == Dir::Exit && r.unmatched {
-                    r.unmatched = false;
-                    self.totals.unmatched_exits -= 1;
+                if dir == Dir::Entry && r.dir == Dir::Exit && r.unmatched > 0 {
+                    // The exit took one off the stocktake's share; a vehicle that came in after
+                    // the stocktake was never in that share: give it back.
+                    let after_stocktake = self.totals.stocktake.is_none_or(|(_, at)| ts_ms > at);
+                    if r.unmatched == 2 && after_stocktake {
+                        self.totals.adjust = self.totals.adjust.saturating_add(1);
+                    }
+                    r.unmatched = 0;
+                    self.totals.unmatched_exits = self.totals.unmatched_exits.saturating_sub(1);
                     return Step::Matched;
                 }
                 Step::Stale
             }
             (Some(r), Dir::Entry) => {
                 let was_inside = r.dir == Dir::Entry;
-                *r = rec(false);
+                *r = rec(0);
                 if was_inside {
                     Step::Refreshed
                 } else {
@@ -179,7 +252,7 @@ impl Presence {
             }
             (Some(r), Dir::Exit) => {
                 if r.dir == Dir::Entry {
-                    *r = rec(false);
+                    *r = rec(0);
                     Step::Left
                 } else {
                     // Out already (a second exit read): nothing new.
@@ -199,7 +272,9 @@ impl Presence {
 
     /// Vehicles inside: the set plus the stocktake's adjustment, never below zero.
     pub fn inside(&self) -> u64 {
-        (self.in_set() as i64 + self.totals.adjust).max(0) as u64
+        (self.in_set() as i64)
+            .saturating_add(self.totals.adjust)
+            .max(0) as u64
     }
 
     /// Drop stays older than `max_stay_ms` (missed exits, counted) and forget exits older than
@@ -210,7 +285,7 @@ impl Presence {
         self.vehicles.retain(|k, r| {
             let gone = match r.dir {
                 Dir::Entry => {
-                    let g = now_ms - r.ts_ms > max_stay_ms;
+                    let g = now_ms.saturating_sub(r.ts_ms) > max_stay_ms;
                     missed += u64::from(g);
                     g
                 }
@@ -222,13 +297,32 @@ impl Presence {
             !gone
         });
         self.totals.missed_exits += missed;
+        // A stocktake below the set's size already took the stays nobody saw leave off the
+        // count (a negative adjustment); as they are dropped they use it up instead of coming
+        // off a second time.
+        if self.totals.adjust < 0 {
+            self.totals.adjust = (self.totals.adjust + missed as i64).min(0);
+        }
         touched
     }
 
     /// Record a stocktake: `counted` vehicles inside at `now_ms`.
+    /// `counted` above [`MAX_COUNT`] is taken as [`MAX_COUNT`].
     pub fn stocktake(&mut self, counted: u64, now_ms: i64) {
+        let counted = counted.min(MAX_COUNT);
         self.totals.adjust = counted as i64 - self.in_set() as i64;
         self.totals.stocktake = Some((counted, now_ms));
+    }
+
+    /// The presence key was lost: no plate keys to these records again. Every record goes (the
+    /// returned keys, to delete) and the stays are kept as a count in the adjustment, so
+    /// `inside` is unchanged; the exits of those vehicles then take them off one by one (an
+    /// exit with no known entry, while the adjustment is positive).
+    pub fn orphan(&mut self) -> Vec<PresenceKey> {
+        self.totals.adjust = self.inside() as i64;
+        let keys: Vec<PresenceKey> = self.vehicles.keys().copied().collect();
+        self.vehicles.clear();
+        keys
     }
 
     /// Stays at least `long_ms` old at `now_ms`, oldest first.
@@ -291,6 +385,108 @@ mod tests {
         // A vehicle only the stocktake counted leaves: its exit is unmatched, and it is gone.
         p.apply(k(5), Dir::Exit, 20_003, "g1", "m");
         assert_eq!(p.inside(), 8);
+    }
+
+    #[test]
+    fn plates_are_normalized_before_keying() {
+        assert_eq!(normalize_plate("浙A12345").as_deref(), Some("浙A12345"));
+        for same in [
+            "浙a12345",
+            " 浙A·12345 ",
+            "浙Ａ１２３４５",
+            "浙A-123\u{200B}45",
+            "\u{202E}浙A12345",
+        ] {
+            assert_eq!(
+                normalize_plate(same).as_deref(),
+                Some("浙A12345"),
+                "{same:?}"
+            );
+        }
+        for none in ["", "   ", "无牌车", "未识别", "unknown", "\u{200B}"] {
+            assert_eq!(normalize_plate(none), None, "{none:?}");
+        }
+        assert_eq!(mask_plate("ABCDE"), "A***E");
+        assert_eq!(mask_plate("\u{202E}浙A12345"), "浙A***45");
+    }
+
+    #[test]
+    fn a_huge_stocktake_is_bounded_and_never_overflows() {
+        let mut p = Presence::default();
+        p.apply(k(1), Dir::Entry, 1, "g1", "m");
+        p.stocktake(u64::MAX, 10);
+        assert_eq!(p.inside(), MAX_COUNT);
+        p.apply(k(2), Dir::Entry, 20, "g1", "m");
+        assert_eq!(p.inside(), MAX_COUNT + 1);
+        p.totals.adjust = i64::MAX;
+        assert_eq!(p.inside(), i64::MAX as u64, "saturates");
+        p.stocktake(0, 30);
+        assert_eq!(p.inside(), 0);
+    }
+
+    #[test]
+    fn stays_a_stocktake_took_off_do_not_come_off_again_at_max_stay() {
+        let mut p = Presence::default();
+        for n in 1..=10 {
+            p.apply(k(n), Dir::Entry, i64::from(n), "g1", "m");
+        }
+        // 10 in the set, 4 really there: 6 stays nobody saw leave.
+        p.stocktake(4, 100);
+        assert_eq!((p.inside(), p.totals.adjust), (4, -6));
+        p.apply(k(50), Dir::Entry, 200, "g1", "m");
+        assert_eq!(p.inside(), 5);
+        // The ten old stays pass max_stay: the six already taken off use up the adjustment.
+        p.expire(600, 500, 100_000);
+        assert_eq!((p.totals.missed_exits, p.totals.adjust), (10, 0));
+        // The new car; the four stays the stocktake found real passed max_stay too (the rule:
+        // a stay past it is a missed exit), but the six came off once, not twice.
+        assert_eq!(p.inside(), 1);
+    }
+
+    #[test]
+    fn an_exit_before_its_entry_after_a_stocktake_gives_the_share_back() {
+        let mut p = Presence::default();
+        p.apply(k(1), Dir::Entry, 1, "g1", "m");
+        p.stocktake(3, 100);
+        assert_eq!((p.inside(), p.totals.adjust), (3, 2));
+        // A car that came in after the stocktake: its exit arrives first, then its entry.
+        p.apply(k(7), Dir::Exit, 300, "g2", "m");
+        assert_eq!(p.inside(), 2);
+        assert_eq!(p.apply(k(7), Dir::Entry, 200, "g1", "m"), Step::Matched);
+        assert_eq!(
+            (p.inside(), p.totals.adjust),
+            (3, 2),
+            "in either order: no change"
+        );
+        // A car that was inside at the stocktake (entry before it, delivered late): its exit
+        // did take it off the stocktake's share.
+        p.apply(k(8), Dir::Exit, 400, "g2", "m");
+        assert_eq!(p.apply(k(8), Dir::Entry, 50, "g1", "m"), Step::Matched);
+        assert_eq!((p.inside(), p.totals.adjust), (2, 1));
+    }
+
+    #[test]
+    fn a_lost_key_keeps_the_count_and_the_exits_take_it_down() {
+        let mut p = Presence::default();
+        for n in 1..=4 {
+            p.apply(k(n), Dir::Entry, 100 + i64::from(n), "g1", "m");
+        }
+        p.apply(k(4), Dir::Exit, 200, "g1", "m");
+        p.apply(k(9), Dir::Exit, 210, "g1", "m");
+        assert_eq!((p.inside(), p.totals.unmatched_exits), (3, 1));
+        let gone = p.orphan();
+        assert_eq!(gone.len(), 5, "every record goes");
+        assert!(p.vehicles.is_empty());
+        assert_eq!((p.inside(), p.totals.adjust), (3, 3), "the count stays");
+        // Under the new key: one of the three leaves (no entry known), a new car comes in.
+        p.apply(k(101), Dir::Exit, 300, "g1", "m");
+        p.apply(k(200), Dir::Entry, 310, "g1", "m");
+        assert_eq!((p.inside(), p.totals.adjust), (3, 2));
+        // Losing it again with a stocktake's negative adjustment: never below zero.
+        p.stocktake(0, 400);
+        assert_eq!(p.inside(), 0);
+        p.orphan();
+        assert_eq!((p.inside(), p.totals.adjust), (0, 0));
     }
 
     #[derive(Debug, Clone)]

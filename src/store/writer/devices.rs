@@ -165,6 +165,15 @@ impl StoreWriter {
         let lost = self
             .key_book
             .detect(&self.keys, self.mem.care.keys().copied(), now_ms);
+        if lost.iter().any(|k| k == crate::keys::PRESENCE_KEY) {
+            // The set's pseudonyms can never be made again: its stays become a count (the
+            // next commit, with the loss's row).
+            self.presence_lost = true;
+            tracing::error!(
+                vehicles_inside = self.mem.presence.inside(),
+                "the key dir lost presence.key (vehicles inside): the vehicles inside are kept as a count, each exit with no known entry takes one off; record a stocktake (zhian-gateway occupancy set --count N) to settle it"
+            );
+        }
         if !lost.is_empty() {
             tracing::error!(keys = ?lost, "the key dir lost keys the store had used (privacy.key_dir emptied or replaced while the daemon was stopped): the day's distinct count cannot link people across the loss (the daily message counts per key and says it spans several), and care residents listed by a pseudonym of a lost care key must be relisted; if the key dir was only moved, stop the daemon and put it back (a key found again before a new one was made is not lost)");
         }
@@ -181,9 +190,14 @@ impl StoreWriter {
 
     /// The keys the key dir lost that still matter at `now_ms` (page, `/api/status`,
     /// metrics): a pseudonym key until its day can no longer change, the care key while
-    /// residents keyed with it are listed.
+    /// residents keyed with it are listed, the presence key until a stocktake after the loss.
     pub fn keys_lost(&self, now_ms: i64) -> Vec<crate::keys::KeyLoss> {
-        self.key_book.losses(&self.keys, &self.care_list, now_ms)
+        let settled = self.mem.presence.totals.stocktake.map(|(_, at)| at);
+        let mut out = self.key_book.losses(&self.keys, &self.care_list, now_ms);
+        out.retain(|k| {
+            k.key != crate::keys::PRESENCE_KEY || settled.is_none_or(|at| at < k.detected_ms)
+        });
+        out
     }
 }
 
@@ -219,7 +233,10 @@ impl StoreWriter {
             capacity: o.capacity.map(u64::from),
             free: o.capacity.map(|c| u64::from(c).saturating_sub(inside)),
             long_stay: long.len() as u64,
-            long_stays: long,
+            long_stays: long
+                .into_iter()
+                .take(crate::stats::LONG_STAYS_LISTED)
+                .collect(),
             missed_exits: p.totals.missed_exits,
             unmatched_exits: p.totals.unmatched_exits,
             in_set: p.in_set(),

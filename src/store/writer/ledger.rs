@@ -280,15 +280,18 @@ impl Ledger for TxLedger<'_, '_> {
             ));
         }
         if let (true, Kind::Vehicle, Some(plate)) = (self.presence_on, e.kind, &e.subject) {
-            use crate::core::occupancy::{mask_plate, Dir};
-            if let Some(dir) = Dir::of(&e.action, &e.result) {
-                if let Some(key) = self.keys.presence_pseudonym(plate) {
+            use crate::core::occupancy::{mask_plate, normalize_plate, Dir};
+            // An unreadable plate (empty, a vendor's "无牌车") is no vehicle of its own.
+            if let (Some(dir), Some(plate)) =
+                (Dir::of(&e.action, &e.result), normalize_plate(plate))
+            {
+                if let Some(key) = self.keys.presence_pseudonym(&plate) {
                     self.presence_hits.push(crate::store::presence::Hit {
                         key,
                         dir,
                         ts_ms: e.ts_ms,
                         device: e.device.clone(),
-                        masked: mask_plate(plate),
+                        masked: mask_plate(&plate),
                     });
                 }
             }

@@ -151,6 +151,9 @@ pub struct StoreWriter {
     occupancy: Option<OccupancyCfg>,
     /// A stocktake to record with the next commit: (counted, when).
     stocktake: Option<(u64, i64)>,
+    /// The presence key was found lost at start: the set is orphaned with the next commit
+    /// (with the loss's `key_ids` row).
+    presence_lost: bool,
     /// The window boundary of the last `occupancy` message queued (`meta` `occupancy_sent`,
     /// written with it: a batch redelivered after a power cut does not queue it twice).
     occupancy_sent: i64,
@@ -226,6 +229,7 @@ impl StoreWriter {
             occupancy: None,
             stocktake: None,
             occupancy_sent: 0,
+            presence_lost: false,
         };
         w.load()?;
         Ok(w)
@@ -650,6 +654,7 @@ impl StoreWriter {
             l.bytes += care_store::write(&txn, &care_changes)?;
             presence_staged = super::presence::stage(
                 &self.mem.presence,
+                self.presence_lost,
                 &std::mem::take(&mut l.presence_hits),
                 maintain
                     .and(self.occupancy)
@@ -755,6 +760,7 @@ impl StoreWriter {
             }
             self.mem.presence = next;
             self.stocktake = None;
+            self.presence_lost = false;
         }
         if let Some(b) = occupancy_sent {
             self.occupancy_sent = b;
