@@ -163,6 +163,8 @@ pub struct Committer {
     pub alert_updates: flume::Receiver<Vec<String>>,
     /// A reloaded care list (SIGHUP).
     pub care_updates: flume::Receiver<Vec<crate::config::CareResident>>,
+    /// A reloaded `[occupancy]` (SIGHUP, or a fleet change).
+    pub occupancy_updates: flume::Receiver<Option<crate::store::OccupancyCfg>>,
     /// Cancelled at shutdown: a retry loop on a failing disk gives up (nothing it holds was
     /// acknowledged, so the broker redelivers it).
     pub stop: CancellationToken,
@@ -256,6 +258,9 @@ impl Committer {
             }
             if let Some(actions) = self.alert_updates.try_iter().last() {
                 self.engine.alert_actions = actions;
+            }
+            if let Some(o) = self.occupancy_updates.try_iter().last() {
+                self.writer.set_occupancy(o);
             }
             if let Some(care) = self.care_updates.try_iter().last() {
                 self.writer.set_care(&care);

@@ -116,12 +116,7 @@ pub async fn prepare_writer(cfg: &Config, writer: &mut StoreWriter) -> Result<()
         writer.set_subject_keys(keys, now);
     }
     writer.set_care(&cfg.care.residents);
-    writer.set_occupancy(cfg.occupancy.as_ref().map(|o| store::OccupancyCfg {
-        max_stay_ms: o.max_stay.as_millis_u64() as i64,
-        long_stay_ms: o.long_stay.as_millis_u64() as i64,
-        forget_ms: cfg.aggregate.max_lateness.as_millis_u64() as i64,
-        capacity: o.capacity,
-    }));
+    writer.set_occupancy(occupancy_cfg(cfg));
     writer.set_max_bytes(cfg.store.max_size.0);
     Ok(())
 }
@@ -246,6 +241,7 @@ pub struct Tasks {
     status_stop: CancellationToken,
     alerts: flume::Sender<Vec<String>>,
     care: flume::Sender<Vec<config::CareResident>>,
+    occupancy: flume::Sender<Option<store::OccupancyCfg>>,
     sources: tokio::sync::watch::Sender<Arc<Vec<core::mapping::Source>>>,
     marks: flume::Sender<devices::SourceMarks>,
     /// The fleet link (`[fleet] trust` set and a config file to overlay), and the configs it
@@ -277,6 +273,7 @@ impl Tasks {
         let intake_stop = CancellationToken::new();
         let (alerts_tx, alerts_rx) = flume::bounded(4);
         let (care_tx, care_rx) = flume::bounded(4);
+        let (occupancy_tx, occupancy_rx) = flume::bounded(4);
         // The store's latest record: a wall clock far behind it at start is a stale boot.
         let store_high = writer.latest_record_ms();
         let (park_tx, park_rx) = flume::unbounded();
@@ -287,6 +284,7 @@ impl Tasks {
             engine,
             alert_updates: alerts_rx,
             care_updates: care_rx,
+            occupancy_updates: occupancy_rx,
             park: park_rx,
             clock: core::clock::ClockTrust::new(skew_ms, store_high),
             require_sync: cfg.clock.require_sync,
@@ -395,6 +393,7 @@ impl Tasks {
             status_stop,
             alerts: alerts_tx,
             care: care_tx,
+            occupancy: occupancy_tx,
             sources: sources_tx,
             marks: marks_tx,
             fleet: None,
@@ -543,6 +542,13 @@ impl Tasks {
                         "reload: [care] applied"
                     );
                 }
+                Live::Occupancy => {
+                    // The lateness bound is `[aggregate]`'s, which a reload does not change.
+                    let mut cfg = (**running).clone();
+                    cfg.occupancy = new.occupancy.clone();
+                    let _ = self.occupancy.try_send(occupancy_cfg(&cfg));
+                    tracing::info!(on = new.occupancy.is_some(), "reload: [occupancy] applied");
+                }
                 Live::MqttSources => {
                     self.sources.send_replace(Arc::new(new.sources()));
                     let _ = self.marks.send(devices::SourceMarks::of(&new.mqtt.sources));
@@ -625,4 +631,15 @@ async fn recv_some<T>(rx: &mut Option<tokio::sync::mpsc::Receiver<T>>) -> Option
         Some(r) => r.recv().await,
         None => std::future::pending().await,
     }
+}
+
+/// `[occupancy]` as the store's writer takes it (ms; exits remembered for
+/// `aggregate.max_lateness`); `None` when the section is absent.
+fn occupancy_cfg(cfg: &Config) -> Option<store::OccupancyCfg> {
+    cfg.occupancy.as_ref().map(|o| store::OccupancyCfg {
+        max_stay_ms: o.max_stay.as_millis_u64() as i64,
+        long_stay_ms: o.long_stay.as_millis_u64() as i64,
+        forget_ms: cfg.aggregate.max_lateness.as_millis_u64() as i64,
+        capacity: o.capacity,
+    })
 }

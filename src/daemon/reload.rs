@@ -16,16 +16,19 @@ pub enum Live {
     Care,
     /// `[[mqtt.sources]]`: the vendor mappings (the rest of `[mqtt]` needs a restart).
     MqttSources,
+    /// `[occupancy]`: capacity, long and maximum stays (vehicles inside); sent to the committer.
+    Occupancy,
 }
 
 impl Live {
     /// Every live section.
-    pub const ALL: [Live; 5] = [
+    pub const ALL: [Live; 6] = [
         Live::Alerts,
         Live::Modbus,
         Live::Health,
         Live::Care,
         Live::MqttSources,
+        Live::Occupancy,
     ];
 
     /// Its key path in the file.
@@ -36,6 +39,7 @@ impl Live {
             Live::Health => "health",
             Live::Care => "care",
             Live::MqttSources => "mqtt.sources",
+            Live::Occupancy => "occupancy",
         }
     }
 
@@ -51,6 +55,7 @@ impl Live {
             Live::Health => differs(&a.health, &b.health),
             Live::Care => a.care != b.care,
             Live::MqttSources => a.mqtt.sources != b.mqtt.sources,
+            Live::Occupancy => differs(&a.occupancy, &b.occupancy),
         }
     }
 
@@ -62,6 +67,7 @@ impl Live {
             Live::Health => running.health = new.health.clone(),
             Live::Care => running.care = new.care.clone(),
             Live::MqttSources => running.mqtt.sources = new.mqtt.sources.clone(),
+            Live::Occupancy => running.occupancy = new.occupancy.clone(),
         }
     }
 }
@@ -108,12 +114,12 @@ mod tests {
     #[test]
     fn live_sections_are_adopted_and_the_rest_named_for_a_restart() {
         let a = cfg("");
-        let b = cfg("[alerts]\nactions = [\"loitering\"]\n[health]\nsilence = \"1h\"\n[upstream]\ntopic_prefix = \"x/y\"\n");
+        let b = cfg("[alerts]\nactions = [\"loitering\"]\n[health]\nsilence = \"1h\"\n[upstream]\ntopic_prefix = \"x/y\"\n[occupancy]\ncapacity = 12\n");
         let changed: Vec<_> = Live::ALL
             .into_iter()
             .filter(|l| l.changed(&a, &b))
             .collect();
-        assert_eq!(changed, [Live::Alerts, Live::Health]);
+        assert_eq!(changed, [Live::Alerts, Live::Health, Live::Occupancy]);
         assert_eq!(restart_sections(&a, &b), ["upstream"]);
         let mut running = a.clone();
         for l in changed {

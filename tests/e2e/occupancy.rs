@@ -21,7 +21,7 @@ fn car(id: &str, plate: &str, action: &str, ts_ms: i64) -> Event {
 
 #[test]
 fn vehicles_inside_follow_entries_and_exits_through_a_kill_9() {
-    let site = Site::build("occupancy")
+    let mut site = Site::build("occupancy")
         .persistent_device()
         .status()
         .config(|c| {
@@ -144,6 +144,22 @@ fn vehicles_inside_follow_entries_and_exits_through_a_kill_9() {
         assert!(!page.contains(plate), "{plate} on the page");
         assert!(!site.upstream().dump().contains(plate), "{plate} upstream");
     }
+
+    // SIGHUP applies [occupancy] live: 20 spaces now, the count untouched.
+    site.gw_mut()
+        .edit_config(|c| c.occupancy.as_mut().unwrap().capacity = Some(20));
+    site.gw().signal("HUP");
+    let s = site
+        .gw()
+        .wait_for_status("20 spaces", |s| s["occupancy"]["capacity"] == 20);
+    assert_eq!(
+        (
+            s["occupancy"]["inside"].as_u64(),
+            s["occupancy"]["free"].as_u64()
+        ),
+        (Some(4), Some(16))
+    );
+    assert!(site.gw().log_text().contains("reload: [occupancy] applied"));
     site.term_daemon();
 }
 
