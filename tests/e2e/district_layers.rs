@@ -302,6 +302,16 @@ fn retention_drops_whole_months_and_rollups_outlive_them() {
         "outside_retention reject\n{}",
         tail(&rlog, 20)
     );
+    // Counted and logged like any other reject (a break-it run found it silent).
+    assert!(
+        metric(
+            h,
+            "zhian_district_messages_total{topic_kind=\"summary\",outcome=\"rejected\"}"
+        ) >= 1.0
+    );
+    assert!(log_text(&rlog)
+        .lines()
+        .any(|l| l.contains("message rejected") && l.contains("outside_retention")));
     assert_eq!(district_total(), Some(12));
     assert_eq!(rollup_mismatches(&pg).map(|_| ()), Some(()));
 

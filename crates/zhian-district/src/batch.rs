@@ -127,6 +127,20 @@ impl Horizon {
     }
 }
 
+/// Why `m` is outside `horizon` (an `outside_retention` reject), if it is: a summary's window
+/// or an alert's time outside the kept months; an occupancy report only past the months
+/// created ahead (its table is not partitioned, an old report is harmless).
+pub fn outside(m: &Msg, horizon: Horizon) -> Option<Reject> {
+    match m {
+        Msg::Summary { start_ms, .. } => horizon.check(*start_ms, "window.start").err(),
+        Msg::Alert { ts_ms, .. } => horizon.check(*ts_ms, "ts").err(),
+        Msg::Occupancy { at_ms, .. } if *at_ms >= horizon.max_ms => {
+            horizon.check(*at_ms, "at").err()
+        }
+        _ => None,
+    }
+}
+
 /// Unix ms as RFC 3339 UTC (for messages).
 fn rfc3339(ms: i64) -> String {
     time::OffsetDateTime::from_unix_timestamp(ms.div_euclid(1000))
@@ -295,16 +309,7 @@ pub fn split<'a>(batch: &'a [(String, Result<Msg, Reject>)], horizon: Horizon) -
             }
             Ok(m) => m,
         };
-        let outside = match m {
-            Msg::Summary { start_ms, .. } => horizon.check(*start_ms, "window.start").err(),
-            Msg::Alert { ts_ms, .. } => horizon.check(*ts_ms, "ts").err(),
-            // Only the far side: the table is not partitioned, an old report is harmless.
-            Msg::Occupancy { at_ms, .. } if *at_ms >= horizon.max_ms => {
-                horizon.check(*at_ms, "at").err()
-            }
-            _ => None,
-        };
-        if let Some(r) = outside {
+        if let Some(r) = outside(m, horizon) {
             s.rejects.push((topic, r.reason, r.detail));
             continue;
         }

@@ -188,6 +188,8 @@ pub(super) async fn db_task(
             applied: db::Applied::default(),
             refused: Vec::new(),
         };
+        // The kept range the batch committed under (its `outside_retention` rejects).
+        let mut committed_under;
         loop {
             let c = match client.as_mut().filter(|c| !c.is_closed()) {
                 Some(c) => c,
@@ -205,6 +207,7 @@ pub(super) async fn db_task(
                 },
             };
             let horizon = cfg.retention.horizon(now_ms());
+            committed_under = horizon;
             let attempt = async {
                 if stmts.is_none() {
                     stmts = Some(db::Prepared::new(c).await?);
@@ -261,7 +264,13 @@ pub(super) async fn db_task(
                     tracing::warn!(topic = %zhian_common::logfmt::Clean(topic), reason = r.reason, detail = %zhian_common::logfmt::Clean(&r.detail), "district receiver: message rejected");
                 }
                 Ok(_) if p.refused.contains(&i) => ops.message(kind, "rejected"),
-                Ok(_) => ops.message(kind, "kept"),
+                Ok(m) => match batch::outside(m, committed_under) {
+                    Some(r) => {
+                        ops.message(kind, "rejected");
+                        tracing::warn!(topic = %zhian_common::logfmt::Clean(topic), reason = r.reason, detail = %zhian_common::logfmt::Clean(&r.detail), "district receiver: message rejected");
+                    }
+                    None => ops.message(kind, "kept"),
+                },
             }
         }
         counters.kept.fetch_add(applied.kept, Relaxed);
