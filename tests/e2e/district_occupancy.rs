@@ -317,3 +317,183 @@ fn occupancy_by_layer_equals_a_recount_of_the_newest_reports() {
     assert_eq!(got_sorted, from_recount, "{got:?}");
     assert_eq!(got.len(), 4);
 }
+
+/// Six real boxes (the real binary, each with its own `[occupancy]`) over two streets and three
+/// communities (two boxes each), one real receiver and PostgreSQL: cars in and out at every box, duplicates, an
+/// unmatched exit, a `kill -9` of one box with cars arriving while it is down, a stocktake at
+/// another. At each step `occupancy_by_layer` equals the sum of the boxes' models per
+/// community, street and district; a box stopped for good keeps its last report, and the
+/// layer's `at` shows how old it is.
+#[test]
+fn six_real_boxes_roll_up_by_street_and_community() {
+    const BOXES: usize = 6;
+    let mut site = Site::build("occ-boxes")
+        .persistent_device()
+        .persistent_district()
+        .no_gateway()
+        .config(|c| c.status.enabled = false)
+        .start();
+    let pg = Postgres::start(&site.root.join("pg"), free_port());
+    let rcfg = site.root.join("district.toml");
+    let health = receiver_config(&rcfg, &pg.url(), site.district().port, "occ-boxes-r1");
+    let rlog = site.root.join("receiver.log");
+    let _receiver = start_receiver(&rcfg, &rlog);
+    wait_healthy(health, &rlog);
+    // Box i: community i % 3 (two boxes each), in street (i % 3) % 2; 50 + 10 i spaces.
+    let street = |i: usize| format!("街道{}", (i % 3) % 2);
+    let community = |i: usize| format!("社区{}", i % 3);
+    for i in 0..BOXES {
+        site.add_gateway(&format!("b{i}"), |c| {
+            c.gateway.id = format!("occ-box-{i}");
+            c.gateway.street = Some(street(i));
+            c.gateway.community = Some(community(i));
+            c.gateway.compound = Some(format!("小区{i}"));
+            c.mqtt.client_id = Some(format!("occ-box-{i}-dev"));
+            c.mqtt.topics = vec![format!("b{i}/+/+")];
+            c.occupancy = Some(zhian_gateway::config::Occupancy {
+                capacity: Some(50 + 10 * i as u32),
+                long_stay: zhian_gateway::config::Dur::secs(3600),
+                max_stay: zhian_gateway::config::Dur::secs(30 * 86_400),
+            });
+        });
+    }
+    let mut p = site.publisher();
+    // The model: per box, per plate, inside by the newest read.
+    let mut inside: Vec<BTreeMap<String, bool>> = vec![BTreeMap::new(); BOXES];
+    let mut adjust = [0i64; BOXES];
+    let mut seq = 0u64;
+    let mut read = |p: &mut Publisher, b: usize, plate: &str, action: &str, twice: bool| {
+        seq += 1;
+        let e = Event::new("vehicle", "gate-1", &format!("r{seq}"), action)
+            .subject(plate)
+            .at(now_ms());
+        let topic = format!("b{b}/vehicle/gate-1");
+        p.send(&topic, e.payload());
+        if twice {
+            p.send(&topic, e.payload());
+        }
+    };
+    let count = |inside: &[BTreeMap<String, bool>], adjust: &[i64; BOXES], b: usize| -> i64 {
+        (inside[b].values().filter(|x| **x).count() as i64 + adjust[b]).max(0)
+    };
+    // What occupancy_by_layer must say: (layer, name) -> (inside, capacity, gateways).
+    let want = |inside: &[BTreeMap<String, bool>], adjust: &[i64; BOXES]| -> String {
+        let mut m: BTreeMap<(String, String), (i64, i64, i64)> = BTreeMap::new();
+        for b in 0..BOXES {
+            let n = count(inside, adjust, b);
+            for key in [
+                ("district".to_string(), "富阳区".to_string()),
+                ("street".to_string(), street(b)),
+                ("community".to_string(), community(b)),
+            ] {
+                let e = m.entry(key).or_default();
+                e.0 += n;
+                e.1 += 50 + 10 * b as i64;
+                e.2 += 1;
+            }
+        }
+        m.into_iter()
+            .map(|((l, n), (i, c, g))| format!("{l}|{n}|{i}|{c}|{g}"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let view = |pg: &Postgres| -> String {
+        pg.psql(
+            "SELECT layer, name, inside, capacity, gateways FROM occupancy_by_layer
+             WHERE layer IN ('district', 'street', 'community') ORDER BY layer, name",
+        )
+        .unwrap_or_default()
+        .trim()
+        .to_string()
+    };
+    let settle = |what: &str, want: String| {
+        assert!(
+            wait_until(Duration::from_secs(60), || view(&pg) == want),
+            "{what}: occupancy_by_layer\n{}\nwant\n{want}\nreceiver log:\n{}",
+            view(&pg),
+            tail(&rlog, 20)
+        );
+    };
+
+    // Step 1: 5 + 3 i cars into box i, every fourth read delivered twice.
+    for b in 0..BOXES {
+        for k in 0..5 + 3 * b {
+            let plate = format!("浙A{b}{k:04}");
+            read(&mut p, b, &plate, "entry", k % 4 == 0);
+            inside[b].insert(plate, true);
+        }
+    }
+    p.wait_all_acked(Duration::from_secs(60));
+    settle("after the entries", want(&inside, &adjust));
+
+    // Step 2: box 1 is killed (-9); its cars keep coming, the broker keeps them; two leave
+    // the others, one exit with no entry at box 4 (counted, not subtracted).
+    site.gateway(1).kill9();
+    for k in 0..4 {
+        let plate = format!("浙B1{k:04}");
+        read(&mut p, 1, &plate, "entry", false);
+        inside[1].insert(plate, true);
+    }
+    for b in [0, 2, 3, 5] {
+        for k in 0..2 {
+            let plate = format!("浙A{b}{k:04}");
+            read(&mut p, b, &plate, "exit", k == 1);
+            inside[b].insert(plate, false);
+        }
+    }
+    read(&mut p, 4, "浙Z99999", "exit", false);
+    p.wait_all_acked(Duration::from_secs(60));
+    site.gateway(1).start();
+    settle("after box 1's kill -9 and restart", want(&inside, &adjust));
+
+    // Step 3: a stocktake at box 3 (the guard counts 20); then one of its unknown cars leaves.
+    let cfg = site.gateway(3).config_path.to_str().unwrap().to_string();
+    let out = run_cli(
+        &["occupancy", "set", "--config", &cfg, "--count", "20"],
+        &site.root,
+        Duration::from_secs(30),
+    );
+    assert!(out.status.success(), "{}", out.stderr);
+    adjust[3] = 20 - inside[3].values().filter(|x| **x).count() as i64;
+    settle("after the stocktake at box 3", want(&inside, &adjust));
+    read(&mut p, 3, "浙Y00001", "exit", false);
+    adjust[3] -= 1;
+    p.wait_all_acked(Duration::from_secs(60));
+    settle("after an unknown car left box 3", want(&inside, &adjust));
+
+    // Step 4: box 5 stops for good. Its last report stays in the roll-up; the district's `at`
+    // (the oldest latest report) stops at it while the others keep reporting.
+    site.gateway(5).term();
+    let at = |layer: &str, name: &str| -> i64 {
+        pg.psql(&format!(
+            "SELECT (extract(epoch FROM at) * 1000)::bigint FROM occupancy_by_layer
+             WHERE layer = '{layer}' AND name = '{name}'"
+        ))
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
+    };
+    let latest = |g: usize| -> i64 {
+        pg.psql(&format!(
+            "SELECT (extract(epoch FROM at) * 1000)::bigint FROM occupancy WHERE gateway = 'occ-box-{g}'"
+        ))
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
+    };
+    let stopped_at = latest(5);
+    let t = now_ms();
+    eventually("the other boxes report after box 5 stopped", || {
+        (0..5).all(|g| latest(g) > t)
+    });
+    assert_eq!(latest(5), stopped_at, "box 5 sends no more");
+    assert_eq!(at("community", &community(5)), stopped_at);
+    assert_eq!(at("street", &street(5)), stopped_at);
+    assert_eq!(at("district", "富阳区"), stopped_at);
+    assert!(at("community", &community(3)) > t);
+    settle("with box 5 stopped", want(&inside, &adjust));
+    eprintln!("six boxes at the district:\n{}", view(&pg));
+    for b in 0..BOXES {
+        if b != 5 {
+            site.gateway(b).term();
+        }
+    }
+}
