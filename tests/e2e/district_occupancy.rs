@@ -416,11 +416,11 @@ fn six_real_boxes_roll_up_by_street_and_community() {
     };
 
     // Step 1: 5 + 3 i cars into box i, every fourth read delivered twice.
-    for b in 0..BOXES {
+    for (b, cars) in inside.iter_mut().enumerate() {
         for k in 0..5 + 3 * b {
             let plate = format!("浙A{b}{k:04}");
             read(&mut p, b, &plate, "entry", k % 4 == 0);
-            inside[b].insert(plate, true);
+            cars.insert(plate, true);
         }
     }
     p.wait_all_acked(Duration::from_secs(60));
