@@ -23,6 +23,8 @@
 # [store], which is not generated, so store.* stay at their defaults) are appended verbatim. A
 # literal "\n" in a one-line value is read as a newline. BENCH_KEEP=1 keeps the temp dir (logs,
 # store). The store lives under ${TMPDIR:-/tmp}: it must be a real disk, not tmpfs.
+# BENCH_KIND=vehicle publishes plate reads at 4 vehicle gates (each plate in, then out) instead of
+# access events: with BENCH_EXTRA_TOML=$'[occupancy]\ncapacity = 420' it measures vehicles inside.
 # Does not build: point ZHIAN_BIN at a release binary (default target/release/zhian-gateway).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
