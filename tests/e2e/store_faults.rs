@@ -289,7 +289,10 @@ fn inspect_reads_the_store_after_kill9_without_changing_it() {
         p.send(&e.topic(), e.payload());
     }
     p.wait_all_acked(Duration::from_secs(60));
-    // Acknowledged means committed: all 500 are on disk when the process dies.
+    // The broker's PUBACK to the publisher says only that the broker has them: wait until the
+    // store holds all 500 (a CI run under load killed the daemon before its first commit).
+    site.gw()
+        .wait_for_status("500 committed", |s| s["store"]["raw_events"] == 500);
     site.kill9_daemon();
     let file = dir.join("zhian.redb");
     let before = fs::read(&file).unwrap();
