@@ -55,21 +55,28 @@ pub const MAX_COUNT: u64 = 1_000_000;
 pub const NO_PLATE: &[&str] = &[
     "无牌",
     "无牌车",
+    "无牌车辆",
     "无车牌",
     "未识别",
+    "未识别车牌",
     "未知",
     "车牌",
+    "车牌号",
     "UNKNOWN",
     "NONE",
     "NULL",
     "NOPLATE",
 ];
 
+/// A read shorter than this (after [`normalize_plate`]) is no plate: a province character, a
+/// `0`, an `N/A`. The shortest plates issued are longer.
+pub const MIN_PLATE_CHARS: usize = 3;
+
 /// The plate as it is keyed and masked: full-width letters and digits made ASCII, ASCII letters
-/// upper-case, spaces, separators (`·`, `•`, `-`, `_`, `.`) and invisible or control
-/// characters (bidi overrides, zero-width) removed, so an entry camera's `浙A·12345` and an exit
-/// camera's `浙ａ12345` are one vehicle. `None` for an empty read or a [`NO_PLATE`]
-/// placeholder.
+/// upper-case, spaces, separators (`·`, `•`, `-` and the other dashes, `_`, `.`, `/`, `?`, `*`)
+/// and invisible or control characters (bidi overrides, zero-width, soft hyphen, variation
+/// selectors) removed, so an entry camera's `浙A·12345` and an exit camera's `浙ａ12345` are one
+/// vehicle. `None` for a read shorter than [`MIN_PLATE_CHARS`] or a [`NO_PLATE`] placeholder.
 pub fn normalize_plate(plate: &str) -> Option<String> {
     let mut out = String::with_capacity(plate.len());
     for c in plate.chars() {
@@ -77,18 +84,20 @@ pub fn normalize_plate(plate: &str) -> Option<String> {
             '\u{FF01}'..='\u{FF5E}' => char::from_u32(c as u32 - 0xFEE0).unwrap_or(c),
             _ => c,
         };
-        let invisible = matches!(c, '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}'
-            | '\u{2060}'..='\u{2069}' | '\u{FEFF}');
-        if c.is_whitespace()
-            || c.is_control()
-            || invisible
-            || matches!(c, '·' | '•' | '・' | '-' | '_' | '.')
-        {
+        let invisible = matches!(c, '\u{00AD}' | '\u{034F}' | '\u{180E}' | '\u{200B}'..='\u{200F}'
+            | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{2069}' | '\u{FE00}'..='\u{FE0F}'
+            | '\u{FEFF}');
+        let separator = matches!(
+            c,
+            '·' | '•' | '・' | '･' | '∙' | '‧' | '-' | '_' | '.' | '/' | '\u{2010}'
+                ..='\u{2015}' | '\u{2212}' | '?' | '*'
+        );
+        if c.is_whitespace() || c.is_control() || invisible || separator {
             continue;
         }
         out.push(c.to_ascii_uppercase());
     }
-    (!out.is_empty() && !NO_PLATE.contains(&out.as_str())).then_some(out)
+    (out.chars().count() >= MIN_PLATE_CHARS && !NO_PLATE.contains(&out.as_str())).then_some(out)
 }
 
 /// A vehicle event's direction.
@@ -403,6 +412,9 @@ mod tests {
         assert_eq!(normalize_plate("浙A12345").as_deref(), Some("浙A12345"));
         for same in [
             "浙a12345",
+            "浙A\u{00AD}12345",
+            "浙A–12345",
+            "浙A･12345",
             " 浙A·12345 ",
             "浙Ａ１２３４５",
             "浙A-123\u{200B}45",
@@ -414,7 +426,19 @@ mod tests {
                 "{same:?}"
             );
         }
-        for none in ["", "   ", "无牌车", "未识别", "unknown", "\u{200B}"] {
+        for none in [
+            "",
+            "   ",
+            "无牌车",
+            "未识别",
+            "unknown",
+            "\u{200B}",
+            "N/A",
+            "?",
+            "浙A",
+            "0",
+            "未识别车牌",
+        ] {
             assert_eq!(normalize_plate(none), None, "{none:?}");
         }
         assert_eq!(mask_plate("ABCDE"), "A***E");
